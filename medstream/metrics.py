@@ -1,0 +1,58 @@
+"""Prometheus metrics shared by every long-running component; labels are bounded sets only.
+
+Label values are stage names, topic names, table names, rule ids and reason codes: never
+a patient, device or message identifier.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import Counter, Gauge, Histogram, start_http_server
+
+RECORDS_IN = Counter(
+    "medstream_records_in", "Records consumed by a stage", ["stage", "topic"]
+)
+RECORDS_OUT = Counter(
+    "medstream_records_out", "Records produced or stored by a stage", ["stage", "topic"]
+)
+DEAD_LETTERS = Counter(
+    "medstream_dead_letters", "Records dead-lettered, by stage and reason", ["stage", "reason_code"]
+)
+ALERTS = Counter("medstream_alerts", "Alerts raised, by rule", ["rule_id"])
+PROCESSING_SECONDS = Histogram(
+    "medstream_processing_seconds",
+    "Time a stage spends on one input record",
+    ["stage"],
+    buckets=(0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.05, 0.1, 0.5),
+)
+END_TO_END_SECONDS = Histogram(
+    "medstream_end_to_end_seconds",
+    "From raw publication (ingest time) to the point a stage finished with the event",
+    ["stage"],
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60),
+)
+SINK_BATCH_ROWS = Histogram(
+    "medstream_sink_batch_rows",
+    "Rows per ClickHouse insert",
+    ["table"],
+    buckets=(1, 10, 100, 500, 1000, 5000, 10000, 50000),
+)
+SINK_INSERT_SECONDS = Histogram(
+    "medstream_sink_insert_seconds",
+    "Duration of one ClickHouse insert",
+    ["table"],
+    buckets=(0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 5),
+)
+SINK_FAILURES = Counter(
+    "medstream_sink_insert_failures", "Failed ClickHouse inserts (retried)", ["table"]
+)
+CONSUMER_LAG = Gauge(
+    "medstream_consumer_lag",
+    "Records behind the high watermark (tansu under-counts by up to one produce batch)",
+    ["stage", "topic"],
+)
+
+
+def serve_metrics(port: int) -> int:
+    """Start the /metrics HTTP endpoint on 127.0.0.1 (port 0 picks a free one); returns the port."""
+    server, _ = start_http_server(port, addr="127.0.0.1")
+    return int(server.server_port)

@@ -1,0 +1,193 @@
+"""Typed settings for every medstream component, read from the environment on demand.
+
+Each component has its own settings object; nothing reads the environment at import
+time. Three unprefixed variables switch a part from the embedded default to a real
+server: KAFKA_BOOTSTRAP_SERVERS, CLICKHOUSE_URL and SCHEMA_REGISTRY_URL. Everything
+else is prefixed MEDSTREAM_.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from pydantic import AliasChoices, Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+_PREFIXED = SettingsConfigDict(env_prefix="MEDSTREAM_", extra="ignore")
+
+# Topic names are part of the contract between stages; only the prefix is configurable.
+RAW_TOPICS = {
+    "emr_cdc": "raw.emr_cdc",
+    "hl7_lab": "raw.hl7_lab",
+    "device": "raw.device",
+    "claim": "raw.claim",
+}
+NORM_TOPICS = {
+    "encounter": "norm.encounter",
+    "diagnosis": "norm.diagnosis",
+    "lab_result": "norm.lab_result",
+    "observation": "norm.observation",
+    "claim_line": "norm.claim_line",
+}
+ALERTS_TOPIC = "alerts"
+DLQ_TOPIC = "dlq"
+
+
+class KafkaSettings(BaseSettings):
+    """How to reach Kafka; empty bootstrap servers means "start the embedded broker"."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_KAFKA_", extra="ignore")
+
+    bootstrap_servers: str = Field(
+        default="",
+        validation_alias=AliasChoices(
+            "KAFKA_BOOTSTRAP_SERVERS", "MEDSTREAM_KAFKA_BOOTSTRAP_SERVERS"
+        ),
+        description="host:port list of a real Kafka cluster; empty starts the embedded broker",
+    )
+    security_protocol: str = Field(default="PLAINTEXT", description="librdkafka security.protocol")
+    sasl_mechanism: str = Field(default="", description="librdkafka sasl.mechanism")
+    sasl_username: str = Field(default="", description="SASL user name")
+    sasl_password: SecretStr = Field(default=SecretStr(""), description="SASL password")
+    session_timeout_ms: int = Field(
+        default=3000, description="group session timeout; tansu joins take about half of it"
+    )
+    heartbeat_interval_ms: int = Field(default=500, description="group heartbeat interval")
+    fetch_wait_max_ms: int = Field(
+        default=20, description="max fetch wait; tansu does not wake a waiting fetch on new data"
+    )
+    topic_prefix: str = Field(default="", description="prefix for every medstream topic name")
+    raw_partitions: int = Field(default=4, description="partitions per raw.* topic")
+    norm_partitions: int = Field(default=4, description="partitions per norm.* topic")
+
+    @property
+    def embedded(self) -> bool:
+        """True when medstream must start its own broker."""
+        return not self.bootstrap_servers
+
+    def topic(self, name: str) -> str:
+        """The real topic name for a contract topic name."""
+        return f"{self.topic_prefix}{name}"
+
+    def librdkafka(self, **overrides: Any) -> dict[str, Any]:
+        """The librdkafka configuration shared by every confluent-kafka client."""
+        conf: dict[str, Any] = {
+            "bootstrap.servers": self.bootstrap_servers,
+            "security.protocol": self.security_protocol,
+        }
+        if self.sasl_mechanism:
+            conf["sasl.mechanism"] = self.sasl_mechanism
+            conf["sasl.username"] = self.sasl_username
+            conf["sasl.password"] = self.sasl_password.get_secret_value()
+        conf.update(overrides)
+        return conf
+
+    def producer_config(self, **overrides: Any) -> dict[str, Any]:
+        """An idempotent, acks=all producer: a source position is committed only after this acks."""
+        return self.librdkafka(
+            **{
+                "enable.idempotence": True,
+                "acks": "all",
+                "linger.ms": 5,
+                "compression.type": "lz4",
+                **overrides,
+            }
+        )
+
+    def consumer_config(self, group_id: str, **overrides: Any) -> dict[str, Any]:
+        """A manual-commit consumer tuned for short fetch waits and quick group joins."""
+        return self.librdkafka(
+            **{
+                "group.id": group_id,
+                "enable.auto.commit": False,
+                "auto.offset.reset": "earliest",
+                "session.timeout.ms": self.session_timeout_ms,
+                "heartbeat.interval.ms": self.heartbeat_interval_ms,
+                "fetch.wait.max.ms": self.fetch_wait_max_ms,
+                "isolation.level": "read_committed",
+                **overrides,
+            }
+        )
+
+
+class ClickHouseSettings(BaseSettings):
+    """Where analytical data lives: an embedded chdb path or a ClickHouse server URL."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_CLICKHOUSE_", extra="ignore")
+
+    url: str = Field(
+        default="",
+        validation_alias=AliasChoices("CLICKHOUSE_URL", "MEDSTREAM_CLICKHOUSE_URL"),
+        description="http(s)://user:pass@host:port/ or chdb:///path; empty uses chdb in the data dir",
+    )
+    database: str = Field(default="medstream", description="database holding medstream tables")
+    query_timeout_s: int = Field(default=60, description="max execution time of `medstream sql`")
+
+
+class RegistrySettings(BaseSettings):
+    """Schema registry: the committed manifest by default, a Confluent registry when set."""
+
+    model_config = _PREFIXED
+
+    url: str = Field(
+        default="",
+        validation_alias=AliasChoices("SCHEMA_REGISTRY_URL", "MEDSTREAM_SCHEMA_REGISTRY_URL"),
+        description="Confluent-compatible registry URL (or mock://name in tests); empty = schemas/",
+    )
+
+
+class StreamSettings(BaseSettings):
+    """The Faust stream processors."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_STREAMS_", extra="ignore")
+
+    app_id: str = Field(default="medstream-streams", description="Faust application id / group")
+    workers: int = Field(default=1, description="Faust worker processes started by `medstream up`")
+    pseudonym_key: SecretStr = Field(
+        default=SecretStr("medstream-embedded-demo-key-change-me"),
+        description="HMAC key for person_key; set a real secret in production",
+    )
+    critical_suppression_minutes: int = Field(
+        default=360, description="repeat suppression window for one patient and analyte"
+    )
+    producer_linger_ms: int = Field(default=5, description="Faust producer linger")
+
+
+class SinkSettings(BaseSettings):
+    """The ClickHouse sink."""
+
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_SINK_", extra="ignore")
+
+    group_id: str = Field(default="medstream-sink", description="sink consumer group")
+    batch_max_rows: int = Field(default=10000, description="flush a partition batch at this size")
+    batch_max_ms: int = Field(default=200, description="flush a partition batch at this age")
+    retry_initial_s: float = Field(default=0.5, description="first backoff while ClickHouse fails")
+    retry_max_s: float = Field(default=30.0, description="longest backoff while ClickHouse fails")
+
+
+class RuntimeSettings(BaseSettings):
+    """Where the embedded runtime keeps its data and publishes its endpoints."""
+
+    model_config = _PREFIXED
+
+    data_dir: Path = Field(default=Path(".medstream"), description="embedded data directory")
+    metrics_port_base: int = Field(
+        default=0, description="first /metrics port (0 = pick free ports)"
+    )
+    status_interval_s: float = Field(default=5.0, description="seconds between status lines")
+
+    @property
+    def runtime_file(self) -> Path:
+        """The file a running `medstream up` writes its endpoints to."""
+        return self.data_dir / "runtime.json"
+
+    @property
+    def chdb_path(self) -> Path:
+        """The embedded ClickHouse engine directory."""
+        return self.data_dir / "clickhouse"
+
+
+def clickhouse_url(ch: ClickHouseSettings, runtime: RuntimeSettings) -> str:
+    """The effective ClickHouse URL: the configured one or the embedded chdb path."""
+    return ch.url or f"chdb://{runtime.chdb_path.resolve()}"

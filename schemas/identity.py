@@ -1,0 +1,27 @@
+"""Deterministic identities shared by every stage (part of the contract, like the .avsc files).
+
+An event id depends only on what the source said (kind, organisation, native reference,
+record index), never on the Kafka offset, so a redelivered source message yields the same
+event ids and is collapsed downstream.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+def event_id(source_kind: str, organisation_id: str, source_ref: str, record_index: int) -> str:
+    """The id of the record_index-th clinical event of one source message."""
+    text = f"{source_kind}|{organisation_id}|{source_ref}|{record_index}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def dead_letter_id(stage: str, topic: str, partition: int, offset: int, record_index: int | None) -> str:
+    """The id of a dead-letter record: one per stage, original position and record."""
+    text = f"{stage}|{topic}|{partition}|{offset}|{'' if record_index is None else record_index}"
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def alert_id(rule_id: str, triggering_event_id: str) -> str:
+    """The id of an alert: one per rule and triggering event, so reprocessing cannot double it."""
+    return hashlib.blake2b(f"{rule_id}|{triggering_event_id}".encode(), digest_size=16).hexdigest()

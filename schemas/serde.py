@@ -1,0 +1,269 @@
+"""The one Avro serialisation module every stage uses: Confluent wire format, cached schemas.
+
+Wire format: magic byte 0, a 4-byte big-endian schema id, then the Avro binary body.
+Schema ids come from the committed manifest (``schemas/manifest.json``) by default, or
+from a Confluent-compatible schema registry when SCHEMA_REGISTRY_URL is set. Serialisers
+are plain callables ``(value, ctx) -> bytes`` and back, separate from transport, and
+raise :class:`SerializationError` naming the schema and the field at fault.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import struct
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+from typing import Any, Protocol
+
+import fastavro
+from fastavro.validation import ValidationError, validate
+
+SCHEMA_DIR = Path(__file__).resolve().parent
+MANIFEST_PATH = SCHEMA_DIR / "manifest.json"
+MAGIC = 0
+_HEADER = struct.Struct(">bI")
+
+SENSITIVITY_LEVELS = (
+    "direct_identifier",
+    "quasi_identifier",
+    "pseudonym",
+    "clinical",
+    "operational",
+)
+
+# Short names used by the stages; each maps to a fully qualified Avro record name.
+RAW_EMR_ROW_CHANGE = "medstream.raw.EmrRowChange"
+RAW_HL7_MESSAGE = "medstream.raw.Hl7Message"
+RAW_DEVICE_PACKET = "medstream.raw.DevicePacket"
+RAW_CLAIM = "medstream.raw.Claim"
+ENCOUNTER = "medstream.norm.Encounter"
+DIAGNOSIS = "medstream.norm.Diagnosis"
+LAB_RESULT = "medstream.norm.LabResult"
+OBSERVATION = "medstream.norm.Observation"
+CLAIM_LINE = "medstream.norm.ClaimLine"
+ALERT = "medstream.alert.Alert"
+DEAD_LETTER = "medstream.dlq.DeadLetter"
+
+
+class SerializationError(ValueError):
+    """A record could not be encoded or decoded; names the schema and field at fault."""
+
+    def __init__(self, schema: str, reason: str, field: str | None = None) -> None:
+        self.schema = schema
+        self.field = field
+        self.reason = reason
+        where = f"{schema}.{field}" if field else schema
+        super().__init__(f"{where}: {reason}")
+
+
+@dataclass(frozen=True)
+class SchemaVersion:
+    """One version of one record schema, as listed in the manifest."""
+
+    subject: str
+    version: int
+    schema_id: int
+    definition: dict[str, Any]
+
+    @property
+    def parsed(self) -> Any:
+        """The fastavro-parsed schema (cached per definition)."""
+        return _parse(json.dumps(self.definition, sort_keys=True))
+
+
+@cache
+def _parse(definition_json: str) -> Any:
+    return fastavro.parse_schema(json.loads(definition_json))
+
+
+class SchemaRegistry(Protocol):
+    """Resolves a subject to its latest schema id and an id back to its schema."""
+
+    def latest(self, subject: str) -> SchemaVersion: ...
+
+    def by_id(self, schema_id: int) -> SchemaVersion: ...
+
+
+class ManifestRegistry:
+    """The embedded registry: schemas/ files with ids from the committed manifest."""
+
+    def __init__(self, manifest_path: Path = MANIFEST_PATH) -> None:
+        manifest = json.loads(manifest_path.read_text())
+        self._by_subject: dict[str, list[SchemaVersion]] = {}
+        self._by_id: dict[int, SchemaVersion] = {}
+        for subject, versions in manifest["subjects"].items():
+            for entry in versions:
+                definition = json.loads((manifest_path.parent / entry["file"]).read_text())
+                version = SchemaVersion(subject, entry["version"], entry["id"], definition)
+                self._by_subject.setdefault(subject, []).append(version)
+                if version.schema_id in self._by_id:
+                    raise ValueError(f"schema id {version.schema_id} is used twice in the manifest")
+                self._by_id[version.schema_id] = version
+        for versions in self._by_subject.values():
+            versions.sort(key=lambda v: v.version)
+
+    def subjects(self) -> list[str]:
+        """Every subject in the manifest."""
+        return sorted(self._by_subject)
+
+    def versions(self, subject: str) -> list[SchemaVersion]:
+        """All versions of a subject, oldest first."""
+        try:
+            return list(self._by_subject[subject])
+        except KeyError:
+            raise SerializationError(subject, "unknown subject (not in schemas/manifest.json)") from None
+
+    def latest(self, subject: str) -> SchemaVersion:
+        return self.versions(subject)[-1]
+
+    def by_id(self, schema_id: int) -> SchemaVersion:
+        try:
+            return self._by_id[schema_id]
+        except KeyError:
+            raise SerializationError("?", f"unknown schema id {schema_id}") from None
+
+
+class ConfluentRegistry:
+    """A Confluent-compatible HTTP registry (or its mock:// client in tests).
+
+    The subjects are registered from the schemas/ files on first use, so the ids are the
+    registry's own; record-name subjects are used because one record travels on many topics.
+    """
+
+    def __init__(self, url: str, local: ManifestRegistry | None = None) -> None:
+        from confluent_kafka.schema_registry import SchemaRegistryClient
+
+        self._client = SchemaRegistryClient.new_client({"url": url})
+        self._local = local or ManifestRegistry()
+        self._latest: dict[str, SchemaVersion] = {}
+        self._by_id: dict[int, SchemaVersion] = {}
+
+    def latest(self, subject: str) -> SchemaVersion:
+        cached = self._latest.get(subject)
+        if cached is None:
+            from confluent_kafka.schema_registry import Schema
+
+            local = self._local.latest(subject)
+            schema_id = self._client.register_schema(
+                subject, Schema(json.dumps(local.definition), "AVRO")
+            )
+            cached = SchemaVersion(subject, local.version, schema_id, local.definition)
+            self._latest[subject] = cached
+            self._by_id[schema_id] = cached
+        return cached
+
+    def by_id(self, schema_id: int) -> SchemaVersion:
+        cached = self._by_id.get(schema_id)
+        if cached is None:
+            registered = self._client.get_schema(schema_id)
+            definition = json.loads(registered.schema_str)
+            subject = f"{definition.get('namespace', '')}.{definition['name']}".lstrip(".")
+            cached = SchemaVersion(subject, 0, schema_id, definition)
+            self._by_id[schema_id] = cached
+        return cached
+
+
+def registry_from_url(url: str) -> SchemaRegistry:
+    """The registry for a SCHEMA_REGISTRY_URL value (empty = the committed manifest)."""
+    return ConfluentRegistry(url) if url else ManifestRegistry()
+
+
+def _field_at_fault(record: Any, parsed: Any) -> tuple[str | None, str]:
+    """Find the first invalid field of a record, for an error that names it."""
+    if not isinstance(record, dict):
+        return None, f"expected a record (dict), got {type(record).__name__}"
+    for field in parsed["fields"]:
+        name = field["name"]
+        if name not in record and "default" not in field:
+            return name, "required field is missing"
+        if name in record:
+            try:
+                validate(record[name], field["type"], raise_errors=True)
+            except ValidationError as exc:
+                return name, f"value {record[name]!r:.80} does not match {exc.errors[0]!s:.120}"
+            except Exception as exc:  # fastavro raises plain errors for some mismatches
+                return name, f"value {record[name]!r:.80} is invalid: {exc}"
+    return None, "record does not match the schema"
+
+
+class AvroSerializer:
+    """Encodes a dict as Confluent-framed Avro with the subject's latest schema."""
+
+    def __init__(self, registry: SchemaRegistry, subject: str) -> None:
+        self.subject = subject
+        self._version = registry.latest(subject)
+        self._parsed = self._version.parsed
+        self._header = _HEADER.pack(MAGIC, self._version.schema_id)
+
+    def __call__(self, value: dict[str, Any], ctx: Any = None) -> bytes:
+        buffer = io.BytesIO()
+        buffer.write(self._header)
+        try:
+            fastavro.schemaless_writer(buffer, self._parsed, value)
+        except Exception as exc:
+            field, reason = _field_at_fault(value, self._parsed)
+            raise SerializationError(self.subject, f"{reason} ({exc})", field) from exc
+        return buffer.getvalue()
+
+
+class AvroDeserializer:
+    """Decodes Confluent-framed Avro written with any registered version into the reader schema.
+
+    With ``subject`` set, records written with older versions are resolved into that
+    subject's latest version (Avro schema resolution); records of another subject are
+    refused, so a record on the wrong topic is a clear error, not a silent mix-up.
+    """
+
+    def __init__(self, registry: SchemaRegistry, subject: str | None = None) -> None:
+        self.subject = subject
+        self._registry = registry
+        self._reader = registry.latest(subject) if subject else None
+        self._writers: dict[int, Any] = {}
+
+    def __call__(self, data: bytes | None, ctx: Any = None) -> dict[str, Any]:
+        expected = self.subject or "?"
+        if data is None:
+            raise SerializationError(expected, "record value is empty (null)")
+        if len(data) < _HEADER.size or data[0] != MAGIC:
+            raise SerializationError(
+                expected, "not Confluent-framed Avro (missing magic byte 0 and schema id)"
+            )
+        _, schema_id = _HEADER.unpack_from(data)
+        writer = self._writers.get(schema_id)
+        if writer is None:
+            version = self._registry.by_id(schema_id)
+            if self._reader is not None and version.subject != self._reader.subject:
+                raise SerializationError(
+                    expected, f"record was written as {version.subject} (schema id {schema_id})"
+                )
+            writer = version.parsed
+            self._writers[schema_id] = writer
+        try:
+            reader = self._reader.parsed if self._reader is not None else None
+            return fastavro.schemaless_reader(  # type: ignore[no-any-return]
+                io.BytesIO(data[_HEADER.size :]), writer, reader
+            )
+        except Exception as exc:
+            raise SerializationError(
+                expected, f"undecodable Avro body for schema id {schema_id}: {exc}"
+            ) from exc
+
+
+def field_sensitivity(definition: dict[str, Any]) -> dict[str, str]:
+    """Field name -> sensitivity tag of a record schema (nested records included, dotted)."""
+    tags: dict[str, str] = {}
+
+    def walk(fields: list[dict[str, Any]], prefix: str) -> None:
+        for field in fields:
+            name = prefix + field["name"]
+            tags[name] = field.get("sensitivity", "")
+            nested = field["type"]
+            if isinstance(nested, dict) and nested.get("type") == "array":
+                nested = nested["items"]
+            if isinstance(nested, dict) and nested.get("type") == "record":
+                walk(nested["fields"], name + ".")
+
+    walk(definition["fields"], "")
+    return tags
