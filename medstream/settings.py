@@ -14,7 +14,7 @@ from typing import Any
 from pydantic import AliasChoices, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-_PREFIXED = SettingsConfigDict(env_prefix="MEDSTREAM_", extra="ignore")
+_PREFIXED = SettingsConfigDict(env_prefix="MEDSTREAM_", extra="ignore", populate_by_name=True)
 
 # Topic names are part of the contract between stages; only the prefix is configurable.
 RAW_TOPICS = {
@@ -37,7 +37,7 @@ DLQ_TOPIC = "dlq"
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; empty bootstrap servers means "start the embedded broker"."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_KAFKA_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_KAFKA_", extra="ignore", populate_by_name=True)
 
     bootstrap_servers: str = Field(
         default="",
@@ -114,7 +114,7 @@ class KafkaSettings(BaseSettings):
 class ClickHouseSettings(BaseSettings):
     """Where analytical data lives: an embedded chdb path or a ClickHouse server URL."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_CLICKHOUSE_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_CLICKHOUSE_", extra="ignore", populate_by_name=True)
 
     url: str = Field(
         default="",
@@ -140,7 +140,7 @@ class RegistrySettings(BaseSettings):
 class StreamSettings(BaseSettings):
     """The Faust stream processors."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_STREAMS_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_STREAMS_", extra="ignore", populate_by_name=True)
 
     app_id: str = Field(default="medstream-streams", description="Faust application id / group")
     workers: int = Field(default=1, description="Faust worker processes started by `medstream up`")
@@ -157,7 +157,7 @@ class StreamSettings(BaseSettings):
 class SinkSettings(BaseSettings):
     """The ClickHouse sink."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_SINK_", extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_SINK_", extra="ignore", populate_by_name=True)
 
     group_id: str = Field(default="medstream-sink", description="sink consumer group")
     batch_max_rows: int = Field(default=10000, description="flush a partition batch at this size")

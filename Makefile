@@ -1,0 +1,33 @@
+# The two set-up commands of the README. Both work on a fresh machine with python3 >= 3.11.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: run test bench lint install clean
+
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+install: $(STAMP)
+
+# The main job on embedded defaults: broker, ClickHouse, workers, sink and simulator.
+run: $(STAMP)
+	$(BIN)/medstream up
+
+# The whole test suite: unit, integration (real tansu + chdb) and end-to-end.
+test: $(STAMP)
+	$(BIN)/python -m pytest -q -p no:cacheprovider
+
+bench: $(STAMP)
+	$(BIN)/medstream bench --events 50000 --json bench.json
+
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/mypy medstream producers streams sinks schemas
+
+clean:
+	rm -rf .medstream build *.egg-info

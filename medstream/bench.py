@@ -1,0 +1,165 @@
+"""`medstream bench`: the raw baseline and the full pipeline, measured in one invocation.
+
+(a) Baseline: the clinical events the pipeline would produce, Avro-encoded straight to
+    norm topics while a plain confluent-kafka loop consumes them and inserts them into the
+    same ClickHouse tables (a child process: it owns its own embedded engine).
+(b) Pipeline at full speed: the simulator publishes raw source messages unthrottled through
+    broker -> Faust -> sink -> ClickHouse; sustained rate = stored events / (last stored -
+    first published).
+(c) Pipeline at half the sustained rate of (b): p50/p99 event-to-queryable (raw publication
+    to row stored) and event-to-alert (raw publication to alert stored).
+Every run is reconciled against the simulator's ground truth; any loss or duplicate fails.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from medstream.clickhouse import QueryResult
+from medstream.settings import (
+    ClickHouseSettings,
+    KafkaSettings,
+    RuntimeSettings,
+    StreamSettings,
+)
+
+Out = Callable[[str], None]
+FACT_TABLES = ("lab_result", "observation", "claim_line", "diagnosis", "encounter")
+
+
+def _pipeline_run(
+    events: int, rate: float, workers: int, seed: int, out: Out, workdir: Path
+) -> dict[str, Any]:
+    """One `medstream up --exit-when-done` run; returns its figures, measured in ClickHouse."""
+    from medstream.reconcile import check_labels, read_labels
+    from medstream.supervisor import Supervisor
+
+    data_dir = workdir / f"pipeline-{int(rate)}"
+    labels = data_dir / "labels.jsonl"
+    figures: dict[str, Any] = {}
+
+    def measure(query: Callable[[str], QueryResult]) -> None:
+        database = ClickHouseSettings().database
+        union = " UNION ALL ".join(
+            f"SELECT ingest_time, stored_time FROM {database}.{t}" for t in FACT_TABLES
+        )
+        row = query(
+            f"""SELECT count(), min(ingest_time), max(stored_time),
+                       quantile(0.5)(dateDiff('millisecond', ingest_time, stored_time)),
+                       quantile(0.99)(dateDiff('millisecond', ingest_time, stored_time))
+                FROM ({union})"""
+        ).rows[0]
+        alert = query(
+            f"""SELECT count(),
+                       quantile(0.5)(dateDiff('millisecond', ingest_time, stored_time)),
+                       quantile(0.99)(dateDiff('millisecond', ingest_time, stored_time)),
+                       quantile(0.99)(dateDiff('millisecond', ingest_time, detected_time))
+                FROM {database}.alert"""
+        ).rows[0]
+        first, last = _as_epoch(row[1]), _as_epoch(row[2])
+        check = check_labels(query, database, read_labels(labels))
+        figures.update(
+            stored_rows=int(row[0]),
+            seconds=round(last - first, 3),
+            events_per_s=round(check.stored_events / max(last - first, 1e-3), 1),
+            queryable_p50_ms=float(row[3]),
+            queryable_p99_ms=float(row[4]),
+            alerts=int(alert[0]),
+            alert_p50_ms=float(alert[1]),
+            alert_p99_ms=float(alert[2]),
+            alert_detected_p99_ms=float(alert[3]),
+            expected_events=check.expected_events,
+            stored_events=check.stored_events,
+            missing_events=len(check.missing_events),
+            duplicated_events=check.duplicated_events,
+            dead_letters=f"{check.found_dead_letters}/{check.expected_dead_letters}",
+            expected_alerts=check.expected_alerts,
+            found_alerts=check.found_alerts,
+            unexpected_alerts=check.unexpected_alerts,
+            ok=check.ok,
+        )
+
+    supervisor = Supervisor(
+        KafkaSettings(bootstrap_servers=""),
+        ClickHouseSettings(url=""),
+        RuntimeSettings(data_dir=data_dir, status_interval_s=2.0),
+        StreamSettings(workers=workers),
+        out=lambda line: out(f"  {line}"),
+        on_drained=measure,
+    )
+    code = supervisor.run(events, rate, seed, labels, exit_when_done=True)
+    if code != 0 or not figures:
+        figures.setdefault("ok", False)
+        figures["exit_code"] = code
+    return figures
+
+
+def _as_epoch(value: Any) -> float:
+    if isinstance(value, str):
+        from datetime import UTC, datetime
+
+        parsed = datetime.fromisoformat(value)
+        return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+    return float(value.timestamp())
+
+
+def run_bench(events: int, workers: int, out: Out = print, seed: int = 11) -> dict[str, Any]:
+    """Run (a), (b) and (c); print and return the figures and the verdict."""
+    workdir = Path(tempfile.mkdtemp(prefix="medstream-bench-"))
+    out(f"bench: {events} clinical records per run, {workers} Faust workers, work dir {workdir}")
+    out("(a) baseline: pre-normalised events -> plain confluent-kafka loop -> ClickHouse")
+    baseline = json.loads(
+        subprocess.run(
+            [sys.executable, "-m", "medstream.bench_baseline", str(events), str(seed), str(workdir)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip().splitlines()[-1]
+    )
+    out(f"    {baseline['events_per_s']:.0f} events/s ({baseline['events']} events in {baseline['seconds']} s)")
+    out("(b) pipeline, simulator unthrottled")
+    full = _pipeline_run(events, 0, workers, seed, out, workdir)
+    out(f"    {full.get('events_per_s', 0):.0f} events/s; ok={full.get('ok')}")
+    half_rate = max(50.0, full.get("events_per_s", 100.0) / 2)
+    out(f"(c) pipeline at half the sustained rate ({half_rate:.0f} records/s) for latency")
+    half_events = int(min(events, half_rate * 30))
+    half = _pipeline_run(half_events, half_rate, workers, seed + 1, out, workdir)
+    ratio = full.get("events_per_s", 0) / baseline["events_per_s"] if baseline["events_per_s"] else 0
+    result = {
+        "events": events,
+        "workers": workers,
+        "baseline": baseline,
+        "pipeline_full_rate": full,
+        "pipeline_half_rate": half,
+        "throughput_ratio": round(ratio, 3),
+        "event_to_queryable_p50_ms": half.get("queryable_p50_ms"),
+        "event_to_queryable_p99_ms": half.get("queryable_p99_ms"),
+        "event_to_alert_p50_ms": half.get("alert_p50_ms"),
+        "event_to_alert_p99_ms": half.get("alert_p99_ms"),
+        "targets": {"throughput_ratio": ">= 0.5", "event_to_alert_p99_ms": "<= 1000"},
+        "ok": bool(full.get("ok")) and bool(half.get("ok")),
+    }
+    out("")
+    out(f"baseline           {baseline['events_per_s']:>10.0f} events/s")
+    out(f"pipeline           {full.get('events_per_s', 0):>10.0f} events/s")
+    out(f"ratio              {ratio:>10.3f}   (target >= 0.5)")
+    out(
+        f"event->queryable   p50 {half.get('queryable_p50_ms')} ms, p99 {half.get('queryable_p99_ms')} ms"
+        f"   at {half_rate:.0f}/s"
+    )
+    out(
+        f"event->alert       p50 {half.get('alert_p50_ms')} ms, p99 {half.get('alert_p99_ms')} ms"
+        "   (target p99 <= 1000 ms)"
+    )
+    out(
+        "reconciliation     "
+        + ("OK: nothing lost or duplicated" if result["ok"] else "FAILED: see the run figures above")
+    )
+    return result

@@ -1,0 +1,354 @@
+"""The `medstream` command line: run the pipeline, its parts, and the proofs.
+
+Settings come from the environment (see each command's --help and `medstream settings`);
+KAFKA_BOOTSTRAP_SERVERS, CLICKHOUSE_URL and SCHEMA_REGISTRY_URL switch a part from the
+embedded default to a real server.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from medstream.clickhouse import QueryError, QueryResult, connect, migrate, query_via_gateway, run_read_only
+from medstream.runtime import RuntimeState
+from medstream.settings import (
+    ClickHouseSettings,
+    KafkaSettings,
+    RegistrySettings,
+    RuntimeSettings,
+    SinkSettings,
+    StreamSettings,
+    clickhouse_url,
+)
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help=(
+        "medstream: real-time medical-data ingestion. Environment: KAFKA_BOOTSTRAP_SERVERS "
+        "(empty = embedded tansu broker), CLICKHOUSE_URL (empty = embedded chdb under "
+        "MEDSTREAM_DATA_DIR, default .medstream), SCHEMA_REGISTRY_URL (empty = schemas/ "
+        "manifest), MEDSTREAM_* for the rest (`medstream settings` lists them)."
+    ),
+)
+
+MetricsPort = Annotated[int, typer.Option(help="serve Prometheus /metrics on this port (0 = off)")]
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def _kafka_for_client() -> KafkaSettings:
+    """Kafka settings for a command that joins an existing broker (configured or `up`'s)."""
+    kafka = KafkaSettings()
+    if kafka.embedded:
+        state = RuntimeState.read(RuntimeSettings())
+        if state is None:
+            _fail(
+                "no Kafka: set KAFKA_BOOTSTRAP_SERVERS or start the embedded pipeline with "
+                "`medstream up` (this command then joins its broker)"
+            )
+        assert state is not None
+        kafka = kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
+    return kafka
+
+
+@contextmanager
+def _querier() -> Iterator[Callable[[str], QueryResult]]:
+    """Queries go to a running `medstream up` when there is one, else to ClickHouse directly."""
+    ch, runtime = ClickHouseSettings(), RuntimeSettings()
+    state = RuntimeState.read(runtime)
+    if state is not None and state.query_url and not ch.url:
+        url = state.query_url
+        yield lambda sql: query_via_gateway(url, sql, ch.query_timeout_s)
+        return
+    client = connect(clickhouse_url(ch, runtime))
+    try:
+        yield lambda sql: run_read_only(client, sql, ch.database, ch.query_timeout_s)
+    finally:
+        client.close()
+
+
+def _start_metrics(port: int) -> None:
+    if port:
+        from medstream.metrics import serve_metrics
+
+        serve_metrics(port)
+
+
+@app.command()
+def up(
+    events: Annotated[int, typer.Option(help="clinical records to simulate (0 = endless)")] = 0,
+    rate: Annotated[float, typer.Option(help="simulated clinical records per second")] = 200.0,
+    seed: Annotated[int, typer.Option(help="simulator seed")] = 7,
+    workers: Annotated[int | None, typer.Option(help="Faust worker processes")] = None,
+    labels: Annotated[Path | None, typer.Option(help="write the simulator's ground truth here")] = None,
+    exit_when_done: Annotated[
+        bool, typer.Option(help="with --events: stop once everything is reconciled; exit 1 on a gap")
+    ] = False,
+) -> None:
+    """Run the whole pipeline: broker, topics, ClickHouse, stream workers, sink and simulator."""
+    from medstream.supervisor import Supervisor
+
+    streams = StreamSettings()
+    if workers is not None:
+        streams = streams.model_copy(update={"workers": workers})
+    if exit_when_done and events <= 0:
+        _fail("--exit-when-done needs --events N")
+    supervisor = Supervisor(KafkaSettings(), ClickHouseSettings(), RuntimeSettings(), streams)
+    raise typer.Exit(supervisor.run(events, rate, seed, labels, exit_when_done))
+
+
+@app.command()
+def broker() -> None:
+    """Run only the embedded tansu broker in the foreground and print its address."""
+    from medstream.runtime import EmbeddedBroker, ensure_topics
+
+    runtime = RuntimeSettings()
+    runtime.data_dir.mkdir(parents=True, exist_ok=True)
+    embedded = EmbeddedBroker(log_path=runtime.data_dir / "broker.log").start()
+    kafka = KafkaSettings().model_copy(update={"bootstrap_servers": embedded.bootstrap_servers})
+    ensure_topics(kafka)
+    typer.echo(f"KAFKA_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}  (Ctrl-C stops it; memory only)")
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    try:
+        while not stop.wait(0.5) and embedded.alive():
+            pass
+    except KeyboardInterrupt:
+        pass
+    finally:
+        embedded.stop()
+
+
+@app.command()
+def topics() -> None:
+    """Create the medstream topics on the configured broker (idempotent)."""
+    from medstream.runtime import contract_topics, ensure_topics
+
+    kafka = _kafka_for_client()
+    created = ensure_topics(kafka)
+    for name, partitions in contract_topics(kafka).items():
+        typer.echo(f"{name:<20} {partitions:>3} partitions{'  (created)' if name in created else ''}")
+
+
+@app.command("migrate")
+def migrate_command() -> None:
+    """Apply the ClickHouse migrations (idempotent)."""
+    ch, runtime = ClickHouseSettings(), RuntimeSettings()
+    if RuntimeState.read(runtime) is not None and not ch.url:
+        typer.echo("the running pipeline's sink applied the migrations at start")
+        return
+    client = connect(clickhouse_url(ch, runtime))
+    applied = migrate(client, ch.database)
+    typer.echo("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+
+
+@app.command()
+def sink(
+    metrics_port: MetricsPort = 0,
+    query_port: Annotated[int, typer.Option(help="serve read-only queries here (0 = off)")] = 0,
+) -> None:
+    """Run the ClickHouse sink (norm.*, alerts, dlq and the raw ledger)."""
+    from schemas.serde import registry_from_url
+    from sinks.clickhouse import ClickHouseSink
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    kafka = _kafka_for_client()
+    ch, runtime = ClickHouseSettings(), RuntimeSettings()
+    client = connect(clickhouse_url(ch, runtime))
+    applied = migrate(client, ch.database)
+    if applied:
+        logging.getLogger("medstream.sink").info("migrations applied: %s", ", ".join(applied))
+    lock = threading.Lock()
+    gateway = None
+    if query_port:
+        from medstream.clickhouse import QueryGateway
+
+        gateway = QueryGateway(client, lock, ch.database, query_port)
+        gateway.start()
+    _start_metrics(metrics_port)
+    writer = ClickHouseSink(
+        kafka, SinkSettings(), client, ch.database, registry_from_url(RegistrySettings().url), lock
+    )
+    signal.signal(signal.SIGTERM, lambda *_: writer.stop())
+    signal.signal(signal.SIGINT, lambda *_: writer.stop())
+    try:
+        writer.run()
+    finally:
+        if gateway is not None:
+            gateway.stop()
+        client.close()
+
+
+@app.command()
+def streams(metrics_port: MetricsPort = 0) -> None:
+    """Run one Faust stream worker (normalise + critical values)."""
+    from faust.worker import Worker
+
+    from schemas.serde import registry_from_url
+    from streams.app import create_app
+
+    kafka = _kafka_for_client()
+    faust_app = create_app(kafka, StreamSettings(), registry_from_url(RegistrySettings().url))
+    _start_metrics(metrics_port)
+    worker = Worker(faust_app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker.execute_from_commandline()
+
+
+@app.command()
+def simulate(
+    events: Annotated[int, typer.Option(help="clinical records to publish (0 = endless)")] = 10000,
+    rate: Annotated[float, typer.Option(help="clinical records per second (0 = unthrottled)")] = 0.0,
+    seed: Annotated[int, typer.Option(help="seed: the same seed gives the same region")] = 7,
+    labels: Annotated[Path | None, typer.Option(help="write ground-truth labels (JSONL) here")] = None,
+    metrics_port: MetricsPort = 0,
+) -> None:
+    """Publish a deterministic synthetic region's source messages to the raw topics."""
+    from producers.simulator import RegionSimulator, SimulatorProducer
+    from schemas.serde import registry_from_url
+
+    kafka = _kafka_for_client()
+    _start_metrics(metrics_port)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    signal.signal(signal.SIGINT, lambda *_: stop.set())
+    producer = SimulatorProducer(
+        kafka,
+        registry_from_url(RegistrySettings().url),
+        RegionSimulator(seed),
+        labels_path=labels,
+        rate=rate or None,
+    )
+
+    def progress(report: Any) -> None:
+        typer.echo(f"simulator: {report}", err=True)
+
+    report = producer.run(events if events > 0 else 10**12, progress=progress, should_stop=stop.is_set)
+    typer.echo(f"simulator done: {report}")
+
+
+@app.command()
+def sql(
+    query: Annotated[str, typer.Argument(help="one read-only SQL statement")],
+    output: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
+    max_rows: Annotated[int, typer.Option(help="print at most this many rows")] = 1000,
+) -> None:
+    """Run a read-only query on the configured ClickHouse (also while `medstream up` runs)."""
+    try:
+        with _querier() as run:
+            result = run(query)
+    except QueryError as exc:
+        _fail(str(exc))
+        return
+    rows = result.rows[:max_rows]
+    if output == "json":
+        typer.echo(json.dumps([dict(zip(result.columns, r, strict=True)) for r in rows], default=str))
+    elif output == "csv":
+        import csv
+
+        writer = csv.writer(sys.stdout)
+        writer.writerow(result.columns)
+        writer.writerows(rows)
+    else:
+        typer.echo(render_table(result.columns, rows))
+    if result.truncated or len(result.rows) > max_rows:
+        typer.echo(f"(showing the first {len(rows)} rows)", err=True)
+
+
+def render_table(columns: list[str], rows: list[list[Any]]) -> str:
+    """A plain aligned text table."""
+    text_rows = [["NULL" if v is None else str(v) for v in row] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in text_rows)]) for i, c in enumerate(columns)]
+    lines = [" | ".join(c.ljust(w) for c, w in zip(columns, widths, strict=True))]
+    lines.append("-+-".join("-" * w for w in widths))
+    lines.extend(" | ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in text_rows)
+    lines.append(f"({len(rows)} row{'s' if len(rows) != 1 else ''})")
+    return "\n".join(lines)
+
+
+def _parse_time(value: str) -> datetime:
+    parsed = datetime.fromisoformat(value)
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+@app.command("reconcile")
+def reconcile_command(
+    since: Annotated[str | None, typer.Option(help="ISO time (UTC if no offset); default 24 h ago")] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time; default now")] = None,
+    labels: Annotated[Path | None, typer.Option(help="also check against simulator ground truth")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on a gap."""
+    from medstream.reconcile import check_labels, read_labels, reconcile
+
+    end = _parse_time(until) if until else datetime.now(tz=UTC)
+    start = _parse_time(since) if since else end - timedelta(hours=24)
+    database = ClickHouseSettings().database
+    try:
+        with _querier() as run:
+            report = reconcile(run, database, start, end)
+            label_check = check_labels(run, database, read_labels(labels)) if labels else None
+    except QueryError as exc:
+        _fail(str(exc))
+        return
+    ok = report.ok and (label_check is None or label_check.ok)
+    if as_json:
+        body = report.as_dict()
+        if label_check is not None:
+            body["labels"] = {**label_check.__dict__, "missing_events": label_check.missing_events[:20]}
+        typer.echo(json.dumps(body, default=str, indent=2))
+    else:
+        typer.echo(report.render())
+        if label_check is not None:
+            typer.echo(
+                f"ground truth: {label_check.stored_events}/{label_check.expected_events} events stored, "
+                f"{label_check.duplicated_events} duplicated, dead letters "
+                f"{label_check.found_dead_letters}/{label_check.expected_dead_letters}, alerts "
+                f"{label_check.found_alerts}/{label_check.expected_alerts} "
+                f"({label_check.unexpected_alerts} unexpected)"
+            )
+    raise typer.Exit(0 if ok else 1)
+
+
+@app.command()
+def bench(
+    events: Annotated[int, typer.Option(help="clinical records per run")] = 50000,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the figures here")] = None,
+    workers: Annotated[int, typer.Option(help="Faust workers for the pipeline run")] = 2,
+) -> None:
+    """Measure the raw baseline and the full pipeline in one invocation; exit 1 on loss."""
+    from medstream.bench import run_bench
+
+    result = run_bench(events, workers, out=typer.echo)
+    if json_path is not None:
+        json_path.write_text(json.dumps(result, indent=2, default=str))
+        typer.echo(f"figures written to {json_path}")
+    raise typer.Exit(0 if result["ok"] else 1)
+
+
+@app.command("settings")
+def settings_command() -> None:
+    """List every setting with its environment variable and current value (secrets hidden)."""
+    for model in (KafkaSettings, ClickHouseSettings, RegistrySettings, StreamSettings, SinkSettings, RuntimeSettings):
+        instance = model()
+        prefix = model.model_config.get("env_prefix", "")
+        typer.echo(f"[{model.__name__}]")
+        for name, info in model.model_fields.items():
+            alias = info.validation_alias
+            env = alias.choices[0] if alias is not None and hasattr(alias, "choices") else f"{prefix}{name}".upper()
+            value = getattr(instance, name)
+            typer.echo(f"  {env:<42} = {value!s:<28} {info.description or ''}")

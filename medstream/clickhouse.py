@@ -1,0 +1,197 @@
+"""ClickHouse access shared by the CLI, the sink and the runtime: connect, migrate, query.
+
+The embedded engine (chdb) can be opened by one process only. The process that owns it
+(the sink under `medstream up`) serves a small read-only query endpoint, and commands that
+run beside it (`medstream sql`, `medstream reconcile`) send their queries there; without a
+running owner they open the engine themselves.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import clickhouse_connect
+from clickhouse_connect.driver.client import Client
+
+READ_ONLY = {"readonly": 2}  # 2: no writes or DDL, but per-query limits may still be set
+_DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+class QueryError(RuntimeError):
+    """A query was refused or failed; the message is ClickHouse's reason."""
+
+
+@dataclass(frozen=True)
+class QueryResult:
+    """Column names and rows of a read-only query."""
+
+    columns: list[str]
+    rows: list[list[Any]]
+    truncated: bool = False
+
+
+def connect(url: str) -> Client:
+    """Open a client for an http(s):// ClickHouse server or a chdb:///path engine."""
+    if url.startswith("chdb://"):
+        path = Path(url.removeprefix("chdb://"))
+        path.mkdir(parents=True, exist_ok=True)
+        try:
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+        except Exception as exc:
+            if "lock" in str(exc).lower():
+                raise QueryError(
+                    f"the embedded ClickHouse at {path} is open in another process; "
+                    "run this command while `medstream up` is running (it serves queries) "
+                    "or stop that process first"
+                ) from exc
+            raise
+    if url.startswith(("http://", "https://")):
+        return clickhouse_connect.get_client(dsn=url)
+    raise QueryError(f"CLICKHOUSE_URL must start with http://, https:// or chdb://, got {url!r}")
+
+
+def migration_files() -> list[tuple[int, str, str]]:
+    """(version, name, sql) of every migration shipped in sinks/migrations, in order."""
+    folder = resources.files("sinks").joinpath("migrations")
+    found = []
+    for entry in folder.iterdir():
+        match = re.match(r"^(\d{4})_(\w+)\.sql$", entry.name)
+        if match:
+            found.append((int(match.group(1)), match.group(2), entry.read_text()))
+    return sorted(found)
+
+
+def migrate(client: Client, database: str) -> list[str]:
+    """Apply pending migrations idempotently; returns the names applied now."""
+    if not _DB_NAME.match(database):
+        raise QueryError(f"invalid database name {database!r}")
+    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
+    client.command(
+        f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
+        "(version UInt32, name String, applied_time DateTime64(3, 'UTC') DEFAULT now64(3)) "
+        "ENGINE = MergeTree ORDER BY version"
+    )
+    done = {row[0] for row in client.query(f"SELECT version FROM {database}.schema_migrations").result_rows}
+    applied = []
+    for version, name, sql in migration_files():
+        if version in done:
+            continue
+        for statement in _statements(sql.replace("{db}", database)):
+            client.command(statement)
+        client.insert(
+            f"{database}.schema_migrations", [(version, name)], column_names=["version", "name"]
+        )
+        applied.append(f"{version:04d}_{name}")
+    return applied
+
+
+def _statements(sql: str) -> list[str]:
+    without_comments = "\n".join(
+        line for line in sql.splitlines() if not line.lstrip().startswith("--")
+    )
+    return [part.strip() for part in without_comments.split(";") if part.strip()]
+
+
+def run_read_only(
+    client: Client, sql: str, database: str, timeout_s: int = 60, max_rows: int = 10000
+) -> QueryResult:
+    """Run one query with writes and DDL refused, bounded in time and result size."""
+    try:
+        result = client.query(
+            sql,
+            settings={
+                **READ_ONLY,
+                "max_execution_time": timeout_s,
+                "max_result_rows": max_rows + 1,
+                "result_overflow_mode": "break",
+            },
+        )
+    except Exception as exc:
+        raise QueryError(_clean_error(str(exc))) from exc
+    rows = [list(row) for row in result.result_rows]
+    return QueryResult(list(result.column_names), rows[:max_rows], truncated=len(rows) > max_rows)
+
+
+def _clean_error(message: str) -> str:
+    match = re.search(r"(Code: \d+\. DB::Exception: .*?)(?: \(version [\d.]+\))?(?:\.|$)", message)
+    return match.group(1).replace("DB::Exception: Code: ", "Code: ") if match else message
+
+
+class QueryGateway:
+    """Serves read-only queries on an engine this process owns (POST /query, JSON)."""
+
+    def __init__(self, client: Client, lock: threading.Lock, database: str, port: int = 0) -> None:
+        gateway = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
+                length = int(self.headers.get("Content-Length", "0"))
+                request = json.loads(self.rfile.read(length) or b"{}")
+                try:
+                    with gateway.lock:
+                        result = run_read_only(
+                            gateway.client,
+                            str(request.get("sql", "")),
+                            gateway.database,
+                            int(request.get("timeout_s", 60)),
+                            int(request.get("max_rows", 10000)),
+                        )
+                    body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+                    status = 200
+                except QueryError as exc:
+                    body, status = {"error": str(exc)}, 400
+                payload = json.dumps(body, default=str).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, format: str, *args: Any) -> None:
+                return  # queries may carry patient pseudonyms; they are not logged here
+
+        self.client = client
+        self.lock = lock
+        self.database = database
+        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
+        self.port = int(self._server.server_address[1])
+        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+
+    @property
+    def url(self) -> str:
+        """Where the gateway listens."""
+        return f"http://127.0.0.1:{self.port}/query"
+
+    def start(self) -> None:
+        """Serve in a background thread."""
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Stop serving."""
+        self._server.shutdown()
+        self._server.server_close()
+
+
+def query_via_gateway(url: str, sql: str, timeout_s: int = 60, max_rows: int = 10000) -> QueryResult:
+    """Send one read-only query to a running gateway."""
+    request = urllib.request.Request(
+        url,
+        data=json.dumps({"sql": sql, "timeout_s": timeout_s, "max_rows": max_rows}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s + 10) as response:
+            body = json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        body = json.loads(exc.read() or b"{}")
+        raise QueryError(body.get("error", f"HTTP {exc.code}")) from exc
+    return QueryResult(body["columns"], body["rows"], body["truncated"])

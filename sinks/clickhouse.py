@@ -1,0 +1,375 @@
+"""The ClickHouse sink: norm.*, alerts and dlq topics (plus the raw ledger) into ClickHouse.
+
+Records are collected per partition; a flush, due by size or age, inserts the pending rows
+once per table with an insert_deduplication_token derived from the topic/partition/offset
+ranges it covers, and only then commits those offsets. While ClickHouse refuses, the same
+flush is retried with backoff (same rows, same token) and nothing is skipped or committed.
+A sink killed between insert and commit re-reads the records and re-inserts them; every
+table is a ReplacingMergeTree on a natural key, so those rows collapse (query with FINAL).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
+
+from medstream.metrics import (
+    CONSUMER_LAG,
+    DEAD_LETTERS,
+    END_TO_END_SECONDS,
+    RECORDS_IN,
+    RECORDS_OUT,
+    SINK_BATCH_ROWS,
+    SINK_FAILURES,
+    SINK_INSERT_SECONDS,
+)
+from medstream.settings import (
+    ALERTS_TOPIC,
+    DLQ_TOPIC,
+    NORM_TOPICS,
+    RAW_TOPICS,
+    KafkaSettings,
+    SinkSettings,
+)
+from schemas import serde
+from schemas.identity import dead_letter_id
+
+log = logging.getLogger("medstream.sink")
+
+STAGE = "sink"
+SUBJECT_BY_TABLE = {
+    "encounter": serde.ENCOUNTER,
+    "diagnosis": serde.DIAGNOSIS,
+    "lab_result": serde.LAB_RESULT,
+    "observation": serde.OBSERVATION,
+    "claim_line": serde.CLAIM_LINE,
+    "alert": serde.ALERT,
+    "dead_letter": serde.DEAD_LETTER,
+}
+LINEAGE_COLUMNS = [
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "record_index",
+    "record_count",
+    "event_id",
+    "outcome",
+    "ingest_time",
+]
+LEDGER_COLUMNS = [
+    "source_kind",
+    "source_topic",
+    "source_partition",
+    "source_offset",
+    "ingest_time",
+    "value_bytes",
+]
+
+
+def _ms_to_datetime(ms: int) -> datetime:
+    return datetime.fromtimestamp(ms / 1000, tz=UTC)
+
+
+@dataclass
+class PartitionBatch:
+    """Rows collected from one partition since its last flush."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    opened_at: float
+    rows: int = 0
+
+
+@dataclass
+class PendingFlush:
+    """Rows per table plus the partition ranges they cover; retried unchanged until stored."""
+
+    rows_by_table: dict[str, list[list[Any]]] = field(default_factory=dict)
+    ranges: list[PartitionBatch] = field(default_factory=list)
+
+    def token(self, table: str) -> str:
+        """Deduplication token: the table and the exact offset ranges of this flush."""
+        spans = ",".join(
+            f"{b.topic}/{b.partition}/{b.first_offset}-{b.last_offset}"
+            for b in sorted(self.ranges, key=lambda b: (b.topic, b.partition))
+        )
+        return hashlib.sha256(f"{table}|{spans}".encode()).hexdigest()
+
+
+class TableWriter:
+    """Turns decoded records of one kind into rows in the column order of its table."""
+
+    def __init__(self, table: str, registry: serde.SchemaRegistry) -> None:
+        self.table = table
+        self.subject = SUBJECT_BY_TABLE[table]
+        self.decode = serde.AvroDeserializer(registry, self.subject)
+        self.columns = [f["name"] for f in registry.latest(self.subject).definition["fields"]]
+
+    def row(self, record: dict[str, Any]) -> list[Any]:
+        """The row for one decoded record."""
+        return [record[name] for name in self.columns]
+
+
+class ClickHouseSink:
+    """Consumes norm.*, alerts, dlq and raw.* and writes them to ClickHouse, exactly once per key."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        settings: SinkSettings,
+        client: Client,
+        database: str,
+        registry: serde.SchemaRegistry,
+        client_lock: threading.Lock | None = None,
+        include_raw_ledger: bool = True,
+    ) -> None:
+        self.kafka = kafka
+        self.settings = settings
+        self.client = client
+        self.database = database
+        self.client_lock = client_lock or threading.Lock()
+        self.writers: dict[str, TableWriter] = {
+            kafka.topic(topic): TableWriter(kind, registry) for kind, topic in NORM_TOPICS.items()
+        }
+        self.writers[kafka.topic(ALERTS_TOPIC)] = TableWriter("alert", registry)
+        self.writers[kafka.topic(DLQ_TOPIC)] = TableWriter("dead_letter", registry)
+        self.raw_kind_by_topic = (
+            {kafka.topic(topic): kind for kind, topic in RAW_TOPICS.items()}
+            if include_raw_ledger
+            else {}
+        )
+        self.dead_letter_columns = self.writers[kafka.topic(DLQ_TOPIC)].columns
+        self._batches: dict[tuple[str, int], PartitionBatch] = {}
+        self._rows: dict[str, list[list[Any]]] = {}
+        self._consumer: Consumer | None = None
+        self._stop = threading.Event()
+        self._last_lag_check = 0.0
+        self.stored_rows = 0
+
+    @property
+    def topics(self) -> list[str]:
+        """Every topic the sink reads."""
+        return sorted([*self.writers, *self.raw_kind_by_topic])
+
+    def stop(self) -> None:
+        """Ask the run loop to finish; unflushed records are left uncommitted for the next run."""
+        self._stop.set()
+
+    def run(self, on_idle: Callable[[], None] | None = None) -> None:
+        """Consume until stop(); flush by size/age; commit only what ClickHouse accepted."""
+        consumer = Consumer(
+            self.kafka.consumer_config(
+                self.settings.group_id,
+                **{"enable.partition.eof": False, "max.poll.interval.ms": 600000},
+            )
+        )
+        self._consumer = consumer
+        consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        max_age = self.settings.batch_max_ms / 1000
+        try:
+            while not self._stop.is_set():
+                messages = consumer.consume(num_messages=2000, timeout=0.05)
+                for message in messages:
+                    self._add(message)
+                oldest = min((b.opened_at for b in self._batches.values()), default=None)
+                pending_rows = sum(b.rows for b in self._batches.values())
+                if oldest is not None and (
+                    pending_rows >= self.settings.batch_max_rows
+                    or time.monotonic() - oldest >= max_age
+                ):
+                    self._flush()
+                elif not messages and on_idle is not None:
+                    on_idle()
+                self._update_lag()
+            if self._batches:
+                self._flush_on_stop()
+        finally:
+            consumer.close()
+            self._consumer = None
+
+    def _flush_on_stop(self) -> None:
+        """A graceful stop stores what was read, unless ClickHouse is failing right now."""
+        try:
+            self._flush()
+        except SinkStopped as exc:
+            log.warning("left %d partitions uncommitted at stop: %s", len(self._batches), exc)
+
+    def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        # Records of revoked partitions are flushed while we still own them, so the next
+        # owner starts after what we stored instead of storing it again.
+        if self._batches:
+            self._flush()
+
+    def _add(self, message: Message) -> None:
+        error = message.error()
+        if error is not None:
+            if error.code() == KafkaError._PARTITION_EOF:
+                return
+            raise KafkaException(error)
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        RECORDS_IN.labels(STAGE, topic).inc()
+        key = (topic, partition)
+        batch = self._batches.get(key)
+        if batch is None:
+            batch = PartitionBatch(topic, partition, offset, offset, time.monotonic())
+            self._batches[key] = batch
+        batch.last_offset = offset
+        batch.rows += 1
+        timestamp_ms = message.timestamp()[1]
+        raw_kind = self.raw_kind_by_topic.get(topic)
+        if raw_kind is not None:
+            value = message.value() or b""
+            self._rows.setdefault("raw_ledger", []).append(
+                [raw_kind, topic, partition, offset, _ms_to_datetime(timestamp_ms), len(value)]
+            )
+            return
+        writer = self.writers[topic]
+        try:
+            record = writer.decode(message.value())
+        except serde.SerializationError as exc:
+            self._dead_letter(message, timestamp_ms, "undecodable", str(exc))
+            return
+        self._rows.setdefault(writer.table, []).append(writer.row(record))
+        if writer.table == "dead_letter":
+            self._lineage(record, "dead_letter")
+        elif writer.table != "alert":
+            self._lineage(record, f"stored:{writer.table}")
+
+    def _lineage(self, record: dict[str, Any], outcome: str) -> None:
+        if outcome == "dead_letter":
+            index = record["record_index"]
+            count = record["record_count"]
+            row = [
+                record["original_topic"],
+                record["original_partition"],
+                record["original_offset"],
+                -1 if index is None else index,
+                -1 if count is None else count,
+                record["dlq_id"],
+                outcome,
+                record["ingest_time"],
+            ]
+        else:
+            row = [
+                record["source_topic"],
+                record["source_partition"],
+                record["source_offset"],
+                record["record_index"],
+                record["record_count"],
+                record["event_id"],
+                outcome,
+                record["ingest_time"],
+            ]
+        self._rows.setdefault("lineage", []).append(row)
+
+    def _dead_letter(self, message: Message, timestamp_ms: int, reason_code: str, reason: str) -> None:
+        """A record the sink cannot decode is stored in the dead-letter table, not dropped."""
+        topic, partition, offset = message.topic(), message.partition(), message.offset()
+        now = datetime.now(tz=UTC)
+        values = {
+            "dlq_id": dead_letter_id(STAGE, topic, partition, offset, None),
+            "stage": STAGE,
+            "reason_code": reason_code,
+            "reason": reason,
+            "source_kind": None,
+            "organisation_id": None,
+            "original_topic": topic,
+            "original_partition": partition,
+            "original_offset": offset,
+            "record_index": None,
+            "record_count": None,
+            "original_key": message.key(),
+            "original_value": message.value() or b"",
+            "ingest_time": _ms_to_datetime(timestamp_ms),
+            "failed_time": now,
+        }
+        self._rows.setdefault("dead_letter", []).append([values[c] for c in self.dead_letter_columns])
+        DEAD_LETTERS.labels(STAGE, reason_code).inc()
+        log.warning("dead-lettered %s[%d]@%d: %s", topic, partition, offset, reason_code)
+
+    def _flush(self) -> None:
+        pending = PendingFlush(self._rows, list(self._batches.values()))
+        self._rows = {}
+        self._batches = {}
+        self._store(pending)
+        assert self._consumer is not None
+        self._consumer.commit(
+            offsets=[
+                TopicPartition(b.topic, b.partition, b.last_offset + 1) for b in pending.ranges
+            ],
+            asynchronous=False,
+        )
+
+    def _store(self, pending: PendingFlush) -> None:
+        """Insert every table of a flush; retry with backoff until ClickHouse accepts or stop."""
+        now = time.time()
+        for table, rows in pending.rows_by_table.items():
+            columns = self._columns(table)
+            delay = self.settings.retry_initial_s
+            while True:
+                started = time.perf_counter()
+                try:
+                    with self.client_lock:
+                        self.client.insert(
+                            f"{self.database}.{table}",
+                            rows,
+                            column_names=columns,
+                            settings={"insert_deduplication_token": pending.token(table)},
+                        )
+                    break
+                except Exception as exc:
+                    SINK_FAILURES.labels(table).inc()
+                    if self._stop.is_set():
+                        raise SinkStopped(f"stopped while {table} was failing: {exc}") from exc
+                    log.error("insert into %s failed (%s); retrying in %.1fs", table, exc, delay)
+                    self._stop.wait(delay)
+                    delay = min(delay * 2, self.settings.retry_max_s)
+            SINK_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
+            SINK_BATCH_ROWS.labels(table).observe(len(rows))
+            RECORDS_OUT.labels(STAGE, table).inc(len(rows))
+            self.stored_rows += len(rows)
+            if table in ("alert", "lab_result", "observation", "claim_line", "encounter", "diagnosis"):
+                ingest_index = columns.index("ingest_time")
+                for row in rows:
+                    END_TO_END_SECONDS.labels(f"stored:{table}").observe(
+                        now - row[ingest_index].timestamp()
+                    )
+
+    def _columns(self, table: str) -> list[str]:
+        if table == "lineage":
+            return LINEAGE_COLUMNS
+        if table == "raw_ledger":
+            return LEDGER_COLUMNS
+        if table == "dead_letter":
+            return self.dead_letter_columns
+        return next(w.columns for w in self.writers.values() if w.table == table)
+
+    def _update_lag(self) -> None:
+        if self._consumer is None or time.monotonic() - self._last_lag_check < 5:
+            return
+        self._last_lag_check = time.monotonic()
+        lag_by_topic: dict[str, int] = {}
+        try:
+            for tp in self._consumer.position(self._consumer.assignment()):
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                behind = max(0, high - tp.offset) if tp.offset >= 0 else high
+                lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + behind
+        except KafkaException:
+            return
+        for topic, lag in lag_by_topic.items():
+            CONSUMER_LAG.labels(STAGE, topic).set(lag)
+
+
+class SinkStopped(RuntimeError):
+    """The sink was stopped while ClickHouse was refusing a flush; nothing was committed."""

@@ -1,0 +1,144 @@
+"""The Faust application: one thin normalise agent per raw topic.
+
+Tuning for the embedded tansu broker (and harmless on Apache Kafka):
+- broker_session_timeout 3 s, heartbeat 0.5 s: tansu group joins take about half the
+  session timeout, so the default 60 s session would stall every rebalance for ~30 s.
+- consumer fetch wait 20 ms instead of Faust's hard-coded 1500 ms: tansu does not wake a
+  waiting fetch when new data arrives, so a long wait is pure added latency.
+- producer linger 5 ms, acks=all, no idempotence/transactions (aiokafka's InitProducerId
+  v0 is refused by tansu): at-least-once, with duplicates collapsed by event id downstream.
+- Faust commits a raw offset only after the records an agent sent for it were acked
+  (Faust "attachments"), so a source record is never marked done before its output exists.
+- agent_supervisor = CrashingSupervisor: an agent that raises stops the worker, which then
+  exits non-zero instead of limping on with a restarted agent.
+- table (suppression state) in memory, rebuilt from its changelog topic at start. Caveat:
+  tansu's high watermark under-counts by up to one produce batch, so recovery can miss the
+  last changelog batch; a repeat alert after a worker restart is then possible.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any
+
+import faust
+from faust.transport.drivers import TRANSPORTS
+from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
+from mode import CrashingSupervisor
+
+from medstream.metrics import END_TO_END_SECONDS, PROCESSING_SECONDS, RECORDS_IN, RECORDS_OUT
+from medstream.settings import RAW_TOPICS, KafkaSettings, StreamSettings
+from schemas import serde
+from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+from streams.model import RawContext
+from streams.pseudonym import Pseudonymiser
+from streams.stage import STAGE, NormaliseStage, SuppressionState
+from streams.terminology import DEFAULT_TERMINOLOGY_PATH, load_terminology
+
+FETCH_WAIT_MS = 20
+
+
+class ShortFetchConsumerThread(AIOKafkaConsumerThread):
+    """aiokafka consumer with a short fetch wait (Faust hard-codes 1500 ms)."""
+
+    def _create_worker_consumer(self, transport: Any) -> Any:
+        consumer = super()._create_worker_consumer(transport)
+        consumer._fetch_max_wait_ms = FETCH_WAIT_MS
+        return consumer
+
+
+class ShortFetchConsumer(Consumer):
+    """Faust consumer using :class:`ShortFetchConsumerThread`."""
+
+    def _new_consumer_thread(self) -> ShortFetchConsumerThread:
+        return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+
+class ShortFetchTransport(Transport):
+    """The aiokafka transport with the short-fetch consumer (URL scheme medstream-kafka://)."""
+
+    Consumer = ShortFetchConsumer
+
+
+TRANSPORTS.aliases["medstream-kafka"] = f"{__name__}:ShortFetchTransport"
+
+
+def create_app(
+    kafka: KafkaSettings,
+    settings: StreamSettings,
+    registry: serde.SchemaRegistry,
+    terminology_path: str | None = None,
+    rules_path: str | None = None,
+) -> faust.App:
+    """Build the Faust app with its agents; nothing connects until the worker starts."""
+    global FETCH_WAIT_MS
+    FETCH_WAIT_MS = kafka.fetch_wait_max_ms
+    brokers = ";".join(f"medstream-kafka://{b}" for b in kafka.bootstrap_servers.split(","))
+    app = faust.App(
+        settings.app_id,
+        broker=brokers,
+        key_serializer="raw",
+        value_serializer="raw",
+        broker_session_timeout=kafka.session_timeout_ms / 1000,
+        broker_heartbeat_interval=kafka.heartbeat_interval_ms / 1000,
+        broker_commit_interval=1.0,
+        producer_linger=settings.producer_linger_ms / 1000,
+        producer_acks=-1,
+        consumer_auto_offset_reset="earliest",
+        topic_partitions=kafka.raw_partitions,
+        topic_replication_factor=1,
+        topic_allow_declare=True,
+        table_standby_replicas=0,
+        store="memory://",
+        web_enabled=False,
+        agent_supervisor=CrashingSupervisor,
+    )
+    stage = NormaliseStage(
+        kafka,
+        registry,
+        load_terminology(terminology_path or DEFAULT_TERMINOLOGY_PATH),
+        Pseudonymiser(settings.pseudonym_key.get_secret_value().encode()),
+        load_critical_value_rules(rules_path or DEFAULT_CRITICAL_RULES_PATH),
+    )
+    suppression_table = app.Table(
+        "critical-suppression", default=None, partitions=kafka.raw_partitions
+    )
+    suppression = SuppressionState(suppression_table.get, suppression_table.__setitem__)
+    out_topics: dict[str, faust.TopicT] = {}
+
+    def out_topic(name: str) -> faust.TopicT:
+        if name not in out_topics:
+            out_topics[name] = app.topic(name, key_serializer="raw", value_serializer="raw")
+        return out_topics[name]
+
+    def normalise_agent(source_kind: str) -> Any:
+        async def agent(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                message = event.message
+                started = time.perf_counter()
+                ctx = RawContext(
+                    message.topic, message.partition, message.offset, int(message.timestamp * 1000)
+                )
+                RECORDS_IN.labels(STAGE, message.topic).inc()
+                for output in stage.handle(source_kind, ctx, message.key, message.value, suppression):
+                    await out_topic(output.topic).send(key=output.key, value=output.value)
+                    RECORDS_OUT.labels(STAGE, output.topic).inc()
+                now = time.time()
+                PROCESSING_SECONDS.labels(STAGE).observe(time.perf_counter() - started)
+                END_TO_END_SECONDS.labels(STAGE).observe(now - message.timestamp)
+
+        agent.__name__ = f"normalise_{source_kind}"
+        return agent
+
+    for source_kind, topic_name in RAW_TOPICS.items():
+        raw_topic = app.topic(
+            kafka.topic(topic_name),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=kafka.raw_partitions,
+        )
+        app.agent(raw_topic, name=f"normalise_{source_kind}")(normalise_agent(source_kind))
+    for noisy in ("aiokafka", "faust", "mode"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    return app

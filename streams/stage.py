@@ -1,0 +1,159 @@
+"""The normalise stage for one raw record, without Faust: decode, normalise, detect, encode.
+
+The Faust agents only iterate and send what this returns, so the whole per-record
+behaviour (including dead-lettering and critical-value suppression) is testable without a
+broker. Critical values are checked here, on the lab results this record produced, because
+the raw HL7 topic is keyed by patient: the suppression state then lives in the partition
+that owns the patient, and no second pass over norm.lab_result is needed.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from medstream.metrics import ALERTS, DEAD_LETTERS
+from medstream.settings import ALERTS_TOPIC, DLQ_TOPIC, NORM_TOPICS, KafkaSettings
+from schemas import serde
+from streams.critical_values import (
+    CriticalValueRules,
+    build_alert,
+    check_critical,
+    is_suppressed,
+    suppression_key,
+)
+from streams.model import NormalisedEvent, RawContext, RecordRejected
+from streams.normalise import dead_letter_record, normalise
+from streams.pseudonym import Pseudonymiser
+from streams.terminology import Terminology
+
+STAGE = "normalise"
+RAW_SUBJECTS = {
+    "emr_cdc": serde.RAW_EMR_ROW_CHANGE,
+    "hl7_lab": serde.RAW_HL7_MESSAGE,
+    "device": serde.RAW_DEVICE_PACKET,
+    "claim": serde.RAW_CLAIM,
+}
+NORM_SUBJECTS = {
+    "encounter": serde.ENCOUNTER,
+    "diagnosis": serde.DIAGNOSIS,
+    "lab_result": serde.LAB_RESULT,
+    "observation": serde.OBSERVATION,
+    "claim_line": serde.CLAIM_LINE,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to publish: topic, key and Confluent-framed Avro value."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+class SuppressionState:
+    """Where the last alert time per (person, analyte) is kept: a Faust table in the worker."""
+
+    def __init__(
+        self,
+        get: Callable[[str], int | None],
+        put: Callable[[str, int], None],
+    ) -> None:
+        self.get = get
+        self.put = put
+
+    @classmethod
+    def in_memory(cls) -> SuppressionState:
+        """A dict-backed state for tests and the benchmark baseline."""
+        store: dict[str, int] = {}
+        return cls(store.get, store.__setitem__)
+
+
+class NormaliseStage:
+    """Turns one raw record into norm.*, alerts and dlq outputs."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: serde.SchemaRegistry,
+        terminology: Terminology,
+        pseudonymiser: Pseudonymiser,
+        critical_rules: CriticalValueRules,
+    ) -> None:
+        self.terminology = terminology
+        self.pseudonymiser = pseudonymiser
+        self.critical_rules = critical_rules
+        self.decoders = {k: serde.AvroDeserializer(registry, s) for k, s in RAW_SUBJECTS.items()}
+        self.encoders = {k: serde.AvroSerializer(registry, s) for k, s in NORM_SUBJECTS.items()}
+        self.encode_alert = serde.AvroSerializer(registry, serde.ALERT)
+        self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
+        self.norm_topics = {k: kafka.topic(t) for k, t in NORM_TOPICS.items()}
+        self.alerts_topic = kafka.topic(ALERTS_TOPIC)
+        self.dlq_topic = kafka.topic(DLQ_TOPIC)
+
+    def handle(
+        self,
+        source_kind: str,
+        ctx: RawContext,
+        key: bytes | None,
+        value: bytes | None,
+        suppression: SuppressionState,
+        now_ms: int | None = None,
+    ) -> list[Output]:
+        """Every output of one raw record; never raises for bad input (it is dead-lettered)."""
+        now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        try:
+            raw = self.decoders[source_kind](value)
+        except serde.SerializationError as exc:
+            rejected = RecordRejected(None, None, "undecodable", str(exc))
+            return [self._dead_letter(ctx, key, value, rejected, source_kind, now_ms)]
+        outputs: list[Output] = []
+        for outcome in normalise(
+            source_kind, raw, ctx, self.terminology, self.pseudonymiser, now_ms
+        ):
+            if isinstance(outcome, NormalisedEvent):
+                outputs.append(self._event(outcome))
+                if outcome.kind == "lab_result":
+                    alert = self._detect(outcome.value, suppression, now_ms)
+                    if alert is not None:
+                        outputs.append(alert)
+            else:
+                outputs.append(self._dead_letter(ctx, key, value, outcome, source_kind, now_ms))
+        return outputs
+
+    def _event(self, event: NormalisedEvent) -> Output:
+        # Our own output not matching our own schema is a bug: it raises and the worker crashes.
+        encoded = self.encoders[event.kind](event.value)
+        return Output(self.norm_topics[event.kind], event.key.encode(), encoded)
+
+    def _detect(
+        self, lab_result: dict[str, Any], suppression: SuppressionState, now_ms: int
+    ) -> Output | None:
+        finding = check_critical(lab_result, self.critical_rules)
+        if finding is None:
+            return None
+        key = suppression_key(lab_result)
+        event_time = int(lab_result["event_time"])
+        if is_suppressed(suppression.get(key), event_time, self.critical_rules.suppression_ms):
+            return None
+        suppression.put(key, event_time)
+        alert = build_alert(lab_result, finding, self.critical_rules, now_ms)
+        ALERTS.labels(alert["rule_id"]).inc()
+        person = (lab_result.get("person_key") or "").encode() or None
+        return Output(self.alerts_topic, person, self.encode_alert(alert))
+
+    def _dead_letter(
+        self,
+        ctx: RawContext,
+        key: bytes | None,
+        value: bytes | None,
+        rejected: RecordRejected,
+        source_kind: str,
+        now_ms: int,
+    ) -> Output:
+        record = dead_letter_record(STAGE, ctx, key, value or b"", rejected, source_kind, now_ms)
+        DEAD_LETTERS.labels(STAGE, rejected.reason_code).inc()
+        return Output(self.dlq_topic, key, self.encode_dead_letter(record))

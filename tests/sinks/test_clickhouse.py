@@ -1,0 +1,275 @@
+"""Integration tests of the ClickHouse sink against the real tansu broker and the real chdb engine."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
+import pytest
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import Consumer, Producer, TopicPartition
+
+from medstream.settings import ALERTS_TOPIC, DLQ_TOPIC, NORM_TOPICS, RAW_TOPICS, KafkaSettings, SinkSettings
+from schemas import serde
+from schemas.identity import alert_id, dead_letter_id, event_id
+from sinks.clickhouse import ClickHouseSink
+
+pytestmark = pytest.mark.integration
+REGISTRY = serde.ManifestRegistry()
+NOW_MS = 1795000000000
+
+
+def lab_result(index: int, raw_offset: int, record_count: int = 1) -> dict[str, Any]:
+    """A complete, fictional LabResult record."""
+    return {
+        "event_id": event_id("hl7_lab", "H001", f"CTRL{raw_offset}", index),
+        "source_kind": "hl7_lab",
+        "source_system": "LIS",
+        "organisation_id": "H001",
+        "event_time": NOW_MS - 60000,
+        "ingest_time": NOW_MS,
+        "normalised_time": NOW_MS + 5,
+        "source_topic": "raw.hl7_lab",
+        "source_partition": 0,
+        "source_offset": raw_offset,
+        "record_index": index,
+        "record_count": record_count,
+        "source_ref": f"CTRL{raw_offset}",
+        "mapping_version": "test-1",
+        "person_key": f"pk{raw_offset % 7}",
+        "order_id": f"ORD{raw_offset}",
+        "loinc_code": "2823-3",
+        "local_code": "K",
+        "local_display": "Potassium",
+        "value": 4.0 + index / 10,
+        "value_text": None,
+        "unit": "mmol/L",
+        "original_value": str(4.0 + index / 10),
+        "original_unit": "mmol/L",
+        "abnormal_flag": "N",
+        "result_status": "F",
+        "specimen_status": None,
+        "mapping_status": "mapped",
+        "reference_low": 3.5,
+        "reference_high": 5.3,
+    }
+
+
+def produce(kafka: KafkaSettings, records: list[tuple[str, bytes | None, bytes]]) -> None:
+    producer = Producer(kafka.producer_config())
+    failures: list[str] = []
+    for topic, key, value in records:
+        producer.produce(
+            topic, key=key, value=value, on_delivery=lambda err, _m: err and failures.append(str(err))
+        )
+    producer.flush(30)
+    assert not failures
+
+
+def wait_for(condition: Callable[[], bool], timeout_s: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if condition():
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextmanager
+def running(sink: ClickHouseSink) -> Iterator[ClickHouseSink]:
+    errors: list[BaseException] = []
+
+    def target() -> None:
+        try:
+            sink.run()
+        except BaseException as exc:  # surfaced to the test below
+            errors.append(exc)
+
+    thread = threading.Thread(target=target, daemon=True)
+    thread.start()
+    try:
+        yield sink
+    finally:
+        sink.stop()
+        thread.join(30)
+        assert not thread.is_alive(), "sink did not stop"
+        assert not errors, errors
+
+
+def count(client: Client, sql: str) -> int:
+    return int(client.query(sql).result_rows[0][0])
+
+
+def committed(kafka: KafkaSettings, group: str, topic: str, partitions: int) -> list[int]:
+    consumer = Consumer(kafka.consumer_config(group))
+    try:
+        tps = consumer.committed([TopicPartition(topic, p) for p in range(partitions)], timeout=10)
+        return [tp.offset for tp in tps]
+    finally:
+        consumer.close()
+
+
+def committed_total(kafka: KafkaSettings, group: str, topic: str, partitions: int) -> int:
+    """Records covered by the group's committed offsets (-1001 = nothing committed)."""
+    return sum(max(o, 0) for o in committed(kafka, group, topic, partitions))
+
+
+def make_sink(kafka: KafkaSettings, client: Any, database: str, group: str) -> ClickHouseSink:
+    return ClickHouseSink(
+        kafka, SinkSettings(group_id=group, batch_max_ms=100, retry_initial_s=0.05), client, database, REGISTRY
+    )
+
+
+def test_sink_stores_every_kind_with_lineage_and_ledger(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    encode_alert = serde.AvroSerializer(REGISTRY, serde.ALERT)
+    encode_dlq = serde.AvroSerializer(REGISTRY, serde.DEAD_LETTER)
+    labs = [lab_result(i % 3, 100 + i // 3, record_count=3) for i in range(30)]
+    alert = {
+        "alert_id": alert_id("critical_value.potassium", labs[0]["event_id"]),
+        "rule_id": "critical_value.potassium",
+        "rule_version": "r1",
+        "severity": "critical",
+        "organisation_id": "H001",
+        "person_key": "pk1",
+        "event_time": NOW_MS,
+        "ingest_time": NOW_MS,
+        "detected_time": NOW_MS + 10,
+        "triggering_event_ids": [labs[0]["event_id"]],
+        "analyte_code": "2823-3",
+        "value": 6.9,
+        "unit": "mmol/L",
+        "explanation": "Potassium 6.9 mmol/L above critical high 6.2",
+        "source_topic": "raw.hl7_lab",
+        "source_partition": 0,
+        "source_offset": 100,
+        "mapping_version": "test-1",
+    }
+    dead = {
+        "dlq_id": dead_letter_id("normalise", "raw.hl7_lab", 1, 7, None),
+        "stage": "normalise",
+        "reason_code": "undecodable",
+        "reason": "medstream.raw.Hl7Message: not Confluent-framed Avro",
+        "source_kind": "hl7_lab",
+        "organisation_id": None,
+        "original_topic": "raw.hl7_lab",
+        "original_partition": 1,
+        "original_offset": 7,
+        "record_index": None,
+        "record_count": None,
+        "original_key": b"H001:x",
+        "original_value": b"\x07garbage",
+        "ingest_time": NOW_MS,
+        "failed_time": NOW_MS + 3,
+    }
+    records = [(kafka.topic(NORM_TOPICS["lab_result"]), b"pk", encode_lab(r)) for r in labs]
+    records.append((kafka.topic(ALERTS_TOPIC), b"pk1", encode_alert(alert)))
+    records.append((kafka.topic(DLQ_TOPIC), b"H001:x", encode_dlq(dead)))
+    records += [(kafka.topic(RAW_TOPICS["hl7_lab"]), b"k", b"raw-bytes-%d" % i) for i in range(5)]
+    produce(kafka, records)
+
+    with running(make_sink(kafka, clickhouse, database, "sink-a")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 30, what="labs")
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == 5, what="ledger")
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.dead_letter") == 1, what="dlq")
+
+    row = clickhouse.query(
+        f"SELECT value, unit, loinc_code, person_key, source_offset, record_index, record_count "
+        f"FROM {database}.lab_result WHERE event_id = '{labs[4]['event_id']}'"
+    ).result_rows
+    assert row == [(4.1, "mmol/L", "2823-3", labs[4]["person_key"], 101, 1, 3)]
+    assert clickhouse.query(f"SELECT explanation, triggering_event_ids FROM {database}.alert").result_rows == [
+        (alert["explanation"], [labs[0]["event_id"]])
+    ]
+    dlq = clickhouse.query(
+        f"SELECT reason_code, original_offset, record_index, original_value FROM {database}.dead_letter"
+    ).result_rows
+    assert dlq == [("undecodable", 7, None, "\x07garbage")]
+    lineage = clickhouse.query(
+        f"SELECT outcome, count(), uniqExact(source_offset) FROM {database}.lineage GROUP BY outcome ORDER BY outcome"
+    ).result_rows
+    assert lineage == [("dead_letter", 1, 1), ("stored:lab_result", 30, 10)]
+    ledger = clickhouse.query(
+        f"SELECT source_kind, sum(value_bytes) FROM {database}.raw_ledger GROUP BY source_kind"
+    ).result_rows
+    assert ledger == [("hl7_lab", sum(len(b"raw-bytes-%d" % i) for i in range(5)))]
+    # every partition is committed right after its last stored record
+    assert committed_total(kafka, "sink-a", kafka.topic(NORM_TOPICS["lab_result"]), 2) == 30
+
+
+class RefusingClient:
+    """Fault injection around the real engine: refuses the first `failures` inserts."""
+
+    def __init__(self, client: Client, failures: int) -> None:
+        self.client = client
+        self.remaining = failures
+        self.refused = 0
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        if self.remaining > 0:
+            self.remaining -= 1
+            self.refused += 1
+            raise ConnectionError("ClickHouse unavailable (injected)")
+        return self.client.insert(*args, **kwargs)
+
+
+def test_sink_retries_while_clickhouse_refuses_and_commits_only_after(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(20)])
+    refusing = RefusingClient(clickhouse, failures=4)
+    sink = make_sink(kafka, refusing, database, "sink-b")
+    with running(sink):
+        wait_for(lambda: refusing.refused >= 2, what="first refusals")
+        assert committed(kafka, "sink-b", topic, 2) == [-1001, -1001]  # nothing committed yet
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 20, what="rows")
+        wait_for(lambda: committed_total(kafka, "sink-b", topic, 2) == 20, what="commit")
+    assert refusing.refused == 4
+    assert count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 20
+    assert count(clickhouse, f"SELECT uniqExact(event_id) FROM {database}.lab_result") == 20
+
+
+def test_records_read_again_after_a_crash_collapse_to_one_copy(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(40)])
+    with running(make_sink(kafka, clickhouse, database, "sink-c")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 40, what="first pass")
+    # A sink that died after inserting but before committing reads everything again: a new
+    # group has no committed offsets, which is the same situation for every record.
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(40, 50)])
+    with running(make_sink(kafka, clickhouse, database, "sink-c-restarted")):
+        wait_for(
+            lambda: count(clickhouse, f"SELECT count() FROM {database}.lineage") >= 90, what="second pass"
+        )
+    assert count(clickhouse, f"SELECT count() FROM {database}.lab_result FINAL") == 50
+    assert count(clickhouse, f"SELECT count() FROM {database}.lineage FINAL") == 50
+
+
+def test_undecodable_norm_record_is_dead_lettered_by_the_sink(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"a", b"not avro at all"), (topic, b"a", encode_lab(lab_result(0, 1)))])
+    with running(make_sink(kafka, clickhouse, database, "sink-d")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.dead_letter") == 1, what="dlq")
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 1, what="lab")
+    stage, reason_code, reason, original = clickhouse.query(
+        f"SELECT stage, reason_code, reason, original_value FROM {database}.dead_letter"
+    ).result_rows[0]
+    assert (stage, reason_code, original) == ("sink", "undecodable", "not avro at all")
+    assert "medstream.norm.LabResult" in reason and "magic byte" in reason
