@@ -215,6 +215,7 @@ def simulate(
     rate: Annotated[float, typer.Option(help="clinical records per second (0 = unthrottled)")] = 0.0,
     seed: Annotated[int, typer.Option(help="seed: the same seed gives the same region")] = 7,
     labels: Annotated[Path | None, typer.Option(help="write ground-truth labels (JSONL) here")] = None,
+    report: Annotated[Path | None, typer.Option(help="write the final publish report (JSON) here")] = None,
     metrics_port: MetricsPort = 0,
 ) -> None:
     """Publish a deterministic synthetic region's source messages to the raw topics."""
@@ -234,11 +235,31 @@ def simulate(
         rate=rate or None,
     )
 
-    def progress(report: Any) -> None:
-        typer.echo(f"simulator: {report}", err=True)
+    def progress(current: Any) -> None:
+        typer.echo(
+            f"simulator: {current.total_records} records in {current.total_messages} messages "
+            f"({current.duplicates} duplicates, {current.malformed} malformed) "
+            f"in {current.elapsed_s:.1f}s",
+            err=True,
+        )
 
-    report = producer.run(events if events > 0 else 10**12, progress=progress, should_stop=stop.is_set)
-    typer.echo(f"simulator done: {report}")
+    final = producer.run(events if events > 0 else 10**12, progress=progress, should_stop=stop.is_set)
+    summary = {
+        "messages": final.total_messages,
+        "records": final.total_records,
+        "messages_by_kind": final.messages,
+        "records_by_kind": final.records,
+        "duplicates": final.duplicates,
+        "malformed": final.malformed,
+        "delivery_failures": final.delivery_failures,
+        "elapsed_s": round(final.elapsed_s, 3),
+    }
+    if report is not None:
+        report.write_text(json.dumps(summary, indent=2))
+    typer.echo(
+        f"simulator done: {final.total_records} records in {final.total_messages} messages, "
+        f"{final.elapsed_s:.1f}s"
+    )
 
 
 @app.command()

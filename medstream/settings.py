@@ -148,9 +148,6 @@ class StreamSettings(BaseSettings):
         default=SecretStr("medstream-embedded-demo-key-change-me"),
         description="HMAC key for person_key; set a real secret in production",
     )
-    critical_suppression_minutes: int = Field(
-        default=360, description="repeat suppression window for one patient and analyte"
-    )
     producer_linger_ms: int = Field(default=5, description="Faust producer linger")
 
 

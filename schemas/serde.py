@@ -157,7 +157,10 @@ class ConfluentRegistry:
     def by_id(self, schema_id: int) -> SchemaVersion:
         cached = self._by_id.get(schema_id)
         if cached is None:
-            registered = self._client.get_schema(schema_id)
+            try:
+                registered = self._client.get_schema(schema_id)
+            except Exception as exc:  # the registry's own error types; an unknown id is bad input
+                raise SerializationError("?", f"schema id {schema_id} not in the registry: {exc}") from exc
             definition = json.loads(registered.schema_str)
             subject = f"{definition.get('namespace', '')}.{definition['name']}".lstrip(".")
             cached = SchemaVersion(subject, 0, schema_id, definition)

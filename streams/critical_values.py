@@ -1,0 +1,281 @@
+"""Critical ("panic") laboratory value detection: the first clinical alert rule.
+
+The thresholds are data (``streams/rules/critical_values.yaml``, versioned). A mapped lab
+result whose value lies strictly outside [low, high] in the rule's unit raises one alert;
+invalid specimens named by the rule (e.g. haemolysed potassium) never do, and repeats for
+the same patient and analyte are suppressed for a window of event time (CLSI GP47 practice).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+
+from schemas.identity import alert_id
+from streams.model import epoch_ms
+
+DEFAULT_CRITICAL_RULES_PATH: Final[Path] = (
+    Path(__file__).resolve().parent / "rules" / "critical_values.yaml"
+)
+
+#: OBX-11 result statuses that withdraw a result (deleted, cancelled, wrong patient).
+WITHDRAWN_RESULT_STATUSES: Final = frozenset({"D", "X", "W"})
+
+
+class CriticalRulesError(ValueError):
+    """The critical value rules file is missing, not YAML, or not of the expected shape."""
+
+
+@dataclass(frozen=True, slots=True)
+class CriticalValueRule:
+    """Critical limits of one analyte (LOINC) in one standard unit; a None limit is not checked."""
+
+    rule_id: str
+    loinc: str
+    display: str
+    unit: str
+    low: float | None
+    high: float | None
+    severity: str
+    exclude_specimen_status: frozenset[str]
+
+
+@dataclass(frozen=True, slots=True)
+class CriticalValueRules:
+    """A loaded rules version: the rules by LOINC and the repeat suppression window."""
+
+    version: str
+    suppression_ms: int
+    rules: dict[str, CriticalValueRule]
+
+    def for_loinc(self, loinc: str | None) -> CriticalValueRule | None:
+        """The rule of an analyte, if any."""
+        return None if loinc is None else self.rules.get(loinc)
+
+
+@dataclass(frozen=True, slots=True)
+class CriticalFinding:
+    """A lab result that crossed a critical limit: which rule, which side, and why."""
+
+    rule: CriticalValueRule
+    direction: str  # "low" or "high"
+    limit: float
+    value: float
+    explanation: str
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+class _RuleModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    rule_id: str
+    loinc: str
+    display: str
+    unit: str
+    low: float | None
+    high: float | None
+    severity: str
+    exclude_specimen_status: list[str] = []
+
+    @field_validator("rule_id", "loinc", "display", "unit", "severity")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("severity")
+    @classmethod
+    def _known_severity(cls, value: str) -> str:
+        if value not in ("critical", "high", "medium", "low"):
+            raise ValueError("must be one of critical, high, medium, low")
+        return value
+
+    @field_validator("low", "high")
+    @classmethod
+    def _finite(cls, value: float | None) -> float | None:
+        if value is not None and not math.isfinite(value):
+            raise ValueError("must be a finite number or null")
+        return value
+
+    @model_validator(mode="after")
+    def _limits(self) -> _RuleModel:
+        if self.low is None and self.high is None:
+            raise ValueError("at least one of low and high must be set")
+        if self.low is not None and self.high is not None and self.low >= self.high:
+            raise ValueError("low must be below high")
+        return self
+
+
+class _RulesModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: str
+    suppression_minutes: int
+    rules: list[_RuleModel]
+
+    @field_validator("version")
+    @classmethod
+    def _version_not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+    @field_validator("suppression_minutes")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError("must not be negative")
+        return value
+
+    @model_validator(mode="after")
+    def _unique(self) -> _RulesModel:
+        for attribute in ("rule_id", "loinc"):
+            seen: set[str] = set()
+            for rule in self.rules:
+                key = getattr(rule, attribute)
+                if key in seen:
+                    raise ValueError(f"{attribute} {key!r} is used by more than one rule")
+                seen.add(key)
+        return self
+
+
+def critical_value_rules_from_dict(document: Any, source: str = "<dict>") -> CriticalValueRules:
+    """Validate a parsed rules document and index the rules by LOINC."""
+    try:
+        model = _RulesModel.model_validate(document)
+    except ValidationError as exc:
+        details = "\n".join(
+            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
+            for item in exc.errors()[:10]
+        )
+        raise CriticalRulesError(f"{source}: invalid critical value rules:\n{details}") from None
+    rules = {
+        rule.loinc: CriticalValueRule(
+            rule.rule_id,
+            rule.loinc,
+            rule.display,
+            rule.unit,
+            rule.low,
+            rule.high,
+            rule.severity,
+            frozenset(rule.exclude_specimen_status),
+        )
+        for rule in model.rules
+    }
+    return CriticalValueRules(model.version, model.suppression_minutes * 60_000, rules)
+
+
+def load_critical_value_rules(path: Path | str = DEFAULT_CRITICAL_RULES_PATH) -> CriticalValueRules:
+    """Read and validate a critical value rules YAML file; raises CriticalRulesError."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise CriticalRulesError(f"{path}: cannot read critical value rules: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise CriticalRulesError(f"{path}: not valid YAML: {exc}") from None
+    return critical_value_rules_from_dict(document, str(path))
+
+
+# --- detection ------------------------------------------------------------------------------
+
+
+def _number(value: float) -> str:
+    """A value as people write it: 6.9, 120, 2.2 (no float noise, no trailing .0)."""
+    return format(value, ".10g")
+
+
+def check_critical(lab_result: dict[str, Any], rules: CriticalValueRules) -> CriticalFinding | None:
+    """The critical finding of a LabResult record, or None.
+
+    Only mapped results in the rule's unit count; a value equal to a limit is not critical,
+    excluded specimen statuses and withdrawn results (OBX-11 D, X, W) never alert.
+    """
+    if lab_result.get("mapping_status") != "mapped":
+        return None
+    rule = rules.for_loinc(lab_result.get("loinc_code"))
+    value = lab_result.get("value")
+    if rule is None or value is None or not math.isfinite(value):
+        return None
+    if lab_result.get("unit") != rule.unit:
+        return None
+    if lab_result.get("specimen_status") in rule.exclude_specimen_status:
+        return None
+    if (lab_result.get("result_status") or "").upper() in WITHDRAWN_RESULT_STATUSES:
+        return None
+    if rule.low is not None and value < rule.low:
+        direction, limit = "low", rule.low
+    elif rule.high is not None and value > rule.high:
+        direction, limit = "high", rule.high
+    else:
+        return None
+    side = "below critical low" if direction == "low" else "above critical high"
+    explanation = f"{rule.display} {_number(value)} {rule.unit} {side} {_number(limit)}"
+    return CriticalFinding(rule, direction, float(limit), float(value), explanation)
+
+
+def suppression_key(lab_result: dict[str, Any]) -> str:
+    """The repeat-suppression key: ``person_key|loinc``.
+
+    A result without a person falls back to its organisation and order, so results of
+    different unidentified patients never suppress each other.
+    """
+    person = lab_result.get("person_key")
+    if not person:
+        person = f"order:{lab_result.get('organisation_id')}:{lab_result.get('order_id')}"
+    return f"{person}|{lab_result.get('loinc_code')}"
+
+
+def is_suppressed(
+    last_alert_event_time_ms: int | None, event_time_ms: int, suppression_ms: int
+) -> bool:
+    """True when an earlier alert for the same key lies less than the window away in event time.
+
+    The window applies on both sides, so late-arriving older results are suppressed too;
+    exactly ``suppression_ms`` apart is outside the window.
+    """
+    if last_alert_event_time_ms is None:
+        return False
+    return abs(event_time_ms - last_alert_event_time_ms) < suppression_ms
+
+
+def build_alert(
+    lab_result: dict[str, Any],
+    finding: CriticalFinding,
+    rules: CriticalValueRules,
+    now_ms: int,
+) -> dict[str, Any]:
+    """A complete Alert record for a critical finding, with the lab result's lineage.
+
+    Timestamps of the lab result may be int epoch ms or the aware datetimes an Avro
+    decoder returns; the alert id is stable per rule and triggering event.
+    """
+    triggering_event_id = lab_result["event_id"]
+    return {
+        "alert_id": alert_id(finding.rule.rule_id, triggering_event_id),
+        "rule_id": finding.rule.rule_id,
+        "rule_version": rules.version,
+        "severity": finding.rule.severity,
+        "organisation_id": lab_result["organisation_id"],
+        "person_key": lab_result.get("person_key"),
+        "event_time": epoch_ms(lab_result["event_time"]),
+        "ingest_time": epoch_ms(lab_result["ingest_time"]),
+        "detected_time": now_ms,
+        "triggering_event_ids": [triggering_event_id],
+        "analyte_code": finding.rule.loinc,
+        "value": finding.value,
+        "unit": finding.rule.unit,
+        "explanation": finding.explanation,
+        "source_topic": lab_result["source_topic"],
+        "source_partition": lab_result["source_partition"],
+        "source_offset": lab_result["source_offset"],
+        "mapping_version": lab_result["mapping_version"],
+    }

@@ -1,0 +1,971 @@
+"""Pure normalisation: one decoded raw record -> standardised clinical events or rejections.
+
+Each source kind has one function (EMR row change, HL7 ORU^R01 lab message, device packet,
+claim) that maps local codes with the terminology dictionary, replaces patient and visit
+identifiers by keyed pseudonyms, drops direct identifiers (names, ID numbers) and stamps
+every event with its lineage. Nothing here touches Kafka, so a Faust agent only has to
+iterate, call :func:`normalise` and route the outcomes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta, timezone
+from functools import lru_cache
+from typing import Any, Final
+
+import hl7
+import hl7.containers
+import hl7.util
+from hl7.exceptions import ParseException
+from hl7.util import unescape
+
+from schemas.identity import dead_letter_id, event_id
+from streams.model import (
+    NormalisedEvent,
+    Outcome,
+    RawContext,
+    RecordRejected,
+    as_date,
+    epoch_ms,
+)
+from streams.pseudonym import Pseudonymiser
+from streams.terminology import Terminology, UnitMapping
+
+SOURCE_KINDS: Final = ("emr_cdc", "hl7_lab", "device", "claim")
+
+_MS_PER_DAY: Final = 86_400_000
+_MAX_UTC_OFFSET: Final = timedelta(hours=14)
+_EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
+_NUMBER: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
+_RANGE: Final = re.compile(
+    r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*-\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
+)
+_BOUND: Final = re.compile(r"\s*([<>]=?)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*")
+_HL7_TS: Final = re.compile(
+    r"(\d{4})(\d{2})(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?"
+    r"(?:([+-])(\d{2})(\d{2}))?"
+)
+_TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
+_MESSAGE_TYPE: Final = re.compile(r"[A-Z]{3}(?:\^[A-Z]\d{2})?")
+_SEGMENT_BREAKS: Final = re.compile(r"[\r\n]+")
+_NON_FINITE: Final = frozenset(
+    {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+)
+
+_ENCOUNTER_CLASS: Final = {"I": "inpatient", "O": "outpatient", "E": "emergency"}
+_DIAGNOSIS_TYPE: Final = {"A": "admission", "D": "discharge", "O": "other"}
+_SEX: Final = frozenset({"M", "F", "U"})
+# SPM-24 specimen condition (HL7 table 0493, plus the CLT spelling some LIS use).
+_SPECIMEN_CONDITION: Final = {
+    "HEM": "haemolysed",
+    "CLT": "clotted",
+    "CLOT": "clotted",
+    "CON": "contaminated",
+    "AUT": "autolysed",
+}
+
+
+class _RedactHl7LogRecords(logging.Filter):
+    """python-hl7 logs the raw text of fields it cannot unescape: keep the event, drop the text."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        summary = str(record.msg).split("[", 1)[0].strip(" ,")
+        record.msg = f"python-hl7: {summary} (field content redacted by medstream)"
+        record.args = None
+        record.exc_info = None
+        record.exc_text = None
+        return True
+
+
+def _redact_hl7_library_logs() -> None:
+    # The library names its loggers by source file path.
+    for module in (hl7.util, hl7.containers):
+        logger = logging.getLogger(module.__file__)
+        if not any(isinstance(f, _RedactHl7LogRecords) for f in logger.filters):
+            logger.addFilter(_RedactHl7LogRecords())
+
+
+_redact_hl7_library_logs()
+
+
+class _Invalid(Exception):
+    """One record cannot be used; the message is the readable, identifier-free reason."""
+
+
+# --- small helpers ------------------------------------------------------------------------
+
+
+def _value_class(text: str) -> str:
+    """Describe a bad value without repeating it (it may identify a patient)."""
+    stripped = text.strip()
+    if not stripped:
+        return "empty"
+    if _NUMBER.fullmatch(stripped):
+        return "a number"
+    if stripped.lower() in _NON_FINITE:
+        return "a non-finite number"
+    if stripped[0] in "<>" and _NUMBER.fullmatch(stripped.lstrip("<>=").strip()):
+        return "a number with a comparator"
+    return f"text of {len(stripped)} character{'s' if len(stripped) > 1 else ''}"
+
+
+def _lineage(
+    source_kind: str,
+    source_system: str,
+    organisation_id: str,
+    source_ref: str,
+    record_index: int,
+    record_count: int,
+    event_time: int,
+    person_key: str | None,
+    ctx: RawContext,
+    mapping_version: str,
+    now_ms: int,
+) -> dict[str, Any]:
+    return {
+        "event_id": event_id(source_kind, organisation_id, source_ref, record_index),
+        "source_kind": source_kind,
+        "source_system": source_system,
+        "organisation_id": organisation_id,
+        "event_time": event_time,
+        "ingest_time": ctx.timestamp_ms,
+        "normalised_time": now_ms,
+        "source_topic": ctx.topic,
+        "source_partition": ctx.partition,
+        "source_offset": ctx.offset,
+        "record_index": record_index,
+        "record_count": record_count,
+        "source_ref": source_ref,
+        "mapping_version": mapping_version,
+        "person_key": person_key,
+    }
+
+
+def _fallback_key(organisation_id: str, source_ref: str) -> str:
+    # Without a person the records of one source message still share a partition.
+    return f"{organisation_id}|{source_ref}"
+
+
+def _convert(value: float, sent_unit: str, mapping: UnitMapping) -> tuple[float | None, str | None]:
+    standard = mapping.to_standard(value, sent_unit)
+    return (standard, mapping.unit) if standard is not None else (None, None)
+
+
+# --- EMR row changes (CDC) ----------------------------------------------------------------
+
+
+_Row = Mapping[str, str | None]
+
+
+def _optional(row: _Row, column: str) -> str | None:
+    text = row.get(column)
+    if text is None or not text.strip():
+        return None
+    return text.strip()
+
+
+def _required(row: _Row, table: str, column: str) -> str:
+    text = _optional(row, column)
+    if text is None:
+        raise _Invalid(f"{table}.{column} is missing")
+    return text
+
+
+def _timestamp_ms(text: str, table: str, column: str) -> int:
+    try:
+        moment = datetime.fromisoformat(text)
+    except ValueError:
+        raise _Invalid(
+            f"{table}.{column} is not an ISO-8601 timestamp (value is {_value_class(text)})"
+        ) from None
+    if moment.tzinfo is None:
+        raise _Invalid(f"{table}.{column} has no UTC offset (ISO-8601 with offset expected)")
+    return epoch_ms(moment)
+
+
+def _optional_timestamp_ms(row: _Row, table: str, column: str) -> int | None:
+    text = _optional(row, column)
+    return None if text is None else _timestamp_ms(text, table, column)
+
+
+def _coded(text: str, table: str, column: str, allowed: Mapping[str, str] | frozenset[str]) -> str:
+    code = text.upper()
+    if code not in allowed:
+        choices = ", ".join(sorted(allowed))
+        raise _Invalid(f"{table}.{column} is not one of {choices} (value is {_value_class(text)})")
+    return code
+
+
+def _encounter(
+    raw: Mapping[str, Any],
+    row: _Row,
+    organisation_id: str,
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> NormalisedEvent:
+    table = "patient_visit"
+    visit_no = _required(row, table, "visit_no")
+    visit_type = _coded(_required(row, table, "visit_type"), table, "visit_type", _ENCOUNTER_CLASS)
+    department_local = _required(row, table, "dept_code")
+    admit_time = _timestamp_ms(_required(row, table, "admit_time"), table, "admit_time")
+    discharge_time = _optional_timestamp_ms(row, table, "discharge_time")
+    sex_text = _optional(row, "sex")
+    sex = None if sex_text is None else _coded(sex_text, table, "sex", _SEX)
+    birth_year: int | None = None
+    birth_date = _optional(row, "birth_date")
+    if birth_date is not None:
+        try:
+            birth_year = date.fromisoformat(birth_date).year
+        except ValueError:
+            raise _Invalid(
+                f"{table}.birth_date is not a YYYY-MM-DD date (value is {_value_class(birth_date)})"
+            ) from None
+    mrn = _optional(row, "patient_mrn")
+    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
+    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
+    op = raw["op"]
+    event_time = epoch_ms(raw["commit_time"]) if op == "d" else admit_time
+    department_code = terminology.department(organisation_id, department_local)
+    value = _lineage(
+        "emr_cdc",
+        raw["source_system"],
+        organisation_id,
+        raw["message_id"],
+        0,
+        1,
+        event_time,
+        person_key,
+        ctx,
+        terminology.version,
+        now_ms,
+    )
+    value.update(
+        encounter_key=encounter_key,
+        op=op,
+        is_deleted=op == "d",
+        version=raw["position_seq"],
+        encounter_class=_ENCOUNTER_CLASS[visit_type],
+        department_code=department_code,
+        department_local=department_local,
+        admit_time=admit_time,
+        discharge_time=discharge_time,
+        birth_year=birth_year,
+        sex=sex,
+        mapping_status="mapped" if department_code is not None else "unmapped",
+    )
+    return NormalisedEvent("encounter", person_key or encounter_key, value)
+
+
+def _diagnosis(
+    raw: Mapping[str, Any],
+    row: _Row,
+    organisation_id: str,
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> NormalisedEvent:
+    table = "visit_diagnosis"
+    op = raw["op"]
+    visit_no = _required(row, table, "visit_no")
+    local_code = _required(row, table, "diag_code")
+    diagnosis_type = _coded(_required(row, table, "diag_type"), table, "diag_type", _DIAGNOSIS_TYPE)
+    if op == "d":
+        # A deleted diagnosis happened at the commit; its own time need not be readable.
+        event_time = epoch_ms(raw["commit_time"])
+    else:
+        event_time = _timestamp_ms(_required(row, table, "diag_time"), table, "diag_time")
+    mrn = _optional(row, "patient_mrn")
+    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
+    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
+    icd10_code = terminology.diagnosis(organisation_id, local_code)
+    value = _lineage(
+        "emr_cdc",
+        raw["source_system"],
+        organisation_id,
+        raw["message_id"],
+        0,
+        1,
+        event_time,
+        person_key,
+        ctx,
+        terminology.version,
+        now_ms,
+    )
+    value.update(
+        encounter_key=encounter_key,
+        op=op,
+        is_deleted=op == "d",
+        version=raw["position_seq"],
+        icd10_code=icd10_code,
+        local_code=local_code,
+        local_display=_optional(row, "diag_name") or "",
+        diagnosis_type=_DIAGNOSIS_TYPE[diagnosis_type],
+        mapping_status="mapped" if icd10_code is not None else "unmapped",
+    )
+    return NormalisedEvent("diagnosis", person_key or encounter_key, value)
+
+
+_EmrBuilder = Callable[
+    [
+        Mapping[str, Any],
+        _Row,
+        str,
+        RawContext,
+        Terminology,
+        Pseudonymiser,
+        int,
+    ],
+    NormalisedEvent,
+]
+_EMR_TABLES: Final[dict[str, _EmrBuilder]] = {
+    "patient_visit": _encounter,
+    "visit_diagnosis": _diagnosis,
+}
+
+
+def normalise_emr_row_change(
+    raw: Mapping[str, Any],
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> list[Outcome]:
+    """One EMR row change (EmrRowChange) -> one Encounter or Diagnosis, or a rejection.
+
+    Deletes are read from the ``before`` image and keep the event time of the commit; the
+    source position sequence becomes the row version, so the highest version wins downstream.
+    """
+    organisation_id = raw["organisation_id"]
+    table = raw["table"]
+    builder = _EMR_TABLES.get(table)
+    if builder is None:
+        shown = table if _TABLE_NAME.fullmatch(table or "") else f"({_value_class(table)})"
+        return [
+            RecordRejected(
+                None,
+                1,
+                "unmapped_table",
+                f"table {shown} has no normalised event kind "
+                f"(known tables: {', '.join(sorted(_EMR_TABLES))})",
+                organisation_id,
+            )
+        ]
+    image = "before" if raw["op"] == "d" else "after"
+    row = raw.get(image)
+    if row is None:
+        return [
+            RecordRejected(
+                0,
+                1,
+                "invalid_record",
+                f"{table}: op {raw['op']} without a {image} row image",
+                organisation_id,
+            )
+        ]
+    try:
+        event = builder(raw, row, organisation_id, ctx, terminology, pseudonymiser, now_ms)
+    except _Invalid as exc:
+        return [RecordRejected(0, 1, "invalid_record", str(exc), organisation_id)]
+    return [event]
+
+
+# --- HL7 v2 ORU^R01 lab results -----------------------------------------------------------
+
+
+def _field(segment: hl7.Segment, field: int, component: int = 1, repeat: int = 1) -> str:
+    """One component of a segment (its first sub-component), unescaped; "" when absent.
+
+    Walks python-hl7's parse tree (Field -> Repetition -> Component) directly with the
+    same results as ``Segment.extract_field``, without building an accessor per call.
+    """
+    if field >= len(segment):
+        return ""
+    repetitions = segment[field]
+    if repeat > len(repetitions):
+        return ""
+    part = repetitions[repeat - 1]
+    if isinstance(part, str):
+        if component != 1:
+            return ""
+    else:
+        if component > len(part):
+            return ""
+        part = part[component - 1]
+        if not isinstance(part, str):
+            part = part[0] if len(part) else ""
+    if segment.esc in part:
+        part = unescape(segment, part)
+    return str(part).strip()
+
+
+def _field_text(segment: hl7.Segment, field: int) -> str:
+    """A whole field as sent (repetitions and components kept), unescaped."""
+    if field >= len(segment):
+        return ""
+    return str(unescape(segment, str(segment[field]))).strip()
+
+
+@lru_cache(maxsize=64)
+def _offset(sign: str, hours: str, minutes: str) -> timezone | None:
+    """A fixed UTC offset, or None when it is not a real one (beyond +/-14:00)."""
+    delta = timedelta(hours=int(hours), minutes=int(minutes))
+    if int(minutes) >= 60 or delta > _MAX_UTC_OFFSET:
+        return None
+    return timezone(-delta if sign == "-" else delta)
+
+
+def _hl7_time(text: str, default_tz: timezone) -> datetime | None:
+    """An HL7 DTM (YYYYMMDD[HH[MM[SS[.S]]]][+/-ZZZZ]); None when it is not one."""
+    match = _HL7_TS.fullmatch(text)
+    if match is None:
+        return None
+    year, month, day, hour, minute, second, fraction, sign, tz_h, tz_m = match.groups()
+    tz = _offset(sign, tz_h, tz_m) if sign else default_tz
+    if tz is None:
+        return None
+    try:
+        return datetime(
+            int(year),
+            int(month),
+            int(day),
+            int(hour or 0),
+            int(minute or 0),
+            int(second or 0),
+            int((fraction or "0").ljust(6, "0")[:6]),
+            tzinfo=tz,
+        )
+    except ValueError:
+        return None
+
+
+def _specimen_status(spm: hl7.Segment) -> str | None:
+    if len(spm) <= 24:
+        return None
+    repetitions = max(1, len(spm[24]))
+    for repeat in range(1, repetitions + 1):
+        code = _field(spm, 24, 1, repeat).upper()
+        if code:
+            return _SPECIMEN_CONDITION.get(code, code.lower())
+    return None
+
+
+def _medical_record_number(pid: hl7.Segment | None) -> str | None:
+    """The PID-3 repetition whose identifier type (component 5) is MR."""
+    if pid is None or len(pid) <= 3:
+        return None
+    for repeat in range(1, max(1, len(pid[3])) + 1):
+        if _field(pid, 3, 5, repeat).upper() == "MR":
+            return _field(pid, 3, 1, repeat) or None
+    return None
+
+
+def _parse_reference_range(text: str) -> tuple[float | None, float | None]:
+    match = _RANGE.fullmatch(text)
+    if match:
+        return float(match.group(1)), float(match.group(2))
+    match = _BOUND.fullmatch(text)
+    if match:
+        bound = float(match.group(2))
+        return (None, bound) if match.group(1).startswith("<") else (bound, None)
+    return None, None
+
+
+@dataclass(frozen=True, slots=True)
+class _Hl7Message:
+    """The parts of one parsed ORU^R01 message that every OBX of it shares."""
+
+    organisation_id: str
+    control_id: str
+    source_system: str
+    person_key: str | None
+    specimen_status: str | None
+    default_tz: timezone
+    message_time: datetime | None
+    message_time_text: str
+
+
+def _observation_time(obx: hl7.Segment, obr: hl7.Segment | None, msg: _Hl7Message) -> int:
+    candidates = [("OBX-14", _field(obx, 14))]
+    if obr is not None:
+        candidates.append(("OBR-7", _field(obr, 7)))
+    for name, text in candidates:
+        if text:
+            moment = _hl7_time(text, msg.default_tz)
+            if moment is None:
+                raise _Invalid(f"{name} is not an HL7 timestamp (value is {_value_class(text)})")
+            return epoch_ms(moment)
+    if msg.message_time_text:
+        if msg.message_time is None:
+            raise _Invalid(
+                f"MSH-7 is not an HL7 timestamp (value is {_value_class(msg.message_time_text)})"
+            )
+        return epoch_ms(msg.message_time)
+    raise _Invalid("no observation time: OBX-14, OBR-7 and MSH-7 are all empty")
+
+
+def _lab_result(
+    obx: hl7.Segment,
+    obr: hl7.Segment | None,
+    msg: _Hl7Message,
+    record_index: int,
+    record_count: int,
+    ctx: RawContext,
+    terminology: Terminology,
+    now_ms: int,
+) -> NormalisedEvent:
+    organisation_id = msg.organisation_id
+    local_code = _field(obx, 3, 1)
+    if not local_code:
+        raise _Invalid("OBX-3 observation identifier is empty")
+    local_display = _field(obx, 3, 2)
+    coding_system = _field(obx, 3, 3).upper()
+
+    # Which standard code: the dictionary first, the sender's own LOINC (OBX-3.3 or the
+    # alternate triplet OBX-3.4-6 marked LN) otherwise.
+    loinc: str | None
+    mapping: UnitMapping | None
+    if coding_system == "LN":
+        loinc = local_code
+        mapping = terminology.lab_by_loinc(organisation_id, loinc)
+    else:
+        mapping = terminology.lab(organisation_id, local_code)
+        loinc = mapping.code if mapping is not None else None
+        if loinc is None and _field(obx, 3, 6).upper() == "LN" and _field(obx, 3, 4):
+            loinc = _field(obx, 3, 4)
+            mapping = terminology.lab_by_loinc(organisation_id, loinc)
+
+    value_type = _field(obx, 2).upper()
+    sent = _field_text(obx, 5)
+    sent_unit = _field(obx, 6, 1) or _field(obx, 6, 2)
+    numeric: float | None = None
+    numeric_text = ""
+    value_text: str | None = None
+    if value_type == "NM" or (not value_type and _NUMBER.fullmatch(sent)):
+        if sent:
+            if not _NUMBER.fullmatch(sent):
+                raise _Invalid(
+                    f"OBX-5 value is {_value_class(sent)}, not a number, but OBX-2 value type is NM"
+                )
+            numeric, numeric_text = float(sent), sent
+    elif value_type == "SN":
+        comparator, first, separator, second = (_field(obx, 5, c) for c in (1, 2, 3, 4))
+        if comparator in ("", "=") and not separator and not second and _NUMBER.fullmatch(first):
+            numeric, numeric_text = float(first), first
+        else:
+            value_text = f"{comparator}{first}{separator}{second}" or None
+    else:
+        value_text = sent or None
+
+    value: float | None = None
+    unit: str | None = None
+    reference_low, reference_high = _parse_reference_range(_field_text(obx, 7))
+    if loinc is None:
+        mapping_status = "unmapped"
+        reference_low = reference_high = None
+    elif mapping is None:
+        # The sender coded the test in LOINC and there is no dictionary entry to check the
+        # unit against: keep value and unit as sent.
+        mapping_status = "mapped"
+        value, unit = numeric, (sent_unit or None)
+    elif numeric is not None or mapping.converts(sent_unit):
+        if numeric is not None:
+            value, unit = _convert(numeric, sent_unit, mapping)
+        else:
+            unit = mapping.unit
+        mapping_status = "mapped" if unit is not None else "unit_unmapped"
+        reference_low = (
+            None if reference_low is None else mapping.to_standard(reference_low, sent_unit)
+        )
+        reference_high = (
+            None if reference_high is None else mapping.to_standard(reference_high, sent_unit)
+        )
+    else:
+        mapping_status = "mapped" if not sent_unit else "unit_unmapped"
+        reference_low = reference_high = None
+    if numeric is not None and value is None:
+        value_text = numeric_text  # kept as sent when it cannot be standardised
+
+    value_record = _lineage(
+        "hl7_lab",
+        msg.source_system,
+        organisation_id,
+        msg.control_id,
+        record_index,
+        record_count,
+        _observation_time(obx, obr, msg),
+        msg.person_key,
+        ctx,
+        terminology.version,
+        now_ms,
+    )
+    order_id = ""
+    if obr is not None:
+        order_id = _field(obr, 3) or _field(obr, 2)
+    value_record.update(
+        order_id=order_id,
+        loinc_code=loinc,
+        local_code=local_code,
+        local_display=local_display,
+        value=value,
+        value_text=value_text,
+        unit=unit,
+        original_value=sent or None,
+        original_unit=sent_unit or None,
+        abnormal_flag=_field(obx, 8) or None,
+        result_status=_field(obx, 11) or None,
+        specimen_status=msg.specimen_status,
+        mapping_status=mapping_status,
+        reference_low=reference_low,
+        reference_high=reference_high,
+    )
+    key = msg.person_key or _fallback_key(organisation_id, msg.control_id)
+    return NormalisedEvent("lab_result", key, value_record)
+
+
+def normalise_hl7_message(
+    raw: Mapping[str, Any],
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> list[Outcome]:
+    """One HL7 v2 ORU^R01 message (Hl7Message) -> one LabResult per OBX, parsed once.
+
+    A message that cannot be used at all is rejected whole (``invalid_message``); an OBX
+    that cannot be used is rejected alone (``invalid_record``) and the others still count.
+    """
+    fallback_org = raw["organisation_id"]
+
+    def reject_message(
+        reason: str, organisation_id: str = fallback_org, record_count: int | None = None
+    ) -> list[Outcome]:
+        return [RecordRejected(None, record_count, "invalid_message", reason, organisation_id)]
+
+    # MLLP framing bytes and any line-ending convention are tolerated; HL7 separates by CR.
+    text = _SEGMENT_BREAKS.sub("\r", raw["payload"].strip(" \t\r\n\x0b\x1c"))
+    if not text.startswith("MSH"):
+        return reject_message("payload does not start with an MSH segment")
+    if len(text) < 8:
+        return reject_message("MSH segment is truncated (no encoding characters)")
+    try:
+        message = hl7.parse(text)
+    except (ParseException, ValueError, IndexError, AssertionError) as exc:
+        # The library's messages can quote segment text: only the error class is kept.
+        return reject_message(f"payload is not parseable HL7 v2 ({type(exc).__name__})")
+
+    msh: hl7.Segment | None = None
+    pid: hl7.Segment | None = None
+    obr: hl7.Segment | None = None
+    observations: list[tuple[hl7.Segment, hl7.Segment | None]] = []
+    specimen_status: str | None = None
+    headers = 0
+    for segment in message:
+        name = str(segment[0]) if len(segment) else ""
+        if name == "OBX":
+            observations.append((segment, obr))
+        elif name == "OBR":
+            obr = segment
+        elif name == "PID":
+            pid = pid or segment
+        elif name == "SPM":
+            specimen_status = specimen_status or _specimen_status(segment)
+        elif name == "MSH":
+            headers += 1
+            msh = msh or segment
+    if msh is None:  # cannot happen for a payload starting with MSH; kept as a guard
+        return reject_message("payload does not start with an MSH segment")
+    # Whole-message rejections name the collector's organisation: the MSH of a broken
+    # message may hold anything.
+    if headers > 1:
+        return reject_message(
+            f"payload holds {headers} MSH segments; one message per record is expected"
+        )
+    message_type = (_field(msh, 9, 1).upper(), _field(msh, 9, 2).upper())
+    if message_type != ("ORU", "R01"):
+        shown = "^".join(message_type).strip("^")
+        if not shown:
+            return reject_message("MSH-9 message type is empty")
+        if not _MESSAGE_TYPE.fullmatch(shown):
+            shown = f"({_value_class(shown)})"
+        return reject_message(f"message type {shown} is not ORU^R01")
+    control_id = _field(msh, 10) or raw["message_control_id"].strip()
+    if not control_id:
+        return reject_message("MSH-10 message control id is empty")
+    if not observations:
+        return reject_message("ORU^R01 message has no OBX segment", record_count=0)
+    organisation_id = _field(msh, 4) or fallback_org
+
+    message_time_text = _field(msh, 7)
+    message_time = _hl7_time(message_time_text, UTC) if message_time_text else None
+    # Times without an offset are in the sender's zone, i.e. the zone of MSH-7 (else UTC).
+    default_tz: timezone = UTC
+    if message_time is not None and isinstance(message_time.tzinfo, timezone):
+        default_tz = message_time.tzinfo
+    mrn = _medical_record_number(pid)
+    msg = _Hl7Message(
+        organisation_id=organisation_id,
+        control_id=control_id,
+        source_system=raw["source_system"],
+        person_key=pseudonymiser.person_key(organisation_id, mrn) if mrn else None,
+        specimen_status=specimen_status,
+        default_tz=default_tz,
+        message_time=message_time,
+        message_time_text=message_time_text,
+    )
+    count = len(observations)
+    outcomes: list[Outcome] = []
+    for index, (obx, parent) in enumerate(observations):
+        try:
+            outcomes.append(_lab_result(obx, parent, msg, index, count, ctx, terminology, now_ms))
+        except _Invalid as exc:
+            outcomes.append(
+                RecordRejected(
+                    index, count, "invalid_record", f"OBX[{index}]: {exc}", organisation_id
+                )
+            )
+    return outcomes
+
+
+# --- device telemetry ---------------------------------------------------------------------
+
+
+def normalise_device_packet(
+    raw: Mapping[str, Any],
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> list[Outcome]:
+    """One device packet (DevicePacket) -> one Observation per sample, in standard units.
+
+    A packet without samples yields nothing (it is a keep-alive, not an error).
+    """
+    organisation_id = raw["organisation_id"]
+    device_type = raw["device_type"]
+    source_ref = f"{raw['device_id']}:{raw['packet_id']}"
+    patient_ref = (raw.get("patient_ref") or "").strip()
+    person_key = pseudonymiser.person_key(organisation_id, patient_ref) if patient_ref else None
+    key = person_key or _fallback_key(organisation_id, source_ref)
+    samples = raw["samples"]
+    count = len(samples)
+    outcomes: list[Outcome] = []
+    for index, sample in enumerate(samples):
+        metric = sample["metric"].strip()
+        sent = sample["value"]
+        sent_unit = sample["unit"].strip()
+        if not metric:
+            outcomes.append(
+                RecordRejected(
+                    index,
+                    count,
+                    "invalid_record",
+                    f"samples[{index}].metric is empty",
+                    organisation_id,
+                )
+            )
+            continue
+        if sent is not None and not math.isfinite(sent):
+            outcomes.append(
+                RecordRejected(
+                    index,
+                    count,
+                    "invalid_record",
+                    f"samples[{index}].value is a non-finite number (NaN or infinity)",
+                    organisation_id,
+                )
+            )
+            continue
+        mapping = terminology.device_metric(organisation_id, device_type, metric)
+        value: float | None = None
+        unit: str | None = None
+        if mapping is None:
+            mapping_status = "unmapped"
+        elif not mapping.converts(sent_unit):
+            mapping_status = "unit_unmapped"
+        else:
+            mapping_status = "mapped"
+            unit = mapping.unit
+            if sent is not None:
+                value = mapping.to_standard(float(sent), sent_unit)
+        record = _lineage(
+            "device",
+            raw["source_system"],
+            organisation_id,
+            source_ref,
+            index,
+            count,
+            epoch_ms(sample["sample_time"]),
+            person_key,
+            ctx,
+            terminology.version,
+            now_ms,
+        )
+        record.update(
+            device_id=raw["device_id"],
+            device_type=device_type,
+            metric_code=mapping.code if mapping is not None else None,
+            local_code=metric,
+            value=value,
+            unit=unit,
+            original_unit=sent_unit,
+            mapping_status=mapping_status,
+        )
+        outcomes.append(NormalisedEvent("observation", key, record))
+    return outcomes
+
+
+# --- insurance claims ---------------------------------------------------------------------
+
+_AMOUNT_FIELDS: Final = ("quantity", "unit_price", "amount")
+
+
+def normalise_claim(
+    raw: Mapping[str, Any],
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> list[Outcome]:
+    """One claim (Claim) -> one ClaimLine per line, with item and diagnosis codes mapped.
+
+    mapping_status is "unmapped" when the item code is unknown, "partial" when the item is
+    mapped but a diagnosis code is not (that code is kept as sent), else "mapped".
+    """
+    organisation_id = raw["organisation_id"]
+    source_ref = f"{raw['payer_id']}:{raw['claim_id']}"
+    lines = raw["lines"]
+    if not lines:
+        return [RecordRejected(None, 0, "invalid_message", "claim has no lines", organisation_id)]
+    patient = raw["patient_local_id"].strip()
+    person_key = pseudonymiser.person_key(organisation_id, patient) if patient else None
+    key = person_key or _fallback_key(organisation_id, source_ref)
+    diagnosis_codes: list[str] = []
+    diagnoses_mapped = True
+    for local in raw["diagnosis_codes"]:
+        icd10 = terminology.diagnosis(organisation_id, local)
+        diagnoses_mapped = diagnoses_mapped and icd10 is not None
+        diagnosis_codes.append(icd10 if icd10 is not None else local)
+    count = len(lines)
+    outcomes: list[Outcome] = []
+    for index, line in enumerate(lines):
+        problem = None
+        for name in _AMOUNT_FIELDS:
+            amount = line[name]
+            if not math.isfinite(amount):
+                problem = f"lines[{index}].{name} is a non-finite number"
+            elif amount < 0:
+                problem = f"lines[{index}].{name} is negative"
+            if problem:
+                break
+        if problem:
+            outcomes.append(
+                RecordRejected(index, count, "invalid_record", problem, organisation_id)
+            )
+            continue
+        item_code = terminology.claim_item(organisation_id, line["item_code"])
+        if item_code is None:
+            mapping_status = "unmapped"
+        else:
+            mapping_status = "mapped" if diagnoses_mapped else "partial"
+        service_date = as_date(line["service_date"])
+        event_time = (service_date.toordinal() - _EPOCH_ORDINAL) * _MS_PER_DAY
+        record = _lineage(
+            "claim",
+            raw["source_system"],
+            organisation_id,
+            source_ref,
+            index,
+            count,
+            event_time,
+            person_key,
+            ctx,
+            terminology.version,
+            now_ms,
+        )
+        record.update(
+            claim_id=raw["claim_id"],
+            payer_id=raw["payer_id"],
+            line_no=line["line_no"],
+            item_code=item_code,
+            local_item_code=line["item_code"],
+            item_display=line["item_display"],
+            quantity=float(line["quantity"]),
+            unit_price=float(line["unit_price"]),
+            amount=float(line["amount"]),
+            service_date=service_date,
+            diagnosis_codes=list(diagnosis_codes),
+            mapping_status=mapping_status,
+        )
+        outcomes.append(NormalisedEvent("claim_line", key, record))
+    return outcomes
+
+
+# --- dispatch and dead letters ------------------------------------------------------------
+
+_Normaliser = Callable[
+    [Mapping[str, Any], RawContext, Terminology, Pseudonymiser, int], list[Outcome]
+]
+_NORMALISERS: Final[dict[str, _Normaliser]] = {
+    "emr_cdc": normalise_emr_row_change,
+    "hl7_lab": normalise_hl7_message,
+    "device": normalise_device_packet,
+    "claim": normalise_claim,
+}
+
+
+def normalise(
+    source_kind: str,
+    raw: dict[str, Any],
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> list[Outcome]:
+    """Normalise one decoded raw record of ``source_kind`` (emr_cdc, hl7_lab, device, claim).
+
+    Returns the events and rejections in record order. An unknown source kind is a wiring
+    error of the caller and raises ValueError.
+    """
+    normaliser = _NORMALISERS.get(source_kind)
+    if normaliser is None:
+        raise ValueError(f"unknown source kind {source_kind!r}; expected one of {SOURCE_KINDS}")
+    return normaliser(raw, ctx, terminology, pseudonymiser, now_ms)
+
+
+def dead_letter_record(
+    stage: str,
+    ctx: RawContext,
+    key: bytes | None,
+    value: bytes,
+    rejected: RecordRejected,
+    source_kind: str | None,
+    now_ms: int,
+) -> dict[str, Any]:
+    """A complete DeadLetter record for a rejection, carrying the original key and value bytes."""
+    return {
+        "dlq_id": dead_letter_id(
+            stage, ctx.topic, ctx.partition, ctx.offset, rejected.record_index
+        ),
+        "stage": stage,
+        "reason_code": rejected.reason_code,
+        "reason": rejected.reason,
+        "source_kind": source_kind,
+        "organisation_id": rejected.organisation_id,
+        "original_topic": ctx.topic,
+        "original_partition": ctx.partition,
+        "original_offset": ctx.offset,
+        "record_index": rejected.record_index,
+        "record_count": rejected.record_count,
+        "original_key": key,
+        "original_value": value,
+        "ingest_time": ctx.timestamp_ms,
+        "failed_time": now_ms,
+    }

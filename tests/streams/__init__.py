@@ -1,0 +1,1 @@
+"""Pure unit tests of the stream stage logic (no Kafka, no Faust)."""

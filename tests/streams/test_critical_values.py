@@ -1,0 +1,307 @@
+"""Critical lab value detection: limits, exclusions, suppression windows and the alert record."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from schemas import serde
+from schemas.identity import alert_id
+from streams.critical_values import (
+    DEFAULT_CRITICAL_RULES_PATH,
+    CriticalRulesError,
+    CriticalValueRules,
+    build_alert,
+    check_critical,
+    is_suppressed,
+    load_critical_value_rules,
+    suppression_key,
+)
+from streams.model import NormalisedEvent, RawContext
+from streams.normalise import normalise
+from streams.pseudonym import Pseudonymiser
+from streams.terminology import Terminology
+
+NOW_MS = 1_793_700_009_000
+HOUR_MS = 3_600_000
+_REGISTRY = serde.ManifestRegistry()
+
+
+@pytest.fixture(scope="module")
+def rules() -> CriticalValueRules:
+    return load_critical_value_rules()
+
+
+def lab_result(
+    loinc: str = "2823-3", value: float | None = 6.9, unit: str | None = "mmol/L", **overrides: Any
+) -> dict[str, Any]:
+    record: dict[str, Any] = {
+        "event_id": "e" * 32,
+        "source_kind": "hl7_lab",
+        "source_system": "lis-mllp",
+        "organisation_id": "H001",
+        "event_time": 1_793_699_100_000,
+        "ingest_time": 1_793_699_400_000,
+        "normalised_time": 1_793_699_400_050,
+        "source_topic": "raw.hl7_lab",
+        "source_partition": 3,
+        "source_offset": 4711,
+        "record_index": 0,
+        "record_count": 1,
+        "source_ref": "LAB-0001",
+        "mapping_version": "test-2026.1",
+        "person_key": "p" * 32,
+        "order_id": "FO-1001",
+        "loinc_code": loinc,
+        "local_code": "K",
+        "local_display": "Potassium",
+        "value": value,
+        "value_text": None,
+        "unit": unit,
+        "original_value": None if value is None else str(value),
+        "original_unit": unit,
+        "abnormal_flag": None,
+        "result_status": "F",
+        "specimen_status": None,
+        "mapping_status": "mapped",
+        "reference_low": None,
+        "reference_high": None,
+    }
+    record.update(overrides)
+    return record
+
+
+def test_shipped_rules_load(rules: CriticalValueRules) -> None:
+    assert rules.version == "2026.11-1"
+    assert rules.suppression_ms == 360 * 60_000
+    assert sorted(rules.rules) == ["2345-7", "2823-3", "2951-2", "718-7"]
+    potassium = rules.rules["2823-3"]
+    assert (potassium.rule_id, potassium.low, potassium.high, potassium.unit) == (
+        "critical_value.potassium",
+        2.8,
+        6.2,
+        "mmol/L",
+    )
+    assert potassium.exclude_specimen_status == frozenset({"haemolysed"})
+    assert rules.rules["718-7"].high is None
+    assert load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH) == rules
+
+
+def test_high_potassium_is_critical(rules: CriticalValueRules) -> None:
+    finding = check_critical(lab_result(value=6.9), rules)
+    assert finding is not None
+    assert (finding.rule.rule_id, finding.direction, finding.limit, finding.value) == (
+        "critical_value.potassium",
+        "high",
+        6.2,
+        6.9,
+    )
+    assert finding.explanation == "Potassium 6.9 mmol/L above critical high 6.2"
+
+
+def test_low_potassium_is_critical(rules: CriticalValueRules) -> None:
+    finding = check_critical(lab_result(value=2.5), rules)
+    assert finding is not None
+    assert finding.direction == "low"
+    assert finding.explanation == "Potassium 2.5 mmol/L below critical low 2.8"
+
+
+@pytest.mark.parametrize("value", [2.8, 6.2, 4.1])
+def test_values_on_or_inside_the_limits_are_not_critical(
+    value: float, rules: CriticalValueRules
+) -> None:
+    assert check_critical(lab_result(value=value), rules) is None
+
+
+@pytest.mark.parametrize(("value", "expected"), [(6.21, "high"), (2.79, "low")])
+def test_just_outside_the_limits_is_critical(
+    value: float, expected: str, rules: CriticalValueRules
+) -> None:
+    finding = check_critical(lab_result(value=value), rules)
+    assert finding is not None and finding.direction == expected
+
+
+def test_integer_limits_read_naturally(rules: CriticalValueRules) -> None:
+    finding = check_critical(lab_result("2951-2", 118.0), rules)
+    assert finding is not None
+    assert finding.explanation == "Sodium 118 mmol/L below critical low 120"
+    assert check_critical(lab_result("2951-2", 120.0), rules) is None
+    assert check_critical(lab_result("2951-2", 160.0), rules) is None
+
+
+def test_null_high_limit_is_never_crossed(rules: CriticalValueRules) -> None:
+    assert check_critical(lab_result("718-7", 250.0, "g/L"), rules) is None
+    assert check_critical(lab_result("718-7", 60.0, "g/L"), rules) is None
+    finding = check_critical(lab_result("718-7", 55.0, "g/L"), rules)
+    assert finding is not None
+    assert finding.explanation == "Hemoglobin 55 g/L below critical low 60"
+
+
+def test_excluded_specimen_status_never_alerts(rules: CriticalValueRules) -> None:
+    assert check_critical(lab_result(value=6.9, specimen_status="haemolysed"), rules) is None
+    # Clotted is excluded for haemoglobin only, not for potassium.
+    assert check_critical(lab_result(value=6.9, specimen_status="clotted"), rules) is not None
+    assert (
+        check_critical(lab_result("718-7", 40.0, "g/L", specimen_status="clotted"), rules) is None
+    )
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {"mapping_status": "unmapped"},
+        {"mapping_status": "unit_unmapped"},
+        {"unit": "mEq/L"},
+        {"value": None},
+        {"loinc_code": None},
+        {"loinc_code": "1742-6"},
+        {"result_status": "X"},
+        {"result_status": "D"},
+    ],
+)
+def test_results_that_cannot_be_judged_do_not_alert(
+    overrides: dict[str, Any], rules: CriticalValueRules
+) -> None:
+    assert check_critical(lab_result(**{"value": 9.9, **overrides}), rules) is None
+
+
+def test_preliminary_and_corrected_results_alert(rules: CriticalValueRules) -> None:
+    assert check_critical(lab_result(value=6.9, result_status="P"), rules) is not None
+    assert check_critical(lab_result(value=6.9, result_status="C"), rules) is not None
+
+
+def test_suppression_key() -> None:
+    assert suppression_key(lab_result()) == f"{'p' * 32}|2823-3"
+    anonymous = lab_result(person_key=None)
+    assert suppression_key(anonymous) == "order:H001:FO-1001|2823-3"
+
+
+def test_suppression_window_either_side() -> None:
+    window = 6 * HOUR_MS
+    t = 1_793_699_100_000
+    assert not is_suppressed(None, t, window)
+    assert is_suppressed(t, t, window)
+    assert is_suppressed(t, t + window - 1, window)
+    assert not is_suppressed(t, t + window, window)  # exactly one window later: alert again
+    assert is_suppressed(t, t - window + 1, window)  # an older result arriving late
+    assert not is_suppressed(t, t - window, window)
+    assert not is_suppressed(t, t + 1, 0)  # a zero window suppresses nothing
+
+
+def test_build_alert(rules: CriticalValueRules) -> None:
+    result = lab_result(value=6.9)
+    finding = check_critical(result, rules)
+    assert finding is not None
+    alert = build_alert(result, finding, rules, NOW_MS)
+    assert alert == {
+        "alert_id": alert_id("critical_value.potassium", "e" * 32),
+        "rule_id": "critical_value.potassium",
+        "rule_version": "2026.11-1",
+        "severity": "critical",
+        "organisation_id": "H001",
+        "person_key": "p" * 32,
+        "event_time": 1_793_699_100_000,
+        "ingest_time": 1_793_699_400_000,
+        "detected_time": NOW_MS,
+        "triggering_event_ids": ["e" * 32],
+        "analyte_code": "2823-3",
+        "value": 6.9,
+        "unit": "mmol/L",
+        "explanation": "Potassium 6.9 mmol/L above critical high 6.2",
+        "source_topic": "raw.hl7_lab",
+        "source_partition": 3,
+        "source_offset": 4711,
+        "mapping_version": "test-2026.1",
+    }
+    encoded = serde.AvroSerializer(_REGISTRY, serde.ALERT)(alert)
+    assert serde.AvroDeserializer(_REGISTRY, serde.ALERT)(encoded)["alert_id"] == alert["alert_id"]
+
+
+def test_build_alert_from_a_decoded_lab_result(rules: CriticalValueRules) -> None:
+    """A lab result read back from Kafka has datetimes; the alert still carries epoch ms."""
+    encoded = serde.AvroSerializer(_REGISTRY, serde.LAB_RESULT)(lab_result(value=7.4))
+    decoded = serde.AvroDeserializer(_REGISTRY, serde.LAB_RESULT)(encoded)
+    assert isinstance(decoded["event_time"], datetime)
+    finding = check_critical(decoded, rules)
+    assert finding is not None
+    alert = build_alert(decoded, finding, rules, NOW_MS)
+    assert (alert["event_time"], alert["ingest_time"]) == (1_793_699_100_000, 1_793_699_400_000)
+
+
+def test_normalised_hl7_result_raises_one_alert_and_haemolysed_none(
+    terminology: Terminology, pseudonymiser: Pseudonymiser, rules: CriticalValueRules
+) -> None:
+    msh = "MSH|^~\\&|LIS|H001|MEDSTREAM|REGION|20261103081500+0800||ORU^R01|LAB-0009|P|2.5.1"
+    pid = "PID|1||MRN-FICT-0042^^^H001^MR"
+    obr = "OBR|1||FO-9||||20261103080000+0800"
+    obx = "OBX|1|NM|K^Potassium^L||6.9|mmol/L|3.5-5.3|HH|||F"
+    spm = "SPM|" + "|".join(["1", *([""] * 22), "HEM^Haemolysed"])
+    ctx = RawContext("raw.hl7_lab", 0, 1, NOW_MS - 1000)
+
+    def first_event(segments: list[str]) -> dict[str, Any]:
+        raw = {
+            "message_control_id": "LAB-0009",
+            "organisation_id": "H001",
+            "source_system": "lis-mllp",
+            "message_type": "ORU^R01",
+            "received_time": datetime(2026, 11, 3, tzinfo=UTC),
+            "payload": "\r".join(segments),
+        }
+        [event] = normalise("hl7_lab", raw, ctx, terminology, pseudonymiser, NOW_MS)
+        assert isinstance(event, NormalisedEvent)
+        return event.value
+
+    clean = first_event([msh, pid, obr, obx])
+    finding = check_critical(clean, rules)
+    assert finding is not None
+    alert = build_alert(clean, finding, rules, NOW_MS)
+    assert alert["person_key"] == pseudonymiser.person_key("H001", "MRN-FICT-0042")
+    assert alert["triggering_event_ids"] == [clean["event_id"]]
+    assert "MRN-FICT-0042" not in repr(alert)
+    assert check_critical(first_event([msh, pid, obr, obx, spm]), rules) is None
+
+
+def _write(tmp_path: Path, text: str) -> Path:
+    path = tmp_path / "rules.yaml"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+RULE = (
+    "  - {{rule_id: r1, loinc: '2823-3', display: K, unit: mmol/L, low: {low}, high: {high},"
+    " severity: critical}}\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("low", "high", "message"),
+    [
+        ("7", "6", "low must be below high"),
+        ("null", "null", "at least one of low and high must be set"),
+        (".nan", "6", "must be a finite number"),
+    ],
+)
+def test_bad_limits_are_refused(low: str, high: str, message: str, tmp_path: Path) -> None:
+    text = "version: '1'\nsuppression_minutes: 60\nrules:\n" + RULE.format(low=low, high=high)
+    with pytest.raises(CriticalRulesError, match=message):
+        load_critical_value_rules(_write(tmp_path, text))
+
+
+def test_duplicate_loinc_is_refused(tmp_path: Path) -> None:
+    text = (
+        "version: '1'\nsuppression_minutes: 60\nrules:\n"
+        + RULE.format(low=1, high=2)
+        + RULE.format(low=1, high=2).replace("r1", "r2")
+    )
+    with pytest.raises(CriticalRulesError, match="loinc '2823-3' is used by more than one rule"):
+        load_critical_value_rules(_write(tmp_path, text))
+
+
+def test_missing_file_and_missing_fields(tmp_path: Path) -> None:
+    with pytest.raises(CriticalRulesError, match="cannot read"):
+        load_critical_value_rules(tmp_path / "absent.yaml")
+    with pytest.raises(CriticalRulesError, match="suppression_minutes: Field required"):
+        load_critical_value_rules(_write(tmp_path, "version: '1'\nrules: []\n"))
