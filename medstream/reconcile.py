@@ -23,9 +23,11 @@ from medstream.clickhouse import QueryResult
 
 Querier = Callable[[str], QueryResult]
 
-# Fact tables whose rows keep their event id (encounter rows are replaced by later
-# versions of the same encounter, so an older version's event id legitimately disappears).
-EVENT_TABLES = ("lab_result", "observation", "claim_line", "diagnosis")
+# Fact tables whose rows keep their event id. In the state tables a later version of the
+# same source row replaces an earlier one, so an older version's event id legitimately
+# disappears; their stored events are proven by the lineage.
+EVENT_TABLES = ("lab_result", "observation", "claim_line")
+STATE_TABLES = ("encounter", "diagnosis")
 
 
 def _ts(value: datetime) -> str:
@@ -150,7 +152,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
             state = "no outcome at all" if int(expected) <= 0 else f"{covered} of {expected} records"
             report.gaps.append(f"  e.g. {topic}[{partition}]@{offset}: {state}")
     lineage_where = f"ingest_time >= {_ts(since)} AND ingest_time < {_ts(until)}"
-    for table in (*EVENT_TABLES, "encounter"):
+    for table in (*EVENT_TABLES, *STATE_TABLES):
         stored = query(
             f"SELECT uniqExact(event_id) FROM {database}.lineage "
             f"WHERE outcome = 'stored:{table}' AND {lineage_where}"
@@ -225,10 +227,10 @@ def check_labels(query: Querier, database: str, labels: list[dict[str, Any]]) ->
             for row in query(
                 f"SELECT event_id, count() FROM {database}.{table} FINAL GROUP BY event_id"
             ).rows
-        } if table != "encounter" else {
+        } if table in EVENT_TABLES else {
             row[0]: 1
             for row in query(
-                f"SELECT DISTINCT event_id FROM {database}.lineage WHERE outcome = 'stored:encounter'"
+                f"SELECT DISTINCT event_id FROM {database}.lineage WHERE outcome = 'stored:{table}'"
             ).rows
         }
         stored += len(expected_ids & found.keys())

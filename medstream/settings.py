@@ -57,6 +57,9 @@ class KafkaSettings(BaseSettings):
     fetch_wait_max_ms: int = Field(
         default=20, description="max fetch wait; tansu does not wake a waiting fetch on new data"
     )
+    compression_type: str = Field(
+        default="lz4", description="producer compression (none, gzip, snappy, lz4, zstd)"
+    )
     topic_prefix: str = Field(default="", description="prefix for every medstream topic name")
     raw_partitions: int = Field(default=4, description="partitions per raw.* topic")
     norm_partitions: int = Field(default=4, description="partitions per norm.* topic")
@@ -90,7 +93,7 @@ class KafkaSettings(BaseSettings):
                 "enable.idempotence": True,
                 "acks": "all",
                 "linger.ms": 5,
-                "compression.type": "lz4",
+                "compression.type": self.compression_type,
                 **overrides,
             }
         )

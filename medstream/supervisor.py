@@ -50,6 +50,7 @@ class Child:
     metrics_port: int
     process: subprocess.Popen[bytes] | None = None
     expected_exit: bool = False  # the simulator may finish on its own
+    last_values: dict[str, float] = field(default_factory=dict)
 
     @property
     def metrics_url(self) -> str:
@@ -66,17 +67,23 @@ class Snapshot:
 
 
 def scrape(children: list[Child]) -> Snapshot:
-    """Sum the counters the status line shows, across all live children."""
+    """Sum the counters the status line shows across children (a finished one keeps its last)."""
     snapshot = Snapshot(time.monotonic())
     for child in children:
-        if child.process is None or child.process.poll() is not None:
-            continue
-        try:
-            with urllib.request.urlopen(child.metrics_url, timeout=1) as response:
-                text = response.read().decode()
-        except OSError:
-            continue
-        for family in text_string_to_metric_families(text):
+        if child.process is not None and child.process.poll() is None:
+            try:
+                with urllib.request.urlopen(child.metrics_url, timeout=1) as response:
+                    child.last_values = _status_values(response.read().decode())
+            except OSError:
+                pass
+        for key, value in child.last_values.items():
+            snapshot.values[key] = snapshot.values.get(key, 0.0) + value
+    return snapshot
+
+
+def _status_values(text: str) -> dict[str, float]:
+    values: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
             for sample in family.samples:
                 stage = sample.labels.get("stage", "")
                 key = None
@@ -91,8 +98,8 @@ def scrape(children: list[Child]) -> Snapshot:
                 elif sample.name == "medstream_consumer_lag":
                     key = "lag"
                 if key is not None:
-                    snapshot.values[key] = snapshot.values.get(key, 0.0) + sample.value
-    return snapshot
+                    values[key] = values.get(key, 0.0) + sample.value
+    return values
 
 
 def status_line(previous: Snapshot, current: Snapshot) -> str:

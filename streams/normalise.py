@@ -275,6 +275,7 @@ def _diagnosis(
     table = "visit_diagnosis"
     op = raw["op"]
     visit_no = _required(row, table, "visit_no")
+    diag_id = _required(row, table, "diag_id")
     local_code = _required(row, table, "diag_code")
     diagnosis_type = _coded(_required(row, table, "diag_type"), table, "diag_type", _DIAGNOSIS_TYPE)
     if op == "d":
@@ -301,6 +302,7 @@ def _diagnosis(
     )
     value.update(
         encounter_key=encounter_key,
+        diagnosis_key=pseudonymiser.row_key(organisation_id, table, diag_id),
         op=op,
         is_deleted=op == "d",
         version=raw["position_seq"],

@@ -18,6 +18,7 @@ MIN_KEY_BYTES: Final = 16
 
 _PERSON: Final = b"medstream.person_key.v1"
 _ENCOUNTER: Final = b"medstream.encounter_key.v1"
+_ROW: Final = b"medstream.row_key.v1"
 _LENGTH: Final = struct.Struct(">I")
 
 
@@ -54,3 +55,7 @@ class Pseudonymiser:
     def encounter_key(self, organisation_id: str, visit_no: str) -> str:
         """Pseudonym of a local visit number at one organisation (outer blanks ignored)."""
         return self._pseudonym(_ENCOUNTER, organisation_id, visit_no)
+
+    def row_key(self, organisation_id: str, table: str, row_id: str) -> str:
+        """Pseudonym of a source table row's id, so later versions of the row can replace it."""
+        return self._pseudonym(_ROW, organisation_id, f"{table}\x1f{row_id}")

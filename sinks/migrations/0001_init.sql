@@ -113,8 +113,9 @@ PARTITION BY toYYYYMM(event_time)
 ORDER BY (organisation_id, toDate(event_time), ifNull(person_key, ''), event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
--- Encounter state: a later source version replaces an earlier one; deletes are kept as
--- tombstones (is_deleted) that FINAL hides.
+-- Encounter and diagnosis state: a later source version of the same row replaces an
+-- earlier one; deletes are kept as tombstones (is_deleted) that FINAL hides. No partition
+-- key, so a row's versions always meet in one partition.
 CREATE TABLE IF NOT EXISTS {db}.encounter
 (
     event_id String,
@@ -169,6 +170,7 @@ CREATE TABLE IF NOT EXISTS {db}.diagnosis
     mapping_version LowCardinality(String),
     person_key Nullable(String),
     encounter_key String,
+    diagnosis_key String,
     op LowCardinality(String),
     is_deleted UInt8,
     version Int64,
@@ -179,8 +181,7 @@ CREATE TABLE IF NOT EXISTS {db}.diagnosis
     mapping_status LowCardinality(String)
 )
 ENGINE = ReplacingMergeTree(version, is_deleted)
-PARTITION BY toYYYYMM(event_time)
-ORDER BY (organisation_id, toDate(event_time), encounter_key, event_id)
+ORDER BY (organisation_id, diagnosis_key)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS {db}.alert

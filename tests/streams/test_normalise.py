@@ -750,6 +750,13 @@ def test_unmapped_diagnosis_and_delete(
     assert (value["icd10_code"], value["mapping_status"]) == (None, "unmapped")
     assert (value["diagnosis_type"], value["is_deleted"]) == ("admission", True)
     assert value["event_time"] == ms(2026, 11, 2, 1, 31, tz=UTC)
+    # The delete carries the same row key as the create, so it replaces it downstream.
+    [created] = normalise(
+        "emr_cdc", emr_raw("visit_diagnosis", "c", diagnosis_row(diag_code="LOCAL-77")),
+        emr_ctx, terminology, pseudonymiser, NOW_MS,
+    )
+    assert value["diagnosis_key"] == created.value["diagnosis_key"]
+    assert value["diagnosis_key"] == pseudonymiser.row_key("H001", "visit_diagnosis", row["diag_id"])
     assert_encodes([event])
 
 

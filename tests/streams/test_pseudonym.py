@@ -37,6 +37,14 @@ def test_encounter_key_uses_its_own_domain() -> None:
     assert encounter != pseudonymiser.person_key("H001", "V-0001")
 
 
+def test_row_key_is_per_table_and_its_own_domain() -> None:
+    pseudonymiser = Pseudonymiser(KEY)
+    row = pseudonymiser.row_key("H001", "visit_diagnosis", "D-17")
+    assert row == _expected(b"medstream.row_key.v1", "H001", "visit_diagnosis\x1fD-17")
+    assert row != pseudonymiser.row_key("H001", "other_table", "D-17")
+    assert row != pseudonymiser.encounter_key("H001", "visit_diagnosis\x1fD-17")
+
+
 def test_same_input_same_key_and_surrounding_blanks_ignored() -> None:
     first = Pseudonymiser(KEY)
     second = Pseudonymiser(bytes(KEY))
