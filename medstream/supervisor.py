@@ -112,7 +112,7 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
     v = current.values
     return (
         f"[{datetime.now().strftime('%H:%M:%S')}] "
-        f"simulator {rate('out:simulator'):7.0f} rec/s | "
+        f"simulator {rate('out:simulator'):7.0f} msg/s | "
         f"normalise {rate('in:normalise'):6.0f} msg/s -> {rate('out:normalise'):7.0f} rec/s | "
         f"sink {rate('out:sink'):7.0f} rows/s | lag {v.get('lag', 0):.0f} | "
         f"dead letters {v.get('dlq', 0):.0f} | alerts {v.get('alerts', 0):.0f} | "
