@@ -115,14 +115,14 @@ def run_bench(events: int, workers: int, out: Out = print, seed: int = 11) -> di
     workdir = Path(tempfile.mkdtemp(prefix="medstream-bench-"))
     out(f"bench: {events} clinical records per run, {workers} Faust workers, work dir {workdir}")
     out("(a) baseline: pre-normalised events -> plain confluent-kafka loop -> ClickHouse")
-    baseline = json.loads(
-        subprocess.run(
-            [sys.executable, "-m", "medstream.bench_baseline", str(events), str(seed), str(workdir)],
-            check=True,
-            capture_output=True,
-            text=True,
-        ).stdout.strip().splitlines()[-1]
+    child = subprocess.run(
+        [sys.executable, "-m", "medstream.bench_baseline", str(events), str(seed), str(workdir)],
+        capture_output=True,
+        text=True,
     )
+    if child.returncode != 0:
+        raise RuntimeError(f"the baseline run failed:\n{child.stderr[-3000:]}")
+    baseline = json.loads(child.stdout.strip().splitlines()[-1])
     out(f"    {baseline['events_per_s']:.0f} events/s ({baseline['events']} events in {baseline['seconds']} s)")
     out("(b) pipeline, simulator unthrottled")
     full = _pipeline_run(events, 0, workers, seed, out, workdir)

@@ -19,7 +19,7 @@ from confluent_kafka import Consumer, Producer
 
 from medstream.clickhouse import connect, migrate
 from medstream.runtime import EmbeddedBroker, ensure_topics
-from medstream.settings import NORM_TOPICS, KafkaSettings
+from medstream.settings import NORM_TOPICS, KafkaSettings, StreamSettings
 from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
 from streams.model import RawContext
@@ -40,7 +40,7 @@ def prepare_events(kafka: KafkaSettings, events: int, seed: int) -> list[tuple[s
         kafka,
         registry,
         load_terminology(DEFAULT_TERMINOLOGY_PATH),
-        Pseudonymiser(b"bench"),
+        Pseudonymiser(StreamSettings().pseudonym_key.get_secret_value().encode()),
         load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH),
     )
     encoders = {kind: serde.AvroSerializer(registry, s) for kind, s in RAW_SUBJECTS.items()}

@@ -20,7 +20,15 @@ from typing import Annotated, Any
 
 import typer
 
-from medstream.clickhouse import QueryError, QueryResult, connect, migrate, query_via_gateway, run_read_only
+from medstream.clickhouse import (
+    PROOF_MAX_ROWS,
+    QueryError,
+    QueryResult,
+    connect,
+    migrate,
+    query_via_gateway,
+    run_read_only,
+)
 from medstream.runtime import RuntimeState
 from medstream.settings import (
     ClickHouseSettings,
@@ -67,17 +75,17 @@ def _kafka_for_client() -> KafkaSettings:
 
 
 @contextmanager
-def _querier() -> Iterator[Callable[[str], QueryResult]]:
+def _querier(max_rows: int) -> Iterator[Callable[[str], QueryResult]]:
     """Queries go to a running `medstream up` when there is one, else to ClickHouse directly."""
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
     state = RuntimeState.read(runtime)
     if state is not None and state.query_url and not ch.url:
         url = state.query_url
-        yield lambda sql: query_via_gateway(url, sql, ch.query_timeout_s)
+        yield lambda sql: query_via_gateway(url, sql, ch.query_timeout_s, max_rows)
         return
     client = connect(clickhouse_url(ch, runtime))
     try:
-        yield lambda sql: run_read_only(client, sql, ch.database, ch.query_timeout_s)
+        yield lambda sql: run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows)
     finally:
         client.close()
 
@@ -270,7 +278,7 @@ def sql(
 ) -> None:
     """Run a read-only query on the configured ClickHouse (also while `medstream up` runs)."""
     try:
-        with _querier() as run:
+        with _querier(max_rows) as run:
             result = run(query)
     except QueryError as exc:
         _fail(str(exc))
@@ -320,7 +328,7 @@ def reconcile_command(
     start = _parse_time(since) if since else end - timedelta(hours=24)
     database = ClickHouseSettings().database
     try:
-        with _querier() as run:
+        with _querier(PROOF_MAX_ROWS) as run:
             report = reconcile(run, database, start, end)
             label_check = check_labels(run, database, read_labels(labels)) if labels else None
     except QueryError as exc:

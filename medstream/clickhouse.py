@@ -23,6 +23,8 @@ import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
 READ_ONLY = {"readonly": 2}  # 2: no writes or DDL, but per-query limits may still be set
+USER_MAX_ROWS = 10_000  # default result bound of `medstream sql`
+PROOF_MAX_ROWS = 100_000_000  # reconcile and ground-truth checks must see every row
 _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
@@ -102,7 +104,7 @@ def _statements(sql: str) -> list[str]:
 
 
 def run_read_only(
-    client: Client, sql: str, database: str, timeout_s: int = 60, max_rows: int = 10000
+    client: Client, sql: str, database: str, timeout_s: int = 60, max_rows: int = USER_MAX_ROWS
 ) -> QueryResult:
     """Run one query with writes and DDL refused, bounded in time and result size."""
     try:
@@ -143,7 +145,7 @@ class QueryGateway:
                             str(request.get("sql", "")),
                             gateway.database,
                             int(request.get("timeout_s", 60)),
-                            int(request.get("max_rows", 10000)),
+                            int(request.get("max_rows", USER_MAX_ROWS)),
                         )
                     body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
                     status = 200
@@ -181,7 +183,9 @@ class QueryGateway:
         self._server.server_close()
 
 
-def query_via_gateway(url: str, sql: str, timeout_s: int = 60, max_rows: int = 10000) -> QueryResult:
+def query_via_gateway(
+    url: str, sql: str, timeout_s: int = 60, max_rows: int = USER_MAX_ROWS
+) -> QueryResult:
     """Send one read-only query to a running gateway."""
     request = urllib.request.Request(
         url,

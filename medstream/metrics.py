@@ -52,6 +52,13 @@ CONSUMER_LAG = Gauge(
 )
 
 
+READY = Gauge(
+    "medstream_ready",
+    "1 once the component has joined its consumer group and has its partitions",
+    ["component"],
+)
+
+
 def serve_metrics(port: int) -> int:
     """Start the /metrics HTTP endpoint on 127.0.0.1 (port 0 picks a free one); returns the port."""
     server, _ = start_http_server(port, addr="127.0.0.1")

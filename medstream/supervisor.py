@@ -24,7 +24,7 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from medstream.clickhouse import QueryError, QueryResult, query_via_gateway
+from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult, query_via_gateway
 from medstream.runtime import (
     EmbeddedBroker,
     RuntimeState,
@@ -97,6 +97,8 @@ def _status_values(text: str) -> dict[str, float]:
                     key = "alerts"
                 elif sample.name == "medstream_consumer_lag":
                     key = "lag"
+                elif sample.name == "medstream_ready":
+                    key = "ready"
                 if key is not None:
                     values[key] = values.get(key, 0.0) + sample.value
     return values
@@ -118,6 +120,10 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
         f"dead letters {v.get('dlq', 0):.0f} | alerts {v.get('alerts', 0):.0f} | "
         f"published {v.get('out:simulator', 0):.0f}"
     )
+
+
+class ComponentFailed(RuntimeError):
+    """A component died or never became ready."""
 
 
 class Supervisor:
@@ -167,6 +173,9 @@ class Supervisor:
         signal.signal(signal.SIGTERM, self.request_stop)
         try:
             return self._run(events, rate, seed, labels, exit_when_done, done_timeout_s)
+        except ComponentFailed as exc:
+            self.out(f"error: {exc}")
+            return 1
         finally:
             self._shutdown()
 
@@ -205,6 +214,7 @@ class Supervisor:
         self.out(f"ClickHouse {ch_url} migrated; query endpoint {self.query_url}")
         for index in range(self.streams.workers):
             self._start(Child(f"streams-{index}", ["streams"], free_port()), env)
+        self._wait_ready(1 + self.streams.workers, timeout_s=120)
         simulate = [
             "simulate", "--events", str(events), "--rate", str(rate), "--seed", str(seed),
             "--report", str((data_dir / "simulator-report.json").resolve()),
@@ -257,7 +267,7 @@ class Supervisor:
         url = self.query_url
 
         def query(sql: str):  # type: ignore[no-untyped-def]
-            return query_via_gateway(url, sql)
+            return query_via_gateway(url, sql, max_rows=PROOF_MAX_ROWS)
 
         try:
             report = reconcile(query, self.clickhouse.database, since, datetime.now(tz=UTC))
@@ -269,6 +279,18 @@ class Supervisor:
                 self.on_drained(query)
             return True, report.render()
         return None  # still in flight: try again at the next tick
+
+    def _wait_ready(self, components: int, timeout_s: float) -> None:
+        """Hold the producers back until the sink and every worker have their partitions."""
+        deadline = time.monotonic() + timeout_s
+        while scrape(self.children).values.get("ready", 0) < components:
+            died = [c.name for c in self.children if self._died(c)]
+            if died:
+                raise ComponentFailed(f"{', '.join(died)} died while starting (see its log)")
+            if time.monotonic() > deadline or self._stop.is_set():
+                raise ComponentFailed("components did not join their consumer groups in time")
+            time.sleep(0.2)
+        self.out(f"sink and {components - 1} stream worker(s) have their partitions")
 
     def _published_messages(self) -> int:
         """Messages the finished simulator reported as acknowledged by the broker."""

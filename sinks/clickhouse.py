@@ -26,6 +26,7 @@ from medstream.metrics import (
     CONSUMER_LAG,
     DEAD_LETTERS,
     END_TO_END_SECONDS,
+    READY,
     RECORDS_IN,
     RECORDS_OUT,
     SINK_BATCH_ROWS,
@@ -175,7 +176,11 @@ class ClickHouseSink:
             )
         )
         self._consumer = consumer
-        consumer.subscribe(self.topics, on_revoke=self._on_revoke)
+        consumer.subscribe(
+            self.topics,
+            on_assign=lambda *_: READY.labels(STAGE).set(1),
+            on_revoke=self._on_revoke,
+        )
         max_age = self.settings.batch_max_ms / 1000
         try:
             while not self._stop.is_set():

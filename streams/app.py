@@ -27,7 +27,7 @@ from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
 from mode import CrashingSupervisor
 
-from medstream.metrics import END_TO_END_SECONDS, PROCESSING_SECONDS, RECORDS_IN, RECORDS_OUT
+from medstream.metrics import END_TO_END_SECONDS, PROCESSING_SECONDS, READY, RECORDS_IN, RECORDS_OUT
 from medstream.settings import RAW_TOPICS, KafkaSettings, StreamSettings
 from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
@@ -139,6 +139,10 @@ def create_app(
             partitions=kafka.raw_partitions,
         )
         app.agent(raw_topic, name=f"normalise_{source_kind}")(normalise_agent(source_kind))
+    async def mark_ready(sender: Any, **_: Any) -> None:
+        READY.labels("streams").set(1)
+
+    app.on_rebalance_complete.connect(mark_ready)
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return app

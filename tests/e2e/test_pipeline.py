@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from medstream.clickhouse import QueryResult, query_via_gateway
+from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, query_via_gateway
 from medstream.reconcile import check_labels, read_labels, reconcile
 from medstream.runtime import free_port, wait_for_port
 
@@ -163,7 +163,7 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     published = json.loads(report.read_text())["messages"]
 
     def query(sql: str) -> QueryResult:
-        return query_via_gateway(gateway, sql)
+        return query_via_gateway(gateway, sql, max_rows=PROOF_MAX_ROWS)
 
     from datetime import UTC, datetime, timedelta
 
