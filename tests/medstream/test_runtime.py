@@ -1,0 +1,62 @@
+"""Integration tests of the embedded runtime: broker process, topics, runtime state, failures."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from confluent_kafka.admin import AdminClient
+
+from medstream.runtime import EmbeddedBroker, RuntimeState, contract_topics, ensure_topics
+from medstream.settings import KafkaSettings, RuntimeSettings
+
+pytestmark = pytest.mark.integration
+
+
+def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable[..., KafkaSettings]) -> None:
+    kafka = kafka_factory()  # the factory already created them
+    assert ensure_topics(kafka) == []
+    metadata = AdminClient(kafka.librdkafka()).list_topics(timeout=10)
+    wanted = contract_topics(kafka)
+    assert len(wanted) == 11
+    for name, partitions in wanted.items():
+        assert len(metadata.topics[name].partitions) == partitions
+    assert wanted[kafka.topic("raw.hl7_lab")] == 2 and wanted[kafka.topic("dlq")] == 1
+
+
+def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
+    broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    try:
+        assert broker.alive()
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        assert len(ensure_topics(kafka)) == 11
+    finally:
+        broker.stop()
+    assert not broker.alive()
+
+
+def test_runtime_state_is_only_read_while_its_process_lives(tmp_path: Path) -> None:
+    runtime = RuntimeSettings(data_dir=tmp_path)
+    RuntimeState(os.getpid(), "127.0.0.1:1", "http://127.0.0.1:2/query", {}, "chdb:///x").write(runtime.runtime_file)
+    state = RuntimeState.read(runtime)
+    assert state is not None and state.query_url == "http://127.0.0.1:2/query"
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    RuntimeState(int(dead.stdout), "127.0.0.1:1", None, {}, "chdb:///x").write(runtime.runtime_file)
+    assert RuntimeState.read(runtime) is None
+
+
+def test_up_exits_non_zero_with_a_clear_reason_when_a_component_cannot_start(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env.update(MEDSTREAM_DATA_DIR=str(tmp_path), CLICKHOUSE_URL="ftp://nowhere.invalid/")
+    result = subprocess.run(
+        [sys.executable, "-m", "medstream", "up", "--events", "10", "--exit-when-done"],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+    assert result.returncode == 1
+    assert "the sink did not start" in result.stdout and "sink.log" in result.stdout
+    assert "CLICKHOUSE_URL must start with http://, https:// or chdb://" in (tmp_path / "sink.log").read_text()
+    assert not (tmp_path / "runtime.json").exists()

@@ -1,0 +1,98 @@
+"""Unit tests of the per-record normalise stage the Faust agents delegate to (no broker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from medstream.settings import KafkaSettings
+from schemas import serde
+from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+from streams.model import RawContext
+from streams.pseudonym import Pseudonymiser
+from streams.stage import NormaliseStage, Output, SuppressionState
+from streams.terminology import Terminology
+
+from .test_normalise import MRN, MSH, NATIONAL_ID, OBR, PATIENT_SURNAME, PID, hl7_raw
+
+REGISTRY = serde.ManifestRegistry()
+KAFKA = KafkaSettings(bootstrap_servers="unused:9092", topic_prefix="t.")
+NOW_MS = 1_793_700_005_000
+
+
+@pytest.fixture
+def stage(terminology: Terminology, pseudonymiser: Pseudonymiser) -> NormaliseStage:
+    rules = load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH)
+    return NormaliseStage(KAFKA, REGISTRY, terminology, pseudonymiser, rules)
+
+
+def encoded_hl7(segments: list[str], control_id: str) -> bytes:
+    return serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)(hl7_raw(segments, control_id=control_id))
+
+
+def decode(output: Output) -> dict[str, Any]:
+    subject = {
+        "t.alerts": serde.ALERT,
+        "t.dlq": serde.DEAD_LETTER,
+        "t.norm.lab_result": serde.LAB_RESULT,
+    }[output.topic]
+    return serde.AvroDeserializer(REGISTRY, subject)(output.value)
+
+
+def potassium(value: str, minute: int) -> list[str]:
+    return [MSH, PID, OBR, f"OBX|1|NM|K^Potassium^L||{value}|mmol/L|3.5-5.3|HH|||F|||2026110308{minute:02d}00+0800"]
+
+
+def test_undecodable_bytes_become_one_dead_letter_with_the_original_bytes(stage: NormaliseStage) -> None:
+    ctx = RawContext("t.raw.hl7_lab", 1, 99, NOW_MS - 50)
+    [output] = stage.handle("hl7_lab", ctx, b"H001:k", b"\x00\x00garbage", SuppressionState.in_memory(), NOW_MS)
+    assert (output.topic, output.key) == ("t.dlq", b"H001:k")
+    dead = decode(output)
+    assert (dead["stage"], dead["reason_code"]) == ("normalise", "undecodable")
+    assert "medstream.raw.Hl7Message" in dead["reason"]
+    assert (dead["original_topic"], dead["original_partition"], dead["original_offset"]) == ("t.raw.hl7_lab", 1, 99)
+    assert dead["original_value"] == b"\x00\x00garbage" and dead["record_index"] is None
+
+
+def test_critical_value_alerts_once_then_repeat_is_suppressed(stage: NormaliseStage) -> None:
+    state = SuppressionState.in_memory()
+    first = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 1, NOW_MS), b"k", encoded_hl7(potassium("6.9", 5), "C-1"), state, NOW_MS
+    )
+    assert [o.topic for o in first] == ["t.norm.lab_result", "t.alerts"]
+    lab, alert = decode(first[0]), decode(first[1])
+    assert alert["rule_id"] == "critical_value.potassium"
+    assert alert["triggering_event_ids"] == [lab["event_id"]]
+    assert alert["value"] == 6.9 and alert["unit"] == "mmol/L"
+    assert "6.9" in alert["explanation"] and "6.2" in alert["explanation"]
+    assert first[1].key == lab["person_key"].encode()
+    # A later critical for the same patient and analyte within the window: stored, no alert.
+    second = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 2, NOW_MS), b"k", encoded_hl7(potassium("7.1", 40), "C-2"), state, NOW_MS
+    )
+    assert [o.topic for o in second] == ["t.norm.lab_result"]
+
+
+def test_no_output_carries_a_direct_identifier(stage: NormaliseStage) -> None:
+    outputs = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 3, NOW_MS), b"k", encoded_hl7(potassium("6.9", 5), "C-3"),
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    assert len(outputs) == 2
+    for output in outputs:
+        text = repr(decode(output))
+        for identifier in (MRN, NATIONAL_ID, PATIENT_SURNAME):
+            assert identifier not in text
+
+
+def test_record_level_rejection_keeps_the_other_records(stage: NormaliseStage) -> None:
+    segments = [*potassium("4.1", 5), "OBX|2|NM|NA^Sodium^L||n/a|mmol/L|137-145||||F"]
+    outputs = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 4, NOW_MS), b"k", encoded_hl7(segments, "C-4"),
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    assert [o.topic for o in outputs] == ["t.norm.lab_result", "t.dlq"]
+    dead = decode(outputs[1])
+    assert (dead["reason_code"], dead["record_index"], dead["record_count"]) == ("invalid_record", 1, 2)
+    assert decode(outputs[0])["record_index"] == 0
