@@ -17,7 +17,6 @@ import json
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -123,7 +122,10 @@ def run_bench(events: int, workers: int, out: Out = print, seed: int = 11) -> di
     if child.returncode != 0:
         raise RuntimeError(f"the baseline run failed:\n{child.stderr[-3000:]}")
     baseline = json.loads(child.stdout.strip().splitlines()[-1])
-    out(f"    {baseline['events_per_s']:.0f} events/s ({baseline['events']} events in {baseline['seconds']} s)")
+    out(
+        f"    {baseline['events_per_s']:.0f} events/s"
+        f" ({baseline['events']} events in {baseline['seconds']} s)"
+    )
     out("(b) pipeline, simulator unthrottled")
     full = _pipeline_run(events, 0, workers, seed, out, workdir)
     out(f"    {full.get('events_per_s', 0):.0f} events/s; ok={full.get('ok')}")
@@ -131,7 +133,8 @@ def run_bench(events: int, workers: int, out: Out = print, seed: int = 11) -> di
     out(f"(c) pipeline at half the sustained rate ({half_rate:.0f} records/s) for latency")
     half_events = int(min(events, half_rate * 30))
     half = _pipeline_run(half_events, half_rate, workers, seed + 1, out, workdir)
-    ratio = full.get("events_per_s", 0) / baseline["events_per_s"] if baseline["events_per_s"] else 0
+    baseline_rate = baseline["events_per_s"]
+    ratio = full.get("events_per_s", 0) / baseline_rate if baseline_rate else 0
     result = {
         "events": events,
         "workers": workers,
@@ -151,15 +154,15 @@ def run_bench(events: int, workers: int, out: Out = print, seed: int = 11) -> di
     out(f"pipeline           {full.get('events_per_s', 0):>10.0f} events/s")
     out(f"ratio              {ratio:>10.3f}   (target >= 0.5)")
     out(
-        f"event->queryable   p50 {half.get('queryable_p50_ms')} ms, p99 {half.get('queryable_p99_ms')} ms"
-        f"   at {half_rate:.0f}/s"
+        f"event->queryable   p50 {half.get('queryable_p50_ms')} ms,"
+        f" p99 {half.get('queryable_p99_ms')} ms   at {half_rate:.0f}/s"
     )
     out(
         f"event->alert       p50 {half.get('alert_p50_ms')} ms, p99 {half.get('alert_p99_ms')} ms"
         "   (target p99 <= 1000 ms)"
     )
-    out(
-        "reconciliation     "
-        + ("OK: nothing lost or duplicated" if result["ok"] else "FAILED: see the run figures above")
+    verdict = (
+        "OK: nothing lost or duplicated" if result["ok"] else "FAILED: see the run figures above"
     )
+    out(f"reconciliation     {verdict}")
     return result

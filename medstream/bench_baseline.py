@@ -31,7 +31,9 @@ BATCH_ROWS = 10000
 BATCH_SECONDS = 0.2
 
 
-def prepare_events(kafka: KafkaSettings, events: int, seed: int) -> list[tuple[str, bytes | None, bytes]]:
+def prepare_events(
+    kafka: KafkaSettings, events: int, seed: int
+) -> list[tuple[str, bytes | None, bytes]]:
     """The norm records the pipeline would publish for this seed (simulated, then normalised)."""
     from producers.simulator import RegionSimulator
 
@@ -49,7 +51,11 @@ def prepare_events(kafka: KafkaSettings, events: int, seed: int) -> list[tuple[s
     prepared: list[tuple[str, bytes | None, bytes]] = []
     offset = 0
     for message in RegionSimulator(seed).messages(events):
-        value = message.value if isinstance(message.value, bytes) else encoders[message.source_kind](message.value)
+        value = (
+            message.value
+            if isinstance(message.value, bytes)
+            else encoders[message.source_kind](message.value)
+        )
         ctx = RawContext(f"raw.{message.source_kind}", 0, offset, int(time.time() * 1000))
         offset += 1
         for output in stage.handle(message.source_kind, ctx, message.key, value, suppression):
@@ -72,7 +78,8 @@ def main(events: int, seed: int, workdir: Path) -> dict[str, Any]:
         for kind, topic in NORM_TOPICS.items():
             subject = NORM_SUBJECTS[kind]
             columns = [f["name"] for f in registry.latest(subject).definition["fields"]]
-            by_topic[kafka.topic(topic)] = (kind, serde.AvroDeserializer(registry, subject), columns)
+            decoder = serde.AvroDeserializer(registry, subject)
+            by_topic[kafka.topic(topic)] = (kind, decoder, columns)
 
         def produce() -> None:
             producer = Producer(kafka.producer_config())
@@ -97,9 +104,10 @@ def main(events: int, seed: int, workdir: Path) -> dict[str, Any]:
         opened = time.perf_counter()
         while stored < len(prepared):
             for message in consumer.consume(num_messages=2000, timeout=0.05):
-                if message.error():
+                source_topic = message.topic()
+                if message.error() or source_topic is None:  # only error events lack a topic
                     raise RuntimeError(str(message.error()))
-                kind, decode, columns = by_topic[message.topic()]
+                kind, decode, columns = by_topic[source_topic]
                 record = decode(message.value())
                 rows.setdefault(kind, []).append([record[c] for c in columns])
                 pending += 1

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 
@@ -54,7 +54,7 @@ app = typer.Typer(
 MetricsPort = Annotated[int, typer.Option(help="serve Prometheus /metrics on this port (0 = off)")]
 
 
-def _fail(message: str, code: int = 1) -> None:
+def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
 
@@ -69,7 +69,6 @@ def _kafka_for_client() -> KafkaSettings:
                 "no Kafka: set KAFKA_BOOTSTRAP_SERVERS or start the embedded pipeline with "
                 "`medstream up` (this command then joins its broker)"
             )
-        assert state is not None
         kafka = kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
     return kafka
 
@@ -103,9 +102,12 @@ def up(
     rate: Annotated[float, typer.Option(help="simulated clinical records per second")] = 200.0,
     seed: Annotated[int, typer.Option(help="simulator seed")] = 7,
     workers: Annotated[int | None, typer.Option(help="Faust worker processes")] = None,
-    labels: Annotated[Path | None, typer.Option(help="write the simulator's ground truth here")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="write the simulator's ground truth here")
+    ] = None,
     exit_when_done: Annotated[
-        bool, typer.Option(help="with --events: stop once everything is reconciled; exit 1 on a gap")
+        bool,
+        typer.Option(help="with --events: stop once everything is reconciled; exit 1 on a gap"),
     ] = False,
 ) -> None:
     """Run the whole pipeline: broker, topics, ClickHouse, stream workers, sink and simulator."""
@@ -130,7 +132,9 @@ def broker() -> None:
     embedded = EmbeddedBroker(log_path=runtime.data_dir / "broker.log").start()
     kafka = KafkaSettings().model_copy(update={"bootstrap_servers": embedded.bootstrap_servers})
     ensure_topics(kafka)
-    typer.echo(f"KAFKA_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}  (Ctrl-C stops it; memory only)")
+    typer.echo(
+        f"KAFKA_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}  (Ctrl-C stops it; memory only)"
+    )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     try:
@@ -150,7 +154,8 @@ def topics() -> None:
     kafka = _kafka_for_client()
     created = ensure_topics(kafka)
     for name, partitions in contract_topics(kafka).items():
-        typer.echo(f"{name:<20} {partitions:>3} partitions{'  (created)' if name in created else ''}")
+        created_note = "  (created)" if name in created else ""
+        typer.echo(f"{name:<20} {partitions:>3} partitions{created_note}")
 
 
 @app.command("migrate")
@@ -220,14 +225,20 @@ def streams(metrics_port: MetricsPort = 0) -> None:
 @app.command()
 def simulate(
     events: Annotated[int, typer.Option(help="clinical records to publish (0 = endless)")] = 10000,
-    rate: Annotated[float, typer.Option(help="clinical records per second (0 = unthrottled)")] = 0.0,
+    rate: Annotated[
+        float, typer.Option(help="clinical records per second (0 = unthrottled)")
+    ] = 0.0,
     seed: Annotated[int, typer.Option(help="seed: the same seed gives the same region")] = 7,
-    labels: Annotated[Path | None, typer.Option(help="write ground-truth labels (JSONL) here")] = None,
-    report: Annotated[Path | None, typer.Option(help="write the final publish report (JSON) here")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="write ground-truth labels (JSONL) here")
+    ] = None,
+    report: Annotated[
+        Path | None, typer.Option(help="write the final publish report (JSON) here")
+    ] = None,
     metrics_port: MetricsPort = 0,
 ) -> None:
     """Publish a deterministic synthetic region's source messages to the raw topics."""
-    from producers.simulator import RegionSimulator, SimulatorProducer
+    from producers.simulator import PublishReport, RegionSimulator, SimulatorProducer
     from schemas.serde import registry_from_url
 
     kafka = _kafka_for_client()
@@ -243,7 +254,7 @@ def simulate(
         rate=rate or None,
     )
 
-    def progress(current: Any) -> None:
+    def progress(current: PublishReport) -> None:
         typer.echo(
             f"simulator: {current.total_records} records in {current.total_messages} messages "
             f"({current.duplicates} duplicates, {current.malformed} malformed) "
@@ -251,7 +262,9 @@ def simulate(
             err=True,
         )
 
-    final = producer.run(events if events > 0 else 10**12, progress=progress, should_stop=stop.is_set)
+    final = producer.run(
+        events if events > 0 else 10**12, progress=progress, should_stop=stop.is_set
+    )
     summary = {
         "messages": final.total_messages,
         "records": final.total_records,
@@ -282,10 +295,10 @@ def sql(
             result = run(query)
     except QueryError as exc:
         _fail(str(exc))
-        return
     rows = result.rows[:max_rows]
     if output == "json":
-        typer.echo(json.dumps([dict(zip(result.columns, r, strict=True)) for r in rows], default=str))
+        records = [dict(zip(result.columns, r, strict=True)) for r in rows]
+        typer.echo(json.dumps(records, default=str))
     elif output == "csv":
         import csv
 
@@ -316,12 +329,16 @@ def _parse_time(value: str) -> datetime:
 
 @app.command("reconcile")
 def reconcile_command(
-    since: Annotated[str | None, typer.Option(help="ISO time (UTC if no offset); default 24 h ago")] = None,
+    since: Annotated[
+        str | None, typer.Option(help="ISO time (UTC if no offset); default 24 h ago")
+    ] = None,
     until: Annotated[str | None, typer.Option(help="ISO time; default now")] = None,
-    labels: Annotated[Path | None, typer.Option(help="also check against simulator ground truth")] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="also check against simulator ground truth")
+    ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on a gap."""
+    """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps."""
     from medstream.reconcile import check_labels, read_labels, reconcile
 
     end = _parse_time(until) if until else datetime.now(tz=UTC)
@@ -333,19 +350,21 @@ def reconcile_command(
             label_check = check_labels(run, database, read_labels(labels)) if labels else None
     except QueryError as exc:
         _fail(str(exc))
-        return
     ok = report.ok and (label_check is None or label_check.ok)
     if as_json:
         body = report.as_dict()
         if label_check is not None:
-            body["labels"] = {**label_check.__dict__, "missing_events": label_check.missing_events[:20]}
+            body["labels"] = {
+                **label_check.__dict__,
+                "missing_events": label_check.missing_events[:20],
+            }
         typer.echo(json.dumps(body, default=str, indent=2))
     else:
         typer.echo(report.render())
         if label_check is not None:
             typer.echo(
-                f"ground truth: {label_check.stored_events}/{label_check.expected_events} events stored, "
-                f"{label_check.duplicated_events} duplicated, dead letters "
+                f"ground truth: {label_check.stored_events}/{label_check.expected_events} "
+                f"events stored, {label_check.duplicated_events} duplicated, dead letters "
                 f"{label_check.found_dead_letters}/{label_check.expected_dead_letters}, alerts "
                 f"{label_check.found_alerts}/{label_check.expected_alerts} "
                 f"({label_check.unexpected_alerts} unexpected)"
@@ -372,12 +391,22 @@ def bench(
 @app.command("settings")
 def settings_command() -> None:
     """List every setting with its environment variable and current value (secrets hidden)."""
-    for model in (KafkaSettings, ClickHouseSettings, RegistrySettings, StreamSettings, SinkSettings, RuntimeSettings):
+    for model in (
+        KafkaSettings,
+        ClickHouseSettings,
+        RegistrySettings,
+        StreamSettings,
+        SinkSettings,
+        RuntimeSettings,
+    ):
         instance = model()
         prefix = model.model_config.get("env_prefix", "")
         typer.echo(f"[{model.__name__}]")
         for name, info in model.model_fields.items():
             alias = info.validation_alias
-            env = alias.choices[0] if alias is not None and hasattr(alias, "choices") else f"{prefix}{name}".upper()
+            if alias is not None and hasattr(alias, "choices"):
+                env = alias.choices[0]
+            else:
+                env = f"{prefix}{name}".upper()
             value = getattr(instance, name)
             typer.echo(f"  {env:<42} = {value!s:<28} {info.description or ''}")

@@ -82,7 +82,8 @@ def migrate(client: Client, database: str) -> list[str]:
         "(version UInt32, name String, applied_time DateTime64(3, 'UTC') DEFAULT now64(3)) "
         "ENGINE = MergeTree ORDER BY version"
     )
-    done = {row[0] for row in client.query(f"SELECT version FROM {database}.schema_migrations").result_rows}
+    recorded = client.query(f"SELECT version FROM {database}.schema_migrations")
+    done = {row[0] for row in recorded.result_rows}
     applied = []
     for version, name, sql in migration_files():
         if version in done:
@@ -147,7 +148,11 @@ class QueryGateway:
                             int(request.get("timeout_s", 60)),
                             int(request.get("max_rows", USER_MAX_ROWS)),
                         )
-                    body = {"columns": result.columns, "rows": result.rows, "truncated": result.truncated}
+                    body = {
+                        "columns": result.columns,
+                        "rows": result.rows,
+                        "truncated": result.truncated,
+                    }
                     status = 200
                 except QueryError as exc:
                     body, status = {"error": str(exc)}, 400

@@ -105,8 +105,10 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                max(record_index = -1 AND outcome = 'dead_letter') AS whole_dlq,
                max(record_count) AS expected,
                uniqExactIf(record_index, record_index >= 0) AS covered,
-               uniqExactIf(record_index, record_index >= 0 AND outcome != 'dead_letter') AS normalised,
-               uniqExactIf(record_index, record_index >= 0 AND outcome = 'dead_letter') AS dead_lettered
+               uniqExactIf(record_index, record_index >= 0 AND outcome != 'dead_letter')
+                   AS normalised,
+               uniqExactIf(record_index, record_index >= 0 AND outcome = 'dead_letter')
+                   AS dead_lettered
         FROM {database}.lineage
         GROUP BY source_topic, source_partition, source_offset"""
     rows = query(
@@ -117,7 +119,8 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                sum(a.normalised) AS normalised,
                sum(a.dead_lettered) AS dead_lettered,
                countIf(a.whole_dlq = 1) AS dead_lettered_messages,
-               countIf(a.whole_dlq = 0 AND (a.expected <= 0 OR a.covered < a.expected)) AS unaccounted
+               countIf(a.whole_dlq = 0 AND (a.expected <= 0 OR a.covered < a.expected))
+                   AS unaccounted
         FROM {database}.raw_ledger AS l FINAL
         LEFT JOIN ({accounting}) AS a
           ON l.source_topic = a.source_topic AND l.source_partition = a.source_partition
@@ -149,7 +152,10 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                     "messages have records that are neither stored nor dead-lettered"
                 )
         for topic, partition, offset, covered, expected in examples:
-            state = "no outcome at all" if int(expected) <= 0 else f"{covered} of {expected} records"
+            if int(expected) <= 0:
+                state = "no outcome at all"
+            else:
+                state = f"{covered} of {expected} records"
             report.gaps.append(f"  e.g. {topic}[{partition}]@{offset}: {state}")
     lineage_where = f"ingest_time >= {_ts(since)} AND ingest_time < {_ts(until)}"
     for table in (*EVENT_TABLES, *STATE_TABLES):
@@ -167,7 +173,9 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                 WHERE event_id NOT IN (SELECT event_id FROM {database}.{table})"""
         ).rows[0][0]
         if missing:
-            report.gaps.append(f"{table}: {missing} events in the lineage are missing from the table")
+            report.gaps.append(
+                f"{table}: {missing} events in the lineage are missing from the table"
+            )
     sink_dlq = query(
         f"SELECT count() FROM {database}.dead_letter FINAL "
         f"WHERE stage = 'sink' AND {lineage_where}"

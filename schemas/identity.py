@@ -16,7 +16,9 @@ def event_id(source_kind: str, organisation_id: str, source_ref: str, record_ind
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 
-def dead_letter_id(stage: str, topic: str, partition: int, offset: int, record_index: int | None) -> str:
+def dead_letter_id(
+    stage: str, topic: str, partition: int, offset: int, record_index: int | None
+) -> str:
     """The id of a dead-letter record: one per stage, original position and record."""
     text = f"{stage}|{topic}|{partition}|{offset}|{'' if record_index is None else record_index}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()

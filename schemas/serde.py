@@ -113,7 +113,9 @@ class ManifestRegistry:
         try:
             return list(self._by_subject[subject])
         except KeyError:
-            raise SerializationError(subject, "unknown subject (not in schemas/manifest.json)") from None
+            raise SerializationError(
+                subject, "unknown subject (not in schemas/manifest.json)"
+            ) from None
 
     def latest(self, subject: str) -> SchemaVersion:
         return self.versions(subject)[-1]
@@ -160,7 +162,11 @@ class ConfluentRegistry:
             try:
                 registered = self._client.get_schema(schema_id)
             except Exception as exc:  # the registry's own error types; an unknown id is bad input
-                raise SerializationError("?", f"schema id {schema_id} not in the registry: {exc}") from exc
+                raise SerializationError(
+                    "?", f"schema id {schema_id} not in the registry: {exc}"
+                ) from exc
+            if registered.schema_str is None:
+                raise SerializationError("?", f"schema id {schema_id} has no schema text")
             definition = json.loads(registered.schema_str)
             subject = f"{definition.get('namespace', '')}.{definition['name']}".lstrip(".")
             cached = SchemaVersion(subject, 0, schema_id, definition)
@@ -236,7 +242,10 @@ class AvroDeserializer:
         _, schema_id = _HEADER.unpack_from(data)
         writer = self._writers.get(schema_id)
         if writer is None:
-            version = self._registry.by_id(schema_id)
+            try:
+                version = self._registry.by_id(schema_id)
+            except SerializationError as exc:
+                raise SerializationError(expected, exc.reason) from exc
             if self._reader is not None and version.subject != self._reader.subject:
                 raise SerializationError(
                     expected, f"record was written as {version.subject} (schema id {schema_id})"
@@ -245,13 +254,16 @@ class AvroDeserializer:
             self._writers[schema_id] = writer
         try:
             reader = self._reader.parsed if self._reader is not None else None
-            return fastavro.schemaless_reader(  # type: ignore[no-any-return]
-                io.BytesIO(data[_HEADER.size :]), writer, reader
-            )
+            record = fastavro.schemaless_reader(io.BytesIO(data[_HEADER.size :]), writer, reader)
         except Exception as exc:
             raise SerializationError(
                 expected, f"undecodable Avro body for schema id {schema_id}: {exc}"
             ) from exc
+        if not isinstance(record, dict):
+            raise SerializationError(
+                expected, f"schema id {schema_id} decodes to {type(record).__name__}, not a record"
+            )
+        return record
 
 
 def field_sensitivity(definition: dict[str, Any]) -> dict[str, str]:

@@ -25,9 +25,16 @@ from typing import Any
 import faust
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
-from mode import CrashingSupervisor
+from mode import BaseSignalT, CrashingSupervisor
 
-from medstream.metrics import END_TO_END_SECONDS, PROCESSING_SECONDS, READY, RECORDS_IN, RECORDS_OUT
+from medstream.metrics import (
+    CONSUMER_LAG,
+    END_TO_END_SECONDS,
+    PROCESSING_SECONDS,
+    READY,
+    RECORDS_IN,
+    RECORDS_OUT,
+)
 from medstream.settings import RAW_TOPICS, KafkaSettings, StreamSettings
 from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
@@ -36,15 +43,25 @@ from streams.pseudonym import Pseudonymiser
 from streams.stage import STAGE, NormaliseStage, SuppressionState
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, load_terminology
 
-FETCH_WAIT_MS = 20
+DEFAULT_FETCH_WAIT_MS = 20
+
+
+class StreamsApp(faust.App):
+    """The Faust app, carrying the consumer fetch wait its transport needs."""
+
+    fetch_wait_max_ms: int = DEFAULT_FETCH_WAIT_MS
 
 
 class ShortFetchConsumerThread(AIOKafkaConsumerThread):
-    """aiokafka consumer with a short fetch wait (Faust hard-codes 1500 ms)."""
+    """aiokafka consumer with a short fetch wait (Faust hard-codes 1500 ms).
+
+    The wait comes from the app (:class:`StreamsApp`), so two apps in one process can
+    differ; aiokafka reads it when its fetcher starts.
+    """
 
     def _create_worker_consumer(self, transport: Any) -> Any:
         consumer = super()._create_worker_consumer(transport)
-        consumer._fetch_max_wait_ms = FETCH_WAIT_MS
+        consumer._fetch_max_wait_ms = getattr(self.app, "fetch_wait_max_ms", DEFAULT_FETCH_WAIT_MS)
         return consumer
 
 
@@ -72,10 +89,8 @@ def create_app(
     rules_path: str | None = None,
 ) -> faust.App:
     """Build the Faust app with its agents; nothing connects until the worker starts."""
-    global FETCH_WAIT_MS
-    FETCH_WAIT_MS = kafka.fetch_wait_max_ms
     brokers = ";".join(f"medstream-kafka://{b}" for b in kafka.bootstrap_servers.split(","))
-    app = faust.App(
+    app = StreamsApp(
         settings.app_id,
         broker=brokers,
         key_serializer="raw",
@@ -94,6 +109,7 @@ def create_app(
         web_enabled=False,
         agent_supervisor=CrashingSupervisor,
     )
+    app.fetch_wait_max_ms = kafka.fetch_wait_max_ms
     stage = NormaliseStage(
         kafka,
         registry,
@@ -121,7 +137,8 @@ def create_app(
                     message.topic, message.partition, message.offset, int(message.timestamp * 1000)
                 )
                 RECORDS_IN.labels(STAGE, message.topic).inc()
-                for output in stage.handle(source_kind, ctx, message.key, message.value, suppression):
+                outputs = stage.handle(source_kind, ctx, message.key, message.value, suppression)
+                for output in outputs:
                     await out_topic(output.topic).send(key=output.key, value=output.value)
                     RECORDS_OUT.labels(STAGE, output.topic).inc()
                 now = time.time()
@@ -139,10 +156,27 @@ def create_app(
             partitions=kafka.raw_partitions,
         )
         app.agent(raw_topic, name=f"normalise_{source_kind}")(normalise_agent(source_kind))
-    async def mark_ready(sender: Any, **_: Any) -> None:
+
+    async def mark_ready(
+        sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
+    ) -> None:
         READY.labels("streams").set(1)
 
     app.on_rebalance_complete.connect(mark_ready)
+    raw_topic_names = {kafka.topic(name) for name in RAW_TOPICS.values()}
+
+    @app.timer(5.0)
+    async def report_lag() -> None:
+        # Lag = high watermark - next offset to read, from Faust's own monitor (tansu's
+        # watermark under-counts by up to one produce batch, so this is a lower bound).
+        read_offsets = app.monitor.tp_read_offsets
+        lag_by_topic = dict.fromkeys(raw_topic_names, 0)
+        for tp in app.consumer.assignment():
+            if tp.topic in lag_by_topic:
+                highwater = app.consumer.highwater(tp) or 0
+                lag_by_topic[tp.topic] += max(0, highwater - (read_offsets.get(tp, -1) + 1))
+        for topic, lag in lag_by_topic.items():
+            CONSUMER_LAG.labels(STAGE, topic).set(lag)
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return app
