@@ -24,7 +24,7 @@ from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
-from streams.stage import NORM_SUBJECTS, RAW_SUBJECTS, NormaliseStage, SuppressionState
+from streams.stage import NormaliseStage, SuppressionState
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, load_terminology
 
 BATCH_ROWS = 10000
@@ -45,7 +45,10 @@ def prepare_events(
         Pseudonymiser(StreamSettings().pseudonym_key.get_secret_value().encode()),
         load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH),
     )
-    encoders = {kind: serde.AvroSerializer(registry, s) for kind, s in RAW_SUBJECTS.items()}
+    encoders = {
+        kind: serde.AvroSerializer(registry, subject)
+        for kind, subject in serde.RAW_SUBJECT_BY_KIND.items()
+    }
     suppression = SuppressionState.in_memory()
     norm_topics = {kafka.topic(t) for t in NORM_TOPICS.values()}
     prepared: list[tuple[str, bytes | None, bytes]] = []
@@ -76,7 +79,7 @@ def main(events: int, seed: int, workdir: Path) -> dict[str, Any]:
         registry = serde.ManifestRegistry()
         by_topic: dict[str, tuple[str, serde.AvroDeserializer, list[str]]] = {}
         for kind, topic in NORM_TOPICS.items():
-            subject = NORM_SUBJECTS[kind]
+            subject = serde.NORM_SUBJECT_BY_KIND[kind]
             columns = [f["name"] for f in registry.latest(subject).definition["fields"]]
             decoder = serde.AvroDeserializer(registry, subject)
             by_topic[kafka.topic(topic)] = (kind, decoder, columns)

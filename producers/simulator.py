@@ -27,25 +27,13 @@ import yaml
 from medstream.metrics import RECORDS_OUT
 from medstream.settings import RAW_TOPICS, KafkaSettings
 from schemas.identity import event_id
-from schemas.serde import (
-    RAW_CLAIM,
-    RAW_DEVICE_PACKET,
-    RAW_EMR_ROW_CHANGE,
-    RAW_HL7_MESSAGE,
-    AvroSerializer,
-    SchemaRegistry,
-)
+from schemas.serde import RAW_SUBJECT_BY_KIND, AvroSerializer, SchemaRegistry
 
 DEFAULT_REGION_PATH: Final = Path(__file__).resolve().parent / "region.yaml"
 
 #: Source kinds in the order of RAW_TOPICS; each has one raw topic and one Avro subject.
 SOURCE_KINDS: Final = ("emr_cdc", "hl7_lab", "device", "claim")
-RAW_SUBJECTS: Final = {
-    "emr_cdc": RAW_EMR_ROW_CHANGE,
-    "hl7_lab": RAW_HL7_MESSAGE,
-    "device": RAW_DEVICE_PACKET,
-    "claim": RAW_CLAIM,
-}
+RAW_SUBJECTS: Final = RAW_SUBJECT_BY_KIND
 #: Target share of clinical records per source kind.
 RECORD_MIX: Final = {"hl7_lab": 0.35, "device": 0.35, "emr_cdc": 0.15, "claim": 0.15}
 

@@ -46,6 +46,22 @@ CLAIM_LINE = "medstream.norm.ClaimLine"
 ALERT = "medstream.alert.Alert"
 DEAD_LETTER = "medstream.dlq.DeadLetter"
 
+#: Source kind -> subject of its raw message (one raw topic per kind).
+RAW_SUBJECT_BY_KIND = {
+    "emr_cdc": RAW_EMR_ROW_CHANGE,
+    "hl7_lab": RAW_HL7_MESSAGE,
+    "device": RAW_DEVICE_PACKET,
+    "claim": RAW_CLAIM,
+}
+#: Normalised event kind -> subject (one norm topic and one ClickHouse table per kind).
+NORM_SUBJECT_BY_KIND = {
+    "encounter": ENCOUNTER,
+    "diagnosis": DIAGNOSIS,
+    "lab_result": LAB_RESULT,
+    "observation": OBSERVATION,
+    "claim_line": CLAIM_LINE,
+}
+
 
 class SerializationError(ValueError):
     """A record could not be encoded or decoded; names the schema and field at fault."""

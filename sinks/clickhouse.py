@@ -48,11 +48,7 @@ log = logging.getLogger("medstream.sink")
 
 STAGE = "sink"
 SUBJECT_BY_TABLE = {
-    "encounter": serde.ENCOUNTER,
-    "diagnosis": serde.DIAGNOSIS,
-    "lab_result": serde.LAB_RESULT,
-    "observation": serde.OBSERVATION,
-    "claim_line": serde.CLAIM_LINE,
+    **serde.NORM_SUBJECT_BY_KIND,
     "alert": serde.ALERT,
     "dead_letter": serde.DEAD_LETTER,
 }

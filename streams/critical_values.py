@@ -17,7 +17,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
 from schemas.identity import alert_id
-from streams.model import epoch_ms
+from streams.model import NonBlank, epoch_ms
 
 DEFAULT_CRITICAL_RULES_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "rules" / "critical_values.yaml"
@@ -35,13 +35,13 @@ class CriticalRulesError(ValueError):
 class CriticalValueRule:
     """Critical limits of one analyte (LOINC) in one standard unit; a None limit is not checked."""
 
-    rule_id: str
-    loinc: str
-    display: str
-    unit: str
+    rule_id: NonBlank
+    loinc: NonBlank
+    display: NonBlank
+    unit: NonBlank
     low: float | None
     high: float | None
-    severity: str
+    severity: NonBlank
     exclude_specimen_status: frozenset[str]
 
 
@@ -75,21 +75,14 @@ class CriticalFinding:
 class _RuleModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    rule_id: str
-    loinc: str
-    display: str
-    unit: str
+    rule_id: NonBlank
+    loinc: NonBlank
+    display: NonBlank
+    unit: NonBlank
     low: float | None
     high: float | None
-    severity: str
+    severity: NonBlank
     exclude_specimen_status: list[str] = []
-
-    @field_validator("rule_id", "loinc", "display", "unit", "severity")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @field_validator("severity")
     @classmethod
@@ -117,16 +110,9 @@ class _RuleModel(BaseModel):
 class _RulesModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    version: str
+    version: NonBlank
     suppression_minutes: int
     rules: list[_RuleModel]
-
-    @field_validator("version")
-    @classmethod
-    def _version_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @field_validator("suppression_minutes")
     @classmethod

@@ -9,18 +9,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
-from typing import Any, Final
+from typing import Annotated, Any, Final
 
-from schemas.serde import CLAIM_LINE, DIAGNOSIS, ENCOUNTER, LAB_RESULT, OBSERVATION
+from pydantic import AfterValidator
+
+from schemas.serde import NORM_SUBJECT_BY_KIND
 
 #: Normalised event kind -> Avro subject (record name) of its latest schema.
-SUBJECT_BY_KIND: Final[dict[str, str]] = {
-    "encounter": ENCOUNTER,
-    "diagnosis": DIAGNOSIS,
-    "lab_result": LAB_RESULT,
-    "observation": OBSERVATION,
-    "claim_line": CLAIM_LINE,
-}
+SUBJECT_BY_KIND: Final[dict[str, str]] = NORM_SUBJECT_BY_KIND
 
 #: The bounded set of reason codes a rejection may carry (the dead-letter reason_code).
 REASON_CODES: Final[frozenset[str]] = frozenset(
@@ -95,3 +91,13 @@ def as_date(value: date | int) -> date:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"expected a date or int days, got {type(value).__name__}")
     return _EPOCH_DATE + timedelta(days=value)
+
+
+def _not_blank(value: str) -> str:
+    if not value.strip():
+        raise ValueError("must not be empty")
+    return value
+
+
+#: A text field of a rules or dictionary file that must not be empty or blank.
+NonBlank = Annotated[str, AfterValidator(_not_blank)]

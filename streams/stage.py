@@ -30,19 +30,6 @@ from streams.pseudonym import Pseudonymiser
 from streams.terminology import Terminology
 
 STAGE = "normalise"
-RAW_SUBJECTS = {
-    "emr_cdc": serde.RAW_EMR_ROW_CHANGE,
-    "hl7_lab": serde.RAW_HL7_MESSAGE,
-    "device": serde.RAW_DEVICE_PACKET,
-    "claim": serde.RAW_CLAIM,
-}
-NORM_SUBJECTS = {
-    "encounter": serde.ENCOUNTER,
-    "diagnosis": serde.DIAGNOSIS,
-    "lab_result": serde.LAB_RESULT,
-    "observation": serde.OBSERVATION,
-    "claim_line": serde.CLAIM_LINE,
-}
 
 
 @dataclass(frozen=True, slots=True)
@@ -86,8 +73,14 @@ class NormaliseStage:
         self.terminology = terminology
         self.pseudonymiser = pseudonymiser
         self.critical_rules = critical_rules
-        self.decoders = {k: serde.AvroDeserializer(registry, s) for k, s in RAW_SUBJECTS.items()}
-        self.encoders = {k: serde.AvroSerializer(registry, s) for k, s in NORM_SUBJECTS.items()}
+        self.decoders = {
+            kind: serde.AvroDeserializer(registry, subject)
+            for kind, subject in serde.RAW_SUBJECT_BY_KIND.items()
+        }
+        self.encoders = {
+            kind: serde.AvroSerializer(registry, subject)
+            for kind, subject in serde.NORM_SUBJECT_BY_KIND.items()
+        }
         self.encode_alert = serde.AvroSerializer(registry, serde.ALERT)
         self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
         self.norm_topics = {k: kafka.topic(t) for k, t in NORM_TOPICS.items()}

@@ -16,6 +16,8 @@ from typing import Any, Final
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
+from streams.model import NonBlank
+
 DEFAULT_TERMINOLOGY_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "dictionaries" / "terminology.yaml"
 )
@@ -132,19 +134,12 @@ _STRICT = ConfigDict(extra="forbid", frozen=True)
 class _UnitMappingModel(BaseModel):
     model_config = _STRICT
 
-    loinc: str
-    unit: str
+    loinc: NonBlank
+    unit: NonBlank
     local_unit: str | None = None
     factor: float = 1.0
     offset: float = 0.0
     display: str | None = None
-
-    @field_validator("loinc", "unit")
-    @classmethod
-    def _not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
     @field_validator("factor", "offset")
     @classmethod
@@ -180,15 +175,8 @@ class _OrganisationModel(BaseModel):
 class _TerminologyModel(BaseModel):
     model_config = _STRICT
 
-    version: str
+    version: NonBlank
     organisations: dict[str, _OrganisationModel]
-
-    @field_validator("version")
-    @classmethod
-    def _version_not_blank(cls, value: str) -> str:
-        if not value.strip():
-            raise ValueError("must not be empty")
-        return value
 
 
 def _build(model: _TerminologyModel) -> Terminology:
