@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import secrets
 import signal
 import sys
 import threading
@@ -100,7 +101,9 @@ def _start_metrics(port: int) -> None:
 def up(
     events: Annotated[int, typer.Option(help="clinical records to simulate (0 = endless)")] = 0,
     rate: Annotated[float, typer.Option(help="simulated clinical records per second")] = 200.0,
-    seed: Annotated[int, typer.Option(help="simulator seed")] = 7,
+    seed: Annotated[
+        int | None, typer.Option(help="simulator seed (default: a new one, printed)")
+    ] = None,
     workers: Annotated[int | None, typer.Option(help="Faust worker processes")] = None,
     labels: Annotated[
         Path | None, typer.Option(help="write the simulator's ground truth here")
@@ -118,6 +121,9 @@ def up(
         streams = streams.model_copy(update={"workers": workers})
     if exit_when_done and events <= 0:
         _fail("--exit-when-done needs --events N")
+    if seed is None:
+        seed = secrets.randbelow(1_000_000)
+    typer.echo(f"simulator seed {seed} (repeat this region with --seed {seed})")
     supervisor = Supervisor(KafkaSettings(), ClickHouseSettings(), RuntimeSettings(), streams)
     raise typer.Exit(supervisor.run(events, rate, seed, labels, exit_when_done))
 

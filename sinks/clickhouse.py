@@ -53,6 +53,7 @@ SUBJECT_BY_TABLE = {
     "dead_letter": serde.DEAD_LETTER,
 }
 LINEAGE_COLUMNS = [
+    "kafka_cluster",
     "source_topic",
     "source_partition",
     "source_offset",
@@ -65,6 +66,7 @@ LINEAGE_COLUMNS = [
 # The clinical outputs: their stored rows are observed in END_TO_END_SECONDS.
 LATENCY_TABLES = ("alert", "lab_result", "observation", "claim_line", "encounter", "diagnosis")
 LEDGER_COLUMNS = [
+    "kafka_cluster",
     "source_kind",
     "source_topic",
     "source_partition",
@@ -163,6 +165,7 @@ class ClickHouseSink:
         self._stop = threading.Event()
         self._last_lag_check = 0.0
         self.stored_rows = 0
+        self.kafka_cluster = ""
 
     @property
     def topics(self) -> list[str]:
@@ -182,6 +185,9 @@ class ClickHouseSink:
             )
         )
         self._consumer = consumer
+        # Raw positions are only unique within one Kafka cluster (an embedded broker's
+        # offsets restart at 0 with a new cluster id), so lineage and ledger rows carry it.
+        self.kafka_cluster = consumer.list_topics(timeout=30).cluster_id or ""
         consumer.subscribe(
             self.topics,
             on_assign=lambda *_: READY.labels(STAGE).set(1),
@@ -242,7 +248,10 @@ class ClickHouseSink:
         if raw_kind is not None:
             value = message.value() or b""
             self._rows.setdefault("raw_ledger", []).append(
-                [raw_kind, topic, partition, offset, _ms_to_datetime(timestamp_ms), len(value)]
+                [
+                    self.kafka_cluster, raw_kind, topic, partition, offset,
+                    _ms_to_datetime(timestamp_ms), len(value),
+                ]
             )
             return
         writer = self.writers[topic]
@@ -262,6 +271,7 @@ class ClickHouseSink:
             index = record["record_index"]
             count = record["record_count"]
             row = [
+                self.kafka_cluster,
                 record["original_topic"],
                 record["original_partition"],
                 record["original_offset"],
@@ -273,6 +283,7 @@ class ClickHouseSink:
             ]
         else:
             row = [
+                self.kafka_cluster,
                 record["source_topic"],
                 record["source_partition"],
                 record["source_offset"],

@@ -235,11 +235,14 @@ ENGINE = ReplacingMergeTree
 ORDER BY (stage, original_topic, dlq_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
+-- Positions are qualified by the Kafka cluster id: an embedded broker starts empty, its
+-- offsets restart at 0, and each start has its own cluster id.
 -- Lineage: one row per outcome of one raw record (stored event or dead letter), so
 -- reconcile can account for every record of every raw message. Unlike the fact tables it
 -- keeps both copies of a redelivered source message (their raw positions differ).
 CREATE TABLE IF NOT EXISTS {db}.lineage
 (
+    kafka_cluster LowCardinality(String),
     source_topic LowCardinality(String),
     source_partition Int32,
     source_offset Int64,
@@ -251,12 +254,13 @@ CREATE TABLE IF NOT EXISTS {db}.lineage
     stored_time DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree
-ORDER BY (source_topic, source_partition, source_offset, record_index, event_id)
+ORDER BY (kafka_cluster, source_topic, source_partition, source_offset, record_index, event_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 -- Raw ledger: one row per raw record seen on a raw.* topic (no payload): what was published.
 CREATE TABLE IF NOT EXISTS {db}.raw_ledger
 (
+    kafka_cluster LowCardinality(String),
     source_kind LowCardinality(String),
     source_topic LowCardinality(String),
     source_partition Int32,
@@ -266,5 +270,5 @@ CREATE TABLE IF NOT EXISTS {db}.raw_ledger
     stored_time DateTime64(3, 'UTC') DEFAULT now64(3)
 )
 ENGINE = ReplacingMergeTree
-ORDER BY (source_topic, source_partition, source_offset)
+ORDER BY (kafka_cluster, source_topic, source_partition, source_offset)
 SETTINGS non_replicated_deduplication_window = 10000;

@@ -12,8 +12,8 @@ from medstream.reconcile import check_labels, reconcile
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
-LEDGER = ["source_kind", "source_topic", "source_partition", "source_offset", "ingest_time", "value_bytes"]
-LINEAGE = ["source_topic", "source_partition", "source_offset", "record_index", "record_count", "event_id", "outcome", "ingest_time"]
+LEDGER = ["kafka_cluster", "source_kind", "source_topic", "source_partition", "source_offset", "ingest_time", "value_bytes"]
+LINEAGE = ["kafka_cluster", "source_topic", "source_partition", "source_offset", "record_index", "record_count", "event_id", "outcome", "ingest_time"]
 
 
 def querier(client: Client, database: str):  # type: ignore[no-untyped-def]
@@ -26,19 +26,19 @@ def querier(client: Client, database: str):  # type: ignore[no-untyped-def]
 def seed(client: Client, database: str) -> None:
     """Three HL7 messages and one device packet; message 2 lost one of its 3 records."""
     client.insert(f"{database}.raw_ledger", [
-        ["hl7_lab", "raw.hl7_lab", 0, 1, T0, 100],
-        ["hl7_lab", "raw.hl7_lab", 0, 2, T0, 100],
-        ["hl7_lab", "raw.hl7_lab", 1, 7, T0, 100],
-        ["device", "raw.device", 0, 5, T0, 80],
-        ["device", "raw.device", 0, 6, T0 - timedelta(days=3), 80],  # outside the range
+        ["c1", "hl7_lab", "raw.hl7_lab", 0, 1, T0, 100],
+        ["c1", "hl7_lab", "raw.hl7_lab", 0, 2, T0, 100],
+        ["c1", "hl7_lab", "raw.hl7_lab", 1, 7, T0, 100],
+        ["c1", "device", "raw.device", 0, 5, T0, 80],
+        ["c1", "device", "raw.device", 0, 6, T0 - timedelta(days=3), 80],  # outside the range
     ], column_names=LEDGER)
     client.insert(f"{database}.lineage", [
-        ["raw.hl7_lab", 0, 1, 0, 2, "e1", "stored:lab_result", T0],
-        ["raw.hl7_lab", 0, 1, 1, 2, "d1", "dead_letter", T0],
-        ["raw.hl7_lab", 0, 2, 0, 3, "e3", "stored:lab_result", T0],
-        ["raw.hl7_lab", 0, 2, 2, 3, "e5", "stored:lab_result", T0],
-        ["raw.hl7_lab", 1, 7, -1, -1, "d2", "dead_letter", T0],  # whole message dead-lettered
-        ["raw.device", 0, 5, 0, 1, "e6", "stored:observation", T0],
+        ["c1", "raw.hl7_lab", 0, 1, 0, 2, "e1", "stored:lab_result", T0],
+        ["c1", "raw.hl7_lab", 0, 1, 1, 2, "d1", "dead_letter", T0],
+        ["c1", "raw.hl7_lab", 0, 2, 0, 3, "e3", "stored:lab_result", T0],
+        ["c1", "raw.hl7_lab", 0, 2, 2, 3, "e5", "stored:lab_result", T0],
+        ["c1", "raw.hl7_lab", 1, 7, -1, -1, "d2", "dead_letter", T0],  # whole message dead-lettered
+        ["c1", "raw.device", 0, 5, 0, 1, "e6", "stored:observation", T0],
     ], column_names=LINEAGE)
 
 
@@ -69,10 +69,10 @@ def test_reconcile_counts_per_source_and_names_the_gap(clickhouse: Client, datab
 
 
 def test_reconcile_reports_no_gap_when_everything_is_accounted(clickhouse: Client, database: str) -> None:
-    clickhouse.insert(f"{database}.raw_ledger", [["device", "raw.device", 0, 5, T0, 80]], column_names=LEDGER)
+    clickhouse.insert(f"{database}.raw_ledger", [["c1", "device", "raw.device", 0, 5, T0, 80]], column_names=LEDGER)
     report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
     assert not report.ok and "no outcome at all" in "\n".join(report.gaps)
-    clickhouse.insert(f"{database}.lineage", [["raw.device", 0, 5, -1, -1, "d", "dead_letter", T0]], column_names=LINEAGE)
+    clickhouse.insert(f"{database}.lineage", [["c1", "raw.device", 0, 5, -1, -1, "d", "dead_letter", T0]], column_names=LINEAGE)
     report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
     assert report.ok and report.gaps == []
     assert "no gap" in report.render()
@@ -88,3 +88,17 @@ def test_labels_check_finds_missing_and_duplicate_alerts(clickhouse: Client, dat
     check = check_labels(querier(clickhouse, database), database, labels)
     assert (check.expected_events, check.stored_events, check.missing_events) == (3, 2, ["e3"])
     assert check.duplicated_events == 0 and not check.ok
+
+
+def test_same_position_on_two_broker_lives_is_accounted_separately(clickhouse: Client, database: str) -> None:
+    # An embedded broker restarts its offsets at 0; each start has its own cluster id.
+    clickhouse.insert(f"{database}.raw_ledger", [
+        ["first-life", "device", "raw.device", 0, 0, T0, 80],
+        ["second-life", "device", "raw.device", 0, 0, T0, 80],
+    ], column_names=LEDGER)
+    clickhouse.insert(f"{database}.lineage", [
+        ["first-life", "raw.device", 0, 0, 0, 1, "e1", "stored:observation", T0],
+    ], column_names=LINEAGE)
+    report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
+    [device] = report.sources
+    assert (device.published_messages, device.unaccounted_messages) == (2, 1)
