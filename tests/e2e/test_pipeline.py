@@ -220,3 +220,32 @@ def test_sql_and_reconcile_work_while_up_runs_and_sigterm_stops_cleanly(tmp_path
     assert up.returncode == 0, output[-3000:]
     assert "stopped cleanly" in output
     assert not (data_dir / "runtime.json").exists()
+
+
+def test_a_second_run_on_the_same_data_dir_adds_to_the_first(tmp_path: Path) -> None:
+    # `make run` twice: the embedded broker starts empty (offsets from 0 again) while
+    # ClickHouse keeps the first run's data; nothing may collide or be mistaken for a gap.
+    data_dir = tmp_path / "data"
+
+    def run(seed: str) -> int:
+        up = subprocess.run(
+            medstream("up", "--events", "1500", "--rate", "1500", "--seed", seed, "--exit-when-done"),
+            env=env_for(data_dir), capture_output=True, text=True, timeout=300,
+        )
+        assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        counted = subprocess.run(
+            medstream("sql", "SELECT count() AS n FROM medstream.lab_result FINAL", "--format", "json"),
+            env=env_for(data_dir), capture_output=True, text=True, timeout=60,
+        )
+        return int(json.loads(counted.stdout)[0]["n"])
+
+    first = run("101")
+    second = run("202")
+    assert first > 300 and second > first * 1.6
+    whole = subprocess.run(
+        medstream("reconcile", "--json"), env=env_for(data_dir), capture_output=True, text=True, timeout=120
+    )
+    assert whole.returncode == 0, whole.stdout
+    report = json.loads(whole.stdout)
+    assert report["gaps"] == []
+    assert report["stored_events"]["lab_result"] == second
