@@ -52,6 +52,7 @@ app = typer.Typer(
     ),
 )
 
+IN_FLIGHT_S = 10  # what `reconcile` leaves out while the pipeline runs
 MetricsPort = Annotated[int, typer.Option(help="serve Prometheus /metrics on this port (0 = off)")]
 
 
@@ -183,7 +184,7 @@ def sink(
 ) -> None:
     """Run the ClickHouse sink (norm.*, alerts, dlq and the raw ledger)."""
     from schemas.serde import registry_from_url
-    from sinks.clickhouse import ClickHouseSink
+    from sinks.clickhouse import ClickHouseSink, SinkFailed
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kafka = _kafka_for_client()
@@ -207,10 +208,14 @@ def sink(
     signal.signal(signal.SIGINT, lambda *_: writer.stop())
     try:
         writer.run()
+    except SinkFailed as exc:
+        _fail(str(exc))
     finally:
         if gateway is not None:
             gateway.stop()
         client.close()
+    if writer.left_unstored:
+        _fail("stopped with records read but not stored; they stay uncommitted for the next run")
 
 
 @app.command()
@@ -348,12 +353,21 @@ def reconcile_command(
     from medstream.reconcile import check_labels, read_labels, reconcile
 
     end = _parse_time(until) if until else datetime.now(tz=UTC)
+    if until is None and RuntimeState.read(RuntimeSettings()) is not None:
+        end -= timedelta(seconds=IN_FLIGHT_S)
+        typer.echo(
+            f"(the pipeline is running: records of the last {IN_FLIGHT_S} s are in flight and "
+            "not counted; pass --until to choose)",
+            err=True,
+        )
     start = _parse_time(since) if since else end - timedelta(hours=24)
     database = ClickHouseSettings().database
     try:
         with _querier(PROOF_MAX_ROWS) as run:
             report = reconcile(run, database, start, end)
-            label_check = check_labels(run, database, read_labels(labels)) if labels else None
+            label_check = (
+                check_labels(run, database, read_labels(labels), start) if labels else None
+            )
     except QueryError as exc:
         _fail(str(exc))
     ok = report.ok and (label_check is None or label_check.ok)

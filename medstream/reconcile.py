@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,11 +27,16 @@ Querier = Callable[[str], QueryResult]
 # same source row replaces an earlier one, so an older version's event id legitimately
 # disappears; their stored events are proven by the lineage.
 EVENT_TABLES = ("lab_result", "observation", "claim_line")
+# Lineage rows carry the raw record's ingest time, the same value as its ledger row; the
+# slack only guards the window's edges.
+SLACK = timedelta(seconds=1)
 STATE_TABLES = ("encounter", "diagnosis")
 
 
 def _ts(value: datetime) -> str:
-    return f"toDateTime64('{value.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}', 3, 'UTC')"
+    """A ClickHouse UTC literal; a naive datetime is taken as UTC."""
+    utc = value.astimezone(UTC) if value.tzinfo else value.replace(tzinfo=UTC)
+    return f"toDateTime64('{utc.strftime('%Y-%m-%d %H:%M:%S.%f')[:-3]}', 3, 'UTC')"
 
 
 @dataclass
@@ -110,6 +115,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                uniqExactIf(record_index, record_index >= 0 AND outcome = 'dead_letter')
                    AS dead_lettered
         FROM {database}.lineage
+        WHERE ingest_time >= {_ts(since - SLACK)} AND ingest_time < {_ts(until + SLACK)}
         GROUP BY kafka_cluster, source_topic, source_partition, source_offset"""
     rows = query(
         f"""
@@ -218,8 +224,15 @@ def read_labels(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
-def check_labels(query: Querier, database: str, labels: list[dict[str, Any]]) -> LabelCheck:
-    """Every expected event stored exactly once, every expected dead letter and alert present."""
+def check_labels(
+    query: Querier, database: str, labels: list[dict[str, Any]], since: datetime | None = None
+) -> LabelCheck:
+    """Every expected event stored exactly once, every expected dead letter and alert present.
+
+    ``since`` (the run's start) keeps dead letters and alerts of earlier runs in the same
+    database out of the counts.
+    """
+    window = f" AND ingest_time >= {_ts(since)}" if since is not None else ""
     firsts = [label for label in labels if not label.get("duplicate_delivery")]
     expected_by_table: dict[str, set[str]] = {}
     for label in firsts:
@@ -246,7 +259,7 @@ def check_labels(query: Querier, database: str, labels: list[dict[str, Any]]) ->
     expected_dlq = sum(1 for label in labels if label["expect"] == "dead_letter")
     found_dlq = int(
         query(
-            f"SELECT count() FROM {database}.dead_letter FINAL WHERE stage = 'normalise'"
+            f"SELECT count() FROM {database}.dead_letter FINAL WHERE stage = 'normalise'{window}"
         ).rows[0][0]
     )
     expected_alert_events = {
@@ -254,7 +267,7 @@ def check_labels(query: Querier, database: str, labels: list[dict[str, Any]]) ->
     }
     alert_rows = query(
         f"SELECT arrayJoin(triggering_event_ids), count() FROM {database}.alert FINAL "
-        "GROUP BY 1"
+        f"WHERE 1{window} GROUP BY 1"
     ).rows
     alerted = {row[0]: int(row[1]) for row in alert_rows}
     return LabelCheck(

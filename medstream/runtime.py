@@ -13,6 +13,7 @@ import socket
 import subprocess
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,18 +43,26 @@ def free_port() -> int:
 
 
 def wait_for_port(
-    port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
-) -> None:
-    """Poll until something accepts on 127.0.0.1:port; fail early if the process died."""
+    port: int,
+    timeout_s: float,
+    process: subprocess.Popen[bytes] | None = None,
+    cancelled: Callable[[], bool] = lambda: False,
+) -> bool:
+    """Poll until something accepts on 127.0.0.1:port; fail early if the process died.
+
+    Returns False when ``cancelled`` became true first (Ctrl-C while starting).
+    """
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
+        if cancelled():
+            return False
         if process is not None and process.poll() is not None:
             raise EmbeddedRuntimeError(
                 f"process exited with code {process.returncode} before listening"
             )
         try:
             socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
-            return
+            return True
         except OSError:
             time.sleep(0.05)
     raise EmbeddedRuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout_s:.0f}s")

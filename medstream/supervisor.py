@@ -122,6 +122,11 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
     )
 
 
+# How long each component may take to stop: the simulator flushes its producer for up to
+# 60 s, the sink drains for up to 20 s and then stores what it read.
+STOP_TIMEOUT_S = {"simulator": 75.0, "streams": 30.0, "sink": 60.0}
+
+
 class ComponentFailed(RuntimeError):
     """A component died or never became ready."""
 
@@ -144,6 +149,7 @@ class Supervisor:
         self.streams = streams
         self.out = out
         self.on_drained = on_drained
+        self._last_drain_state: tuple[object, ...] | None = None
         self.broker: EmbeddedBroker | None = None
         self.children: list[Child] = []
         self.query_url: str | None = None
@@ -172,12 +178,15 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         try:
-            return self._run(events, rate, seed, labels, exit_when_done, done_timeout_s)
+            code = self._run(events, rate, seed, labels, exit_when_done, done_timeout_s)
         except ComponentFailed as exc:
             self.out(f"error: {exc}")
-            return 1
-        finally:
+            code = 1
+        except BaseException:
             self._shutdown()
+            raise
+        clean = self._shutdown()
+        return code if clean else max(code, 1)
 
     def _run(
         self,
@@ -210,7 +219,8 @@ class Supervisor:
             Child("sink", ["sink", "--query-port", str(query_port)], free_port()), env
         )
         try:
-            wait_for_port(query_port, 120, sink.process)
+            if not wait_for_port(query_port, 120, sink.process, cancelled=self._stop.is_set):
+                return 0  # stopped while starting
         except RuntimeError as exc:
             log = self.runtime.data_dir / "sink.log"
             raise ComponentFailed(f"the sink did not start ({exc}); its log: {log}") from exc
@@ -218,7 +228,8 @@ class Supervisor:
         self.out(f"ClickHouse {ch_url} migrated; query endpoint {self.query_url}")
         for index in range(self.streams.workers):
             self._start(Child(f"streams-{index}", ["streams"], free_port()), env)
-        self._wait_ready(1 + self.streams.workers, timeout_s=120)
+        if not self._wait_ready(1 + self.streams.workers, timeout_s=120):
+            return 0  # stopped while starting
         simulate = [
             "simulate", "--events", str(events), "--rate", str(rate), "--seed", str(seed),
             "--report", str((data_dir / "simulator-report.json").resolve()),
@@ -249,8 +260,12 @@ class Supervisor:
             died = [c for c in self.children if self._died(c)]
             if died:
                 for child in died:
-                    assert child.process is not None
-                    self.out(f"{child.name} died with exit code {child.process.returncode}")
+                    code = child.process.returncode if child.process else None
+                    log = self.runtime.data_dir / f"{child.name}.log"
+                    self.out(f"{child.name} died with exit code {code}; see {log}")
+                return 1
+            if self.broker is not None and not self.broker.alive():
+                self.out(f"the embedded broker died; see {self.runtime.data_dir / 'broker.log'}")
                 return 1
             if exit_when_done and simulator.process is not None and simulator.process.poll() == 0:
                 done_deadline = done_deadline or time.monotonic() + done_timeout_s
@@ -275,27 +290,45 @@ class Supervisor:
 
         try:
             report = reconcile(query, self.clickhouse.database, since, datetime.now(tz=UTC))
-        except QueryError as exc:
-            return False, f"reconcile failed: {exc}"
+            totals = query(
+                f"SELECT (SELECT count() FROM {self.clickhouse.database}.alert), "
+                f"(SELECT count() FROM {self.clickhouse.database}.dead_letter)"
+            ).rows[0]
+        except (QueryError, OSError) as exc:  # a busy or restarting gateway: ask again
+            self.out(f"reconcile not possible right now ({exc}); retrying")
+            return None
         published = sum(s.published_messages for s in report.sources)
-        if report.ok and published >= self._published_messages():
-            if self.on_drained is not None:
-                self.on_drained(query)
-            return True, report.render()
-        return None  # still in flight: try again at the next tick
+        if not report.ok or published < self._published_messages():
+            self._last_drain_state = None
+            return None  # still in flight: try again at the next tick
+        # Alerts and dead letters are not in the lineage proof: done only once nothing
+        # changed for a whole tick.
+        state = (published, tuple(sorted(report.stored_events.items())), *totals)
+        if state != self._last_drain_state:
+            self._last_drain_state = state
+            return None
+        if self.on_drained is not None:
+            self.on_drained(query)
+        return True, report.render()
 
-    def _wait_ready(self, components: int, timeout_s: float) -> None:
-        """Hold the producers back until the sink and every worker have their partitions."""
+    def _wait_ready(self, components: int, timeout_s: float) -> bool:
+        """Hold the producers back until the sink and every worker have their partitions.
+
+        Returns False when a stop was requested meanwhile.
+        """
         deadline = time.monotonic() + timeout_s
         while scrape(self.children).values.get("ready", 0) < components:
+            if self._stop.is_set():
+                return False
             died = [c.name for c in self.children if self._died(c)]
             if died:
                 logs = ", ".join(str(self.runtime.data_dir / f"{name}.log") for name in died)
                 raise ComponentFailed(f"{', '.join(died)} died while starting; see {logs}")
-            if time.monotonic() > deadline or self._stop.is_set():
+            if time.monotonic() > deadline:
                 raise ComponentFailed("components did not join their consumer groups in time")
             time.sleep(0.2)
         self.out(f"sink and {components - 1} stream worker(s) have their partitions")
+        return True
 
     def _published_messages(self) -> int:
         """Messages the finished simulator reported as acknowledged by the broker."""
@@ -330,8 +363,12 @@ class Supervisor:
         self.children.append(child)
         return child
 
-    def _shutdown(self) -> None:
-        """Stop producers first, then the stream workers, then the sink (it flushes), then Kafka."""
+    def _shutdown(self) -> bool:
+        """Stop producers, then stream workers, then the sink (it drains), then Kafka.
+
+        Returns False when a component failed or had to be killed.
+        """
+        killed = []
         order = sorted(
             self.children,
             key=lambda c: (
@@ -343,12 +380,14 @@ class Supervisor:
             if process is None or process.poll() is not None:
                 continue
             process.send_signal(signal.SIGTERM)
+            timeout = STOP_TIMEOUT_S.get(child.name.split("-")[0], 30.0)
             try:
-                process.wait(timeout=30)
+                process.wait(timeout=timeout)
             except subprocess.TimeoutExpired:
-                self.out(f"{child.name} did not stop within 30s; killing it")
+                self.out(f"{child.name} did not stop within {timeout:.0f}s; killing it")
                 process.kill()
                 process.wait()
+                killed.append(child.name)
         if self.broker is not None:
             self.broker.stop()
         try:
@@ -360,7 +399,9 @@ class Supervisor:
             for c in self.children
             if self._died(c) and c.process and c.process.returncode not in (0, -15)
         ]
-        if failed:
-            self.out("stopped; components that failed: " + ", ".join(c.name for c in failed))
-        else:
-            self.out("stopped cleanly")
+        if failed or killed:
+            names = sorted({*(c.name for c in failed), *killed})
+            self.out("stopped; components that failed: " + ", ".join(names))
+            return False
+        self.out("stopped cleanly")
+        return True

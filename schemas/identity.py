@@ -17,10 +17,20 @@ def event_id(source_kind: str, organisation_id: str, source_ref: str, record_ind
 
 
 def dead_letter_id(
-    stage: str, topic: str, partition: int, offset: int, record_index: int | None
+    stage: str,
+    topic: str,
+    partition: int,
+    offset: int,
+    record_index: int | None,
+    original_timestamp_ms: int,
 ) -> str:
-    """The id of a dead-letter record: one per stage, original position and record."""
-    text = f"{stage}|{topic}|{partition}|{offset}|{'' if record_index is None else record_index}"
+    """The id of a dead-letter record: one per stage, original record and record index.
+
+    The original record's timestamp is part of it because a position alone is not unique
+    over time: an embedded broker restarts its offsets at 0.
+    """
+    index = "" if record_index is None else record_index
+    text = f"{stage}|{topic}|{partition}|{offset}|{original_timestamp_ms}|{index}"
     return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
 

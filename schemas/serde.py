@@ -13,12 +13,12 @@ import io
 import json
 import struct
 from dataclasses import dataclass
-from functools import cache
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Protocol
 
 import fastavro
-from fastavro.validation import ValidationError, validate
+from fastavro.validation import validate
 
 SCHEMA_DIR = Path(__file__).resolve().parent
 MANIFEST_PATH = SCHEMA_DIR / "manifest.json"
@@ -83,15 +83,10 @@ class SchemaVersion:
     schema_id: int
     definition: dict[str, Any]
 
-    @property
+    @cached_property
     def parsed(self) -> Any:
-        """The fastavro-parsed schema (cached per definition)."""
-        return _parse(json.dumps(self.definition, sort_keys=True))
-
-
-@cache
-def _parse(definition_json: str) -> Any:
-    return fastavro.parse_schema(json.loads(definition_json))
+        """The fastavro-parsed schema, parsed once per version."""
+        return fastavro.parse_schema(self.definition)
 
 
 class SchemaRegistry(Protocol):
@@ -195,8 +190,26 @@ def registry_from_url(url: str) -> SchemaRegistry:
     return ConfluentRegistry(url) if url else ManifestRegistry()
 
 
+def describe_value(value: Any) -> str:
+    """A value's shape without its content: errors and logs must never carry patient data."""
+    if value is None or isinstance(value, bool | int | float):
+        return type(value).__name__
+    try:
+        return f"{type(value).__name__} of length {len(value)}"
+    except TypeError:
+        return type(value).__name__
+
+
+def _type_name(avro_type: Any) -> str:
+    if isinstance(avro_type, list):
+        return "|".join(_type_name(t) for t in avro_type)
+    if isinstance(avro_type, dict):
+        return str(avro_type.get("logicalType") or avro_type.get("name") or avro_type["type"])
+    return str(avro_type).rsplit(".", 1)[-1]
+
+
 def _field_at_fault(record: Any, parsed: Any) -> tuple[str | None, str]:
-    """Find the first invalid field of a record, for an error that names it."""
+    """Find the first invalid field of a record, for an error that names it (not its value)."""
     if not isinstance(record, dict):
         return None, f"expected a record (dict), got {type(record).__name__}"
     for field in parsed["fields"]:
@@ -206,10 +219,9 @@ def _field_at_fault(record: Any, parsed: Any) -> tuple[str | None, str]:
         if name in record:
             try:
                 validate(record[name], field["type"], raise_errors=True)
-            except ValidationError as exc:
-                return name, f"value {record[name]!r:.80} does not match {exc.errors[0]!s:.120}"
-            except Exception as exc:  # fastavro raises plain errors for some mismatches
-                return name, f"value {record[name]!r:.80} is invalid: {exc}"
+            except Exception:  # ValidationError or fastavro's plain errors: both echo the value
+                expected = _type_name(field["type"])
+                return name, f"{describe_value(record[name])} does not match type {expected}"
     return None, "record does not match the schema"
 
 
@@ -229,7 +241,10 @@ class AvroSerializer:
             fastavro.schemaless_writer(buffer, self._parsed, value)
         except Exception as exc:
             field, reason = _field_at_fault(value, self._parsed)
-            raise SerializationError(self.subject, f"{reason} ({exc})", field) from exc
+            # The reason names the field and the value's shape; the value itself may be
+            # patient data, so neither it nor fastavro's message (which repeats it) is kept.
+            reason = f"{reason} ({type(exc).__name__})"
+            raise SerializationError(self.subject, reason, field) from exc
         return buffer.getvalue()
 
 

@@ -12,14 +12,16 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import queue
+import re
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
 from clickhouse_connect.driver.client import Client
+from clickhouse_connect.driver.exceptions import InterfaceError, OperationalError
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from medstream.metrics import (
@@ -52,6 +54,7 @@ SUBJECT_BY_TABLE = {
     "alert": serde.ALERT,
     "dead_letter": serde.DEAD_LETTER,
 }
+PROOF_TABLES = ("lineage", "raw_ledger")
 LINEAGE_COLUMNS = [
     "kafka_cluster",
     "source_topic",
@@ -106,6 +109,7 @@ class PendingFlush:
 
     rows_by_table: dict[str, list[list[Any]]] = field(default_factory=dict)
     ranges: list[PartitionBatch] = field(default_factory=list)
+    kafka_cluster: str = ""  # offsets are reused by a restarted embedded broker
 
     def token(self, table: str) -> str:
         """Deduplication token: the table and the exact offset ranges of this flush."""
@@ -113,7 +117,7 @@ class PendingFlush:
             f"{b.topic}/{b.partition}/{b.first_offset}-{b.last_offset}"
             for b in sorted(self.ranges, key=lambda b: (b.topic, b.partition))
         )
-        return hashlib.sha256(f"{table}|{spans}".encode()).hexdigest()
+        return hashlib.sha256(f"{self.kafka_cluster}|{table}|{spans}".encode()).hexdigest()
 
 
 class TableWriter:
@@ -166,18 +170,42 @@ class ClickHouseSink:
         self._last_lag_check = 0.0
         self.stored_rows = 0
         self.kafka_cluster = ""
+        self._to_insert: queue.Queue[PendingFlush | None] = queue.Queue(maxsize=1)
+        self._stored: queue.Queue[tuple[PendingFlush, BaseException | None]] = queue.Queue()
+        self._in_flight = 0
+        self._stop_deadline: float | None = None
+        self.left_unstored = False
 
     @property
     def topics(self) -> list[str]:
         """Every topic the sink reads."""
         return sorted([*self.writers, *self.raw_kind_by_topic])
 
-    def stop(self) -> None:
-        """Ask the run loop to finish; unflushed records are left uncommitted for the next run."""
+    def stop(self, drain_s: float = 20.0) -> None:
+        """Finish: consume until idle (at most ``drain_s``), store, commit, return.
+
+        What cannot be stored within the drain time is left uncommitted (and
+        ``left_unstored`` is set): the next run reads it again.
+        """
+        if self._stop_deadline is None:
+            self._stop_deadline = time.monotonic() + drain_s
         self._stop.set()
 
-    def run(self, on_idle: Callable[[], None] | None = None) -> None:
-        """Consume until stop(); flush by size/age; commit only what ClickHouse accepted."""
+    def run(self) -> None:
+        """Consume until stop(); flush by size/age; commit only what ClickHouse accepted.
+
+        Inserts run on a background thread so consuming and decoding go on meanwhile; at
+        most one flush is being inserted and one waits, beyond that the loop waits too.
+        """
+        inserter = threading.Thread(target=self._insert_loop, name="clickhouse-inserter")
+        inserter.start()
+        try:
+            self._consume()
+        finally:
+            self._to_insert.put(None)
+            inserter.join()
+
+    def _consume(self) -> None:
         consumer = Consumer(
             self.kafka.consumer_config(
                 self.settings.group_id,
@@ -194,9 +222,15 @@ class ClickHouseSink:
             on_revoke=self._on_revoke,
         )
         max_age = self.settings.batch_max_ms / 1000
+        last_data = time.monotonic()
         try:
-            while not self._stop.is_set():
+            # After stop() the loop goes on until the topics are idle (the producers are
+            # stopped first) or the drain time is up, so a graceful stop leaves no read lag.
+            while not self._stop.is_set() or not (self._idle(last_data) or self._drain_over()):
                 messages = consumer.consume(num_messages=2000, timeout=0.05)
+                # Idle means assigned and nothing read for a while (not: still joining).
+                if messages or not consumer.assignment():
+                    last_data = time.monotonic()
                 for message in messages:
                     self._add(message)
                 oldest = min((b.opened_at for b in self._batches.values()), default=None)
@@ -206,27 +240,36 @@ class ClickHouseSink:
                     or time.monotonic() - oldest >= max_age
                 ):
                     self._flush()
-                elif not messages and on_idle is not None:
-                    on_idle()
+                self._commit_stored(wait=False)
                 self._update_lag()
-            if self._batches:
-                self._flush_on_stop()
+            self._flush_on_stop()
         finally:
             consumer.close()
             self._consumer = None
 
     def _flush_on_stop(self) -> None:
-        """A graceful stop stores what was read, unless ClickHouse is failing right now."""
+        """A graceful stop stores what was read, unless ClickHouse keeps failing past the drain."""
         try:
-            self._flush()
+            if self._batches:
+                self._flush()
+            self._commit_stored(wait=True)
         except SinkStopped as exc:
-            log.warning("left %d partitions uncommitted at stop: %s", len(self._batches), exc)
+            self.left_unstored = True
+            log.error("stopped with records read but not stored (left uncommitted): %s", exc)
+
+    @staticmethod
+    def _idle(last_data: float) -> bool:
+        return time.monotonic() - last_data >= IDLE_AFTER_S
+
+    def _drain_over(self) -> bool:
+        return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # Records of revoked partitions are flushed while we still own them, so the next
-        # owner starts after what we stored instead of storing it again.
+        # Records of revoked partitions are stored and committed while we still own them,
+        # so the next owner starts after them instead of storing them again.
         if self._batches:
             self._flush()
+        self._commit_stored(wait=True)
 
     def _add(self, message: Message) -> None:
         error = message.error()
@@ -302,7 +345,7 @@ class ClickHouseSink:
         topic, partition, offset = _position(message)
         now = datetime.now(tz=UTC)
         values = {
-            "dlq_id": dead_letter_id(STAGE, topic, partition, offset, None),
+            "dlq_id": dead_letter_id(STAGE, topic, partition, offset, None, timestamp_ms),
             "stage": STAGE,
             "reason_code": reason_code,
             "reason": reason,
@@ -324,25 +367,68 @@ class ClickHouseSink:
         log.warning("dead-lettered %s[%d]@%d: %s", topic, partition, offset, reason_code)
 
     def _flush(self) -> None:
-        pending = PendingFlush(self._rows, list(self._batches.values()))
+        """Hand the collected rows to the inserter (waits while one flush is already queued)."""
+        pending = PendingFlush(self._rows, list(self._batches.values()), self.kafka_cluster)
         self._rows = {}
         self._batches = {}
-        self._store(pending)
-        if self._consumer is None:
-            raise RuntimeError("flush outside run(): there is no consumer to commit with")
-        self._consumer.commit(
-            offsets=[
-                TopicPartition(b.topic, b.partition, b.last_offset + 1) for b in pending.ranges
-            ],
-            asynchronous=False,
-        )
+        self._in_flight += 1
+        while True:
+            try:
+                self._to_insert.put(pending, timeout=0.5)
+                return
+            except queue.Full:
+                self._commit_stored(wait=False)  # surfaces an inserter failure meanwhile
+
+    def _insert_loop(self) -> None:
+        """The inserter thread: store flushes in order; report each result to the loop."""
+        while True:
+            pending = self._to_insert.get()
+            if pending is None:
+                return
+            try:
+                self._store(pending)
+            except BaseException as exc:  # handed to the consuming thread, which raises it
+                self._stored.put((pending, exc))
+                return
+            self._stored.put((pending, None))
+
+    def _commit_stored(self, wait: bool) -> None:
+        """Commit the offsets of every flush the inserter finished, in order.
+
+        With ``wait`` it returns only when nothing is in flight. A failed flush is raised
+        here and nothing after it is committed.
+        """
+        while self._in_flight:
+            try:
+                pending, error = self._stored.get(timeout=0.5 if wait else 0.0)
+            except queue.Empty:
+                if wait:
+                    continue
+                return
+            self._in_flight -= 1
+            if error is not None:
+                raise error
+            if self._consumer is None:
+                raise RuntimeError("commit outside run(): there is no consumer to commit with")
+            self._consumer.commit(
+                offsets=[
+                    TopicPartition(b.topic, b.partition, b.last_offset + 1)
+                    for b in pending.ranges
+                ],
+                asynchronous=False,
+            )
 
     def _store(self, pending: PendingFlush) -> None:
         """Insert every table of a flush; retry with backoff until ClickHouse accepts or stop."""
         now = time.time()
-        for table, rows in pending.rows_by_table.items():
+        # Facts, alerts and dead letters first; the proof tables (lineage, raw ledger) last,
+        # so a proof row never exists for a fact that was not stored.
+        tables = sorted(pending.rows_by_table, key=lambda t: t in PROOF_TABLES)
+        for table in tables:
+            rows = pending.rows_by_table[table]
             columns = self._columns(table)
             delay = self.settings.retry_initial_s
+            failures = 0
             while True:
                 started = time.perf_counter()
                 try:
@@ -356,10 +442,23 @@ class ClickHouseSink:
                     break
                 except Exception as exc:
                     SINK_FAILURES.labels(table).inc()
-                    if self._stop.is_set():
-                        raise SinkStopped(f"stopped while {table} was failing: {exc}") from exc
-                    log.error("insert into %s failed (%s); retrying in %.1fs", table, exc, delay)
-                    self._stop.wait(delay)
+                    failures += 1
+                    if not _is_transient(exc) and failures >= PERMANENT_ATTEMPTS:
+                        raise SinkFailed(
+                            f"ClickHouse refused {table} {failures} times with "
+                            f"{type(exc).__name__} {_error_code(exc)}; nothing after it was "
+                            "committed (the sink stops rather than skip a batch)"
+                        ) from exc
+                    if self._drain_over():
+                        raise SinkStopped(f"stopped while {table} was failing") from exc
+                    log.error(
+                        "insert into %s failed (%s %s); retrying in %.1fs",
+                        table, type(exc).__name__, _error_code(exc), delay,
+                    )
+                    if self._stop.is_set():  # draining: keep retrying, in short steps
+                        time.sleep(min(delay, 0.5))
+                    else:
+                        self._stop.wait(delay)
                     delay = min(delay * 2, self.settings.retry_max_s)
             SINK_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
             SINK_BATCH_ROWS.labels(table).observe(len(rows))
@@ -396,6 +495,25 @@ class ClickHouseSink:
             return
         for topic, lag in lag_by_topic.items():
             CONSUMER_LAG.labels(STAGE, topic).set(lag)
+
+
+PERMANENT_ATTEMPTS = 3
+IDLE_AFTER_S = 1.0  # a stopping sink is drained once nothing arrived for this long
+
+
+def _is_transient(exc: Exception) -> bool:
+    """Connection-level failures are retried forever; ClickHouse refusing the data is not."""
+    return isinstance(exc, OSError | OperationalError | InterfaceError)
+
+
+def _error_code(exc: Exception) -> str:
+    """ClickHouse's numeric error code only: its message may quote row values."""
+    match = re.search(r"Code: (\d+)", str(exc))
+    return f"(code {match.group(1)})" if match else ""
+
+
+class SinkFailed(RuntimeError):
+    """ClickHouse refused a flush in a way retrying cannot fix; nothing was committed."""
 
 
 class SinkStopped(RuntimeError):

@@ -18,9 +18,11 @@ Tuning for the embedded tansu broker (and harmless on Apache Kafka):
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import os
 import time
-from typing import Any
+from typing import Any, cast
 
 import faust
 from faust.transport.drivers import TRANSPORTS
@@ -44,6 +46,21 @@ from streams.stage import STAGE, NormaliseStage, SuppressionState
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, load_terminology
 
 DEFAULT_FETCH_WAIT_MS = 20
+EXIT_DELIVERY_FAILED = 70
+log = logging.getLogger("medstream.streams")
+
+
+def exit_on_failed_delivery(delivery: asyncio.Future[Any]) -> None:
+    """Stop the worker at once when an output record could not be delivered.
+
+    Faust commits raw offsets after flushing its producer, not after checking each
+    delivery, so a lost output must end the process before it can commit past it; the
+    uncommitted raw records are then processed again by the next worker.
+    """
+    error = None if delivery.cancelled() else delivery.exception()
+    if delivery.cancelled() or error is not None:
+        log.critical("an output record could not be delivered (%s); exiting", error)
+        os._exit(EXIT_DELIVERY_FAILED)
 
 
 class StreamsApp(faust.App):
@@ -121,12 +138,6 @@ def create_app(
         "critical-suppression", default=None, partitions=kafka.raw_partitions
     )
     suppression = SuppressionState(suppression_table.get, suppression_table.__setitem__)
-    out_topics: dict[str, faust.TopicT] = {}
-
-    def out_topic(name: str) -> faust.TopicT:
-        if name not in out_topics:
-            out_topics[name] = app.topic(name, key_serializer="raw", value_serializer="raw")
-        return out_topics[name]
 
     def normalise_agent(source_kind: str) -> Any:
         async def agent(stream: faust.StreamT) -> None:
@@ -139,7 +150,10 @@ def create_app(
                 RECORDS_IN.labels(STAGE, message.topic).inc()
                 outputs = stage.handle(source_kind, ctx, message.key, message.value, suppression)
                 for output in outputs:
-                    await out_topic(output.topic).send(key=output.key, value=output.value)
+                    delivery = await app.producer.send(
+                        output.topic, output.key, output.value, None, None, None
+                    )
+                    cast(asyncio.Future, delivery).add_done_callback(exit_on_failed_delivery)
                     RECORDS_OUT.labels(STAGE, output.topic).inc()
                 now = time.time()
                 PROCESSING_SECONDS.labels(STAGE).observe(time.perf_counter() - started)

@@ -748,7 +748,8 @@ def normalise_device_packet(
 ) -> list[Outcome]:
     """One device packet (DevicePacket) -> one Observation per sample, in standard units.
 
-    A packet without samples yields nothing (it is a keep-alive, not an error).
+    A packet without samples is dead-lettered whole: it carries no observation, and every
+    raw message must end stored or dead-lettered so that reconciliation can account for it.
     """
     organisation_id = raw["organisation_id"]
     device_type = raw["device_type"]
@@ -758,6 +759,9 @@ def normalise_device_packet(
     key = person_key or _fallback_key(organisation_id, source_ref)
     samples = raw["samples"]
     count = len(samples)
+    if not count:
+        reason = "device packet has no samples"
+        return [RecordRejected(None, 0, "invalid_message", reason, organisation_id)]
     outcomes: list[Outcome] = []
     for index, sample in enumerate(samples):
         metric = sample["metric"].strip()
@@ -954,7 +958,7 @@ def dead_letter_record(
     """A complete DeadLetter record for a rejection, carrying the original key and value bytes."""
     return {
         "dlq_id": dead_letter_id(
-            stage, ctx.topic, ctx.partition, ctx.offset, rejected.record_index
+            stage, ctx.topic, ctx.partition, ctx.offset, rejected.record_index, ctx.timestamp_ms
         ),
         "stage": stage,
         "reason_code": rejected.reason_code,

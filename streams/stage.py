@@ -10,7 +10,7 @@ that owns the patient, and no second pass over norm.lab_result is needed.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,21 +42,35 @@ class Output:
 
 
 class SuppressionState:
-    """Where the last alert time per (person, analyte) is kept: a Faust table in the worker."""
+    """The last alert per (person, analyte): its event time and triggering event id.
+
+    In the worker this is a Faust table (values stored as JSON lists); the id lets a raw
+    message that is processed again re-emit its own alert instead of being suppressed by
+    the state it wrote the first time.
+    """
 
     def __init__(
         self,
-        get: Callable[[str], int | None],
-        put: Callable[[str, int], None],
+        get: Callable[[str], Sequence[Any] | None],
+        put: Callable[[str, list[Any]], None],
     ) -> None:
-        self.get = get
-        self.put = put
+        self._get = get
+        self._put = put
 
     @classmethod
     def in_memory(cls) -> SuppressionState:
         """A dict-backed state for tests and the benchmark baseline."""
-        store: dict[str, int] = {}
+        store: dict[str, list[Any]] = {}
         return cls(store.get, store.__setitem__)
+
+    def last_alert(self, key: str) -> tuple[int, str] | None:
+        """(event time ms, triggering event id) of the last alert for the key, if any."""
+        value = self._get(key)
+        return None if value is None else (int(value[0]), str(value[1]))
+
+    def record_alert(self, key: str, event_time_ms: int, event_id: str) -> None:
+        """Remember an alert for the key."""
+        self._put(key, [event_time_ms, event_id])
 
 
 class NormaliseStage:
@@ -130,9 +144,14 @@ class NormaliseStage:
             return None
         key = suppression_key(lab_result)
         event_time = int(lab_result["event_time"])
-        if is_suppressed(suppression.get(key), event_time, self.critical_rules.suppression_ms):
-            return None
-        suppression.put(key, event_time)
+        last = suppression.last_alert(key)
+        replayed = last is not None and last[1] == lab_result["event_id"]
+        if not replayed:
+            last_time = last[0] if last is not None else None
+            if is_suppressed(last_time, event_time, self.critical_rules.suppression_ms):
+                return None
+            suppression.record_alert(key, event_time, lab_result["event_id"])
+        # A replayed message re-emits the same alert (same alert_id): collapsed downstream.
         alert = build_alert(lab_result, finding, self.critical_rules, now_ms)
         ALERTS.labels(alert["rule_id"]).inc()
         person = (lab_result.get("person_key") or "").encode() or None

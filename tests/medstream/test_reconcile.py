@@ -102,3 +102,20 @@ def test_same_position_on_two_broker_lives_is_accounted_separately(clickhouse: C
     report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
     [device] = report.sources
     assert (device.published_messages, device.unaccounted_messages) == (2, 1)
+
+
+def test_range_bounds_with_an_offset_are_converted_to_utc(clickhouse: Client, database: str) -> None:
+    from datetime import timezone
+
+    clickhouse.insert(f"{database}.raw_ledger", [["c1", "device", "raw.device", 0, 1, T0, 80]], column_names=LEDGER)
+    cst = timezone(timedelta(hours=8))
+    around_t0 = reconcile(  # 15:30..16:30 in UTC+8 is 07:30..08:30 UTC
+        querier(clickhouse, database), database,
+        datetime(2026, 11, 20, 15, 30, tzinfo=cst), datetime(2026, 11, 20, 16, 30, tzinfo=cst),
+    )
+    assert [s.published_messages for s in around_t0.sources] == [1]
+    naive_hours_later = reconcile(
+        querier(clickhouse, database), database,
+        datetime(2026, 11, 20, 15, 30), datetime(2026, 11, 20, 16, 30),
+    )
+    assert naive_hours_later.sources == []

@@ -93,6 +93,18 @@ def test_encoding_error_names_schema_and_field() -> None:
     assert caught.value.schema == serde.OBSERVATION
     assert caught.value.field == "value"
     assert str(caught.value).startswith("medstream.norm.Observation.value:")
+    assert "str of length 12 does not match type null|double" in str(caught.value)
+
+
+def test_encoding_errors_never_repeat_the_value() -> None:
+    # A fictional identifier in the wrong place must not reach the exception text (logs).
+    record = next(generate_many(REGISTRY.latest(serde.RAW_EMR_ROW_CHANGE).parsed, 1))
+    record["after"] = {"patient_name": "TESTPATIENT^ALPHA", "id_number": 990000200001010018}
+    with pytest.raises(serde.SerializationError) as caught:
+        serde.AvroSerializer(REGISTRY, serde.RAW_EMR_ROW_CHANGE)(record)
+    text = str(caught.value)
+    assert caught.value.field == "after" and "dict of length 2" in text
+    assert "TESTPATIENT" not in text and "990000200001010018" not in text
 
 
 def test_decoding_refuses_unframed_bytes_and_records_of_another_subject() -> None:

@@ -152,7 +152,7 @@ def test_sink_stores_every_kind_with_lineage_and_ledger(
         "mapping_version": "test-1",
     }
     dead = {
-        "dlq_id": dead_letter_id("normalise", "raw.hl7_lab", 1, 7, None),
+        "dlq_id": dead_letter_id("normalise", "raw.hl7_lab", 1, 7, None, NOW_MS),
         "stage": "normalise",
         "reason_code": "undecodable",
         "reason": "medstream.raw.Hl7Message: not Confluent-framed Avro",
@@ -273,3 +273,49 @@ def test_undecodable_norm_record_is_dead_lettered_by_the_sink(
     ).result_rows[0]
     assert (stage, reason_code, original) == ("sink", "undecodable", "not avro at all")
     assert "medstream.norm.LabResult" in reason and "magic byte" in reason
+
+
+class RejectingClient:
+    """Fault injection: ClickHouse refuses the data itself (not a connection failure)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+        self.attempts = 0
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        from clickhouse_connect.driver.exceptions import DatabaseError
+
+        self.attempts += 1
+        raise DatabaseError("Code: 252. DB::Exception: Too many partitions for single INSERT block")
+
+
+def test_a_batch_clickhouse_refuses_for_good_stops_the_sink_without_committing(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    from sinks.clickhouse import PERMANENT_ATTEMPTS, SinkFailed
+
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(5)])
+    rejecting = RejectingClient(clickhouse)
+    sink = make_sink(kafka, rejecting, database, "sink-e")
+    with pytest.raises(SinkFailed, match=r"refused lab_result 3 times with DatabaseError \(code 252\)"):
+        sink.run()
+    assert rejecting.attempts == PERMANENT_ATTEMPTS
+    assert committed_total(kafka, "sink-e", topic, 2) == 0
+
+
+def test_graceful_stop_drains_what_is_already_in_kafka(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(3000)])
+    sink = make_sink(kafka, clickhouse, database, "sink-f")
+    sink.stop()  # asked to stop before it even started: it still drains and stores it all
+    sink.run()
+    assert not sink.left_unstored
+    assert count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 3000
+    assert committed_total(kafka, "sink-f", topic, 2) == 3000

@@ -877,11 +877,13 @@ def test_device_without_patient(terminology: Terminology, pseudonymiser: Pseudon
     assert event.key == "H001|DEV-1:P-1"
 
 
-def test_empty_packet_yields_nothing(
+def test_empty_packet_is_dead_lettered_whole_so_it_is_accounted_for(
     terminology: Terminology, pseudonymiser: Pseudonymiser
 ) -> None:
     ctx = RawContext("raw.device", 0, 7, 1_793_700_000_000)
-    assert normalise("device", device_raw([]), ctx, terminology, pseudonymiser, NOW_MS) == []
+    assert normalise("device", device_raw([]), ctx, terminology, pseudonymiser, NOW_MS) == [
+        RecordRejected(None, 0, "invalid_message", "device packet has no samples", "H001")
+    ]
 
 
 # --- claims ------------------------------------------------------------------------------------
@@ -1003,7 +1005,7 @@ def test_dead_letter_record_is_complete_and_encodes(panel: list[Any], ctx: RawCo
         "normalise", ctx, b"key-bytes", original, rejected, "hl7_lab", NOW_MS
     )
     assert record == {
-        "dlq_id": dead_letter_id("normalise", "raw.hl7_lab", 3, 4711, 3),
+        "dlq_id": dead_letter_id("normalise", "raw.hl7_lab", 3, 4711, 3, ctx.timestamp_ms),
         "stage": "normalise",
         "reason_code": "invalid_record",
         "reason": rejected.reason,
@@ -1032,7 +1034,7 @@ def test_whole_message_dead_letter_has_no_record_index(ctx: RawContext) -> None:
         None,
         None,
     )
-    assert record["dlq_id"] == dead_letter_id("normalise", "raw.hl7_lab", 3, 4711, None)
+    assert record["dlq_id"] == dead_letter_id("normalise", "raw.hl7_lab", 3, 4711, None, ctx.timestamp_ms)
     serde.AvroSerializer(_REGISTRY, serde.DEAD_LETTER)(record)
 
 

@@ -28,6 +28,8 @@ def stage(terminology: Terminology, pseudonymiser: Pseudonymiser) -> NormaliseSt
 
 
 def encoded_hl7(segments: list[str], control_id: str) -> bytes:
+    """The message with MSH-10 (the source's own id, hence the event ids) set to control_id."""
+    segments = [MSH.replace("|LAB-0001|", f"|{control_id}|"), *segments[1:]]
     return serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)(hl7_raw(segments, control_id=control_id))
 
 
@@ -96,3 +98,15 @@ def test_record_level_rejection_keeps_the_other_records(stage: NormaliseStage) -
     dead = decode(outputs[1])
     assert (dead["reason_code"], dead["record_index"], dead["record_count"]) == ("invalid_record", 1, 2)
     assert decode(outputs[0])["record_index"] == 0
+
+
+def test_a_replayed_message_re_emits_its_own_alert(stage: NormaliseStage) -> None:
+    # The worker died after writing the suppression state but before the alert was
+    # delivered; the raw message is processed again and must alert again (same alert id).
+    state = SuppressionState.in_memory()
+    raw = encoded_hl7(potassium("6.9", 5), "C-9")
+    ctx = RawContext("t.raw.hl7_lab", 0, 9, NOW_MS)
+    first = stage.handle("hl7_lab", ctx, b"k", raw, state, NOW_MS)
+    again = stage.handle("hl7_lab", ctx, b"k", raw, state, NOW_MS + 5000)
+    assert [o.topic for o in again] == ["t.norm.lab_result", "t.alerts"]
+    assert decode(again[1])["alert_id"] == decode(first[1])["alert_id"]

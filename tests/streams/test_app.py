@@ -1,0 +1,44 @@
+"""Unit tests of the Faust app wiring that need no broker."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from medstream.settings import KafkaSettings, StreamSettings
+from schemas import serde
+from streams import app as streams_app
+
+
+def test_a_failed_output_delivery_ends_the_worker_before_it_can_commit(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    exits: list[int] = []
+    monkeypatch.setattr(streams_app.os, "_exit", exits.append)
+    loop = asyncio.new_event_loop()
+    try:
+        delivered, failed, cancelled = (loop.create_future() for _ in range(3))
+        delivered.set_result("metadata")
+        failed.set_exception(ConnectionError("broker gone"))
+        cancelled.cancel()
+        for future in (delivered, failed, cancelled):
+            streams_app.exit_on_failed_delivery(future)
+    finally:
+        loop.close()
+    assert exits == [streams_app.EXIT_DELIVERY_FAILED] * 2
+
+
+def test_app_has_one_normalise_agent_per_raw_topic_and_the_tansu_tuning() -> None:
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="x.", fetch_wait_max_ms=25)
+    faust_app = streams_app.create_app(kafka, StreamSettings(), serde.ManifestRegistry())
+    assert sorted(faust_app.agents) == [
+        "normalise_claim", "normalise_device", "normalise_emr_cdc", "normalise_hl7_lab",
+    ]
+    assert sorted(a.channel.get_topic_name() for a in faust_app.agents.values()) == [
+        "x.raw.claim", "x.raw.device", "x.raw.emr_cdc", "x.raw.hl7_lab",
+    ]
+    assert faust_app.conf.broker_session_timeout == 3.0
+    assert faust_app.conf.broker_heartbeat_interval == 0.5
+    assert faust_app.fetch_wait_max_ms == 25
+    assert str(faust_app.conf.broker[0]).startswith("medstream-kafka://")
