@@ -6,6 +6,9 @@ a patient, device or message identifier.
 
 from __future__ import annotations
 
+from functools import cache
+from typing import Any
+
 from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
 RECORDS_IN = Counter(
@@ -45,6 +48,11 @@ SINK_INSERT_SECONDS = Histogram(
 SINK_FAILURES = Counter(
     "medstream_sink_insert_failures", "Failed ClickHouse inserts (retried)", ["table"]
 )
+OFFSET_GAPS = Counter(
+    "medstream_offset_gaps",
+    "Offset jumps in a partition that did not close when re-read (accepted as real)",
+    ["stage", "topic"],
+)
 CONSUMER_LAG = Gauge(
     "medstream_consumer_lag",
     "Records behind the high watermark (tansu under-counts by up to one produce batch)",
@@ -57,6 +65,13 @@ READY = Gauge(
     "1 once the component has joined its consumer group and has its partitions",
     ["component"],
 )
+
+
+@cache
+def labelled(metric: Any, *labels: str) -> Any:
+    """The child of a metric for these label values, looked up once (hot paths call this
+    per record; ``metric.labels(...)`` takes a lock and builds a key every time)."""
+    return metric.labels(*labels)
 
 
 def serve_metrics(port: int) -> int:

@@ -74,7 +74,7 @@ def scrape(children: list[Child]) -> Snapshot:
             try:
                 with urllib.request.urlopen(child.metrics_url, timeout=1) as response:
                     child.last_values = _status_values(response.read().decode())
-            except OSError:
+            except OSError:  # a status line only: the last values stand until the next scrape
                 pass
         for key, value in child.last_values.items():
             snapshot.values[key] = snapshot.values.get(key, 0.0) + value

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import random
 import time
 from collections import deque
@@ -24,11 +25,12 @@ from typing import IO, Any, Final
 
 import yaml
 
-from medstream.metrics import RECORDS_OUT
+from medstream.metrics import RECORDS_OUT, labelled
 from medstream.settings import RAW_TOPICS, KafkaSettings
 from schemas.identity import event_id
 from schemas.serde import RAW_SUBJECT_BY_KIND, AvroSerializer, SchemaRegistry
 
+log = logging.getLogger("medstream.simulator")
 DEFAULT_REGION_PATH: Final = Path(__file__).resolve().parent / "region.yaml"
 
 #: Source kinds in the order of RAW_TOPICS; each has one raw topic and one Avro subject.
@@ -1433,7 +1435,9 @@ class SimulatorProducer:
 
         def delivered(err: Any, _msg: Any) -> None:
             if err is not None:
+                # Counted, and run() raises at the end; the error names no message content.
                 report.delivery_failures += 1
+                log.error("delivery to %s failed: %s", topic, err)
                 return
             self._acknowledged(message, topic, report, labels_file)
 
@@ -1456,7 +1460,7 @@ class SimulatorProducer:
             report.records[kind] += len(message.labels)
         if any(label["expect"] == "dead_letter" for label in message.labels):
             report.malformed += 1
-        RECORDS_OUT.labels(stage="simulator", topic=topic).inc()
+        labelled(RECORDS_OUT, "simulator", topic).inc()
         if labels_file is not None:
             labels_file.write(
                 "".join(json.dumps(label, ensure_ascii=False) + "\n" for label in message.labels)

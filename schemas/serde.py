@@ -260,7 +260,7 @@ class AvroDeserializer:
         self.subject = subject
         self._registry = registry
         self._reader = registry.latest(subject) if subject else None
-        self._writers: dict[int, Any] = {}
+        self._plans: dict[int, tuple[Any, Any]] = {}  # schema id -> (writer, reader or None)
 
     def __call__(self, data: bytes | None, ctx: Any = None) -> dict[str, Any]:
         expected = self.subject or "?"
@@ -271,8 +271,8 @@ class AvroDeserializer:
                 expected, "not Confluent-framed Avro (missing magic byte 0 and schema id)"
             )
         _, schema_id = _HEADER.unpack_from(data)
-        writer = self._writers.get(schema_id)
-        if writer is None:
+        plan = self._plans.get(schema_id)
+        if plan is None:
             try:
                 version = self._registry.by_id(schema_id)
             except SerializationError as exc:
@@ -281,10 +281,14 @@ class AvroDeserializer:
                 raise SerializationError(
                     expected, f"record was written as {version.subject} (schema id {schema_id})"
                 )
-            writer = version.parsed
-            self._writers[schema_id] = writer
+            # Schema resolution only when the writer's version differs from the reader's:
+            # resolving a schema against itself costs as much as the decoding.
+            reader = self._reader
+            resolve = reader is not None and reader.schema_id != schema_id
+            plan = (version.parsed, reader.parsed if resolve and reader else None)
+            self._plans[schema_id] = plan
         try:
-            reader = self._reader.parsed if self._reader is not None else None
+            writer, reader = plan
             record = fastavro.schemaless_reader(io.BytesIO(data[_HEADER.size :]), writer, reader)
         except Exception as exc:
             raise SerializationError(

@@ -22,18 +22,21 @@ from typing import Any
 
 from clickhouse_connect.driver.client import Client
 from clickhouse_connect.driver.exceptions import InterfaceError, OperationalError
+from clickhouse_connect.driver.insert import InsertContext
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
 from medstream.metrics import (
     CONSUMER_LAG,
     DEAD_LETTERS,
     END_TO_END_SECONDS,
+    OFFSET_GAPS,
     READY,
     RECORDS_IN,
     RECORDS_OUT,
     SINK_BATCH_ROWS,
     SINK_FAILURES,
     SINK_INSERT_SECONDS,
+    labelled,
 )
 from medstream.settings import (
     ALERTS_TOPIC,
@@ -173,6 +176,10 @@ class ClickHouseSink:
         self._to_insert: queue.Queue[PendingFlush | None] = queue.Queue(maxsize=1)
         self._stored: queue.Queue[tuple[PendingFlush, BaseException | None]] = queue.Queue()
         self._in_flight = 0
+        self._contexts: dict[str, InsertContext] = {}
+        self._next_offset: dict[tuple[str, int], int] = {}
+        self._gaps: dict[tuple[str, int, int], float] = {}
+        self._reseeking: set[tuple[str, int]] = set()
         self._stop_deadline: float | None = None
         self.left_unstored = False
 
@@ -218,7 +225,7 @@ class ClickHouseSink:
         self.kafka_cluster = consumer.list_topics(timeout=30).cluster_id or ""
         consumer.subscribe(
             self.topics,
-            on_assign=lambda *_: READY.labels(STAGE).set(1),
+            on_assign=self._on_assign,
             on_revoke=self._on_revoke,
         )
         max_age = self.settings.batch_max_ms / 1000
@@ -231,15 +238,23 @@ class ClickHouseSink:
                 # Idle means assigned and nothing read for a while (not: still joining).
                 if messages or not consumer.assignment():
                     last_data = time.monotonic()
+                self._reseeking.clear()
                 for message in messages:
-                    self._add(message)
+                    if self._in_sequence(consumer, message):
+                        self._add(message)
                 oldest = min((b.opened_at for b in self._batches.values()), default=None)
-                pending_rows = sum(b.rows for b in self._batches.values())
-                if oldest is not None and (
-                    pending_rows >= self.settings.batch_max_rows
-                    or time.monotonic() - oldest >= max_age
-                ):
-                    self._flush()
+                if oldest is not None:
+                    age = time.monotonic() - oldest
+                    pending_rows = sum(b.rows for b in self._batches.values())
+                    # Due by size, or by age once the inserter is free: under load batches
+                    # grow while an insert runs (each insert has a fixed cost), and the age
+                    # cap bounds how long a record can wait.
+                    if (
+                        pending_rows >= self.settings.batch_max_rows
+                        or (age >= max_age and self._in_flight == 0)
+                        or age >= max_age * AGE_CAP_FACTOR
+                    ):
+                        self._flush()
                 self._commit_stored(wait=False)
                 self._update_lag()
             self._flush_on_stop()
@@ -271,6 +286,44 @@ class ClickHouseSink:
             self._flush()
         self._commit_stored(wait=True)
 
+    def _in_sequence(self, consumer: Consumer, message: Message) -> bool:
+        """Guard against offset jumps: re-read from the first missing offset.
+
+        medstream topics are neither transactional nor compacted, so offsets in a partition
+        are contiguous. tansu has been seen to serve a later produce batch before an
+        earlier one when two producers write a partition at once; a consumer that moved on
+        would never read the earlier batch. A jump is re-read until it closes, and only a
+        gap that persists for GAP_ACCEPT_S is accepted (and counted) as real.
+        """
+        if message.error() is not None:
+            return True
+        topic, partition, offset = _position(message)
+        key = (topic, partition)
+        if key in self._reseeking:
+            return False  # the rest of this poll for the partition comes again after the seek
+        expected = self._next_offset.get(key)
+        if expected is not None and offset > expected:
+            first_seen = self._gaps.setdefault((topic, partition, expected), time.monotonic())
+            if time.monotonic() - first_seen < GAP_ACCEPT_S:
+                consumer.seek(TopicPartition(topic, partition, expected))
+                self._reseeking.add(key)
+                return False
+            labelled(OFFSET_GAPS, STAGE, topic).inc()
+            log.warning(
+                "accepted an offset gap in %s[%d]: %d..%d", topic, partition, expected, offset - 1
+            )
+        if expected is not None:
+            if offset < expected:
+                return False  # already read (a re-read after a seek can overlap)
+            self._gaps.pop((topic, partition, expected), None)
+        self._next_offset[key] = offset + 1
+        return True
+
+    def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:  # a new assignment starts at the committed offset
+            self._next_offset.pop((tp.topic, tp.partition), None)
+        READY.labels(STAGE).set(1)
+
     def _add(self, message: Message) -> None:
         error = message.error()
         if error is not None:
@@ -278,7 +331,7 @@ class ClickHouseSink:
                 return
             raise KafkaException(error)
         topic, partition, offset = _position(message)
-        RECORDS_IN.labels(STAGE, topic).inc()
+        labelled(RECORDS_IN, STAGE, topic).inc()
         key = (topic, partition)
         batch = self._batches.get(key)
         if batch is None:
@@ -433,12 +486,10 @@ class ClickHouseSink:
                 started = time.perf_counter()
                 try:
                     with self.client_lock:
-                        self.client.insert(
-                            f"{self.database}.{table}",
-                            rows,
-                            column_names=columns,
-                            settings={"insert_deduplication_token": pending.token(table)},
-                        )
+                        context = self._insert_context(table, columns)
+                        context.data = rows
+                        context.settings["insert_deduplication_token"] = pending.token(table)
+                        self.client.insert(context=context)
                     break
                 except Exception as exc:
                     SINK_FAILURES.labels(table).inc()
@@ -466,10 +517,19 @@ class ClickHouseSink:
             self.stored_rows += len(rows)
             if table in LATENCY_TABLES:
                 ingest_index = columns.index("ingest_time")
+                latency = labelled(END_TO_END_SECONDS, f"stored:{table}")
                 for row in rows:
-                    END_TO_END_SECONDS.labels(f"stored:{table}").observe(
-                        now - row[ingest_index].timestamp()
-                    )
+                    latency.observe(now - row[ingest_index].timestamp())
+
+    def _insert_context(self, table: str, columns: list[str]) -> InsertContext:
+        """A prepared insert per table (the table is described once, not on every insert)."""
+        context = self._contexts.get(table)
+        if context is None:
+            context = self.client.create_insert_context(
+                f"{self.database}.{table}", column_names=columns
+            )
+            self._contexts[table] = context
+        return context
 
     def _columns(self, table: str) -> list[str]:
         if table == "lineage":
@@ -498,6 +558,8 @@ class ClickHouseSink:
 
 
 PERMANENT_ATTEMPTS = 3
+GAP_ACCEPT_S = 5.0  # an offset jump that does not close by re-reading for this long is real
+AGE_CAP_FACTOR = 5  # a batch is handed over at this multiple of batch_max_ms in any case
 IDLE_AFTER_S = 1.0  # a stopping sink is drained once nothing arrived for this long
 
 

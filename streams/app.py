@@ -36,6 +36,7 @@ from medstream.metrics import (
     READY,
     RECORDS_IN,
     RECORDS_OUT,
+    labelled,
 )
 from medstream.settings import RAW_TOPICS, KafkaSettings, StreamSettings
 from schemas import serde
@@ -147,17 +148,17 @@ def create_app(
                 ctx = RawContext(
                     message.topic, message.partition, message.offset, int(message.timestamp * 1000)
                 )
-                RECORDS_IN.labels(STAGE, message.topic).inc()
+                labelled(RECORDS_IN, STAGE, message.topic).inc()
                 outputs = stage.handle(source_kind, ctx, message.key, message.value, suppression)
                 for output in outputs:
                     delivery = await app.producer.send(
                         output.topic, output.key, output.value, None, None, None
                     )
                     cast(asyncio.Future, delivery).add_done_callback(exit_on_failed_delivery)
-                    RECORDS_OUT.labels(STAGE, output.topic).inc()
+                    labelled(RECORDS_OUT, STAGE, output.topic).inc()
                 now = time.time()
-                PROCESSING_SECONDS.labels(STAGE).observe(time.perf_counter() - started)
-                END_TO_END_SECONDS.labels(STAGE).observe(now - message.timestamp)
+                labelled(PROCESSING_SECONDS, STAGE).observe(time.perf_counter() - started)
+                labelled(END_TO_END_SECONDS, STAGE).observe(now - message.timestamp)
 
         agent.__name__ = f"normalise_{source_kind}"
         return agent
