@@ -28,6 +28,7 @@ from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult, query_
 from medstream.runtime import (
     EmbeddedBroker,
     RuntimeState,
+    die_with_parent,
     ensure_topics,
     free_port,
     wait_for_port,
@@ -359,6 +360,7 @@ class Supervisor:
                 stderr=subprocess.STDOUT,
                 # Ctrl-C reaches the supervisor only; it stops the children in order.
                 start_new_session=True,
+                preexec_fn=die_with_parent,
             )
         self.children.append(child)
         return child

@@ -60,3 +60,30 @@ def test_up_exits_non_zero_with_a_clear_reason_when_a_component_cannot_start(tmp
     assert "the sink did not start" in result.stdout and "sink.log" in result.stdout
     assert "CLICKHOUSE_URL must start with http://, https:// or chdb://" in (tmp_path / "sink.log").read_text()
     assert not (tmp_path / "runtime.json").exists()
+
+
+def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
+    import re
+    import signal
+    import time
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env["MEDSTREAM_DATA_DIR"] = str(tmp_path)
+    parent = subprocess.Popen(
+        [sys.executable, "-m", "medstream", "broker"], env=env, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None and re.search(r"KAFKA_BOOTSTRAP_SERVERS=", parent.stdout.readline())
+    children = subprocess.run(
+        ["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True
+    ).stdout.split()
+    assert len(children) == 1
+    tansu = int(children[0])
+    parent.send_signal(signal.SIGKILL)  # no cleanup code runs in the parent
+    parent.wait(timeout=10)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and os.path.exists(f"/proc/{tansu}") and (
+        open(f"/proc/{tansu}/stat").read().split()[2] != "Z"
+    ):
+        time.sleep(0.1)
+    gone = not os.path.exists(f"/proc/{tansu}") or open(f"/proc/{tansu}/stat").read().split()[2] == "Z"
+    assert gone, "the broker outlived its killed parent"
