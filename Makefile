@@ -23,7 +23,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
-	$(BIN)/medstream bench --events 50000 --json bench.json
+	$(BIN)/medstream bench --events 30000 --json bench.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

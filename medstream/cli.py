@@ -394,7 +394,7 @@ def reconcile_command(
 
 @app.command()
 def bench(
-    events: Annotated[int, typer.Option(help="clinical records per run")] = 50000,
+    events: Annotated[int, typer.Option(help="clinical records per run")] = 30000,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the figures here")] = None,
     workers: Annotated[int, typer.Option(help="Faust workers for the pipeline run")] = 2,
 ) -> None:
