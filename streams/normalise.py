@@ -227,27 +227,13 @@ def _encounter(
             raise _Invalid(
                 f"{table}.birth_date is not a YYYY-MM-DD date (value is {_value_class(birth_date)})"
             ) from None
-    mrn = _optional(row, "patient_mrn")
-    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
-    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
     op = raw["op"]
     event_time = epoch_ms(raw["commit_time"]) if op == "d" else admit_time
     department_code = terminology.department(organisation_id, department_local)
-    value = _lineage(
-        "emr_cdc",
-        raw["source_system"],
-        organisation_id,
-        raw["message_id"],
-        0,
-        1,
-        event_time,
-        person_key,
-        ctx,
-        terminology.version,
-        now_ms,
+    value, person_key, encounter_key = _emr_event(
+        raw, row, organisation_id, visit_no, event_time, ctx, terminology, pseudonymiser, now_ms
     )
     value.update(
-        encounter_key=encounter_key,
         op=op,
         is_deleted=op == "d",
         version=raw["position_seq"],
@@ -261,6 +247,38 @@ def _encounter(
         mapping_status="mapped" if department_code is not None else "unmapped",
     )
     return NormalisedEvent("encounter", person_key or encounter_key, value)
+
+
+def _emr_event(
+    raw: Mapping[str, Any],
+    row: _Row,
+    organisation_id: str,
+    visit_no: str,
+    event_time: int,
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> tuple[dict[str, Any], str | None, str]:
+    """Lineage, person_key and encounter_key shared by every event of an EMR row change."""
+    mrn = _optional(row, "patient_mrn")
+    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
+    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
+    value = _lineage(
+        "emr_cdc",
+        raw["source_system"],
+        organisation_id,
+        raw["message_id"],
+        0,
+        1,
+        event_time,
+        person_key,
+        ctx,
+        terminology.version,
+        now_ms,
+    )
+    value["encounter_key"] = encounter_key
+    return value, person_key, encounter_key
 
 
 def _diagnosis(
@@ -283,25 +301,11 @@ def _diagnosis(
         event_time = epoch_ms(raw["commit_time"])
     else:
         event_time = _timestamp_ms(_required(row, table, "diag_time"), table, "diag_time")
-    mrn = _optional(row, "patient_mrn")
-    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
-    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
     icd10_code = terminology.diagnosis(organisation_id, local_code)
-    value = _lineage(
-        "emr_cdc",
-        raw["source_system"],
-        organisation_id,
-        raw["message_id"],
-        0,
-        1,
-        event_time,
-        person_key,
-        ctx,
-        terminology.version,
-        now_ms,
+    value, person_key, encounter_key = _emr_event(
+        raw, row, organisation_id, visit_no, event_time, ctx, terminology, pseudonymiser, now_ms
     )
     value.update(
-        encounter_key=encounter_key,
         diagnosis_key=pseudonymiser.row_key(organisation_id, table, diag_id),
         op=op,
         is_deleted=op == "d",
