@@ -119,6 +119,9 @@ class EmbeddedBroker:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**os.environ, "RUST_LOG": os.environ.get("RUST_LOG", "warn")},
+                # Its own session: a Ctrl-C in the terminal reaches the supervisor, which
+                # stops the broker last, after the sink drained it.
+                start_new_session=True,
                 preexec_fn=die_with_parent,
             )
         wait_for_port(self.port, timeout_s, self.process)

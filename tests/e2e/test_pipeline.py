@@ -183,11 +183,12 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     assert truth.found_alerts == truth.expected_alerts and truth.unexpected_alerts == 0
 
 
-def test_sql_and_reconcile_work_while_up_runs_and_sigterm_stops_cleanly(tmp_path: Path) -> None:
+def test_sql_and_reconcile_work_while_up_runs_and_ctrl_c_stops_cleanly(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     up = subprocess.Popen(
         medstream("up", "--rate", "300"),  # endless, as `make run`
         env=env_for(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True,  # its own process group, as in a terminal
     )
     try:
         wait_until(lambda: (data_dir / "runtime.json").exists(), 120, "runtime.json")
@@ -222,10 +223,11 @@ def test_sql_and_reconcile_work_while_up_runs_and_sigterm_stops_cleanly(tmp_path
         assert live.returncode in (0, 1)  # up to `now`, records in flight may show as gaps
         assert {s["source_kind"] for s in json.loads(live.stdout)["sources"]} >= {"device", "hl7_lab"}
     finally:
-        up.send_signal(signal.SIGTERM)
-        output, _ = up.communicate(timeout=120)
+        # Ctrl-C in a terminal signals the whole foreground process group at once.
+        os.killpg(up.pid, signal.SIGINT)
+        output, _ = up.communicate(timeout=150)
     assert up.returncode == 0, output[-3000:]
-    assert "stopped cleanly" in output
+    assert "stopped cleanly" in output and "killing" not in output
     assert not (data_dir / "runtime.json").exists()
 
 
