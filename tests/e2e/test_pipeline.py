@@ -216,6 +216,7 @@ def test_sql_and_reconcile_work_while_up_runs_and_ctrl_c_stops_cleanly(tmp_path:
         )
         assert "in flight and not counted" in settled.stderr
         now = datetime.now(tz=UTC).isoformat()
+        assert_metric_labels_are_bounded(json.loads((data_dir / "runtime.json").read_text())["metrics"])
         live = subprocess.run(
             medstream("reconcile", "--json", "--until", now),
             env=env_for(data_dir), capture_output=True, text=True, timeout=60,
@@ -258,3 +259,39 @@ def test_a_second_run_on_the_same_data_dir_adds_to_the_first(tmp_path: Path) -> 
     report = json.loads(whole.stdout)
     assert report["gaps"] == []
     assert report["stored_events"]["lab_result"] == second
+
+
+def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
+    """Every label value of every medstream metric comes from a fixed set: no identifiers."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from medstream.settings import ALERTS_TOPIC, DLQ_TOPIC, NORM_TOPICS, RAW_TOPICS
+    from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+    from streams.model import REASON_CODES
+
+    tables = {*NORM_TOPICS, "alert", "dead_letter", "lineage", "raw_ledger"}
+    allowed = {
+        "stage": {"simulator", "normalise", "sink", *(f"stored:{t}" for t in tables)},
+        "topic": {*RAW_TOPICS.values(), *NORM_TOPICS.values(), ALERTS_TOPIC, DLQ_TOPIC, *tables},
+        "table": tables,
+        "reason_code": set(REASON_CODES),
+        "rule_id": {r.rule_id for r in load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH).rules.values()},
+        "component": {"streams", "sink"},
+    }
+    seen = 0
+    for url in endpoints.values():
+        with urllib.request.urlopen(url, timeout=5) as response:
+            families = text_string_to_metric_families(response.read().decode())
+        for family in families:
+            if not family.name.startswith("medstream_"):
+                continue
+            for sample in family.samples:
+                for label, value in sample.labels.items():
+                    if label == "le":
+                        continue
+                    assert value in allowed[label], (family.name, label, value)
+                    seen += 1
+    assert seen > 20
+
