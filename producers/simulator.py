@@ -537,13 +537,19 @@ class RegionSimulator:
     """
 
     def __init__(
-        self, seed: int, region_path: Path | None = None, problem_rate: float = 0.02
+        self,
+        seed: int,
+        region_path: Path | None = None,
+        problem_rate: float = 0.02,
+        max_patients_per_hospital: int = 20_000,
     ) -> None:
         if not 0.0 <= problem_rate <= 1.0:
             raise ValueError("problem_rate must be between 0 and 1")
         self.region = load_region(region_path)
         self.problem_rate = problem_rate
         self._rng = random.Random(seed)
+        # Bounds memory in an endless run (`make run`): past it, admissions reuse patients.
+        self.max_patients_per_hospital = max_patients_per_hospital
         # Source ids (control ids, packet ids, visit and claim numbers, CDC positions) carry
         # the seed, so runs with different seeds never reuse an id, as real senders don't.
         self.id_tag = f"S{seed}"
@@ -1086,8 +1092,9 @@ class RegionSimulator:
     ) -> SimulatedMessage:
         rng = self._rng
         patient: _Patient | None = None
-        if rng.random() >= 0.25:
-            for _ in range(5):
+        full = len(hs.patients) >= self.max_patients_per_hospital
+        if full or rng.random() >= 0.25:
+            for _ in range(50 if full else 5):
                 candidate = rng.choice(hs.patients)
                 if candidate.visit is None:
                     patient = candidate

@@ -755,3 +755,20 @@ def test_source_ids_differ_between_seeds_so_runs_never_collide() -> None:
     assert first == again  # deterministic per seed
     assert first and not first & other
 
+
+
+def test_population_is_bounded_for_endless_runs() -> None:
+    simulator = RegionSimulator(4, max_patients_per_hospital=400)
+    initial = {hs.org: len(hs.patients) for hs in simulator._hospitals}
+    for _ in simulator.messages(60_000):
+        pass
+    for hs in simulator._hospitals:
+        # Admissions stop registering new patients at the cap; only the rare injected
+        # critical value may still need a patient without history.
+        assert len(hs.patients) <= max(400, initial[hs.org]) + 60, hs.org
+    unbounded = RegionSimulator(4)
+    for _ in unbounded.messages(60_000):
+        pass
+    assert sum(len(hs.patients) for hs in unbounded._hospitals) > sum(
+        len(hs.patients) for hs in simulator._hospitals
+    )
