@@ -14,6 +14,7 @@ Every run is reconciled against the simulator's ground truth; any loss or duplic
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -109,9 +110,25 @@ def _as_epoch(value: Any) -> float:
     return float(value.timestamp())
 
 
-def run_bench(events: int, workers: int, out: Out = print, seed: int = 11) -> dict[str, Any]:
-    """Run (a), (b) and (c); print and return the figures and the verdict."""
+def run_bench(
+    events: int, workers: int, out: Out = print, seed: int = 11, keep_data: bool = False
+) -> dict[str, Any]:
+    """Run (a), (b) and (c); print and return the figures and the verdict.
+
+    The brokers, engines and logs live in a temporary directory, removed at the end
+    unless ``keep_data`` (then its path is printed for inspection).
+    """
     workdir = Path(tempfile.mkdtemp(prefix="medstream-bench-"))
+    try:
+        return _run_bench(events, workers, out, seed, workdir)
+    finally:
+        if keep_data:
+            out(f"data kept in {workdir}")
+        else:
+            shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _run_bench(events: int, workers: int, out: Out, seed: int, workdir: Path) -> dict[str, Any]:
     out(f"bench: {events} clinical records per run, {workers} Faust workers, work dir {workdir}")
     out("(a) baseline: pre-normalised events -> plain confluent-kafka loop -> ClickHouse")
     child = subprocess.run(

@@ -397,11 +397,12 @@ def bench(
     events: Annotated[int, typer.Option(help="clinical records per run")] = 30000,
     json_path: Annotated[Path | None, typer.Option("--json", help="write the figures here")] = None,
     workers: Annotated[int, typer.Option(help="Faust workers for the pipeline run")] = 2,
+    keep_data: Annotated[bool, typer.Option(help="keep the runs' logs and engines")] = False,
 ) -> None:
     """Measure the raw baseline and the full pipeline in one invocation; exit 1 on loss."""
     from medstream.bench import run_bench
 
-    result = run_bench(events, workers, out=typer.echo)
+    result = run_bench(events, workers, out=typer.echo, keep_data=keep_data)
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2, default=str))
         typer.echo(f"figures written to {json_path}")

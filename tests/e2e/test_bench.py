@@ -1,0 +1,39 @@
+"""The benchmark command runs both measurements in one invocation and reconciles them.
+
+Speed is not asserted here (that is what the benchmark prints); that it measures, writes
+its figures and finds nothing lost or duplicated is.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.e2e
+
+
+def test_bench_measures_baseline_and_pipeline_and_reconciles(tmp_path: Path) -> None:
+    figures_path = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    result = subprocess.run(
+        [sys.executable, "-m", "medstream", "bench", "--events", "3000", "--json", str(figures_path)],
+        env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "reconciliation     OK: nothing lost or duplicated" in result.stdout
+    figures = json.loads(figures_path.read_text())
+    baseline, full, half = figures["baseline"], figures["pipeline_full_rate"], figures["pipeline_half_rate"]
+    assert baseline["events"] >= 2900 and baseline["events_per_s"] > 0
+    assert full["ok"] and half["ok"]
+    for run in (full, half):
+        assert run["missing_events"] == 0 and run["duplicated_events"] == 0
+        assert run["stored_events"] == run["expected_events"] >= 2900
+        assert run["found_alerts"] == run["expected_alerts"] and run["unexpected_alerts"] == 0
+    assert figures["throughput_ratio"] == round(full["events_per_s"] / baseline["events_per_s"], 3)
+    assert 0 < figures["event_to_alert_p50_ms"] <= figures["event_to_alert_p99_ms"]
+    assert 0 < figures["event_to_queryable_p50_ms"] <= figures["event_to_queryable_p99_ms"]
