@@ -181,6 +181,7 @@ class ClickHouseSink:
         self._gaps: dict[tuple[str, int, int], float] = {}
         self._reseeking: set[tuple[str, int]] = set()
         self._stop_deadline: float | None = None
+        self._aborting = False
         self.left_unstored = False
 
     @property
@@ -209,7 +210,12 @@ class ClickHouseSink:
         try:
             self._consume()
         finally:
-            self._to_insert.put(None)
+            while inserter.is_alive():  # it may have ended already, with a flush still queued
+                try:
+                    self._to_insert.put(None, timeout=0.5)
+                    break
+                except queue.Full:
+                    continue
             inserter.join()
 
     def _consume(self) -> None:
@@ -258,6 +264,9 @@ class ClickHouseSink:
                 self._commit_stored(wait=False)
                 self._update_lag()
             self._flush_on_stop()
+        except BaseException:
+            self._abort()  # before close(): its revoke callback must not wait on the inserter
+            raise
         finally:
             consumer.close()
             self._consumer = None
@@ -279,9 +288,18 @@ class ClickHouseSink:
     def _drain_over(self) -> bool:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
 
+    def _abort(self) -> None:
+        """Crashing: stop the inserter's retrying and commit nothing more."""
+        self._aborting = True
+        self._stop_deadline = time.monotonic()
+        self._stop.set()
+
     def _on_revoke(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
         # Records of revoked partitions are stored and committed while we still own them,
-        # so the next owner starts after them instead of storing them again.
+        # so the next owner starts after them instead of storing them again. Not when
+        # crashing: they stay uncommitted and are read again.
+        if self._aborting:
+            return
         if self._batches:
             self._flush()
         self._commit_stored(wait=True)

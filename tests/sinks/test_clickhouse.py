@@ -379,3 +379,38 @@ def test_an_offset_jump_is_re_read_until_it_closes(
     monkeypatch.setattr(sink_module, "GAP_ACCEPT_S", 0.0)
     assert poll(20) == [True]  # a gap that does not close is finally accepted
     assert len(consumer.seeks) == 1
+
+
+def test_a_crash_while_clickhouse_is_down_exits_instead_of_hanging(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(50)])
+    down = RefusingClient(clickhouse, failures=10**9)  # unreachable for good
+
+    class CrashingSink(ClickHouseSink):
+        """Fault injection: the consuming loop fails once the inserter is retrying."""
+
+        def _update_lag(self) -> None:
+            if down.refused >= 2:
+                raise RuntimeError("injected crash in the consuming loop")
+
+    sink = CrashingSink(
+        kafka, SinkSettings(group_id="sink-h", batch_max_ms=50, retry_initial_s=0.05), down, database, REGISTRY
+    )
+    errors: list[BaseException] = []
+    thread = threading.Thread(target=lambda: _capture(sink.run, errors), daemon=True)
+    thread.start()
+    thread.join(30)
+    assert not thread.is_alive(), "the sink hung waiting for its inserter"
+    assert [str(e) for e in errors] == ["injected crash in the consuming loop"]
+    assert committed_total(kafka, "sink-h", topic, 2) == 0
+
+
+def _capture(target: Callable[[], None], errors: list[BaseException]) -> None:
+    try:
+        target()
+    except BaseException as exc:
+        errors.append(exc)
