@@ -222,7 +222,9 @@ class ClickHouseSink:
         consumer = Consumer(
             self.kafka.consumer_config(
                 self.settings.group_id,
-                **{"enable.partition.eof": False, "max.poll.interval.ms": 600000},
+                # The loop stops polling while the inserter retries an outage: stay in the
+                # group for up to librdkafka's maximum (24 h) rather than 10 minutes.
+                **{"enable.partition.eof": False, "max.poll.interval.ms": 86_400_000},
             )
         )
         self._consumer = consumer
@@ -233,17 +235,24 @@ class ClickHouseSink:
             self.topics,
             on_assign=self._on_assign,
             on_revoke=self._on_revoke,
+            on_lost=self._on_lost,
         )
         max_age = self.settings.batch_max_ms / 1000
-        last_data = time.monotonic()
+        empty_since: float | None = None  # start of the current run of empty polls
+        stop_seen = False
         try:
             # After stop() the loop goes on until the topics are idle (the producers are
             # stopped first) or the drain time is up, so a graceful stop leaves no read lag.
-            while not self._stop.is_set() or not (self._idle(last_data) or self._drain_over()):
+            while not self._stop.is_set() or not (self._idle(empty_since) or self._drain_over()):
+                if self._stop.is_set() and not stop_seen:
+                    stop_seen, empty_since = True, None  # idleness counts from the stop on
                 messages = consumer.consume(num_messages=2000, timeout=0.05)
-                # Idle means assigned and nothing read for a while (not: still joining).
+                # Idle means assigned and polls coming back empty for a while (not a stall
+                # elsewhere in the loop, not still joining the group).
                 if messages or not consumer.assignment():
-                    last_data = time.monotonic()
+                    empty_since = None
+                elif empty_since is None:
+                    empty_since = time.monotonic()
                 self._reseeking.clear()
                 for message in messages:
                     if self._in_sequence(consumer, message):
@@ -264,6 +273,10 @@ class ClickHouseSink:
                 self._commit_stored(wait=False)
                 self._update_lag()
             self._flush_on_stop()
+        except SinkStopped as exc:  # the drain time ran out while ClickHouse was failing
+            self._abort()
+            self.left_unstored = True
+            log.error("stopped with records read but not stored (left uncommitted): %s", exc)
         except BaseException:
             self._abort()  # before close(): its revoke callback must not wait on the inserter
             raise
@@ -278,12 +291,13 @@ class ClickHouseSink:
                 self._flush()
             self._commit_stored(wait=True)
         except SinkStopped as exc:
+            self._abort()  # nothing behind the failed flush will be reported any more
             self.left_unstored = True
             log.error("stopped with records read but not stored (left uncommitted): %s", exc)
 
     @staticmethod
-    def _idle(last_data: float) -> bool:
-        return time.monotonic() - last_data >= IDLE_AFTER_S
+    def _idle(empty_since: float | None) -> bool:
+        return empty_since is not None and time.monotonic() - empty_since >= IDLE_AFTER_S
 
     def _drain_over(self) -> bool:
         return self._stop_deadline is not None and time.monotonic() > self._stop_deadline
@@ -338,9 +352,23 @@ class ClickHouseSink:
         return True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        for tp in partitions:  # a new assignment starts at the committed offset
-            self._next_offset.pop((tp.topic, tp.partition), None)
+        # A new assignment starts at the committed offset (or the log start): the gap
+        # guard expects exactly that offset first, so even the first batch is checked.
+        for tp in consumer.committed(partitions, timeout=30):
+            key = (tp.topic, tp.partition)
+            start = tp.offset
+            if start < 0:
+                start, _ = consumer.get_watermark_offsets(tp, timeout=30)
+            self._next_offset[key] = start
+            for gap in [g for g in self._gaps if g[:2] == key]:
+                del self._gaps[gap]
         READY.labels(STAGE).set(1)
+
+    def _on_lost(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        """Partitions taken away without a revoke (membership lost): nothing to commit."""
+        log.warning(
+            "lost %d partitions; their uncommitted records will be read again", len(partitions)
+        )
 
     def _add(self, message: Message) -> None:
         error = message.error()
@@ -442,10 +470,10 @@ class ClickHouseSink:
         pending = PendingFlush(self._rows, list(self._batches.values()), self.kafka_cluster)
         self._rows = {}
         self._batches = {}
-        self._in_flight += 1
         while True:
             try:
                 self._to_insert.put(pending, timeout=0.5)
+                self._in_flight += 1
                 return
             except queue.Full:
                 self._commit_stored(wait=False)  # surfaces an inserter failure meanwhile
@@ -478,16 +506,24 @@ class ClickHouseSink:
                 return
             self._in_flight -= 1
             if error is not None:
+                self._in_flight = 0  # the inserter has ended: nothing behind it will report
                 raise error
             if self._consumer is None:
                 raise RuntimeError("commit outside run(): there is no consumer to commit with")
-            self._consumer.commit(
-                offsets=[
-                    TopicPartition(b.topic, b.partition, b.last_offset + 1)
-                    for b in pending.ranges
-                ],
-                asynchronous=False,
-            )
+            try:
+                self._consumer.commit(
+                    offsets=[
+                        TopicPartition(b.topic, b.partition, b.last_offset + 1)
+                        for b in pending.ranges
+                    ],
+                    asynchronous=False,
+                )
+            except KafkaException as exc:
+                if exc.args[0].code() not in MEMBERSHIP_ERRORS:
+                    raise
+                # The rows are stored; the offsets stay behind and the records are read
+                # again by whoever owns the partitions now, collapsing on their keys.
+                log.warning("commit refused after a rebalance (%s); records will be re-read", exc)
 
     def _store(self, pending: PendingFlush) -> None:
         """Insert every table of a flush; retry with backoff until ClickHouse accepts or stop."""
@@ -499,7 +535,7 @@ class ClickHouseSink:
             rows = pending.rows_by_table[table]
             columns = self._columns(table)
             delay = self.settings.retry_initial_s
-            failures = 0
+            refusals = 0  # consecutive failures that were not connection failures
             while True:
                 started = time.perf_counter()
                 try:
@@ -511,10 +547,10 @@ class ClickHouseSink:
                     break
                 except Exception as exc:
                     SINK_FAILURES.labels(table).inc()
-                    failures += 1
-                    if not _is_transient(exc) and failures >= PERMANENT_ATTEMPTS:
+                    refusals = 0 if _is_transient(exc) else refusals + 1
+                    if refusals >= PERMANENT_ATTEMPTS:
                         raise SinkFailed(
-                            f"ClickHouse refused {table} {failures} times with "
+                            f"ClickHouse refused {table} {refusals} times in a row with "
                             f"{type(exc).__name__} {_error_code(exc)}; nothing after it was "
                             "committed (the sink stops rather than skip a batch)"
                         ) from exc
@@ -576,6 +612,11 @@ class ClickHouseSink:
 
 
 PERMANENT_ATTEMPTS = 3
+MEMBERSHIP_ERRORS = {
+    KafkaError.UNKNOWN_MEMBER_ID,
+    KafkaError.ILLEGAL_GENERATION,
+    KafkaError.REBALANCE_IN_PROGRESS,
+}
 GAP_ACCEPT_S = 5.0  # an offset jump that does not close by re-reading for this long is real
 AGE_CAP_FACTOR = 5  # a batch is handed over at this multiple of batch_max_ms in any case
 IDLE_AFTER_S = 1.0  # a stopping sink is drained once nothing arrived for this long

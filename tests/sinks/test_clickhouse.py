@@ -306,7 +306,7 @@ def test_a_batch_clickhouse_refuses_for_good_stops_the_sink_without_committing(
     produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(5)])
     rejecting = RejectingClient(clickhouse)
     sink = make_sink(kafka, rejecting, database, "sink-e")
-    with pytest.raises(SinkFailed, match=r"refused lab_result 3 times with DatabaseError \(code 252\)"):
+    with pytest.raises(SinkFailed, match=r"refused lab_result 3 times in a row with DatabaseError \(code 252\)"):
         sink.run()
     assert rejecting.attempts == PERMANENT_ATTEMPTS
     assert committed_total(kafka, "sink-e", topic, 2) == 0
@@ -348,13 +348,23 @@ class StandInMessage:
 
 
 class SeekRecorder:
-    """Stand-in for the consumer's seek(), recording where the sink re-reads from."""
+    """Stand-in for the consumer's seek(), committed() and watermarks, recording seeks."""
 
-    def __init__(self) -> None:
+    def __init__(self, committed: dict[int, int] | None = None) -> None:
         self.seeks: list[tuple[str, int, int]] = []
+        self.committed_offsets = committed or {}
 
     def seek(self, tp: TopicPartition) -> None:
         self.seeks.append((tp.topic, tp.partition, tp.offset))
+
+    def committed(self, partitions: list[TopicPartition], timeout: float) -> list[TopicPartition]:
+        return [
+            TopicPartition(tp.topic, tp.partition, self.committed_offsets.get(tp.partition, -1001))
+            for tp in partitions
+        ]
+
+    def get_watermark_offsets(self, tp: TopicPartition, timeout: float) -> tuple[int, int]:
+        return 0, 1000
 
 
 def test_an_offset_jump_is_re_read_until_it_closes(
@@ -414,3 +424,73 @@ def _capture(target: Callable[[], None], errors: list[BaseException]) -> None:
         target()
     except BaseException as exc:
         errors.append(exc)
+
+
+def test_the_first_record_after_an_assignment_is_checked_too(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    sink = make_sink(kafka_factory(), clickhouse, database, "sink-i")
+    consumer = SeekRecorder(committed={2: 100})
+    sink._on_assign(consumer, [TopicPartition("t", 2), TopicPartition("t", 3)])  # type: ignore[arg-type]
+    sink._reseeking.clear()
+    assert not sink._in_sequence(consumer, StandInMessage("t", 2, 105))  # type: ignore[arg-type]
+    assert not sink._in_sequence(consumer, StandInMessage("t", 3, 4))  # type: ignore[arg-type]
+    assert consumer.seeks == [("t", 2, 100), ("t", 3, 0)]  # committed offset; log start
+
+
+def test_stop_during_an_outage_ends_with_records_left_unstored_not_a_hang(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(100)])
+    down = RefusingClient(clickhouse, failures=10**9)
+    sink = ClickHouseSink(
+        kafka, SinkSettings(group_id="sink-j", batch_max_ms=20, batch_max_rows=50, retry_initial_s=0.05),
+        down, database, REGISTRY,
+    )
+    thread = threading.Thread(target=sink.run, daemon=True)
+    thread.start()
+    wait_for(lambda: down.refused >= 2, what="the first flush stuck in the outage")
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(100, 200)])
+    # one flush being retried, one queued behind it
+    wait_for(lambda: sink._in_flight >= 2, what="a second flush queued behind it")
+    sink.stop(drain_s=2.0)
+    thread.join(30)
+    assert not thread.is_alive(), "the sink hung at stop"
+    assert sink.left_unstored
+    assert committed_total(kafka, "sink-j", topic, 2) == 0
+
+
+class SlowClient:
+    """Fault injection: every insert takes 0.6 s (a loaded ClickHouse)."""
+
+    def __init__(self, client: Client) -> None:
+        self.client = client
+
+    def create_insert_context(self, *args: Any, **kwargs: Any) -> Any:
+        return self.client.create_insert_context(*args, **kwargs)
+
+    def insert(self, *args: Any, **kwargs: Any) -> Any:
+        time.sleep(0.6)
+        return self.client.insert(*args, **kwargs)
+
+
+def test_a_drain_that_stalls_on_slow_inserts_still_reads_everything(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(10000)])
+    sink = ClickHouseSink(  # flushes of ~1000 rows queue up behind >1 s inserts: the loop stalls
+        kafka, SinkSettings(group_id="sink-k", batch_max_ms=100, batch_max_rows=1000),
+        SlowClient(clickhouse), database, REGISTRY,
+    )
+    sink.stop(drain_s=120.0)  # stop at once: only the drain reads the backlog
+    sink.run()
+    assert not sink.left_unstored
+    assert committed_total(kafka, "sink-k", topic, 2) == 10000
+    assert count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 10000
+
