@@ -171,7 +171,6 @@ class ClickHouseSink:
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
         self._last_lag_check = 0.0
-        self.stored_rows = 0
         self.kafka_cluster = ""
         self._to_insert: queue.Queue[PendingFlush | None] = queue.Queue(maxsize=1)
         self._stored: queue.Queue[tuple[PendingFlush, BaseException | None]] = queue.Queue()
@@ -568,7 +567,6 @@ class ClickHouseSink:
             SINK_INSERT_SECONDS.labels(table).observe(time.perf_counter() - started)
             SINK_BATCH_ROWS.labels(table).observe(len(rows))
             RECORDS_OUT.labels(STAGE, table).inc(len(rows))
-            self.stored_rows += len(rows)
             if table in LATENCY_TABLES:
                 ingest_index = columns.index("ingest_time")
                 latency = labelled(END_TO_END_SECONDS, f"stored:{table}")
