@@ -18,9 +18,11 @@ install: $(STAMP)
 run: $(STAMP)
 	$(BIN)/medstream up
 
-# The whole test suite: unit, integration (real tansu + chdb) and end-to-end.
+# The whole test suite: unit, integration (real tansu + chdb + the local PostgreSQL, MariaDB
+# and Mosquitto) and end-to-end. The source databases are first prepared for CDC.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -p no:cacheprovider
+	deploy/dev/prepare-sources.sh
+	MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 
 bench: $(STAMP)
 	$(BIN)/medstream bench --events 30000 --json bench.json

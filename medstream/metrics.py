@@ -59,6 +59,32 @@ CONSUMER_LAG = Gauge(
     ["stage", "topic"],
 )
 
+COLLECTOR_READ = Counter(
+    "medstream_collector_records_read",
+    "Source-native units (row changes, messages, packets, claims) a collector read",
+    ["collector"],
+)
+COLLECTOR_PUBLISHED = Counter(
+    "medstream_collector_records_published",
+    "Raw records a collector published and the broker acknowledged",
+    ["collector"],
+)
+COLLECTOR_FAILED = Counter(
+    "medstream_collector_records_failed",
+    "Source units a collector rejected (dead-lettered) or could not deliver, by reason",
+    ["collector", "reason_code"],
+)
+COLLECTOR_SOURCE_LAG = Gauge(
+    "medstream_collector_source_lag_seconds",
+    "Age of the newest source change a collector has read (now - source commit/send time)",
+    ["collector"],
+)
+COLLECTOR_COMMITTED = Counter(
+    "medstream_collector_positions_committed",
+    "Source positions committed (acknowledged to the source) after broker acknowledgement",
+    ["collector"],
+)
+
 
 READY = Gauge(
     "medstream_ready",

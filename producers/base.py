@@ -1,0 +1,554 @@
+"""The edge-collector framework: publish raw Avro records, commit source positions after acks.
+
+Every collector (one module and one class per source kind, see ``producers/__init__.py``)
+reads its source, turns each source-native unit into one raw record of the contract in
+``schemas/avro`` and publishes it with :class:`RawPublisher` (idempotent producer,
+acks=all). A source position is committed only once the broker acknowledged every record
+read before it: :class:`OrderedAcks` turns out-of-order delivery reports into the last
+position that is safe to commit. Input the collector cannot accept goes to the dead-letter
+topic with a reason (stage ``producer``), so it is counted, never silently dropped.
+
+Configuration is one YAML file per collector, validated with pydantic before anything
+connects; ``${VAR}`` and ``${VAR:-default}`` in it are read from the environment, so
+passwords stay out of the file.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import re
+import sqlite3
+import threading
+import time
+from abc import ABC, abstractmethod
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, ClassVar, Generic, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from medstream.metrics import (
+    COLLECTOR_FAILED,
+    COLLECTOR_PUBLISHED,
+    COLLECTOR_READ,
+    COLLECTOR_SOURCE_LAG,
+    DEAD_LETTERS,
+    READY,
+    RECORDS_OUT,
+    labelled,
+)
+from medstream.settings import DLQ_TOPIC, RAW_TOPICS, KafkaSettings, RuntimeSettings
+from schemas.identity import dead_letter_id
+from schemas.serde import DEAD_LETTER, RAW_SUBJECT_BY_KIND, AvroSerializer, SchemaRegistry
+
+log = logging.getLogger("medstream.collector")
+
+#: Kafka header naming the collector that published a raw record (read by the sink's ledger).
+COLLECTOR_HEADER = "medstream-collector"
+#: Dead letters written by a collector carry this stage.
+STAGE = "producer"
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def wall_clock_ms() -> int:
+    """Milliseconds since the epoch, UTC."""
+    return time.time_ns() // 1_000_000
+
+
+# --- configuration ------------------------------------------------------------------------
+
+
+class ConfigError(ValueError):
+    """A collector configuration (or the source it describes) is unusable; says where and why."""
+
+
+class CollectorConfig(BaseModel):
+    """Settings every collector has; a kind's own model extends it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    kind: str = Field(description="collector kind, e.g. postgres, mllp")
+    name: str = Field(
+        pattern=r"^[a-z0-9][a-z0-9_-]{0,62}$",
+        description="unique collector name: metric label, state directory, lineage",
+    )
+    organisation_id: str = Field(min_length=1, description="organisation that owns the source")
+    source_system: str = Field(min_length=1, description="source system named in raw records")
+    state_dir: Path | None = Field(
+        default=None, description="where positions are kept (default: DATA_DIR/collectors/NAME)"
+    )
+
+
+def _expand_env(value: Any, path: Path) -> Any:
+    if isinstance(value, str):
+
+        def substitute(match: re.Match[str]) -> str:
+            name, default = match.group(1), match.group(2)
+            found = os.environ.get(name)
+            if found is not None:
+                return found
+            if default is not None:
+                return default
+            raise ConfigError(f"{path}: environment variable {name} is not set")
+
+        return _ENV_REF.sub(substitute, value)
+    if isinstance(value, dict):
+        return {k: _expand_env(v, path) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand_env(v, path) for v in value]
+    return value
+
+
+C = TypeVar("C", bound=CollectorConfig)
+
+
+def load_config(path: Path, model: type[C]) -> C:
+    """Read and validate one collector configuration file; errors name the file and field."""
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping of settings at the top level")
+    data = _expand_env(data, path)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc']) or '(top)'}: {err['msg']}"
+            for err in exc.errors()
+        )
+        raise ConfigError(f"{path}: {problems}") from None
+
+
+# --- ordered acknowledgement --------------------------------------------------------------
+
+P = TypeVar("P")
+
+
+class OrderedAcks(Generic[P]):
+    """Source positions in read order; says which one is safe to commit.
+
+    Call :meth:`track` for every published record (it returns the delivery callback) and
+    :meth:`mark` after the last record of a committable unit (a transaction, a message, a
+    file) with that unit's position. :meth:`committable` returns the latest marked position
+    whose records, and all records before them, were acknowledged. Thread-safe: delivery
+    callbacks may run on another thread than the reader.
+    """
+
+    def __init__(self) -> None:
+        self._entries: deque[list[Any]] = deque()  # [position or _RECORD, done]
+        self._lock = threading.Lock()
+        self.failure: str | None = None
+        self.in_flight = 0
+
+    _RECORD: ClassVar[object] = object()
+
+    def track(self) -> Callable[[Any], None]:
+        """Register one record in flight; returns the callback taking the delivery error."""
+        entry = [self._RECORD, False]
+        with self._lock:
+            self._entries.append(entry)
+            self.in_flight += 1
+
+        def done(error: Any) -> None:
+            with self._lock:
+                self.in_flight -= 1
+                if error is None:
+                    entry[1] = True
+                elif self.failure is None:
+                    self.failure = str(error)
+
+        return done
+
+    def mark(self, position: P) -> None:
+        """The records tracked so far complete a unit whose commit position is ``position``."""
+        with self._lock:
+            self._entries.append([position, True])
+
+    def committable(self) -> P | None:
+        """The newest position safe to commit now (None: nothing new); removes it and earlier."""
+        latest: P | None = None
+        with self._lock:
+            while self._entries and self._entries[0][1]:
+                position = self._entries.popleft()[0]
+                if position is not self._RECORD:
+                    latest = position
+        return latest
+
+    @property
+    def pending(self) -> int:
+        """Entries not yet released by :meth:`committable`."""
+        with self._lock:
+            return len(self._entries)
+
+
+# --- publishing ---------------------------------------------------------------------------
+
+
+class DeliveryFailed(RuntimeError):
+    """The broker did not acknowledge a record; its source position must not be committed."""
+
+
+class RawPublisher:
+    """Publishes one collector's raw records and dead letters (confluent-kafka, acks=all).
+
+    Delivery callbacks run inside :meth:`poll` / :meth:`flush`, on the calling thread.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: SchemaRegistry,
+        source_kind: str,
+        collector: str,
+        producer: Any = None,
+    ) -> None:
+        from confluent_kafka import Producer
+
+        if source_kind not in RAW_TOPICS:
+            raise ValueError(f"unknown source kind {source_kind!r}")
+        self.source_kind = source_kind
+        self.collector = collector
+        self.topic = kafka.topic(RAW_TOPICS[source_kind])
+        self.dlq_topic = kafka.topic(DLQ_TOPIC)
+        self._serialize = AvroSerializer(registry, RAW_SUBJECT_BY_KIND[source_kind])
+        self._serialize_dead_letter = AvroSerializer(registry, DEAD_LETTER)
+        self._headers = [(COLLECTOR_HEADER, collector.encode())]
+        self._producer = producer or Producer(kafka.producer_config())
+        self._published = labelled(COLLECTOR_PUBLISHED, collector)
+        self._out = labelled(RECORDS_OUT, "collector", self.topic)
+        self._last_dlq_sequence = 0
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        """The Confluent-framed Avro bytes of a raw record (raises SerializationError)."""
+        return self._serialize(record)
+
+    def publish(
+        self,
+        key: str | bytes | None,
+        record: dict[str, Any] | bytes,
+        on_result: Callable[[Any], None],
+    ) -> None:
+        """Produce one raw record (a dict is encoded first); ``on_result(error or None)``."""
+        value = record if isinstance(record, bytes) else self._serialize(record)
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is None:
+                self._published.inc()
+                self._out.inc()
+            else:
+                labelled(COLLECTOR_FAILED, self.collector, "delivery_failed").inc()
+                log.error("%s: delivery to %s failed: %s", self.collector, self.topic, error)
+            on_result(error)
+
+        self._produce(self.topic, key, value, delivered)
+
+    def dead_letter(
+        self,
+        reason_code: str,
+        reason: str,
+        original_value: bytes,
+        on_result: Callable[[Any], None],
+        *,
+        organisation_id: str | None = None,
+        original_key: bytes | None = None,
+        received_ms: int | None = None,
+        record_index: int | None = None,
+        record_count: int | None = None,
+    ) -> str:
+        """Publish a dead letter for input this collector could not accept; returns its id.
+
+        The original position is ``collector/NAME`` with a per-collector sequence (the
+        receive time in microseconds, strictly increasing), since the input never reached
+        a raw topic.
+        """
+        now_ms = wall_clock_ms()
+        received = received_ms if received_ms is not None else now_ms
+        sequence = max(time.time_ns() // 1000, self._last_dlq_sequence + 1)
+        self._last_dlq_sequence = sequence
+        origin = f"collector/{self.collector}"
+        dlq_id = dead_letter_id(STAGE, origin, 0, sequence, record_index, received)
+        value = self._serialize_dead_letter(
+            {
+                "dlq_id": dlq_id,
+                "stage": STAGE,
+                "reason_code": reason_code,
+                "reason": reason,
+                "source_kind": self.source_kind,
+                "organisation_id": organisation_id,
+                "original_topic": origin,
+                "original_partition": 0,
+                "original_offset": sequence,
+                "record_index": record_index,
+                "record_count": record_count,
+                "original_key": original_key,
+                "original_value": original_value,
+                "ingest_time": received,
+                "failed_time": now_ms,
+            }
+        )
+        labelled(COLLECTOR_FAILED, self.collector, reason_code).inc()
+        labelled(DEAD_LETTERS, STAGE, reason_code).inc()
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                log.error("%s: dead letter to %s failed: %s", self.collector, self.dlq_topic, error)
+            on_result(error)
+
+        self._produce(self.dlq_topic, original_key, value, delivered)
+        return dlq_id
+
+    def _produce(
+        self,
+        topic: str,
+        key: str | bytes | None,
+        value: bytes,
+        delivered: Callable[[Any, Any], None],
+    ) -> None:
+        while True:
+            try:
+                self._producer.produce(
+                    topic, key=key, value=value, headers=self._headers, on_delivery=delivered
+                )
+                return
+            except BufferError:  # local queue full: serve deliveries, then retry
+                self._producer.poll(0.05)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        """Serve delivery callbacks (waits up to ``timeout`` for one)."""
+        return int(self._producer.poll(timeout))
+
+    def flush(self, timeout: float = 30.0) -> int:
+        """Wait for every record in flight; returns how many are still unacknowledged."""
+        return int(self._producer.flush(timeout))
+
+    def in_queue(self) -> int:
+        """Records produced but not yet acknowledged or failed."""
+        return len(self._producer)
+
+
+class AsyncPublisher:
+    """:class:`RawPublisher` for asyncio collectors: awaitable deliveries, bounded in flight.
+
+    A thread serves the producer's delivery callbacks and resolves the waiting futures on
+    the event loop. ``max_in_flight`` bounds memory: :meth:`try_reserve` fails instead of
+    queueing when it is reached, which the listeners turn into back-pressure (HTTP 503,
+    MQTT not acknowledged, MLLP waits).
+    """
+
+    def __init__(self, publisher: RawPublisher, max_in_flight: int = 10_000) -> None:
+        self.publisher = publisher
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+
+    def start(self) -> None:
+        """Start serving delivery callbacks (call from inside the running event loop)."""
+        self._loop = asyncio.get_running_loop()
+        self._thread = threading.Thread(target=self._serve, name="delivery", daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while not self._stopping.is_set():
+            self.publisher.poll(0.05)
+
+    def try_reserve(self, count: int = 1) -> bool:
+        """Take ``count`` in-flight slots, or return False when the bound would be passed."""
+        if self.in_flight + count > self.max_in_flight:
+            return False
+        self.in_flight += count
+        return True
+
+    def release(self, count: int = 1) -> None:
+        """Give back slots taken by :meth:`try_reserve`."""
+        self.in_flight = max(0, self.in_flight - count)
+
+    def _future(self) -> tuple[asyncio.Future[None], Callable[[Any], None]]:
+        assert self._loop is not None, "start() first"
+        loop = self._loop
+        future: asyncio.Future[None] = loop.create_future()
+
+        def resolve(error: Any) -> None:
+            def settle() -> None:
+                if future.done():
+                    return
+                if error is None:
+                    future.set_result(None)
+                else:
+                    future.set_exception(DeliveryFailed(str(error)))
+
+            loop.call_soon_threadsafe(settle)
+
+        return future, resolve
+
+    async def publish(self, key: str | bytes | None, record: dict[str, Any] | bytes) -> None:
+        """Publish and wait for the broker's acknowledgement (raises DeliveryFailed)."""
+        future, resolve = self._future()
+        self.publisher.publish(key, record, resolve)
+        await future
+
+    async def dead_letter(
+        self, reason_code: str, reason: str, original_value: bytes, **kwargs: Any
+    ) -> str:
+        """Publish a dead letter and wait for its acknowledgement; returns its id."""
+        future, resolve = self._future()
+        dlq_id = self.publisher.dead_letter(reason_code, reason, original_value, resolve, **kwargs)
+        await future
+        return dlq_id
+
+    async def close(self, timeout: float = 30.0) -> int:
+        """Flush what is in flight and stop the callback thread; returns records unacknowledged."""
+        self._stopping.set()
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join)
+        return await asyncio.to_thread(self.publisher.flush, timeout)
+
+
+# --- durable collector state --------------------------------------------------------------
+
+
+class CollectorState:
+    """A collector's durable state: positions and "already seen" keys, in one SQLite file.
+
+    Writes are synchronous (``synchronous=FULL``), so a position stored here survives a
+    kill -9 of the collector. Not shared between processes.
+    """
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self.path = path
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT)")
+            self._db.execute(
+                "CREATE TABLE IF NOT EXISTS seen (namespace TEXT, key TEXT, value TEXT, "
+                "first_seen_ms INTEGER, PRIMARY KEY (namespace, key))"
+            )
+
+    def get(self, key: str) -> str | None:
+        """A stored value, or None."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM kv WHERE key = ?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def put(self, key: str, value: str) -> None:
+        """Store a value durably."""
+        with self._lock:
+            self._db.execute(
+                "INSERT INTO kv (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                (key, value),
+            )
+
+    def delete(self, key: str) -> None:
+        """Forget a value."""
+        with self._lock:
+            self._db.execute("DELETE FROM kv WHERE key = ?", (key,))
+
+    def seen(self, namespace: str, key: str) -> str | None:
+        """The value remembered for a key (e.g. a receipt), or None if it was never seen."""
+        with self._lock:
+            row = self._db.execute(
+                "SELECT value FROM seen WHERE namespace = ? AND key = ?", (namespace, key)
+            ).fetchone()
+        return None if row is None else str(row[0])
+
+    def remember(self, namespace: str, key: str, value: str = "") -> None:
+        """Remember a key durably (first time wins)."""
+        with self._lock:
+            self._db.execute(
+                "INSERT OR IGNORE INTO seen (namespace, key, value, first_seen_ms) "
+                "VALUES (?, ?, ?, ?)",
+                (namespace, key, value, wall_clock_ms()),
+            )
+
+    def forget_older_than(self, namespace: str, cutoff_ms: int) -> int:
+        """Drop keys first seen before ``cutoff_ms``; returns how many."""
+        with self._lock:
+            cursor = self._db.execute(
+                "DELETE FROM seen WHERE namespace = ? AND first_seen_ms < ?", (namespace, cutoff_ms)
+            )
+        return int(cursor.rowcount)
+
+    def close(self) -> None:
+        """Close the file."""
+        with self._lock:
+            self._db.close()
+
+
+# --- the collector base class -------------------------------------------------------------
+
+
+class CollectorMetrics:
+    """The per-collector Prometheus children (the label is the configured collector name)."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.read = labelled(COLLECTOR_READ, name)
+        self.source_lag = labelled(COLLECTOR_SOURCE_LAG, name)
+        self.ready = labelled(READY, f"collector-{name}")
+
+    def failed(self, reason_code: str) -> Any:
+        """The failure counter for a bounded reason code."""
+        return labelled(COLLECTOR_FAILED, self.name, reason_code)
+
+
+class Collector(ABC, Generic[C]):
+    """One edge collector: reads a source, publishes raw records, commits after acks.
+
+    Subclasses set ``kind``, ``source_kind`` and ``config_model`` and implement
+    :meth:`run`. :meth:`check` validates the configuration against the live source
+    without publishing (``medstream collect KIND --config FILE --check``).
+    """
+
+    kind: ClassVar[str]
+    source_kind: ClassVar[str]
+    config_model: ClassVar[type[CollectorConfig]]
+
+    def __init__(
+        self,
+        config: C,
+        kafka: KafkaSettings,
+        registry: SchemaRegistry,
+        runtime: RuntimeSettings | None = None,
+        producer: Any = None,
+    ) -> None:
+        self.config = config
+        self.kafka = kafka
+        self.registry = registry
+        runtime = runtime or RuntimeSettings()
+        self.state_dir = config.state_dir or runtime.data_dir / "collectors" / config.name
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.metrics = CollectorMetrics(config.name)
+        self.publisher = RawPublisher(
+            kafka, registry, self.source_kind, config.name, producer=producer
+        )
+
+    @abstractmethod
+    def run(self, stop: threading.Event) -> None:
+        """Collect until ``stop`` is set; flush and commit what was acknowledged, then return.
+
+        Raises on an unrecoverable error (the process then exits non-zero and a supervisor
+        restarts it from the last committed position).
+        """
+
+    def check(self) -> list[str]:
+        """Validate the configuration against the live source; returns readable findings."""
+        return []
+
+
+def run_async(main: Callable[[threading.Event], Any], stop: threading.Event) -> None:
+    """Run an asyncio collector's ``main(stop)`` coroutine until it returns."""
+    asyncio.run(main(stop))

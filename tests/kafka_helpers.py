@@ -1,0 +1,77 @@
+"""Test helpers: read back what a collector published to the real broker."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+from confluent_kafka import Consumer, KafkaError
+
+from medstream.settings import DLQ_TOPIC, RAW_TOPICS, KafkaSettings
+from schemas.serde import AvroDeserializer, ManifestRegistry
+
+
+@dataclass
+class Published:
+    """One record read back from a topic, decoded."""
+
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    headers: dict[str, bytes]
+    value: dict[str, Any]
+
+
+def consume(
+    kafka: KafkaSettings,
+    topics: list[str],
+    expected: int,
+    timeout_s: float = 20.0,
+    settle_s: float = 0.5,
+) -> list[Published]:
+    """Read contract topics (names without prefix) until ``expected`` records arrived and no
+    more came for ``settle_s`` (so extra records are seen too), or the timeout passed."""
+    decode = AvroDeserializer(ManifestRegistry())
+    consumer = Consumer(kafka.consumer_config(f"test-read-{uuid.uuid4().hex[:8]}"))
+    consumer.subscribe([kafka.topic(t) for t in topics])
+    records: list[Published] = []
+    deadline = time.monotonic() + timeout_s
+    quiet_since: float | None = None
+    try:
+        while time.monotonic() < deadline:
+            message = consumer.poll(0.1)
+            if message is None:
+                if len(records) >= expected:
+                    quiet_since = quiet_since or time.monotonic()
+                    if time.monotonic() - quiet_since >= settle_s:
+                        break
+                continue
+            if message.error() is not None:
+                if message.error().code() == KafkaError._PARTITION_EOF:
+                    continue
+                raise AssertionError(f"consume error: {message.error()}")
+            quiet_since = None
+            records.append(
+                Published(
+                    message.topic(),
+                    message.partition(),
+                    message.offset(),
+                    message.key(),
+                    dict(message.headers() or []),
+                    decode(message.value()),
+                )
+            )
+    finally:
+        consumer.close()
+    return records
+
+
+def raw_topic(source_kind: str) -> str:
+    """The contract name of a source kind's raw topic."""
+    return RAW_TOPICS[source_kind]
+
+
+DLQ = DLQ_TOPIC

@@ -1,0 +1,133 @@
+"""The collector framework: ordered acknowledgement, config loading, publishing to the real broker."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import pytest
+
+from producers import collector_class
+from producers.base import (
+    COLLECTOR_HEADER,
+    CollectorConfig,
+    CollectorState,
+    ConfigError,
+    OrderedAcks,
+    RawPublisher,
+    load_config,
+)
+from schemas.serde import ManifestRegistry
+from tests.kafka_helpers import DLQ, consume, raw_topic
+
+
+def test_ordered_acks_commit_only_fully_acknowledged_prefix() -> None:
+    acks: OrderedAcks[int] = OrderedAcks()
+    first = acks.track()
+    second = acks.track()
+    acks.mark(100)  # transaction 1 = two records
+    third = acks.track()
+    acks.mark(200)
+    second(None)
+    third(None)
+    assert acks.committable() is None  # the first record is still in flight
+    first(None)
+    assert acks.committable() == 200
+    assert acks.committable() is None
+    assert acks.pending == 0
+
+
+def test_ordered_acks_failure_blocks_commit() -> None:
+    acks: OrderedAcks[str] = OrderedAcks()
+    done = acks.track()
+    acks.mark("a")
+    done("broker down")
+    assert acks.committable() is None
+    assert acks.failure == "broker down"
+
+
+def test_ordered_acks_from_another_thread() -> None:
+    acks: OrderedAcks[int] = OrderedAcks()
+    callbacks = []
+    for position in range(1000):
+        callbacks.append(acks.track())
+        acks.mark(position)
+    worker = threading.Thread(target=lambda: [cb(None) for cb in reversed(callbacks)])
+    worker.start()
+    worker.join()
+    assert acks.committable() == 999
+    assert acks.in_flight == 0
+
+
+def test_load_config_expands_environment_and_names_errors(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "c.yaml"
+    path.write_text(
+        "kind: mllp\nname: lab-1\norganisation_id: ${ORG_FOR_TEST}\n"
+        "source_system: ${SYSTEM_FOR_TEST:-LIS}\n"
+    )
+    monkeypatch.setenv("ORG_FOR_TEST", "H001")
+    config = load_config(path, CollectorConfig)
+    assert (config.organisation_id, config.source_system) == ("H001", "LIS")
+    monkeypatch.delenv("ORG_FOR_TEST")
+    with pytest.raises(ConfigError, match="ORG_FOR_TEST is not set"):
+        load_config(path, CollectorConfig)
+    path.write_text("kind: mllp\nname: Bad Name\norganisation_id: H\nsource_system: S\nport: 1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, CollectorConfig)
+    assert "name:" in str(info.value) and "port:" in str(info.value)
+    with pytest.raises(ConfigError, match="cannot read"):
+        load_config(tmp_path / "missing.yaml", CollectorConfig)
+
+
+def test_unknown_collector_kind_lists_known_kinds() -> None:
+    with pytest.raises(ValueError, match="known kinds: claims, devices, mariadb, mllp, postgres"):
+        collector_class("ftp")
+
+
+def test_state_survives_reopen(tmp_path: Path) -> None:
+    state = CollectorState(tmp_path / "state.sqlite")
+    state.put("lsn", "0/16B3748")
+    state.remember("files", "abc", "receipt-1")
+    state.remember("files", "abc", "receipt-2")  # first time wins
+    state.close()
+    reopened = CollectorState(tmp_path / "state.sqlite")
+    assert reopened.get("lsn") == "0/16B3748"
+    assert reopened.seen("files", "abc") == "receipt-1"
+    assert reopened.seen("files", "zzz") is None
+    reopened.close()
+
+
+@pytest.mark.integration
+def test_publisher_sends_raw_records_and_dead_letters_with_collector_header(kafka_factory) -> None:
+    kafka = kafka_factory()
+    publisher = RawPublisher(kafka, ManifestRegistry(), "hl7_lab", "lab-test")
+    acks: OrderedAcks[int] = OrderedAcks()
+    for n in range(3):
+        publisher.publish(
+            f"k{n}",
+            {
+                "message_control_id": f"CTRL{n}",
+                "organisation_id": "H001",
+                "source_system": "LIS",
+                "message_type": "ORU^R01",
+                "received_time": 1_700_000_000_000 + n,
+                "payload": "MSH|^~\\&|LIS",
+            },
+            acks.track(),
+        )
+        acks.mark(n)
+    dlq_id = publisher.dead_letter("not_hl7", "frame is not an HL7 message", b"garbage", acks.track())
+    assert publisher.flush(10) == 0
+    assert acks.committable() == 2 and acks.failure is None
+    raw = consume(kafka, [raw_topic("hl7_lab")], 3)
+    assert sorted(r.value["message_control_id"] for r in raw) == ["CTRL0", "CTRL1", "CTRL2"]
+    assert all(r.headers[COLLECTOR_HEADER] == b"lab-test" for r in raw)
+    dead = consume(kafka, [DLQ], 1)
+    assert len(dead) == 1
+    assert dead[0].value["dlq_id"] == dlq_id
+    assert dead[0].value["stage"] == "producer"
+    assert dead[0].value["original_topic"] == "collector/lab-test"
+    assert dead[0].value["reason_code"] == "not_hl7"
+    assert dead[0].value["original_value"] == b"garbage"
