@@ -235,7 +235,9 @@ def streams(metrics_port: MetricsPort = 0) -> None:
 
 @app.command()
 def collect(
-    kind: Annotated[str, typer.Argument(help="collector kind: postgres, mariadb, mllp, devices, claims")],
+    kind: Annotated[
+        str, typer.Argument(help="collector kind: postgres, mariadb, mllp, devices, claims")
+    ],
     config: Annotated[Path, typer.Option(help="the collector's YAML configuration")],
     check: Annotated[
         bool, typer.Option(help="validate the configuration against the source, then exit")

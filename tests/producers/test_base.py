@@ -1,4 +1,4 @@
-"""The collector framework: ordered acknowledgement, config loading, publishing to the real broker."""
+"""The collector framework: ordered acks, config loading, publishing to the real broker."""
 
 from __future__ import annotations
 
@@ -118,7 +118,9 @@ def test_publisher_sends_raw_records_and_dead_letters_with_collector_header(kafk
             acks.track(),
         )
         acks.mark(n)
-    dlq_id = publisher.dead_letter("not_hl7", "frame is not an HL7 message", b"garbage", acks.track())
+    dlq_id = publisher.dead_letter(
+        "not_hl7", "frame is not an HL7 message", b"garbage", acks.track()
+    )
     assert publisher.flush(10) == 0
     assert acks.committable() == 2 and acks.failure is None
     raw = consume(kafka, [raw_topic("hl7_lab")], 3)
