@@ -53,12 +53,25 @@ class SourceCounts:
 
 
 @dataclass
+class CollectorCounts:
+    """Counts for one edge collector in the range (raw records it published, and what it
+    dead-lettered itself because the source sent input it could not accept)."""
+
+    collector: str
+    source_kind: str
+    published_messages: int = 0
+    unaccounted_messages: int = 0
+    dead_lettered_at_collector: int = 0
+
+
+@dataclass
 class ReconcileReport:
     """The result of one reconciliation."""
 
     since: datetime
     until: datetime
     sources: list[SourceCounts] = field(default_factory=list)
+    collectors: list[CollectorCounts] = field(default_factory=list)
     stored_events: dict[str, int] = field(default_factory=dict)
     gaps: list[str] = field(default_factory=list)
 
@@ -74,6 +87,7 @@ class ReconcileReport:
             "until": self.until.isoformat(),
             "ok": self.ok,
             "sources": [s.__dict__ for s in self.sources],
+            "collectors": [c.__dict__ for c in self.collectors],
             "stored_events": self.stored_events,
             "gaps": self.gaps,
         }
@@ -91,6 +105,16 @@ class ReconcileReport:
                 f"{s.source_kind:<10} {s.published_messages:>9} {s.expected_records:>8} "
                 f"{s.normalised_records:>10} {dlq:>13} {s.unaccounted_messages:>11}"
             )
+        if self.collectors:
+            lines.append(
+                f"{'collector':<24} {'kind':<8} {'published':>9} {'unaccounted':>11} "
+                f"{'dead-lettered at collector':>26}"
+            )
+            for c in self.collectors:
+                lines.append(
+                    f"{c.collector:<24} {c.source_kind:<8} {c.published_messages:>9} "
+                    f"{c.unaccounted_messages:>11} {c.dead_lettered_at_collector:>26}"
+                )
         stored = ", ".join(f"{t}={n}" for t, n in sorted(self.stored_events.items()))
         lines.append(f"stored (distinct events): {stored or 'none'}")
         if self.gaps:
@@ -162,6 +186,7 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
                 state = f"{covered} of {expected} records"
             report.gaps.append(f"  e.g. {topic}[{partition}]@{offset}: {state}")
     lineage_where = f"ingest_time >= {_ts(since)} AND ingest_time < {_ts(until)}"
+    report.collectors = _collector_counts(query, database, accounting, where, lineage_where)
     for table in (*EVENT_TABLES, *STATE_TABLES):
         stored = query(
             f"SELECT uniqExact(event_id) FROM {database}.lineage "
@@ -190,6 +215,39 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
             "at the sink (see dead_letter where stage = 'sink')"
         )
     return report
+
+
+def _collector_counts(
+    query: Querier, database: str, accounting: str, where: str, dlq_where: str
+) -> list[CollectorCounts]:
+    """Per edge collector: raw records published (from the ledger's collector header) and
+    accounted for, plus the dead letters the collector wrote itself (stage ``producer``)."""
+    counts: dict[tuple[str, str], CollectorCounts] = {}
+    for name, kind, published, unaccounted in query(
+        f"""
+        SELECT l.collector, l.source_kind, count(),
+               countIf(a.whole_dlq = 0 AND (a.expected <= 0 OR a.covered < a.expected))
+        FROM {database}.raw_ledger AS l FINAL
+        LEFT JOIN ({accounting}) AS a
+          USING (kafka_cluster, source_topic, source_partition, source_offset)
+        WHERE {where} AND l.collector != ''
+        GROUP BY l.collector, l.source_kind"""
+    ).rows:
+        counts[(str(name), str(kind))] = CollectorCounts(
+            str(name), str(kind), int(published), int(unaccounted)
+        )
+    prefix = "collector/"
+    for origin, kind, dead in query(
+        f"""
+        SELECT original_topic, ifNull(source_kind, ''), count()
+        FROM {database}.dead_letter FINAL
+        WHERE stage = 'producer' AND startsWith(original_topic, '{prefix}') AND {dlq_where}
+        GROUP BY original_topic, source_kind"""
+    ).rows:
+        key = (str(origin)[len(prefix):], str(kind))
+        entry = counts.setdefault(key, CollectorCounts(*key))
+        entry.dead_lettered_at_collector = int(dead)
+    return [counts[key] for key in sorted(counts)]
 
 
 @dataclass

@@ -43,12 +43,16 @@ from medstream.metrics import (
 )
 from medstream.settings import DLQ_TOPIC, RAW_TOPICS, KafkaSettings, RuntimeSettings
 from schemas.identity import dead_letter_id
-from schemas.serde import DEAD_LETTER, RAW_SUBJECT_BY_KIND, AvroSerializer, SchemaRegistry
+from schemas.serde import (
+    COLLECTOR_HEADER,
+    DEAD_LETTER,
+    RAW_SUBJECT_BY_KIND,
+    AvroSerializer,
+    SchemaRegistry,
+)
 
 log = logging.getLogger("medstream.collector")
 
-#: Kafka header naming the collector that published a raw record (read by the sink's ledger).
-COLLECTOR_HEADER = "medstream-collector"
 #: Dead letters written by a collector carry this stage.
 STAGE = "producer"
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

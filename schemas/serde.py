@@ -46,6 +46,10 @@ CLAIM_LINE = "medstream.norm.ClaimLine"
 ALERT = "medstream.alert.Alert"
 DEAD_LETTER = "medstream.dlq.DeadLetter"
 
+#: Kafka header on a raw record naming the edge collector that published it (part of the
+#: contract: the sink's raw ledger records it, so reconciliation can account per collector).
+COLLECTOR_HEADER = "medstream-collector"
+
 #: Source kind -> subject of its raw message (one raw topic per kind).
 RAW_SUBJECT_BY_KIND = {
     "emr_cdc": RAW_EMR_ROW_CHANGE,

@@ -48,6 +48,7 @@ from medstream.settings import (
 )
 from schemas import serde
 from schemas.identity import dead_letter_id
+from schemas.serde import COLLECTOR_HEADER
 
 log = logging.getLogger("medstream.sink")
 
@@ -74,12 +75,21 @@ LATENCY_TABLES = ("alert", "lab_result", "observation", "claim_line", "encounter
 LEDGER_COLUMNS = [
     "kafka_cluster",
     "source_kind",
+    "collector",
     "source_topic",
     "source_partition",
     "source_offset",
     "ingest_time",
     "value_bytes",
 ]
+
+
+def _collector(message: Message) -> str:
+    """The edge collector named in a raw record's header ('' when it has none)."""
+    for name, value in message.headers() or ():
+        if name == COLLECTOR_HEADER and value is not None:
+            return value.decode("utf-8", "replace")
+    return ""
 
 
 def _ms_to_datetime(ms: int) -> datetime:
@@ -390,7 +400,7 @@ class ClickHouseSink:
             value = message.value() or b""
             self._rows.setdefault("raw_ledger", []).append(
                 [
-                    self.kafka_cluster, raw_kind, topic, partition, offset,
+                    self.kafka_cluster, raw_kind, _collector(message), topic, partition, offset,
                     _ms_to_datetime(timestamp_ms), len(value),
                 ]
             )

@@ -119,3 +119,38 @@ def test_range_bounds_with_an_offset_are_converted_to_utc(clickhouse: Client, da
         datetime(2026, 11, 20, 15, 30), datetime(2026, 11, 20, 16, 30),
     )
     assert naive_hours_later.sources == []
+
+
+def test_reconcile_accounts_per_collector_including_its_own_dead_letters(
+    clickhouse: Client, database: str
+) -> None:
+    ledger = [*LEDGER[:2], "collector", *LEDGER[2:]]
+    clickhouse.insert(f"{database}.raw_ledger", [
+        ["c1", "emr_cdc", "his-pg", "raw.emr_cdc", 0, 1, T0, 90],
+        ["c1", "emr_cdc", "his-pg", "raw.emr_cdc", 0, 2, T0, 90],
+        ["c1", "hl7_lab", "lis-mllp", "raw.hl7_lab", 0, 9, T0, 90],
+        ["c1", "hl7_lab", "", "raw.hl7_lab", 0, 10, T0, 90],  # the simulator: no collector
+    ], column_names=ledger)
+    clickhouse.insert(f"{database}.lineage", [
+        ["c1", "raw.emr_cdc", 0, 1, 0, 1, "e1", "stored:encounter", T0],
+        ["c1", "raw.hl7_lab", 0, 9, 0, 1, "e2", "stored:lab_result", T0],
+        ["c1", "raw.hl7_lab", 0, 10, 0, 1, "e3", "stored:lab_result", T0],
+    ], column_names=LINEAGE)
+    dead = ["dlq_id", "stage", "reason_code", "reason", "source_kind", "original_topic",
+            "original_partition", "original_offset", "original_value", "ingest_time",
+            "failed_time"]
+    clickhouse.insert(f"{database}.dead_letter", [
+        ["x1", "producer", "not_hl7", "no MSH", "hl7_lab", "collector/lis-mllp", 0, 1, b"?", T0, T0],
+        ["x2", "producer", "not_hl7", "no MSH", "hl7_lab", "collector/lis-mllp", 0, 2, b"?", T0, T0],
+    ], column_names=dead)
+    report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1), T0 + timedelta(hours=1))
+    by_name = {c.collector: c for c in report.collectors}
+    assert set(by_name) == {"his-pg", "lis-mllp"}
+    assert (by_name["his-pg"].published_messages, by_name["his-pg"].unaccounted_messages) == (2, 1)
+    assert by_name["his-pg"].dead_lettered_at_collector == 0
+    assert (by_name["lis-mllp"].published_messages, by_name["lis-mllp"].unaccounted_messages) == (1, 0)
+    assert by_name["lis-mllp"].dead_lettered_at_collector == 2
+    assert "raw.emr_cdc[0]@2" in "\n".join(report.gaps)
+    rendered = report.render()
+    assert "his-pg" in rendered and "lis-mllp" in rendered
+    assert report.as_dict()["collectors"][1]["dead_lettered_at_collector"] == 2

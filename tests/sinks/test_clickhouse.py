@@ -494,3 +494,21 @@ def test_a_drain_that_stalls_on_slow_inserts_still_reads_everything(
     assert committed_total(kafka, "sink-k", topic, 2) == 10000
     assert count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 10000
 
+
+
+def test_raw_ledger_names_the_collector_from_the_record_header(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    topic = kafka.topic(RAW_TOPICS["emr_cdc"])
+    producer = Producer(kafka.producer_config())
+    producer.produce(topic, key=b"a", value=b"row-1", headers=[("medstream-collector", b"his-pg")])
+    producer.produce(topic, key=b"a", value=b"row-2", headers=[("other", b"x")])
+    producer.produce(topic, key=b"a", value=b"row-3")
+    assert producer.flush(30) == 0
+    with running(make_sink(kafka, clickhouse, database, "sink-ledger")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == 3)
+    rows = clickhouse.query(
+        f"SELECT source_offset, collector, source_kind FROM {database}.raw_ledger ORDER BY 1"
+    ).result_rows
+    assert rows == [(0, "his-pg", "emr_cdc"), (1, "", "emr_cdc"), (2, "", "emr_cdc")]
