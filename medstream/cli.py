@@ -113,19 +113,50 @@ def up(
         bool,
         typer.Option(help="with --events: stop once everything is reconciled; exit 1 on a gap"),
     ] = False,
+    collector: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="run the edge collector configured in this YAML file (repeatable; also "
+            "MEDSTREAM_COLLECTOR_CONFIGS, comma-separated)"
+        ),
+    ] = None,
+    simulate: Annotated[
+        bool | None,
+        typer.Option(
+            "--simulate/--no-simulate",
+            help="run the region simulator (default: only when no collector is configured)",
+        ),
+    ] = None,
 ) -> None:
-    """Run the whole pipeline: broker, topics, ClickHouse, stream workers, sink and simulator."""
-    from medstream.supervisor import Supervisor
+    """Run the whole pipeline: broker, topics, ClickHouse, stream workers, sink, collectors
+    and (by default when no collector is configured) the simulator."""
+    from medstream.supervisor import CollectorSpec, Supervisor
 
     streams = StreamSettings()
     if workers is not None:
         streams = streams.model_copy(update={"workers": workers})
-    if exit_when_done and events <= 0:
-        _fail("--exit-when-done needs --events N")
+    runtime = RuntimeSettings()
+    try:
+        collectors = [
+            CollectorSpec.read(path) for path in [*runtime.collector_paths(), *(collector or [])]
+        ]
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    names = [c.name for c in collectors]
+    if len(set(names)) != len(names):
+        _fail(f"collector names must be unique, got {', '.join(sorted(names))}", 2)
+    if simulate is None:
+        simulate = not collectors
+    if exit_when_done and (events <= 0 or not simulate):
+        _fail("--exit-when-done needs the simulator and --events N")
     if seed is None:
         seed = secrets.randbelow(1_000_000)
-    typer.echo(f"simulator seed {seed} (repeat this region with --seed {seed})")
-    supervisor = Supervisor(KafkaSettings(), ClickHouseSettings(), RuntimeSettings(), streams)
+    if simulate:
+        typer.echo(f"simulator seed {seed} (repeat this region with --seed {seed})")
+    supervisor = Supervisor(
+        KafkaSettings(), ClickHouseSettings(), runtime, streams, collectors=collectors,
+        simulate=simulate,
+    )
     raise typer.Exit(supervisor.run(events, rate, seed, labels, exit_when_done))
 
 

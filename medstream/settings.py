@@ -187,6 +187,14 @@ class RuntimeSettings(BaseSettings):
         default=0, description="first /metrics port (0 = pick free ports)"
     )
     status_interval_s: float = Field(default=5.0, description="seconds between status lines")
+    collector_configs: str = Field(
+        default="",
+        description="comma-separated collector YAML files that `medstream up` runs",
+    )
+
+    def collector_paths(self) -> list[Path]:
+        """The collector configuration files `medstream up` runs, in the order given."""
+        return [Path(p.strip()) for p in self.collector_configs.split(",") if p.strip()]
 
     @property
     def runtime_file(self) -> Path:

@@ -51,6 +51,9 @@ class Child:
     metrics_port: int
     process: subprocess.Popen[bytes] | None = None
     expected_exit: bool = False  # the simulator may finish on its own
+    restartable: bool = False  # collectors resume from their committed source position
+    restarts: int = 0
+    restart_at: float | None = None
     last_values: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -65,6 +68,36 @@ class Snapshot:
 
     at: float
     values: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class CollectorSpec:
+    """An edge collector `up` runs: its kind and name, read from its configuration file
+    (the collector process validates the whole file, and the source, when it starts)."""
+
+    kind: str
+    name: str
+    config: Path
+
+    @classmethod
+    def read(cls, path: Path) -> CollectorSpec:
+        """Kind and name of a collector configuration; ValueError says what is wrong."""
+        import yaml
+
+        from producers import COLLECTOR_KINDS
+
+        try:
+            data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        except OSError as exc:
+            raise ValueError(f"{path}: cannot read ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{path}: not valid YAML ({exc})") from None
+        if not isinstance(data, dict) or not data.get("kind") or not data.get("name"):
+            raise ValueError(f"{path}: a collector configuration needs `kind` and `name`")
+        if data["kind"] not in COLLECTOR_KINDS:
+            known = ", ".join(sorted(COLLECTOR_KINDS))
+            raise ValueError(f"{path}: unknown collector kind {data['kind']!r} (known: {known})")
+        return cls(str(data["kind"]), str(data["name"]), path.resolve())
 
 
 def scrape(children: list[Child]) -> Snapshot:
@@ -116,6 +149,7 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
     return (
         f"[{datetime.now().strftime('%H:%M:%S')}] "
         f"simulator {rate('out:simulator'):7.0f} msg/s | "
+        f"collectors {rate('out:collector'):6.0f} msg/s | "
         f"normalise {rate('in:normalise'):6.0f} msg/s -> {rate('out:normalise'):7.0f} rec/s | "
         f"sink {rate('out:sink'):7.0f} rows/s | lag {v.get('lag', 0):.0f} | "
         f"dead letters {v.get('dlq', 0):.0f} | alerts {v.get('alerts', 0):.0f} | "
@@ -125,7 +159,7 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
 
 # How long each component may take to stop: the simulator flushes its producer for up to
 # 60 s, the sink drains for up to 20 s and then stores what it read.
-STOP_TIMEOUT_S = {"simulator": 75.0, "streams": 30.0, "sink": 60.0}
+STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 45.0, "streams": 30.0, "sink": 60.0}
 
 
 class ComponentFailed(RuntimeError):
@@ -143,8 +177,12 @@ class Supervisor:
         streams: StreamSettings,
         out: Callable[[str], None] = print,
         on_drained: Callable[[Callable[[str], QueryResult]], None] | None = None,
+        collectors: list[CollectorSpec] | None = None,
+        simulate: bool = True,
     ) -> None:
         self.kafka = kafka
+        self.collectors = collectors or []
+        self.simulate = simulate
         self.clickhouse = clickhouse
         self.runtime = runtime
         self.streams = streams
@@ -153,6 +191,7 @@ class Supervisor:
         self._last_drain_state: tuple[object, ...] | None = None
         self.broker: EmbeddedBroker | None = None
         self.children: list[Child] = []
+        self._env: dict[str, str] = {}
         self.query_url: str | None = None
         self._stop = threading.Event()
 
@@ -231,15 +270,31 @@ class Supervisor:
             self._start(Child(f"streams-{index}", ["streams"], free_port()), env)
         if not self._wait_ready(1 + self.streams.workers, timeout_s=120):
             return 0  # stopped while starting
-        simulate = [
-            "simulate", "--events", str(events), "--rate", str(rate), "--seed", str(seed),
-            "--report", str((data_dir / "simulator-report.json").resolve()),
-        ]
-        (data_dir / "simulator-report.json").unlink(missing_ok=True)
-        if labels is not None:
-            simulate += ["--labels", str(labels.resolve())]
+        self._env = env
+        for spec in self.collectors:
+            self._start(
+                Child(
+                    f"collector-{spec.name}",
+                    ["collect", spec.kind, "--config", str(spec.config)],
+                    free_port(),
+                    restartable=True,
+                ),
+                env,
+            )
+            self.out(f"collector {spec.name} ({spec.kind}) from {spec.config}")
         started_at = datetime.now(tz=UTC)
-        simulator = self._start(Child("simulator", simulate, free_port(), expected_exit=True), env)
+        simulator: Child | None = None
+        if self.simulate:
+            simulate = [
+                "simulate", "--events", str(events), "--rate", str(rate), "--seed", str(seed),
+                "--report", str((data_dir / "simulator-report.json").resolve()),
+            ]
+            (data_dir / "simulator-report.json").unlink(missing_ok=True)
+            if labels is not None:
+                simulate += ["--labels", str(labels.resolve())]
+            simulator = self._start(
+                Child("simulator", simulate, free_port(), expected_exit=True), env
+            )
         RuntimeState(
             os.getpid(),
             bootstrap,
@@ -258,7 +313,13 @@ class Supervisor:
             current = scrape(self.children)
             self.out(status_line(previous, current))
             previous = current
-            died = [c for c in self.children if self._died(c)]
+            self._restart_collectors()
+            died = [
+                c
+                for c in self.children
+                if self._died(c)
+                and (not c.restartable or (c.process is not None and c.process.returncode == 2))
+            ]
             if died:
                 for child in died:
                     code = child.process.returncode if child.process else None
@@ -268,7 +329,12 @@ class Supervisor:
             if self.broker is not None and not self.broker.alive():
                 self.out(f"the embedded broker died; see {self.runtime.data_dir / 'broker.log'}")
                 return 1
-            if exit_when_done and simulator.process is not None and simulator.process.poll() == 0:
+            if (
+                exit_when_done
+                and simulator is not None
+                and simulator.process is not None
+                and simulator.process.poll() == 0
+            ):
                 done_deadline = done_deadline or time.monotonic() + done_timeout_s
                 verdict = self._drained(started_at)
                 if verdict is not None:
@@ -278,6 +344,29 @@ class Supervisor:
                     self.out("timed out waiting for the pipeline to drain")
                     return 1
         return 0
+
+    def _restart_collectors(self) -> None:
+        """A collector that died is restarted after a growing pause (1 s .. 60 s): it resumes
+        from the source position it last committed, so nothing it read is lost."""
+        now = time.monotonic()
+        for child in self.children:
+            if not child.restartable or not self._died(child):
+                continue
+            if child.process is not None and child.process.returncode == 2:
+                continue  # a configuration error: restarting cannot fix it (reported as died)
+            if child.restart_at is None:
+                pause = min(60.0, 2.0**child.restarts)
+                child.restart_at = now + pause
+                code = child.process.returncode if child.process else None
+                log = self.runtime.data_dir / f"{child.name}.log"
+                self.out(
+                    f"{child.name} exited with code {code}; restarting it in {pause:.0f}s "
+                    f"(see {log})"
+                )
+            elif now >= child.restart_at:
+                child.restarts += 1
+                child.restart_at = None
+                self._start(child, self._env)
 
     def _drained(self, since: datetime) -> tuple[bool, str] | None:
         """After the simulator finished: the reconcile verdict once nothing is in flight."""
@@ -362,7 +451,8 @@ class Supervisor:
                 start_new_session=True,
                 preexec_fn=die_with_parent,
             )
-        self.children.append(child)
+        if child not in self.children:
+            self.children.append(child)
         return child
 
     def _shutdown(self) -> bool:
@@ -374,7 +464,9 @@ class Supervisor:
         order = sorted(
             self.children,
             key=lambda c: (
-                0 if c.name == "simulator" else (1 if c.name.startswith("streams") else 2)
+                0
+                if c.name == "simulator" or c.name.startswith("collector-")
+                else (1 if c.name.startswith("streams") else 2)
             ),
         )
         for child in order:

@@ -224,7 +224,9 @@ class RawPublisher:
         self.dlq_topic = kafka.topic(DLQ_TOPIC)
         self._serialize = AvroSerializer(registry, RAW_SUBJECT_BY_KIND[source_kind])
         self._serialize_dead_letter = AvroSerializer(registry, DEAD_LETTER)
-        self._headers = [(COLLECTOR_HEADER, collector.encode())]
+        self._headers: list[tuple[str, str | bytes | None]] = [
+            (COLLECTOR_HEADER, collector.encode())
+        ]
         self._producer = producer or Producer(kafka.producer_config())
         self._published = labelled(COLLECTOR_PUBLISHED, collector)
         self._out = labelled(RECORDS_OUT, "collector", self.topic)

@@ -86,8 +86,9 @@ LEDGER_COLUMNS = [
 
 def _collector(message: Message) -> str:
     """The edge collector named in a raw record's header ('' when it has none)."""
-    for name, value in message.headers() or ():
-        if name == COLLECTOR_HEADER and value is not None:
+    headers: Any = message.headers() or ()
+    for name, value in headers:
+        if name == COLLECTOR_HEADER and isinstance(value, bytes):
             return value.decode("utf-8", "replace")
     return ""
 
