@@ -383,7 +383,7 @@ def normalise_emr_row_change(
     return [event]
 
 
-# --- HL7 v2 ORU^R01 lab results -----------------------------------------------------------
+# --- HL7 v2 messages: ORU^R01 lab results --------------------------------------------------
 
 
 def _field(segment: hl7.Segment, field: int, component: int = 1, repeat: int = 1) -> str:
@@ -464,38 +464,87 @@ def _specimen_status(spm: hl7.Segment) -> str | None:
 
 
 def _medical_record_number(pid: hl7.Segment | None) -> str | None:
-    """The PID-3 repetition whose identifier type (component 5) is MR."""
+    """The PID-3 repetition whose identifier type (component 5) is MR, else an untyped one.
+
+    Senders of the v2.3 era put their internal patient id in PID-3 without a type code;
+    typed identifiers other than MR (national id, SSN) are never used.
+    """
     if pid is None or len(pid) <= 3:
         return None
+    untyped: str | None = None
     for repeat in range(1, max(1, len(pid[3])) + 1):
-        if _field(pid, 3, 5, repeat).upper() == "MR":
+        identifier_type = _field(pid, 3, 5, repeat).upper()
+        if identifier_type == "MR":
             return _field(pid, 3, 1, repeat) or None
-    return None
+        if not identifier_type and untyped is None:
+            untyped = _field(pid, 3, 1, repeat) or None
+    return untyped
+
+
+_HL7_RANGE: Final = re.compile(
+    r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*[-_]\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
+)
+# A reference range followed by its unit ("<9 mcg/dL", "3.5-5.3 mmol/L").
+_HL7_RANGE_WITH_UNIT: Final = re.compile(r"(.*?\d\.?)\s*[A-Za-z%/\[\]*µ][^\s]*\s*")
+# A comparator with a number where OBX-2 says NM ("<5", ">= 100"): kept as text.
+_COMPARED_NUMBER: Final = re.compile(r"([<>]=?|=)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))")
+_CODED_VALUE_TYPES: Final = frozenset({"CE", "CWE", "CNE", "CF"})
+_LOINC_SYSTEMS: Final = frozenset({"LN", "LOINC"})
+
+#: HL7 v2 message types :func:`normalise_hl7_message` turns into events.
+HL7_MESSAGE_TYPES: Final = (
+    "ORU^R01",
+    "ADT^A01",
+    "ADT^A02",
+    "ADT^A03",
+    "ADT^A04",
+    "ADT^A08",
+)
+# ADT trigger event -> encounter op: admit/register create the visit, the rest update it.
+_ADT_OP: Final = {"A01": "c", "A04": "c", "A02": "u", "A03": "u", "A08": "u"}
+# Triggers whose message is itself the admission: the event time stands in for PV1-44.
+_ADT_ADMITS: Final = frozenset({"A01", "A04"})
+_PATIENT_CLASS: Final = re.compile(r"[A-Z]{1,2}")
 
 
 def _parse_reference_range(text: str) -> tuple[float | None, float | None]:
-    match = _RANGE.fullmatch(text)
-    if match:
-        return float(match.group(1)), float(match.group(2))
-    match = _BOUND.fullmatch(text)
-    if match:
-        bound = float(match.group(2))
-        return (None, bound) if match.group(1).startswith("<") else (bound, None)
+    """OBX-7 as (low, high): "3.5-5.3", "70_105", "<9", ">=60", optionally with a unit."""
+    for candidate in (text, None):
+        if candidate is None:
+            with_unit = _HL7_RANGE_WITH_UNIT.fullmatch(text)
+            if with_unit is None:
+                break
+            candidate = with_unit.group(1)
+        match = _HL7_RANGE.fullmatch(candidate)
+        if match:
+            return float(match.group(1)), float(match.group(2))
+        match = _BOUND.fullmatch(candidate)
+        if match:
+            bound = float(match.group(2))
+            return (None, bound) if match.group(1).startswith("<") else (bound, None)
     return None, None
 
 
 @dataclass(frozen=True, slots=True)
 class _Hl7Message:
-    """The parts of one parsed ORU^R01 message that every OBX of it shares."""
+    """The parts of one parsed HL7 message that every event of it shares."""
 
     organisation_id: str
     control_id: str
     source_system: str
-    person_key: str | None
-    specimen_status: str | None
     default_tz: timezone
     message_time: datetime | None
     message_time_text: str
+
+
+@dataclass(frozen=True, slots=True)
+class _Observation:
+    """One OBX with the order (OBR), patient and specimen condition it belongs to."""
+
+    obx: hl7.Segment
+    obr: hl7.Segment | None
+    person_key: str | None
+    specimen_status: str | None
 
 
 def _observation_time(obx: hl7.Segment, obr: hl7.Segment | None, msg: _Hl7Message) -> int:
@@ -517,9 +566,17 @@ def _observation_time(obx: hl7.Segment, obr: hl7.Segment | None, msg: _Hl7Messag
     raise _Invalid("no observation time: OBX-14, OBR-7 and MSH-7 are all empty")
 
 
+def _coded_text(obx: hl7.Segment) -> str | None:
+    """A coded OBX-5 (CE/CWE/CNE) as readable text: its text, original text, else its code."""
+    for component in (2, 9, 5, 1):
+        text = _field(obx, 5, component)
+        if text:
+            return text
+    return None
+
+
 def _lab_result(
-    obx: hl7.Segment,
-    obr: hl7.Segment | None,
+    observation: _Observation,
     msg: _Hl7Message,
     record_index: int,
     record_count: int,
@@ -527,6 +584,7 @@ def _lab_result(
     terminology: Terminology,
     now_ms: int,
 ) -> NormalisedEvent:
+    obx, obr = observation.obx, observation.obr
     organisation_id = msg.organisation_id
     local_code = _field(obx, 3, 1)
     if not local_code:
@@ -538,14 +596,15 @@ def _lab_result(
     # alternate triplet OBX-3.4-6 marked LN) otherwise.
     loinc: str | None
     mapping: UnitMapping | None
-    if coding_system == "LN":
+    if coding_system in _LOINC_SYSTEMS:
         loinc = local_code
         mapping = terminology.lab_by_loinc(organisation_id, loinc)
     else:
         mapping = terminology.lab(organisation_id, local_code)
         loinc = mapping.code if mapping is not None else None
-        if loinc is None and _field(obx, 3, 6).upper() == "LN" and _field(obx, 3, 4):
-            loinc = _field(obx, 3, 4)
+        alternate = _field(obx, 3, 4)
+        if loinc is None and alternate and _field(obx, 3, 6).upper() in _LOINC_SYSTEMS:
+            loinc = alternate
             mapping = terminology.lab_by_loinc(organisation_id, loinc)
 
     value_type = _field(obx, 2).upper()
@@ -556,17 +615,23 @@ def _lab_result(
     value_text: str | None = None
     if value_type == "NM" or (not value_type and _NUMBER.fullmatch(sent)):
         if sent:
-            if not _NUMBER.fullmatch(sent):
+            if _NUMBER.fullmatch(sent):
+                numeric, numeric_text = float(sent), sent
+            elif _COMPARED_NUMBER.fullmatch(sent):
+                # "<5" sent as NM: a censored value, kept as text like an SN comparator.
+                value_text = sent.replace(" ", "")
+            else:
                 raise _Invalid(
                     f"OBX-5 value is {_value_class(sent)}, not a number, but OBX-2 value type is NM"
                 )
-            numeric, numeric_text = float(sent), sent
     elif value_type == "SN":
         comparator, first, separator, second = (_field(obx, 5, c) for c in (1, 2, 3, 4))
         if comparator in ("", "=") and not separator and not second and _NUMBER.fullmatch(first):
             numeric, numeric_text = float(first), first
         else:
             value_text = f"{comparator}{first}{separator}{second}" or None
+    elif value_type in _CODED_VALUE_TYPES:
+        value_text = _coded_text(obx)
     else:
         value_text = sent or None
 
@@ -607,7 +672,7 @@ def _lab_result(
         record_index,
         record_count,
         _observation_time(obx, obr, msg),
-        msg.person_key,
+        observation.person_key,
         ctx,
         terminology.version,
         now_ms,
@@ -627,13 +692,196 @@ def _lab_result(
         original_unit=sent_unit or None,
         abnormal_flag=_field(obx, 8) or None,
         result_status=_field(obx, 11) or None,
-        specimen_status=msg.specimen_status,
+        specimen_status=observation.specimen_status,
         mapping_status=mapping_status,
         reference_low=reference_low,
         reference_high=reference_high,
     )
-    key = msg.person_key or _fallback_key(organisation_id, msg.control_id)
+    key = observation.person_key or _fallback_key(organisation_id, msg.control_id)
     return NormalisedEvent("lab_result", key, value_record)
+
+
+def _lab_results(
+    segments: list[hl7.Segment],
+    msg: _Hl7Message,
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> list[Outcome]:
+    """ORU^R01: one LabResult per OBX, each with its own patient (PID), order and specimen."""
+    organisation_id = msg.organisation_id
+    found: list[tuple[hl7.Segment, hl7.Segment | None, str | None, int]] = []
+    specimen_by_order: dict[int, str] = {}
+    person_key: str | None = None
+    obr: hl7.Segment | None = None
+    order = 0
+    for segment in segments:
+        name = str(segment[0]) if len(segment) else ""
+        if name == "OBX":
+            found.append((segment, obr, person_key, order))
+        elif name == "OBR":
+            obr = segment
+            order += 1
+        elif name == "PID":
+            # ORU^R01 repeats PATIENT_RESULT: each PID starts the results of one patient.
+            mrn = _medical_record_number(segment)
+            person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
+            obr = None
+        elif name == "SPM" and order not in specimen_by_order:
+            status = _specimen_status(segment)
+            if status is not None:
+                specimen_by_order[order] = status
+    count = len(found)
+    if not count:
+        return [
+            RecordRejected(
+                None, 0, "invalid_message", "ORU^R01 message has no OBX segment", organisation_id
+            )
+        ]
+    outcomes: list[Outcome] = []
+    for index, (obx, parent, person, group) in enumerate(found):
+        observation = _Observation(obx, parent, person, specimen_by_order.get(group))
+        try:
+            outcomes.append(_lab_result(observation, msg, index, count, ctx, terminology, now_ms))
+        except _Invalid as exc:
+            outcomes.append(
+                RecordRejected(
+                    index, count, "invalid_record", f"OBX[{index}]: {exc}", organisation_id
+                )
+            )
+    return outcomes
+
+
+# --- HL7 v2 ADT: admission, transfer, discharge, update -> Encounter -------------------------
+
+
+def _hl7_field_time(segment: hl7.Segment, name: str, field: int, msg: _Hl7Message) -> int | None:
+    """An optional timestamp field in epoch ms; a present but unreadable one is invalid."""
+    text = _field(segment, field)
+    if not text:
+        return None
+    moment = _hl7_time(text, msg.default_tz)
+    if moment is None:
+        raise _Invalid(f"{name}-{field} is not an HL7 timestamp (value is {_value_class(text)})")
+    return epoch_ms(moment)
+
+
+def _adt_event_time(evn: hl7.Segment | None, msg: _Hl7Message) -> int | None:
+    """When the ADT event happened: EVN-6 (occurred), EVN-2 (recorded), else MSH-7."""
+    if evn is not None:
+        for field in (6, 2):
+            moment = _hl7_field_time(evn, "EVN", field, msg)
+            if moment is not None:
+                return moment
+    return epoch_ms(msg.message_time) if msg.message_time is not None else None
+
+
+def _birth_year(pid: hl7.Segment | None) -> int | None:
+    # Only the year is kept; an unreadable birth date does not make the visit unusable.
+    text = _field(pid, 7) if pid is not None else ""
+    moment = _hl7_time(text, UTC) if text else None
+    return moment.year if moment is not None else None
+
+
+def _administrative_sex(pid: hl7.Segment | None) -> str | None:
+    code = _field(pid, 8).upper() if pid is not None else ""
+    if not code:
+        return None
+    return code if code in _SEX else "U"  # O, A, N (HL7 table 0001) have no own class here
+
+
+def _adt_encounter(
+    trigger: str,
+    segments: list[hl7.Segment],
+    msg: _Hl7Message,
+    raw: Mapping[str, Any],
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> NormalisedEvent:
+    """ADT^A01/A02/A03/A04/A08 -> one Encounter state whose version is the message time."""
+    message_type = f"ADT^{trigger}"
+    first: dict[str, hl7.Segment] = {}
+    for segment in segments:
+        name = str(segment[0]) if len(segment) else ""
+        first.setdefault(name, segment)
+    pid, pv1, evn = first.get("PID"), first.get("PV1"), first.get("EVN")
+    if pid is None:
+        raise _Invalid(f"{message_type} message has no PID segment")
+    if pv1 is None:
+        raise _Invalid(f"{message_type} message has no PV1 segment")
+    organisation_id = msg.organisation_id
+
+    # PV1-19 visit number; PID-18 account number when the sender keys visits by account.
+    visit_no = _field(pv1, 19) or _field(pid, 18)
+    if not visit_no:
+        raise _Invalid("no visit number: PV1-19 visit number and PID-18 account number are empty")
+    patient_class = _field(pv1, 2).upper()
+    if patient_class not in _ENCOUNTER_CLASS:
+        shown = patient_class if _PATIENT_CLASS.fullmatch(patient_class) else "empty"
+        if patient_class and shown == "empty":
+            shown = _value_class(patient_class)
+        choices = ", ".join(sorted(_ENCOUNTER_CLASS))
+        raise _Invalid(f"PV1-2 patient class is not one of {choices} (value is {shown})")
+    department_local = _field(pv1, 3) or _field(pv1, 10)
+    if not department_local:
+        raise _Invalid(
+            "no department: PV1-3 assigned location and PV1-10 hospital service are empty"
+        )
+
+    event_time = _adt_event_time(evn, msg)
+    admit_time = _hl7_field_time(pv1, "PV1", 44, msg)
+    if admit_time is None:
+        if trigger not in _ADT_ADMITS or event_time is None:
+            # An update without the admission time would overwrite the stored one.
+            raise _Invalid(f"PV1-44 admit date/time is empty ({message_type} needs it)")
+        admit_time = event_time
+    discharge_time = _hl7_field_time(pv1, "PV1", 45, msg)
+    if discharge_time is None and trigger == "A03":
+        discharge_time = event_time
+        if discharge_time is None:
+            raise _Invalid("ADT^A03 without a discharge time: PV1-45, EVN and MSH-7 are empty")
+    # Later messages about the same visit must win: the message time orders them.
+    version = (
+        epoch_ms(msg.message_time)
+        if msg.message_time is not None
+        else epoch_ms(raw["received_time"])
+    )
+
+    mrn = _medical_record_number(pid)
+    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
+    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
+    department_code = terminology.department(organisation_id, department_local)
+    value = _lineage(
+        "hl7_lab",
+        msg.source_system,
+        organisation_id,
+        msg.control_id,
+        0,
+        1,
+        admit_time,
+        person_key,
+        ctx,
+        terminology.version,
+        now_ms,
+    )
+    value.update(
+        encounter_key=encounter_key,
+        op=_ADT_OP[trigger],
+        is_deleted=False,
+        version=version,
+        encounter_class=_ENCOUNTER_CLASS[patient_class],
+        department_code=department_code,
+        department_local=department_local,
+        admit_time=admit_time,
+        discharge_time=discharge_time,
+        birth_year=_birth_year(pid),
+        sex=_administrative_sex(pid),
+        mapping_status="mapped" if department_code is not None else "unmapped",
+    )
+    return NormalisedEvent("encounter", person_key or encounter_key, value)
 
 
 def normalise_hl7_message(
@@ -643,16 +891,17 @@ def normalise_hl7_message(
     pseudonymiser: Pseudonymiser,
     now_ms: int,
 ) -> list[Outcome]:
-    """One HL7 v2 ORU^R01 message (Hl7Message) -> one LabResult per OBX, parsed once.
+    """One HL7 v2 message (Hl7Message) -> events, parsed once.
 
-    A message that cannot be used at all is rejected whole (``invalid_message``); an OBX
-    that cannot be used is rejected alone (``invalid_record``) and the others still count.
+    ORU^R01 gives one LabResult per OBX; ADT^A01/A02/A03/A04/A08 gives one Encounter.
+    The organisation is the one the collector resolved (``organisation_id`` of the raw
+    record), not MSH-4, which holds whatever name or OID the sender uses. A message that
+    cannot be used at all is rejected whole (``invalid_message``); an OBX that cannot be
+    used is rejected alone (``invalid_record``) and the others still count.
     """
-    fallback_org = raw["organisation_id"]
+    organisation_id = raw["organisation_id"]
 
-    def reject_message(
-        reason: str, organisation_id: str = fallback_org, record_count: int | None = None
-    ) -> list[Outcome]:
+    def reject_message(reason: str, record_count: int | None = None) -> list[Outcome]:
         return [RecordRejected(None, record_count, "invalid_message", reason, organisation_id)]
 
     # MLLP framing bytes and any line-ending convention are tolerated; HL7 separates by CR.
@@ -667,47 +916,28 @@ def normalise_hl7_message(
         # The library's messages can quote segment text: only the error class is kept.
         return reject_message(f"payload is not parseable HL7 v2 ({type(exc).__name__})")
 
-    msh: hl7.Segment | None = None
-    pid: hl7.Segment | None = None
-    obr: hl7.Segment | None = None
-    observations: list[tuple[hl7.Segment, hl7.Segment | None]] = []
-    specimen_status: str | None = None
-    headers = 0
-    for segment in message:
-        name = str(segment[0]) if len(segment) else ""
-        if name == "OBX":
-            observations.append((segment, obr))
-        elif name == "OBR":
-            obr = segment
-        elif name == "PID":
-            pid = pid or segment
-        elif name == "SPM":
-            specimen_status = specimen_status or _specimen_status(segment)
-        elif name == "MSH":
-            headers += 1
-            msh = msh or segment
-    if msh is None:  # cannot happen for a payload starting with MSH; kept as a guard
+    segments = list(message)
+    headers = [s for s in segments if len(s) and str(s[0]) == "MSH"]
+    if not headers:  # cannot happen for a payload starting with MSH; kept as a guard
         return reject_message("payload does not start with an MSH segment")
-    # Whole-message rejections name the collector's organisation: the MSH of a broken
-    # message may hold anything.
-    if headers > 1:
+    if len(headers) > 1:
         return reject_message(
-            f"payload holds {headers} MSH segments; one message per record is expected"
+            f"payload holds {len(headers)} MSH segments; one message per record is expected"
         )
+    msh = headers[0]
     message_type = (_field(msh, 9, 1).upper(), _field(msh, 9, 2).upper())
-    if message_type != ("ORU", "R01"):
-        shown = "^".join(message_type).strip("^")
+    shown = "^".join(message_type).strip("^")
+    if shown not in HL7_MESSAGE_TYPES:
         if not shown:
             return reject_message("MSH-9 message type is empty")
         if not _MESSAGE_TYPE.fullmatch(shown):
             shown = f"({_value_class(shown)})"
-        return reject_message(f"message type {shown} is not ORU^R01")
+        return reject_message(
+            f"message type {shown} is not supported (supported: {', '.join(HL7_MESSAGE_TYPES)})"
+        )
     control_id = _field(msh, 10) or raw["message_control_id"].strip()
     if not control_id:
         return reject_message("MSH-10 message control id is empty")
-    if not observations:
-        return reject_message("ORU^R01 message has no OBX segment", record_count=0)
-    organisation_id = _field(msh, 4) or fallback_org
 
     message_time_text = _field(msh, 7)
     message_time = _hl7_time(message_time_text, UTC) if message_time_text else None
@@ -715,29 +945,23 @@ def normalise_hl7_message(
     default_tz: timezone = UTC
     if message_time is not None and isinstance(message_time.tzinfo, timezone):
         default_tz = message_time.tzinfo
-    mrn = _medical_record_number(pid)
     msg = _Hl7Message(
         organisation_id=organisation_id,
         control_id=control_id,
         source_system=raw["source_system"],
-        person_key=pseudonymiser.person_key(organisation_id, mrn) if mrn else None,
-        specimen_status=specimen_status,
         default_tz=default_tz,
         message_time=message_time,
         message_time_text=message_time_text,
     )
-    count = len(observations)
-    outcomes: list[Outcome] = []
-    for index, (obx, parent) in enumerate(observations):
-        try:
-            outcomes.append(_lab_result(obx, parent, msg, index, count, ctx, terminology, now_ms))
-        except _Invalid as exc:
-            outcomes.append(
-                RecordRejected(
-                    index, count, "invalid_record", f"OBX[{index}]: {exc}", organisation_id
-                )
-            )
-    return outcomes
+    if message_type[0] == "ORU":
+        return _lab_results(segments, msg, ctx, terminology, pseudonymiser, now_ms)
+    try:
+        event = _adt_encounter(
+            message_type[1], segments, msg, raw, ctx, terminology, pseudonymiser, now_ms
+        )
+    except _Invalid as exc:
+        return [RecordRejected(0, 1, "invalid_record", str(exc), organisation_id)]
+    return [event]
 
 
 # --- device telemetry ---------------------------------------------------------------------

@@ -262,8 +262,9 @@ def run_hl7(
         ),
         ([], "payload does not start with an MSH segment"),
         (
-            [MSH.replace("ORU^R01^ORU_R01", "ADT^A01^ADT_A01"), PID],
-            "message type ADT^A01 is not ORU^R01",
+            [MSH.replace("ORU^R01^ORU_R01", "ORM^O01^ORM_O01"), PID],
+            "message type ORM^O01 is not supported "
+            "(supported: ORU^R01, ADT^A01, ADT^A02, ADT^A03, ADT^A04, ADT^A08)",
         ),
         ([MSH.replace("ORU^R01^ORU_R01", ""), PID], "MSH-9 message type is empty"),
         ([MSH, PID, OBR], "ORU^R01 message has no OBX segment"),
@@ -356,9 +357,11 @@ def test_unknown_local_code_never_blocks(
 def test_unknown_organisation_is_unmapped_not_rejected(
     ctx: RawContext, terminology: Terminology, pseudonymiser: Pseudonymiser
 ) -> None:
-    segments = [MSH.replace("|H001|", "|H777|"), PID, OBR, "OBX|1|NM|K^Potassium^L||4.1|mmol/L"]
-    [event] = run_hl7(segments, ctx, terminology, pseudonymiser)
-    assert event.value["organisation_id"] == "H777"  # MSH-4
+    # The organisation is the one the collector resolved, not whatever MSH-4 (H001) says.
+    raw = hl7_raw([MSH, PID, OBR, "OBX|1|NM|K^Potassium^L||4.1|mmol/L"])
+    raw["organisation_id"] = "H777"
+    [event] = normalise("hl7_lab", raw, ctx, terminology, pseudonymiser, NOW_MS)
+    assert event.value["organisation_id"] == "H777"
     assert event.value["mapping_status"] == "unmapped"
     assert event.value["person_key"] == pseudonymiser.person_key("H777", MRN)
 
@@ -1055,7 +1058,10 @@ def test_garbled_message_type_is_described_not_repeated(
 ) -> None:
     segments = [MSH.replace("ORU^R01^ORU_R01", MRN), PID, OBR]
     [rejected] = run_hl7(segments, ctx, terminology, pseudonymiser)
-    assert rejected.reason == "message type (text of 13 characters) is not ORU^R01"
+    assert rejected.reason == (
+        "message type (text of 13 characters) is not supported "
+        "(supported: ORU^R01, ADT^A01, ADT^A02, ADT^A03, ADT^A04, ADT^A08)"
+    )
     assert_no_identifiers([rejected])
 
 
