@@ -227,7 +227,7 @@ class RawPublisher:
         self._headers: list[tuple[str, str | bytes | None]] = [
             (COLLECTOR_HEADER, collector.encode())
         ]
-        self._producer = producer or Producer(kafka.producer_config())
+        self._producer = producer if producer is not None else Producer(kafka.producer_config())
         self._published = labelled(COLLECTOR_PUBLISHED, collector)
         self._out = labelled(RECORDS_OUT, "collector", self.topic)
         self._last_dlq_sequence = 0
