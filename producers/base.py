@@ -16,6 +16,7 @@ passwords stay out of the file.
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import re
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
 import yaml
+from confluent_kafka import KafkaError, KafkaException
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from medstream.metrics import (
@@ -200,6 +202,25 @@ class DeliveryFailed(RuntimeError):
     """The broker did not acknowledge a record; its source position must not be committed."""
 
 
+class RecordTooLarge(DeliveryFailed):
+    """A record is larger than Kafka accepts: retrying cannot help, the input must be rejected
+    (answered as an error and dead-lettered, which :meth:`RawPublisher.dead_letter` can
+    always do because it cuts the original value to :data:`MAX_DEAD_LETTER_BYTES`)."""
+
+
+class SourceUnavailable(RuntimeError):
+    """The source (database, MQTT broker, directory) cannot be reached right now: the
+    collector exits 1 and is restarted with backoff, unlike a ConfigError (exit 2)."""
+
+
+#: Largest raw record a collector should accept; librdkafka's message.max.bytes (1 000 000
+#: by default, as is Kafka's per-topic limit) less room for the key, headers and framing.
+MAX_RECORD_BYTES = 950_000
+#: A dead letter keeps at most this much of the original input.
+MAX_DEAD_LETTER_BYTES = 512 * 1024
+MAX_REASON_CHARS = 4000
+
+
 class RawPublisher:
     """Publishes one collector's raw records and dead letters (confluent-kafka, acks=all).
 
@@ -230,7 +251,6 @@ class RawPublisher:
         self._producer = producer if producer is not None else Producer(kafka.producer_config())
         self._published = labelled(COLLECTOR_PUBLISHED, collector)
         self._out = labelled(RECORDS_OUT, "collector", self.topic)
-        self._last_dlq_sequence = 0
 
     def encode(self, record: dict[str, Any]) -> bytes:
         """The Confluent-framed Avro bytes of a raw record (raises SerializationError)."""
@@ -271,16 +291,26 @@ class RawPublisher:
     ) -> str:
         """Publish a dead letter for input this collector could not accept; returns its id.
 
-        The original position is ``collector/NAME`` with a per-collector sequence (the
-        receive time in microseconds, strictly increasing), since the input never reached
-        a raw topic.
+        The input never reached a raw topic, so its original position is ``collector/NAME``
+        with, as offset, a fingerprint of the input and the reason: the same bad input sent
+        again (a resend after a lost answer, a retried batch) gets the same id and collapses
+        downstream. Values over :data:`MAX_DEAD_LETTER_BYTES` keep their first part only,
+        and a long reason is cut, so a dead letter always fits in a Kafka record.
         """
         now_ms = wall_clock_ms()
         received = received_ms if received_ms is not None else now_ms
-        sequence = max(time.time_ns() // 1000, self._last_dlq_sequence + 1)
-        self._last_dlq_sequence = sequence
+        fingerprint = hashlib.blake2b(digest_size=8)
+        fingerprint.update(reason_code.encode())
+        fingerprint.update(b"\0")
+        fingerprint.update(original_value)
+        sequence = int.from_bytes(fingerprint.digest(), "big") >> 1  # a non-negative long
         origin = f"collector/{self.collector}"
-        dlq_id = dead_letter_id(STAGE, origin, 0, sequence, record_index, received)
+        dlq_id = dead_letter_id(STAGE, origin, 0, sequence, record_index, 0)
+        if len(original_value) > MAX_DEAD_LETTER_BYTES:
+            original_value = original_value[:MAX_DEAD_LETTER_BYTES]
+            reason += f" (original value cut to its first {MAX_DEAD_LETTER_BYTES} bytes)"
+        if len(reason) > MAX_REASON_CHARS:
+            reason = reason[: MAX_REASON_CHARS - 14] + " ... (more cut)"
         value = self._serialize_dead_letter(
             {
                 "dlq_id": dlq_id,
@@ -326,6 +356,13 @@ class RawPublisher:
                 return
             except BufferError:  # local queue full: serve deliveries, then retry
                 self._producer.poll(0.05)
+            except KafkaException as exc:
+                error = exc.args[0] if exc.args else None
+                if getattr(error, "code", lambda: None)() == KafkaError.MSG_SIZE_TOO_LARGE:
+                    raise RecordTooLarge(
+                        f"{len(value)} bytes exceed the Kafka record size limit"
+                    ) from None
+                raise DeliveryFailed(f"the producer refused the record: {error}") from None
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks (waits up to ``timeout`` for one)."""
@@ -441,6 +478,9 @@ class CollectorState:
             self._db.execute(
                 "CREATE TABLE IF NOT EXISTS seen (namespace TEXT, key TEXT, value TEXT, "
                 "first_seen_ms INTEGER, PRIMARY KEY (namespace, key))"
+            )
+            self._db.execute(
+                "CREATE INDEX IF NOT EXISTS seen_by_age ON seen (namespace, first_seen_ms)"
             )
 
     def get(self, key: str) -> str | None:

@@ -319,6 +319,97 @@ def _diagnosis(
     return NormalisedEvent("diagnosis", person_key or encounter_key, value)
 
 
+def _emr_lab_result(
+    raw: Mapping[str, Any],
+    row: _Row,
+    organisation_id: str,
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> NormalisedEvent:
+    """A HIS lab-result row -> one LabResult, mapped and converted like an HL7 OBX.
+
+    Each row change is one result report: an update is a corrected report, a delete
+    withdraws the result (``result_status`` D, the HL7 OBX-11 code for a deleted result).
+    """
+    table = "lab_result"
+    op = raw["op"]
+    _required(row, table, "result_id")
+    order_id = _required(row, table, "order_id")
+    local_code = _required(row, table, "test_code")
+    event_time = _timestamp_ms(_required(row, table, "result_time"), table, "result_time")
+    sent = _optional(row, "result_value") or ""
+    sent_unit = _optional(row, "unit") or ""
+    numeric: float | None = None
+    value_text: str | None = None
+    if _NUMBER.fullmatch(sent):
+        numeric = float(sent)
+    elif sent:
+        # Text, or a censored value such as "<5", is kept as sent.
+        value_text = sent.replace(" ", "") if _COMPARED_NUMBER.fullmatch(sent) else sent
+
+    mapping = terminology.lab(organisation_id, local_code)
+    value: float | None = None
+    unit: str | None = None
+    reference_low, reference_high = _parse_reference_range(_optional(row, "reference_range") or "")
+    if mapping is None:
+        mapping_status = "unmapped"
+        reference_low = reference_high = None
+    elif numeric is not None or mapping.converts(sent_unit):
+        if numeric is not None:
+            value, unit = _convert(numeric, sent_unit, mapping)
+        else:
+            unit = mapping.unit
+        mapping_status = "mapped" if unit is not None else "unit_unmapped"
+        reference_low = (
+            None if reference_low is None else mapping.to_standard(reference_low, sent_unit)
+        )
+        reference_high = (
+            None if reference_high is None else mapping.to_standard(reference_high, sent_unit)
+        )
+    else:
+        mapping_status = "mapped" if not sent_unit else "unit_unmapped"
+        reference_low = reference_high = None
+    if numeric is not None and value is None:
+        value_text = sent  # kept as sent when it cannot be standardised
+
+    mrn = _optional(row, "patient_mrn")
+    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
+    record = _lineage(
+        "emr_cdc",
+        raw["source_system"],
+        organisation_id,
+        raw["message_id"],
+        0,
+        1,
+        event_time,
+        person_key,
+        ctx,
+        terminology.version,
+        now_ms,
+    )
+    record.update(
+        order_id=order_id,
+        loinc_code=mapping.code if mapping is not None else None,
+        local_code=local_code,
+        local_display=_optional(row, "test_name") or "",
+        value=value,
+        value_text=value_text,
+        unit=unit,
+        original_value=sent or None,
+        original_unit=sent_unit or None,
+        abnormal_flag=_optional(row, "abnormal_flag"),
+        result_status="D" if op == "d" else _optional(row, "result_status"),
+        specimen_status=_optional(row, "specimen_status"),
+        mapping_status=mapping_status,
+        reference_low=reference_low,
+        reference_high=reference_high,
+    )
+    key = person_key or _fallback_key(organisation_id, order_id)
+    return NormalisedEvent("lab_result", key, record)
+
+
 _EmrBuilder = Callable[
     [
         Mapping[str, Any],
@@ -334,6 +425,7 @@ _EmrBuilder = Callable[
 _EMR_TABLES: Final[dict[str, _EmrBuilder]] = {
     "patient_visit": _encounter,
     "visit_diagnosis": _diagnosis,
+    "lab_result": _emr_lab_result,
 }
 
 
@@ -344,7 +436,7 @@ def normalise_emr_row_change(
     pseudonymiser: Pseudonymiser,
     now_ms: int,
 ) -> list[Outcome]:
-    """One EMR row change (EmrRowChange) -> one Encounter or Diagnosis, or a rejection.
+    """One EMR row change (EmrRowChange) -> one Encounter, Diagnosis or LabResult, or a rejection.
 
     Deletes are read from the ``before`` image and keep the event time of the commit; the
     source position sequence becomes the row version, so the highest version wins downstream.

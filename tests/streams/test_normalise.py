@@ -683,7 +683,7 @@ def test_unknown_table_rejects_the_message(
             1,
             "unmapped_table",
             "table patient_allergy has no normalised event kind "
-            "(known tables: patient_visit, visit_diagnosis)",
+            "(known tables: lab_result, patient_visit, visit_diagnosis)",
             "H001",
         )
     ]
