@@ -277,7 +277,7 @@ def collect(
 ) -> None:
     """Run one edge collector: read a real source, publish raw records, commit after acks."""
     from producers import collector_class
-    from producers.base import ConfigError, load_config
+    from producers.base import ConfigError, SourceUnavailable, load_config
     from schemas.serde import registry_from_url
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
@@ -294,6 +294,8 @@ def collect(
         findings = collector.check()
     except ConfigError as exc:
         _fail(str(exc), 2)
+    except SourceUnavailable as exc:  # exit 1: `up` restarts the collector with backoff
+        _fail(f"{settings.name}: source unavailable: {exc}", 1)
     if check:
         for finding in findings:
             typer.echo(finding)
@@ -308,6 +310,8 @@ def collect(
         collector.run(stop)
     except ConfigError as exc:
         _fail(str(exc), 2)
+    except SourceUnavailable as exc:
+        _fail(f"{settings.name}: source unavailable: {exc}", 1)
     typer.echo(f"collector {settings.name} stopped", err=True)
 
 

@@ -52,8 +52,9 @@ class Child:
     process: subprocess.Popen[bytes] | None = None
     expected_exit: bool = False  # the simulator may finish on its own
     restartable: bool = False  # collectors resume from their committed source position
-    restarts: int = 0
+    restarts: int = 0  # consecutive restarts after short runs
     restart_at: float | None = None
+    started_at: float = 0.0
     last_values: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -159,7 +160,11 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
 
 # How long each component may take to stop: the simulator flushes its producer for up to
 # 60 s, the sink drains for up to 20 s and then stores what it read.
-STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 45.0, "streams": 30.0, "sink": 60.0}
+# A collector that exits is restarted; after this many restarts in a row, each following a
+# run shorter than HEALTHY_RUN_S, it is reported as failed and `up` stops.
+MAX_QUICK_RESTARTS = 8
+HEALTHY_RUN_S = 300.0
+STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 75.0, "streams": 30.0, "sink": 60.0}
 
 
 class ComponentFailed(RuntimeError):
@@ -355,6 +360,15 @@ class Supervisor:
             if child.process is not None and child.process.returncode == 2:
                 continue  # a configuration error: restarting cannot fix it (reported as died)
             if child.restart_at is None:
+                if now - child.started_at > HEALTHY_RUN_S:
+                    child.restarts = 0  # it ran well for a while: a fresh failure
+                if child.restarts >= MAX_QUICK_RESTARTS:
+                    child.restartable = False  # reported as died: `up` stops, exit 1
+                    self.out(
+                        f"{child.name} failed {child.restarts + 1} times in a row within "
+                        f"{HEALTHY_RUN_S:.0f}s of starting; giving up"
+                    )
+                    continue
                 pause = min(60.0, 2.0**child.restarts)
                 child.restart_at = now + pause
                 code = child.process.returncode if child.process else None
@@ -438,6 +452,7 @@ class Supervisor:
 
     def _start(self, child: Child, env: dict[str, str]) -> Child:
         log_path = self.runtime.data_dir / f"{child.name}.log"
+        child.started_at = time.monotonic()
         with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             child.process = subprocess.Popen(
                 [
