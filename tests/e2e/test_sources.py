@@ -108,7 +108,7 @@ def his_tables() -> Iterator[tuple[str, str, str]]:
     """Two uniquely named HIS tables; the slot and publication are dropped afterwards."""
     if not postgres_available():
         if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
-            pytest.fail("PostgreSQL with wal_level=logical is required (deploy/dev/prepare-sources.sh)")
+            pytest.fail("PostgreSQL with wal_level=logical is required (prepare-sources.sh)")
         pytest.skip("PostgreSQL with wal_level=logical is not available")
     tag = uuid.uuid4().hex[:8]
     visit, diagnosis, name = f"e2e_visit_{tag}", f"e2e_diag_{tag}", f"e2e-his-{tag}"
@@ -232,11 +232,11 @@ tables:
 
         wait_until(lambda: stored("encounter") == 80, 180, "80 encounters after the restarts")
         wait_until(lambda: stored("diagnosis", "is_deleted = 0") == 79, 60, "79 diagnoses")
+        admitted = (T0 + timedelta(minutes=3)).strftime("%Y-%m-%d %H:%M:%S")
         discharged = sql(
             data_dir,
             "SELECT discharge_time IS NOT NULL AS d FROM medstream.encounter FINAL "
-            "WHERE source_system = 'HIS-PG' AND admit_time = "
-            f"toDateTime64('{(T0 + timedelta(minutes=3)).strftime('%Y-%m-%d %H:%M:%S')}', 3, 'UTC')",
+            f"WHERE source_system = 'HIS-PG' AND admit_time = toDateTime64('{admitted}', 3, 'UTC')",
         )
         assert discharged == [{"d": 1}]
         labs = sql(
