@@ -310,7 +310,8 @@ class RawPublisher:
             original_value = original_value[:MAX_DEAD_LETTER_BYTES]
             reason += f" (original value cut to its first {MAX_DEAD_LETTER_BYTES} bytes)"
         if len(reason) > MAX_REASON_CHARS:
-            reason = reason[: MAX_REASON_CHARS - 14] + " ... (more cut)"
+            marker = " ... (more cut)"
+            reason = reason[: MAX_REASON_CHARS - len(marker)] + marker
         value = self._serialize_dead_letter(
             {
                 "dlq_id": dlq_id,
@@ -393,6 +394,9 @@ class AsyncPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._pending: set[asyncio.Future[None]] = set()
+        #: Set when delivery reports can no longer be served: every publish then fails.
+        self.broken: DeliveryFailed | None = None
 
     def start(self) -> None:
         """Start serving delivery callbacks (call from inside the running event loop)."""
@@ -402,7 +406,31 @@ class AsyncPublisher:
 
     def _serve(self) -> None:
         while not self._stopping.is_set():
-            self.publisher.poll(0.05)
+            try:
+                self.publisher.poll(0.05)
+            except Exception as exc:  # a delivery callback raised: deliveries can't be trusted
+                log.exception("%s: delivery report handling failed", self.publisher.collector)
+                labelled(COLLECTOR_FAILED, self.publisher.collector, "delivery_callback").inc()
+                self.broken = DeliveryFailed(f"delivery report handling failed: {exc!r}")
+                self._fail_pending()
+                return
+
+    def _fail_pending(self) -> None:
+        """Fail every publish still waiting, so its sender gets no ACK and retries."""
+        loop, broken = self._loop, self.broken
+        if loop is None or broken is None or loop.is_closed():
+            return
+
+        def fail_all() -> None:
+            for future in list(self._pending):
+                if not future.done():
+                    future.set_exception(broken)
+            self._pending.clear()
+
+        try:
+            loop.call_soon_threadsafe(fail_all)
+        except RuntimeError:  # the loop closed meanwhile: nobody waits any more
+            pass
 
     def try_reserve(self, count: int = 1) -> bool:
         """Take ``count`` in-flight slots, or return False when the bound would be passed."""
@@ -418,10 +446,14 @@ class AsyncPublisher:
     def _future(self) -> tuple[asyncio.Future[None], Callable[[Any], None]]:
         assert self._loop is not None, "start() first"
         loop = self._loop
+        if self.broken is not None:
+            raise self.broken
         future: asyncio.Future[None] = loop.create_future()
+        self._pending.add(future)
 
         def resolve(error: Any) -> None:
             def settle() -> None:
+                self._pending.discard(future)
                 if future.done():
                     return
                 if error is None:
@@ -429,14 +461,21 @@ class AsyncPublisher:
                 else:
                     future.set_exception(DeliveryFailed(str(error)))
 
-            loop.call_soon_threadsafe(settle)
+            try:
+                loop.call_soon_threadsafe(settle)
+            except RuntimeError:  # the event loop is closed: nobody waits for this any more
+                pass
 
         return future, resolve
 
     async def publish(self, key: str | bytes | None, record: dict[str, Any] | bytes) -> None:
         """Publish and wait for the broker's acknowledgement (raises DeliveryFailed)."""
         future, resolve = self._future()
-        self.publisher.publish(key, record, resolve)
+        try:
+            self.publisher.publish(key, record, resolve)
+        except BaseException:
+            self._pending.discard(future)
+            raise
         await future
 
     async def dead_letter(
@@ -444,7 +483,13 @@ class AsyncPublisher:
     ) -> str:
         """Publish a dead letter and wait for its acknowledgement; returns its id."""
         future, resolve = self._future()
-        dlq_id = self.publisher.dead_letter(reason_code, reason, original_value, resolve, **kwargs)
+        try:
+            dlq_id = self.publisher.dead_letter(
+                reason_code, reason, original_value, resolve, **kwargs
+            )
+        except BaseException:
+            self._pending.discard(future)
+            raise
         await future
         return dlq_id
 

@@ -39,9 +39,11 @@ accepted claims, rejected claims with their line numbers and reasons, counts, an
 ``accepted`` / ``partially_accepted`` / ``rejected`` / ``duplicate``. A claim with any bad
 line is rejected whole and published to the dead-letter topic (reason code
 ``invalid_claim``); a file that is not CSV text or lacks required columns is rejected
-whole (``invalid_file``). The receipt is written only after the broker acknowledged every
-published record; the file is then moved to ``processed/`` (or ``failed/`` when nothing
-was accepted).
+whole (``invalid_file``), and so is a file whose processing fails unexpectedly
+(``internal_error``; not remembered, so it can be sent again once the fault is fixed). The
+receipt is written only after the broker acknowledged every published record; the file is
+then moved to ``processed/`` (or ``failed/`` when nothing was accepted). A claim whose
+record would be larger than a Kafka record may be is rejected like an invalid one.
 
 At most once per file: the SHA-256 of every file with a receipt is kept in
 :class:`CollectorState`, so a re-dropped or re-uploaded identical file is answered with a
@@ -73,7 +75,7 @@ import re
 import socket
 import threading
 import time
-from collections.abc import Awaitable, Iterable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, tzinfo
 from pathlib import Path
@@ -92,12 +94,16 @@ from pydantic import (
 )
 
 from producers.base import (
+    MAX_DEAD_LETTER_BYTES,
+    MAX_RECORD_BYTES,
     AsyncPublisher,
     Collector,
     CollectorConfig,
     CollectorState,
     ConfigError,
     DeliveryFailed,
+    RecordTooLarge,
+    SourceUnavailable,
     run_async,
     wall_clock_ms,
 )
@@ -152,7 +158,7 @@ _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 _DATE_TIME: Final = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
 _SAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
-_MAX_DEAD_LETTER_BYTES: Final = 512 * 1024
+_RETRY_AFTER_S: Final = "5"
 _READ_CHUNK: Final = 1 << 16
 _SHA_PREFIX: Final = 12
 
@@ -192,6 +198,12 @@ class UploadConfig(BaseModel):
     port: int = Field(default=8091, ge=0, le=65535, description="TCP port (0: any free port)")
     max_upload_bytes: int = Field(
         default=20 * 1024 * 1024, ge=1024, description="larger uploads are answered 413"
+    )
+    max_concurrent_uploads: int = Field(
+        default=4,
+        ge=1,
+        description="uploads read and processed at once (each buffers its file); more are "
+        "answered 503 with Retry-After",
     )
 
 
@@ -636,7 +648,7 @@ def _original(header: str, physical: list[str], rows: list[_Row]) -> bytes:
     parts = [header]
     for row in rows:
         parts.extend(physical[row.first_line - 1 : row.last_line])
-    return "".join(parts).encode("utf-8")[:_MAX_DEAD_LETTER_BYTES]
+    return "".join(parts).encode("utf-8")[:MAX_DEAD_LETTER_BYTES]
 
 
 def parse_batch(data: bytes, rules: BatchRules) -> ParsedBatch:
@@ -889,6 +901,7 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         self._publisher: AsyncPublisher | None = None
         self._state: CollectorState | None = None
         self._busy: dict[str, asyncio.Event] = {}
+        self._uploads = 0  # uploads being read or processed now
         self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) last poll
         self._retry_after: dict[str, float] = {}
         self._tokens = {
@@ -904,7 +917,10 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         config = self.config
         drop = config.drop_dir
         if not drop.is_dir():
-            raise ConfigError(f"{config.name}: drop_dir {drop} does not exist or is no directory")
+            # Often a share that is not mounted yet: exit 1 so that `up` tries again.
+            raise SourceUnavailable(
+                f"{config.name}: drop_dir {drop} does not exist or is no directory"
+            )
         if not os.access(drop, os.W_OK | os.X_OK):
             raise ConfigError(f"{config.name}: drop_dir {drop} is not writable")
         findings = [
@@ -937,7 +953,7 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         """The asyncio body of :meth:`run` (usable directly in a running loop)."""
         config = self.config
         if not config.drop_dir.is_dir():
-            raise ConfigError(f"{config.name}: drop_dir {config.drop_dir} does not exist")
+            raise SourceUnavailable(f"{config.name}: drop_dir {config.drop_dir} does not exist")
         for directory in (self.receipts_dir, self.processed_dir, self.failed_dir):
             directory.mkdir(exist_ok=True)
         self._state = CollectorState(self.state_dir / "claims.sqlite")
@@ -977,7 +993,13 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         observed: dict[str, tuple[int, int]] = {}
         ready: list[tuple[float, Path, os.stat_result]] = []
         suffixes = tuple(s.lower() for s in config.ignore_suffixes)
-        with os.scandir(config.drop_dir) as entries:
+        try:
+            entries = os.scandir(config.drop_dir)
+        except FileNotFoundError:
+            raise SourceUnavailable(
+                f"{config.name}: drop_dir {config.drop_dir} disappeared"
+            ) from None
+        with entries:
             for entry in entries:
                 name = entry.name
                 if name.startswith(".") or name.lower().endswith(suffixes):
@@ -1021,8 +1043,67 @@ class ClaimsProducer(Collector[ClaimsConfig]):
                     self.config.name, path.name, exc.strerror or exc, self.config.retry_interval_s,
                 )
                 self._retry_after[path.name] = time.monotonic() + self.config.retry_interval_s
+            except Exception as exc:
+                # Never crash on (and restart into) the same file again and again.
+                log.exception("%s: processing %s failed unexpectedly", self.config.name, path.name)
+                await self._quarantine(path, exc)
             else:
                 self._retry_after.pop(path.name, None)
+
+    async def _quarantine(self, path: Path, failure: Exception) -> None:
+        """Reject a dropped file whose processing failed unexpectedly: dead letter, receipt
+        and failed/. When even that fails (other than the broker or the disk being away,
+        which are retried), the file is moved to failed/ as is and the collector exits."""
+        config = self.config
+        try:
+            data = await asyncio.to_thread(path.read_bytes)
+            batch = Batch(path.name, data, "drop_dir", wall_clock_ms(), path=path)
+            await self._reject_after_failure(batch, failure)
+        except (DeliveryFailed, OSError) as exc:
+            log.error(
+                "%s: %s could not be set aside (%s); retrying in %.0f s",
+                config.name, path.name, exc, config.retry_interval_s,
+            )
+            self._retry_after[path.name] = time.monotonic() + config.retry_interval_s
+        except Exception as exc:
+            with contextlib.suppress(OSError):
+                target = _free_path(self.failed_dir, path.name, "0" * _SHA_PREFIX)
+                await asyncio.to_thread(os.replace, path, target)
+            raise RuntimeError(
+                f"{config.name}: {path.name} failed ({type(failure).__name__}) and could not "
+                f"be rejected ({type(exc).__name__}); moved to {self.failed_dir}"
+            ) from exc
+        else:
+            self._retry_after.pop(path.name, None)
+
+    async def _reject_after_failure(self, batch: Batch, failure: Exception) -> dict[str, Any]:
+        """Reject a whole batch the collector failed to process: one ``internal_error`` dead
+        letter with its bytes, a ``rejected`` receipt, the file to failed/. Not remembered
+        as received, so the same file sent again (once the fault is fixed) is processed."""
+        assert self._publisher is not None
+        sha256 = batch.sha256
+        reason = (
+            f"the collector failed to process this file ({type(failure).__name__}); "
+            "nothing of it is accepted; send it again once the fault is fixed"
+        )
+        parsed = ParsedBatch(file_errors=[LineError(None, None, reason)])
+        dlq_id = await self._publisher.dead_letter(
+            "internal_error",
+            f"file {batch.file_name} ({sha256[:_SHA_PREFIX]}): {reason}",
+            batch.data,
+            organisation_id=self.config.organisation_id,
+            original_key=sha256.encode(),
+            received_ms=batch.received_ms,
+        )
+        receipt = build_receipt(batch, sha256, parsed, self.config.name, file_dead_letter=dlq_id)
+        name = receipt_name(batch.file_name, sha256)
+        await self._write_receipt(name, receipt)
+        await self._finish(batch, sha256, receipt, remember=None)
+        log.error(
+            "%s: %s (%s) rejected after an internal error; dead letter %s, receipt %s",
+            self.config.name, batch.file_name, sha256[:_SHA_PREFIX], dlq_id, name,
+        )
+        return receipt
 
     async def _take_dropped(self, path: Path, stat: os.stat_result) -> None:
         """Process one complete file of the drop directory and move it out."""
@@ -1150,48 +1231,92 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         config = self.config
         encoded: list[tuple[str, bytes]] = []
         still_accepted: list[AcceptedClaim] = []
+
+        def reject(claim: AcceptedClaim, field: str | None, why: str) -> None:
+            parsed.rejected.append(
+                RejectedClaim(
+                    claim.payer_id, claim.claim_id, claim.lines,
+                    [LineError(claim.lines[0], field, why)],
+                    claim.record["organisation_id"], b"",
+                )
+            )
+
+        too_large = (
+            f"the claim's record is larger than a Kafka record may be ({MAX_RECORD_BYTES} "
+            "bytes); send its lines as several claims"
+        )
         for claim in parsed.accepted:
             try:
-                encoded.append((claim.partition_key, self.publisher.encode(claim.record)))
-                still_accepted.append(claim)
+                value = self.publisher.encode(claim.record)
             except SerializationError as exc:  # validation should have caught it: say where
-                parsed.rejected.append(
-                    RejectedClaim(
-                        claim.payer_id, claim.claim_id, claim.lines,
-                        [LineError(claim.lines[0], exc.field, "does not fit the Claim contract")],
-                        claim.record["organisation_id"], b"",
-                    )
-                )
-        parsed.accepted = still_accepted
+                reject(claim, exc.field, "does not fit the Claim contract")
+                continue
+            if len(value) > MAX_RECORD_BYTES:
+                reject(claim, None, too_large)
+                continue
+            encoded.append((claim.partition_key, value))
+            still_accepted.append(claim)
+        parsed.accepted = []
         try:
             for start in range(0, len(encoded), config.max_in_flight):
                 chunk = encoded[start : start + config.max_in_flight]
-                await _all(publisher.publish(key, value) for key, value in chunk)
+                async with self._slots(len(chunk)):
+                    taken = await _all(self._publish_claim(key, value) for key, value in chunk)
+                claims = still_accepted[start : start + config.max_in_flight]
+                for claim, published in zip(claims, taken, strict=True):
+                    if published:
+                        parsed.accepted.append(claim)
+                    else:  # the producer's own limit is lower than MAX_RECORD_BYTES
+                        reject(claim, None, too_large)
             origin = f"{batch.file_name} ({sha256[:_SHA_PREFIX]})"
             file_dead_letter = None
             if parsed.file_errors:
                 reason = f"file {origin} rejected: " + "; ".join(
                     e.as_text() for e in parsed.file_errors
                 )
-                file_dead_letter = await publisher.dead_letter(
-                    "invalid_file",
-                    reason,
-                    batch.data[:_MAX_DEAD_LETTER_BYTES],
-                    organisation_id=config.organisation_id,
-                    original_key=sha256.encode(),
-                    received_ms=batch.received_ms,
-                )
+                async with self._slots(1):
+                    file_dead_letter = await publisher.dead_letter(
+                        "invalid_file",
+                        reason,
+                        batch.data,  # cut to MAX_DEAD_LETTER_BYTES by dead_letter
+                        organisation_id=config.organisation_id,
+                        original_key=sha256.encode(),
+                        received_ms=batch.received_ms,
+                    )
             for start in range(0, len(parsed.rejected), config.max_in_flight):
                 chunk_rejected = parsed.rejected[start : start + config.max_in_flight]
-                ids = await _all(
-                    self._dead_letter_claim(rejected, origin, batch.received_ms)
-                    for rejected in chunk_rejected
-                )
+                async with self._slots(len(chunk_rejected)):
+                    ids = await _all(
+                        self._dead_letter_claim(rejected, origin, batch.received_ms)
+                        for rejected in chunk_rejected
+                    )
                 for rejected, dlq_id in zip(chunk_rejected, ids, strict=True):
                     rejected.dead_letter_id = dlq_id
         except DeliveryFailed as exc:
             raise BatchNotDurable(str(exc)) from None
         return file_dead_letter
+
+    @contextlib.asynccontextmanager
+    async def _slots(self, count: int) -> AsyncIterator[None]:
+        """Hold ``count`` of the publisher's in-flight slots (shared by every batch being
+        processed, drop directory and uploads alike), waiting until they are free."""
+        assert self._publisher is not None
+        publisher = self._publisher
+        while not publisher.try_reserve(count):
+            await asyncio.sleep(0.01)
+        try:
+            yield
+        finally:
+            publisher.release(count)
+
+    async def _publish_claim(self, key: str, value: bytes) -> bool:
+        """Publish one encoded claim; False when no Kafka record can hold it."""
+        assert self._publisher is not None
+        try:
+            await self._publisher.publish(key, value)
+        except RecordTooLarge:
+            return False
+        return True
 
     async def _dead_letter_claim(
         self, rejected: RejectedClaim, origin: str, received_ms: int
@@ -1248,6 +1373,25 @@ class ClaimsProducer(Collector[ClaimsConfig]):
             )
         if request.content_length is not None and request.content_length > limit:
             return _too_large(limit)
+        if self._uploads >= config.upload.max_concurrent_uploads:
+            # Each upload buffers its whole file and its parsed claims: bound the memory.
+            return _error(
+                503,
+                f"{self._uploads} uploads are being processed; retry later",
+                {"Retry-After": _RETRY_AFTER_S},
+            )
+        self._uploads += 1
+        try:
+            return await self._take_upload(request, payer_id, received_ms)
+        finally:
+            self._uploads -= 1
+
+    async def _take_upload(
+        self, request: web.Request, payer_id: str, received_ms: int
+    ) -> web.Response:
+        config = self.config
+        assert config.upload is not None
+        limit = config.upload.max_upload_bytes
         try:
             file_name, data = await _read_upload(request, limit)
         except _UploadTooLarge:
@@ -1259,7 +1403,17 @@ class ClaimsProducer(Collector[ClaimsConfig]):
             receipt = await self.process(batch)
         except BatchNotDurable as exc:
             log.error("%s: upload %s not completed (%s)", config.name, file_name, exc)
-            return _error(503, "the batch could not be stored; retry later", {"Retry-After": "5"})
+            return _error(
+                503, "the batch could not be stored; retry later", {"Retry-After": _RETRY_AFTER_S}
+            )
+        except Exception as exc:
+            log.exception("%s: upload %s failed unexpectedly", config.name, file_name)
+            try:
+                receipt = await self._reject_after_failure(batch, exc)
+            except Exception:
+                log.exception("%s: upload %s could not be rejected", config.name, file_name)
+                return _error(500, "the collector failed to process the batch; retry later")
+            return web.json_response(receipt, status=500)
         status = {"duplicate": 200, "rejected": 422}.get(receipt["status"], 201)
         return web.json_response(receipt, status=status)
 

@@ -19,9 +19,12 @@ Delivery: an HTTP packet is answered 202 only after the broker acknowledged its 
 record; an MQTT message is acknowledged (PUBACK) only then, on a persistent session, so a
 packet the gateway accepted is never lost when it dies. In-flight packets are bounded: HTTP
 answers 503 (all devices) or 429 (one device above its rate) with Retry-After, MQTT stops
-acknowledging, so the broker stops sending (MQTT 5 receive maximum). A packet seen again
+acknowledging, so the broker stops sending (MQTT 5 receive maximum). MQTT has no 429: a
+device above its rate has the excess packets dead-lettered (``rate_limited``) rather than
+throttled, which would hold receive-maximum slots every device shares. A packet seen again
 (same device and packet id, within ``dedup_window_s``) is acknowledged, not republished.
-Invalid payloads get a 400 naming the field and, like invalid MQTT messages, a dead letter.
+Invalid payloads get a 400 naming the field and, like invalid MQTT messages, a dead letter;
+a packet that fails unexpectedly is dead-lettered too (``internal_error``, HTTP 500).
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import contextlib
 import hashlib
 import hmac
 import json
@@ -60,12 +64,15 @@ from pydantic import (
 )
 
 from producers.base import (
+    MAX_RECORD_BYTES,
     AsyncPublisher,
     Collector,
     CollectorConfig,
     CollectorState,
     ConfigError,
     DeliveryFailed,
+    RecordTooLarge,
+    SourceUnavailable,
     run_async,
     wall_clock_ms,
 )
@@ -87,6 +94,10 @@ _SHA256_HASH = re.compile(r"^sha256:([0-9a-f]{64})$")
 _PLACEHOLDER = re.compile(r"\{([^}]*)\}")
 _OBSERVATION_STATUS = ("registered", "preliminary", "final", "amended", "corrected")
 _IGNORED_BUNDLE_RESOURCES = frozenset({"Device", "DeviceMetric", "Patient"})
+# CONNACK refusals that say "not now" rather than "not you": the gateway is restarted.
+_TRANSIENT_REFUSALS = frozenset(
+    {"Server unavailable", "Server busy", "Quota exceeded", "Connection rate exceeded"}
+)
 
 
 # --- credentials ----------------------------------------------------------------------------
@@ -222,7 +233,12 @@ class HttpListener(BaseModel):
 
     host: str = "127.0.0.1"
     port: int = Field(default=8086, ge=0, le=65535, description="0 picks a free port")
-    max_body_bytes: int = Field(default=262_144, ge=256, description="larger bodies get 413")
+    max_body_bytes: int = Field(
+        default=262_144,
+        ge=256,
+        le=MAX_RECORD_BYTES,
+        description="larger bodies get 413 (MQTT: a dead letter); at most what Kafka accepts",
+    )
     retry_after_s: int = Field(default=1, ge=1, description="Retry-After of 503 answers")
 
 
@@ -592,6 +608,8 @@ def parse_packet(
         raise PayloadError([("(payload)", "not UTF-8 text")]) from None
     except ValueError as exc:
         raise PayloadError([("(payload)", f"not valid JSON ({exc})")]) from None
+    except RecursionError:  # the JSON decoder recurses once per nesting level
+        raise PayloadError([("(payload)", "JSON nested too deeply")]) from None
     if not isinstance(document, dict):
         raise PayloadError([("(payload)", "expected a JSON object")])
     resource_type = document.get("resourceType")
@@ -845,6 +863,14 @@ class TokenBucket:
 # --- the collector --------------------------------------------------------------------------
 
 
+@dataclass
+class _HttpAttempt:
+    """What an HTTP request got as far as, for the dead letter of an unexpected failure."""
+
+    source: PacketSource | None = None
+    body: bytes = b""
+
+
 class DeviceProducer(Collector[DeviceCollectorConfig]):
     """Device telemetry collector: MQTT gateway and HTTP endpoint -> ``raw.device``."""
 
@@ -863,6 +889,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         self._verified: dict[str, bytes] = {}  # device_id -> sha256 of its verified token
         self._pending: dict[str, asyncio.Future[bool]] = {}
         self._mqtt_tasks: set[asyncio.Task[None]] = set()
+        self._fatal: BaseException | None = None  # a handler died: the collector exits
         self._stopping = False
         self._newest_sent_ms: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -884,6 +911,8 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         where = f"MQTT broker {mqtt.host}:{mqtt.port}"
         gateway = _probe_connect(mqtt.host, mqtt.port, mqtt.username, mqtt.password)
         if gateway != "ok":
+            if _unavailable(gateway):
+                raise SourceUnavailable(f"{config.name}: {where}: {gateway}")
             raise ConfigError(f"{config.name}: {where} refused the gateway user: {gateway}")
         if _probe_connect(mqtt.host, mqtt.port, None, None) == "ok":
             raise ConfigError(
@@ -932,6 +961,12 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         next_prune = 0.0
         while not stop.is_set():
             await asyncio.sleep(0.1)
+            if self._fatal is not None:
+                # A message left unanswered by a dead handler would stall its sender: exit
+                # non-zero, and the broker sends it again to the restarted gateway.
+                raise RuntimeError(
+                    f"{self.config.name}: an MQTT message handler failed"
+                ) from self._fatal
             if self._newest_sent_ms is not None:
                 self.metrics.source_lag.set((wall_clock_ms() - self._newest_sent_ms) / 1000)
             if time.monotonic() >= next_prune:
@@ -957,27 +992,36 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         return True
 
     async def _publish_packet(self, record: dict[str, Any], wait: bool) -> str:
-        """Publish one raw packet once; ``accepted``, ``duplicate``, ``busy`` or ``failed``."""
+        """Publish one raw packet once: ``accepted``, ``duplicate``, ``too_large`` (no
+        Kafka record can hold it), ``busy`` or ``failed``."""
         assert self._publisher is not None and self._state is not None
+        assert self._loop is not None
         key = f"{record['device_id']}:{record['packet_id']}"
         earlier = self._pending.get(key)
         if earlier is not None:  # the same packet is being published right now
             return "duplicate" if await asyncio.shield(earlier) else "busy"
-        if self._state.seen(SEEN_NAMESPACE, key) is not None:
-            return "duplicate"
-        if not await self._reserve(wait):
-            return "busy"
-        assert self._loop is not None
+        # Pending before anything is awaited, so a copy arriving meanwhile waits for this
+        # one instead of being published too.
         outcome: asyncio.Future[bool] = self._loop.create_future()
         self._pending[key] = outcome
         try:
-            await self._publisher.publish(record["device_id"], record)
-            await asyncio.to_thread(self._state.remember, SEEN_NAMESPACE, key)
+            # SQLite off the event loop: its fsyncs must not stall every other packet.
+            if await asyncio.to_thread(self._state.seen, SEEN_NAMESPACE, key) is not None:
+                outcome.set_result(True)
+                return "duplicate"
+            if not await self._reserve(wait):
+                return "busy"
+            try:
+                await self._publisher.publish(record["device_id"], record)
+                await asyncio.to_thread(self._state.remember, SEEN_NAMESPACE, key)
+            except RecordTooLarge:
+                return "too_large"
+            except DeliveryFailed:
+                return "failed"
+            finally:
+                self._publisher.release()
             outcome.set_result(True)
-        except DeliveryFailed:
-            return "failed"
         finally:
-            self._publisher.release()
             if not outcome.done():
                 outcome.set_result(False)
             del self._pending[key]
@@ -1062,15 +1106,47 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         return bucket
 
     async def _http_packet(self, request: Any) -> Any:
+        """POST /devices/{device_id}/packets; an unexpected failure is dead-lettered
+        (``internal_error``) and answered 500 with a JSON body, never left to aiohttp."""
+        from aiohttp import web
+
+        received = wall_clock_ms()
+        attempt = _HttpAttempt()
+        try:
+            return await self._http_packet_checked(request, received, attempt)
+        except web.HTTPException:
+            raise
+        except Exception as exc:
+            log.exception("%s: an HTTP packet failed unexpectedly", self.config.name)
+            answer: dict[str, Any] = {
+                "error": "internal_error",
+                "message": "the collector failed to handle this packet; it was not accepted",
+            }
+            source = attempt.source
+            with contextlib.suppress(Exception):
+                answer["dlq_id"] = await self._dead_letter(
+                    "internal_error",
+                    f"the collector failed to handle this packet ({type(exc).__name__})",
+                    attempt.body,
+                    source.organisation_id if source else self.config.organisation_id,
+                    source.device_id if source else None,
+                    received,
+                    wait=False,
+                )
+            return web.json_response(answer, status=500)
+
+    async def _http_packet_checked(
+        self, request: Any, received: int, attempt: _HttpAttempt
+    ) -> Any:
         from aiohttp import web
 
         assert self.config.http is not None
         http = self.config.http
-        received = wall_clock_ms()
         retry = {"Retry-After": str(http.retry_after_s)}
         source = await self._authenticate(
             request.match_info["device_id"], request.headers.get("Authorization")
         )
+        attempt.source = source
         if source is None:
             self.metrics.failed("unauthorized").inc()
             return web.json_response(
@@ -1098,6 +1174,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         except web.HTTPRequestEntityTooLarge:
             self.metrics.failed("payload_too_large").inc()
             return too_large
+        attempt.body = body
         self.metrics.read.inc()
         try:
             record = parse_packet(body, source, self.config, received)
@@ -1124,6 +1201,19 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         if outcome == "duplicate":
             return web.json_response(
                 {"status": "duplicate", "packet_id": record["packet_id"]}, status=200
+            )
+        if outcome == "too_large":
+            reason = "the packet's raw record is larger than a Kafka record may be"
+            dlq_id = await self._dead_letter(
+                "record_too_large", reason, body, source.organisation_id, source.device_id,
+                received, wait=False,
+            )
+            if dlq_id is None:
+                return web.json_response({"error": "busy"}, status=503, headers=retry)
+            return web.json_response(
+                {"error": "record_too_large", "message": f"{reason}; send fewer samples",
+                 "dlq_id": dlq_id},
+                status=413,
             )
         message = "collector busy" if outcome == "busy" else "broker did not acknowledge"
         return web.json_response({"error": outcome, "message": message}, status=503, headers=retry)
@@ -1211,7 +1301,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 properties=properties,
             )
         except OSError as exc:
-            raise ConfigError(f"{self.config.name}: cannot reach {where} ({exc})") from None
+            raise SourceUnavailable(f"{self.config.name}: cannot reach {where} ({exc})") from None
         client.loop_start()
         try:
             result = await asyncio.wait_for(connected, 15.0)
@@ -1219,6 +1309,8 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
             result = "no answer within 15 s"
         if result != "ok":
             client.loop_stop()
+            if _unavailable(result):
+                raise SourceUnavailable(f"{self.config.name}: {where}: {result}")
             raise ConfigError(f"{self.config.name}: {where}: {result}")
         log.info("%s: MQTT gateway subscribed to %d topics", self.config.name, len(subscriptions))
         return client
@@ -1226,23 +1318,44 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
     def _spawn_mqtt(self, client: Any, message: Any) -> None:
         task = asyncio.get_running_loop().create_task(self._mqtt_message(client, message))
         self._mqtt_tasks.add(task)
-        task.add_done_callback(self._mqtt_tasks.discard)
+        task.add_done_callback(self._mqtt_task_done)
+
+    def _mqtt_task_done(self, task: asyncio.Task[None]) -> None:
+        self._mqtt_tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None and self._fatal is None:
+            self._fatal = task.exception()  # _serve_until raises it: exit non-zero
 
     async def _mqtt_message(self, client: Any, message: Any) -> None:
-        """Handle one MQTT message; acknowledge it only once its outcome is durable."""
+        """Handle one MQTT message; acknowledge it only once its outcome is durable.
+
+        An unexpected failure is dead-lettered (``internal_error``) and acknowledged after
+        that; should even that fail, the task dies and the collector exits non-zero.
+        """
         if self._stopping:
             return  # not acknowledged: the broker sends it again to the next session
         received = wall_clock_ms()
         payload = bytes(message.payload)
-        source = self._source_for_topic(message.topic)
-        if source is None:
+        source: PacketSource | None = None
+        try:
+            source = self._source_for_topic(message.topic)
+            if source is None:
+                settled = await self._mqtt_dead_letter(
+                    "unknown_topic", "no registered device publishes to this topic", payload,
+                    self.config.organisation_id, None, received,
+                )
+            else:
+                self.metrics.read.inc()
+                settled = await self._mqtt_packet(source, payload, received)
+        except Exception as exc:
+            log.exception("%s: an MQTT message failed unexpectedly", self.config.name)
             settled = await self._mqtt_dead_letter(
-                "unknown_topic", "no registered device publishes to this topic", payload,
-                self.config.organisation_id, None, received,
+                "internal_error",
+                f"the collector failed to handle this message ({type(exc).__name__})",
+                payload,
+                source.organisation_id if source else self.config.organisation_id,
+                source.device_id if source else None,
+                received,
             )
-        else:
-            self.metrics.read.inc()
-            settled = await self._mqtt_packet(source, payload, received)
         if settled:
             client.ack(message.mid, message.qos)
 
@@ -1268,6 +1381,17 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         return False
 
     async def _mqtt_packet(self, source: PacketSource, payload: bytes, received: int) -> bool:
+        if self._bucket(source.device_id).take() > 0:
+            # MQTT has no 429. Throttling here would hold one of the broker's shared
+            # receive-maximum slots and stall every other device, so the excess packet is
+            # dead-lettered (and acknowledged once the dead letter is durable).
+            rate = self.config.per_device_rate
+            return await self._mqtt_dead_letter(
+                "rate_limited",
+                f"device sends faster than {rate.packets_per_s:g} packets/s "
+                f"(burst {rate.burst})",
+                payload, source.organisation_id, source.device_id, received,
+            )
         http_limit = self.config.http.max_body_bytes if self.config.http else 262_144
         try:
             if len(payload) > http_limit:
@@ -1281,15 +1405,17 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 error.reason_code, str(error), payload, source.organisation_id,
                 source.device_id, received,
             )
-        wait_s = self._bucket(source.device_id).take()
-        while wait_s > 0:  # MQTT has no 429: slow this device down instead
-            await asyncio.sleep(wait_s)
-            wait_s = self._bucket(source.device_id).take()
         delay = 0.1
         while not self._stopping:
             outcome = await self._publish_packet(record, wait=True)
             if outcome in ("accepted", "duplicate"):
                 return True
+            if outcome == "too_large":
+                return await self._mqtt_dead_letter(
+                    "record_too_large",
+                    "the packet's raw record is larger than a Kafka record may be",
+                    payload, source.organisation_id, source.device_id, received,
+                )
             await asyncio.sleep(delay)
             delay = min(delay * 2, 5.0)
         return False
@@ -1299,6 +1425,13 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
             await asyncio.wait(set(self._mqtt_tasks), timeout=30.0)
         client.disconnect()
         await asyncio.to_thread(client.loop_stop)
+
+
+def _unavailable(outcome: str) -> bool:
+    """Whether a connection outcome means the broker cannot be reached right now."""
+    if outcome.startswith(("cannot connect", "no answer")):
+        return True
+    return outcome.removeprefix("refused: ") in _TRANSIENT_REFUSALS
 
 
 def _probe_connect(

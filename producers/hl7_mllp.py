@@ -9,7 +9,10 @@ message is being delivered), and answers with an ACK only once the outcome is du
 * ``AE`` (MSA-3 text and an ERR segment) for a message it understood but cannot accept:
   unsupported message type, no MSH-10, a required segment missing, an unknown facility;
 * ``AR`` for input that is not an HL7 message at all, cannot be decoded, or is larger
-  than ``max_message_bytes`` (the connection is then closed).
+  than ``max_message_bytes`` (the connection is then closed) or than a Kafka record can
+  be; also when handling it failed unexpectedly (reason ``internal_error``), and when a
+  connection sent more than 4096 bytes outside any frame (reason ``unframed``, the
+  connection is then closed).
 
 Every AE and AR is also published to the dead-letter topic with a reason, after which the
 ACK is sent. A message whose (MSH-3, MSH-4, MSH-10) was acknowledged before (kept in
@@ -39,12 +42,14 @@ from hl7.exceptions import ParseException
 from pydantic import Field, field_validator
 
 from producers.base import (
+    MAX_RECORD_BYTES,
     AsyncPublisher,
     Collector,
     CollectorConfig,
     CollectorState,
     ConfigError,
     DeliveryFailed,
+    RecordTooLarge,
     run_async,
     wall_clock_ms,
 )
@@ -95,6 +100,8 @@ _HL7_ERRORS: Final = {
     "207": "Application internal error",
 }
 _READ_CHUNK: Final = 65_536
+#: Bytes outside any frame a connection may send before it is answered AR and closed.
+MAX_UNFRAMED_BYTES: Final = 4096
 _PRUNE_EVERY_S: Final = 3600.0
 
 
@@ -114,7 +121,10 @@ class MllpConfig(CollectorConfig):
         description="accepted MSH-9 types (code^trigger); others are answered AE",
     )
     max_message_bytes: int = Field(
-        default=1_048_576, ge=1024, description="larger frames are answered AR and closed"
+        default=MAX_RECORD_BYTES,
+        ge=1024,
+        le=MAX_RECORD_BYTES,
+        description="larger frames are answered AR and closed (at most what Kafka accepts)",
     )
     idle_timeout_s: float = Field(
         default=300.0, gt=0, description="close a connection that sent nothing for this long"
@@ -181,15 +191,35 @@ class MllpFramer:
     Bytes outside a frame are dropped and counted (whitespace between frames is not
     counted: some senders end a frame with CR LF). A start block inside a frame abandons
     the unfinished frame (counted too). An end block not followed by CR still ends the
-    frame, so a sender that omits the CR is not left waiting for its ACK.
+    frame, so a sender that omits the CR is not left waiting for its ACK. What was dropped
+    since the last complete frame is kept as :attr:`discarded` (its first
+    ``keep_discarded`` bytes) and :attr:`discarded_bytes`, so a listener can give up on a
+    sender that does not speak MLLP.
     """
 
-    def __init__(self, max_message_bytes: int) -> None:
+    def __init__(self, max_message_bytes: int, keep_discarded: int = MAX_UNFRAMED_BYTES) -> None:
         self.max_message_bytes = max_message_bytes
+        self.keep_discarded = keep_discarded
         self._buffer = bytearray()
         self.in_frame = False
         self.frame_started: float | None = None
         self._skip_cr = False
+        #: Bytes dropped since the last complete frame, and the first of them.
+        self.discarded_bytes = 0
+        self.discarded = bytearray()
+
+    def _discard(self, dropped: bytes) -> int:
+        room = self.keep_discarded - len(self.discarded)
+        if room > 0:
+            self.discarded += dropped[:room]
+        self.discarded_bytes += len(dropped)
+        return len(dropped)
+
+    def _frame_complete(self) -> None:
+        self.in_frame = False
+        self.frame_started = None
+        self.discarded_bytes = 0
+        self.discarded.clear()
 
     def feed(self, data: bytes) -> tuple[list[Frame | Oversize], int]:
         """Add received bytes; returns the completed frames and how many bytes were dropped."""
@@ -206,7 +236,7 @@ class MllpFramer:
             if not self.in_frame:
                 start = buffer.find(START_BLOCK)
                 outside = buffer if start < 0 else buffer[:start]
-                dropped += len(bytes(outside).translate(None, _WHITESPACE))
+                dropped += self._discard(bytes(outside).translate(None, _WHITESPACE))
                 if start < 0:
                     buffer.clear()
                     break
@@ -216,15 +246,15 @@ class MllpFramer:
             end = buffer.find(END_BLOCK)
             restart = buffer.find(START_BLOCK, 0, end if end >= 0 else len(buffer))
             if restart >= 0:
-                dropped += restart + 1  # the unfinished frame and its start block
+                # The unfinished frame and its start block.
+                dropped += self._discard(START_BLOCK + bytes(buffer[:restart]))
                 del buffer[: restart + 1]
                 self.frame_started = time.monotonic()
                 continue
             if (end < 0 and len(buffer) > self.max_message_bytes) or end > self.max_message_bytes:
                 events.append(Oversize(bytes(buffer[: self.max_message_bytes])))
                 buffer.clear()
-                self.in_frame = False
-                self.frame_started = None
+                self._frame_complete()
                 break
             if end < 0:
                 break
@@ -234,8 +264,7 @@ class MllpFramer:
             else:
                 del buffer[: end + 1]
                 self._skip_cr = True
-            self.in_frame = False
-            self.frame_started = None
+            self._frame_complete()
         return events, dropped
 
 
@@ -658,6 +687,7 @@ class Hl7MllpProducer(Collector[MllpConfig]):
                     return
                 events, dropped = framer.feed(data)
                 if dropped:
+                    self.metrics.failed("unframed").inc()
                     log.warning(
                         "%s: discarded %d bytes outside an MLLP frame from %s",
                         config.name,
@@ -672,11 +702,23 @@ class Hl7MllpProducer(Collector[MllpConfig]):
                     await writer.drain()
                     if isinstance(event, Oversize):
                         return
+                if framer.discarded_bytes > MAX_UNFRAMED_BYTES:
+                    # Not an MLLP sender (or hopelessly out of step): say so once and close.
+                    ack = await self._reject_unframed(framer, peer)
+                    if ack is not None:
+                        writer.write(mllp_wrap(ack))
+                        await writer.drain()
+                    return
         except (ConnectionError, asyncio.IncompleteReadError) as exc:
             log.info("%s: connection from %s ended (%s)", config.name, peer, type(exc).__name__)
         except asyncio.CancelledError:
             if not self._stopping:
                 raise
+        except Exception:
+            # A message being handled was answered by _handle; this closes the connection
+            # (the sender reconnects) instead of leaving a dead task behind an open socket.
+            self.metrics.failed("internal_error").inc()
+            log.exception("%s: connection from %s failed; closing it", config.name, peer)
         finally:
             self._open -= 1
             self._connections.discard(task)
@@ -687,11 +729,50 @@ class Hl7MllpProducer(Collector[MllpConfig]):
     # -- one message ----------------------------------------------------------------------
 
     async def _handle(self, event: Frame | Oversize, peer: Any) -> bytes | None:
-        """Deliver or dead-letter one frame; returns the encoded ACK (None: no ACK)."""
-        config = self.config
+        """Deliver or dead-letter one frame; returns the encoded ACK (None: no ACK).
+
+        Whatever goes wrong, the frame is answered: an unexpected error is dead-lettered
+        (``internal_error``) and answered AR, so the sender is never left waiting.
+        """
         received_ms = wall_clock_ms()
         self.metrics.read.inc()
         raw = event.content if isinstance(event, Frame) else event.prefix
+        try:
+            return await self._decide_and_answer(event, raw, peer, received_ms)
+        except Exception as exc:
+            log.exception(
+                "%s: handling a message from %s failed unexpectedly", self.config.name, peer
+            )
+            rejected = Rejected(
+                "AR",
+                "internal_error",
+                f"the collector failed to handle this message ({type(exc).__name__})",
+                "207",
+            )
+            encoding = self.config.encoding
+            header = None
+            with contextlib.suppress(Exception):  # the failure may lie in reading the header
+                encoding = message_encoding(raw, encoding)
+                header = read_header(raw[:4096].decode(encoding, "replace"))
+            return await self._answer_rejected(rejected, raw, received_ms, peer, header, encoding)
+
+    async def _reject_unframed(self, framer: MllpFramer, peer: Any) -> bytes | None:
+        """Dead-letter the start of what a connection sent outside any frame; its AR."""
+        rejected = Rejected(
+            "AR",
+            "unframed",
+            f"{framer.discarded_bytes} bytes arrived outside an MLLP frame "
+            "(<VT> message <FS><CR>); closing the connection",
+            "100",
+        )
+        return await self._answer_rejected(
+            rejected, bytes(framer.discarded), wall_clock_ms(), peer, None, self.config.encoding
+        )
+
+    async def _decide_and_answer(
+        self, event: Frame | Oversize, raw: bytes, peer: Any, received_ms: int
+    ) -> bytes | None:
+        config = self.config
         encoding = message_encoding(raw, config.encoding)
         # The ACK is addressed from MSH even when the rest cannot be read or decoded.
         header = read_header(raw[:4096].decode(encoding, "replace"))
@@ -715,10 +796,17 @@ class Hl7MllpProducer(Collector[MllpConfig]):
             else:
                 verdict = inspect_message(text, config)
                 header = read_header(text)
-        control = header.get(10).strip() if header else ""
         if isinstance(verdict, Accepted):
             try:
                 duplicate = await self._deliver(verdict, text, received_ms)
+            except RecordTooLarge as exc:
+                duplicate = Rejected(
+                    "AR",
+                    "oversize",
+                    f"message does not fit in a Kafka record ({exc})",
+                    "207",
+                    organisation_id=verdict.organisation_id,
+                )
             except DeliveryFailed as exc:
                 log.error(
                     "%s: message %s not delivered (%s); closing without ACK",
@@ -739,6 +827,20 @@ class Hl7MllpProducer(Collector[MllpConfig]):
                     "(duplicate, not published again)" if duplicate else "published",
                 )
                 return self._encode_ack("AA", header, received_ms, None, encoding)
+        return await self._answer_rejected(verdict, raw, received_ms, peer, header, encoding)
+
+    async def _answer_rejected(
+        self,
+        verdict: Rejected,
+        raw: bytes,
+        received_ms: int,
+        peer: Any,
+        header: Header | None,
+        encoding: str,
+    ) -> bytes | None:
+        """Dead-letter a rejected frame, then its AE/AR (None: the dead letter failed)."""
+        config = self.config
+        control = header.get(10).strip() if header else ""
         try:
             dlq_id = await self._dead_letter(verdict, raw, received_ms)
         except DeliveryFailed as exc:
@@ -789,27 +891,29 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         key = accepted.duplicate_key
         while (pending := self._in_flight.get(key)) is not None:
             await pending.wait()
-        earlier = await asyncio.to_thread(self._state.seen, _DUPLICATES, key)
-        if earlier is not None:
-            if earlier != accepted.content_digest:
-                return Rejected(
-                    "AE",
-                    "duplicate_control_id",
-                    f"control id {accepted.control_id} was already acknowledged for a "
-                    "different message",
-                    "205",
-                    "MSH^1^10",
-                    accepted.organisation_id,
-                )
-            log.info(
-                "%s: %s is a resend of an acknowledged message; not published again",
-                self.config.name,
-                accepted.control_id,
-            )
-            return True
+        # Marked in flight before the (awaited) lookup: a copy arriving on another
+        # connection meanwhile waits above instead of being published a second time.
         done = asyncio.Event()
         self._in_flight[key] = done
         try:
+            earlier = await asyncio.to_thread(self._state.seen, _DUPLICATES, key)
+            if earlier is not None:
+                if earlier != accepted.content_digest:
+                    return Rejected(
+                        "AE",
+                        "duplicate_control_id",
+                        f"control id {accepted.control_id} was already acknowledged for a "
+                        "different message",
+                        "205",
+                        "MSH^1^10",
+                        accepted.organisation_id,
+                    )
+                log.info(
+                    "%s: %s is a resend of an acknowledged message; not published again",
+                    self.config.name,
+                    accepted.control_id,
+                )
+                return True
             record = {
                 "message_control_id": accepted.control_id,
                 "organisation_id": accepted.organisation_id,

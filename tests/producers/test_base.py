@@ -133,3 +133,54 @@ def test_publisher_sends_raw_records_and_dead_letters_with_collector_header(kafk
     assert dead[0].value["original_topic"] == "collector/lab-test"
     assert dead[0].value["reason_code"] == "not_hl7"
     assert dead[0].value["original_value"] == b"garbage"
+
+
+class _PollRaises:
+    """A producer whose delivery-report handling fails (as a callback raising would)."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+
+    def produce(self, *args: object, **kwargs: object) -> None:
+        self.produced += 1
+
+    def poll(self, timeout: float = 0) -> int:
+        if self.produced:
+            raise RuntimeError("callback exploded")
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        return self.produced
+
+    def __len__(self) -> int:
+        return self.produced
+
+
+def test_async_publisher_fails_waiting_publishes_when_delivery_reports_break(
+    kafka_factory,
+) -> None:
+    import asyncio
+
+    from producers.base import AsyncPublisher, DeliveryFailed
+
+    publisher = RawPublisher(
+        kafka_factory(), ManifestRegistry(), "hl7_lab", "broken", producer=_PollRaises()
+    )
+    record = {
+        "message_control_id": "C1", "organisation_id": "H001", "source_system": "LIS",
+        "message_type": "ORU^R01", "received_time": 1_700_000_000_000, "payload": "MSH|",
+    }
+
+    async def main() -> tuple[str, str]:
+        wrapper = AsyncPublisher(publisher)
+        wrapper.start()
+        with pytest.raises(DeliveryFailed, match="callback exploded"):
+            await asyncio.wait_for(wrapper.publish("k", record), 5)
+        with pytest.raises(DeliveryFailed) as later:  # and every later publish, at once
+            await asyncio.wait_for(wrapper.publish("k", record), 5)
+        await wrapper.close(timeout=0)
+        return str(later.value), str(len(wrapper._pending))
+
+    message, pending = asyncio.run(main())
+    assert "delivery report handling failed" in message
+    assert pending == "0"

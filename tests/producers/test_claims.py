@@ -8,6 +8,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +25,14 @@ import yaml
 from confluent_kafka import Consumer
 
 from producers import collector_class
-from producers.base import CollectorState, ConfigError, load_config
+from producers.base import (
+    MAX_DEAD_LETTER_BYTES,
+    MAX_REASON_CHARS,
+    AsyncPublisher,
+    CollectorState,
+    SourceUnavailable,
+    load_config,
+)
 from producers.claims import (
     _MOVING,
     REQUIRED_COLUMNS,
@@ -317,8 +325,11 @@ def test_check_names_a_missing_drop_directory(tmp_path: Path) -> None:
         config(tmp_path / "absent"), KafkaSettings(bootstrap_servers="127.0.0.1:1"),
         ManifestRegistry(),
     )
-    with pytest.raises(ConfigError, match="drop_dir .* does not exist"):
+    # Often a share not mounted yet: exit 1 (restarted by `up`), not 2 (a configuration error).
+    with pytest.raises(SourceUnavailable, match="drop_dir .* does not exist"):
         collector.check()
+    with pytest.raises(SourceUnavailable, match="drop_dir .* does not exist"):
+        collector.run(threading.Event())
 
 
 # --- the running collector --------------------------------------------------------------------
@@ -614,6 +625,125 @@ def test_partially_written_file_is_ignored_until_renamed(
     assert [line["line_no"] for line in published.value["lines"]] == [1, 2]
 
 
+@pytest.mark.integration
+def test_thirty_thousand_bad_rows_make_one_dead_letter_that_fits_a_record(
+    kafka_factory: Any, tmp_path: Path
+) -> None:
+    kafka = kafka_factory()
+    drop = tmp_path / "drop"
+    collector = make_collector(kafka, drop)
+    content = (HEADER + "".join(row("", n % 999 + 1) for n in range(30_000))).encode()
+    with Running(collector):
+        path = drop_file(drop, "bad.csv", content)
+        wait_for(lambda: len(receipts(drop)) == 1 and not path.exists(), 60, "the receipt")
+        assert (drop / "failed" / "bad.csv").read_bytes() == content
+    receipt = json.loads(receipts(drop)[0].read_text())
+    assert receipt["status"] == "rejected"
+    assert receipt["counts"]["lines_rejected"] == 30_000
+    [dead] = consume(kafka, [DLQ], 1)
+    assert dead.value["dlq_id"] == receipt["claims_rejected"][0]["dead_letter_id"]
+    assert dead.value["original_value"] == content[:MAX_DEAD_LETTER_BYTES]
+    # Cut by dead_letter() (one character over MAX_REASON_CHARS: its marker is 15 long).
+    assert len(dead.value["reason"]) <= MAX_REASON_CHARS + 1
+    assert dead.value["reason"].endswith("(more cut)")
+
+
+@pytest.mark.integration
+def test_claim_too_large_for_a_kafka_record_is_rejected_and_the_rest_published(
+    kafka_factory: Any, tmp_path: Path
+) -> None:
+    kafka = kafka_factory()
+    drop = tmp_path / "drop"
+    collector = make_collector(kafka, drop)
+    item = "D" + "0" * 60  # ~160 bytes per line in the record: 8000 lines pass 950 000
+    content = (
+        HEADER + "".join(row("HUGE-1", n + 1, item=item) for n in range(8000)) + row("OK-1", 1)
+    ).encode()
+    with Running(collector):
+        path = drop_file(drop, "huge.csv", content)
+        wait_for(lambda: len(receipts(drop)) == 1 and not path.exists(), 60, "the receipt")
+    receipt = json.loads(receipts(drop)[0].read_text())
+    assert receipt["status"] == "partially_accepted"
+    assert [c["claim_id"] for c in receipt["claims_accepted"]] == ["OK-1"]
+    [rejected] = receipt["claims_rejected"]
+    assert rejected["claim_id"] == "HUGE-1"
+    assert "larger than a Kafka record" in rejected["errors"][0]["reason"]
+    [published] = consume(kafka, [CLAIM], 1)
+    assert published.value["claim_id"] == "OK-1"
+    [dead] = consume(kafka, [DLQ], 1)
+    assert dead.value["dlq_id"] == rejected["dead_letter_id"]
+    assert dead.key == b"P001:HUGE-1"
+
+
+@pytest.mark.integration
+def test_a_file_that_fails_unexpectedly_is_rejected_once_and_the_loop_goes_on(
+    kafka_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from producers import claims
+
+    real_parse = claims.parse_batch
+
+    def parse_or_fail(data: bytes, batch_rules: BatchRules) -> Any:
+        if b"BOOM" in data:
+            raise RuntimeError("a bug")
+        return real_parse(data, batch_rules)
+
+    monkeypatch.setattr(claims, "parse_batch", parse_or_fail)
+    kafka = kafka_factory()
+    drop = tmp_path / "drop"
+    collector = make_collector(kafka, drop)
+    poison = (HEADER + row("BOOM", 1)).encode()
+    good = (HEADER + row("FINE-1", 1)).encode()
+    with Running(collector) as running:
+        path = drop_file(drop, "poison.csv", poison)
+        wait_for(lambda: (drop / "failed" / "poison.csv").exists(), 20, "poison.csv in failed/")
+        assert not path.exists()
+        later = drop_file(drop, "good.csv", good)
+        wait_for(lambda: (drop / "processed" / "good.csv").exists(), 20, "good.csv processed")
+        assert not later.exists() and running.thread.is_alive()
+    by_file = {json.loads(p.read_text())["file_name"]: json.loads(p.read_text())
+               for p in receipts(drop)}
+    failed = by_file["poison.csv"]
+    assert failed["status"] == "rejected"
+    assert "RuntimeError" in failed["file_errors"][0]["reason"]
+    assert by_file["good.csv"]["status"] == "accepted"
+    [dead] = consume(kafka, [DLQ], 1)
+    assert dead.value["reason_code"] == "internal_error"
+    assert dead.value["dlq_id"] == failed["dead_letter_id"]
+    assert dead.value["original_value"] == poison
+    assert [r.value["claim_id"] for r in consume(kafka, [CLAIM], 1)] == ["FINE-1"]
+
+
+@pytest.mark.integration
+def test_claims_are_published_within_reserved_in_flight_slots(
+    kafka_factory: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    reserved: list[tuple[int, int]] = []  # (slots asked for, slots in use after)
+    real_reserve = AsyncPublisher.try_reserve
+
+    def recording(self: AsyncPublisher, count: int = 1) -> bool:
+        taken = real_reserve(self, count)
+        if taken:
+            reserved.append((count, self.in_flight))
+        return taken
+
+    monkeypatch.setattr(AsyncPublisher, "try_reserve", recording)
+    kafka = kafka_factory()
+    drop = tmp_path / "drop"
+    collector = make_collector(kafka, drop, max_in_flight=2)
+    content = (
+        HEADER + "".join(row(f"G-{n}", 1, patient=n + 1) for n in range(5))
+        + row("B-1", 1, quantity="lots") + row("B-2", 1, quantity="lots")
+    ).encode()
+    with Running(collector):
+        path = drop_file(drop, "slots.csv", content)
+        wait_for(lambda: len(receipts(drop)) == 1 and not path.exists(), 20, "the receipt")
+        assert collector._publisher is not None and collector._publisher.in_flight == 0
+    assert [count for count, _ in reserved] == [2, 2, 1, 2]  # claims in 2s, then dead letters
+    assert all(in_use <= 2 for _, in_use in reserved)
+    assert len(consume(kafka, [CLAIM], 5)) == 5
+
+
 # --- the upload endpoint ---------------------------------------------------------------------
 
 
@@ -691,6 +821,51 @@ def test_http_upload_accepts_recognises_duplicates_and_refuses(
     assert (drop / "processed" / "upload.csv").read_bytes() == content
     dead = consume(kafka, [DLQ], 1)
     assert [d.key for d in dead] == [b"P001:UP-3"]
+
+
+@pytest.mark.integration
+def test_uploads_beyond_the_bound_are_answered_503_with_retry_after(
+    kafka_factory: Any, tmp_path: Path
+) -> None:
+    kafka = kafka_factory()
+    drop = tmp_path / "drop"
+    upload = {"host": "127.0.0.1", "port": 0, "max_concurrent_uploads": 1}
+    collector = make_collector(kafka, drop, watch=False, upload=upload)
+    content = (HEADER + row("SLOW-1", 1)).encode()
+    with Running(collector):
+        port = collector.port
+        assert port
+        # A first upload whose body is still arriving holds the only place.
+        slow = socket.create_connection(("127.0.0.1", port), timeout=10)
+        slow.sendall(
+            b"POST /claims/batches?file_name=slow.csv HTTP/1.1\r\nHost: x\r\n"
+            + f"Authorization: Bearer {TOKEN_P001}\r\nContent-Type: text/csv\r\n".encode()
+            + f"Content-Length: {len(content)}\r\nConnection: close\r\n\r\n".encode()
+            + content[:10]
+        )
+        wait_for(lambda: collector._uploads == 1, 10, "the first upload to start")
+
+        async def refused() -> tuple[int, dict[str, str], dict[str, Any]]:
+            async with aiohttp.ClientSession() as session, session.post(
+                f"http://127.0.0.1:{port}/claims/batches?file_name=other.csv",
+                data=(HEADER + row("FAST-1", 1)).encode(),
+                headers={"Authorization": f"Bearer {TOKEN_P001}", "Content-Type": "text/csv"},
+            ) as response:
+                return response.status, dict(response.headers), await response.json()
+
+        status, headers, body = asyncio.run(refused())
+        assert status == 503 and headers["Retry-After"] == "5"
+        assert "uploads are being processed" in body["error"]
+        slow.sendall(content[10:])
+        answer = b""
+        while chunk := slow.recv(65536):
+            answer += chunk
+        slow.close()
+        assert answer.startswith(b"HTTP/1.1 201")
+        wait_for(lambda: collector._uploads == 0, 10, "the place to be free again")
+        status, _ = asyncio.run(post(port, (HEADER + row("FAST-1", 1)).encode()))
+        assert status == 201
+    assert sorted(r.value["claim_id"] for r in consume(kafka, [CLAIM], 2)) == ["FAST-1", "SLOW-1"]
 
 
 # --- a real process killed with -9 ----------------------------------------------------------------

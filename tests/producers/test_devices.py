@@ -4,6 +4,7 @@ Kafka broker. All devices, tokens and patients are synthetic."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import http.client
 import json
@@ -24,11 +25,20 @@ from typing import Any
 
 import pytest
 import yaml
-from confluent_kafka import Producer
+from confluent_kafka import KafkaError, KafkaException, Producer
+from pydantic import ValidationError
 
+from medstream.metrics import COLLECTOR_FAILED, labelled
 from medstream.settings import KafkaSettings
 from producers import collector_class
-from producers.base import ConfigError, load_config
+from producers.base import (
+    MAX_DEAD_LETTER_BYTES,
+    MAX_RECORD_BYTES,
+    CollectorState,
+    ConfigError,
+    SourceUnavailable,
+    load_config,
+)
 from producers.devices import (
     DeviceCollectorConfig,
     DeviceProducer,
@@ -996,3 +1006,241 @@ def test_check_refuses_a_broker_that_allows_anonymous_clients(
     )
     with pytest.raises(ConfigError, match="accepts anonymous clients"):
         DeviceProducer(config, kafka_factory(), ManifestRegistry()).check()
+
+
+# --- poison input, limits, rates and availability ---------------------------------------------
+
+
+def test_http_body_limit_cannot_pass_the_kafka_record_limit(tmp_path: Path) -> None:
+    assert make_config(tmp_path, http={"max_body_bytes": MAX_RECORD_BYTES}).http is not None
+    with pytest.raises(ValidationError, match="max_body_bytes"):
+        make_config(tmp_path, http={"max_body_bytes": 1_048_576})
+
+
+def test_deeply_nested_json_is_a_payload_error_not_a_recursion_error(tmp_path: Path) -> None:
+    config = make_config(tmp_path)
+    deep = b"[" * 100_000 + b"]" * 100_000
+    with pytest.raises(PayloadError, match="nested too deeply") as caught:
+        parse_packet(deep, source(config, "MON-A-0001"), config, NOW_MS)
+    assert caught.value.reason_code == "invalid_payload"
+
+
+class _SlowLookupState(CollectorState):
+    """Collector state whose packet-id lookup blocks for a while (a busy disk)."""
+
+    def seen(self, namespace: str, key: str) -> str | None:
+        time.sleep(0.3)
+        return super().seen(namespace, key)
+
+
+class _RecordingPublisher:
+    """The AsyncPublisher surface the packet path uses, recording what was published."""
+
+    def __init__(self, max_in_flight: int) -> None:
+        self.max_in_flight = max_in_flight
+        self.in_flight = 0
+        self.published: list[str] = []
+
+    def try_reserve(self, count: int = 1) -> bool:
+        if self.in_flight + count > self.max_in_flight:
+            return False
+        self.in_flight += count
+        return True
+
+    def release(self, count: int = 1) -> None:
+        self.in_flight -= count
+
+    async def publish(self, _key: str, record: dict[str, Any]) -> None:
+        await asyncio.sleep(0.01)
+        self.published.append(record["packet_id"])
+
+
+def _offline_collector(
+    tmp_path: Path, publisher: _RecordingPublisher, state: CollectorState
+) -> DeviceProducer:
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    collector = DeviceProducer(make_config(tmp_path), kafka, ManifestRegistry())
+    collector._publisher = publisher  # type: ignore[assignment]
+    collector._state = state
+    return collector
+
+
+def _record(config: DeviceCollectorConfig, packet_id: str) -> dict[str, Any]:
+    body = json.dumps(json_packet("MON-A-0001", packet_id)).encode()
+    return parse_packet(body, source(config, "MON-A-0001"), config, NOW_MS)
+
+
+def test_packet_id_lookup_never_blocks_the_event_loop(tmp_path: Path) -> None:
+    publisher = _RecordingPublisher(10)
+    state = _SlowLookupState(tmp_path / "devices.sqlite")
+    collector = _offline_collector(tmp_path, publisher, state)
+    gaps: list[float] = []
+
+    async def heartbeat(done: asyncio.Event) -> None:
+        last = time.monotonic()
+        while not done.is_set():
+            await asyncio.sleep(0.01)
+            gaps.append(time.monotonic() - last)
+            last = time.monotonic()
+
+    async def main() -> list[str]:
+        collector._loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+        beat = asyncio.create_task(heartbeat(done))
+        outcomes = await asyncio.gather(
+            collector._publish_packet(_record(collector.config, "slow-1"), wait=False),
+            collector._publish_packet(_record(collector.config, "slow-2"), wait=False),
+        )
+        done.set()
+        await beat
+        return list(outcomes)
+
+    outcomes = asyncio.run(main())
+    state.close()
+    assert outcomes == ["accepted", "accepted"]
+    assert sorted(publisher.published) == ["slow-1", "slow-2"]
+    assert max(gaps) < 0.2, f"the event loop stalled for {max(gaps):.2f} s"
+
+
+def test_a_copy_arriving_while_the_first_waits_for_capacity_is_published_once(
+    tmp_path: Path,
+) -> None:
+    publisher = _RecordingPublisher(1)
+    state = CollectorState(tmp_path / "devices.sqlite")
+    collector = _offline_collector(tmp_path, publisher, state)
+
+    async def main() -> list[str]:
+        collector._loop = asyncio.get_running_loop()
+        assert publisher.try_reserve()  # the collector is at capacity for now
+        record = _record(collector.config, "copy-1")
+        first = asyncio.create_task(collector._publish_packet(dict(record), wait=True))
+        await asyncio.sleep(0.05)
+        second = asyncio.create_task(collector._publish_packet(dict(record), wait=True))
+        await asyncio.sleep(0.05)
+        publisher.release()
+        return list(await asyncio.gather(first, second))
+
+    outcomes = asyncio.run(main())
+    state.close()
+    assert publisher.published == ["copy-1"]
+    assert sorted(outcomes) == ["accepted", "duplicate"]
+
+
+def test_an_unreachable_mqtt_broker_is_source_unavailable_not_a_config_error(
+    tmp_path: Path,
+) -> None:
+    config = make_config(
+        tmp_path,
+        mqtt={"port": free_port(), "username": "gateway", "password": GATEWAY_PASSWORD},
+    )
+    collector = DeviceProducer(
+        config, KafkaSettings(bootstrap_servers="127.0.0.1:1"), ManifestRegistry()
+    )
+    with pytest.raises(SourceUnavailable, match="cannot connect"):
+        collector.check()
+    with pytest.raises(SourceUnavailable, match="cannot reach MQTT broker"):
+        with running(collector):
+            pass
+
+
+class _RawTooLargeProducer:
+    """A real producer that refuses raw device records as Kafka does an oversize record."""
+
+    def __init__(self, kafka: KafkaSettings) -> None:
+        self._inner = Producer(kafka.producer_config())
+
+    def produce(self, topic: str, *args: Any, **kwargs: Any) -> None:
+        if topic.endswith(raw_topic("device")):
+            raise KafkaException(KafkaError(KafkaError.MSG_SIZE_TOO_LARGE))
+        self._inner.produce(topic, *args, **kwargs)
+
+    def poll(self, timeout: float = 0.0) -> int:
+        return int(self._inner.poll(timeout))
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return int(self._inner.flush(timeout))
+
+    def __len__(self) -> int:
+        return len(self._inner)
+
+
+@pytest.mark.integration
+def test_http_poison_packets_get_json_answers_and_dead_letters(
+    kafka_factory: Callable[..., KafkaSettings],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka = kafka_factory()
+    config = make_config(tmp_path, http={"host": "127.0.0.1", "port": 0, "max_body_bytes": 262_144})
+    collector = DeviceProducer(
+        config, kafka, ManifestRegistry(), producer=_RawTooLargeProducer(kafka)
+    )
+    real_parse = parse_packet
+
+    def parse_or_fail(payload: bytes, *args: Any) -> dict[str, Any]:
+        if b"explode" in payload:
+            raise RuntimeError("a bug")
+        return real_parse(payload, *args)
+
+    monkeypatch.setattr("producers.devices.parse_packet", parse_or_fail)
+    now = int(time.time() * 1000)
+    deep = b"[" * 50_000 + b"]" * 50_000
+    with running(collector):
+        port = collector.http_port
+        assert port is not None
+        token = TOKENS["MON-A-0001"]
+        status, _, nested = post(port, "MON-A-0001", deep, token)
+        assert (status, nested["error"]) == (400, "invalid_payload")
+        assert "nested too deeply" in nested["message"]
+        status, _, failed = post(port, "MON-A-0001", b'{"explode": 1}', token)
+        assert (status, failed["error"]) == (500, "internal_error")
+        status, _, large = post(port, "MON-A-0001", json_packet("MON-A-0001", "tl-1", now), token)
+        assert (status, large["error"]) == (413, "record_too_large")
+        dead = {d.value["dlq_id"]: d.value for d in consume(kafka, [DLQ], 3)}
+    assert len(dead) == 3
+    assert dead[nested["dlq_id"]]["original_value"] == deep
+    assert dead[failed["dlq_id"]]["reason_code"] == "internal_error"
+    assert dead[failed["dlq_id"]]["original_value"] == b'{"explode": 1}'
+    assert dead[large["dlq_id"]]["reason_code"] == "record_too_large"
+
+
+@pytest.mark.integration
+def test_mqtt_poison_and_excess_packets_are_dead_lettered_and_acknowledged(
+    kafka_factory: Callable[..., KafkaSettings],
+    tmp_path: Path,
+    mosquitto: Callable[[DeviceCollectorConfig], int],
+) -> None:
+    kafka = kafka_factory()
+    config = mqtt_config(tmp_path, per_device_rate={"packets_per_s": 0.01, "burst": 4})
+    port = mosquitto(config)
+    rate_limited = labelled(COLLECTOR_FAILED, config.name, "rate_limited")
+    topic = "devices/wearable-w/WB-0001/telemetry"
+    other = "devices/monitor-a/MON-A-0001/telemetry"
+    now = int(time.time() * 1000)
+    deep = b"[" * 2000 + b"]" * 2000  # within max_body_bytes, too deep for json.loads
+    big = b"x" * 1_200_000
+    collector = DeviceProducer(config, kafka, ManifestRegistry())
+    with running(collector):
+        for payload in (deep, big):
+            assert mqtt_publish(port, "WB-0001", TOKENS["WB-0001"], topic, payload) == "ok"
+        for n in range(4):  # two left in the burst: two published, two over the rate
+            packet = json.dumps(json_packet("WB-0001", f"wb-{n}", now)).encode()
+            assert mqtt_publish(port, "WB-0001", TOKENS["WB-0001"], topic, packet) == "ok"
+        # Another device is not held up by the one over its rate.
+        packet = json.dumps(json_packet("MON-A-0001", "ma-1", now)).encode()
+        assert mqtt_publish(port, "MON-A-0001", TOKENS["MON-A-0001"], other, packet) == "ok"
+        packets = published_packets(kafka, 3)
+        dead = consume(kafka, [DLQ], 4)
+        wait_for(lambda: not collector._mqtt_tasks, 10, "every message to be settled")
+    assert set(packets) == {"wb-0", "wb-1", "ma-1"}
+    reasons = sorted(d.value["reason_code"] for d in dead)
+    assert reasons == ["invalid_payload", "payload_too_large", "rate_limited", "rate_limited"]
+    assert rate_limited._value.get() == 2
+    [too_large] = [d.value for d in dead if d.value["reason_code"] == "payload_too_large"]
+    assert too_large["original_value"] == big[:MAX_DEAD_LETTER_BYTES]
+    # Every message was acknowledged: a new session of the gateway gets none of them again.
+    again = DeviceProducer(config, kafka, ManifestRegistry())
+    with running(again):
+        time.sleep(2)
+    assert len(consume(kafka, [DLQ], 4, timeout_s=20)) == 4
+    assert len(consume(kafka, [raw_topic("device")], 3, timeout_s=20)) == 3

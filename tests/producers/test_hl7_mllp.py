@@ -16,12 +16,21 @@ from typing import Any
 
 import pytest
 from confluent_kafka import Producer
+from pydantic import ValidationError
 
 from medstream.metrics import COLLECTOR_FAILED, COLLECTOR_READ, READY, labelled
 from medstream.settings import KafkaSettings
 from producers import collector_class
-from producers.base import ConfigError, load_config
+from producers.base import (
+    MAX_DEAD_LETTER_BYTES,
+    MAX_RECORD_BYTES,
+    CollectorState,
+    ConfigError,
+    load_config,
+)
 from producers.hl7_mllp import (
+    MAX_UNFRAMED_BYTES,
+    Accepted,
     Frame,
     Hl7MllpProducer,
     MllpConfig,
@@ -141,6 +150,26 @@ def test_oversize_frame_is_reported_with_its_prefix() -> None:
     assert complete == [Oversize(b"C" * 1024)]
     exact, _ = MllpFramer(1024).feed(mllp_wrap(b"D" * 1024))
     assert exact == [Frame(b"D" * 1024)]
+
+
+def test_discarded_bytes_are_kept_until_a_frame_completes() -> None:
+    framer = MllpFramer(1024, keep_discarded=8)
+    _, dropped = framer.feed(b"0123456789")
+    assert dropped == 10
+    assert (framer.discarded_bytes, bytes(framer.discarded)) == (10, b"01234567")
+    _, dropped = framer.feed(b"\x0bMSH|lost\x0b")  # an abandoned frame counts as discarded
+    assert dropped == len(b"\x0bMSH|lost")
+    assert framer.discarded_bytes == 10 + len(b"\x0bMSH|lost")
+    events, _ = framer.feed(b"MSH|kept\x1c\r")
+    assert events == [Frame(b"MSH|kept")]
+    assert (framer.discarded_bytes, bytes(framer.discarded)) == (0, b"")
+
+
+def test_message_size_limit_cannot_pass_the_kafka_record_limit() -> None:
+    assert config().max_message_bytes == MAX_RECORD_BYTES
+    assert config(max_message_bytes=MAX_RECORD_BYTES).max_message_bytes == MAX_RECORD_BYTES
+    with pytest.raises(ValidationError, match="max_message_bytes"):
+        config(max_message_bytes=1_048_576)
 
 
 # --- deciding and acknowledging (pure) ------------------------------------------------------
@@ -528,6 +557,120 @@ def test_oversize_frame_is_rejected_and_closed(serve: Callable[..., Running]) ->
 
 
 @pytest.mark.integration
+def test_message_too_large_for_a_kafka_record_is_answered_ar_and_dead_lettered(
+    serve: Callable[..., Running],
+) -> None:
+    # 600 000 Latin-1 bytes pass max_message_bytes, but as UTF-8 in the record they are
+    # twice that: more than Kafka takes. Retrying cannot help, so: AR and a dead letter.
+    running = serve()
+    client = Client(running.port, timeout=30)
+    text = oru("LAB-7101").replace("|P|2.5.1", "|P|2.5.1||||||8859/1")
+    big = (text + "NTE|1||" + "\u00e9" * 600_000 + "\r").encode("latin-1")
+    client.send(big)
+    ack = client.ack()
+    assert msa(ack)[:3] == ["MSA", "AR", "LAB-7101"]
+    assert "Kafka record" in msa(ack)[3]
+    [dead] = dead_letters(running.kafka, 1, timeout_s=10)
+    assert dead.value["reason_code"] == "oversize"
+    assert dead.value["original_value"] == big[:MAX_DEAD_LETTER_BYTES]
+    # The connection is still usable: the framing was intact.
+    client.send(oru("LAB-7102"))
+    assert msa(client.ack())[:3] == ["MSA", "AA", "LAB-7102"]
+    [record] = raw_records(running.kafka, 1, timeout_s=5)
+    assert record.value["message_control_id"] == "LAB-7102"
+    client.close()
+
+
+@pytest.mark.integration
+def test_unframed_bytes_are_counted_then_answered_ar_dead_lettered_and_closed(
+    serve: Callable[..., Running],
+) -> None:
+    running = serve()
+    unframed = labelled(COLLECTOR_FAILED, "lab-mllp", "unframed")
+    before = unframed._value.get()
+    client = Client(running.port)
+    client.raw(b"GET / HTTP/1.1\r\n")  # a little junk: counted, connection kept
+    time.sleep(0.2)
+    client.send(oru("LAB-7201"))
+    assert msa(client.ack())[1] == "AA"
+    assert unframed._value.get() >= before + 1
+    junk = bytes(range(33, 127)) * 60  # 5640 bytes, no start block
+    client.raw(junk)
+    ack = client.ack()
+    assert msa(ack)[:2] == ["MSA", "AR"]
+    assert "outside an MLLP frame" in msa(ack)[3]
+    assert client.closed_by_server(within=5)
+    [dead] = dead_letters(running.kafka, 1)
+    assert dead.value["reason_code"] == "unframed"
+    assert dead.value["original_value"] == junk[:MAX_UNFRAMED_BYTES]
+    client.close()
+
+
+@pytest.mark.integration
+def test_an_unexpected_error_is_answered_ar_and_dead_lettered(
+    serve: Callable[..., Running], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def broken(text: str, _config: MllpConfig) -> Accepted | Rejected:
+        if "LAB-7301" in text:
+            raise RecursionError("maximum recursion depth exceeded")
+        return inspect_message(text, _config)
+
+    monkeypatch.setattr("producers.hl7_mllp.inspect_message", broken)
+    running = serve()
+    client = Client(running.port)
+    client.send(oru("LAB-7301"))
+    ack = client.ack()
+    assert msa(ack)[:3] == ["MSA", "AR", "LAB-7301"]
+    assert "207^Application internal error^HL70357" in err(ack)
+    [dead] = dead_letters(running.kafka, 1)
+    assert dead.value["reason_code"] == "internal_error"
+    assert dead.value["original_value"] == oru("LAB-7301").encode()
+    client.send(oru("LAB-7302"))  # the connection and the listener live on
+    assert msa(client.ack())[:3] == ["MSA", "AA", "LAB-7302"]
+    client.close()
+
+
+class _SlowLookupState(CollectorState):
+    """Collector state whose duplicate lookup takes a while (a busy disk)."""
+
+    def seen(self, namespace: str, key: str) -> str | None:
+        time.sleep(0.2)
+        return super().seen(namespace, key)
+
+
+class _RecordingPublisher:
+    def __init__(self) -> None:
+        self.published: list[dict[str, Any]] = []
+
+    async def publish(self, _key: str, record: dict[str, Any]) -> None:
+        await asyncio.sleep(0.01)
+        self.published.append(record)
+
+
+def test_copies_on_two_connections_are_published_once_while_the_lookup_is_slow(
+    tmp_path: Path,
+) -> None:
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    collector = Hl7MllpProducer(config(state_dir=tmp_path), kafka, ManifestRegistry())
+    publisher = _RecordingPublisher()
+    collector._publisher = publisher  # type: ignore[assignment]
+    collector._state = _SlowLookupState(tmp_path / "state.sqlite")
+    text = oru("LAB-7401")
+    accepted = inspect_message(text, collector.config)
+    assert isinstance(accepted, Accepted)
+
+    async def both() -> tuple[bool | Rejected, bool | Rejected]:
+        return await asyncio.gather(
+            collector._deliver(accepted, text, 1), collector._deliver(accepted, text, 2)
+        )
+
+    outcomes = asyncio.run(both())
+    collector._state.close()
+    assert len(publisher.published) == 1
+    assert sorted(outcomes, key=str) == [False, True]  # published once, then a duplicate
+
+
+@pytest.mark.integration
 def test_idle_and_slow_clients_are_timed_out(serve: Callable[..., Running]) -> None:
     running = serve(idle_timeout_s=0.5, frame_timeout_s=1.0)
     idle = Client(running.port)
@@ -737,7 +880,7 @@ def test_example_configuration_loads(monkeypatch: pytest.MonkeyPatch) -> None:
     assert isinstance(loaded, MllpConfig)
     assert loaded.port == 12575
     assert loaded.facilities == {"LAB-EAST": "H001", "LAB-WEST": "H002"}
-    assert loaded.max_message_bytes == 1_048_576
+    assert loaded.max_message_bytes == 950_000
 
 
 def test_check_reports_a_port_in_use(tmp_path: Path) -> None:
