@@ -3,45 +3,64 @@
 How one row change of a hospital database becomes one EmrRowChange record:
 
 * **Slot and snapshot.** On first start (or after a snapshot that did not finish) the
-  collector creates its publication (``FOR TABLE`` the mapped tables), then the logical
+  collector creates its publication (``FOR TABLE`` the mapped tables, with
+  ``publish_via_partition_root`` so a partitioned table's changes arrive under its own
+  name), then the logical
   replication slot with ``EXPORT_SNAPSHOT``. While the replication connection stays idle, a
   second connection reads every mapped table in a ``REPEATABLE READ`` transaction that
   adopted the exported snapshot (``SET TRANSACTION SNAPSHOT``): these rows are op ``r`` and
   carry the slot's consistent point. Streaming then starts at that point, so no change is
-  missed and none is read twice. A collector killed mid-snapshot redoes it (with a new slot)
-  on restart; the duplicates that gives are harmless downstream.
+  missed and none is read twice. A collector killed (or stopped with records still
+  undelivered) mid-snapshot redoes it (with a new slot) on restart; the duplicates that
+  gives are harmless downstream. A slow broker only makes the snapshot wait, never fail.
 * **Streaming.** ``START_REPLICATION`` with the pgoutput plugin (protocol version 1) through
   psycopg2's ``LogicalReplicationConnection`` (psycopg 3 has no replication protocol
   support). :func:`decode_pgoutput` turns each message into a small dataclass.
 * **Positions.** Every record carries its transaction id, ``source_position`` (the commit
   LSN as text, e.g. ``0/16B3748``) and ``position_seq`` (the change's own WAL LSN as an
-  integer, so later changes of a row get higher versions; a change of a transaction that
-  was open across the snapshot's consistent point is versioned just above the snapshot's
-  rows, which carry that point). The slot's flush position is
+  integer, so later changes of a row get higher versions). Snapshot rows get the slot's
+  restart_lsn - 1: a transaction open across the consistent point is decoded with changes
+  below that point, but decoding never emits anything below restart_lsn, so every
+  streamed change outranks the snapshot. The slot's flush position is
   confirmed to the server (``send_feedback``) only after Kafka acknowledged every record of
   every transaction up to it; when nothing is in flight the position follows the server's
   keepalives, and an optional ``pg_logical_emit_message`` heartbeat makes WAL advance even
-  when only other databases write, so an idle slot does not pin WAL.
+  when only other databases write, so an idle slot does not pin WAL. psycopg2 itself
+  advances the flush position on keepalives in some states; reading pauses while that
+  could pass an unacknowledged commit (:meth:`PostgresCdcProducer._must_drain_before_read`).
 * **Ids.** ``message_id`` is ``<source_system>:<change LSN>`` (``:<n>`` appended for the n-th
   further record at one LSN, e.g. a multi-row insert) and
-  ``<source_system>:snapshot:<consistent LSN>:<schema.table>:<primary key>`` for snapshot
-  rows, so a redelivered change keeps its id and its event id downstream.
+  ``<source_system>:snapshot:<consistent LSN>:<schema.table>:<key hash>`` for snapshot
+  rows (a keyed BLAKE2b hash of the primary key text: the key itself may be an MRN and
+  must not reach logs, dead-letter keys or ``source_ref``), so a redelivered change keeps
+  its id and its event id downstream.
 * **Mapping.** ``tables`` maps HIS tables and columns to the target tables the normaliser
   knows (see :mod:`producers.table_mapping`); it is checked against the live catalog at
   start. A mapped column that disappears (renamed or dropped) turns each change of that
   table into a dead letter (``schema_changed``) and an ERROR log; other tables continue.
   A TRUNCATE of a mapped table is dead-lettered too (``truncate``): it has no row changes.
+  Mappings follow a table by OID once seen (kept in the collector state), so a renamed
+  or moved mapped table keeps streaming with a WARNING naming old and new name; a
+  published table no mapping knows is an ERROR and a ``unmapped_relation`` failure,
+  once per relation.
 
-Replica identity: ``REPLICA IDENTITY FULL`` gives complete before images of updates and
-deletes; the default gives the primary key columns only (other fields null) for deletes
-and updates that change the key, and no before image for other updates. The normaliser
-reads deletes from the before image, so use FULL for tables whose deletes matter.
+Replica identity: ``REPLICA IDENTITY FULL`` is required (``check`` refuses otherwise) for
+mapped tables with a mapped column that can be TOASTed (text, varchar, bytea, json,
+numeric...): with the default identity an update that leaves such a value unchanged
+carries no value for it and no old row to take it from, so that row could not be
+published. If the identity is changed back at runtime, the Relation message raises an
+ERROR alert and such updates are dead-lettered (``toast_unavailable``). FULL also gives
+complete before images of deletes; the default gives key columns only.
+
+Text is decoded as UTF-8; ``check`` refuses a database whose encoding is not UTF8.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
 import re
 import select
 import struct
@@ -64,6 +83,7 @@ from producers.base import (
     ConfigError,
     DeliveryFailed,
     OrderedAcks,
+    SourceUnavailable,
     wall_clock_ms,
 )
 from producers.table_mapping import (
@@ -81,11 +101,19 @@ SNAPSHOT_KEY = "snapshot_lsn"
 CONFIRMED_KEY = "confirmed_lsn"
 #: Prefix of the heartbeat messages written with pg_logical_emit_message.
 HEARTBEAT_PREFIX = "medstream.heartbeat"
+#: CollectorState key prefix: relation OID -> the configured source table it was seen as.
+RELATION_KEY_PREFIX = "relation_oid:"
 
 _IDENTIFIER: Final = re.compile(r"[a-z_][a-z0-9_]{0,62}")
 _PG_EPOCH_MS: Final = 946_684_800_000  # 2000-01-01T00:00:00Z, PostgreSQL's timestamp epoch
 # Session settings that make the server's text output of values unambiguous.
-_SESSION_OPTIONS: Final = "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=1"
+_SESSION_OPTIONS: Final = (
+    "-c TimeZone=UTC -c DateStyle=ISO,YMD -c extra_float_digits=1 -c client_encoding=UTF8"
+)
+# Built-in fixed-length types: their values are never TOASTed. Any other type may be.
+_FIXED_LENGTH_TYPES: Final = frozenset(
+    {16, 18, 19, 20, 21, 23, 26, 28, 29, 700, 701, 1082, 1083, 1114, 1184, 1186, 1266, 2950}
+)
 
 
 # --- LSNs ---------------------------------------------------------------------------------
@@ -512,12 +540,23 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         for mapping in config.tables:
             self._by_source.setdefault(mapping.source, []).append(mapping)
         self._relations: dict[int, Relation] = {}
+        #: Relation OID -> the configured source it was first seen as (follows renames).
+        self._source_by_oid: dict[int, str] = {}
+        #: Relation OIDs already reported as unmapped (one ERROR per relation).
+        self._unmapped_reported: set[int] = set()
+        self._state: CollectorState | None = None
         self._acks: OrderedAcks[int] = OrderedAcks()
         self._transaction: _Transaction | None = None
-        self._snapshot_lsn = 0
         self._confirmed = 0
+        # Guard against psycopg2's keepalive flush auto-advance (see _must_drain_before_read).
+        self._flush_sent = 0  # highest flush_lsn handed to send_feedback (psycopg2 keeps it)
+        self._last_data_start = 0  # data_start of the last XLogData message read
+        self._last_marked = 0  # end LSN of the last Commit read
+        self._acked_upto = 0  # end LSN of the last Commit whose records were all acknowledged
+        self._ever_connected = False
         self._reconnects = labelled(COLLECTOR_FAILED, config.name, "source_reconnect")
         self._heartbeat_conn: Any = None
+        self._cursor: Any = None
         #: Connections lost and re-established since start (also a failed-metric reason).
         self.reconnects = 0
         #: Whether the current connection reached streaming (after any snapshot).
@@ -531,24 +570,32 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         import psycopg2.extras
 
         factory = psycopg2.extras.LogicalReplicationConnection if replication else None
-        return psycopg2.connect(
-            self.config.dsn,
-            connection_factory=factory,
-            options=_SESSION_OPTIONS,
-            application_name=f"medstream-{self.config.name}",
-            connect_timeout=10,
-        )
+        try:
+            return psycopg2.connect(
+                self.config.dsn,
+                connection_factory=factory,
+                options=_SESSION_OPTIONS,
+                application_name=f"medstream-{self.config.name}",
+                connect_timeout=10,
+            )
+        except psycopg2.OperationalError as exc:
+            # Refused, shutting down, unreachable: a restart with backoff may succeed.
+            raise SourceUnavailable(
+                f"{self.config.name}: cannot connect to PostgreSQL: {_first_line(exc)}"
+            ) from None
 
     # --- check -----------------------------------------------------------------------------
 
     def check(self) -> list[str]:
-        """Validate server settings and the table mapping against the live catalog."""
+        """Validate server settings and the table mapping against the live catalog.
+
+        Raises ConfigError for a real configuration mistake (wal_level, encoding, mapping,
+        a mapped table whose TOASTable columns need REPLICA IDENTITY FULL) and
+        SourceUnavailable when the server cannot be reached right now.
+        """
         import psycopg2
 
-        try:
-            conn = self._connect()
-        except psycopg2.Error as exc:
-            raise ConfigError(f"{self.config.name}: cannot connect to PostgreSQL: {exc}") from None
+        conn = self._connect()
         try:
             conn.autocommit = True
             with conn.cursor() as cur:
@@ -559,24 +606,20 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                         f"{self.config.name}: wal_level is {wal_level} but must be logical "
                         "(ALTER SYSTEM SET wal_level = logical, then restart PostgreSQL)"
                     )
+                cur.execute("SHOW server_encoding")
+                encoding = cur.fetchone()[0]
+                if encoding.upper() not in ("UTF8", "UTF-8"):
+                    raise ConfigError(
+                        f"{self.config.name}: the database encoding is {encoding}, but the "
+                        "collector decodes the replication stream as UTF-8: only UTF8 "
+                        "databases are supported"
+                    )
                 validate_mappings(self.config.tables, self._catalog(cur))
                 findings = [
                     f"{self.config.name}: wal_level logical, "
                     f"{len(self.config.tables)} table mapping(s) valid"
                 ]
-                cur.execute(
-                    "SELECT n.nspname || '.' || c.relname, c.relreplident FROM pg_class c "
-                    "JOIN pg_namespace n ON n.oid = c.relnamespace "
-                    "WHERE n.nspname || '.' || c.relname = ANY(%s)",
-                    (list(self._by_source),),
-                )
-                for table, identity in sorted(cur.fetchall()):
-                    if identity != "f":
-                        findings.append(
-                            f"{table}: REPLICA IDENTITY is not FULL, so before images of "
-                            "updates and deletes carry key columns only "
-                            f"(ALTER TABLE {table} REPLICA IDENTITY FULL for full images)"
-                        )
+                self._check_replica_identity(cur, findings)
                 cur.execute(
                     "SELECT confirmed_flush_lsn::text, active FROM pg_replication_slots "
                     "WHERE slot_name = %s",
@@ -594,8 +637,56 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                         + (" (in use by another connection)" if slot[1] else "")
                     )
             return findings
+        except psycopg2.Error as exc:
+            if _connection_lost(exc):
+                raise SourceUnavailable(
+                    f"{self.config.name}: lost the connection to PostgreSQL: {_first_line(exc)}"
+                ) from None
+            raise
         finally:
             conn.close()
+
+    def _check_replica_identity(self, cur: Any, findings: list[str]) -> None:
+        """Refuse mapped tables whose TOASTable mapped columns lack REPLICA IDENTITY FULL.
+
+        With the default identity an update that leaves a TOASTed value unchanged carries no
+        value for it (and no old row to take it from), so the row could only be dropped or
+        published with a hole: FULL is required for such tables. Tables whose mapped columns
+        are all fixed-length are only noted.
+        """
+        mapped = {m.source: set(m.columns.values()) for m in self.config.tables}
+        cur.execute(
+            "SELECT n.nspname || '.' || c.relname, c.relreplident, a.attname, "
+            "a.attlen = -1 AND a.attstorage <> 'p' FROM pg_class c "
+            "JOIN pg_namespace n ON n.oid = c.relnamespace "
+            "JOIN pg_attribute a ON a.attrelid = c.oid AND a.attnum > 0 AND NOT a.attisdropped "
+            "WHERE n.nspname || '.' || c.relname = ANY(%s)",
+            (list(self._by_source),),
+        )
+        identity: dict[str, str] = {}
+        toastable: dict[str, list[str]] = {}
+        for table, replident, column, can_toast in cur.fetchall():
+            identity[table] = replident
+            if can_toast and column in mapped.get(table, ()):
+                toastable.setdefault(table, []).append(column)
+        refused = [t for t in sorted(identity) if identity[t] != "f" and toastable.get(t)]
+        if refused:
+            raise ConfigError(
+                "; ".join(
+                    f"{table}: REPLICA IDENTITY is not FULL, but mapped column(s) "
+                    f"{', '.join(sorted(toastable[table]))} can be TOASTed, and an update that "
+                    "leaves a TOASTed value unchanged would not carry it: run "
+                    f"ALTER TABLE {table} REPLICA IDENTITY FULL"
+                    for table in refused
+                )
+            )
+        for table in sorted(identity):
+            if identity[table] != "f":
+                findings.append(
+                    f"{table}: REPLICA IDENTITY is not FULL, so before images of "
+                    "updates and deletes carry key columns only "
+                    f"(ALTER TABLE {table} REPLICA IDENTITY FULL for full images)"
+                )
 
     def _catalog(self, cur: Any) -> dict[str, dict[str, str]]:
         """``schema.table`` -> column -> type family, for the mapped tables."""
@@ -617,15 +708,23 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         import psycopg2
 
         state = CollectorState(self.state_dir / "postgres.sqlite")
+        self._state = state
         backoff = 1.0
         try:
             while not stop.is_set():
                 try:
                     self._session(state, stop)
                     return
-                except psycopg2.Error as exc:
-                    if not _connection_lost(exc):
+                except (psycopg2.Error, SourceUnavailable) as exc:
+                    if isinstance(exc, psycopg2.Error) and not _connection_lost(exc):
                         raise
+                    if not self._ever_connected:
+                        # Down at start: exit 1 and let the supervisor retry with backoff.
+                        if isinstance(exc, SourceUnavailable):
+                            raise
+                        raise SourceUnavailable(
+                            f"{self.config.name}: PostgreSQL is unavailable: {_first_line(exc)}"
+                        ) from None
                     self.metrics.ready.set(0)
                     self._reconnects.inc()
                     self.reconnects += 1
@@ -660,11 +759,13 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         # A transaction cut off by the loss is streamed again from its start.
         self._acks = OrderedAcks()
         self._transaction = None
+        self._flush_sent = self._last_data_start = self._last_marked = self._acked_upto = 0
 
     def _session(self, state: CollectorState, stop: threading.Event) -> None:
         """One connection's life: (re)snapshot when needed, then stream."""
         self.streaming = False
         conn = self._connect(replication=True)
+        self._ever_connected = True
         try:
             cur = conn.cursor()
             snapshot = state.get(SNAPSHOT_KEY)
@@ -680,11 +781,13 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                 if start is None:
                     return
             else:
-                self._snapshot_lsn = lsn_int(snapshot)
                 stored = state.get(CONFIRMED_KEY)
                 start = max(slot_lsn, lsn_int(stored) if stored else 0)
             self._confirmed = start
-            self._stream(cur, state, start, stop)
+            try:
+                self._stream(cur, state, start, stop)
+            except _Stopped:
+                pass  # stopped while waiting for the broker; nothing more was confirmed
         finally:
             conn.close()
 
@@ -728,14 +831,27 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                 publication = sql.Identifier(self.config.publication_name)
                 if cur.fetchone() is None:
                     cur.execute(
-                        sql.SQL("CREATE PUBLICATION {} FOR TABLE {}").format(
-                            publication, sql.SQL(", ").join(tables)
-                        )
+                        # Partitioned tables publish their partitions' changes under the
+                        # root's name (the mapped one), not under each partition's.
+                        sql.SQL(
+                            "CREATE PUBLICATION {} FOR TABLE {} "
+                            "WITH (publish_via_partition_root = true)"
+                        ).format(publication, sql.SQL(", ").join(tables))
                     )
                     log.info(
                         "%s: created publication %s", self.config.name, self.config.publication_name
                     )
                 else:
+                    cur.execute(
+                        "SELECT pubviaroot FROM pg_publication WHERE pubname = %s",
+                        (self.config.publication_name,),
+                    )
+                    if not cur.fetchone()[0]:
+                        cur.execute(
+                            sql.SQL(
+                                "ALTER PUBLICATION {} SET (publish_via_partition_root = true)"
+                            ).format(publication)
+                        )
                     missing = [s for s in self._by_source if s not in published]
                     if missing:
                         cur.execute(
@@ -781,7 +897,7 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         )
         _, consistent_text, snapshot_name, _ = cur.fetchone()
         consistent = lsn_int(consistent_text)
-        self._snapshot_lsn = consistent
+        version = self._snapshot_version()
         log.info(
             "%s: slot %s created at %s; snapshot of %d table(s) starts",
             self.config.name,
@@ -791,6 +907,10 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         )
         started_ms = wall_clock_ms()
         acks: OrderedAcks[int] = OrderedAcks()
+        # Snapshot ids carry a keyed hash of the primary key, never its text (it may be an
+        # MRN). The key lives only as long as this snapshot: its ids need to be stable only
+        # for the producer's own retries, and a redone snapshot has a new consistent point.
+        id_key = os.urandom(32)
         rows = 0
         reader = self._connect()
         try:
@@ -801,18 +921,22 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                 for values, key in self._snapshot_rows(reader, source):
                     if stop.is_set():
                         return None
-                    relation_ref = source
+                    row_ref = hashlib.blake2b(key.encode(), key=id_key, digest_size=16).hexdigest()
                     for index, mapping in enumerate(mappings):
-                        ref = relation_ref if len(mappings) == 1 else f"{source}#{index}"
-                        self._wait_for_room(acks)
+                        ref = source if len(mappings) == 1 else f"{source}#{index}"
+                        try:
+                            self._wait_for_room(acks, stop)
+                        except _Stopped:
+                            return None
                         self._publish(
                             mapping,
                             "r",
                             None,
                             values,
-                            f"{self.config.source_system}:snapshot:{consistent_text}:{ref}:{key}",
+                            f"{self.config.source_system}:snapshot:{consistent_text}:{ref}:"
+                            f"{row_ref}",
                             consistent_text,
-                            consistent,
+                            version,
                             None,
                             started_ms,
                             acks,
@@ -825,16 +949,51 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
             raise
         finally:
             reader.close()
-        remaining = self.publisher.flush(60.0)
+        # Every row is read: wait for the broker as long as it takes (a slow broker is no
+        # reason to throw the snapshot away). On stop, a last bounded wait: if everything
+        # was delivered by then the snapshot counts as done and is not redone.
+        while self.publisher.flush(1.0) and acks.failure is None:
+            if stop.is_set():
+                self.publisher.flush(30.0)
+                break
+        remaining = self.publisher.in_queue()
         if remaining or acks.failure is not None:
-            raise DeliveryFailed(
-                f"snapshot: {remaining} record(s) unacknowledged"
-                + (f", delivery failed: {acks.failure}" if acks.failure else "")
-            )
+            if acks.failure is None:
+                log.warning(
+                    "%s: stopped with %d snapshot record(s) unacknowledged; the snapshot is "
+                    "redone on the next start",
+                    self.config.name,
+                    remaining,
+                )
+                return None
+            raise DeliveryFailed(f"snapshot: delivery failed: {acks.failure}")
         state.put(SNAPSHOT_KEY, consistent_text)
         state.put(CONFIRMED_KEY, consistent_text)
         log.info("%s: snapshot done: %d row(s) published", self.config.name, rows)
         return consistent
+
+    def _snapshot_version(self) -> int:
+        """The row version of snapshot rows: strictly below every change decoding can emit.
+
+        The consistent point is not low enough: a transaction that started before it and
+        commits after it is decoded in full, with changes below the point. Decoding reads
+        WAL from the slot's restart_lsn on (it only moves forward), so no change it emits
+        lies below it, and restart_lsn - 1 is older than every streamed change.
+        """
+        conn = self._connect()
+        try:
+            conn.autocommit = True
+            with conn.cursor() as cur:
+                cur.execute(
+                    "SELECT restart_lsn::text FROM pg_replication_slots WHERE slot_name = %s",
+                    (self.config.slot_name,),
+                )
+                row = cur.fetchone()
+        finally:
+            conn.close()
+        if row is None or row[0] is None:
+            raise PgOutputError(f"slot {self.config.slot_name} has no restart_lsn after creation")
+        return lsn_int(row[0]) - 1
 
     def _snapshot_rows(self, reader: Any, source: str) -> Iterator[tuple[dict[str, object], str]]:
         """The rows of one table (mapped columns as Python values) and each row's key text."""
@@ -895,6 +1054,7 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
             options={"proto_version": "1", "publication_names": self.config.publication_name},
         )
         self._relations.clear()
+        self._cursor = cur
         self.streaming = True
         self.metrics.ready.set(1)
         log.info(
@@ -903,41 +1063,85 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
             self.config.slot_name,
             lsn_text(start),
         )
+        self._flush_sent = start
+        self._acked_upto = self._last_marked = start
         sent = start
         last_feedback = 0.0
         handled = 0
         while not stop.is_set():
             if self._acks.failure is not None:
                 raise DeliveryFailed(f"delivery to Kafka failed: {self._acks.failure}")
+            if self._must_drain_before_read():
+                self._drain(stop)
+                continue
             message = cur.read_message()
             if message is not None:
-                self._handle(message.payload, message.data_start)
+                self._last_data_start = message.data_start
+                self._handle(message.payload, message.data_start, stop)
                 handled += 1
                 if handled % 200:
                     continue
-            self.publisher.poll(0)
-            done = self._acks.committable()
-            if done is not None and done > self._confirmed:
-                self._confirmed = done
+            self._collect_acks()
             if self._transaction is None and self._acks.pending == 0:
                 # Nothing in flight: everything the server sent is done, keepalives included.
                 self._confirmed = max(self._confirmed, int(cur.wal_end or 0))
             now = time.monotonic()
             if self._confirmed > sent and now - last_feedback >= self.config.feedback_interval_s:
                 state.put(CONFIRMED_KEY, lsn_text(self._confirmed))
-                cur.send_feedback(flush_lsn=self._confirmed, force=True)
+                self._send_feedback(self._confirmed)
                 sent, last_feedback = self._confirmed, now
             self._heartbeat(now)
             if message is None:
                 select.select([cur], [], [], 0.1)
         # Stopping: deliver what is in flight, then confirm it.
         self.publisher.flush(30.0)
-        done = self._acks.committable()
-        if done is not None and done > self._confirmed:
-            self._confirmed = done
+        self._collect_acks()
         if self._confirmed > sent:
             state.put(CONFIRMED_KEY, lsn_text(self._confirmed))
-            cur.send_feedback(flush_lsn=self._confirmed, force=True)
+            self._send_feedback(self._confirmed)
+
+    def _collect_acks(self) -> None:
+        """Serve delivery reports; advance the confirmable position to what is acknowledged."""
+        self.publisher.poll(0)
+        done = self._acks.committable()
+        if done is not None:
+            self._acked_upto = max(self._acked_upto, done)
+            if done > self._confirmed:
+                self._confirmed = done
+
+    def _send_feedback(self, flush_lsn: int) -> None:
+        """Confirm ``flush_lsn`` (every record up to it is acknowledged) to the server."""
+        self._flush_sent = max(self._flush_sent, flush_lsn)
+        self._cursor.send_feedback(flush_lsn=flush_lsn, force=True)
+
+    def _must_drain_before_read(self) -> bool:
+        """Whether reading on could let psycopg2 confirm records Kafka has not acknowledged.
+
+        psycopg2 moves its flush position to a keepalive's WAL end (and sends it with its
+        next status update) whenever the flush position we last gave it is at or above the
+        start of the last message read. A transaction that began before a confirmed commit
+        has changes below it, so that test can hold while transactions read earlier still
+        await acknowledgement; the keepalive's WAL end lies past their commits. We therefore
+        read nothing more while the test holds and a finished transaction is unacknowledged.
+        With all finished transactions acknowledged the advance is harmless: during an open
+        transaction's output the walsender's position is not past that transaction's commit
+        record, so the transaction is decoded again after a restart.
+        """
+        return self._flush_sent >= self._last_data_start and self._last_marked > self._acked_upto
+
+    def _drain(self, stop: threading.Event) -> None:
+        """Wait for outstanding acknowledgements (stop-aware), keeping the connection alive."""
+        keepalive_at = time.monotonic() + self.config.feedback_interval_s
+        while self._last_marked > self._acked_upto:
+            if stop.is_set():
+                raise _Stopped()
+            if self._acks.failure is not None:
+                raise DeliveryFailed(f"delivery to Kafka failed: {self._acks.failure}")
+            self.publisher.poll(0.1)
+            self._collect_acks()
+            if time.monotonic() >= keepalive_at:
+                self._send_feedback(self._flush_sent)  # already confirmed: safe to repeat
+                keepalive_at = time.monotonic() + self.config.feedback_interval_s
 
     def _heartbeat(self, now: float) -> None:
         """Write a WAL message now and then so the slot advances when this database is idle."""
@@ -968,29 +1172,60 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                 pass
             self._heartbeat_conn = None
 
-    def _handle(self, payload: bytes, data_start: int) -> None:
+    def _handle(self, payload: bytes, data_start: int, stop: threading.Event | None = None) -> None:
         """Act on one pgoutput message read at WAL position ``data_start``."""
         message = decode_pgoutput(payload)
         if isinstance(message, Begin):
             self._transaction = _Transaction(message.xid, message.final_lsn, message.commit_ms)
         elif isinstance(message, Commit):
             self._acks.mark(message.end_lsn)
+            self._last_marked = max(self._last_marked, message.end_lsn)
             self._transaction = None
             self.metrics.source_lag.set(max(0.0, (wall_clock_ms() - message.commit_ms) / 1000))
         elif isinstance(message, Relation):
             self._relation(message)
         elif isinstance(message, Insert | Update | Delete):
-            self._change(message, data_start)
+            self._change(message, data_start, stop)
         elif isinstance(message, Truncate):
             self._truncate(message)
 
+    def _mappings_for(self, relation: Relation) -> list[TableMapping] | None:
+        """The mappings of a relation: by its name, or by its OID once seen (follows renames)."""
+        source = self._source_by_oid.get(relation.oid)
+        if source is not None:
+            return self._by_source[source]
+        return self._by_source.get(relation.qualified_name)
+
     def _relation(self, relation: Relation) -> None:
-        """Remember a table's shape; report added columns (INFO) and lost mapped ones (ERROR)."""
+        """Remember a table's shape; report renames, unmapped relations and lost columns."""
         previous = self._relations.get(relation.oid)
         self._relations[relation.oid] = relation
-        mappings = self._by_source.get(relation.qualified_name)
-        if not mappings:
+        source = self._source_by_oid.get(relation.oid)
+        if source is None and self._state is not None:
+            source = self._state.get(f"{RELATION_KEY_PREFIX}{relation.oid}")
+            if source is not None and source not in self._by_source:
+                source = None  # a table no longer in the configuration
+        if source is None and relation.qualified_name in self._by_source:
+            source = relation.qualified_name
+        if source is None:
+            # Reported at its first change: pgoutput also sends the Relation of a partition
+            # whose changes it publishes under the (mapped) partitioned table.
             return
+        if self._source_by_oid.get(relation.oid) != source:
+            self._source_by_oid[relation.oid] = source
+            if self._state is not None:
+                self._state.put(f"{RELATION_KEY_PREFIX}{relation.oid}", source)
+        if relation.qualified_name != source:
+            log.warning(
+                "%s: mapped table %s is now named %s (same relation %d); its changes are "
+                "still mapped as %s: update the configuration",
+                self.config.name,
+                source,
+                relation.qualified_name,
+                relation.oid,
+                source,
+            )
+        mappings = self._by_source[source]
         names = {c.name for c in relation.columns}
         if previous is not None:
             before = {c.name for c in previous.columns}
@@ -1009,6 +1244,26 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                     relation.qualified_name,
                     ", ".join(lost),
                 )
+        mapped_columns = {c for m in mappings for c in m.columns.values()}
+        if relation.replica_identity != "f":
+            toastable = sorted(
+                c.name
+                for c in relation.columns
+                if c.name in mapped_columns and c.type_oid not in _FIXED_LENGTH_TYPES
+            )
+            if toastable:
+                log.error(
+                    "%s: ALERT %s has REPLICA IDENTITY %s, not FULL: an update that leaves "
+                    "a TOASTed value of %s unchanged cannot be published and goes to the "
+                    "dead-letter topic (ALTER TABLE %s REPLICA IDENTITY FULL)",
+                    self.config.name,
+                    relation.qualified_name,
+                    {"d": "DEFAULT", "n": "NOTHING", "i": "USING INDEX"}.get(
+                        relation.replica_identity, relation.replica_identity
+                    ),
+                    ", ".join(toastable),
+                    relation.qualified_name,
+                )
         for mapping in mappings:
             missing = [c for c in mapping.columns.values() if c not in names]
             if missing:
@@ -1022,7 +1277,27 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                     mapping.target,
                 )
 
-    def _change(self, message: Insert | Update | Delete, change_lsn: int) -> None:
+    def _report_unmapped(self, relation: Relation) -> None:
+        """A published table no mapping knows changed: ERROR and count, once per relation."""
+        if relation.oid in self._unmapped_reported:
+            return
+        self._unmapped_reported.add(relation.oid)
+        self.metrics.failed("unmapped_relation").inc()
+        log.error(
+            "%s: ALERT %s (relation %d) is published but no table mapping names it; "
+            "its changes are not collected (map it, or remove it from publication %s)",
+            self.config.name,
+            relation.qualified_name,
+            relation.oid,
+            self.config.publication_name,
+        )
+
+    def _change(
+        self,
+        message: Insert | Update | Delete,
+        change_lsn: int,
+        stop: threading.Event | None = None,
+    ) -> None:
         relation = self._relations.get(message.relation_oid)
         if relation is None:
             raise PgOutputError(f"change of relation {message.relation_oid} before its Relation")
@@ -1030,8 +1305,9 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         if transaction is None:
             raise PgOutputError("row change outside a transaction")
         transaction.changes += 1
-        mappings = self._by_source.get(relation.qualified_name)
+        mappings = self._mappings_for(relation)
         if not mappings:
+            self._report_unmapped(relation)
             return
         self.metrics.read.inc()
         names = [c.name for c in relation.columns]
@@ -1039,17 +1315,21 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         def image(values: tuple[TupleValue, ...] | None) -> dict[str, TupleValue] | None:
             return None if values is None else dict(zip(names, values, strict=False))
 
+        # Unchanged TOASTed values can only be taken from a full old row ('O'); a key-only
+        # old tuple ('K') holds nulls for them, which would erase the value downstream.
+        full_old: dict[str, TupleValue] | None = None
         if isinstance(message, Insert):
             op, before, after = "c", None, image(message.new)
         elif isinstance(message, Update):
             op, before, after = "u", image(message.old), image(message.new)
+            if not message.old_is_key:
+                full_old = before
         else:
             op, before, after = "d", image(message.old), None
-        # A change of a transaction that began before the snapshot may lie below its
-        # consistent point; it still happened after the snapshot's view of the row.
+        # The change's own WAL position is its version, also for a transaction that was
+        # open across the snapshot's consistent point: snapshot rows are versioned below
+        # every position decoding emits (see _snapshot_version).
         seq = change_lsn
-        if seq <= self._snapshot_lsn:
-            seq = self._snapshot_lsn + transaction.changes
         commit_text = lsn_text(transaction.commit_lsn)
         for mapping in mappings:
             emitted = transaction.records_at.get(change_lsn, 0)
@@ -1057,12 +1337,12 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
             message_id = f"{self.config.source_system}:{lsn_text(change_lsn)}"
             if emitted:
                 message_id += f":{emitted}"
-            self._wait_for_room(self._acks)
+            self._wait_for_room(self._acks, stop)
             self._publish(
                 mapping,
                 op,
                 self._typed(relation, before),
-                self._typed(relation, after, fallback=before),
+                self._typed(relation, after, fallback=full_old),
                 message_id,
                 commit_text,
                 seq,
@@ -1096,7 +1376,10 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         """A TRUNCATE of a mapped table cannot be represented as row changes: dead-letter it."""
         for oid in message.relation_oids:
             relation = self._relations.get(oid)
-            if relation is None or relation.qualified_name not in self._by_source:
+            if relation is None:
+                continue
+            if not self._mappings_for(relation):
+                self._report_unmapped(relation)
                 continue
             reason = (
                 f"{relation.qualified_name} was truncated; row deletes are not published "
@@ -1114,11 +1397,24 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
 
     # --- publishing ------------------------------------------------------------------------
 
-    def _wait_for_room(self, acks: OrderedAcks[int]) -> None:
-        """Back-pressure: serve deliveries while too many records await acknowledgement."""
+    def _wait_for_room(self, acks: OrderedAcks[int], stop: threading.Event | None = None) -> None:
+        """Back-pressure: serve deliveries while too many records await acknowledgement.
+
+        Raises _Stopped when ``stop`` is set meanwhile. While streaming, the replication
+        connection is kept alive by repeating the already confirmed position (safe: it
+        confirms nothing new), so a long broker outage does not trip wal_sender_timeout.
+        """
         self.publisher.poll(0)
+        keepalive_at = time.monotonic() + self.config.feedback_interval_s
         while acks.in_flight >= self.config.max_in_flight:
+            if stop is not None and stop.is_set():
+                raise _Stopped()
+            if acks.failure is not None:
+                raise DeliveryFailed(f"delivery to Kafka failed: {acks.failure}")
             self.publisher.poll(0.1)
+            if self.streaming and time.monotonic() >= keepalive_at:
+                self._send_feedback(self._flush_sent)
+                keepalive_at = time.monotonic() + self.config.feedback_interval_s
 
     def _publish(
         self,
@@ -1214,6 +1510,10 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
             return f"{self.config.organisation_id}:{mrn}".encode()
         first = next(iter(mapping.columns), "")
         return f"{self.config.organisation_id}:{mapping.target}:{image.get(first)}".encode()
+
+
+class _Stopped(Exception):
+    """``stop`` was set while waiting for the broker; the caller unwinds without confirming."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,11 +45,14 @@ class NormalisedEvent:
     ``value`` holds every field of the schema; timestamps are int epoch milliseconds and
     Avro ``date`` fields are :class:`datetime.date`. ``key`` is the norm-topic partition
     key: the person_key, else the encounter_key, else ``organisation_id|source_ref``.
+    ``historic`` marks an event a CDC snapshot read (already in the source before the
+    collector started): stored like any other, but it raises no alert as if it were new.
     """
 
     kind: str
     key: str
     value: dict[str, Any]
+    historic: bool = False
 
 
 @dataclass(frozen=True, slots=True)

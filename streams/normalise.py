@@ -331,14 +331,24 @@ def _emr_lab_result(
     """A HIS lab-result row -> one LabResult, mapped and converted like an HL7 OBX.
 
     Each row change is one result report: an update is a corrected report, a delete
-    withdraws the result (``result_status`` D, the HL7 OBX-11 code for a deleted result).
+    withdraws the result (``result_status`` D, the HL7 OBX-11 code for a deleted result)
+    at the commit time. A delete may carry the key only (default replica identity): the
+    withdrawal is then tied to the row by a keyed pseudonym of its result_id in place of
+    the unknown order id. Snapshot rows (op r) are ``historic``: stored, raising no alert.
     """
     table = "lab_result"
     op = raw["op"]
-    _required(row, table, "result_id")
-    order_id = _required(row, table, "order_id")
-    local_code = _required(row, table, "test_code")
-    event_time = _timestamp_ms(_required(row, table, "result_time"), table, "result_time")
+    result_id = _required(row, table, "result_id")
+    if op == "d":
+        # A withdrawal happens at the commit; the before image may hold only the key.
+        row_ref = "result:" + pseudonymiser.row_key(organisation_id, table, result_id)
+        order_id = _optional(row, "order_id") or row_ref
+        local_code = _optional(row, "test_code") or ""
+        event_time = epoch_ms(raw["commit_time"])
+    else:
+        order_id = _required(row, table, "order_id")
+        local_code = _required(row, table, "test_code")
+        event_time = _timestamp_ms(_required(row, table, "result_time"), table, "result_time")
     sent = _optional(row, "result_value") or ""
     sent_unit = _optional(row, "unit") or ""
     numeric: float | None = None
@@ -407,7 +417,13 @@ def _emr_lab_result(
         reference_high=reference_high,
     )
     key = person_key or _fallback_key(organisation_id, order_id)
-    return NormalisedEvent("lab_result", key, record)
+    # A snapshot row (op r) was in the HIS before the collector started: no alert as if new.
+    return NormalisedEvent("lab_result", key, record, historic=op == "r")
+
+
+def raises_critical_alerts(event: NormalisedEvent) -> bool:
+    """Whether the normalise stage should run critical-value detection on this event."""
+    return event.kind == "lab_result" and not event.historic
 
 
 _EmrBuilder = Callable[

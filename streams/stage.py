@@ -25,7 +25,7 @@ from streams.critical_values import (
     suppression_key,
 )
 from streams.model import NormalisedEvent, RawContext, RecordRejected
-from streams.normalise import dead_letter_record, normalise
+from streams.normalise import dead_letter_record, normalise, raises_critical_alerts
 from streams.pseudonym import Pseudonymiser
 from streams.terminology import Terminology
 
@@ -123,7 +123,7 @@ class NormaliseStage:
         ):
             if isinstance(outcome, NormalisedEvent):
                 outputs.append(self._event(outcome))
-                if outcome.kind == "lab_result":
+                if raises_critical_alerts(outcome):
                     alert = self._detect(outcome.value, suppression, now_ms)
                     if alert is not None:
                         outputs.append(alert)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -381,6 +382,9 @@ def source(postgres: str) -> Iterator[Source]:
         f"CREATE TABLE {src.diag} (diag_id bigint PRIMARY KEY, visit_no text, mrn text, "
         "icd_code text, icd_name text, diag_type text, diag_time timestamptz)"
     )
+    # Mapped text columns can be TOASTed: check() requires REPLICA IDENTITY FULL.
+    _sql(f"ALTER TABLE {src.visit} REPLICA IDENTITY FULL")
+    _sql(f"ALTER TABLE {src.diag} REPLICA IDENTITY FULL")
     yield src
     _drop_slot(src.slot)
     _sql(f"DROP PUBLICATION IF EXISTS {src.slot}")
@@ -532,11 +536,19 @@ def test_snapshot_then_stream_has_no_gap_and_no_double(
     assert snapshot and streamed
     consistent = snapshot[0]["source_position"]
     assert {r["source_position"] for r in snapshot} == {consistent}
-    assert all(r["position_seq"] == lsn_int(consistent) for r in snapshot)
-    assert all(r["position_seq"] > lsn_int(consistent) for r in streamed)
+    # Snapshot rows share one version strictly below every streamed change (the slot's
+    # restart_lsn - 1, not the consistent point: changes of a transaction open across the
+    # point lie below it and must still outrank the snapshot).
+    [snapshot_version] = {r["position_seq"] for r in snapshot}
+    assert snapshot_version < lsn_int(consistent)
+    assert all(r["position_seq"] > snapshot_version for r in streamed)
     assert all(
-        r["message_id"].startswith(f"his-{source.tag}:snapshot:{consistent}:") for r in snapshot
-    )
+        re.fullmatch(
+            rf"his-{source.tag}:snapshot:{consistent}:{source.visit}:[0-9a-f]{{32}}",
+            r["message_id"],
+        )
+        for r in snapshot
+    ), "snapshot ids carry a hash of the key, never the key text"
     # Each row's newest state (highest position_seq) is its final state in the database.
     newest: dict[str, dict[str, Any]] = {}
     for record in records:
@@ -557,8 +569,8 @@ def test_insert_update_delete_with_before_and_after_images(
     start: Callable[[PostgresCdcProducer], Running],
 ) -> None:
     kafka = kafka_factory()
-    if identity == "full":
-        _sql(f"ALTER TABLE {source.visit} REPLICA IDENTITY FULL")
+    if identity == "default":  # the fixture sets FULL
+        _sql(f"ALTER TABLE {source.visit} REPLICA IDENTITY DEFAULT")
     collector = _collector(source, tmp_path, kafka)
     running = start(collector)
     running.wait_streaming()
@@ -609,10 +621,9 @@ def test_insert_update_delete_with_before_and_after_images(
         assert record["source_system"] == f"his-{source.tag}"
         system, change_lsn = record["message_id"].split(":")
         assert system == f"his-{source.tag}"
-        # The change's own WAL position: before its commit, and its row version (a change
-        # right at the snapshot's consistent point is versioned just above the snapshot).
+        # The change's own WAL position: before its commit, and its row version.
         assert lsn_int(change_lsn) < lsn_int(record["source_position"])
-        assert 0 <= record["position_seq"] - lsn_int(change_lsn) <= 3
+        assert record["position_seq"] == lsn_int(change_lsn)
     seqs = [r["position_seq"] for r in records]
     assert seqs == sorted(seqs) and len(set(seqs)) == 3
 
@@ -971,7 +982,7 @@ def test_check_reports_mapping_errors_with_exit_code_2(
 
 
 @pytest.mark.integration
-def test_check_accepts_a_valid_mapping_and_names_the_replica_identity(
+def test_check_accepts_a_valid_mapping_with_replica_identity_full(
     source: Source, kafka_factory: Callable[..., KafkaSettings], tmp_path: Path
 ) -> None:
     kafka = kafka_factory()
@@ -991,7 +1002,7 @@ def test_check_accepts_a_valid_mapping_and_names_the_replica_identity(
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 table mapping(s) valid" in result.stdout
-    assert f"{source.visit}: REPLICA IDENTITY is not FULL" in result.stdout
+    assert "REPLICA IDENTITY is not FULL" not in result.stdout
     assert "configuration is valid against the source" in result.stdout
 
 
@@ -1173,3 +1184,415 @@ def test_truncate_of_a_mapped_table_is_dead_lettered(
     assert letter["reason_code"] == "truncate"
     assert f"{source.visit} was truncated" in letter["reason"]
     _wait(lambda: _confirmed_flush(source.slot) >= _current_lsn(), 15, "the position after it")
+
+
+# --- review regressions: decoding without a server (a fake producer acknowledges at once) ---
+
+
+class InstantProducer:
+    """Acknowledges every record at once (or holds them when ``hold``), keeping them."""
+
+    def __init__(self, hold: bool = False) -> None:
+        self.sent: list[tuple[str, Any, bytes]] = []
+        self.hold = hold
+        self.held: list[Callable[[Any, Any], None]] = []
+
+    def produce(self, topic: str, key: Any = None, value: bytes = b"", **kwargs: Any) -> None:
+        self.sent.append((topic, key, value))
+        if self.hold:
+            self.held.append(kwargs["on_delivery"])
+        else:
+            kwargs["on_delivery"](None, None)
+
+    def release(self) -> None:
+        held, self.held = self.held, []
+        for callback in held:
+            callback(None, None)
+
+    def poll(self, timeout: float = 0) -> int:
+        return 0
+
+    def flush(self, timeout: float = 0) -> int:
+        return len(self.held)
+
+    def __len__(self) -> int:
+        return len(self.held)
+
+    def __bool__(self) -> bool:
+        return True
+
+
+_VISIT_COLUMNS = [
+    ("visit_no", 25, True),
+    ("mrn", 25, False),
+    ("pat_name", 25, False),
+    ("birth_date", 1082, False),
+    ("sex", 25, False),
+    ("visit_type", 25, False),
+    ("dept_code", 25, False),
+    ("admit_time", 1184, False),
+    ("discharge_time", 1114, False),
+]
+
+
+def _relation_message(
+    oid: int, name: str, columns: list[tuple[str, int, bool]], identity: str = "f"
+) -> bytes:
+    out = b"R" + struct.pack(">I", oid) + b"public\x00" + name.encode() + b"\x00"
+    out += identity.encode() + struct.pack(">h", len(columns))
+    for column, type_oid, key in columns:
+        out += (
+            bytes([1 if key else 0]) + column.encode() + b"\x00" + struct.pack(">Ii", type_oid, -1)
+        )
+    return out
+
+
+def _visit_tuple(visit_no: str, dept: str, name: object = "N") -> bytes:
+    return _tuple(
+        visit_no, "M1", name, "1980-01-01", "F", "I", dept, "2024-03-01 02:03:04+00", None
+    )
+
+
+def _begin(final_lsn: int, xid: int) -> bytes:
+    return (
+        b"B" + struct.pack(">Q", final_lsn) + _pg_time(1_700_000_000_000) + struct.pack(">I", xid)
+    )
+
+
+def _commit(commit_lsn: int, end_lsn: int) -> bytes:
+    return b"C\x00" + struct.pack(">QQ", commit_lsn, end_lsn) + _pg_time(1_700_000_000_000)
+
+
+def _offline(tmp_path: Path, producer: Any, **overrides: Any) -> PostgresCdcProducer:
+    src = Source("unit", "public.v", "public.d", "pg-unit")
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="unit.")
+    return PostgresCdcProducer(
+        src.config(tmp_path, **overrides), kafka, ManifestRegistry(), producer=producer
+    )
+
+
+def _decoded(producer: InstantProducer) -> list[dict[str, Any]]:
+    from schemas.serde import AvroDeserializer
+
+    decode = AvroDeserializer(ManifestRegistry())
+    return [decode(value) for _, _, value in producer.sent]
+
+
+def test_unchanged_toast_is_never_filled_from_a_key_only_old_tuple(tmp_path: Path) -> None:
+    producer = InstantProducer()
+    collector = _offline(tmp_path, producer)
+    collector._handle(_relation_message(1, "v", _VISIT_COLUMNS, identity="d"), 0)
+    collector._handle(_begin(0x5000, 7), 0x4000)
+    # A key-changing update (old tuple 'K': key only, other columns null) that leaves the
+    # TOASTed pat_name unchanged: the null of the key tuple must not become its value.
+    old_key = _tuple("K1", None, None, None, None, None, None, None, None)
+    new = _visit_tuple("K2", "ICU", UNCHANGED_TOAST)
+    collector._handle(b"U" + struct.pack(">I", 1) + b"K" + old_key + b"N" + new, 0x4100)
+    # With a full old row ('O') the unchanged value is taken from it.
+    old_full = _visit_tuple("K2", "ICU", "Long Name")
+    new_full = _visit_tuple("K2", "CCU", UNCHANGED_TOAST)
+    collector._handle(b"U" + struct.pack(">I", 1) + b"O" + old_full + b"N" + new_full, 0x4200)
+    collector._handle(_commit(0x5000, 0x5010), 0x5010)
+    records = _decoded(producer)
+    assert [r.get("reason_code") for r in records] == ["toast_unavailable", None]
+    assert records[1]["after"]["patient_name"] == "Long Name"
+    assert not any(
+        (r.get("after") or {}).get("visit_no") == "K2" and r["after"]["patient_name"] is None
+        for r in records
+        if "after" in r
+    )
+
+
+def test_position_seq_follows_wal_order_across_the_consistent_point(tmp_path: Path) -> None:
+    producer = InstantProducer()
+    collector = _offline(tmp_path, producer)
+    point = 1_000_000
+    collector._handle(_relation_message(1, "v", _VISIT_COLUMNS), 0)
+    collector._handle(_relation_message(2, "d", [("n", 23, True)]), 0)
+    # T1 began before the snapshot's consistent point and commits after it.
+    collector._handle(_begin(point + 60, 700), point - 10_000)
+    lsn = point - 9_000
+    for n in range(100):  # changes of another published table below the point
+        collector._handle(b"I" + struct.pack(">I", 2) + b"N" + _tuple(str(n)), lsn)
+        lsn += 80
+    collector._handle(b"U" + struct.pack(">I", 1) + b"N" + _visit_tuple("V1", "A"), lsn)
+    collector._handle(b"U" + struct.pack(">I", 1) + b"N" + _visit_tuple("V1", "B"), point + 40)
+    collector._handle(_commit(point + 60, point + 70), point + 70)
+    collector._handle(_begin(point + 200, 701), point + 80)
+    collector._handle(b"U" + struct.pack(">I", 1) + b"N" + _visit_tuple("V1", "C"), point + 90)
+    collector._handle(_commit(point + 200, point + 210), point + 210)
+    records = [r for r in _decoded(producer) if r.get("table") == "patient_visit"]
+    assert [r["after"]["dept_code"] for r in records] == ["A", "B", "C"]
+    seqs = [r["position_seq"] for r in records]
+    assert seqs == [lsn, point + 40, point + 90], "each change keeps its own LSN"
+
+
+def test_unmapped_relation_is_an_error_once_and_counted(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    producer = InstantProducer()
+    collector = _offline(tmp_path, producer)
+    failed = collector.metrics.failed("unmapped_relation")
+    before = failed._value.get()
+    with caplog.at_level(logging.ERROR, logger="medstream.collector.postgres"):
+        collector._handle(_relation_message(9, "v_p2024", _VISIT_COLUMNS), 0)
+        collector._handle(_begin(0x5000, 7), 0x4000)
+        for lsn in (0x4100, 0x4200):  # two changes: one report
+            collector._handle(b"I" + struct.pack(">I", 9) + b"N" + _visit_tuple("V1", "A"), lsn)
+        collector._handle(_commit(0x5000, 0x5010), 0x5010)
+    assert failed._value.get() == before + 1
+    errors = [r.getMessage() for r in caplog.records if "public.v_p2024" in r.getMessage()]
+    assert len(errors) == 1 and "no table mapping names it" in errors[0]
+    assert producer.sent == []
+
+
+def test_renamed_mapped_table_keeps_streaming_and_is_remembered(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    from producers.base import CollectorState
+
+    producer = InstantProducer()
+    state = CollectorState(tmp_path / "state.sqlite")
+    collector = _offline(tmp_path, producer)
+    collector._state = state
+    caplog.set_level(logging.WARNING, logger="medstream.collector.postgres")
+    collector._handle(_relation_message(1, "v", _VISIT_COLUMNS), 0)
+    collector._handle(_relation_message(1, "v_renamed", _VISIT_COLUMNS), 0)
+    collector._handle(_begin(0x5000, 7), 0x4000)
+    collector._handle(b"I" + struct.pack(">I", 1) + b"N" + _visit_tuple("V1", "A"), 0x4100)
+    collector._handle(_commit(0x5000, 0x5010), 0x5010)
+    # A new process (OIDs in memory are gone) still knows the relation from its state.
+    restarted = _offline(tmp_path, producer)
+    restarted._state = state
+    restarted._handle(_relation_message(1, "v_renamed", _VISIT_COLUMNS), 0)
+    restarted._handle(_begin(0x6000, 8), 0x5100)
+    restarted._handle(b"I" + struct.pack(">I", 1) + b"N" + _visit_tuple("V2", "A"), 0x5200)
+    restarted._handle(_commit(0x6000, 0x6010), 0x6010)
+    state.close()
+    records = _decoded(producer)
+    assert [(r["table"], r["after"]["visit_no"]) for r in records] == [
+        ("patient_visit", "V1"),
+        ("patient_visit", "V2"),
+    ]
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert any("public.v is now named public.v_renamed" in w for w in warnings)
+
+
+def test_source_down_is_source_unavailable_not_a_config_error(tmp_path: Path) -> None:
+    from producers.base import SourceUnavailable
+
+    collector = _offline(tmp_path, InstantProducer(), dsn="host=127.0.0.1 port=5999 dbname=x")
+    with pytest.raises(SourceUnavailable, match="cannot connect to PostgreSQL"):
+        collector.check()
+    with pytest.raises(SourceUnavailable):
+        collector.run(threading.Event())
+
+
+class FeedbackCursor:
+    """Records send_feedback calls."""
+
+    def __init__(self) -> None:
+        self.feedback: list[int] = []
+
+    def send_feedback(self, flush_lsn: int = 0, force: bool = False, **_: Any) -> None:
+        self.feedback.append(flush_lsn)
+
+
+def test_back_pressure_wait_is_stop_aware_and_keeps_the_connection_alive(
+    tmp_path: Path,
+) -> None:
+    from producers.postgres_cdc import _Stopped
+
+    producer = InstantProducer(hold=True)  # a broker that never answers
+    collector = _offline(tmp_path, producer, max_in_flight=1, feedback_interval_s=0.1)
+    cursor = FeedbackCursor()
+    collector._cursor, collector.streaming, collector._flush_sent = cursor, True, 0x4000
+    collector._handle(_relation_message(1, "v", _VISIT_COLUMNS), 0)
+    collector._handle(_begin(0x5000, 7), 0x4100)
+    collector._handle(b"I" + struct.pack(">I", 1) + b"N" + _visit_tuple("V1", "A"), 0x4200)
+    stop = threading.Event()
+    timer = threading.Timer(0.6, stop.set)
+    timer.start()
+    started = time.monotonic()
+    with pytest.raises(_Stopped):
+        collector._handle(
+            b"I" + struct.pack(">I", 1) + b"N" + _visit_tuple("V2", "A"), 0x4300, stop
+        )
+    assert time.monotonic() - started < 5
+    assert len(cursor.feedback) >= 3 and set(cursor.feedback) == {0x4000}, (
+        "only the already confirmed position is repeated"
+    )
+
+
+def test_reading_pauses_while_psycopg2_could_confirm_an_unacknowledged_commit(
+    tmp_path: Path,
+) -> None:
+    producer = InstantProducer(hold=True)
+    collector = _offline(tmp_path, producer)
+    collector._cursor = FeedbackCursor()
+    collector._handle(_relation_message(1, "v", _VISIT_COLUMNS), 0)
+    collector._flush_sent = 0x4800  # confirmed while idle
+    collector._last_marked = collector._acked_upto = 0x4800
+    # T1 (after the confirmed point) is read in full but not yet acknowledged ...
+    collector._last_data_start = 0x4900
+    collector._handle(_begin(0x5000, 7), 0x4900)
+    collector._handle(b"I" + struct.pack(">I", 1) + b"N" + _visit_tuple("V1", "A"), 0x4900)
+    collector._handle(_commit(0x5000, 0x5010), 0x5010)
+    collector._last_data_start = 0x5010
+    assert not collector._must_drain_before_read()
+    # ... then T2, which began before the confirmed point: its Begin lies below it.
+    collector._handle(_begin(0x6000, 8), 0x4700)
+    collector._last_data_start = 0x4700
+    assert collector._must_drain_before_read(), "a keepalive now would confirm past T1"
+    producer.release()
+    collector._collect_acks()
+    assert not collector._must_drain_before_read()
+
+
+# --- review regressions against the real server -------------------------------------------
+
+
+@pytest.mark.integration
+def test_check_refuses_toastable_mapped_table_without_replica_identity_full(
+    source: Source, kafka_factory: Callable[..., KafkaSettings], tmp_path: Path
+) -> None:
+    _sql(f"ALTER TABLE {source.visit} REPLICA IDENTITY DEFAULT")
+    collector = _collector(source, tmp_path, kafka_factory())
+    with pytest.raises(ConfigError) as info:
+        collector.check()
+    message = str(info.value)
+    assert f"{source.visit}: REPLICA IDENTITY is not FULL" in message
+    assert f"ALTER TABLE {source.visit} REPLICA IDENTITY FULL" in message
+    assert source.diag not in message, "the FULL table is fine"
+
+
+@pytest.mark.integration
+def test_check_refuses_a_database_that_is_not_utf8(
+    postgres: str, kafka_factory: Callable[..., KafkaSettings], tmp_path: Path
+) -> None:
+    database = f"latin_{uuid.uuid4().hex[:8]}"
+    _sql(
+        f"CREATE DATABASE {database} ENCODING 'LATIN1' TEMPLATE template0 "
+        "LC_COLLATE 'C' LC_CTYPE 'C'"
+    )
+    try:
+        src = Source("enc", "public.v", "public.d", "pg-enc")
+        collector = PostgresCdcProducer(
+            src.config(tmp_path, dsn=f"host=127.0.0.1 port=5432 user=postgres dbname={database}"),
+            kafka_factory(),
+            ManifestRegistry(),
+        )
+        with pytest.raises(ConfigError, match="encoding is LATIN1"):
+            collector.check()
+    finally:
+        _sql(f"DROP DATABASE {database}")
+
+
+@pytest.mark.integration
+def test_partitioned_table_changes_arrive_under_the_mapped_root(
+    postgres: str, kafka_factory: Callable[..., KafkaSettings], tmp_path: Path
+) -> None:
+    tag = uuid.uuid4().hex[:8]
+    src = Source(tag, f"public.rv_visit_{tag}", f"public.rv_diag_{tag}", f"pg-{tag}")
+    _sql(
+        f"CREATE TABLE {src.visit} (visit_no text, mrn text, pat_name text, birth_date date, "
+        "sex char(1), visit_type text, dept_code text, admit_time timestamptz, "
+        "discharge_time timestamp, note text, bed integer, PRIMARY KEY (visit_no, admit_time)) "
+        "PARTITION BY RANGE (admit_time)"
+    )
+    _sql(
+        f"CREATE TABLE {src.visit}_p2024 PARTITION OF {src.visit} "
+        "FOR VALUES FROM ('2024-01-01') TO ('2025-01-01')"
+    )
+    for table in (src.visit, f"{src.visit}_p2024"):
+        _sql(f"ALTER TABLE {table} REPLICA IDENTITY FULL")
+    _sql(
+        f"CREATE TABLE {src.diag} (diag_id bigint PRIMARY KEY, visit_no text, mrn text, "
+        "icd_code text, icd_name text, diag_type text, diag_time timestamptz)"
+    )
+    try:
+        kafka = kafka_factory()
+        conn = _connect_retrying()
+        conn.autocommit = True
+        with conn.cursor() as cur:
+            src.insert_visit(cur, "P0")
+        collector = _collector(src, tmp_path, kafka)
+        running = Running(collector)
+        running.wait_streaming()
+        with conn.cursor() as cur:
+            src.insert_visit(cur, "P1")
+        conn.close()
+        records = _values(consume(kafka, [EMR], 2, timeout_s=20))
+        running.stop()
+        assert sorted((r["op"], r["after"]["visit_no"]) for r in records) == [
+            ("c", "P1"),
+            ("r", "P0"),
+        ]
+        assert collector.metrics.failed("unmapped_relation")._value.get() == 0
+    finally:
+        _drop_slot(src.slot)
+        _sql(f"DROP PUBLICATION IF EXISTS {src.slot}")
+        _sql(f"DROP TABLE IF EXISTS {src.visit}, {src.diag}")
+
+
+@pytest.mark.integration
+def test_snapshot_waits_for_a_slow_broker_instead_of_failing(
+    source: Source,
+    kafka_factory: Callable[..., KafkaSettings],
+    tmp_path: Path,
+    start: Callable[[PostgresCdcProducer], Running],
+) -> None:
+    kafka = kafka_factory()
+    _sql(
+        f"INSERT INTO {source.visit} (visit_no, mrn, visit_type, dept_code, admit_time) "
+        "SELECT 'S' || n, NULL, 'O', 'GEN', now() FROM generate_series(1, 20) n"
+    )
+    gated = GatedProducer(kafka)  # acknowledgements held: a broker slower than any deadline
+    running = start(_collector(source, tmp_path, kafka, producer=gated))
+    _wait(lambda: gated.delivered >= 20, 30, "the snapshot records at the broker")
+    time.sleep(2)
+    assert running.error is None and not running.collector.streaming
+    gated.open()
+    running.wait_streaming()
+    running.stop()
+    records = _values(consume(kafka, [EMR], 20))
+    assert {r["after"]["visit_no"] for r in records} == {f"S{n}" for n in range(1, 21)}
+
+
+@pytest.mark.integration
+def test_confirmed_flush_never_passes_an_unacknowledged_commit(
+    source: Source,
+    kafka_factory: Callable[..., KafkaSettings],
+    tmp_path: Path,
+    start: Callable[[PostgresCdcProducer], Running],
+) -> None:
+    kafka = kafka_factory()
+    gated = GatedProducer(kafka)
+    gated.open()
+    running = start(_collector(source, tmp_path, kafka, producer=gated))
+    running.wait_streaming()
+    early = _connect_retrying()  # T2: begins now, commits last
+    cur2 = early.cursor()
+    source.insert_visit(cur2, "T2-A")
+    conn = _connect_retrying()
+    conn.autocommit = True
+    with conn.cursor() as cur:  # T0: acknowledged and confirmed above T2's first change
+        source.insert_visit(cur, "T0")
+    t0_end = _current_lsn()
+    _wait(lambda: _confirmed_flush(source.slot) >= t0_end, 15, "T0 confirmed")
+    gated._gate.clear()  # from now on acknowledgements are held
+    with conn.cursor() as cur:  # T1: read in full, never acknowledged
+        source.insert_visit(cur, "T1")
+    t1_end = _current_lsn()
+    _wait(lambda: gated.delivered >= 2, 10, "T1 at the broker")
+    source.insert_visit(cur2, "T2-B")
+    early.commit()  # T2 is decoded after T1, with a change below the confirmed point
+    for _ in range(20):  # more WAL: keepalives with a WAL end past T1's commit
+        _sql("SELECT pg_logical_emit_message(false, 'test', 'wal')")
+        time.sleep(0.4)
+    assert _confirmed_flush(source.slot) < t1_end, "confirmed past an unacknowledged commit"
+    gated.open()
+    _wait(lambda: _confirmed_flush(source.slot) >= t1_end, 30, "T1 confirmed once acknowledged")
+    running.stop()
+    early.close()
+    conn.close()

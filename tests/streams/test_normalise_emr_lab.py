@@ -157,3 +157,33 @@ def test_unusable_lab_rows_are_rejected_with_the_reason(
     assert rejected.reason_code == "invalid_record"
     assert reason in rejected.reason
     assert MRN not in rejected.reason
+
+
+def test_snapshot_lab_rows_are_historic_and_raise_no_alerts(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    from streams.normalise import raises_critical_alerts
+
+    [snapshot] = run("r", lab_row(result_value="900"), terminology, pseudonymiser)
+    [created] = run("c", lab_row(result_value="900"), terminology, pseudonymiser)
+    assert not raises_critical_alerts(snapshot)
+    assert raises_critical_alerts(created)
+    assert encodes(snapshot)["value"] == pytest.approx(900 * 0.0555)
+
+
+def test_key_only_delete_withdraws_the_row_at_commit_time(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    key_only = {field: None for field in lab_row()} | {"result_id": "R-0001"}
+    [first] = run("d", key_only, terminology, pseudonymiser)
+    [again] = run("d", key_only, terminology, pseudonymiser)
+    assert isinstance(first, NormalisedEvent)
+    assert first.value["result_status"] == "D"
+    assert first.value["event_time"] == int(
+        datetime(2026, 11, 2, 0, 20, tzinfo=UTC).timestamp() * 1000
+    )
+    row_key = pseudonymiser.row_key("H001", "lab_result", "R-0001")
+    assert first.value["order_id"] == f"result:{row_key}"
+    assert (first.key, first.value) == (again.key, again.value)
+    assert "R-0001" not in repr(first.value)
+    encodes(first)

@@ -110,3 +110,32 @@ def test_a_replayed_message_re_emits_its_own_alert(stage: NormaliseStage) -> Non
     again = stage.handle("hl7_lab", ctx, b"k", raw, state, NOW_MS + 5000)
     assert [o.topic for o in again] == ["t.norm.lab_result", "t.alerts"]
     assert decode(again[1])["alert_id"] == decode(first[1])["alert_id"]
+
+
+def test_a_cdc_snapshot_critical_value_is_stored_without_an_alert(stage: NormaliseStage) -> None:
+    """A lab row read by a CDC snapshot was in the HIS before the collector started: it is
+    stored, but only the same value arriving as a new row (op c) raises an alert."""
+    from datetime import UTC, datetime
+
+    def emr_lab(op: str, result_id: str) -> bytes:
+        row = {
+            "result_id": result_id, "order_id": f"ORD-{result_id}", "visit_no": "V-1",
+            "patient_mrn": MRN, "test_code": "K", "test_name": "Potassium",
+            "result_value": "7.4", "unit": "mmol/L", "reference_range": "3.5-5.3",
+            "abnormal_flag": "HH", "result_status": "F", "specimen_status": None,
+            "result_time": "2026-11-03T08:05:00+08:00",
+        }
+        return serde.AvroSerializer(REGISTRY, serde.RAW_EMR_ROW_CHANGE)({
+            "message_id": f"his-pg:{op}:{result_id}", "organisation_id": "H001",
+            "source_system": "his-pg", "op": op, "table": "lab_result", "before": None,
+            "after": row, "source_position": "0/1", "position_seq": 1, "transaction_id": 1,
+            "commit_time": datetime(2026, 11, 3, tzinfo=UTC),
+            "captured_time": datetime(2026, 11, 3, tzinfo=UTC),
+        })
+
+    ctx = RawContext("t.raw.emr_cdc", 0, 1, NOW_MS)
+    state = SuppressionState.in_memory()
+    historic = stage.handle("emr_cdc", ctx, b"k", emr_lab("r", "R-1"), state, NOW_MS)
+    assert [o.topic for o in historic] == ["t.norm.lab_result"]
+    new = stage.handle("emr_cdc", ctx, b"k", emr_lab("c", "R-2"), state, NOW_MS)
+    assert [o.topic for o in new] == ["t.norm.lab_result", "t.alerts"]
