@@ -14,8 +14,7 @@ import re
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import pytest
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, query_via_gateway
 from medstream.reconcile import check_labels, read_labels, reconcile
 from medstream.runtime import free_port, wait_for_port
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -109,13 +109,6 @@ def processes() -> Iterator[list[subprocess.Popen[str]]]:
                 process.kill()
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.25)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
@@ -154,7 +147,7 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     def stored(url: str) -> int:
         return int(query_via_gateway(url, "SELECT count() FROM medstream.lab_result").rows[0][0])
 
-    wait_until(lambda: stored(gateway) > 300, 120, "first rows stored")
+    wait_for(lambda: stored(gateway) > 300, 120, "first rows stored")
     assert simulator.poll() is None, "the simulator finished before the crash: not mid-run"
     sink.send_signal(signal.SIGKILL)  # no flush, no commit: a crash
     sink.wait(timeout=30)
@@ -174,7 +167,7 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
         result = reconcile(query, "medstream", since, datetime.now(tz=UTC))
         return result.ok and sum(s.published_messages for s in result.sources) == published
 
-    wait_until(settled, 120, "pipeline to drain after the sink restart")
+    wait_for(settled, 120, "pipeline to drain after the sink restart")
     truth = check_labels(query, "medstream", read_labels(labels))
     assert truth.missing_events == []
     assert truth.stored_events == truth.expected_events > 7000
@@ -191,7 +184,7 @@ def test_sql_and_reconcile_work_while_up_runs_and_ctrl_c_stops_cleanly(tmp_path:
         start_new_session=True,  # its own process group, as in a terminal
     )
     try:
-        wait_until(lambda: (data_dir / "runtime.json").exists(), 120, "runtime.json")
+        wait_for(lambda: (data_dir / "runtime.json").exists(), 120, "runtime.json")
 
         def stored() -> int:
             result = subprocess.run(
@@ -201,7 +194,7 @@ def test_sql_and_reconcile_work_while_up_runs_and_ctrl_c_stops_cleanly(tmp_path:
             assert result.returncode == 0, result.stderr  # no "Cannot lock file": the gateway answered
             return int(json.loads(result.stdout)[0]["n"])
 
-        wait_until(lambda: stored() > 50, 120, "observations while running")
+        wait_for(lambda: stored() > 50, 120, "observations while running")
         table = subprocess.run(
             medstream("sql", "SELECT organisation_id, count() AS n FROM medstream.observation GROUP BY 1 ORDER BY 1"),
             env=env_for(data_dir), capture_output=True, text=True, timeout=60,

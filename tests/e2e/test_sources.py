@@ -14,15 +14,16 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
 
+from medstream.runtime import free_port
 from producers.hl7_mllp import Frame, MllpFramer, mllp_wrap
+from tests.waiting import require_source, wait_for
 
 pytestmark = pytest.mark.e2e
 PG = ["psql", "-h", "127.0.0.1", "-U", "postgres", "-d", "test", "-v", "ON_ERROR_STOP=1", "-qtA"]
@@ -56,19 +57,8 @@ def postgres_available() -> bool:
         return False
 
 
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.5)
-    raise AssertionError(f"timed out after {timeout_s:.0f}s waiting for {what}")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def send_hl7(port: int, messages: list[str]) -> list[str]:
@@ -106,10 +96,7 @@ def oru(n: int) -> str:
 @pytest.fixture
 def his_tables() -> Iterator[tuple[str, str, str]]:
     """Two uniquely named HIS tables; the slot and publication are dropped afterwards."""
-    if not postgres_available():
-        if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
-            pytest.fail("PostgreSQL with wal_level=logical is required (prepare-sources.sh)")
-        pytest.skip("PostgreSQL with wal_level=logical is not available")
+    require_source(postgres_available(), "PostgreSQL with wal_level=logical")
     tag = uuid.uuid4().hex[:8]
     visit, diagnosis, name = f"e2e_visit_{tag}", f"e2e_diag_{tag}", f"e2e-his-{tag}"
     psql(
@@ -117,7 +104,7 @@ def his_tables() -> Iterator[tuple[str, str, str]]:
         f"admitted timestamptz, discharged timestamptz);"
         f"CREATE TABLE {diagnosis} (diag_id text PRIMARY KEY, visit_id text, mrn text, "
         f"code text, name text, dtype text, diagnosed timestamptz);"
-        f"ALTER TABLE {diagnosis} REPLICA IDENTITY FULL"
+        f"ALTER TABLE {visit} REPLICA IDENTITY FULL; ALTER TABLE {diagnosis} REPLICA IDENTITY FULL"
     )
     yield visit, diagnosis, name
     slot = f"medstream_{name.replace('-', '_')}"
@@ -198,8 +185,8 @@ tables:
         start_new_session=True,
     )
     try:
-        wait_until(lambda: "running:" in (tmp_path / "up.log").read_text(), 180, "up to start")
-        wait_until(lambda: collector_pid(pg_config) is not None, 60, "the PostgreSQL collector")
+        wait_for(lambda: "running:" in (tmp_path / "up.log").read_text(), 180, "up to start")
+        wait_for(lambda: collector_pid(pg_config) is not None, 60, "the PostgreSQL collector")
         first = send_hl7(mllp_port_when_ready(mllp_port), [oru(n) for n in range(0, 10)])
         assert first == ["AA"] * 10
         insert_visits(visit, diagnosis, range(20, 40))  # streamed
@@ -215,7 +202,7 @@ tables:
             )
             return int(rows[0]["n"])  # type: ignore[call-overload]
 
-        wait_until(lambda: stored("encounter") == 40, 120, "40 encounters before the restarts")
+        wait_for(lambda: stored("encounter") == 40, 120, "40 encounters before the restarts")
 
         # kill -9 the collector mid-stream: `up` restarts it; it resumes from the slot.
         os.kill(collector_pid(pg_config) or 0, signal.SIGKILL)
@@ -226,12 +213,12 @@ tables:
             capture_output=True, text=True, timeout=120,
         )
         assert restart.returncode == 0, restart.stderr
-        wait_until(postgres_available, 60, "PostgreSQL to come back")
+        wait_for(postgres_available, 60, "PostgreSQL to come back")
         insert_visits(visit, diagnosis, range(60, 80))
         assert send_hl7(mllp_port, [oru(n) for n in range(10, 20)]) == ["AA"] * 10
 
-        wait_until(lambda: stored("encounter") == 80, 180, "80 encounters after the restarts")
-        wait_until(lambda: stored("diagnosis", "is_deleted = 0") == 79, 60, "79 diagnoses")
+        wait_for(lambda: stored("encounter") == 80, 180, "80 encounters after the restarts")
+        wait_for(lambda: stored("diagnosis", "is_deleted = 0") == 79, 60, "79 diagnoses")
         admitted = (T0 + timedelta(minutes=3)).strftime("%Y-%m-%d %H:%M:%S")
         discharged = sql(
             data_dir,
@@ -256,7 +243,7 @@ tables:
             report = json.loads(done.stdout)
             return report if done.returncode == 0 else None
 
-        wait_until(lambda: reconciled() is not None, 60, "a clean reconcile")
+        wait_for(lambda: reconciled() is not None, 60, "a clean reconcile")
         report = reconciled()
         assert report is not None
         collectors = {c["collector"]: c for c in report["collectors"]}  # type: ignore[index]
@@ -285,5 +272,5 @@ def mllp_port_when_ready(port: int, timeout_s: float = 60) -> int:
         except OSError:
             return False
 
-    wait_until(listening, timeout_s, f"the MLLP collector on port {port}")
+    wait_for(listening, timeout_s, f"the MLLP collector on port {port}")
     return port

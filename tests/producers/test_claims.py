@@ -14,7 +14,6 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable
 from datetime import UTC, date, datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
@@ -46,6 +45,7 @@ from producers.claims import (
 from producers.simulator import national_id_check_digit
 from schemas.serde import COLLECTOR_HEADER, ManifestRegistry
 from tests.kafka_helpers import DLQ, Published, consume, raw_topic
+from tests.waiting import wait_for
 
 REPO = Path(__file__).resolve().parents[2]
 CLAIM = raw_topic("claim")
@@ -365,13 +365,6 @@ class Running:
             raise self.error
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30, what: str = "") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what or condition}")
 
 
 def counter(child: Any) -> float:

@@ -29,6 +29,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from pydantic import ValidationError
 
 from medstream.metrics import COLLECTOR_FAILED, labelled
+from medstream.runtime import free_port
 from medstream.settings import KafkaSettings
 from producers import collector_class
 from producers.base import (
@@ -53,6 +54,7 @@ from producers.devices import (
 )
 from schemas.serde import RAW_SUBJECT_BY_KIND, AvroDeserializer, AvroSerializer, ManifestRegistry
 from tests.kafka_helpers import DLQ, consume, raw_topic
+from tests.waiting import wait_for
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 NOW_MS = 1_793_700_000_000  # 2026-11-03T...Z, a fixed "receive" time for pure tests
@@ -412,10 +414,6 @@ def test_invalid_bytes_and_fhir_are_rejected_with_their_field(tmp_path: Path) ->
 # --- helpers for the real things ----------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def post(
@@ -436,13 +434,6 @@ def post(
         connection.close()
 
 
-def wait_for(condition: Callable[[], bool], timeout: float = 20.0, what: str = "") -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextmanager

@@ -19,6 +19,7 @@ from confluent_kafka import Producer
 from pydantic import ValidationError
 
 from medstream.metrics import COLLECTOR_FAILED, COLLECTOR_READ, READY, labelled
+from medstream.runtime import free_port
 from medstream.settings import KafkaSettings
 from producers import collector_class
 from producers.base import (
@@ -743,10 +744,6 @@ def test_fifty_concurrent_connections(serve: Callable[..., Running]) -> None:
     assert {r.value["message_control_id"] for r in records} == expected
 
 
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
 
 
 def _start_cli(config_path: Path, kafka: KafkaSettings, data_dir: Path) -> subprocess.Popen[bytes]:
@@ -784,7 +781,7 @@ def test_restart_keeps_duplicate_detection(
     kafka_factory: Callable[..., KafkaSettings], tmp_path: Path
 ) -> None:
     kafka = kafka_factory()
-    port = _free_port()
+    port = free_port()
     config_path = tmp_path / "mllp.yaml"
     config_path.write_text(
         "kind: mllp\nname: lab-restart\norganisation_id: H001\nsource_system: lis-mllp\n"

@@ -12,10 +12,18 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, Producer, TopicPartition
 
-from medstream.settings import ALERTS_TOPIC, DLQ_TOPIC, NORM_TOPICS, RAW_TOPICS, KafkaSettings, SinkSettings
+from medstream.settings import (
+    ALERTS_TOPIC,
+    DLQ_TOPIC,
+    NORM_TOPICS,
+    RAW_TOPICS,
+    KafkaSettings,
+    SinkSettings,
+)
 from schemas import serde
 from schemas.identity import alert_id, dead_letter_id, event_id
 from sinks.clickhouse import ClickHouseSink
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 REGISTRY = serde.ManifestRegistry()
@@ -69,13 +77,6 @@ def produce(kafka: KafkaSettings, records: list[tuple[str, bytes | None, bytes]]
     assert not failures
 
 
-def wait_for(condition: Callable[[], bool], timeout_s: float = 30, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if condition():
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 @contextmanager
