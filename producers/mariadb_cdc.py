@@ -21,22 +21,37 @@ python-mysql-replication has resume traps this module works around on purpose:
   written before an ALTER TABLE decode with the columns they were written with.
 * A saved position whose binlog was purged fails with a clear error naming
   ``snapshot_mode`` (``when_needed`` re-snapshots by itself).
+* The library decodes a negative TIME with a fraction wrongly; :func:`_read_time2` replaces
+  its decoder (and every value is rendered the same way in snapshot and stream, see
+  :func:`_canonical`).
 
 Every row change carries the transaction's GTID as ``source_position``, its sequence number
-as ``transaction_id``, its commit time, and ``position_seq = seq * 2**20 + row index``;
+as ``transaction_id``, its commit time, and as ``position_seq`` (the row version downstream)
+a value from the server's binlog coordinates, see :func:`binlog_version`: GTID sequence
+numbers are only ordered inside one replication domain, binlog coordinates are totally
+ordered in commit order over all domains, survive restarts and rotation
+(``mariadb-bin.000123`` keeps counting) and are the same when a transaction is read again.
 ``message_id`` is ``source_system:gtid:row index:target``, so a change published again after
-a resume has the same id.
+a resume has the same id (and the same version).
+
+A TRUNCATE of a mapped table is dead-lettered (``truncate``); a RENAME or DROP of a mapped
+table is logged as an ERROR and counted (``schema_changed``). XA transactions publish their
+rows only at ``XA COMMIT`` (none at ``XA ROLLBACK``); while one is prepared, the saved
+position stays before it.
 """
 
 from __future__ import annotations
 
+import json
 import logging
+import re
+import struct
 import threading
 import time
 import zlib
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
-from datetime import UTC, datetime, tzinfo
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any, ClassVar, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -51,6 +66,7 @@ from producers.base import (
     ConfigError,
     DeliveryFailed,
     OrderedAcks,
+    SourceUnavailable,
     wall_clock_ms,
 )
 from producers.table_mapping import (
@@ -66,13 +82,21 @@ log = logging.getLogger("medstream.collector.mariadb")
 
 #: The CollectorState key of the GTID state after the last acknowledged transaction.
 POSITION_KEY = "gtid_position"
-#: Row changes inside one transaction that get distinct ``position_seq`` values.
-ROW_INDEX_BITS = 20
-_ROW_INDEX_MAX = (1 << ROW_INDEX_BITS) - 1
+#: Bits of a row version that hold the byte position inside a binlog file (a binlog event
+#: header stores positions in 4 bytes, so a file never passes 4 GiB).
+POSITION_BITS = 32
 #: Server error: the requested GTID position is not in the server's binlog (purged, diverged).
 _ER_MASTER_FATAL_READING_BINLOG = 1236
-#: GTID event flag: the event group is one statement without XID or COMMIT (DDL, non-InnoDB).
+#: Client and server errors that mean "the server cannot be reached now", not a bad setup:
+#: server shutting down (1053), connection killed (1927), too many connections (1040),
+#: cannot connect (2002, 2003), server gone away (2006), lost connection (2013, 2055).
+_SOURCE_UNAVAILABLE_CODES = frozenset({1040, 1053, 1927, 2002, 2003, 2006, 2013, 2055})
+#: GTID event flags: one statement without XID or COMMIT (DDL, non-InnoDB); the group is
+#: an XA transaction's prepared part (its rows, ended by XA PREPARE); the group is an
+#: XA COMMIT or XA ROLLBACK of an earlier prepared part.
 _FL_STANDALONE = 1
+_FL_PREPARED_XA = 64
+_FL_COMPLETED_XA = 128
 #: Server settings a row-based CDC reader needs, with the value each must have.
 REQUIRED_SETTINGS = {
     "log_bin": "ON",
@@ -82,6 +106,9 @@ REQUIRED_SETTINGS = {
 }
 _TIMESTAMP_TYPES = frozenset({FIELD_TYPE.TIMESTAMP, 17})  # 17: MYSQL_TYPE_TIMESTAMP2
 _DATETIME_TYPES = frozenset({FIELD_TYPE.DATETIME, 18})  # 18: MYSQL_TYPE_DATETIME2
+#: The CAST that reads a FLOAT column at full float32 precision in the snapshot (the text
+#: protocol rounds FLOAT to 6 significant digits; the binlog holds all 4 bytes).
+_FLOAT_AS_DOUBLE = "CAST({} AS DOUBLE)"
 
 
 class PositionLost(ConfigError):
@@ -220,16 +247,155 @@ class GtidPosition:
         return f"GtidPosition({str(self)!r})"
 
 
-def position_seq(seq: int, row_index: int) -> int:
-    """The row version of a change: GTID sequence number * 2**20 + row index in the transaction.
+def binlog_version(log_file: str, log_pos: int) -> int:
+    """A row version from binlog coordinates: file sequence number * 2**32 + byte position.
 
-    Row indexes past 2**20 - 1 share the last value (the version stays monotonic per row
-    across transactions, which is what downstream needs).
+    ``mariadb-bin.000123`` at byte 4567 gives ``123 * 2**32 + 4567``. Binlog coordinates are
+    totally ordered in commit order over every GTID domain, so a later change of a row always
+    gets a higher version. A streamed transaction's rows get the position right after its
+    GTID event plus their row index (every row takes at least one byte of the transaction, so
+    the values stay below the next transaction's); a snapshot gets its
+    ``binlog_snapshot_position``, which is the start of the first transaction it does not
+    see, so every change streamed after it is higher. Raises ValueError for a file name
+    without a number.
     """
-    return (seq << ROW_INDEX_BITS) | min(row_index, _ROW_INDEX_MAX)
+    number = log_file.rsplit(".", 1)[-1]
+    if not number.isdigit():
+        raise ValueError(f"binlog file name {log_file!r} does not end in a sequence number")
+    if not 0 <= log_pos < 1 << POSITION_BITS:
+        raise ValueError(f"binlog position {log_pos} out of range")
+    return (int(number) << POSITION_BITS) | log_pos
+
+
+def float32_text(value: float) -> float:
+    """A FLOAT column value as the shortest decimal that is the same float32.
+
+    The binlog gives the float32 widened to double (1.100000023841858); the snapshot reads
+    it the same way (CAST AS DOUBLE); both then render as ``1.1``.
+    """
+    packed = struct.pack("<f", value)
+    for digits in range(1, 10):
+        shortest = float(f"{value:.{digits}g}")
+        try:
+            if struct.pack("<f", shortest) == packed:
+                return shortest
+        except OverflowError:  # rounded past the float32 range (near 3.4e38)
+            continue
+    return value
+
+
+def time_text(value: timedelta) -> str:
+    """A TIME value as ``[-]HH:MM:SS[.ffffff]`` (hours may pass 24, up to 838)."""
+    micros = value // timedelta(microseconds=1)
+    sign = "-" if micros < 0 else ""
+    seconds, fraction = divmod(abs(micros), 1_000_000)
+    minutes, second = divmod(seconds, 60)
+    hours, minute = divmod(minutes, 60)
+    text = f"{sign}{hours:02d}:{minute:02d}:{second:02d}"
+    return f"{text}.{fraction:06d}" if fraction else text
+
+
+def _read_time2(self: Any, column: Any) -> timedelta:
+    """Decode a binlog TIME2 value (replaces the library's decoder, wrong for negative values
+    with a fraction): big-endian, offset binary of ``hms << 8*n | fraction`` where n is the
+    number of fraction bytes (hms: 10 bits hour, 6 minute, 6 second)."""
+    fraction_bytes = (int(column.fsp) + 1) // 2
+    stored = int.from_bytes(self.packet.read(3 + fraction_bytes), "big")
+    packed = stored - (0x800000 << (8 * fraction_bytes))
+    magnitude = abs(packed)
+    hms, fraction = magnitude >> (8 * fraction_bytes), magnitude & ((1 << 8 * fraction_bytes) - 1)
+    value = timedelta(
+        hours=(hms >> 12) & 0x3FF,
+        minutes=(hms >> 6) & 0x3F,
+        seconds=hms & 0x3F,
+        microseconds=fraction * 10 ** (6 - 2 * fraction_bytes),
+    )
+    return -value if packed < 0 else value
+
+
+def _patch_library_time2() -> None:
+    from pymysqlreplication.row_event import RowsEvent
+
+    if not hasattr(RowsEvent, "_RowsEvent__read_time2"):  # pragma: no cover - library changed
+        raise ImportError("python-mysql-replication has no TIME2 decoder to replace any more")
+    RowsEvent._RowsEvent__read_time2 = _read_time2  # type: ignore[attr-defined]
+
+
+_NAME = r"(?:`(?:[^`]|``)+`|[\w$]+)"
+_QUALIFIED = rf"{_NAME}(?:\s*\.\s*{_NAME})?"
+_COMMENT = re.compile(r"/\*.*?\*/|--[^\n]*|#[^\n]*", re.S)
+_TRUNCATE = re.compile(rf"TRUNCATE\s+(?:TABLE\s+)?({_QUALIFIED})", re.I)
+_RENAME = re.compile(r"RENAME\s+TABLES?\s+(?:IF\s+EXISTS\s+)?(.*)", re.I | re.S)
+_RENAME_PAIR = re.compile(rf"({_QUALIFIED})(?:\s+(?:WAIT\s+\d+|NOWAIT))?\s+TO\s+({_QUALIFIED})",
+                          re.I)
+_ALTER = re.compile(
+    rf"ALTER\s+(?:ONLINE\s+)?(?:IGNORE\s+)?TABLE\s+(?:IF\s+EXISTS\s+)?({_QUALIFIED})(.*)",
+    re.I | re.S,
+)
+_ALTER_RENAME = re.compile(
+    rf"\bRENAME\s+(?!(?:COLUMN|INDEX|KEY)\b)(?:TO\s+|AS\s+)?({_QUALIFIED})", re.I
+)
+_DROP = re.compile(r"DROP\s+(?:TEMPORARY\s+)?TABLES?\s+(?:IF\s+EXISTS\s+)?(.*)", re.I | re.S)
+_XA = re.compile(r"XA\s+(END|PREPARE|COMMIT|ROLLBACK)\s+(.*?)(\s+ONE\s+PHASE)?\s*", re.I | re.S)
+
+
+def _table_name(text: str, default_schema: str) -> tuple[str, str]:
+    parts = re.findall(_NAME, text)
+    names = [p[1:-1].replace("``", "`") if p.startswith("`") else p for p in parts]
+    return (names[0], names[1]) if len(names) == 2 else (default_schema, names[0])
+
+
+def ddl_tables(query: str, default_schema: str) -> tuple[str, list[tuple[str, str]]] | None:
+    """The tables a TRUNCATE, RENAME, ALTER TABLE ... RENAME or DROP TABLE statement makes
+    disappear or replaces, as ``(kind, [(database, table), ...])``; None for other statements.
+
+    ``kind`` is ``truncate``, ``rename`` (both sides of every pair) or ``drop``; unqualified
+    names belong to ``default_schema`` (the statement's current database).
+    """
+    text = _COMMENT.sub(" ", query).strip()
+    if match := _TRUNCATE.fullmatch(text):
+        return "truncate", [_table_name(match.group(1), default_schema)]
+    if match := _RENAME.fullmatch(text):
+        pairs = _RENAME_PAIR.findall(match.group(1))
+        return "rename", [_table_name(n, default_schema) for pair in pairs for n in pair]
+    if match := _ALTER.fullmatch(text):
+        renamed = _ALTER_RENAME.search(match.group(2))
+        if renamed is None:
+            return None
+        return "rename", [_table_name(match.group(1), default_schema),
+                          _table_name(renamed.group(1), default_schema)]
+    if match := _DROP.fullmatch(text):
+        names = [re.match(_QUALIFIED, part.strip()) for part in match.group(1).split(",")]
+        return "drop", [_table_name(n.group(0), default_schema) for n in names if n]
+    return None
+
+
+def xa_statement(query: str) -> tuple[str, str] | None:
+    """``(verb, xid)`` of an ``XA END|PREPARE|COMMIT|ROLLBACK xid`` statement, else None.
+
+    The verb is upper case; ``XA COMMIT xid ONE PHASE`` gives ``COMMIT ONE PHASE``. The xid is
+    the server's text (``X'7831',X'',1``), the same in the prepared part and its commit.
+    """
+    match = _XA.fullmatch(query.strip())
+    if match is None:
+        return None
+    verb = match.group(1).upper() + (" ONE PHASE" if match.group(3) else "")
+    return verb, " ".join(match.group(2).split())
 
 
 # --- the collector ------------------------------------------------------------------------
+
+
+@dataclass
+class _RowChange:
+    """One mapped row change of an XA transaction, held back until its XA COMMIT."""
+
+    mapping: TableMapping
+    op: str
+    before: dict[str, object] | None
+    after: dict[str, object] | None
+    message_id: str
+    version: int
 
 
 @dataclass
@@ -239,12 +405,28 @@ class _Transaction:
     gtid: Gtid
     commit_ms: int
     standalone: bool
+    version_base: int  # binlog_version right after its GTID event; row i gets base + i
+    read_before: GtidPosition  # the read position before this transaction
+    xa_prepared: bool = False  # the prepared part of an XA transaction: hold its rows back
     rows_read: int = 0  # source rows seen so far (the next row's index)
     skip: int = 0  # rows already published by an earlier attempt at this transaction
+    held_back: list[_RowChange] = field(default_factory=list)
+
+
+@dataclass
+class _PreparedXa:
+    """An XA transaction read up to XA PREPARE: rows to publish at its XA COMMIT."""
+
+    transaction: _Transaction
+    hold: GtidPosition  # the committable position while it is unresolved
 
 
 class _StreamBroke(Exception):
     """The binlog connection ended; reconnect from the last transaction boundary."""
+
+
+class _Stopping(Exception):
+    """``stop`` was set while waiting for room for more records (e.g. the broker is down)."""
 
 
 class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
@@ -266,6 +448,9 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         self._published_rows: tuple[Gtid, int] | None = None  # partial transaction published
         self._warned_tables: set[tuple[str, str]] = set()
         self._last_commit = 0.0
+        self._stop: threading.Event | None = None
+        self._prepared_xa: dict[str, _PreparedXa] = {}  # by xid, in prepare order
+        self._float_columns: dict[tuple[str, str], set[str]] = {}
 
     # --- source connection and checks ------------------------------------------------------
 
@@ -282,12 +467,18 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         settings = {**self._connection_settings(), "autocommit": True, **extra}
         try:
             return pymysql.connect(**settings)
-        except pymysql.err.OperationalError as exc:
-            where = f"{self.config.host}:{self.config.port}"
-            raise ConfigError(
-                f"{self.config.name}: cannot connect to MariaDB at {where} as "
-                f"{self.config.user!r}: {exc.args[-1]}"
-            ) from None
+        except pymysql.err.Error as exc:
+            raise self._source_error(exc, "cannot connect") from None
+
+    def _source_error(self, exc: pymysql.err.Error, doing: str) -> Exception:
+        """SourceUnavailable for a server that cannot be reached now (restarted with
+        back-off), ConfigError for anything else (wrong user, password, rights)."""
+        code = exc.args[0] if exc.args and isinstance(exc.args[0], int) else None
+        where = f"MariaDB at {self.config.host}:{self.config.port}"
+        message = f"{self.config.name}: {doing}: {where} as {self.config.user!r}: {exc.args[-1]}"
+        if code in _SOURCE_UNAVAILABLE_CODES:
+            return SourceUnavailable(message)
+        return ConfigError(message)
 
     def check(self) -> list[str]:
         """Validate the server's binlog settings, the server id and the table mapping.
@@ -309,6 +500,8 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                 cursor.execute("SHOW SLAVE HOSTS")
                 replicas = [(int(row[0]), str(row[1])) for row in cursor.fetchall()]
                 catalog = self._catalog(cursor)
+        except pymysql.err.Error as exc:
+            raise self._source_error(exc, "checking the server failed") from None
         finally:
             connection.close()
         problems = server_setting_problems(variables)
@@ -365,11 +558,14 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
     def run(self, stop: threading.Event) -> None:
         """Snapshot if needed, then stream the binlog until ``stop``; commit after acks."""
         state = CollectorState(self.state_dir / "mariadb.sqlite")
+        self._stop = stop
         try:
             position = self._start_position(state, stop)
             if position is None:
                 return
             self._stream(state, position, stop)
+        except _Stopping:
+            log.info("%s: stopped while waiting for broker acknowledgements", self.config.name)
         finally:
             self.metrics.ready.set(0)
             try:
@@ -402,6 +598,8 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
             with connection.cursor() as cursor:
                 cursor.execute("SELECT @@gtid_binlog_pos")
                 return GtidPosition.parse(str(cursor.fetchone()[0] or ""))
+        except pymysql.err.Error as exc:
+            raise self._source_error(exc, "reading the GTID position failed") from None
         finally:
             connection.close()
 
@@ -422,7 +620,11 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
             )
 
     def _wait_for_room(self) -> None:
+        """Back-pressure: serve deliveries while too many records await acknowledgement;
+        raises _Stopping when ``stop`` is set meanwhile (the broker may be down for long)."""
         while self._acks.in_flight >= self.config.max_in_flight:
+            if self._stop is not None and self._stop.is_set():
+                raise _Stopping()
             self.publisher.poll(0.1)
 
     # --- snapshot --------------------------------------------------------------------------
@@ -440,6 +642,9 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         try:
             with connection.cursor() as cursor:
                 keys = {source: self._key_columns(cursor, *source) for source in self._mappings}
+                self._float_columns = {
+                    source: self._float_column_names(cursor, *source) for source in self._mappings
+                }
                 cursor.execute("SET SESSION time_zone = '+00:00'")
                 cursor.execute("SET SESSION TRANSACTION ISOLATION LEVEL REPEATABLE READ")
                 cursor.execute("START TRANSACTION WITH CONSISTENT SNAPSHOT")
@@ -448,6 +653,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                 status = {str(k).lower(): str(v) for k, v in cursor.fetchall()}
                 binlog_file = status.get("binlog_snapshot_file", "")
                 binlog_pos = int(status.get("binlog_snapshot_position", "0") or 0)
+                version = binlog_version(binlog_file, binlog_pos)
                 cursor.execute("SELECT BINLOG_GTID_POS(%s, %s)", (binlog_file, binlog_pos))
                 found = cursor.fetchall()[0][0]
                 if found is None:
@@ -463,13 +669,13 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                 count = 0
                 for (database, table), order in keys.items():
                     count += self._snapshot_table(
-                        cursor, database, table, order, position, snapshot_ms, stop
+                        cursor, database, table, order, position, version, snapshot_ms, stop
                     )
                     if stop.is_set():
                         return None
                 connection.commit()
         except pymysql.err.Error as exc:
-            raise ConfigError(f"{self.config.name}: snapshot failed: {exc}") from None
+            raise self._source_error(exc, "snapshot failed") from None
         finally:
             connection.close()
         self._acks.mark(str(position))
@@ -493,6 +699,16 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         )
         return [str(row[0]) for row in cursor.fetchall()]
 
+    @staticmethod
+    def _float_column_names(cursor: Any, database: str, table: str) -> set[str]:
+        """The FLOAT columns, which the snapshot reads as DOUBLE (see _FLOAT_AS_DOUBLE)."""
+        cursor.execute(
+            "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+            "AND TABLE_NAME = %s AND DATA_TYPE = 'float'",
+            (database, table),
+        )
+        return {str(row[0]) for row in cursor.fetchall()}
+
     def _snapshot_table(
         self,
         cursor: Any,
@@ -500,24 +716,41 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         table: str,
         key_columns: list[str],
         position: GtidPosition,
+        version: int,
         snapshot_ms: int,
         stop: threading.Event,
     ) -> int:
         quoted = f"`{database.replace('`', '``')}`.`{table.replace('`', '``')}`"
         order = ", ".join(f"`{c.replace('`', '``')}`" for c in key_columns)
-        cursor.execute(f"SELECT * FROM {quoted}" + (f" ORDER BY {order}" if order else ""))
+        floats = self._float_columns.get((database, table), set())
+        columns = "*"
+        if floats:  # list every column, so FLOAT ones can be read at full precision
+            cursor.execute(
+                "SELECT COLUMN_NAME FROM information_schema.COLUMNS WHERE TABLE_SCHEMA = %s "
+                "AND TABLE_NAME = %s ORDER BY ORDINAL_POSITION",
+                (database, table),
+            )
+            quoted_columns = [
+                (str(row[0]), f"`{str(row[0]).replace('`', '``')}`") for row in cursor.fetchall()
+            ]
+            columns = ", ".join(
+                f"{_FLOAT_AS_DOUBLE.format(q)} AS {q}" if name in floats else q
+                for name, q in quoted_columns
+            )
+        cursor.execute(f"SELECT {columns} FROM {quoted}" + (f" ORDER BY {order}" if order else ""))
         names = [d[0] for d in cursor.description]
-        types = [d[1] for d in cursor.description]
-        seq = position_seq(position.max_seq, 0)
+        types = [FIELD_TYPE.FLOAT if d[0] in floats else d[1] for d in cursor.description]
         count = 0
         for values in cursor:
-            row = {n: self._zoned(v, t) for n, v, t in zip(names, values, types, strict=True)}
+            row = {
+                n: self._canonical(v, t) for n, v, t in zip(names, values, types, strict=True)
+            }
             for mapping in self._mappings[(database, table)]:
                 message_id = (
                     f"{self.config.source_system}:snapshot:{position}:{mapping.source}:"
                     f"{count}:{mapping.target}"
                 )
-                self._emit(mapping, "r", None, row, message_id, str(position), seq, None,
+                self._emit(mapping, "r", None, row, message_id, str(position), version, None,
                            snapshot_ms)
             count += 1
             self.metrics.read.inc()
@@ -527,13 +760,27 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                     break
         return count
 
-    def _zoned(self, value: object, field_type: int) -> object:
-        """Attach the time zone a naive datetime was stored in (TIMESTAMP is read as UTC)."""
+    def _canonical(self, value: object, field_type: int) -> object:
+        """One value as the snapshot and the binlog both give it, before rendering.
+
+        A naive datetime gets the time zone it was stored in (TIMESTAMP is read as UTC); BIT
+        (bytes in the snapshot, a '0101' string in the binlog) becomes its integer; FLOAT its
+        shortest float32 text (see :func:`float32_text`); TIME ``[-]HH:MM:SS[.ffffff]``.
+        """
         if isinstance(value, datetime) and value.tzinfo is None:
             if field_type in _TIMESTAMP_TYPES:
                 return value.replace(tzinfo=UTC)
             if field_type in _DATETIME_TYPES:
                 return value.replace(tzinfo=self._zone)
+        elif field_type == FIELD_TYPE.BIT:
+            if isinstance(value, bytes | bytearray):
+                return int.from_bytes(value, "big")
+            if isinstance(value, str) and value and set(value) <= {"0", "1"}:
+                return int(value, 2)
+        elif field_type == FIELD_TYPE.FLOAT and isinstance(value, float):
+            return float32_text(value)
+        elif isinstance(value, timedelta):
+            return time_text(value)
         return value
 
     # --- publishing ------------------------------------------------------------------------
@@ -646,6 +893,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
             WriteRowsEvent,
         )
 
+        _patch_library_time2()
         settings = self._connection_settings()
         # A dead server shows as a read timeout; the server sends heartbeats while idle.
         settings["read_timeout"] = max(10, int(self.config.heartbeat_s * 6))
@@ -694,7 +942,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                 now = time.monotonic()
                 down_since = down_since or now
                 if now - down_since > self.config.source_retry_s:
-                    raise RuntimeError(
+                    raise SourceUnavailable(
                         f"{self.config.name}: MariaDB at {self.config.host}:{self.config.port} "
                         f"unreachable for {self.config.source_retry_s:.0f}s: {exc}"
                     ) from None
@@ -741,7 +989,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
     def _remember_partial(self) -> None:
         """A transaction cut off by a broken stream: remember how many rows went out."""
         txn = self._transaction
-        if txn is not None:
+        if txn is not None and not txn.xa_prepared:  # XA rows are held back, none went out
             self._published_rows = (txn.gtid, max(txn.rows_read, txn.skip))
         self._transaction = None
 
@@ -755,31 +1003,111 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         from pymysqlreplication.row_event import RowsEvent, TableMapEvent
 
         if isinstance(event, MariadbGtidEvent):
-            self._begin(event)
+            self._begin(reader, event)
         elif isinstance(event, RowsEvent):
             self._on_rows(event)
         elif isinstance(event, XidEvent):
             self._end(reader)
         elif isinstance(event, QueryEvent):
-            txn = self._transaction
-            query = _text(event.query).strip().upper()
-            if txn is not None and (txn.standalone or query in ("COMMIT", "XA COMMIT")):
-                if txn.standalone:
-                    log.info(
-                        "%s: DDL/standalone statement in transaction %s", self.config.name,
-                        txn.gtid,
-                    )
-                self._end(reader)
+            self._on_query(reader, event)
         elif isinstance(event, TableMapEvent):
             self._check_table_map(event)
         elif isinstance(event, HeartbeatLogEvent) and self._transaction is None:
             self.metrics.source_lag.set(0)
 
-    def _begin(self, event: Any) -> None:
+    def _on_query(self, reader: Any, event: Any) -> None:
+        """COMMIT, the parts of an XA transaction, and DDL that affects a mapped table."""
+        txn = self._transaction
+        if txn is None:
+            return
+        query = _text(event.query).strip()
+        if query.upper() == "COMMIT":
+            self._end(reader)
+            return
+        fresh = not self._read_position.includes(txn.gtid)
+        xa = xa_statement(query)
+        if xa is not None:
+            verb, xid = xa
+            if verb == "END" and txn.xa_prepared:  # the group ends with XA PREPARE (unread)
+                if fresh:
+                    self._prepared_xa[xid] = _PreparedXa(txn, hold=self._committable())
+                self._end(reader)
+            elif verb in ("COMMIT", "ROLLBACK"):
+                if fresh:
+                    self._resolve_xa(xid, verb == "COMMIT", txn.commit_ms)
+                self._end(reader)
+            elif verb == "COMMIT ONE PHASE" or txn.standalone:
+                self._end(reader)
+            return
+        if txn.standalone:
+            if fresh:
+                self._check_ddl(query, _text(event.schema), txn)
+            self._end(reader)
+
+    def _resolve_xa(self, xid: str, commit: bool, commit_ms: int) -> None:
+        """XA COMMIT publishes the prepared rows (with the commit's time); ROLLBACK drops them."""
+        prepared = self._prepared_xa.pop(xid, None)
+        if prepared is None:
+            log.warning(
+                "%s: XA %s of %s, prepared before the collector's start position: changes "
+                "of mapped tables in it (if any) were not read", self.config.name,
+                "COMMIT" if commit else "ROLLBACK", xid,
+            )
+            return
+        if not commit:
+            if prepared.transaction.held_back:
+                log.info("%s: XA ROLLBACK of %s: %d held-back row changes dropped",
+                         self.config.name, xid, len(prepared.transaction.held_back))
+            return
+        gtid = prepared.transaction.gtid
+        for change in prepared.transaction.held_back:
+            self._emit(change.mapping, change.op, change.before, change.after,
+                       change.message_id, str(gtid), change.version, gtid.seq, commit_ms)
+
+    def _check_ddl(self, query: str, default_schema: str, txn: _Transaction) -> None:
+        """A mapped table truncated (dead letter), renamed or dropped (ERROR, counted)."""
+        affected = ddl_tables(query, default_schema)
+        if affected is None:
+            return
+        kind, tables = affected
+        for source in dict.fromkeys(tables):
+            mappings = self._mappings.get(source)
+            if not mappings:
+                continue
+            name = f"{source[0]}.{source[1]}"
+            if kind == "truncate":
+                reason = (
+                    f"{name} was truncated (transaction {txn.gtid}); row deletes are not "
+                    "published for a TRUNCATE"
+                )
+                log.error("%s: %s", self.config.name, reason)
+                original = json.dumps(
+                    {"table": name, "op": "truncate", "source_position": str(txn.gtid),
+                     "query": query}
+                ).encode()
+                self.publisher.dead_letter(
+                    "truncate",
+                    reason,
+                    original,
+                    self._acks.track(),
+                    organisation_id=self.config.organisation_id,
+                    received_ms=txn.commit_ms,
+                )
+            else:
+                self.metrics.failed("schema_changed").inc()
+                log.error(
+                    "%s: schema_changed: mapped table %s (-> %s) was %s in transaction %s "
+                    "(%s); its changes are no longer read under that name: update `tables` in "
+                    "the collector configuration and take a new snapshot", self.config.name,
+                    name, ", ".join(m.target for m in mappings),
+                    "renamed or replaced" if kind == "rename" else "dropped", txn.gtid, query,
+                )
+
+    def _begin(self, reader: Any, event: Any) -> None:
         gtid = Gtid(int(event.domain_id), int(event.server_id), int(event.gtid_seq_no))
         skip = 0
         cut_off = self._transaction  # the library reconnected by itself inside it
-        if cut_off is not None and cut_off.gtid == gtid:
+        if cut_off is not None and cut_off.gtid == gtid and not cut_off.xa_prepared:
             skip = max(cut_off.rows_read, cut_off.skip)
         elif self._published_rows is not None and self._published_rows[0] == gtid:
             skip = self._published_rows[1]  # the rows of this retry already went out
@@ -788,8 +1116,20 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
             gtid=gtid,
             commit_ms=int(event.timestamp) * 1000,
             standalone=bool(event.flags & _FL_STANDALONE),
+            # log_pos is where the next event starts: right after this GTID event.
+            version_base=binlog_version(str(reader.log_file), int(event.packet.log_pos)),
+            read_before=self._read_position,
+            xa_prepared=False,
             skip=skip,
         )
+
+    def _committable(self) -> GtidPosition:
+        """The position to save: the read position, or while an XA transaction with held-back
+        rows is unresolved, the position before its prepared part (re-read after a restart)."""
+        for prepared in self._prepared_xa.values():
+            if prepared.transaction.held_back:
+                return prepared.hold
+        return self._read_position
 
     def _end(self, reader: Any) -> None:
         txn = self._transaction
@@ -797,7 +1137,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         if txn is None or self._read_position.includes(txn.gtid):
             return
         self._read_position = self._read_position.advanced(txn.gtid)
-        self._acks.mark(str(self._read_position))
+        self._acks.mark(str(self._committable()))
         # The library reconnects by itself after a read timeout, with auto_position.
         reader.auto_position = str(self._read_position)
 
@@ -841,21 +1181,19 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
             self.metrics.read.inc()
             self.metrics.source_lag.set(max(0.0, (wall_clock_ms() - txn.commit_ms) / 1000))
             for mapping in mappings:
-                self._emit(
-                    mapping,
-                    op,
-                    before,
-                    after,
-                    f"{self.config.source_system}:{txn.gtid}:{row_index}:{mapping.target}",
-                    str(txn.gtid),
-                    position_seq(txn.gtid.seq, row_index),
-                    txn.gtid.seq,
-                    txn.commit_ms,
-                )
+                message_id = f"{self.config.source_system}:{txn.gtid}:{row_index}:{mapping.target}"
+                version = txn.version_base + row_index
+                if txn.xa_prepared:  # published at XA COMMIT, dropped at XA ROLLBACK
+                    txn.held_back.append(
+                        _RowChange(mapping, op, before, after, message_id, version)
+                    )
+                    continue
+                self._emit(mapping, op, before, after, message_id, str(txn.gtid), version,
+                           txn.gtid.seq, txn.commit_ms)
 
     def _zoned_row(self, values: Mapping[str, object], types: list[int]) -> dict[str, object]:
         return {
-            name: self._zoned(value, types[i]) if i < len(types) else value
+            name: self._canonical(value, types[i]) if i < len(types) else value
             for i, (name, value) in enumerate(values.items())
         }
 

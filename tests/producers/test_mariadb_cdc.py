@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
 import sys
@@ -16,14 +17,17 @@ import time
 import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pymysql
 import pytest
 import yaml
 
-from producers.base import ConfigError
+from medstream.settings import KafkaSettings
+from producers.base import ConfigError, SourceUnavailable
 from producers.mariadb_cdc import (
     POSITION_KEY,
     Gtid,
@@ -31,9 +35,13 @@ from producers.mariadb_cdc import (
     MariaDbCdcConfig,
     MariaDbCdcProducer,
     PositionLost,
+    binlog_version,
+    ddl_tables,
     default_server_id,
-    position_seq,
+    float32_text,
     server_setting_problems,
+    time_text,
+    xa_statement,
 )
 from schemas.serde import ManifestRegistry
 from tests.kafka_helpers import DLQ, consume, raw_topic
@@ -247,10 +255,87 @@ def test_gtid_position_parse_advance_and_text() -> None:
         GtidPosition.parse("0-1")
 
 
-def test_position_seq_orders_transactions_then_rows() -> None:
-    assert position_seq(5, 0) < position_seq(5, 1) < position_seq(6, 0)
-    assert position_seq(5, 1) == 5 * 2**20 + 1
-    assert position_seq(5, 2**21) < position_seq(6, 0)  # huge transactions stay in order
+def test_binlog_version_orders_files_then_positions() -> None:
+    assert binlog_version("mariadb-bin.000123", 4567) == 123 * 2**32 + 4567
+    assert binlog_version("mariadb-bin.000007", 2**32 - 1) < binlog_version("mariadb-bin.000008", 4)
+    assert binlog_version("x.1000000", 4) > binlog_version("x.999999", 2**31)  # 7 digits
+    with pytest.raises(ValueError, match="sequence number"):
+        binlog_version("mariadb-bin", 4)
+    with pytest.raises(ValueError, match="out of range"):
+        binlog_version("mariadb-bin.000001", 2**32)
+
+
+class _CapturingPublisher:
+    """Stands in for RawPublisher in pure tests: keeps what would be published."""
+
+    def __init__(self) -> None:
+        self.records: list[dict[str, Any]] = []
+        self.dead_letters: list[tuple[str, str, bytes]] = []
+
+    def publish(self, _key: Any, record: dict[str, Any], on_result: Any) -> None:
+        self.records.append(record)
+        on_result(None)
+
+    def dead_letter(self, reason_code: str, reason: str, original: bytes, on_result: Any,
+                    **_: Any) -> str:
+        self.dead_letters.append((reason_code, reason, original))
+        on_result(None)
+        return "dlq"
+
+    def encode(self, record: dict[str, Any]) -> bytes:
+        return repr(record).encode()
+
+    def poll(self, _timeout: float = 0.0) -> int:
+        return 0
+
+
+def _offline_collector(tmp_path: Path, table: str = "his_visit", **overrides: Any
+                       ) -> MariaDbCdcProducer:
+    """A collector whose Kafka is never contacted (pure tests feed it binlog events)."""
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="offline.")
+    return make_collector(kafka, tmp_path, table, **overrides)
+
+
+def _gtid_event(domain: int, server: int, seq: int, end_pos: int, flags: int = 0) -> Any:
+    return SimpleNamespace(domain_id=domain, server_id=server, gtid_seq_no=seq,
+                           timestamp=1_714_550_400, flags=flags,
+                           packet=SimpleNamespace(log_pos=end_pos))
+
+
+def _insert_event(table: str, *ids: int) -> Any:
+    columns = [SimpleNamespace(type=3), SimpleNamespace(type=253), SimpleNamespace(type=253),
+               SimpleNamespace(type=254), SimpleNamespace(type=253), SimpleNamespace(type=18),
+               SimpleNamespace(type=18)]
+    names = ["id", "visit_no", "mrn", "visit_type", "dept_code", "admit_time", "discharge_time"]
+    rows = [{"values": dict(zip(names, visit_row(n), strict=True))} for n in ids]
+    return SimpleNamespace(schema="test", table=table, columns=columns, rows=rows)
+
+
+def test_versions_follow_binlog_order_over_gtid_domains(tmp_path: Path) -> None:
+    """Regression: with versions from GTID sequence numbers a domain-0 change after a
+    domain-1 transaction with a higher sequence number got a lower version (stale row won)."""
+    collector = _offline_collector(tmp_path)
+    capture = _CapturingPublisher()
+    collector.publisher = capture  # type: ignore[assignment]
+    collector._read_position = GtidPosition.parse("0-1-100,1-2-5000")
+    snapshot_version = binlog_version("mariadb-bin.000007", 900)
+    reader = SimpleNamespace(log_file="mariadb-bin.000007", auto_position="")
+    for gtid, end_pos, ids in (((1, 2, 5001), 1000, (1, 2)), ((0, 1, 101), 2000, (1,)),
+                               ((1, 2, 5002), 3000, (1,))):
+        collector._begin(reader, _gtid_event(*gtid, end_pos))
+        collector._on_rows(_insert_event("his_visit", *ids))
+        collector._end(reader)
+    reader.log_file = "mariadb-bin.000008"  # rotated: positions start small again
+    collector._begin(reader, _gtid_event(0, 1, 102, 300))
+    collector._on_rows(_insert_event("his_visit", 1))
+    collector._end(reader)
+    versions = [r["position_seq"] for r in capture.records]
+    assert [r["source_position"] for r in capture.records] == [
+        "1-2-5001", "1-2-5001", "0-1-101", "1-2-5002", "0-1-102"]
+    assert versions == sorted(versions) and len(set(versions)) == len(versions)
+    assert versions[:2] == [binlog_version("mariadb-bin.000007", 1000) + i for i in range(2)]
+    assert snapshot_version < min(versions)
+    assert str(collector._read_position) == "0-1-102,1-2-5002"
 
 
 def test_server_settings_problems_name_each_setting() -> None:
@@ -451,9 +536,8 @@ def test_create_update_delete_with_images_and_shared_transaction(
     assert {r["transaction_id"] for r in created} == {transaction_seq}
     assert len({r["source_position"] for r in created}) == 1
     assert created[0]["source_position"].endswith(f"-{transaction_seq}")
-    assert sorted(r["position_seq"] for r in created) == [
-        position_seq(transaction_seq, i) for i in range(3)
-    ]
+    versions = sorted(r["position_seq"] for r in created)
+    assert versions == [versions[0] + i for i in range(3)]  # rows of one transaction
     assert len({r["commit_time"] for r in created}) == 1
     first = next(r for r in created if r["after"]["visit_no"] == "VTEST000001")
     assert first["table"] == "patient_visit" and first["before"] is None
@@ -683,6 +767,9 @@ def test_binlog_rotation_and_idle_heartbeats_while_streaming(
     records = [r for r in read_all(kafka, expected=3) if r["op"] != "r"]
     assert [(r["op"], r["after"]["visit_no"]) for r in records] == [
         ("c", "VTEST000001"), ("c", "VTEST000002"), ("u", "VTEST000001")]
+    versions = [r["position_seq"] for r in records]
+    assert versions[0] < versions[1] < versions[2]  # across the rotations
+    assert versions[2] >> 32 == (versions[0] >> 32) + 2  # two files later
 
 
 def _answers() -> bool:
@@ -863,3 +950,271 @@ def test_stream_cut_inside_a_transaction_resumes_without_duplicates(
     assert len(records) == 20_000  # no row sent twice
     assert len({r["message_id"] for r in records}) == 20_000
     assert {r["transaction_id"] for r in records} == {big}
+
+
+# --- source unavailable vs configuration errors ------------------------------------------
+
+
+def _closed_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def test_unreachable_server_is_source_unavailable_not_a_config_error(tmp_path: Path) -> None:
+    """Regression: a database down at start raised ConfigError (exit 2, never restarted)."""
+    port = _closed_port()
+    collector = _offline_collector(tmp_path, port=port)
+    with pytest.raises(SourceUnavailable, match=f"cannot connect.*127.0.0.1:{port}") as info:
+        collector.check()
+    assert not isinstance(info.value, ConfigError)
+    with pytest.raises(SourceUnavailable, match="cannot connect"):
+        collector.run(threading.Event())  # no saved position: the snapshot cannot connect
+
+
+def test_stream_unreachable_past_source_retry_is_source_unavailable(tmp_path: Path) -> None:
+    """Regression: after source_retry_s the stream raised a bare RuntimeError."""
+    collector = _offline_collector(tmp_path, port=_closed_port(), source_retry_s=0.5)
+    with sqlite3.connect(state_file(tmp_path)) as db:
+        db.execute("CREATE TABLE IF NOT EXISTS kv (key TEXT PRIMARY KEY, value TEXT)")
+        db.execute("INSERT INTO kv VALUES (?, ?)", (POSITION_KEY, "0-1-1"))
+    started = time.monotonic()
+    with pytest.raises(SourceUnavailable, match="unreachable for"):
+        collector.run(threading.Event())
+    assert time.monotonic() - started < 20
+
+
+@pytest.mark.integration
+def test_wrong_user_stays_a_config_error(
+    kafka_factory: Any, tmp_path: Path, sql: Sql, visit_table: str
+) -> None:
+    collector = make_collector(kafka_factory(), tmp_path, visit_table,
+                               user=f"nosuch_{uuid.uuid4().hex[:8]}")
+    with pytest.raises(ConfigError, match="cannot connect") as info:
+        collector.check()
+    assert not isinstance(info.value, SourceUnavailable)
+
+
+# --- DDL, XA and value rendering: pure parts ------------------------------------------------
+
+
+def test_ddl_tables_names_truncated_renamed_and_dropped_tables() -> None:
+    assert ddl_tables("TRUNCATE his_visit", "test") == ("truncate", [("test", "his_visit")])
+    assert ddl_tables("truncate table `his`.`a``b`", "test") == ("truncate", [("his", "a`b")])
+    assert ddl_tables("RENAME TABLE a TO b, other.c TO d", "test") == (
+        "rename", [("test", "a"), ("test", "b"), ("other", "c"), ("test", "d")])
+    assert ddl_tables("ALTER TABLE a ADD x INT, RENAME AS o.b", "test") == (
+        "rename", [("test", "a"), ("o", "b")])
+    assert ddl_tables("DROP TABLE IF EXISTS `a b`, c /* generated by server */", "t") == (
+        "drop", [("t", "a b"), ("t", "c")])
+    for statement in ("ALTER TABLE a RENAME COLUMN x TO y", "ALTER TABLE a RENAME INDEX i TO j",
+                      "ALTER TABLE a ADD COLUMN b INT", "CREATE TABLE a (id INT)",
+                      "UPDATE a SET b = 1"):
+        assert ddl_tables(statement, "test") is None, statement
+
+
+def test_xa_statement_and_value_texts() -> None:
+    assert xa_statement("XA END X'7831',X'',1") == ("END", "X'7831',X'',1")
+    assert xa_statement("xa commit X'7831',X'',1 ONE PHASE") == (
+        "COMMIT ONE PHASE", "X'7831',X'',1")
+    assert xa_statement("XA ROLLBACK X'7831',X'',1") == ("ROLLBACK", "X'7831',X'',1")
+    assert xa_statement("COMMIT") is None
+    assert time_text(-timedelta(hours=1, minutes=2, seconds=3, microseconds=4)) == (
+        "-01:02:03.000004")
+    assert time_text(timedelta(hours=838, minutes=59, seconds=59)) == "838:59:59"
+    assert float32_text(1.100000023841858) == 1.1
+    assert float32_text(123456.703125) == 123456.7
+    assert float32_text(3.4028234663852886e38) == 3.4028235e38
+
+
+def test_ddl_on_mapped_tables_dead_letters_truncate_and_counts_rename(
+    tmp_path: Path, caplog: Any
+) -> None:
+    collector = _offline_collector(tmp_path)
+    capture = _CapturingPublisher()
+    collector.publisher = capture  # type: ignore[assignment]
+    reader = SimpleNamespace(log_file="mariadb-bin.000001", auto_position="")
+    renamed = collector.metrics.failed("schema_changed")._value.get()
+    for seq, query, schema in ((1, "TRUNCATE TABLE his_visit", "test"),
+                               (2, "TRUNCATE other_table", "test"),
+                               (3, "RENAME TABLE test.his_visit TO test.his_visit_old", "x"),
+                               (4, "TRUNCATE his_visit", "elsewhere")):
+        collector._begin(reader, _gtid_event(0, 1, seq, 100 * seq, flags=1))
+        collector._on_query(reader, SimpleNamespace(query=query, schema=schema.encode()))
+    assert [(code, original) for code, _, original in capture.dead_letters] == [
+        ("truncate", b'{"table": "test.his_visit", "op": "truncate", "source_position": '
+                     b'"0-1-1", "query": "TRUNCATE TABLE his_visit"}')]
+    assert collector.metrics.failed("schema_changed")._value.get() == renamed + 1
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert any("test.his_visit was truncated" in m for m in errors)
+    assert any("schema_changed" in m and "renamed" in m for m in errors)
+    assert str(collector._read_position) == "0-1-4"
+
+
+# --- DDL, values, back-pressure and XA against the live server -------------------------------
+
+
+@pytest.mark.integration
+def test_truncate_and_rename_of_a_mapped_table_are_not_silent(
+    kafka_factory: Any, tmp_path: Path, sql: Sql, visit_table: str, caplog: Any
+) -> None:
+    kafka = kafka_factory()
+    collector = make_collector(kafka, tmp_path, visit_table)
+    moved = f"{visit_table}_old"
+    try:
+        with Running(collector) as running:
+            wait_for(lambda: gauge(collector.metrics.ready) == 1, 30, "streaming")
+            sql(INSERT.format(visit_table), visit_row(1))
+            sql(f"TRUNCATE TABLE `{visit_table}`")
+            sql(f"RENAME TABLE `{visit_table}` TO `{moved}`")
+            sql(f"ALTER TABLE `{moved}` RENAME TO `{visit_table}`")
+            sql(INSERT.format(visit_table), visit_row(2))
+            wait_caught_up(sql, state_file(tmp_path), running)
+            renamed = collector.metrics.failed("schema_changed")._value.get()
+            truncated = collector.metrics.failed("truncate")._value.get()
+    finally:
+        sql(f"DROP TABLE IF EXISTS `{moved}`")
+    dead = [p.value for p in consume(kafka, [DLQ], 1, timeout_s=20)]
+    assert [d["reason_code"] for d in dead] == ["truncate"]
+    assert f"test.{visit_table} was truncated" in dead[0]["reason"]
+    assert truncated == 1 and renamed == 2  # renamed away, and a table renamed onto it
+    errors = [r.getMessage() for r in caplog.records if r.levelname == "ERROR"]
+    assert sum("schema_changed" in m and visit_table in m for m in errors) == 2
+    created = [r["after"]["visit_no"] for r in read_all(kafka, expected=2) if r["op"] == "c"]
+    assert created == ["VTEST000001", "VTEST000002"]
+
+
+TYPED_COLUMNS = {"result_id": "id", "order_id": "id", "test_code": "id",
+                 "result_time": "taken", "visit_no": "flags", "test_name": "ratio",
+                 "result_value": "offset6", "unit": "offset2", "reference_range": "whole",
+                 "abnormal_flag": "big", "result_status": "tiny"}
+
+
+@pytest.mark.integration
+def test_snapshot_and_stream_render_bit_float_and_time_identically(
+    kafka_factory: Any, tmp_path: Path, sql: Sql
+) -> None:
+    """Regression: BIT '\\x05' vs '00000101', FLOAT '1.1' vs '1.100000023841858', and a
+    negative TIME with a fraction decoded wrongly from the binlog."""
+    table = f"his_typed_{uuid.uuid4().hex[:10]}"
+    sql(f"CREATE TABLE `{table}` (id INT PRIMARY KEY, taken DATETIME, flags BIT(8), "
+        "ratio FLOAT, offset6 TIME(6), offset2 TIME(2), whole TIME, big FLOAT, tiny BIT(1))")
+    insert = f"INSERT INTO `{table}` VALUES (%s, '2024-05-01 08:30:00', b'00000101', 1.1, " \
+             "'-01:02:03.000004', '-00:00:00.01', '-838:59:59', 123456.7, 1)"
+    expected = {"visit_no": "5", "test_name": "1.1", "result_value": "-01:02:03.000004",
+                "unit": "-00:00:00.010000", "reference_range": "-838:59:59",
+                "abnormal_flag": "123456.7", "result_status": "1"}
+    try:
+        sql(insert, (1,))
+        kafka = kafka_factory()
+        collector = make_collector(kafka, tmp_path, table, tables=[
+            {"source": f"test.{table}", "target": "lab_result", "columns": TYPED_COLUMNS}])
+        with Running(collector) as running:
+            wait_caught_up(sql, state_file(tmp_path), running)
+            sql(insert, (2,))
+            wait_caught_up(sql, state_file(tmp_path), running)
+        records = read_all(kafka, expected=2)
+    finally:
+        sql(f"DROP TABLE IF EXISTS `{table}`")
+    by_op = {r["op"]: r["after"] for r in records}
+    assert set(by_op) == {"r", "c"}
+    for op, after in by_op.items():
+        assert {k: after[k] for k in expected} == expected, op
+
+
+class _SilentBroker:
+    """A producer whose broker never answers: nothing is ever acknowledged."""
+
+    def __init__(self) -> None:
+        self.produced = 0
+
+    def produce(self, *_: Any, **__: Any) -> None:
+        self.produced += 1
+
+    def poll(self, timeout: float = 0.0) -> int:
+        time.sleep(min(timeout, 0.05))
+        return 0
+
+    def flush(self, timeout: float = 30.0) -> int:
+        return self.produced
+
+    def __len__(self) -> int:
+        return self.produced
+
+
+@pytest.mark.integration
+def test_stop_is_honoured_while_waiting_for_a_silent_broker(
+    kafka_factory: Any, tmp_path: Path, sql: Sql, visit_table: str
+) -> None:
+    """Regression: _wait_for_room never looked at ``stop``, so SIGTERM hung in an outage."""
+    for n in range(1, 21):
+        sql(INSERT.format(visit_table), visit_row(n))
+    collector = make_collector(kafka_factory(), tmp_path, visit_table, max_in_flight=5)
+    silent = _SilentBroker()
+    collector.publisher._producer = silent
+    running = Running(collector)
+    with running:
+        wait_for(lambda: silent.produced >= 5, 30, "the in-flight bound to fill")
+        time.sleep(0.3)
+        assert silent.produced == 5 and running.thread.is_alive()  # blocked on back-pressure
+        started = time.monotonic()
+        running.stop.set()
+        running.thread.join(10)
+        assert not running.thread.is_alive() and time.monotonic() - started < 5
+    assert running.error is None
+    assert saved_seq(state_file(tmp_path)) is None  # nothing acknowledged, nothing saved
+
+
+def _xa_cleanup(sql: Sql, xids: list[str]) -> None:
+    """Roll back our XA transactions still prepared (they would outlive the test)."""
+    prepared = {str(row[3]) for row in sql("XA RECOVER")}
+    for xid in xids:
+        if xid in prepared:
+            sql(f"XA ROLLBACK '{xid}'")
+
+
+@pytest.mark.integration
+def test_xa_rows_publish_at_xa_commit_only_and_survive_a_restart_while_prepared(
+    kafka_factory: Any, tmp_path: Path, sql: Sql, visit_table: str
+) -> None:
+    """Regression: rows of XA PREPARE were published at once, even when rolled back."""
+    kafka = kafka_factory()
+    name = f"mdb-{uuid.uuid4().hex[:8]}"
+    insert = INSERT.format(visit_table)
+    committed, rolled_back = f"xa-c-{uuid.uuid4().hex[:8]}", f"xa-r-{uuid.uuid4().hex[:8]}"
+    xa = Sql()
+    try:
+        first = make_collector(kafka, tmp_path, visit_table, name=name)
+        with Running(first) as running:
+            wait_caught_up(sql, state_file(tmp_path), running)
+            before_xa = saved_seq(state_file(tmp_path))
+            xa(f"XA START '{committed}'")
+            xa(insert, visit_row(1))
+            xa(f"XA END '{committed}'")
+            xa(f"XA PREPARE '{committed}'")
+            sql(insert, visit_row(2))
+            latest = sql.gtid_seq()
+            wait_for(lambda: first._read_position.max_seq >= latest, 30, "row 2 read")
+            time.sleep(1.0)  # commit rounds pass: the saved position stays before the XA
+            assert saved_seq(state_file(tmp_path)) == before_xa
+            assert first.metrics.read._value.get() == 2  # row 1 read, but held back
+        # Restarted while prepared: the held-back rows are read again from the saved position.
+        again = make_collector(kafka, tmp_path, visit_table, name=name)
+        with Running(again) as running:
+            wait_for(lambda: gauge(again.metrics.ready) == 1, 30, "streaming")
+            xa(f"XA COMMIT '{committed}'")
+            xa(f"XA START '{rolled_back}'")
+            xa(insert, visit_row(3))
+            xa(f"XA END '{rolled_back}'")
+            xa(f"XA PREPARE '{rolled_back}'")
+            xa(f"XA ROLLBACK '{rolled_back}'")
+            sql(insert, visit_row(4))
+            wait_caught_up(sql, state_file(tmp_path), running)
+    finally:
+        _xa_cleanup(sql, [committed, rolled_back])
+        xa.connection.close()
+    records = [r for r in read_all(kafka, expected=4) if r["op"] == "c"]
+    assert_no_double(records)
+    first_seen = list(dict.fromkeys(r["after"]["visit_no"] for r in records))
+    assert first_seen == ["VTEST000002", "VTEST000001", "VTEST000004"]  # 1 at XA COMMIT, no 3
+    assert sum(r["after"]["visit_no"] == "VTEST000001" for r in records) == 1
