@@ -154,7 +154,7 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
         f"normalise {rate('in:normalise'):6.0f} msg/s -> {rate('out:normalise'):7.0f} rec/s | "
         f"sink {rate('out:sink'):7.0f} rows/s | lag {v.get('lag', 0):.0f} | "
         f"dead letters {v.get('dlq', 0):.0f} | alerts {v.get('alerts', 0):.0f} | "
-        f"published {v.get('out:simulator', 0):.0f}"
+        f"published {v.get('out:simulator', 0) + v.get('out:collector', 0):.0f}"
     )
 
 
