@@ -36,8 +36,14 @@ a resume has the same id (and the same version).
 
 A TRUNCATE of a mapped table is dead-lettered (``truncate``); a RENAME or DROP of a mapped
 table is logged as an ERROR and counted (``schema_changed``). XA transactions publish their
-rows only at ``XA COMMIT`` (none at ``XA ROLLBACK``); while one is prepared, the saved
-position stays before it.
+rows only at ``XA COMMIT`` (none at ``XA ROLLBACK``), with the version of their prepared part
+(its row locks keep every other change of those rows before or after it); while one is
+prepared, the saved position stays before it, so a restart reads it again. An XA transaction
+prepared before the snapshot and committed after it is not published (logged as WARNING).
+
+Binlog coordinates belong to one server's binlog: ``RESET MASTER`` or pointing the collector
+at another server (a promoted replica) restarts them lower; then clear the target tables and
+take a new snapshot, or later changes would lose against older versions downstream.
 """
 
 from __future__ import annotations
@@ -982,6 +988,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         )
         self._transaction = None
         self._published_rows = None
+        self._prepared_xa.clear()  # as at a first start: the snapshot is the new beginning
         position = self._snapshot(state, stop)
         if position is not None:
             self._read_position = position
@@ -1119,7 +1126,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
             # log_pos is where the next event starts: right after this GTID event.
             version_base=binlog_version(str(reader.log_file), int(event.packet.log_pos)),
             read_before=self._read_position,
-            xa_prepared=False,
+            xa_prepared=bool(event.flags & _FL_PREPARED_XA),
             skip=skip,
         )
 

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 import uuid
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from confluent_kafka import Consumer, KafkaError
@@ -75,3 +78,18 @@ def raw_topic(source_kind: str) -> str:
 
 
 DLQ = DLQ_TOPIC
+
+
+def collector_env(kafka: KafkaSettings, data_dir: Path) -> dict[str, str]:
+    """Environment for a `medstream collect` subprocess on this test's broker and topics."""
+    return {
+        **os.environ,
+        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+        "MEDSTREAM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
+        "MEDSTREAM_DATA_DIR": str(data_dir),
+    }
+
+
+def collect_command(kind: str, config: Path, *extra: str) -> list[str]:
+    """The `medstream collect KIND --config FILE ...` command line, as an operator runs it."""
+    return [sys.executable, "-m", "medstream", "collect", kind, "--config", str(config), *extra]

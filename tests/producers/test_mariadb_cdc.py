@@ -1127,11 +1127,14 @@ class _SilentBroker:
 
     def __init__(self) -> None:
         self.produced = 0
+        self.test_over = threading.Event()
 
     def produce(self, *_: Any, **__: Any) -> None:
         self.produced += 1
 
     def poll(self, timeout: float = 0.0) -> int:
+        if self.test_over.is_set():  # ends a collector that ignored stop (it holds the table)
+            raise RuntimeError("the test is over")
         time.sleep(min(timeout, 0.05))
         return 0
 
@@ -1154,23 +1157,35 @@ def test_stop_is_honoured_while_waiting_for_a_silent_broker(
     collector.publisher._producer = silent
     running = Running(collector)
     with running:
-        wait_for(lambda: silent.produced >= 5, 30, "the in-flight bound to fill")
-        time.sleep(0.3)
-        assert silent.produced == 5 and running.thread.is_alive()  # blocked on back-pressure
-        started = time.monotonic()
-        running.stop.set()
-        running.thread.join(10)
-        assert not running.thread.is_alive() and time.monotonic() - started < 5
+        try:
+            wait_for(lambda: silent.produced >= 5, 30, "the in-flight bound to fill")
+            time.sleep(0.3)
+            assert silent.produced == 5 and running.thread.is_alive()  # held by back-pressure
+            started = time.monotonic()
+            running.stop.set()
+            running.thread.join(10)
+            assert not running.thread.is_alive() and time.monotonic() - started < 5
+        finally:
+            silent.test_over.set()
     assert running.error is None
     assert saved_seq(state_file(tmp_path)) is None  # nothing acknowledged, nothing saved
 
 
 def _xa_cleanup(sql: Sql, xids: list[str]) -> None:
-    """Roll back our XA transactions still prepared (they would outlive the test)."""
-    prepared = {str(row[3]) for row in sql("XA RECOVER")}
-    for xid in xids:
-        if xid in prepared:
-            sql(f"XA ROLLBACK '{xid}'")
+    """Roll back our XA transactions still prepared (they would outlive the test and their
+    locks would block dropping the table)."""
+
+    def rolled_back() -> bool:
+        prepared = {row[3].decode() if isinstance(row[3], bytes) else str(row[3])
+                    for row in sql("XA RECOVER")}
+        for xid in set(xids) & prepared:
+            try:  # fails until the server has detached it from the closed session
+                sql(f"XA ROLLBACK '{xid}'")
+            except pymysql.err.MySQLError:
+                return False
+        return True
+
+    wait_for(rolled_back, 30, "prepared XA transactions to be rolled back")
 
 
 @pytest.mark.integration
@@ -1210,9 +1225,9 @@ def test_xa_rows_publish_at_xa_commit_only_and_survive_a_restart_while_prepared(
             xa(f"XA ROLLBACK '{rolled_back}'")
             sql(insert, visit_row(4))
             wait_caught_up(sql, state_file(tmp_path), running)
-    finally:
-        _xa_cleanup(sql, [committed, rolled_back])
+    finally:  # detached first: a prepared XA can only be rolled back by another session then
         xa.connection.close()
+        _xa_cleanup(sql, [committed, rolled_back])
     records = [r for r in read_all(kafka, expected=4) if r["op"] == "c"]
     assert_no_double(records)
     first_seen = list(dict.fromkeys(r["after"]["visit_no"] for r in records))

@@ -14,7 +14,6 @@ import re
 import signal
 import struct
 import subprocess
-import sys
 import threading
 import time
 import uuid
@@ -52,7 +51,8 @@ from producers.postgres_cdc import (
     parse_text_value,
 )
 from schemas.serde import ManifestRegistry
-from tests.kafka_helpers import DLQ, Published, consume, raw_topic
+from tests.kafka_helpers import DLQ, Published, collect_command, collector_env, consume, raw_topic
+from tests.waiting import wait_for
 
 PG_DSN = os.environ.get(
     "MEDSTREAM_TEST_PG_DSN", "host=127.0.0.1 port=5432 user=postgres dbname=test"
@@ -408,7 +408,7 @@ class Running:
             self.error = exc
 
     def wait_streaming(self, timeout_s: float = 30) -> None:
-        _wait(lambda: self.collector.streaming or self.error is not None, timeout_s)
+        wait_for(lambda: self.collector.streaming or self.error is not None, timeout_s)
         assert self.error is None, self.error
 
     def stop(self) -> None:
@@ -419,12 +419,6 @@ class Running:
             raise self.error
 
 
-def _wait(condition: Callable[[], bool], timeout_s: float, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture
@@ -515,10 +509,10 @@ def test_snapshot_then_stream_has_no_gap_and_no_double(
     thread = threading.Thread(target=writer)
     thread.start()
     try:
-        _wait(lambda: len(written) >= 20, 10, "writes before the snapshot")
+        wait_for(lambda: len(written) >= 20, 10, "writes before the snapshot")
         running = start(_collector(source, tmp_path, kafka, snapshot_batch_rows=50))
         running.wait_streaming()
-        _wait(lambda: len(written) >= 200, 30, "writes while streaming")
+        wait_for(lambda: len(written) >= 200, 30, "writes while streaming")
     finally:
         writing.clear()
         thread.join()
@@ -746,12 +740,12 @@ def test_confirmed_flush_lsn_advances_only_after_delivery(
     conn.close()
     # The broker has the record, but its delivery report is held back.
     assert len(consume(kafka, [EMR], 1)) == 1
-    _wait(lambda: gated.delivered >= 1, 10, "the delivery report")
+    wait_for(lambda: gated.delivered >= 1, 10, "the delivery report")
     time.sleep(1.5)  # several feedback intervals (0.2 s)
     assert _confirmed_flush(source.slot) < end_of_commit
     assert _confirmed_flush(source.slot) >= initial
     gated.open()
-    _wait(lambda: _confirmed_flush(source.slot) >= end_of_commit, 15, "confirmed_flush_lsn")
+    wait_for(lambda: _confirmed_flush(source.slot) >= end_of_commit, 15, "confirmed_flush_lsn")
     running.stop()
 
 
@@ -769,10 +763,10 @@ def test_idle_heartbeat_advances_confirmed_flush_lsn(
     _sql("CREATE TEMP TABLE IF NOT EXISTS unrelated (n int)")
     _sql("SELECT pg_logical_emit_message(false, 'test', 'unrelated WAL')")
     target = _current_lsn()
-    _wait(lambda: _confirmed_flush(source.slot) >= target, 30, "confirmed_flush_lsn")
+    wait_for(lambda: _confirmed_flush(source.slot) >= target, 30, "confirmed_flush_lsn")
     heartbeats_before = _confirmed_flush(source.slot)
     # With no writes at all, the collector's own heartbeat messages keep moving it.
-    _wait(lambda: _confirmed_flush(source.slot) > heartbeats_before, 30, "heartbeat advance")
+    wait_for(lambda: _confirmed_flush(source.slot) > heartbeats_before, 30, "heartbeat advance")
     running.stop()
     assert consume(kafka, [EMR], 0, timeout_s=2) == []
     assert HEARTBEAT_PREFIX == "medstream.heartbeat"
@@ -788,12 +782,7 @@ def _write_config(source: Source, tmp_path: Path, **overrides: Any) -> Path:
 
 
 def _cli_env(kafka: KafkaSettings, tmp_path: Path) -> dict[str, str]:
-    return {
-        **os.environ,
-        "KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
-        "MEDSTREAM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix,
-        "MEDSTREAM_DATA_DIR": str(tmp_path / "data"),
-    }
+    return collector_env(kafka, tmp_path / "data")
 
 
 class Writer:
@@ -848,7 +837,7 @@ def test_kill_9_mid_stream_then_restart_publishes_every_change(
     kafka = kafka_factory()
     config = _write_config(source, tmp_path)
     env = _cli_env(kafka, tmp_path)
-    command = [sys.executable, "-m", "medstream", "collect", "postgres", "--config", str(config)]
+    command = collect_command("postgres", config)
     conn = _connect_retrying()
     with conn, conn.cursor() as cur:
         for n in range(50):  # rows for the snapshot
@@ -858,17 +847,17 @@ def test_kill_9_mid_stream_then_restart_publishes_every_change(
     first = subprocess.Popen(command, env=env, cwd=REPO, stdout=log_file, stderr=log_file)
     writer = Writer(source, "K")
     try:
-        _wait(lambda: writer.count >= 150, 60, "writes")
-        _wait(lambda: _slot_exists(source.slot), 30, "the slot")
-        _wait(lambda: len(consume(kafka, [EMR], 100, timeout_s=5)) >= 100, 60, "publishing")
+        wait_for(lambda: writer.count >= 150, 60, "writes")
+        wait_for(lambda: _slot_exists(source.slot), 30, "the slot")
+        wait_for(lambda: len(consume(kafka, [EMR], 100, timeout_s=5)) >= 100, 60, "publishing")
         first.send_signal(signal.SIGKILL)
         first.wait(10)
         killed_at = datetime.now(UTC)
         confirmed_at_kill = _confirmed_flush(source.slot)
-        _wait(lambda: writer.count >= 300, 60, "writes while the collector is down")
+        wait_for(lambda: writer.count >= 300, 60, "writes while the collector is down")
         time.sleep(0.2)
         second = subprocess.Popen(command, env=env, cwd=REPO, stdout=log_file, stderr=log_file)
-        _wait(lambda: writer.count >= 400, 60, "writes after the restart")
+        wait_for(lambda: writer.count >= 400, 60, "writes after the restart")
     finally:
         writer.stop()
         if first.poll() is None:
@@ -913,7 +902,7 @@ def test_database_restart_mid_stream_loses_nothing(
     running.wait_streaming()
     writer = Writer(source, "R")
     try:
-        _wait(lambda: writer.count >= 100, 60, "writes before the restart")
+        wait_for(lambda: writer.count >= 100, 60, "writes before the restart")
         subprocess.run(
             ["pg_ctlcluster", "--skip-systemctl-redirect", "15", "main", "restart"],
             check=True,
@@ -921,13 +910,13 @@ def test_database_restart_mid_stream_loses_nothing(
         )
         _connect_retrying(120).close()
         written = writer.count
-        _wait(lambda: writer.count >= written + 100, 60, "writes after the restart")
+        wait_for(lambda: writer.count >= written + 100, 60, "writes after the restart")
     finally:
         writer.stop()
         _connect_retrying(120).close()
     expected = _visits(source)
     records = _consume_visits(kafka, expected)
-    _wait(lambda: collector.metrics.ready._value.get() == 1, 30, "streaming again")
+    wait_for(lambda: collector.metrics.ready._value.get() == 1, 30, "streaming again")
     running.stop()
     published = {r["after"]["visit_no"] for r in records}
     assert expected <= published, f"lost {len(expected - published)} row changes"
@@ -963,18 +952,9 @@ def test_check_reports_mapping_errors_with_exit_code_2(
         **{k: v.format(tag=source.tag) if isinstance(v, str) else v for k, v in change.items()},
     }
     config = _write_config(source, tmp_path, tables=[visit, _diag_mapping(source.diag)])
-    command = [
-        sys.executable,
-        "-m",
-        "medstream",
-        "collect",
-        "postgres",
-        "--config",
-        str(config),
-        "--check",
-    ]
     result = subprocess.run(
-        command, env=_cli_env(kafka, tmp_path), cwd=REPO, capture_output=True, text=True, timeout=60
+        collect_command("postgres", config, "--check"),
+        env=_cli_env(kafka, tmp_path), cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 2, result.stdout + result.stderr
     assert problem.format(tag=source.tag) in result.stderr + result.stdout
@@ -987,18 +967,9 @@ def test_check_accepts_a_valid_mapping_with_replica_identity_full(
 ) -> None:
     kafka = kafka_factory()
     config = _write_config(source, tmp_path)
-    command = [
-        sys.executable,
-        "-m",
-        "medstream",
-        "collect",
-        "postgres",
-        "--config",
-        str(config),
-        "--check",
-    ]
     result = subprocess.run(
-        command, env=_cli_env(kafka, tmp_path), cwd=REPO, capture_output=True, text=True, timeout=60
+        collect_command("postgres", config, "--check"),
+        env=_cli_env(kafka, tmp_path), cwd=REPO, capture_output=True, text=True, timeout=60,
     )
     assert result.returncode == 0, result.stdout + result.stderr
     assert "2 table mapping(s) valid" in result.stdout
@@ -1183,7 +1154,7 @@ def test_truncate_of_a_mapped_table_is_dead_lettered(
     [letter] = dead
     assert letter["reason_code"] == "truncate"
     assert f"{source.visit} was truncated" in letter["reason"]
-    _wait(lambda: _confirmed_flush(source.slot) >= _current_lsn(), 15, "the position after it")
+    wait_for(lambda: _confirmed_flush(source.slot) >= _current_lsn(), 15, "the position after it")
 
 
 # --- review regressions: decoding without a server (a fake producer acknowledges at once) ---
@@ -1549,7 +1520,7 @@ def test_snapshot_waits_for_a_slow_broker_instead_of_failing(
     )
     gated = GatedProducer(kafka)  # acknowledgements held: a broker slower than any deadline
     running = start(_collector(source, tmp_path, kafka, producer=gated))
-    _wait(lambda: gated.delivered >= 20, 30, "the snapshot records at the broker")
+    wait_for(lambda: gated.delivered >= 20, 30, "the snapshot records at the broker")
     time.sleep(2)
     assert running.error is None and not running.collector.streaming
     gated.open()
@@ -1579,12 +1550,12 @@ def test_confirmed_flush_never_passes_an_unacknowledged_commit(
     with conn.cursor() as cur:  # T0: acknowledged and confirmed above T2's first change
         source.insert_visit(cur, "T0")
     t0_end = _current_lsn()
-    _wait(lambda: _confirmed_flush(source.slot) >= t0_end, 15, "T0 confirmed")
+    wait_for(lambda: _confirmed_flush(source.slot) >= t0_end, 15, "T0 confirmed")
     gated._gate.clear()  # from now on acknowledgements are held
     with conn.cursor() as cur:  # T1: read in full, never acknowledged
         source.insert_visit(cur, "T1")
     t1_end = _current_lsn()
-    _wait(lambda: gated.delivered >= 2, 10, "T1 at the broker")
+    wait_for(lambda: gated.delivered >= 2, 10, "T1 at the broker")
     source.insert_visit(cur2, "T2-B")
     early.commit()  # T2 is decoded after T1, with a change below the confirmed point
     for _ in range(20):  # more WAL: keepalives with a WAL end past T1's commit
@@ -1592,7 +1563,7 @@ def test_confirmed_flush_never_passes_an_unacknowledged_commit(
         time.sleep(0.4)
     assert _confirmed_flush(source.slot) < t1_end, "confirmed past an unacknowledged commit"
     gated.open()
-    _wait(lambda: _confirmed_flush(source.slot) >= t1_end, 30, "T1 confirmed once acknowledged")
+    wait_for(lambda: _confirmed_flush(source.slot) >= t1_end, 30, "T1 confirmed once acknowledged")
     running.stop()
     early.close()
     conn.close()
