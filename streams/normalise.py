@@ -156,6 +156,34 @@ def _convert(value: float, sent_unit: str, mapping: UnitMapping) -> tuple[float 
     return (standard, mapping.unit) if standard is not None else (None, None)
 
 
+_Standardised = tuple[float | None, str | None, str, float | None, float | None]
+
+
+def _standardise(
+    numeric: float | None,
+    sent_unit: str,
+    mapping: UnitMapping,
+    reference: tuple[float | None, float | None],
+) -> _Standardised:
+    """A mapped lab test's value, unit, mapping status and reference range in its standard
+    unit (as value, unit, mapping_status, reference_low, reference_high). A unit the map
+    cannot convert leaves value and range unset and the status ``unit_unmapped``."""
+    if numeric is None and not mapping.converts(sent_unit):
+        return None, None, ("mapped" if not sent_unit else "unit_unmapped"), None, None
+    if numeric is not None:
+        value, unit = _convert(numeric, sent_unit, mapping)
+    else:
+        value, unit = None, mapping.unit
+    low, high = reference
+    return (
+        value,
+        unit,
+        "mapped" if unit is not None else "unit_unmapped",
+        None if low is None else mapping.to_standard(low, sent_unit),
+        None if high is None else mapping.to_standard(high, sent_unit),
+    )
+
+
 # --- EMR row changes (CDC) ----------------------------------------------------------------
 
 
@@ -362,25 +390,15 @@ def _emr_lab_result(
     mapping = terminology.lab(organisation_id, local_code)
     value: float | None = None
     unit: str | None = None
-    reference_low, reference_high = _parse_reference_range(_optional(row, "reference_range") or "")
+    reference_low: float | None = None
+    reference_high: float | None = None
     if mapping is None:
         mapping_status = "unmapped"
-        reference_low = reference_high = None
-    elif numeric is not None or mapping.converts(sent_unit):
-        if numeric is not None:
-            value, unit = _convert(numeric, sent_unit, mapping)
-        else:
-            unit = mapping.unit
-        mapping_status = "mapped" if unit is not None else "unit_unmapped"
-        reference_low = (
-            None if reference_low is None else mapping.to_standard(reference_low, sent_unit)
-        )
-        reference_high = (
-            None if reference_high is None else mapping.to_standard(reference_high, sent_unit)
-        )
     else:
-        mapping_status = "mapped" if not sent_unit else "unit_unmapped"
-        reference_low = reference_high = None
+        reference = _parse_reference_range(_optional(row, "reference_range") or "")
+        value, unit, mapping_status, reference_low, reference_high = _standardise(
+            numeric, sent_unit, mapping, reference
+        )
     if numeric is not None and value is None:
         value_text = sent  # kept as sent when it cannot be standardised
 
@@ -754,21 +772,10 @@ def _lab_result(
         # unit against: keep value and unit as sent.
         mapping_status = "mapped"
         value, unit = numeric, (sent_unit or None)
-    elif numeric is not None or mapping.converts(sent_unit):
-        if numeric is not None:
-            value, unit = _convert(numeric, sent_unit, mapping)
-        else:
-            unit = mapping.unit
-        mapping_status = "mapped" if unit is not None else "unit_unmapped"
-        reference_low = (
-            None if reference_low is None else mapping.to_standard(reference_low, sent_unit)
-        )
-        reference_high = (
-            None if reference_high is None else mapping.to_standard(reference_high, sent_unit)
-        )
     else:
-        mapping_status = "mapped" if not sent_unit else "unit_unmapped"
-        reference_low = reference_high = None
+        value, unit, mapping_status, reference_low, reference_high = _standardise(
+            numeric, sent_unit, mapping, (reference_low, reference_high)
+        )
     if numeric is not None and value is None:
         value_text = numeric_text  # kept as sent when it cannot be standardised
 
