@@ -489,7 +489,9 @@ def test_snapshot_then_stream_without_gap_or_double_under_concurrent_writes(
     finally:
         writing.clear()
         thread.join()
-    records = read_all(kafka, expected=300 + 2 * len(written))
+    # Each row at least once; writes made before the snapshot are inside it, so the exact
+    # count is unknown: read until the topic is quiet.
+    records = read_all(kafka, expected=300 + len(written))
     assert_no_double(records)
     ops = Counter(r["op"] for r in records)
     assert ops["r"] >= 300 and ops["c"] >= 1, ops  # writes happened during and after it

@@ -517,8 +517,9 @@ def test_snapshot_then_stream_has_no_gap_and_no_double(
         writing.clear()
         thread.join()
     final = dict(_sql(f"SELECT visit_no, dept_code FROM {source.visit}"))
-    updates = min(len(written), 3000) // 7
-    records = _values(consume(kafka, [EMR], len(final) + updates, timeout_s=60))
+    # At least one record per row; updates of snapshot rows made before the snapshot was
+    # taken are inside it, so the exact count is unknown: read until the topic is quiet.
+    records = _values(consume(kafka, [EMR], len(final), timeout_s=60, settle_s=2.0))
     running.stop()
     conn.close()
 
