@@ -25,7 +25,7 @@ import threading
 import time
 from abc import ABC, abstractmethod
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -573,10 +573,30 @@ class CollectorState:
             )
         return int(cursor.rowcount)
 
+    def secret(self, name: str) -> bytes:
+        """A random 32-byte key, created on first use and kept: for keyed hashes that must
+        be stable across runs without revealing what they hash (e.g. a patient number)."""
+        stored = self.get(f"secret:{name}")
+        if stored is None:
+            stored = os.urandom(32).hex()
+            self.put(f"secret:{name}", stored)
+        return bytes.fromhex(stored)
+
     def close(self) -> None:
         """Close the file."""
         with self._lock:
             self._db.close()
+
+
+def snapshot_row_ref(key: bytes, row: Mapping[str, object]) -> str:
+    """A stable, keyed fingerprint of one snapshot row's content (column -> value).
+
+    Snapshot records are identified by what they hold, not by the snapshot's position: a
+    snapshot redone after a crash re-publishes unchanged rows with the same ids, so they
+    collapse downstream, while a row that changed in between gets a new id.
+    """
+    text = repr(sorted((str(column), repr(value)) for column, value in row.items()))
+    return hashlib.blake2b(text.encode(), key=key, digest_size=16).hexdigest()
 
 
 # --- the collector base class -------------------------------------------------------------

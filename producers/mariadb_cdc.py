@@ -73,6 +73,7 @@ from producers.base import (
     DeliveryFailed,
     OrderedAcks,
     SourceUnavailable,
+    snapshot_row_ref,
     wall_clock_ms,
 )
 from producers.table_mapping import (
@@ -449,6 +450,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
         for table in config.tables:
             self._mappings.setdefault((table.schema_name, table.table_name), []).append(table)
         self._acks: OrderedAcks[str] = OrderedAcks()
+        self._snapshot_id_key = b""  # the persisted key of snapshot ids, set by _snapshot
         self._read_position = GtidPosition()  # after the last whole transaction read
         self._transaction: _Transaction | None = None
         self._published_rows: tuple[Gtid, int] | None = None  # partial transaction published
@@ -673,6 +675,7 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                     binlog_pos, str(position),
                 )
                 count = 0
+                self._snapshot_id_key = state.secret("snapshot_ids")
                 for (database, table), order in keys.items():
                     count += self._snapshot_table(
                         cursor, database, table, order, position, version, snapshot_ms, stop
@@ -752,9 +755,11 @@ class MariaDbCdcProducer(Collector[MariaDbCdcConfig]):
                 n: self._canonical(v, t) for n, v, t in zip(names, values, types, strict=True)
             }
             for mapping in self._mappings[(database, table)]:
+                # Identified by content (keyed hash, never the values): a snapshot redone
+                # after a crash gives unchanged rows the same ids, so they collapse downstream.
                 message_id = (
-                    f"{self.config.source_system}:snapshot:{position}:{mapping.source}:"
-                    f"{count}:{mapping.target}"
+                    f"{self.config.source_system}:snapshot:{mapping.source}:{mapping.target}:"
+                    f"{snapshot_row_ref(self._snapshot_id_key, row)}"
                 )
                 self._emit(mapping, "r", None, row, message_id, str(position), version, None,
                            snapshot_ms)

@@ -30,7 +30,7 @@ How one row change of a hospital database becomes one EmrRowChange record:
   could pass an unacknowledged commit (:meth:`PostgresCdcProducer._must_drain_before_read`).
 * **Ids.** ``message_id`` is ``<source_system>:<change LSN>`` (``:<n>`` appended for the n-th
   further record at one LSN, e.g. a multi-row insert) and
-  ``<source_system>:snapshot:<consistent LSN>:<schema.table>:<key hash>`` for snapshot
+  ``<source_system>:snapshot:<schema.table>:<key hash>:<content hash>`` for snapshot
   rows (a keyed BLAKE2b hash of the primary key text: the key itself may be an MRN and
   must not reach logs, dead-letter keys or ``source_ref``), so a redelivered change keeps
   its id and its event id downstream.
@@ -84,6 +84,7 @@ from producers.base import (
     DeliveryFailed,
     OrderedAcks,
     SourceUnavailable,
+    snapshot_row_ref,
     wall_clock_ms,
 )
 from producers.table_mapping import (
@@ -907,10 +908,10 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         )
         started_ms = wall_clock_ms()
         acks: OrderedAcks[int] = OrderedAcks()
-        # Snapshot ids carry a keyed hash of the primary key, never its text (it may be an
-        # MRN). The key lives only as long as this snapshot: its ids need to be stable only
-        # for the producer's own retries, and a redone snapshot has a new consistent point.
-        id_key = os.urandom(32)
+        # Snapshot ids carry keyed hashes of the primary key and of the row's content, never
+        # their text (a key may be an MRN); the hash key is kept in the collector state, so
+        # a snapshot redone after a crash gives unchanged rows the same ids.
+        id_key = self._snapshot_id_key()
         rows = 0
         reader = self._connect()
         try:
@@ -922,6 +923,7 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                     if stop.is_set():
                         return None
                     row_ref = hashlib.blake2b(key.encode(), key=id_key, digest_size=16).hexdigest()
+                    content_ref = snapshot_row_ref(id_key, values)
                     for index, mapping in enumerate(mappings):
                         ref = source if len(mappings) == 1 else f"{source}#{index}"
                         try:
@@ -933,8 +935,8 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
                             "r",
                             None,
                             values,
-                            f"{self.config.source_system}:snapshot:{consistent_text}:{ref}:"
-                            f"{row_ref}",
+                            f"{self.config.source_system}:snapshot:{ref}:{row_ref}:"
+                            f"{content_ref}",
                             consistent_text,
                             version,
                             None,
@@ -994,6 +996,10 @@ class PostgresCdcProducer(Collector[PostgresCdcConfig]):
         if row is None or row[0] is None:
             raise PgOutputError(f"slot {self.config.slot_name} has no restart_lsn after creation")
         return lsn_int(row[0]) - 1
+
+    def _snapshot_id_key(self) -> bytes:
+        """The persisted key of the snapshot ids' hashes (a fresh one without state)."""
+        return self._state.secret("snapshot_ids") if self._state is not None else os.urandom(32)
 
     def _snapshot_rows(self, reader: Any, source: str) -> Iterator[tuple[dict[str, object], str]]:
         """The rows of one table (mapped columns as Python values) and each row's key text."""

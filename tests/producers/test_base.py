@@ -184,3 +184,18 @@ def test_async_publisher_fails_waiting_publishes_when_delivery_reports_break(
     message, pending = asyncio.run(main())
     assert "delivery report handling failed" in message
     assert pending == "0"
+
+
+def test_snapshot_row_ids_are_stable_keyed_and_content_addressed(tmp_path: Path) -> None:
+    from producers.base import snapshot_row_ref
+
+    state = CollectorState(tmp_path / "s.sqlite")
+    key = state.secret("snapshot_ids")
+    state.close()
+    assert CollectorState(tmp_path / "s.sqlite").secret("snapshot_ids") == key  # persisted
+    row = {"visit_no": "V-1", "patient_mrn": "SYNTH-MRN-1", "admit": None}
+    same = snapshot_row_ref(key, dict(reversed(list(row.items()))))
+    assert snapshot_row_ref(key, row) == same  # column order does not matter
+    assert snapshot_row_ref(key, {**row, "admit": "2026-11-01"}) != same  # content does
+    assert snapshot_row_ref(b"another key" * 3, row) != same  # keyed: not guessable
+    assert "SYNTH-MRN-1" not in same and len(same) == 32
