@@ -288,10 +288,28 @@ def _emr_event(
     pseudonymiser: Pseudonymiser,
     now_ms: int,
 ) -> tuple[dict[str, Any], str | None, str]:
-    """Lineage, person_key and encounter_key shared by every event of an EMR row change."""
+    """Lineage, person_key and encounter_key shared by the visit events of an EMR row change."""
+    value, person_key = _emr_lineage(
+        raw, row, organisation_id, event_time, ctx, terminology, pseudonymiser, now_ms
+    )
+    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
+    value["encounter_key"] = encounter_key
+    return value, person_key, encounter_key
+
+
+def _emr_lineage(
+    raw: Mapping[str, Any],
+    row: _Row,
+    organisation_id: str,
+    event_time: int,
+    ctx: RawContext,
+    terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+    now_ms: int,
+) -> tuple[dict[str, Any], str | None]:
+    """Lineage and person_key of the one event an EMR row change becomes."""
     mrn = _optional(row, "patient_mrn")
     person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
-    encounter_key = pseudonymiser.encounter_key(organisation_id, visit_no)
     value = _lineage(
         "emr_cdc",
         raw["source_system"],
@@ -305,8 +323,7 @@ def _emr_event(
         terminology.version,
         now_ms,
     )
-    value["encounter_key"] = encounter_key
-    return value, person_key, encounter_key
+    return value, person_key
 
 
 def _diagnosis(
@@ -402,20 +419,8 @@ def _emr_lab_result(
     if numeric is not None and value is None:
         value_text = sent  # kept as sent when it cannot be standardised
 
-    mrn = _optional(row, "patient_mrn")
-    person_key = pseudonymiser.person_key(organisation_id, mrn) if mrn else None
-    record = _lineage(
-        "emr_cdc",
-        raw["source_system"],
-        organisation_id,
-        raw["message_id"],
-        0,
-        1,
-        event_time,
-        person_key,
-        ctx,
-        terminology.version,
-        now_ms,
+    record, person_key = _emr_lineage(
+        raw, row, organisation_id, event_time, ctx, terminology, pseudonymiser, now_ms
     )
     record.update(
         order_id=order_id,
