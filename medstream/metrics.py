@@ -79,11 +79,6 @@ COLLECTOR_SOURCE_LAG = Gauge(
     "Age of the newest source change a collector has read (now - source commit/send time)",
     ["collector"],
 )
-COLLECTOR_COMMITTED = Counter(
-    "medstream_collector_positions_committed",
-    "Source positions committed (acknowledged to the source) after broker acknowledgement",
-    ["collector"],
-)
 
 
 READY = Gauge(
