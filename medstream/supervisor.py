@@ -319,12 +319,7 @@ class Supervisor:
             self.out(status_line(previous, current))
             previous = current
             self._restart_collectors()
-            died = [
-                c
-                for c in self.children
-                if self._died(c)
-                and (not c.restartable or (c.process is not None and c.process.returncode == 2))
-            ]
+            died = [c for c in self.children if self._died(c) and not c.restartable]
             if died:
                 for child in died:
                     code = child.process.returncode if child.process else None
@@ -358,7 +353,8 @@ class Supervisor:
             if not child.restartable or not self._died(child):
                 continue
             if child.process is not None and child.process.returncode == 2:
-                continue  # a configuration error: restarting cannot fix it (reported as died)
+                child.restartable = False  # a configuration error: restarting cannot fix it
+                continue
             if child.restart_at is None:
                 if now - child.started_at > HEALTHY_RUN_S:
                     child.restarts = 0  # it ran well for a while: a fresh failure
