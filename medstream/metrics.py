@@ -21,6 +21,31 @@ DEAD_LETTERS = Counter(
     "medstream_dead_letters", "Records dead-lettered, by stage and reason", ["stage", "reason_code"]
 )
 ALERTS = Counter("medstream_alerts", "Alerts raised, by rule", ["rule_id"])
+FINDINGS = Counter(
+    "medstream_findings", "Rule findings handed to the alert lifecycle, by rule", ["rule_id"]
+)
+ALERT_TRANSITIONS = Counter(
+    "medstream_alert_transitions",
+    "Alert lifecycle transitions (opened, updated, acknowledged, escalated, resolved)",
+    ["action"],
+)
+QUALITY_ISSUES = Counter(
+    "medstream_quality_issues",
+    "Data quality rules broken, by event kind, category and severity",
+    ["event_kind", "category", "severity"],
+)
+UNMAPPED_CODES = Counter(
+    "medstream_unmapped_codes", "Local codes the terminology could not map", ["code_system"]
+)
+PERSON_LINKS = Counter(
+    "medstream_person_links", "Master patient index decisions, by action and method",
+    ["action", "method"],
+)
+RULES_RELOADS = Counter(
+    "medstream_rules_reloads",
+    "Rules or dictionary files reloaded (loaded) or refused as invalid (refused)",
+    ["rules", "outcome"],
+)
 PROCESSING_SECONDS = Histogram(
     "medstream_processing_seconds",
     "Time a stage spends on one input record",

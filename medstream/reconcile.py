@@ -323,9 +323,11 @@ def check_labels(
     expected_alert_events = {
         label["event_id"] for label in firsts if label.get("critical_rule")
     }
+    # The labels name critical values only; other rule families are scored by `evaluate`.
+    # An alert's first finding opened it: its opening snapshot names the triggering event.
     alert_rows = query(
-        f"SELECT arrayJoin(triggering_event_ids), count() FROM {database}.alert FINAL "
-        f"WHERE 1{window} GROUP BY 1"
+        f"SELECT arrayJoin(triggering_event_ids), count() FROM {database}.alert_history FINAL "
+        f"WHERE action = 'opened' AND rule_id LIKE 'critical_value.%'{window} GROUP BY 1"
     ).rows
     alerted = {row[0]: int(row[1]) for row in alert_rows}
     return LabelCheck(

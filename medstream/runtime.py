@@ -27,8 +27,13 @@ from confluent_kafka.admin import AdminClient, NewTopic
 from medstream.settings import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
+    FACT_TOPICS,
+    FEED_ACTIVITY_TOPIC,
+    IDENTITY_TOPIC,
+    LIFECYCLE_TOPIC,
     NORM_TOPICS,
     RAW_TOPICS,
+    SYNDROMIC_TOPIC,
     KafkaSettings,
     RuntimeSettings,
 )
@@ -148,6 +153,13 @@ def contract_topics(kafka: KafkaSettings) -> dict[str, int]:
     topics.update({kafka.topic(t): kafka.norm_partitions for t in NORM_TOPICS.values()})
     topics[kafka.topic(ALERTS_TOPIC)] = kafka.norm_partitions
     topics[kafka.topic(DLQ_TOPIC)] = 1
+    topics.update({kafka.topic(t): kafka.norm_partitions for t in FACT_TOPICS.values()})
+    topics[kafka.topic(LIFECYCLE_TOPIC)] = kafka.norm_partitions
+    # Global views (one index of persons, one count per district, one watch over every
+    # feed) are single-partition topics: one owner sees everything.
+    topics[kafka.topic(IDENTITY_TOPIC)] = 1
+    topics[kafka.topic(SYNDROMIC_TOPIC)] = 1
+    topics[kafka.topic(FEED_ACTIVITY_TOPIC)] = 1
     return topics
 
 

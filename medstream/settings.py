@@ -32,6 +32,17 @@ NORM_TOPICS = {
 }
 ALERTS_TOPIC = "alerts"
 DLQ_TOPIC = "dlq"
+#: Facts the stream stage derives besides the normalised events, each stored in its table.
+FACT_TOPICS = {
+    "quality_issue": "quality.issues",
+    "person_link": "mpi.links",
+    "terminology_unmapped": "terminology.unmapped",
+}
+#: Internal topics between the stream stage's agents (not stored).
+LIFECYCLE_TOPIC = "alerts.lifecycle"
+IDENTITY_TOPIC = "mpi.identity"
+SYNDROMIC_TOPIC = "detect.syndromic"
+FEED_ACTIVITY_TOPIC = "detect.feed_activity"
 
 
 class KafkaSettings(BaseSettings):

@@ -49,6 +49,7 @@ TARGET_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
         "dept_code": FieldSpec("text", True),
         "admit_time": FieldSpec("timestamp", True),
         "discharge_time": FieldSpec("timestamp"),
+        "death_time": FieldSpec("timestamp"),
     },
     "visit_diagnosis": {
         "diag_id": FieldSpec("text", True),

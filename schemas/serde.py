@@ -45,6 +45,11 @@ OBSERVATION = "medstream.norm.Observation"
 CLAIM_LINE = "medstream.norm.ClaimLine"
 ALERT = "medstream.alert.Alert"
 DEAD_LETTER = "medstream.dlq.DeadLetter"
+LIFECYCLE_INPUT = "medstream.detect.LifecycleInput"
+QUALITY_ISSUE = "medstream.quality.QualityIssue"
+IDENTITY_OBSERVATION = "medstream.mpi.IdentityObservation"
+PERSON_LINK = "medstream.mpi.PersonLink"
+UNMAPPED_CODE = "medstream.terminology.UnmappedCode"
 
 #: Kafka header on a raw record naming the edge collector that published it (part of the
 #: contract: the sink's raw ledger records it, so reconciliation can account per collector).
@@ -64,6 +69,13 @@ NORM_SUBJECT_BY_KIND = {
     "lab_result": LAB_RESULT,
     "observation": OBSERVATION,
     "claim_line": CLAIM_LINE,
+}
+
+#: Derived fact table -> subject (one topic and one ClickHouse table per fact).
+FACT_SUBJECT_BY_TABLE = {
+    "quality_issue": QUALITY_ISSUE,
+    "person_link": PERSON_LINK,
+    "terminology_unmapped": UNMAPPED_CODE,
 }
 
 

@@ -41,6 +41,7 @@ from medstream.metrics import (
 from medstream.settings import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
+    FACT_TOPICS,
     NORM_TOPICS,
     RAW_TOPICS,
     KafkaSettings,
@@ -55,7 +56,8 @@ log = logging.getLogger("medstream.sink")
 STAGE = "sink"
 SUBJECT_BY_TABLE = {
     **serde.NORM_SUBJECT_BY_KIND,
-    "alert": serde.ALERT,
+    **serde.FACT_SUBJECT_BY_TABLE,
+    "alert_history": serde.ALERT,
     "dead_letter": serde.DEAD_LETTER,
 }
 PROOF_TABLES = ("lineage", "raw_ledger")
@@ -71,7 +73,9 @@ LINEAGE_COLUMNS = [
     "ingest_time",
 ]
 # The clinical outputs: their stored rows are observed in END_TO_END_SECONDS.
-LATENCY_TABLES = ("alert", "lab_result", "observation", "claim_line", "encounter", "diagnosis")
+LATENCY_TABLES = (
+    "alert_history", "lab_result", "observation", "claim_line", "encounter", "diagnosis"
+)
 LEDGER_COLUMNS = [
     "kafka_cluster",
     "source_kind",
@@ -169,7 +173,9 @@ class ClickHouseSink:
         self.writers: dict[str, TableWriter] = {
             kafka.topic(topic): TableWriter(kind, registry) for kind, topic in NORM_TOPICS.items()
         }
-        self.writers[kafka.topic(ALERTS_TOPIC)] = TableWriter("alert", registry)
+        self.writers[kafka.topic(ALERTS_TOPIC)] = TableWriter("alert_history", registry)
+        for table, topic in FACT_TOPICS.items():
+            self.writers[kafka.topic(topic)] = TableWriter(table, registry)
         self.writers[kafka.topic(DLQ_TOPIC)] = TableWriter("dead_letter", registry)
         self.raw_kind_by_topic = (
             {kafka.topic(topic): kind for kind, topic in RAW_TOPICS.items()}
@@ -415,7 +421,7 @@ class ClickHouseSink:
         self._rows.setdefault(writer.table, []).append(writer.row(record))
         if writer.table == "dead_letter":
             self._lineage(record, "dead_letter")
-        elif writer.table != "alert":
+        elif writer.table in serde.NORM_SUBJECT_BY_KIND:
             self._lineage(record, f"stored:{writer.table}")
 
     def _lineage(self, record: dict[str, Any], outcome: str) -> None:

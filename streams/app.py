@@ -38,9 +38,16 @@ from medstream.metrics import (
     RECORDS_OUT,
     labelled,
 )
-from medstream.settings import RAW_TOPICS, KafkaSettings, StreamSettings
+from medstream.settings import (
+    LIFECYCLE_TOPIC,
+    NORM_TOPICS,
+    RAW_TOPICS,
+    KafkaSettings,
+    StreamSettings,
+)
 from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+from streams.detect import DetectStage, LifecycleStage, Output, TickOverlay
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
 from streams.stage import STAGE, NormaliseStage, SuppressionState
@@ -48,6 +55,9 @@ from streams.terminology import DEFAULT_TERMINOLOGY_PATH, load_terminology
 
 DEFAULT_FETCH_WAIT_MS = 20
 EXIT_DELIVERY_FAILED = 70
+#: Seconds between timer ticks of the rule families and of the alert lifecycle.
+DETECT_TICK_S = 30.0
+LIFECYCLE_TICK_S = 15.0
 log = logging.getLogger("medstream.streams")
 
 
@@ -99,6 +109,30 @@ class ShortFetchTransport(Transport):
 TRANSPORTS.aliases["medstream-kafka"] = f"{__name__}:ShortFetchTransport"
 
 
+class TableState:
+    """A Faust table as a :class:`streams.findings.KeyValueState` (JSON-able values)."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    def get(self, key: str) -> Any | None:
+        """The value stored under ``key``, or None."""
+        return self._table.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        """Store ``value`` (written to the changelog of the record's partition)."""
+        self._table[key] = value
+
+    def delete(self, key: str) -> None:
+        """Forget ``key``."""
+        if key in self._table:
+            del self._table[key]
+
+    def items(self) -> Any:
+        """Every (key, value) of the partitions this worker holds."""
+        return iter(list(self._table.items()))
+
+
 def create_app(
     kafka: KafkaSettings,
     settings: StreamSettings,
@@ -140,6 +174,14 @@ def create_app(
     )
     suppression = SuppressionState(suppression_table.get, suppression_table.__setitem__)
 
+    async def publish(outputs: list[Output]) -> None:
+        for output in outputs:
+            delivery = await app.producer.send(
+                output.topic, output.key, output.value, None, None, None
+            )
+            cast(asyncio.Future, delivery).add_done_callback(exit_on_failed_delivery)
+            labelled(RECORDS_OUT, STAGE, output.topic).inc()
+
     def normalise_agent(source_kind: str) -> Any:
         async def agent(stream: faust.StreamT) -> None:
             async for event in stream.events():
@@ -150,12 +192,7 @@ def create_app(
                 )
                 labelled(RECORDS_IN, STAGE, message.topic).inc()
                 outputs = stage.handle(source_kind, ctx, message.key, message.value, suppression)
-                for output in outputs:
-                    delivery = await app.producer.send(
-                        output.topic, output.key, output.value, None, None, None
-                    )
-                    cast(asyncio.Future, delivery).add_done_callback(exit_on_failed_delivery)
-                    labelled(RECORDS_OUT, STAGE, output.topic).inc()
+                await publish(outputs)
                 now = time.time()
                 labelled(PROCESSING_SECONDS, STAGE).observe(time.perf_counter() - started)
                 labelled(END_TO_END_SECONDS, STAGE).observe(now - message.timestamp)
@@ -171,6 +208,60 @@ def create_app(
             partitions=kafka.raw_partitions,
         )
         app.agent(raw_topic, name=f"normalise_{source_kind}")(normalise_agent(source_kind))
+
+    # -- detect: per-patient rule families over the normalised events -----------------------
+    detect = DetectStage(kafka, registry)
+    detect_state = TickOverlay(
+        TableState(app.Table("detect-state", default=None, partitions=kafka.norm_partitions))
+    )
+
+    def detect_agent(kind: str) -> Any:
+        async def agent(stream: faust.StreamT) -> None:
+            async for event in stream.events():
+                message = event.message
+                labelled(RECORDS_IN, "detect", message.topic).inc()
+                now_ms = int(time.time() * 1000)
+                await publish(detect.handle(kind, message.value, detect_state.in_record(), now_ms))
+
+        agent.__name__ = f"detect_{kind}"
+        return agent
+
+    for kind in DetectStage.KINDS:
+        norm_topic = app.topic(
+            kafka.topic(NORM_TOPICS[kind]),
+            key_serializer="raw",
+            value_serializer="raw",
+            partitions=kafka.norm_partitions,
+        )
+        app.agent(norm_topic, name=f"detect_{kind}")(detect_agent(kind))
+
+    @app.timer(DETECT_TICK_S)
+    async def detect_tick() -> None:
+        await publish(detect.tick(detect_state.in_tick(), int(time.time() * 1000)))
+
+    # -- the alert lifecycle: findings, clearances and operator actions -> alert states -----
+    lifecycle = LifecycleStage(kafka, registry)
+    lifecycle_state = TickOverlay(
+        TableState(app.Table("alert-lifecycle", default=None, partitions=kafka.norm_partitions))
+    )
+    lifecycle_topic = app.topic(
+        kafka.topic(LIFECYCLE_TOPIC),
+        key_serializer="raw",
+        value_serializer="raw",
+        partitions=kafka.norm_partitions,
+    )
+
+    @app.agent(lifecycle_topic, name="alert_lifecycle")
+    async def alert_lifecycle(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            now_ms = int(time.time() * 1000)
+            labelled(RECORDS_IN, "lifecycle", event.message.topic).inc()
+            state = lifecycle_state.in_record()
+            await publish(lifecycle.handle(event.message.value, state, now_ms))
+
+    @app.timer(LIFECYCLE_TICK_S)
+    async def lifecycle_tick() -> None:
+        await publish(lifecycle.tick(lifecycle_state.in_tick(), int(time.time() * 1000)))
 
     async def mark_ready(
         sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any

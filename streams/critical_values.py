@@ -16,7 +16,7 @@ from typing import Any, Final
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
 
-from schemas.identity import alert_id
+from streams.findings import Finding
 from streams.model import NonBlank, epoch_ms
 
 DEFAULT_CRITICAL_RULES_PATH: Final[Path] = (
@@ -233,35 +233,27 @@ def is_suppressed(
     return abs(event_time_ms - last_alert_event_time_ms) < suppression_ms
 
 
-def build_alert(
-    lab_result: dict[str, Any],
-    finding: CriticalFinding,
-    rules: CriticalValueRules,
-    now_ms: int,
-) -> dict[str, Any]:
-    """A complete Alert record for a critical finding, with the lab result's lineage.
+def critical_finding(
+    lab_result: dict[str, Any], finding: CriticalFinding, rules: CriticalValueRules
+) -> Finding:
+    """The alert-lifecycle finding of a critical lab result: one alert per person and analyte.
 
     Timestamps of the lab result may be int epoch ms or the aware datetimes an Avro
-    decoder returns; the alert id is stable per rule and triggering event.
+    decoder returns. The subject falls back to the order when the person is unknown.
     """
-    triggering_event_id = lab_result["event_id"]
-    return {
-        "alert_id": alert_id(finding.rule.rule_id, triggering_event_id),
-        "rule_id": finding.rule.rule_id,
-        "rule_version": rules.version,
-        "severity": finding.rule.severity,
-        "organisation_id": lab_result["organisation_id"],
-        "person_key": lab_result.get("person_key"),
-        "event_time": epoch_ms(lab_result["event_time"]),
-        "ingest_time": epoch_ms(lab_result["ingest_time"]),
-        "detected_time": now_ms,
-        "triggering_event_ids": [triggering_event_id],
-        "analyte_code": finding.rule.loinc,
-        "value": finding.value,
-        "unit": finding.rule.unit,
-        "explanation": finding.explanation,
-        "source_topic": lab_result["source_topic"],
-        "source_partition": lab_result["source_partition"],
-        "source_offset": lab_result["source_offset"],
-        "mapping_version": lab_result["mapping_version"],
-    }
+    person_key = lab_result.get("person_key")
+    return Finding(
+        rule_id=finding.rule.rule_id,
+        rule_version=rules.version,
+        severity=finding.rule.severity,
+        organisation_id=lab_result["organisation_id"],
+        subject=suppression_key(lab_result),
+        event_time_ms=epoch_ms(lab_result["event_time"]),
+        triggering_event_ids=(lab_result["event_id"],),
+        explanation=finding.explanation,
+        person_key=person_key or None,
+        analyte_code=finding.rule.loinc,
+        value=finding.value,
+        unit=finding.rule.unit,
+        details={"direction": finding.direction, "limit": finding.limit},
+    )

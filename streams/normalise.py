@@ -244,6 +244,7 @@ def _encounter(
     department_local = _required(row, table, "dept_code")
     admit_time = _timestamp_ms(_required(row, table, "admit_time"), table, "admit_time")
     discharge_time = _optional_timestamp_ms(row, table, "discharge_time")
+    deceased_time = _optional_timestamp_ms(row, table, "death_time")
     sex_text = _optional(row, "sex")
     sex = None if sex_text is None else _coded(sex_text, table, "sex", _SEX)
     birth_year: int | None = None
@@ -273,6 +274,7 @@ def _encounter(
         birth_year=birth_year,
         sex=sex,
         mapping_status="mapped" if department_code is not None else "unmapped",
+        deceased_time=deceased_time,
     )
     return NormalisedEvent("encounter", person_key or encounter_key, value)
 
@@ -911,6 +913,21 @@ def _administrative_sex(pid: hl7.Segment | None) -> str | None:
     return code if code in _SEX else "U"  # O, A, N (HL7 table 0001) have no own class here
 
 
+def _deceased_time(
+    pid: hl7.Segment, pv1: hl7.Segment, discharge_time: int | None, msg: _Hl7Message
+) -> int | None:
+    """PID-29 death date/time; else the discharge time when PID-30 says Y or PV1-36 is 20.
+
+    HL7 table 0112 code 20 is "Expired": the visit ended with the patient's death.
+    """
+    death_time = _hl7_field_time(pid, "PID", 29, msg)
+    if death_time is not None:
+        return death_time
+    if _field(pid, 30).upper() == "Y" or _field(pv1, 36) == "20":
+        return discharge_time
+    return None
+
+
 def _adt_encounter(
     trigger: str,
     segments: list[hl7.Segment],
@@ -1000,6 +1017,7 @@ def _adt_encounter(
         birth_year=_birth_year(pid),
         sex=_administrative_sex(pid),
         mapping_status="mapped" if department_code is not None else "unmapped",
+        deceased_time=_deceased_time(pid, pv1, discharge_time, msg),
     )
     return NormalisedEvent("encounter", person_key or encounter_key, value)
 
@@ -1200,6 +1218,10 @@ def normalise_claim(
         return [RecordRejected(None, 0, "invalid_message", "claim has no lines", organisation_id)]
     patient = raw["patient_local_id"].strip()
     person_key = pseudonymiser.person_key(organisation_id, patient) if patient else None
+    encounter_ref = (raw.get("encounter_ref") or "").strip()
+    encounter_key = (
+        pseudonymiser.encounter_key(organisation_id, encounter_ref) if encounter_ref else None
+    )
     key = person_key or _fallback_key(organisation_id, source_ref)
     diagnosis_codes: list[str] = []
     diagnoses_mapped = True
@@ -1257,6 +1279,7 @@ def normalise_claim(
             service_date=service_date,
             diagnosis_codes=list(diagnosis_codes),
             mapping_status=mapping_status,
+            encounter_key=encounter_key,
         )
         outcomes.append(NormalisedEvent("claim_line", key, record))
     return outcomes

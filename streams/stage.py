@@ -11,34 +11,26 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
-from medstream.metrics import ALERTS, DEAD_LETTERS
-from medstream.settings import ALERTS_TOPIC, DLQ_TOPIC, NORM_TOPICS, KafkaSettings
+from medstream.metrics import DEAD_LETTERS
+from medstream.settings import DLQ_TOPIC, NORM_TOPICS, KafkaSettings
 from schemas import serde
 from streams.critical_values import (
     CriticalValueRules,
-    build_alert,
     check_critical,
+    critical_finding,
     is_suppressed,
     suppression_key,
 )
+from streams.detect import LifecycleInputs
+from streams.detect import Output as Output
 from streams.model import NormalisedEvent, RawContext, RecordRejected
 from streams.normalise import dead_letter_record, normalise, raises_critical_alerts
 from streams.pseudonym import Pseudonymiser
 from streams.terminology import Terminology
 
 STAGE = "normalise"
-
-
-@dataclass(frozen=True, slots=True)
-class Output:
-    """One record to publish: topic, key and Confluent-framed Avro value."""
-
-    topic: str
-    key: bytes | None
-    value: bytes
 
 
 class SuppressionState:
@@ -95,10 +87,9 @@ class NormaliseStage:
             kind: serde.AvroSerializer(registry, subject)
             for kind, subject in serde.NORM_SUBJECT_BY_KIND.items()
         }
-        self.encode_alert = serde.AvroSerializer(registry, serde.ALERT)
+        self.lifecycle_inputs = LifecycleInputs(kafka, registry)
         self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
         self.norm_topics = {k: kafka.topic(t) for k, t in NORM_TOPICS.items()}
-        self.alerts_topic = kafka.topic(ALERTS_TOPIC)
         self.dlq_topic = kafka.topic(DLQ_TOPIC)
 
     def handle(
@@ -151,11 +142,11 @@ class NormaliseStage:
             if is_suppressed(last_time, event_time, self.critical_rules.suppression_ms):
                 return None
             suppression.record_alert(key, event_time, lab_result["event_id"])
-        # A replayed message re-emits the same alert (same alert_id): collapsed downstream.
-        alert = build_alert(lab_result, finding, self.critical_rules, now_ms)
-        ALERTS.labels(alert["rule_id"]).inc()
-        person = (lab_result.get("person_key") or "").encode() or None
-        return Output(self.alerts_topic, person, self.encode_alert(alert))
+        # A replayed message re-emits the same finding, which the lifecycle recognises.
+        lineage = dict(lab_result, source_topic=lab_result["source_topic"])
+        return self.lifecycle_inputs.finding(
+            critical_finding(lab_result, finding, self.critical_rules), now_ms, lineage
+        )
 
     def _dead_letter(
         self,

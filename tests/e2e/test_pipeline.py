@@ -168,7 +168,15 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
         return result.ok and sum(s.published_messages for s in result.sources) == published
 
     wait_for(settled, 120, "pipeline to drain after the sink restart")
-    truth = check_labels(query, "medstream", read_labels(labels))
+    ground = read_labels(labels)
+    # Alerts take one more hop (findings -> alert lifecycle -> alerts) than the events.
+    wait_for(
+        lambda: check_labels(query, "medstream", ground).found_alerts
+        >= check_labels(query, "medstream", ground).expected_alerts,
+        60,
+        "alerts to pass the lifecycle",
+    )
+    truth = check_labels(query, "medstream", ground)
     assert truth.missing_events == []
     assert truth.stored_events == truth.expected_events > 7000
     assert truth.duplicated_events == 0

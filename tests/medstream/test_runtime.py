@@ -22,10 +22,13 @@ def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable
     assert ensure_topics(kafka) == []
     metadata = AdminClient(kafka.librdkafka()).list_topics(timeout=10)
     wanted = contract_topics(kafka)
-    assert len(wanted) == 11
+    # 4 raw, 5 norm, alerts, dlq, 3 fact topics, and 4 internal ones.
+    assert len(wanted) == 18
     for name, partitions in wanted.items():
         assert len(metadata.topics[name].partitions) == partitions
     assert wanted[kafka.topic("raw.hl7_lab")] == 2 and wanted[kafka.topic("dlq")] == 1
+    assert wanted[kafka.topic("mpi.identity")] == 1
+    assert wanted[kafka.topic("quality.issues")] == wanted[kafka.topic("norm.encounter")]
 
 
 def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
@@ -33,7 +36,7 @@ def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
     try:
         assert broker.alive()
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
-        assert len(ensure_topics(kafka)) == 11
+        assert len(ensure_topics(kafka)) == 18
     finally:
         broker.stop()
     assert not broker.alive()

@@ -81,7 +81,7 @@ def test_wire_format_is_magic_byte_schema_id_then_avro_body() -> None:
     record = next(generate_many(REGISTRY.latest(serde.ALERT).parsed, 1))
     encoded = serde.AvroSerializer(REGISTRY, serde.ALERT)(record)
     assert encoded[0] == 0
-    assert struct.unpack(">I", encoded[1:5])[0] == REGISTRY.latest(serde.ALERT).schema_id == 301
+    assert struct.unpack(">I", encoded[1:5])[0] == REGISTRY.latest(serde.ALERT).schema_id == 302
     assert serde.AvroDeserializer(REGISTRY, serde.ALERT)(encoded)["alert_id"] == record["alert_id"]
 
 

@@ -29,13 +29,19 @@ def test_a_failed_output_delivery_ends_the_worker_before_it_can_commit(
     assert exits == [streams_app.EXIT_DELIVERY_FAILED] * 2
 
 
-def test_app_has_one_normalise_agent_per_raw_topic_and_the_tansu_tuning() -> None:
+def test_app_has_its_agents_and_the_tansu_tuning() -> None:
     kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="x.", fetch_wait_max_ms=25)
     faust_app = streams_app.create_app(kafka, StreamSettings(), serde.ManifestRegistry())
+    # One normalise agent per raw topic, one detect agent per watched norm topic, and the
+    # alert lifecycle.
     assert sorted(faust_app.agents) == [
+        "alert_lifecycle",
+        "detect_claim_line", "detect_diagnosis", "detect_encounter", "detect_observation",
         "normalise_claim", "normalise_device", "normalise_emr_cdc", "normalise_hl7_lab",
     ]
     assert sorted(a.channel.get_topic_name() for a in faust_app.agents.values()) == [
+        "x.alerts.lifecycle",
+        "x.norm.claim_line", "x.norm.diagnosis", "x.norm.encounter", "x.norm.observation",
         "x.raw.claim", "x.raw.device", "x.raw.emr_cdc", "x.raw.hl7_lab",
     ]
     assert faust_app.conf.broker_session_timeout == 3.0

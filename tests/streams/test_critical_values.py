@@ -9,17 +9,17 @@ from typing import Any
 import pytest
 
 from schemas import serde
-from schemas.identity import alert_id
 from streams.critical_values import (
     DEFAULT_CRITICAL_RULES_PATH,
     CriticalRulesError,
     CriticalValueRules,
-    build_alert,
     check_critical,
+    critical_finding,
     is_suppressed,
     load_critical_value_rules,
     suppression_key,
 )
+from streams.findings import Finding
 from streams.model import NormalisedEvent, RawContext
 from streams.normalise import normalise
 from streams.pseudonym import Pseudonymiser
@@ -191,44 +191,35 @@ def test_suppression_window_either_side() -> None:
     assert not is_suppressed(t, t + 1, 0)  # a zero window suppresses nothing
 
 
-def test_build_alert(rules: CriticalValueRules) -> None:
+def test_critical_finding(rules: CriticalValueRules) -> None:
     result = lab_result(value=6.9)
     finding = check_critical(result, rules)
     assert finding is not None
-    alert = build_alert(result, finding, rules, NOW_MS)
-    assert alert == {
-        "alert_id": alert_id("critical_value.potassium", "e" * 32),
-        "rule_id": "critical_value.potassium",
-        "rule_version": "2026.11-1",
-        "severity": "critical",
-        "organisation_id": "H001",
-        "person_key": "p" * 32,
-        "event_time": 1_793_699_100_000,
-        "ingest_time": 1_793_699_400_000,
-        "detected_time": NOW_MS,
-        "triggering_event_ids": ["e" * 32],
-        "analyte_code": "2823-3",
-        "value": 6.9,
-        "unit": "mmol/L",
-        "explanation": "Potassium 6.9 mmol/L above critical high 6.2",
-        "source_topic": "raw.hl7_lab",
-        "source_partition": 3,
-        "source_offset": 4711,
-        "mapping_version": "test-2026.1",
-    }
-    encoded = serde.AvroSerializer(_REGISTRY, serde.ALERT)(alert)
-    assert serde.AvroDeserializer(_REGISTRY, serde.ALERT)(encoded)["alert_id"] == alert["alert_id"]
+    assert critical_finding(result, finding, rules) == Finding(
+        rule_id="critical_value.potassium",
+        rule_version="2026.11-1",
+        severity="critical",
+        organisation_id="H001",
+        subject=f"{'p' * 32}|2823-3",
+        event_time_ms=1_793_699_100_000,
+        triggering_event_ids=("e" * 32,),
+        explanation="Potassium 6.9 mmol/L above critical high 6.2",
+        person_key="p" * 32,
+        analyte_code="2823-3",
+        value=6.9,
+        unit="mmol/L",
+        details={"direction": "high", "limit": 6.2},
+    )
 
 
-def test_build_alert_from_a_decoded_lab_result(rules: CriticalValueRules) -> None:
-    """A lab result read back from Kafka has datetimes; the alert still carries epoch ms."""
+def test_critical_finding_from_a_decoded_lab_result(rules: CriticalValueRules) -> None:
+    """A lab result read back from Kafka has datetimes; the finding still carries epoch ms."""
     encoded = serde.AvroSerializer(_REGISTRY, serde.LAB_RESULT)(lab_result(value=7.4))
     decoded = serde.AvroDeserializer(_REGISTRY, serde.LAB_RESULT)(encoded)
     assert isinstance(decoded["event_time"], datetime)
     finding = check_critical(decoded, rules)
     assert finding is not None
-    alert = build_alert(decoded, finding, rules, NOW_MS)
-    assert (alert["event_time"], alert["ingest_time"]) == (1_793_699_100_000, 1_793_699_400_000)
+    assert critical_finding(decoded, finding, rules).event_time_ms == 1_793_699_100_000
 
 
 def test_normalised_hl7_result_raises_one_alert_and_haemolysed_none(
@@ -257,9 +248,9 @@ def test_normalised_hl7_result_raises_one_alert_and_haemolysed_none(
     clean = first_event([msh, pid, obr, obx])
     finding = check_critical(clean, rules)
     assert finding is not None
-    alert = build_alert(clean, finding, rules, NOW_MS)
-    assert alert["person_key"] == pseudonymiser.person_key("H001", "MRN-FICT-0042")
-    assert alert["triggering_event_ids"] == [clean["event_id"]]
+    alert = critical_finding(clean, finding, rules)
+    assert alert.person_key == pseudonymiser.person_key("H001", "MRN-FICT-0042")
+    assert alert.triggering_event_ids == (clean["event_id"],)
     assert "MRN-FICT-0042" not in repr(alert)
     assert check_critical(first_event([msh, pid, obr, obx, spm]), rules) is None
 

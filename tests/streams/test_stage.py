@@ -35,7 +35,7 @@ def encoded_hl7(segments: list[str], control_id: str) -> bytes:
 
 def decode(output: Output) -> dict[str, Any]:
     subject = {
-        "t.alerts": serde.ALERT,
+        "t.alerts.lifecycle": serde.LIFECYCLE_INPUT,
         "t.dlq": serde.DEAD_LETTER,
         "t.norm.lab_result": serde.LAB_RESULT,
     }[output.topic]
@@ -62,13 +62,16 @@ def test_critical_value_alerts_once_then_repeat_is_suppressed(stage: NormaliseSt
     first = stage.handle(
         "hl7_lab", RawContext("t.raw.hl7_lab", 0, 1, NOW_MS), b"k", encoded_hl7(potassium("6.9", 5), "C-1"), state, NOW_MS
     )
-    assert [o.topic for o in first] == ["t.norm.lab_result", "t.alerts"]
-    lab, alert = decode(first[0]), decode(first[1])
-    assert alert["rule_id"] == "critical_value.potassium"
-    assert alert["triggering_event_ids"] == [lab["event_id"]]
-    assert alert["value"] == 6.9 and alert["unit"] == "mmol/L"
-    assert "6.9" in alert["explanation"] and "6.2" in alert["explanation"]
-    assert first[1].key == lab["person_key"].encode()
+    assert [o.topic for o in first] == ["t.norm.lab_result", "t.alerts.lifecycle"]
+    lab, finding = decode(first[0]), decode(first[1])
+    assert (finding["input_kind"], finding["rule_id"]) == ("finding", "critical_value.potassium")
+    assert finding["triggering_event_ids"] == [lab["event_id"]]
+    assert finding["value"] == 6.9 and finding["unit"] == "mmol/L"
+    assert "6.9" in finding["explanation"] and "6.2" in finding["explanation"]
+    # Lineage of the lab result that fired, and the lifecycle key: rule and subject.
+    assert (finding["source_topic"], finding["source_offset"]) == ("t.raw.hl7_lab", 1)
+    assert finding["subject"] == f"{lab['person_key']}|2823-3"
+    assert first[1].key == f"critical_value.potassium|{lab['person_key']}|2823-3".encode()
     # A later critical for the same patient and analyte within the window: stored, no alert.
     second = stage.handle(
         "hl7_lab", RawContext("t.raw.hl7_lab", 0, 2, NOW_MS), b"k", encoded_hl7(potassium("7.1", 40), "C-2"), state, NOW_MS
@@ -108,8 +111,8 @@ def test_a_replayed_message_re_emits_its_own_alert(stage: NormaliseStage) -> Non
     ctx = RawContext("t.raw.hl7_lab", 0, 9, NOW_MS)
     first = stage.handle("hl7_lab", ctx, b"k", raw, state, NOW_MS)
     again = stage.handle("hl7_lab", ctx, b"k", raw, state, NOW_MS + 5000)
-    assert [o.topic for o in again] == ["t.norm.lab_result", "t.alerts"]
-    assert decode(again[1])["alert_id"] == decode(first[1])["alert_id"]
+    assert [o.topic for o in again] == ["t.norm.lab_result", "t.alerts.lifecycle"]
+    assert decode(again[1])["input_id"] == decode(first[1])["input_id"]
 
 
 def test_a_cdc_snapshot_critical_value_is_stored_without_an_alert(stage: NormaliseStage) -> None:
@@ -138,4 +141,4 @@ def test_a_cdc_snapshot_critical_value_is_stored_without_an_alert(stage: Normali
     historic = stage.handle("emr_cdc", ctx, b"k", emr_lab("r", "R-1"), state, NOW_MS)
     assert [o.topic for o in historic] == ["t.norm.lab_result"]
     new = stage.handle("emr_cdc", ctx, b"k", emr_lab("c", "R-2"), state, NOW_MS)
-    assert [o.topic for o in new] == ["t.norm.lab_result", "t.alerts"]
+    assert [o.topic for o in new] == ["t.norm.lab_result", "t.alerts.lifecycle"]

@@ -1,0 +1,486 @@
+"""Alert lifecycle: turns findings into alerts that open, are acknowledged and are resolved.
+
+Every rule family returns :class:`~streams.findings.Finding` values; :class:`AlertLifecycle`
+keeps one alert per (rule_id, subject) while it is open or acknowledged, counts repeats
+instead of opening new alerts, escalates alerts nobody acknowledged, resolves them on an
+operator's word or, where the rule allows it (``streams/rules/alert_lifecycle.yaml``), on a
+:class:`~streams.findings.Cleared`. Each change is an :class:`AlertTransition` for storage.
+
+Times of the lifecycle (throttling, escalation, retention) are wall-clock ``now_ms``: they
+measure how fast people react, not when the clinical fact happened.
+
+State (JSON values):
+- ``alert|id|<alert_id>``: the alert; a resolved alert is deleted by :meth:`tick` after
+  ``retain_resolved_hours``.
+- ``alert|subject|<rule_id>|<subject>``: the id of the alert of that rule and subject that
+  is still open or acknowledged; deleted when it is resolved.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from streams.findings import SEVERITIES, Cleared, Finding, KeyValueState
+from streams.model import NonBlank
+
+DEFAULT_ALERT_LIFECYCLE_PATH: Final[Path] = (
+    Path(__file__).resolve().parent / "rules" / "alert_lifecycle.yaml"
+)
+
+OPEN: Final = "open"
+ACKNOWLEDGED: Final = "acknowledged"
+RESOLVED: Final = "resolved"
+
+_ALERT_PREFIX: Final = "alert|id|"
+_SUBJECT_PREFIX: Final = "alert|subject|"
+_MS_PER_MINUTE: Final = 60_000
+#: Fingerprints of the findings an alert counted, kept to ignore a reprocessed finding.
+_MAX_FINGERPRINTS: Final = 100
+#: At most this many triggering event ids are carried by an alert (the latest finding's).
+_MAX_TRIGGERING_IDS: Final = 20
+SYSTEM_ACTOR: Final = "system"
+
+
+class AlertLifecycleRulesError(ValueError):
+    """The alert lifecycle rules file is missing, not YAML, or not of the expected shape."""
+
+
+class LifecycleError(ValueError):
+    """An operator action that the alert's state does not allow (unknown alert, resolved...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class EscalationPolicy:
+    """When an unacknowledged alert of one severity escalates: first after, then every repeat."""
+
+    after_ms: int
+    repeat_ms: int | None
+    max_level: int
+
+    def level_at(self, age_ms: int) -> int:
+        """The escalation level an alert open for ``age_ms`` without acknowledgement deserves."""
+        if age_ms < self.after_ms:
+            return 0
+        if self.repeat_ms is None:
+            return 1
+        return min(self.max_level, 1 + (age_ms - self.after_ms) // self.repeat_ms)
+
+
+@dataclass(frozen=True, slots=True)
+class AlertLifecycleRules:
+    """A loaded lifecycle rules version: throttling, retention, escalation and auto-resolve."""
+
+    version: str
+    update_every_ms: int
+    retain_resolved_ms: int
+    escalation: dict[str, EscalationPolicy | None]
+    auto_resolve: dict[str, bool]
+    default_auto_resolve: bool
+
+    def may_auto_resolve(self, rule_id: str) -> bool:
+        """Whether a Cleared may resolve an alert of ``rule_id``: the longest prefix decides."""
+        matches = [prefix for prefix in self.auto_resolve if rule_id.startswith(prefix)]
+        if not matches:
+            return self.default_auto_resolve
+        return self.auto_resolve[max(matches, key=len)]
+
+
+@dataclass(frozen=True, slots=True)
+class AlertTransition:
+    """One change of an alert, as storage and the monitoring screens receive it.
+
+    ``action`` is opened, updated, acknowledged, escalated or resolved; ``status`` is the
+    alert's status after it. ``transition_id`` is deterministic (alert, action and what
+    makes the action unique), so a replay writes the same rows.
+    """
+
+    transition_id: str
+    alert_id: str
+    rule_id: str
+    rule_version: str
+    subject: str
+    organisation_id: str
+    person_key: str | None
+    severity: str
+    status: str
+    action: str
+    actor: str
+    note: str | None
+    time_ms: int
+    first_event_time_ms: int
+    last_event_time_ms: int
+    occurrences: int
+    escalation_level: int
+    triggering_event_ids: tuple[str, ...]
+    explanation: str
+
+
+# --- loading --------------------------------------------------------------------------------
+
+
+class _EscalationModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    after_minutes: int = Field(ge=1)
+    repeat_every_minutes: int | None = Field(default=None, ge=1)
+    max_level: int = Field(ge=1)
+
+
+class _RulesModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    version: NonBlank
+    update_every_minutes: int = Field(ge=0)
+    retain_resolved_hours: int = Field(ge=0)
+    escalation: dict[str, _EscalationModel | None]
+    auto_resolve: dict[str, bool]
+    default_auto_resolve: bool
+
+    @field_validator("escalation")
+    @classmethod
+    def _every_severity(
+        cls, value: dict[str, _EscalationModel | None]
+    ) -> dict[str, _EscalationModel | None]:
+        unknown = sorted(set(value) - set(SEVERITIES))
+        if unknown:
+            raise ValueError(f"unknown severity {unknown[0]!r}; use {', '.join(SEVERITIES)}")
+        missing = [severity for severity in SEVERITIES if severity not in value]
+        if missing:
+            raise ValueError(f"severity {missing[0]!r} missing (null means never escalate)")
+        return value
+
+    @field_validator("auto_resolve")
+    @classmethod
+    def _prefixes(cls, value: dict[str, bool]) -> dict[str, bool]:
+        for prefix in value:
+            if not prefix.strip():
+                raise ValueError("a rule_id prefix must not be empty")
+        return value
+
+
+def alert_lifecycle_rules_from_dict(document: Any, source: str = "<dict>") -> AlertLifecycleRules:
+    """Validate a parsed lifecycle rules document; raises AlertLifecycleRulesError."""
+    try:
+        model = _RulesModel.model_validate(document)
+    except ValidationError as exc:
+        details = "\n".join(
+            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
+            for item in exc.errors()[:10]
+        )
+        raise AlertLifecycleRulesError(
+            f"{source}: invalid alert lifecycle rules:\n{details}"
+        ) from None
+    escalation: dict[str, EscalationPolicy | None] = {}
+    for severity, policy in model.escalation.items():
+        if policy is None:
+            escalation[severity] = None
+            continue
+        repeat = policy.repeat_every_minutes
+        escalation[severity] = EscalationPolicy(
+            policy.after_minutes * _MS_PER_MINUTE,
+            None if repeat is None else repeat * _MS_PER_MINUTE,
+            # Without a repeat there is only the first escalation.
+            1 if repeat is None else policy.max_level,
+        )
+    return AlertLifecycleRules(
+        version=model.version,
+        update_every_ms=model.update_every_minutes * _MS_PER_MINUTE,
+        retain_resolved_ms=model.retain_resolved_hours * 60 * _MS_PER_MINUTE,
+        escalation=escalation,
+        auto_resolve=dict(model.auto_resolve),
+        default_auto_resolve=model.default_auto_resolve,
+    )
+
+
+def load_alert_lifecycle_rules(
+    path: Path | str = DEFAULT_ALERT_LIFECYCLE_PATH,
+) -> AlertLifecycleRules:
+    """Read and validate an alert lifecycle rules YAML file; raises AlertLifecycleRulesError."""
+    path = Path(path)
+    try:
+        document = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise AlertLifecycleRulesError(f"{path}: cannot read lifecycle rules: {exc}") from None
+    except yaml.YAMLError as exc:
+        raise AlertLifecycleRulesError(f"{path}: not valid YAML: {exc}") from None
+    return alert_lifecycle_rules_from_dict(document, str(path))
+
+
+# --- identities -----------------------------------------------------------------------------
+
+
+def _digest(*parts: object) -> str:
+    text = "|".join(str(part) for part in parts)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def lifecycle_alert_id(rule_id: str, subject: str, first_event_id: str, generation: int = 0) -> str:
+    """The id of an alert: rule, subject and the first triggering event (a replay gives the same).
+
+    ``generation`` is above 0 only when a later alert of the same rule and subject would
+    otherwise collide with a remembered one that started with the same event.
+    """
+    if generation == 0:
+        return _digest("alert", rule_id, subject, first_event_id)
+    return _digest("alert", rule_id, subject, first_event_id, generation)
+
+
+def _first_event_token(finding: Finding) -> str:
+    """The first triggering event id; silence findings name none, so their event time stands in."""
+    if finding.triggering_event_ids:
+        return finding.triggering_event_ids[0]
+    return f"time:{finding.event_time_ms}"
+
+
+def _fingerprint(finding: Finding) -> str:
+    """What makes a finding the same finding when it is processed again."""
+    return _digest(finding.event_time_ms, *finding.triggering_event_ids)
+
+
+_SEVERITY_RANK: Final = {severity: rank for rank, severity in enumerate(SEVERITIES)}
+
+
+# --- the lifecycle --------------------------------------------------------------------------
+
+
+class AlertLifecycle:
+    """The alert state machine: open -> acknowledged -> resolved, with dedup and escalation.
+
+    A finding for a (rule_id, subject) without an open or acknowledged alert opens one;
+    further findings update it (the same finding processed again is ignored). After it is
+    resolved, a new finding opens a new alert. Bounded state: one entry per unresolved
+    (rule, subject) plus resolved alerts for ``retain_resolved_hours``.
+    """
+
+    def __init__(self, rules: AlertLifecycleRules) -> None:
+        self.rules = rules
+
+    # --- findings ---------------------------------------------------------------------------
+
+    def on_finding(
+        self, finding: Finding, state: KeyValueState, now_ms: int
+    ) -> list[AlertTransition]:
+        """Open an alert for a finding, or count it on the alert already open (throttled)."""
+        subject_key = f"{_SUBJECT_PREFIX}{finding.rule_id}|{finding.subject}"
+        fingerprint = _fingerprint(finding)
+        current_id = state.get(subject_key)
+        if current_id is not None:
+            alert = state.get(_ALERT_PREFIX + current_id)
+            if alert is not None and alert["status"] != RESOLVED:
+                return self._repeat(alert, finding, fingerprint, state, now_ms)
+        alert_id = self._new_alert_id(finding, fingerprint, state)
+        if alert_id is None:
+            return []  # a replay of a finding a remembered (resolved) alert already counted
+        alert = {
+            "alert_id": alert_id,
+            "rule_id": finding.rule_id,
+            "rule_version": finding.rule_version,
+            "subject": finding.subject,
+            "organisation_id": finding.organisation_id,
+            "person_key": finding.person_key,
+            "severity": finding.severity,
+            "status": OPEN,
+            "opened_ms": now_ms,
+            "resolved_ms": None,
+            "first_event_time_ms": finding.event_time_ms,
+            "last_event_time_ms": finding.event_time_ms,
+            "occurrences": 1,
+            "escalation_level": 0,
+            "triggering_event_ids": list(finding.triggering_event_ids[:_MAX_TRIGGERING_IDS]),
+            "explanation": finding.explanation,
+            "last_update_ms": now_ms,
+            "pending_update": False,
+            "fingerprints": [fingerprint],
+        }
+        state.put(_ALERT_PREFIX + alert_id, alert)
+        state.put(subject_key, alert_id)
+        return [self._transition(alert, "opened", SYSTEM_ACTOR, None, now_ms, "")]
+
+    def _new_alert_id(self, finding: Finding, fingerprint: str, state: KeyValueState) -> str | None:
+        """A fresh alert id, or None when a remembered alert with that id counted this finding."""
+        first = _first_event_token(finding)
+        generation = 0
+        while True:
+            alert_id = lifecycle_alert_id(finding.rule_id, finding.subject, first, generation)
+            remembered = state.get(_ALERT_PREFIX + alert_id)
+            if remembered is None:
+                return alert_id
+            if fingerprint in remembered["fingerprints"]:
+                return None
+            generation += 1
+
+    def _repeat(
+        self,
+        alert: dict[str, Any],
+        finding: Finding,
+        fingerprint: str,
+        state: KeyValueState,
+        now_ms: int,
+    ) -> list[AlertTransition]:
+        if fingerprint in alert["fingerprints"]:
+            return []  # the same finding again (reprocessing): already counted
+        alert["fingerprints"] = [*alert["fingerprints"], fingerprint][-_MAX_FINGERPRINTS:]
+        alert["occurrences"] += 1
+        alert["last_event_time_ms"] = max(alert["last_event_time_ms"], finding.event_time_ms)
+        alert["first_event_time_ms"] = min(alert["first_event_time_ms"], finding.event_time_ms)
+        alert["triggering_event_ids"] = list(finding.triggering_event_ids[:_MAX_TRIGGERING_IDS])
+        alert["explanation"] = finding.explanation
+        alert["rule_version"] = finding.rule_version
+        if _SEVERITY_RANK[finding.severity] < _SEVERITY_RANK[alert["severity"]]:
+            alert["severity"] = finding.severity  # an alert takes the most urgent severity seen
+        transitions: list[AlertTransition] = []
+        if now_ms - alert["last_update_ms"] >= self.rules.update_every_ms:
+            transitions.append(self._updated(alert, now_ms))
+        else:
+            alert["pending_update"] = True  # tick() emits it when the interval has passed
+        state.put(_ALERT_PREFIX + alert["alert_id"], alert)
+        return transitions
+
+    def _updated(self, alert: dict[str, Any], now_ms: int) -> AlertTransition:
+        alert["last_update_ms"] = now_ms
+        alert["pending_update"] = False
+        return self._transition(
+            alert, "updated", SYSTEM_ACTOR, None, now_ms, str(alert["occurrences"])
+        )
+
+    def on_cleared(
+        self, cleared: Cleared, state: KeyValueState, now_ms: int
+    ) -> list[AlertTransition]:
+        """Resolve the unresolved alert of the cleared rule and subject if the rule allows it."""
+        if not self.rules.may_auto_resolve(cleared.rule_id):
+            return []
+        alert_id = state.get(f"{_SUBJECT_PREFIX}{cleared.rule_id}|{cleared.subject}")
+        if alert_id is None:
+            return []
+        alert = state.get(_ALERT_PREFIX + alert_id)
+        if alert is None or alert["status"] == RESOLVED:
+            return []
+        return [self._resolve(alert, SYSTEM_ACTOR, cleared.reason, state, now_ms)]
+
+    # --- operator actions -------------------------------------------------------------------
+
+    def acknowledge(
+        self, alert_id: str, actor: str, note: str | None, state: KeyValueState, now_ms: int
+    ) -> list[AlertTransition]:
+        """An operator takes the alert: stops escalation. Acknowledging again changes nothing."""
+        alert = self._operator_alert(alert_id, actor, "acknowledge", state)
+        if alert["status"] == ACKNOWLEDGED:
+            return []
+        alert["status"] = ACKNOWLEDGED
+        state.put(_ALERT_PREFIX + alert_id, alert)
+        return [self._transition(alert, "acknowledged", actor, note, now_ms, "")]
+
+    def resolve(
+        self, alert_id: str, actor: str, note: str | None, state: KeyValueState, now_ms: int
+    ) -> list[AlertTransition]:
+        """An operator closes an open or acknowledged alert."""
+        alert = self._operator_alert(alert_id, actor, "resolve", state)
+        return [self._resolve(alert, actor, note, state, now_ms)]
+
+    def _operator_alert(
+        self, alert_id: str, actor: str, action: str, state: KeyValueState
+    ) -> dict[str, Any]:
+        if not actor.strip():
+            raise LifecycleError(f"cannot {action} alert {alert_id}: the actor must be named")
+        alert = state.get(_ALERT_PREFIX + alert_id)
+        if alert is None:
+            raise LifecycleError(
+                f"cannot {action} alert {alert_id}: unknown alert (never opened here, or "
+                "resolved and forgotten)"
+            )
+        if alert["status"] == RESOLVED:
+            raise LifecycleError(f"cannot {action} alert {alert_id}: it is already resolved")
+        return dict(alert)
+
+    def _resolve(
+        self,
+        alert: dict[str, Any],
+        actor: str,
+        note: str | None,
+        state: KeyValueState,
+        now_ms: int,
+    ) -> AlertTransition:
+        alert["status"] = RESOLVED
+        alert["resolved_ms"] = now_ms
+        alert["pending_update"] = False  # the resolved row carries the final count
+        state.put(_ALERT_PREFIX + alert["alert_id"], alert)
+        subject_key = f"{_SUBJECT_PREFIX}{alert['rule_id']}|{alert['subject']}"
+        if state.get(subject_key) == alert["alert_id"]:
+            state.delete(subject_key)
+        return self._transition(alert, "resolved", actor, note, now_ms, "")
+
+    # --- time -------------------------------------------------------------------------------
+
+    def tick(self, state: KeyValueState, now_ms: int) -> list[AlertTransition]:
+        """Emit throttled updates and escalations that are due; forget old resolved alerts.
+
+        An open alert escalates to the level its age deserves in one transition (a late tick
+        does not emit the skipped levels one by one). Scans every alert: call it about once a
+        minute.
+        """
+        transitions: list[AlertTransition] = []
+        for key, stored in state.items():
+            if not key.startswith(_ALERT_PREFIX):
+                continue
+            alert = dict(stored)
+            if alert["status"] == RESOLVED:
+                if now_ms - alert["resolved_ms"] >= self.rules.retain_resolved_ms:
+                    state.delete(key)
+                continue
+            changed = False
+            if alert["pending_update"] and (
+                now_ms - alert["last_update_ms"] >= self.rules.update_every_ms
+            ):
+                transitions.append(self._updated(alert, now_ms))
+                changed = True
+            policy = self.rules.escalation.get(alert["severity"])
+            if alert["status"] == OPEN and policy is not None:
+                level = policy.level_at(now_ms - alert["opened_ms"])
+                if level > alert["escalation_level"]:
+                    alert["escalation_level"] = level
+                    transitions.append(
+                        self._transition(alert, "escalated", SYSTEM_ACTOR, None, now_ms, level)
+                    )
+                    changed = True
+            if changed:
+                state.put(key, alert)
+        return transitions
+
+    # --- records ----------------------------------------------------------------------------
+
+    @staticmethod
+    def _transition(
+        alert: dict[str, Any],
+        action: str,
+        actor: str,
+        note: str | None,
+        now_ms: int,
+        discriminator: object,
+    ) -> AlertTransition:
+        return AlertTransition(
+            transition_id=_digest("transition", alert["alert_id"], action, discriminator),
+            alert_id=alert["alert_id"],
+            rule_id=alert["rule_id"],
+            rule_version=alert["rule_version"],
+            subject=alert["subject"],
+            organisation_id=alert["organisation_id"],
+            person_key=alert["person_key"],
+            severity=alert["severity"],
+            status=alert["status"],
+            action=action,
+            actor=actor,
+            note=note,
+            time_ms=now_ms,
+            first_event_time_ms=alert["first_event_time_ms"],
+            last_event_time_ms=alert["last_event_time_ms"],
+            occurrences=alert["occurrences"],
+            escalation_level=alert["escalation_level"],
+            triggering_event_ids=tuple(alert["triggering_event_ids"]),
+            explanation=alert["explanation"],
+        )

@@ -1,0 +1,446 @@
+"""The detect stage without Faust: rule families over normalised events, and the alert lifecycle.
+
+Two pure-per-record handlers, each called by a thin Faust agent:
+
+- :class:`DetectStage` reads one normalised event (norm.observation, norm.diagnosis,
+  norm.claim_line, norm.encounter), runs the rule families that watch it (NEWS2, claims)
+  and turns their findings into lifecycle inputs on ``alerts.lifecycle``, keyed by
+  ``rule_id|subject`` so that every finding about one alert meets in one partition.
+- :class:`LifecycleStage` reads one lifecycle input (a finding, a cleared condition, an
+  operator's acknowledge or resolve, or a tick) and emits the resulting alert
+  transitions to ``alerts`` as full Alert snapshots.
+
+Rules files are reloaded when they change (:class:`streams.reloading.ReloadingFile`);
+each finding carries the version that fired.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+from medstream.metrics import ALERT_TRANSITIONS, ALERTS, FINDINGS
+from medstream.settings import ALERTS_TOPIC, LIFECYCLE_TOPIC, KafkaSettings
+from schemas import serde
+from streams.alert_lifecycle import (
+    DEFAULT_ALERT_LIFECYCLE_PATH,
+    AlertLifecycle,
+    AlertTransition,
+    LifecycleError,
+    load_alert_lifecycle_rules,
+)
+from streams.claim_rules import DEFAULT_CLAIM_RULES_PATH, ClaimDetector, load_claim_rules
+from streams.findings import Cleared, Finding, KeyValueState
+from streams.model import epoch_ms
+from streams.news2 import DEFAULT_NEWS2_RULES_PATH, News2Detector, load_news2_rules
+from streams.reloading import ReloadingFile
+
+log = logging.getLogger("medstream.streams.detect")
+
+INPUT_FINDING: Final = "finding"
+INPUT_CLEARED: Final = "cleared"
+INPUT_ACKNOWLEDGE: Final = "acknowledge"
+INPUT_RESOLVE: Final = "resolve"
+INPUT_TICK: Final = "tick"
+
+
+@dataclass(frozen=True, slots=True)
+class Output:
+    """One record to publish: topic, key and Confluent-framed Avro value."""
+
+    topic: str
+    key: bytes | None
+    value: bytes
+
+
+def lifecycle_key(rule_id: str, subject: str) -> bytes:
+    """The Kafka key of every lifecycle input about one (rule, subject): one partition owns it."""
+    return f"{rule_id}|{subject}".encode()
+
+
+def _digest(*parts: object) -> str:
+    text = "\x1f".join(str(part) for part in parts)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+class TickOverlay:
+    """Rule state for timer ticks: reads see the table, writes stay in this process.
+
+    A Faust table can only be changed while processing a record (its changelog partition
+    is the record's). Ticks run outside any record, so what they change (a silence flag,
+    an escalation level) is kept here until the next record of that key writes the table
+    for real. Lost on restart: a tick may then fire once more, which the alert lifecycle
+    folds into the alert still open.
+    """
+
+    _DELETED: Final = object()
+
+    def __init__(self, table: KeyValueState) -> None:
+        self._table = table
+        self._changes: dict[str, Any] = {}
+
+    def in_record(self) -> KeyValueState:
+        """The state to use while processing a record: writes go to the table."""
+        return _RecordView(self)
+
+    def in_tick(self) -> KeyValueState:
+        """The state to use in a timer tick: writes stay in the overlay."""
+        return _TickView(self)
+
+    def get(self, key: str) -> Any | None:
+        if key in self._changes:
+            value = self._changes[key]
+            return None if value is self._DELETED else value
+        return self._table.get(key)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        seen: set[str] = set()
+        for key, value in list(self._changes.items()):
+            seen.add(key)
+            if value is not self._DELETED:
+                yield key, value
+        for key, value in self._table.items():
+            if key not in seen:
+                yield key, value
+
+
+class _RecordView:
+    def __init__(self, overlay: TickOverlay) -> None:
+        self._overlay = overlay
+
+    def get(self, key: str) -> Any | None:
+        return self._overlay.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self._overlay._changes.pop(key, None)
+        self._overlay._table.put(key, value)
+
+    def delete(self, key: str) -> None:
+        self._overlay._changes.pop(key, None)
+        self._overlay._table.delete(key)
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        return self._overlay.items()
+
+
+class _TickView(_RecordView):
+    def put(self, key: str, value: Any) -> None:
+        self._overlay._changes[key] = value
+
+    def delete(self, key: str) -> None:
+        self._overlay._changes[key] = TickOverlay._DELETED
+
+
+class LifecycleInputs:
+    """Encodes findings, clearances, operator actions and ticks as lifecycle input records."""
+
+    def __init__(self, kafka: KafkaSettings, registry: serde.SchemaRegistry) -> None:
+        self.topic = kafka.topic(LIFECYCLE_TOPIC)
+        self.encode = serde.AvroSerializer(registry, serde.LIFECYCLE_INPUT)
+
+    def finding(
+        self, finding: Finding, now_ms: int, event: dict[str, Any] | None = None
+    ) -> Output:
+        """A finding; ``event`` (the record being processed) supplies lineage when it is one
+        of the finding's triggering events."""
+        lineage: dict[str, Any] = {}
+        if event is not None and event.get("event_id") in finding.triggering_event_ids:
+            lineage = {
+                "ingest_time": epoch_ms(event["ingest_time"]),
+                "mapping_version": event.get("mapping_version") or "",
+                "source_topic": event.get("source_topic") or "",
+                "source_partition": event.get("source_partition", -1),
+                "source_offset": event.get("source_offset", -1),
+            }
+        FINDINGS.labels(finding.rule_id).inc()
+        record = {
+            "input_kind": INPUT_FINDING,
+            "input_id": _digest(
+                INPUT_FINDING, finding.rule_id, finding.subject, *finding.triggering_event_ids
+            ),
+            "rule_id": finding.rule_id,
+            "rule_version": finding.rule_version,
+            "severity": finding.severity,
+            "organisation_id": finding.organisation_id,
+            "subject": finding.subject,
+            "person_key": finding.person_key,
+            "event_time": finding.event_time_ms,
+            "ingest_time": lineage.get("ingest_time", finding.event_time_ms),
+            "detected_time": now_ms,
+            "triggering_event_ids": list(finding.triggering_event_ids),
+            "explanation": finding.explanation,
+            "analyte_code": finding.analyte_code,
+            "value": finding.value,
+            "unit": finding.unit,
+            "details_json": json.dumps(finding.details, sort_keys=True, default=str),
+            "mapping_version": lineage.get("mapping_version", ""),
+            "source_topic": lineage.get("source_topic", ""),
+            "source_partition": lineage.get("source_partition", -1),
+            "source_offset": lineage.get("source_offset", -1),
+        }
+        return Output(
+            self.topic, lifecycle_key(finding.rule_id, finding.subject), self.encode(record)
+        )
+
+    def cleared(self, cleared: Cleared, now_ms: int) -> Output:
+        """A condition that is over (the lifecycle may resolve its alert)."""
+        record = {
+            "input_kind": INPUT_CLEARED,
+            "input_id": _digest(INPUT_CLEARED, cleared.rule_id, cleared.subject, cleared.time_ms),
+            "rule_id": cleared.rule_id,
+            "organisation_id": cleared.organisation_id,
+            "subject": cleared.subject,
+            "event_time": cleared.time_ms,
+            "detected_time": now_ms,
+            "explanation": cleared.reason,
+        }
+        return Output(
+            self.topic, lifecycle_key(cleared.rule_id, cleared.subject), self.encode(record)
+        )
+
+    def action(
+        self,
+        action: str,
+        alert_id: str,
+        rule_id: str,
+        subject: str,
+        actor: str,
+        note: str | None,
+        now_ms: int,
+    ) -> Output:
+        """An operator's acknowledge or resolve of one alert."""
+        if action not in (INPUT_ACKNOWLEDGE, INPUT_RESOLVE):
+            raise ValueError(f"unknown alert action {action!r}: acknowledge or resolve")
+        record = {
+            "input_kind": action,
+            "input_id": _digest(action, alert_id, actor, now_ms),
+            "rule_id": rule_id,
+            "subject": subject,
+            "event_time": now_ms,
+            "detected_time": now_ms,
+            "alert_id": alert_id,
+            "actor": actor,
+            "note": note,
+        }
+        return Output(self.topic, lifecycle_key(rule_id, subject), self.encode(record))
+
+    def outputs(
+        self,
+        outcomes: list[Finding | Cleared] | list[Finding],
+        now_ms: int,
+        event: dict[str, Any] | None = None,
+    ) -> list[Output]:
+        """Lifecycle inputs for every finding and clearance of one rule run."""
+        return [
+            self.finding(o, now_ms, event) if isinstance(o, Finding) else self.cleared(o, now_ms)
+            for o in outcomes
+        ]
+
+
+def _reloading(name: str, path: Path | str, loader: Any) -> ReloadingFile[Any]:
+    return ReloadingFile(name, path, loader)
+
+
+class DetectStage:
+    """Runs the per-patient rule families over one normalised event (no Faust, no broker)."""
+
+    #: Normalised event kinds this stage reads.
+    KINDS: Final = ("observation", "diagnosis", "claim_line", "encounter")
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: serde.SchemaRegistry,
+        rules_dir: Path | None = None,
+    ) -> None:
+        self.decoders = {
+            kind: serde.AvroDeserializer(registry, serde.NORM_SUBJECT_BY_KIND[kind])
+            for kind in self.KINDS
+        }
+        self.inputs = LifecycleInputs(kafka, registry)
+        news2_path = rules_dir / "news2.yaml" if rules_dir else DEFAULT_NEWS2_RULES_PATH
+        claims_path = rules_dir / "claims.yaml" if rules_dir else DEFAULT_CLAIM_RULES_PATH
+        self.news2_rules = _reloading("news2", news2_path, load_news2_rules)
+        self.claim_rules = _reloading("claims", claims_path, load_claim_rules)
+        self._news2 = News2Detector(self.news2_rules.current())
+        self._claims = ClaimDetector(self.claim_rules.current())
+
+    def _detectors(self) -> tuple[News2Detector, ClaimDetector]:
+        news2_rules = self.news2_rules.current()
+        if news2_rules is not self._news2.rules:
+            self._news2 = News2Detector(news2_rules)
+        claim_rules = self.claim_rules.current()
+        if claim_rules is not self._claims.rules:
+            self._claims = ClaimDetector(claim_rules)
+        return self._news2, self._claims
+
+    def handle(
+        self, kind: str, value: bytes | None, state: KeyValueState, now_ms: int
+    ) -> list[Output]:
+        """Lifecycle inputs caused by one normalised event.
+
+        Norm records are our own output: one that does not decode is a bug, so it raises
+        and the worker stops (and shows in metrics) instead of skipping it.
+        """
+        event = self.decoders[kind](value)
+        news2, claims = self._detectors()
+        outcomes: list[Finding | Cleared] = []
+        if kind in ("observation", "diagnosis"):
+            outcomes.extend(news2.observe(event, state, now_ms))
+        if kind in ("claim_line", "encounter"):
+            outcomes.extend(claims.observe(event, state, now_ms))
+        return self.inputs.outputs(outcomes, now_ms, event)
+
+    def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Periodic pruning (and any time-driven findings) of the rule families."""
+        news2, claims = self._detectors()
+        outcomes: list[Finding | Cleared] = [*news2.tick(state, now_ms)]
+        outcomes.extend(claims.tick(state, now_ms))
+        return self.inputs.outputs(outcomes, now_ms)
+
+
+class LifecycleStage:
+    """Applies lifecycle inputs to the alert state machine and emits Alert snapshots."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: serde.SchemaRegistry,
+        rules_path: Path | str = DEFAULT_ALERT_LIFECYCLE_PATH,
+    ) -> None:
+        self.decode = serde.AvroDeserializer(registry, serde.LIFECYCLE_INPUT)
+        self.encode_alert = serde.AvroSerializer(registry, serde.ALERT)
+        self.alerts_topic = kafka.topic(ALERTS_TOPIC)
+        self.rules = _reloading("alert_lifecycle", rules_path, load_alert_lifecycle_rules)
+        self._lifecycle = AlertLifecycle(self.rules.current())
+
+    def _machine(self) -> AlertLifecycle:
+        rules = self.rules.current()
+        if rules is not self._lifecycle.rules:
+            self._lifecycle = AlertLifecycle(rules)
+        return self._lifecycle
+
+    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Alert snapshots caused by one lifecycle input.
+
+        An operator action on an unknown or resolved alert is refused with a logged reason
+        (the CLI checked it before sending; a refusal here is a race, never a crash).
+        """
+        record = self.decode(value)
+        machine = self._machine()
+        kind = record["input_kind"]
+        transitions: list[AlertTransition]
+        if kind == INPUT_FINDING:
+            finding = Finding(
+                rule_id=record["rule_id"],
+                rule_version=record["rule_version"],
+                severity=record["severity"],
+                organisation_id=record["organisation_id"],
+                subject=record["subject"],
+                event_time_ms=epoch_ms(record["event_time"]),
+                triggering_event_ids=tuple(record["triggering_event_ids"]),
+                explanation=record["explanation"],
+                person_key=record["person_key"],
+                analyte_code=record["analyte_code"],
+                value=record["value"],
+                unit=record["unit"],
+                details=json.loads(record["details_json"] or "{}"),
+            )
+            transitions = machine.on_finding(finding, state, now_ms)
+            if transitions and transitions[0].action == "opened":
+                # The opening finding's figures and lineage describe the alert.
+                state.put(_context_key(transitions[0].alert_id), _context(record))
+        elif kind == INPUT_CLEARED:
+            cleared = Cleared(
+                record["rule_id"],
+                record["organisation_id"],
+                record["subject"],
+                epoch_ms(record["event_time"]),
+                record["explanation"],
+            )
+            transitions = machine.on_cleared(cleared, state, now_ms)
+        elif kind in (INPUT_ACKNOWLEDGE, INPUT_RESOLVE):
+            act = machine.acknowledge if kind == INPUT_ACKNOWLEDGE else machine.resolve
+            try:
+                transitions = act(
+                    record["alert_id"], record["actor"], record["note"], state, now_ms
+                )
+            except LifecycleError as exc:
+                log.warning("alert action refused: %s", exc)
+                return []
+        elif kind == INPUT_TICK:
+            transitions = machine.tick(state, now_ms)
+        else:
+            log.error("unknown lifecycle input kind %r ignored", kind)
+            return []
+        return [self._snapshot(t, state) for t in transitions]
+
+    def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Throttled updates and escalations that are due."""
+        return [self._snapshot(t, state) for t in self._machine().tick(state, now_ms)]
+
+    def _snapshot(self, transition: AlertTransition, state: KeyValueState) -> Output:
+        context = state.get(_context_key(transition.alert_id)) or {}
+        if transition.status == "resolved":
+            state.delete(_context_key(transition.alert_id))
+        ALERT_TRANSITIONS.labels(transition.action).inc()
+        if transition.action == "opened":
+            ALERTS.labels(transition.rule_id).inc()
+        alert = {
+            "alert_id": transition.alert_id,
+            "rule_id": transition.rule_id,
+            "rule_version": transition.rule_version,
+            "severity": transition.severity,
+            "organisation_id": transition.organisation_id,
+            "person_key": transition.person_key,
+            "event_time": transition.first_event_time_ms,
+            "ingest_time": context.get("ingest_time", transition.first_event_time_ms),
+            "detected_time": context.get("detected_time", transition.time_ms),
+            "triggering_event_ids": list(transition.triggering_event_ids),
+            "analyte_code": context.get("analyte_code"),
+            "value": context.get("value"),
+            "unit": context.get("unit"),
+            "explanation": transition.explanation,
+            "source_topic": context.get("source_topic", ""),
+            "source_partition": context.get("source_partition", -1),
+            "source_offset": context.get("source_offset", -1),
+            "mapping_version": context.get("mapping_version", ""),
+            "subject": transition.subject,
+            "status": transition.status,
+            "action": transition.action,
+            "actor": transition.actor,
+            "note": transition.note,
+            "transition_id": transition.transition_id,
+            "updated_time": transition.time_ms,
+            "first_event_time": transition.first_event_time_ms,
+            "last_event_time": transition.last_event_time_ms,
+            "occurrences": transition.occurrences,
+            "escalation_level": transition.escalation_level,
+            "details_json": context.get("details_json", "{}"),
+        }
+        key = (transition.person_key or transition.subject).encode()
+        return Output(self.alerts_topic, key, self.encode_alert(alert))
+
+
+def _context_key(alert_id: str) -> str:
+    return f"alertctx|{alert_id}"
+
+
+def _context(record: dict[str, Any]) -> dict[str, Any]:
+    return {
+        "ingest_time": epoch_ms(record["ingest_time"]),
+        "detected_time": epoch_ms(record["detected_time"]),
+        "analyte_code": record["analyte_code"],
+        "value": record["value"],
+        "unit": record["unit"],
+        "source_topic": record["source_topic"],
+        "source_partition": record["source_partition"],
+        "source_offset": record["source_offset"],
+        "mapping_version": record["mapping_version"],
+        "details_json": record["details_json"],
+    }

@@ -1,0 +1,84 @@
+"""Rules and dictionaries that change on disk are picked up without a restart.
+
+:class:`ReloadingFile` wraps a loader (``path -> loaded rules``): :meth:`current` re-reads
+the file when its modification time or size changed, at most every ``check_every_s``.
+A file that no longer loads keeps the previous version in service: the error is logged
+once per bad file state and kept in :attr:`last_error`, so an operator's typo never stops
+the stream nor silently switches a rule off.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from medstream.metrics import RULES_RELOADS
+
+log = logging.getLogger("medstream.streams.rules")
+Loaded = TypeVar("Loaded")
+
+
+class ReloadingFile(Generic[Loaded]):
+    """A loaded rules (or dictionary) file, reloaded when the file changes."""
+
+    def __init__(
+        self,
+        name: str,
+        path: Path | str,
+        loader: Callable[[Path], Loaded],
+        check_every_s: float = 5.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.name = name
+        self.path = Path(path)
+        self._loader = loader
+        self._check_every_s = check_every_s
+        self._clock = clock
+        self._stamp = self._file_stamp()
+        # The first load must succeed: a worker never starts on rules it cannot read.
+        self._loaded: Loaded = loader(self.path)
+        self._checked_at = clock()
+        self._bad_stamp: tuple[int, int] | None = None
+        self.last_error: str | None = None
+        self.generation = 0
+
+    def _file_stamp(self) -> tuple[int, int]:
+        try:
+            stat = self.path.stat()
+        except OSError:
+            return (-1, -1)
+        return (stat.st_mtime_ns, stat.st_size)
+
+    def current(self) -> Loaded:
+        """The newest version that loaded; checks the file at most every check_every_s."""
+        now = self._clock()
+        if now - self._checked_at < self._check_every_s:
+            return self._loaded
+        self._checked_at = now
+        stamp = self._file_stamp()
+        if stamp == self._stamp or stamp == self._bad_stamp:
+            return self._loaded
+        try:
+            loaded = self._loader(self.path)
+        except (ValueError, OSError) as exc:
+            self._bad_stamp = stamp
+            self.last_error = str(exc)
+            RULES_RELOADS.labels(self.name, "refused").inc()
+            log.error(
+                "%s: the changed file was refused, the previous version stays in use:\n%s",
+                self.name,
+                exc,
+            )
+            return self._loaded
+        self._stamp = stamp
+        self._bad_stamp = None
+        self.last_error = None
+        self._loaded = loaded
+        self.generation += 1
+        RULES_RELOADS.labels(self.name, "loaded").inc()
+        log.warning("%s: reloaded %s (version %s)", self.name, self.path,
+                    getattr(loaded, "version", "?"))
+        return loaded
