@@ -15,6 +15,7 @@ import sys
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
@@ -472,6 +473,178 @@ def reconcile_command(
                 f"({label_check.unexpected_alerts} unexpected)"
             )
     raise typer.Exit(0 if ok else 1)
+
+
+@app.command("evaluate")
+def evaluate_command(
+    labels: Annotated[Path, typer.Option(help="the simulator's ground-truth labels (JSONL)")],
+    since: Annotated[
+        str | None,
+        typer.Option(help="ISO time (UTC if no offset); default: labels' earliest time - 5 min"),
+    ] = None,
+    until: Annotated[str | None, typer.Option(help="ISO time; default: no bound")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Precision, recall and detection delay per alert rule against simulator ground truth;
+    exit 1 when a deterministic rule misses recall 1.0 or precision 0.95, 2 on bad labels."""
+    from medstream.evaluate import LabelsError, evaluate, load_labels
+
+    try:
+        expected = load_labels(labels)
+        start = _parse_time(since) if since else None
+        end = _parse_time(until) if until else None
+    except LabelsError as exc:
+        _fail(str(exc), 2)
+    except ValueError as exc:
+        _fail(f"--since/--until must be ISO times: {exc}", 2)
+    database = ClickHouseSettings().database
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            report = evaluate(run, database, expected, start, end)
+    except QueryError as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(report.as_dict(), indent=2))
+    else:
+        lines = report.summary_lines()
+        typer.echo(lines[0])
+        typer.echo(render_table(*report.table()))
+        typer.echo("\n".join(lines[1:]))
+    raise typer.Exit(0 if report.ok else 1)
+
+
+terminology_app = typer.Typer(no_args_is_help=True, help="Terminology governance.")
+alerts_app = typer.Typer(no_args_is_help=True, help="Monitoring staff: list and act on alerts.")
+dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter store (sealed payloads).")
+app.add_typer(terminology_app, name="terminology")
+app.add_typer(alerts_app, name="alerts")
+app.add_typer(dlq_app, name="dlq")
+
+
+@terminology_app.command("unmapped")
+def terminology_unmapped(
+    organisation: Annotated[str | None, typer.Option(help="only this organisation")] = None,
+    system: Annotated[
+        str | None,
+        typer.Option(help="lab, diagnosis, department, device_metric or claim_item"),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="rows to show, most frequent first")] = 200,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """The steward's worklist: unmapped or ambiguous local codes, counts, ranked candidates."""
+    from medstream.worklist import render_worklist, unmapped_worklist
+    from streams.terminology import load_terminology
+
+    terminology = load_terminology()
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            entries = unmapped_worklist(
+                run, ClickHouseSettings().database, terminology, organisation, system, limit
+            )
+    except (QueryError, ValueError) as exc:
+        _fail(str(exc), 2 if isinstance(exc, ValueError) else 1)
+    if as_json:
+        typer.echo(json.dumps([asdict(e) for e in entries], default=str, indent=2,
+                              ensure_ascii=False))
+    else:
+        typer.echo(render_worklist(entries, terminology.version))
+
+
+@alerts_app.command("list")
+def alerts_list(
+    status: Annotated[
+        str | None, typer.Option(help="open, acknowledged or resolved (default: all)")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="rows to show")] = 50,
+) -> None:
+    """Current alerts, most urgent first."""
+    from medstream.alert_actions import list_alerts
+
+    if status not in (None, "open", "acknowledged", "resolved"):
+        _fail("--status must be open, acknowledged or resolved", 2)
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            columns, rows = list_alerts(run, ClickHouseSettings().database, status, limit)
+    except QueryError as exc:
+        _fail(str(exc))
+    typer.echo(render_table(columns, rows) if rows else "no alerts")
+
+
+def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> None:
+    from medstream.alert_actions import AlertActionError, current_state, send_action
+    from schemas.serde import registry_from_url
+
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            alert = current_state(run, ClickHouseSettings().database, alert_id)
+        send_action(
+            _kafka_for_client(), registry_from_url(RegistrySettings().url), alert, action,
+            actor, note,
+        )
+    except (QueryError, AlertActionError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"{action} of alert {alert_id} sent to the stream; `medstream alerts list` shows the "
+        "new status within seconds"
+    )
+
+
+@alerts_app.command("ack")
+def alerts_ack(
+    alert_id: Annotated[str, typer.Argument(help="the alert id")],
+    by: Annotated[str, typer.Option("--by", help="who acknowledges (recorded)")],
+    note: Annotated[str | None, typer.Option(help="note (identifiers are removed)")] = None,
+) -> None:
+    """Acknowledge an open alert: it stops escalating."""
+    _alert_action("acknowledge", alert_id, by, note)
+
+
+@alerts_app.command("resolve")
+def alerts_resolve(
+    alert_id: Annotated[str, typer.Argument(help="the alert id")],
+    by: Annotated[str, typer.Option("--by", help="who resolves (recorded)")],
+    note: Annotated[str | None, typer.Option(help="note (identifiers are removed)")] = None,
+) -> None:
+    """Resolve an open or acknowledged alert."""
+    _alert_action("resolve", alert_id, by, note)
+
+
+@dlq_app.command("show")
+def dlq_show(
+    dlq_id: Annotated[str, typer.Argument(help="the dead letter's id")],
+    raw: Annotated[bool, typer.Option(help="write the original bytes to stdout as is")] = False,
+) -> None:
+    """Unseal one dead letter's original record (needs the sink's dead-letter secret)."""
+    from medstream.sealing import SealingError, derive_key, unseal
+    from sinks.clickhouse import DEAD_LETTER_PURPOSE
+
+    database = ClickHouseSettings().database
+    quoted = "'" + dlq_id.replace("\\", "").replace("'", "") + "'"
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            rows = run(
+                f"SELECT stage, reason_code, reason, original_topic, original_partition, "
+                f"original_offset, hex(original_value) FROM {database}.dead_letter FINAL "
+                f"WHERE dlq_id = {quoted}"
+            ).rows
+    except QueryError as exc:
+        _fail(str(exc))
+    if not rows:
+        _fail(f"no dead letter {dlq_id}")
+    stage, reason_code, reason, topic, partition, offset, sealed = rows[0]
+    key = derive_key(
+        SinkSettings().dead_letter_secret.get_secret_value().encode(), DEAD_LETTER_PURPOSE
+    )
+    try:
+        original = unseal(bytes.fromhex(sealed), key, dlq_id.encode())
+    except SealingError as exc:
+        _fail(f"cannot unseal: {exc}")
+    if raw:
+        sys.stdout.buffer.write(original)
+        return
+    typer.echo(f"{stage} / {reason_code}: {reason}\nfrom {topic}[{partition}]@{offset}, "
+               f"{len(original)} bytes:")
+    typer.echo(original.decode("utf-8", errors="backslashreplace"))
 
 
 @app.command()

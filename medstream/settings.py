@@ -186,6 +186,11 @@ class SinkSettings(BaseSettings):
     batch_max_ms: int = Field(default=200, description="flush a partition batch at this age")
     retry_initial_s: float = Field(default=0.5, description="first backoff while ClickHouse fails")
     retry_max_s: float = Field(default=30.0, description="longest backoff while ClickHouse fails")
+    dead_letter_secret: SecretStr = Field(
+        default=SecretStr("medstream-embedded-demo-dead-letter-secret-change-me"),
+        description="secret sealing dead-letter payloads (AES-GCM) before ClickHouse stores "
+        "them; set a real secret in production and keep old ones to read old payloads",
+    )
 
 
 class RuntimeSettings(BaseSettings):

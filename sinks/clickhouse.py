@@ -38,6 +38,7 @@ from medstream.metrics import (
     SINK_INSERT_SECONDS,
     labelled,
 )
+from medstream.sealing import derive_key, seal
 from medstream.settings import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
@@ -54,6 +55,8 @@ from schemas.serde import COLLECTOR_HEADER
 log = logging.getLogger("medstream.sink")
 
 STAGE = "sink"
+#: Key derivation label of the dead-letter sealing key.
+DEAD_LETTER_PURPOSE = "dead-letter"
 SUBJECT_BY_TABLE = {
     **serde.NORM_SUBJECT_BY_KIND,
     **serde.FACT_SUBJECT_BY_TABLE,
@@ -183,6 +186,9 @@ class ClickHouseSink:
             else {}
         )
         self.dead_letter_columns = self.writers[kafka.topic(DLQ_TOPIC)].columns
+        self._dead_letter_key = derive_key(
+            settings.dead_letter_secret.get_secret_value().encode(), DEAD_LETTER_PURPOSE
+        )
         self._batches: dict[tuple[str, int], PartitionBatch] = {}
         self._rows: dict[str, list[list[Any]]] = {}
         self._consumer: Consumer | None = None
@@ -418,6 +424,8 @@ class ClickHouseSink:
         except serde.SerializationError as exc:
             self._dead_letter(message, timestamp_ms, "undecodable", str(exc))
             return
+        if writer.table == "dead_letter":
+            self._seal(record)
         self._rows.setdefault(writer.table, []).append(writer.row(record))
         if writer.table == "dead_letter":
             self._lineage(record, "dead_letter")
@@ -476,10 +484,27 @@ class ClickHouseSink:
             "ingest_time": _ms_to_datetime(timestamp_ms),
             "failed_time": now,
         }
+        self._seal(values)
         row = [values[c] for c in self.dead_letter_columns]
         self._rows.setdefault("dead_letter", []).append(row)
         DEAD_LETTERS.labels(STAGE, reason_code).inc()
         log.warning("dead-lettered %s[%d]@%d: %s", topic, partition, offset, reason_code)
+
+    def _seal(self, dead_letter: dict[str, Any]) -> None:
+        """Seal a dead letter's original key and bytes: they hold patient identifiers.
+
+        The payload stays recoverable for reprocessing (``medstream dlq show``) with the
+        sink's secret, which ClickHouse never holds; the dead-letter id is bound in as
+        associated data, so a sealed payload cannot be moved to another row unnoticed.
+        """
+        associated = dead_letter["dlq_id"].encode()
+        dead_letter["original_value"] = seal(
+            dead_letter["original_value"] or b"", self._dead_letter_key, associated
+        )
+        if dead_letter["original_key"] is not None:
+            dead_letter["original_key"] = seal(
+                dead_letter["original_key"], self._dead_letter_key, associated + b"|key"
+            )
 
     def _flush(self) -> None:
         """Hand the collected rows to the inserter (waits while one flush is already queued)."""

@@ -23,11 +23,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
 from streams.findings import SEVERITIES, Cleared, Finding, KeyValueState
 from streams.model import NonBlank
+from streams.rules_file import StrictModel, read_rules_document, validate_rules
 
 DEFAULT_ALERT_LIFECYCLE_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "rules" / "alert_lifecycle.yaml"
@@ -124,17 +124,13 @@ class AlertTransition:
 # --- loading --------------------------------------------------------------------------------
 
 
-class _EscalationModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _EscalationModel(StrictModel):
     after_minutes: int = Field(ge=1)
     repeat_every_minutes: int | None = Field(default=None, ge=1)
     max_level: int = Field(ge=1)
 
 
-class _RulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RulesModel(StrictModel):
     version: NonBlank
     update_every_minutes: int = Field(ge=0)
     retain_resolved_hours: int = Field(ge=0)
@@ -166,16 +162,9 @@ class _RulesModel(BaseModel):
 
 def alert_lifecycle_rules_from_dict(document: Any, source: str = "<dict>") -> AlertLifecycleRules:
     """Validate a parsed lifecycle rules document; raises AlertLifecycleRulesError."""
-    try:
-        model = _RulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise AlertLifecycleRulesError(
-            f"{source}: invalid alert lifecycle rules:\n{details}"
-        ) from None
+    model = validate_rules(
+        _RulesModel, document, AlertLifecycleRulesError, "alert lifecycle rules", source
+    )
     escalation: dict[str, EscalationPolicy | None] = {}
     for severity, policy in model.escalation.items():
         if policy is None:
@@ -203,12 +192,7 @@ def load_alert_lifecycle_rules(
 ) -> AlertLifecycleRules:
     """Read and validate an alert lifecycle rules YAML file; raises AlertLifecycleRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise AlertLifecycleRulesError(f"{path}: cannot read lifecycle rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise AlertLifecycleRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, AlertLifecycleRulesError, "lifecycle rules")
     return alert_lifecycle_rules_from_dict(document, str(path))
 
 

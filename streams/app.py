@@ -19,6 +19,8 @@ Tuning for the embedded tansu broker (and harmless on Apache Kafka):
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import hmac
 import logging
 import os
 import time
@@ -39,25 +41,42 @@ from medstream.metrics import (
     labelled,
 )
 from medstream.settings import (
+    FEED_ACTIVITY_TOPIC,
+    IDENTITY_TOPIC,
     LIFECYCLE_TOPIC,
     NORM_TOPICS,
     RAW_TOPICS,
+    SYNDROMIC_TOPIC,
     KafkaSettings,
     StreamSettings,
 )
 from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
-from streams.detect import DetectStage, LifecycleStage, Output, TickOverlay
+from streams.detect import (
+    DetectStage,
+    FeedWatchStage,
+    LifecycleStage,
+    Output,
+    PatientIndexStage,
+    SyndromicStage,
+    TickOverlay,
+)
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
 from streams.stage import STAGE, NormaliseStage, SuppressionState
-from streams.terminology import DEFAULT_TERMINOLOGY_PATH, load_terminology
+from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
 
 DEFAULT_FETCH_WAIT_MS = 20
 EXIT_DELIVERY_FAILED = 70
 #: Seconds between timer ticks of the rule families and of the alert lifecycle.
 DETECT_TICK_S = 30.0
 LIFECYCLE_TICK_S = 15.0
+#: Device silence is due after a few sample intervals (tens of seconds): check often.
+DEVICE_TICK_S = 5.0
+#: Seconds between a worker's feed activity summaries and between feed-watch ticks.
+FEED_ACTIVITY_S = 5.0
+FEED_TICK_S = 15.0
+QUALITY_PRUNE_S = 60.0
 log = logging.getLogger("medstream.streams")
 
 
@@ -109,6 +128,11 @@ class ShortFetchTransport(Transport):
 TRANSPORTS.aliases["medstream-kafka"] = f"{__name__}:ShortFetchTransport"
 
 
+def derived_key(secret: bytes, purpose: str) -> bytes:
+    """A separate key per purpose from the one configured secret (HMAC-SHA256 with a label)."""
+    return hmac.new(secret, f"medstream.{purpose}.v1".encode(), hashlib.sha256).digest()
+
+
 class TableState:
     """A Faust table as a :class:`streams.findings.KeyValueState` (JSON-able values)."""
 
@@ -131,6 +155,33 @@ class TableState:
     def items(self) -> Any:
         """Every (key, value) of the partitions this worker holds."""
         return iter(list(self._table.items()))
+
+
+class PartitionState:
+    """The keys of one source partition inside a shared table (prefixed ``<partition>|``)."""
+
+    def __init__(self, table: TableState, partition: int) -> None:
+        self._table = table
+        self._prefix = f"{partition}|"
+
+    def get(self, key: str) -> Any | None:
+        """The value stored under ``key`` for this partition, or None."""
+        return self._table.get(self._prefix + key)
+
+    def put(self, key: str, value: Any) -> None:
+        """Store ``value`` under ``key`` for this partition."""
+        self._table.put(self._prefix + key, value)
+
+    def delete(self, key: str) -> None:
+        """Forget ``key`` for this partition."""
+        self._table.delete(self._prefix + key)
+
+    def items(self) -> Any:
+        """This partition's (key, value) pairs, keys without the prefix."""
+        size = len(self._prefix)
+        return iter(
+            [(k[size:], v) for k, v in self._table.items() if k.startswith(self._prefix)]
+        )
 
 
 def create_app(
@@ -162,17 +213,26 @@ def create_app(
         agent_supervisor=CrashingSupervisor,
     )
     app.fetch_wait_max_ms = kafka.fetch_wait_max_ms
+    secret = settings.pseudonym_key.get_secret_value().encode()
     stage = NormaliseStage(
         kafka,
         registry,
-        load_terminology(terminology_path or DEFAULT_TERMINOLOGY_PATH),
-        Pseudonymiser(settings.pseudonym_key.get_secret_value().encode()),
+        TerminologySource(terminology_path or DEFAULT_TERMINOLOGY_PATH),
+        Pseudonymiser(secret),
         load_critical_value_rules(rules_path or DEFAULT_CRITICAL_RULES_PATH),
+        identity_key=derived_key(secret, "mpi.tokens"),
     )
     suppression_table = app.Table(
         "critical-suppression", default=None, partitions=kafka.raw_partitions
     )
     suppression = SuppressionState(suppression_table.get, suppression_table.__setitem__)
+    quality_table = TableState(
+        app.Table("quality-state", default=None, partitions=kafka.raw_partitions)
+    )
+    quality_pruned_at: dict[tuple[str, int], float] = {}
+    device_state = TickOverlay(
+        TableState(app.Table("device-state", default=None, partitions=kafka.raw_partitions))
+    )
 
     async def publish(outputs: list[Output]) -> None:
         for output in outputs:
@@ -191,7 +251,18 @@ def create_app(
                     message.topic, message.partition, message.offset, int(message.timestamp * 1000)
                 )
                 labelled(RECORDS_IN, STAGE, message.topic).inc()
-                outputs = stage.handle(source_kind, ctx, message.key, message.value, suppression)
+                # Quality state is kept per partition, so pruning it while processing one
+                # of that partition's records writes tombstones to the right changelog.
+                quality_state = PartitionState(quality_table, message.partition)
+                outputs = stage.handle(
+                    source_kind, ctx, message.key, message.value, suppression,
+                    quality_state=quality_state,
+                    device_state=device_state.in_record(),
+                )
+                due = quality_pruned_at.get((message.topic, message.partition), 0.0)
+                if started - due > QUALITY_PRUNE_S:
+                    quality_pruned_at[(message.topic, message.partition)] = started
+                    stage.prune_quality_state(quality_state, ctx.timestamp_ms)
                 await publish(outputs)
                 now = time.time()
                 labelled(PROCESSING_SECONDS, STAGE).observe(time.perf_counter() - started)
@@ -235,6 +306,10 @@ def create_app(
         )
         app.agent(norm_topic, name=f"detect_{kind}")(detect_agent(kind))
 
+    @app.timer(DEVICE_TICK_S)
+    async def device_tick() -> None:
+        await publish(stage.device_tick(device_state.in_tick(), int(time.time() * 1000)))
+
     @app.timer(DETECT_TICK_S)
     async def detect_tick() -> None:
         await publish(detect.tick(detect_state.in_tick(), int(time.time() * 1000)))
@@ -262,6 +337,62 @@ def create_app(
     @app.timer(LIFECYCLE_TICK_S)
     async def lifecycle_tick() -> None:
         await publish(lifecycle.tick(lifecycle_state.in_tick(), int(time.time() * 1000)))
+
+    # -- the master patient index: one partition, one owner of every person -----------------
+    patient_index = PatientIndexStage(kafka, registry, derived_key(secret, "mpi.person"))
+    index_state = TableState(app.Table("mpi-state", default=None, partitions=1))
+    identity_topic = app.topic(
+        kafka.topic(IDENTITY_TOPIC), key_serializer="raw", value_serializer="raw", partitions=1
+    )
+
+    @app.agent(identity_topic, name="patient_index")
+    async def patient_index_agent(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            labelled(RECORDS_IN, "mpi", event.message.topic).inc()
+            now_ms = int(time.time() * 1000)
+            await publish(patient_index.handle(event.message.value, index_state, now_ms))
+
+    # -- feeds: every worker's per-minute counts -> one watcher of every feed ---------------
+    @app.timer(FEED_ACTIVITY_S)
+    async def send_feed_activity() -> None:
+        await publish(stage.feed_activity_outputs())
+
+    feed_watch = FeedWatchStage(kafka, registry)
+    feed_state = TickOverlay(TableState(app.Table("feed-state", default=None, partitions=1)))
+    feed_topic = app.topic(
+        kafka.topic(FEED_ACTIVITY_TOPIC), key_serializer="raw", value_serializer="raw",
+        partitions=1,
+    )
+
+    @app.agent(feed_topic, name="feed_watch")
+    async def feed_watch_agent(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            now_ms = int(time.time() * 1000)
+            await publish(feed_watch.handle(event.message.value, feed_state.in_record(), now_ms))
+
+    @app.timer(FEED_TICK_S)
+    async def feed_tick() -> None:
+        await publish(feed_watch.tick(feed_state.in_tick(), int(time.time() * 1000)))
+
+    # -- public health: syndromic counts per district and hour -------------------------------
+    syndromic = SyndromicStage(kafka, registry)
+    syndromic_state = TickOverlay(
+        TableState(app.Table("syndromic-state", default=None, partitions=1))
+    )
+    syndromic_topic = app.topic(
+        kafka.topic(SYNDROMIC_TOPIC), key_serializer="raw", value_serializer="raw", partitions=1
+    )
+
+    @app.agent(syndromic_topic, name="syndromic")
+    async def syndromic_agent(stream: faust.StreamT) -> None:
+        async for event in stream.events():
+            now_ms = int(time.time() * 1000)
+            state = syndromic_state.in_record()
+            await publish(syndromic.handle(event.message.value, state, now_ms))
+
+    @app.timer(DETECT_TICK_S)
+    async def syndromic_tick() -> None:
+        await publish(syndromic.tick(syndromic_state.in_tick(), int(time.time() * 1000)))
 
     async def mark_ready(
         sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any

@@ -24,11 +24,11 @@ from datetime import date, timedelta
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field
 
-from streams.findings import SEVERITIES, Finding, KeyValueState
+from streams.findings import Finding, KeyValueState
 from streams.model import NonBlank, as_date, epoch_ms
+from streams.rules_file import Severity, StrictModel, read_rules_document, validate_rules
 
 DEFAULT_CLAIM_RULES_PATH: Final[Path] = Path(__file__).resolve().parent / "rules" / "claims.yaml"
 
@@ -78,17 +78,8 @@ class ClaimRules:
 # --- loading --------------------------------------------------------------------------------
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    severity: str
-
-    @field_validator("severity")
-    @classmethod
-    def _known_severity(cls, value: str) -> str:
-        if value not in SEVERITIES:
-            raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
-        return value
+class _Strict(StrictModel):
+    severity: Severity
 
 
 class _ExactModel(_Strict):
@@ -116,16 +107,12 @@ class _EncounterModel(_Strict):
     encounter_retention_days: int = Field(ge=1)
 
 
-class _StateModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _StateModel(StrictModel):
     max_lines_per_person: int = Field(ge=1)
     max_encounters_per_person: int = Field(ge=1)
 
 
-class _RulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RulesModel(StrictModel):
     version: NonBlank
     exact_duplicate: _ExactModel
     near_duplicate: _NearModel
@@ -137,14 +124,7 @@ class _RulesModel(BaseModel):
 
 def claim_rules_from_dict(document: Any, source: str = "<dict>") -> ClaimRules:
     """Validate a parsed claim rules document; raises ClaimRulesError naming each bad field."""
-    try:
-        model = _RulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise ClaimRulesError(f"{source}: invalid claim rules:\n{details}") from None
+    model = validate_rules(_RulesModel, document, ClaimRulesError, "claim rules", source)
     outlier = model.cost_outlier
     if outlier.min_samples > outlier.window_size:
         raise ClaimRulesError(
@@ -178,12 +158,7 @@ def claim_rules_from_dict(document: Any, source: str = "<dict>") -> ClaimRules:
 def load_claim_rules(path: Path | str = DEFAULT_CLAIM_RULES_PATH) -> ClaimRules:
     """Read and validate a claim rules YAML file; raises ClaimRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise ClaimRulesError(f"{path}: cannot read claim rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise ClaimRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, ClaimRulesError, "claim rules")
     return claim_rules_from_dict(document, str(path))
 
 

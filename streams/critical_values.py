@@ -13,11 +13,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 
 from streams.findings import Finding
 from streams.model import NonBlank, epoch_ms
+from streams.rules_file import (
+    FiniteOrNull,
+    Severity,
+    StrictModel,
+    check_limits,
+    read_rules_document,
+    validate_rules,
+)
 
 DEFAULT_CRITICAL_RULES_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "rules" / "critical_values.yaml"
@@ -72,44 +79,23 @@ class CriticalFinding:
 # --- loading --------------------------------------------------------------------------------
 
 
-class _RuleModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RuleModel(StrictModel):
     rule_id: NonBlank
     loinc: NonBlank
     display: NonBlank
     unit: NonBlank
-    low: float | None
-    high: float | None
-    severity: NonBlank
+    low: FiniteOrNull
+    high: FiniteOrNull
+    severity: Severity
     exclude_specimen_status: list[str] = []
-
-    @field_validator("severity")
-    @classmethod
-    def _known_severity(cls, value: str) -> str:
-        if value not in ("critical", "high", "medium", "low"):
-            raise ValueError("must be one of critical, high, medium, low")
-        return value
-
-    @field_validator("low", "high")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number or null")
-        return value
 
     @model_validator(mode="after")
     def _limits(self) -> _RuleModel:
-        if self.low is None and self.high is None:
-            raise ValueError("at least one of low and high must be set")
-        if self.low is not None and self.high is not None and self.low >= self.high:
-            raise ValueError("low must be below high")
+        check_limits(self.low, self.high)
         return self
 
 
-class _RulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RulesModel(StrictModel):
     version: NonBlank
     suppression_minutes: int
     rules: list[_RuleModel]
@@ -135,14 +121,9 @@ class _RulesModel(BaseModel):
 
 def critical_value_rules_from_dict(document: Any, source: str = "<dict>") -> CriticalValueRules:
     """Validate a parsed rules document and index the rules by LOINC."""
-    try:
-        model = _RulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise CriticalRulesError(f"{source}: invalid critical value rules:\n{details}") from None
+    model = validate_rules(
+        _RulesModel, document, CriticalRulesError, "critical value rules", source
+    )
     rules = {
         rule.loinc: CriticalValueRule(
             rule.rule_id,
@@ -162,12 +143,7 @@ def critical_value_rules_from_dict(document: Any, source: str = "<dict>") -> Cri
 def load_critical_value_rules(path: Path | str = DEFAULT_CRITICAL_RULES_PATH) -> CriticalValueRules:
     """Read and validate a critical value rules YAML file; raises CriticalRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise CriticalRulesError(f"{path}: cannot read critical value rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise CriticalRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, CriticalRulesError, "critical value rules")
     return critical_value_rules_from_dict(document, str(path))
 
 

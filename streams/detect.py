@@ -24,8 +24,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from medstream.metrics import ALERT_TRANSITIONS, ALERTS, FINDINGS
-from medstream.settings import ALERTS_TOPIC, LIFECYCLE_TOPIC, KafkaSettings
+from medstream.metrics import ALERT_TRANSITIONS, ALERTS, FINDINGS, PERSON_LINKS
+from medstream.settings import (
+    ALERTS_TOPIC,
+    FACT_TOPICS,
+    LIFECYCLE_TOPIC,
+    SYNDROMIC_TOPIC,
+    KafkaSettings,
+)
 from schemas import serde
 from streams.alert_lifecycle import (
     DEFAULT_ALERT_LIFECYCLE_PATH,
@@ -35,10 +41,23 @@ from streams.alert_lifecycle import (
     load_alert_lifecycle_rules,
 )
 from streams.claim_rules import DEFAULT_CLAIM_RULES_PATH, ClaimDetector, load_claim_rules
+from streams.feed_rules import DEFAULT_FEED_RULES_PATH, FeedDetector, load_feed_rules
 from streams.findings import Cleared, Finding, KeyValueState
 from streams.model import epoch_ms
+from streams.mpi import (
+    DEFAULT_MPI_RULES_PATH,
+    IdentityObservationError,
+    LinkEvent,
+    PatientIndex,
+    load_mpi_rules,
+)
 from streams.news2 import DEFAULT_NEWS2_RULES_PATH, News2Detector, load_news2_rules
 from streams.reloading import ReloadingFile
+from streams.syndromic import (
+    DEFAULT_SYNDROMIC_RULES_PATH,
+    SyndromicDetector,
+    load_syndromic_rules,
+)
 
 log = logging.getLogger("medstream.streams.detect")
 
@@ -269,6 +288,11 @@ class DetectStage:
         self.claim_rules = _reloading("claims", claims_path, load_claim_rules)
         self._news2 = News2Detector(self.news2_rules.current())
         self._claims = ClaimDetector(self.claim_rules.current())
+        syndromic_path = (
+            rules_dir / "syndromic.yaml" if rules_dir else DEFAULT_SYNDROMIC_RULES_PATH
+        )
+        self.syndromic_rules = _reloading("syndromic-forward", syndromic_path, load_syndromic_rules)
+        self.syndromic_topic = kafka.topic(SYNDROMIC_TOPIC)
 
     def _detectors(self) -> tuple[News2Detector, ClaimDetector]:
         news2_rules = self.news2_rules.current()
@@ -294,7 +318,15 @@ class DetectStage:
             outcomes.extend(news2.observe(event, state, now_ms))
         if kind in ("claim_line", "encounter"):
             outcomes.extend(claims.observe(event, state, now_ms))
-        return self.inputs.outputs(outcomes, now_ms, event)
+        outputs = self.inputs.outputs(outcomes, now_ms, event)
+        if kind == "diagnosis" and self.syndromic_rules.current().syndromes_of(
+            event["icd10_code"]
+        ):
+            # Counts per district need every diagnosis of a district in one place.
+            outputs.append(
+                Output(self.syndromic_topic, event["organisation_id"].encode(), value or b"")
+            )
+        return outputs
 
     def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
         """Periodic pruning (and any time-driven findings) of the rule families."""
@@ -444,3 +476,135 @@ def _context(record: dict[str, Any]) -> dict[str, Any]:
         "mapping_version": record["mapping_version"],
         "details_json": record["details_json"],
     }
+
+
+class PatientIndexStage:
+    """The master patient index over identity observations: link, merge, unmerge, review.
+
+    Runs on the single-partition ``mpi.identity`` topic: one owner sees every person, so
+    linking across organisations needs no coordination. Decisions go to ``mpi.links``
+    (stored in ClickHouse ``person_link``); the index key never leaves this process.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: serde.SchemaRegistry,
+        index_key: bytes,
+        rules_path: Path | str = DEFAULT_MPI_RULES_PATH,
+    ) -> None:
+        self.decode = serde.AvroDeserializer(registry, serde.IDENTITY_OBSERVATION)
+        self.encode_link = serde.AvroSerializer(registry, serde.PERSON_LINK)
+        self.links_topic = kafka.topic(FACT_TOPICS["person_link"])
+        self.rules = _reloading("mpi", rules_path, load_mpi_rules)
+        self._key = index_key
+        self._index = PatientIndex(self.rules.current(), index_key)
+
+    def _patient_index(self) -> PatientIndex:
+        rules = self.rules.current()
+        if rules is not self._index.rules:
+            self._index = PatientIndex(rules, self._key)
+        return self._index
+
+    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Person link records caused by one identity observation."""
+        observation = self.decode(value)
+        try:
+            links = self._patient_index().observe(observation, state, now_ms)
+        except IdentityObservationError as exc:
+            # Our own output, so a bug; but one bad observation must not stop linking.
+            log.error("identity observation refused: %s", exc)
+            return []
+        return [self._link(link) for link in links]
+
+    def unmerge(
+        self, record_key: str, state: KeyValueState, now_ms: int, reason: str
+    ) -> list[Output]:
+        """A data steward splits a record out of its person (never re-linked automatically)."""
+        return [
+            self._link(link)
+            for link in self._patient_index().unmerge(record_key, state, now_ms, reason)
+        ]
+
+    def _link(self, link: LinkEvent) -> Output:
+        PERSON_LINKS.labels(link.action, link.method).inc()
+        record = {
+            "link_event_id": link.link_event_id,
+            "action": link.action,
+            "record_key": link.record_key,
+            "person_key": link.person_key,
+            "previous_person_key": link.previous_person_key,
+            "method": link.method,
+            "score": link.score,
+            "threshold": link.threshold,
+            "explanation": link.explanation,
+            "organisation_id": link.organisation_id,
+            "effective_time": link.effective_time_ms,
+            "triggering_event_id": link.triggering_event_id,
+            "decided_time": link.decided_time_ms,
+        }
+        return Output(self.links_topic, link.record_key.encode(), self.encode_link(record))
+
+
+class FeedWatchStage:
+    """Feed silence and dead-letter/unmapped spikes from the workers' feed activity summaries.
+
+    Runs on the single-partition ``detect.feed_activity`` topic: one owner sums every
+    worker's counts of a feed, so a quiet partition is never mistaken for a silent feed.
+    """
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: serde.SchemaRegistry,
+        rules_path: Path | str = DEFAULT_FEED_RULES_PATH,
+    ) -> None:
+        self.decode = serde.AvroDeserializer(registry, serde.FEED_ACTIVITY)
+        self.inputs = LifecycleInputs(kafka, registry)
+        self.rules = _reloading("feeds", rules_path, load_feed_rules)
+        self._detector = FeedDetector(self.rules.current())
+
+    def _feeds(self) -> FeedDetector:
+        rules = self.rules.current()
+        if rules is not self._detector.rules:
+            self._detector = FeedDetector(rules)
+        return self._detector
+
+    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Lifecycle inputs caused by one worker's summary of one feed and minute."""
+        activity = self.decode(value)
+        return self.inputs.outputs(self._feeds().observe_activity(activity, state, now_ms), now_ms)
+
+    def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Silences due by the wall clock, and windows the clock has closed."""
+        return self.inputs.outputs(self._feeds().tick(state, now_ms), now_ms)
+
+
+class SyndromicStage:
+    """Syndromic surveillance over the diagnoses the detect stage forwards (one partition)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings,
+        registry: serde.SchemaRegistry,
+        rules_path: Path | str = DEFAULT_SYNDROMIC_RULES_PATH,
+    ) -> None:
+        self.decode = serde.AvroDeserializer(registry, serde.DIAGNOSIS)
+        self.inputs = LifecycleInputs(kafka, registry)
+        self.rules = _reloading("syndromic", rules_path, load_syndromic_rules)
+        self._detector = SyndromicDetector(self.rules.current())
+
+    def _syndromic(self) -> SyndromicDetector:
+        rules = self.rules.current()
+        if rules is not self._detector.rules:
+            self._detector = SyndromicDetector(rules)
+        return self._detector
+
+    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Lifecycle inputs caused by one forwarded diagnosis (when an hour closes)."""
+        event = self.decode(value)
+        return self.inputs.outputs(self._syndromic().observe(event, state, now_ms), now_ms, event)
+
+    def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Pruning of the seen-diagnosis memory."""
+        return self.inputs.outputs(self._syndromic().tick(state, now_ms), now_ms)

@@ -20,11 +20,18 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
-from streams.findings import SEVERITIES, Cleared, Finding, KeyValueState
+from streams.findings import Cleared, Finding, KeyValueState
 from streams.model import NonBlank, epoch_ms
+from streams.rules_file import (
+    FiniteOrNull,
+    Severity,
+    StrictModel,
+    check_limits,
+    read_rules_document,
+    validate_rules,
+)
 
 DEFAULT_DEVICE_RULES_PATH: Final[Path] = Path(__file__).resolve().parent / "rules" / "devices.yaml"
 
@@ -89,49 +96,25 @@ class DeviceRules:
 # --- loading --------------------------------------------------------------------------------
 
 
-def _known_severity(value: str) -> str:
-    if value not in SEVERITIES:
-        raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
-    return value
-
-
-class _LimitModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _LimitModel(StrictModel):
     metric: NonBlank
     display: NonBlank
     unit: NonBlank
-    low: float | None
-    high: float | None
-
-    @field_validator("low", "high")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number or null")
-        return value
+    low: FiniteOrNull
+    high: FiniteOrNull
 
     @model_validator(mode="after")
     def _limits(self) -> _LimitModel:
-        if self.low is None and self.high is None:
-            raise ValueError("at least one of low and high must be set")
-        if self.low is not None and self.high is not None and self.low >= self.high:
-            raise ValueError("low must be below high")
+        check_limits(self.low, self.high)
         return self
 
 
-class _OutOfRangeModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    severity: NonBlank
+class _OutOfRangeModel(StrictModel):
+    severity: Severity
     metrics: list[_LimitModel]
 
-    _severity = field_validator("severity")(_known_severity)
 
-
-class _FlatLineMetricModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _FlatLineMetricModel(StrictModel):
     metric: NonBlank
     display: NonBlank
     epsilon: float = Field(ge=0)
@@ -139,25 +122,17 @@ class _FlatLineMetricModel(BaseModel):
     min_duration_s: int = Field(ge=0)
 
 
-class _FlatLineModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    severity: NonBlank
+class _FlatLineModel(StrictModel):
+    severity: Severity
     metrics: list[_FlatLineMetricModel]
 
-    _severity = field_validator("severity")(_known_severity)
 
-
-class _SilenceModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    severity: NonBlank
+class _SilenceModel(StrictModel):
+    severity: Severity
     missed_intervals: int = Field(ge=1)
     default_sample_interval_s: int = Field(gt=0)
     sample_interval_s: dict[str, int]
     forget_after_hours: float = Field(gt=0)
-
-    _severity = field_validator("severity")(_known_severity)
 
     @field_validator("sample_interval_s")
     @classmethod
@@ -168,9 +143,7 @@ class _SilenceModel(BaseModel):
         return value
 
 
-class _DeviceRulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _DeviceRulesModel(StrictModel):
     version: NonBlank
     out_of_range: _OutOfRangeModel
     flat_line: _FlatLineModel
@@ -195,14 +168,7 @@ class _DeviceRulesModel(BaseModel):
 
 def device_rules_from_dict(document: Any, source: str = "<dict>") -> DeviceRules:
     """Validate a parsed device rules document; raises DeviceRulesError naming the field."""
-    try:
-        model = _DeviceRulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise DeviceRulesError(f"{source}: invalid device rules:\n{details}") from None
+    model = validate_rules(_DeviceRulesModel, document, DeviceRulesError, "device rules", source)
     return DeviceRules(
         version=model.version,
         out_of_range_severity=model.out_of_range.severity,
@@ -228,12 +194,7 @@ def device_rules_from_dict(document: Any, source: str = "<dict>") -> DeviceRules
 def load_device_rules(path: Path | str = DEFAULT_DEVICE_RULES_PATH) -> DeviceRules:
     """Read and validate a device rules YAML file; raises DeviceRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise DeviceRulesError(f"{path}: cannot read device rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise DeviceRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, DeviceRulesError, "device rules")
     return device_rules_from_dict(document, str(path))
 
 

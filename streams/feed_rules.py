@@ -14,11 +14,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, field_validator
 
-from streams.findings import SEVERITIES, Cleared, Finding, KeyValueState
+from streams.findings import Cleared, Finding, KeyValueState
 from streams.model import NonBlank, epoch_ms
+from streams.rules_file import Severity, StrictModel, read_rules_document, validate_rules
 
 DEFAULT_FEED_RULES_PATH: Final[Path] = Path(__file__).resolve().parent / "rules" / "feeds.yaml"
 
@@ -77,21 +77,11 @@ class FeedRules:
 # --- loading --------------------------------------------------------------------------------
 
 
-def _known_severity(value: str) -> str:
-    if value not in SEVERITIES:
-        raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
-    return value
-
-
-class _SilenceModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    severity: NonBlank
+class _SilenceModel(StrictModel):
+    severity: Severity
     default_silent_after_minutes: float = Field(gt=0)
     silent_after_minutes: dict[str, float]
     forget_after_hours: float = Field(gt=0)
-
-    _severity = field_validator("severity")(_known_severity)
 
     @field_validator("silent_after_minutes")
     @classmethod
@@ -102,21 +92,15 @@ class _SilenceModel(BaseModel):
         return value
 
 
-class _SpikeModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    severity: NonBlank
+class _SpikeModel(StrictModel):
+    severity: Severity
     min_events: int = Field(ge=1)
     min_rate: float = Field(gt=0, le=1)
     factor: float = Field(ge=1)
     baseline_alpha: float = Field(gt=0, le=1)
 
-    _severity = field_validator("severity")(_known_severity)
 
-
-class _SpikesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _SpikesModel(StrictModel):
     window_minutes: int = Field(ge=1)
     allowed_lateness_minutes: int = Field(ge=0)
     max_sample_ids: int = Field(ge=1, le=100)
@@ -125,9 +109,7 @@ class _SpikesModel(BaseModel):
     unmapped_spike: _SpikeModel
 
 
-class _FeedRulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _FeedRulesModel(StrictModel):
     version: NonBlank
     silence: _SilenceModel
     spikes: _SpikesModel
@@ -146,14 +128,7 @@ def _spike_rule(rule_id: str, model: _SpikeModel) -> SpikeRule:
 
 def feed_rules_from_dict(document: Any, source: str = "<dict>") -> FeedRules:
     """Validate a parsed feed rules document; raises FeedRulesError naming the field."""
-    try:
-        model = _FeedRulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise FeedRulesError(f"{source}: invalid feed rules:\n{details}") from None
+    model = validate_rules(_FeedRulesModel, document, FeedRulesError, "feed rules", source)
     silence, spikes = model.silence, model.spikes
     return FeedRules(
         version=model.version,
@@ -173,12 +148,7 @@ def feed_rules_from_dict(document: Any, source: str = "<dict>") -> FeedRules:
 def load_feed_rules(path: Path | str = DEFAULT_FEED_RULES_PATH) -> FeedRules:
     """Read and validate a feed rules YAML file; raises FeedRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise FeedRulesError(f"{path}: cannot read feed rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise FeedRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, FeedRulesError, "feed rules")
     return feed_rules_from_dict(document, str(path))
 
 
@@ -227,6 +197,61 @@ class FeedDetector:
             return []
         if is_dead_letter and record.get("stage") not in self.rules.dead_letter_stages:
             return []
+        ingest_ms = epoch_ms(record["ingest_time"])
+        record_id = record["dlq_id"] if is_dead_letter else record["event_id"]
+        unmapped = not is_dead_letter and record.get("mapping_status") in UNMAPPED_STATUSES
+        return self._observe_counts(
+            organisation_id,
+            source_kind,
+            ingest_ms,
+            ingest_ms,
+            record_id,
+            events=0 if is_dead_letter else 1,
+            unmapped=1 if unmapped else 0,
+            dead_letters=1 if is_dead_letter else 0,
+            dead_ids=[record_id] if is_dead_letter else [],
+            unmapped_ids=[record_id] if unmapped else [],
+            state=state,
+        )
+
+    def observe_activity(
+        self, activity: dict[str, Any], state: KeyValueState, now_ms: int
+    ) -> list[Finding | Cleared]:
+        """Count a worker's summary of one feed and minute (a FeedActivity record).
+
+        Workers summarise instead of forwarding every record, so one owner can watch every
+        feed across all partitions; a minute's counts land in the window holding it (the
+        window length must be a whole number of minutes).
+        """
+        return self._observe_counts(
+            activity["organisation_id"],
+            activity["source_kind"],
+            epoch_ms(activity["minute_start"]),
+            epoch_ms(activity["last_ingest_time"]),
+            activity["last_record_id"],
+            events=activity["events"],
+            unmapped=activity["unmapped"],
+            dead_letters=activity["dead_letters"],
+            dead_ids=list(activity["dead_letter_ids"]),
+            unmapped_ids=list(activity["unmapped_ids"]),
+            state=state,
+        )
+
+    def _observe_counts(
+        self,
+        organisation_id: str,
+        source_kind: str,
+        counted_at_ms: int,
+        last_ingest_ms: int,
+        last_record_id: str,
+        *,
+        events: int,
+        unmapped: int,
+        dead_letters: int,
+        dead_ids: list[str],
+        unmapped_ids: list[str],
+        state: KeyValueState,
+    ) -> list[Finding | Cleared]:
         key = f"{STATE_PREFIX}{organisation_id}|{source_kind}"
         feed = state.get(key) or {
             "organisation_id": organisation_id,
@@ -240,8 +265,6 @@ class FeedDetector:
             "baselines": {rule.rule_id: None for rule in self._spike_rules},
             "open": {rule.rule_id: False for rule in self._spike_rules},
         }
-        ingest_ms = epoch_ms(record["ingest_time"])
-        record_id = record["dlq_id"] if is_dead_letter else record["event_id"]
         outcomes: list[Finding | Cleared] = []
         if feed["silent"]:
             feed["silent"] = False
@@ -250,15 +273,17 @@ class FeedDetector:
                     SILENCE,
                     organisation_id,
                     f"{organisation_id}|{source_kind}",
-                    ingest_ms,
-                    f"feed {organisation_id}/{source_kind} sends again ({_utc(ingest_ms)})",
+                    last_ingest_ms,
+                    f"feed {organisation_id}/{source_kind} sends again ({_utc(last_ingest_ms)})",
                 )
             )
-        if feed["last_ingest_ms"] is None or ingest_ms >= feed["last_ingest_ms"]:
-            feed["last_ingest_ms"] = ingest_ms
-            feed["last_record_id"] = record_id
-        self._count(feed, record, record_id, ingest_ms, is_dead_letter)
-        outcomes.extend(self._close_windows(feed, ingest_ms - self.rules.lateness_ms))
+        if feed["last_ingest_ms"] is None or last_ingest_ms >= feed["last_ingest_ms"]:
+            feed["last_ingest_ms"] = last_ingest_ms
+            feed["last_record_id"] = last_record_id
+        self._count(
+            feed, counted_at_ms, events, unmapped, dead_letters, dead_ids, unmapped_ids
+        )
+        outcomes.extend(self._close_windows(feed, last_ingest_ms - self.rules.lateness_ms))
         state.put(key, feed)
         return outcomes
 
@@ -289,31 +314,29 @@ class FeedDetector:
     def _count(
         self,
         feed: dict[str, Any],
-        record: dict[str, Any],
-        record_id: str,
-        ingest_ms: int,
-        is_dead_letter: bool,
+        counted_at_ms: int,
+        events: int,
+        unmapped: int,
+        dead_letters: int,
+        dead_ids: list[str],
+        unmapped_ids: list[str],
     ) -> None:
-        start = ingest_ms - ingest_ms % self.rules.window_ms
+        start = counted_at_ms - counted_at_ms % self.rules.window_ms
         watermark = feed["watermark_ms"]
         if watermark is not None and start + self.rules.window_ms <= watermark:
-            feed["late_records"] += 1  # its window is closed and judged: not used
+            # Its window is closed and judged: not used.
+            feed["late_records"] += events + dead_letters
             return
         window = feed["windows"].setdefault(
             str(start),
             {"events": 0, "dead_letters": 0, "unmapped": 0, "dead_ids": [], "unmapped_ids": []},
         )
         cap = self.rules.max_sample_ids
-        if is_dead_letter:
-            window["dead_letters"] += 1
-            if len(window["dead_ids"]) < cap:
-                window["dead_ids"].append(record_id)
-            return
-        window["events"] += 1
-        if record.get("mapping_status") in UNMAPPED_STATUSES:
-            window["unmapped"] += 1
-            if len(window["unmapped_ids"]) < cap:
-                window["unmapped_ids"].append(record_id)
+        window["events"] += events
+        window["dead_letters"] += dead_letters
+        window["unmapped"] += unmapped
+        window["dead_ids"].extend(dead_ids[: max(0, cap - len(window["dead_ids"]))])
+        window["unmapped_ids"].extend(unmapped_ids[: max(0, cap - len(window["unmapped_ids"]))])
 
     def _close_windows(self, feed: dict[str, Any], watermark: int) -> list[Finding | Cleared]:
         if feed["watermark_ms"] is not None and watermark <= feed["watermark_ms"]:

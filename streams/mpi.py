@@ -30,13 +30,13 @@ from datetime import UTC, date, datetime
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator, model_validator
+from pydantic import field_validator, model_validator
 from pypinyin import Style, lazy_pinyin
 
 from streams.findings import KeyValueState
 from streams.model import NonBlank, as_date, epoch_ms
 from streams.pseudonym import MIN_KEY_BYTES, PSEUDONYM_HEX_CHARS
+from streams.rules_file import StrictModel, read_rules_document, validate_rules
 
 DEFAULT_MPI_RULES_PATH: Final[Path] = Path(__file__).resolve().parent / "rules" / "mpi.yaml"
 
@@ -390,9 +390,7 @@ class MpiRules:
     weights: dict[str, dict[str, float]]
 
 
-class _Probabilities(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Probabilities(StrictModel):
     m: float
     u: float
 
@@ -404,41 +402,31 @@ class _Probabilities(BaseModel):
         return value
 
 
-class _NameLevels(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _NameLevels(StrictModel):
     agree: _Probabilities
     partial: _Probabilities
     disagree: _Probabilities
 
 
-class _BirthDateLevels(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _BirthDateLevels(StrictModel):
     exact: _Probabilities
     partial: _Probabilities
     disagree: _Probabilities
 
 
-class _BinaryLevels(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _BinaryLevels(StrictModel):
     agree: _Probabilities
     disagree: _Probabilities
 
 
-class _Fields(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Fields(StrictModel):
     name: _NameLevels
     birth_date: _BirthDateLevels
     sex: _BinaryLevels
     phone: _BinaryLevels
 
 
-class _Thresholds(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _Thresholds(StrictModel):
     link: float
     review: float
 
@@ -451,9 +439,7 @@ class _Thresholds(BaseModel):
         return self
 
 
-class _NameDice(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _NameDice(StrictModel):
     agree: float
     partial: float
 
@@ -464,9 +450,7 @@ class _NameDice(BaseModel):
         return self
 
 
-class _RulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _RulesModel(StrictModel):
     version: NonBlank
     thresholds: _Thresholds
     name_dice: _NameDice
@@ -483,14 +467,7 @@ class _RulesModel(BaseModel):
 
 def mpi_rules_from_dict(document: Any, source: str = "<dict>") -> MpiRules:
     """Validate a parsed MPI rules document and turn each level's m/u into log2(m/u)."""
-    try:
-        model = _RulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise MpiRulesError(f"{source}: invalid MPI rules:\n{details}") from None
+    model = validate_rules(_RulesModel, document, MpiRulesError, "MPI rules", source)
     weights: dict[str, dict[str, float]] = {}
     for field_name, levels in FIELD_LEVELS.items():
         field_model = getattr(model.fields, field_name)
@@ -512,12 +489,7 @@ def mpi_rules_from_dict(document: Any, source: str = "<dict>") -> MpiRules:
 def load_mpi_rules(path: Path | str = DEFAULT_MPI_RULES_PATH) -> MpiRules:
     """Read and validate an MPI rules YAML file; raises MpiRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise MpiRulesError(f"{path}: cannot read MPI rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise MpiRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, MpiRulesError, "MPI rules")
     return mpi_rules_from_dict(document, str(path))
 
 

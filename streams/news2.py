@@ -16,11 +16,17 @@ from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, model_validator
 
-from streams.findings import SEVERITIES, Cleared, Finding, KeyValueState
+from streams.findings import Cleared, Finding, KeyValueState
 from streams.model import NonBlank, epoch_ms
+from streams.rules_file import (
+    FiniteOrNull,
+    Severity,
+    StrictModel,
+    read_rules_document,
+    validate_rules,
+)
 
 DEFAULT_NEWS2_RULES_PATH: Final[Path] = Path(__file__).resolve().parent / "rules" / "news2.yaml"
 
@@ -241,24 +247,13 @@ def _check_bands(field: str, bands: Sequence[_BandModel], decimals: int) -> None
         previous_high = high
 
 
-class _StrictModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _BandModel(_StrictModel):
-    min: float | None = None
-    max: float | None = None
+class _BandModel(StrictModel):
+    min: FiniteOrNull = None
+    max: FiniteOrNull = None
     score: int = Field(ge=0, le=3)
 
-    @field_validator("min", "max")
-    @classmethod
-    def _finite(cls, value: float | None) -> float | None:
-        if value is not None and not math.isfinite(value):
-            raise ValueError("must be a finite number")
-        return value
 
-
-class _ParameterModel(_StrictModel):
+class _ParameterModel(StrictModel):
     display: NonBlank
     metric_codes: list[NonBlank] = Field(min_length=1)
     unit: NonBlank
@@ -306,7 +301,7 @@ class _OxygenModel(_ParameterModel):
         return self
 
 
-class _LevelModel(_StrictModel):
+class _LevelModel(StrictModel):
     code: int = Field(ge=0)
     letter: str = Field(pattern="^[A-Z]$")
     label: NonBlank
@@ -331,7 +326,7 @@ class _ConsciousnessModel(_ParameterModel):
         return self
 
 
-class _ParametersModel(_StrictModel):
+class _ParametersModel(StrictModel):
     respiration_rate: _BandedModel
     spo2: _Spo2Model
     supplemental_oxygen: _OxygenModel
@@ -351,11 +346,11 @@ class _ParametersModel(_StrictModel):
         return self
 
 
-class _Scale2Model(_StrictModel):
+class _Scale2Model(StrictModel):
     icd10_prefixes: list[NonBlank]
 
 
-class _ResponseModel(_StrictModel):
+class _ResponseModel(StrictModel):
     urgent_total: int = Field(ge=1)
     single_parameter_score: int = Field(ge=1, le=3)
     emergency_total: int = Field(ge=1)
@@ -367,24 +362,17 @@ class _ResponseModel(_StrictModel):
         return self
 
 
-class _AlertModel(_StrictModel):
+class _AlertModel(StrictModel):
     rule_id: NonBlank
-    severity: NonBlank
-
-    @field_validator("severity")
-    @classmethod
-    def _known_severity(cls, value: str) -> str:
-        if value not in SEVERITIES:
-            raise ValueError(f"must be one of {', '.join(SEVERITIES)}")
-        return value
+    severity: Severity
 
 
-class _AlertsModel(_StrictModel):
+class _AlertsModel(StrictModel):
     urgent: _AlertModel
     emergency: _AlertModel
 
 
-class _RulesModel(_StrictModel):
+class _RulesModel(StrictModel):
     version: NonBlank
     window_minutes: int = Field(ge=1)
     allowed_lateness_minutes: int = Field(ge=0)
@@ -420,14 +408,7 @@ def _banded(name: str, model: _BandedModel) -> BandedParameter:
 
 def news2_rules_from_dict(document: Any, source: str = "<dict>") -> News2Rules:
     """Validate a parsed NEWS2 rules document; raises News2RulesError naming the bad field."""
-    try:
-        model = _RulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise News2RulesError(f"{source}: invalid NEWS2 rules:\n{details}") from None
+    model = validate_rules(_RulesModel, document, News2RulesError, "NEWS2 rules", source)
     parameters = model.parameters
     spo2 = parameters.spo2
     oxygen = parameters.supplemental_oxygen
@@ -487,12 +468,7 @@ def news2_rules_from_dict(document: Any, source: str = "<dict>") -> News2Rules:
 def load_news2_rules(path: Path | str = DEFAULT_NEWS2_RULES_PATH) -> News2Rules:
     """Read and validate a NEWS2 rules YAML file; raises News2RulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise News2RulesError(f"{path}: cannot read NEWS2 rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise News2RulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, News2RulesError, "NEWS2 rules")
     return news2_rules_from_dict(document, str(path))
 
 

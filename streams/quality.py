@@ -21,21 +21,18 @@ from datetime import date, datetime
 from pathlib import Path
 from typing import Annotated, Any, Final, Literal, TypeGuard
 
-import yaml
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictBool,
-    StrictInt,
-    StrictStr,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, StrictBool, StrictInt, StrictStr, model_validator
 
 from streams.findings import KeyValueState
 from streams.model import NonBlank, epoch_ms
+from streams.rules_file import (
+    Finite,
+    FiniteOrNull,
+    StrictModel,
+    check_limits,
+    read_rules_document,
+    validate_rules,
+)
 
 DEFAULT_QUALITY_RULES_PATH: Final[Path] = Path(__file__).resolve().parent / "rules" / "quality.yaml"
 
@@ -389,17 +386,7 @@ _Fields = Annotated[list[NonBlank], Field(min_length=1)]
 _Alternatives = Annotated[list[NonBlank], Field(min_length=2)]
 
 
-def _finite(value: float | None) -> float | None:
-    if value is not None and not math.isfinite(value):
-        raise ValueError("must be a finite number or null")
-    return value
-
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-
-class _RequiredModel(_Strict):
+class _RequiredModel(StrictModel):
     name: _Name
     fields: _Fields
     severity: _Severity
@@ -408,22 +395,17 @@ class _RequiredModel(_Strict):
     if_present: list[NonBlank] = []
 
 
-class _BandModel(_Strict):
-    low: float | None = None
-    high: float | None = None
-
-    _finite_bounds = field_validator("low", "high")(_finite)
+class _BandModel(StrictModel):
+    low: FiniteOrNull = None
+    high: FiniteOrNull = None
 
     @model_validator(mode="after")
     def _bounds(self) -> _BandModel:
-        if self.low is None and self.high is None:
-            raise ValueError("at least one of low and high must be set")
-        if self.low is not None and self.high is not None and self.low >= self.high:
-            raise ValueError("low must be below high")
+        check_limits(self.low, self.high)
         return self
 
 
-class _RangeModel(_Strict):
+class _RangeModel(StrictModel):
     name: _Name
     code: NonBlank
     display: NonBlank
@@ -443,7 +425,7 @@ class _RangeModel(_Strict):
         return self
 
 
-class _RangeSetModel(_Strict):
+class _RangeSetModel(StrictModel):
     code_field: NonBlank
     value_field: NonBlank
     unit_field: NonBlank
@@ -462,7 +444,7 @@ class _RangeSetModel(_Strict):
         return self
 
 
-class _OrderModel(_Strict):
+class _OrderModel(StrictModel):
     name: _Name
     earlier: NonBlank
     later: NonBlank
@@ -470,25 +452,23 @@ class _OrderModel(_Strict):
     unless: _Condition = {}
 
 
-class _SeverityModel(_Strict):
+class _SeverityModel(StrictModel):
     severity: _Severity
 
 
-class _TotalModel(_Strict):
+class _TotalModel(StrictModel):
     severity: _Severity
-    absolute_tolerance: float = Field(ge=0)
-    relative_tolerance: float = Field(ge=0)
-
-    _finite_tolerances = field_validator("absolute_tolerance", "relative_tolerance")(_finite)
+    absolute_tolerance: Finite = Field(ge=0)
+    relative_tolerance: Finite = Field(ge=0)
 
 
-class _ClaimAmountsModel(_Strict):
+class _ClaimAmountsModel(StrictModel):
     quantity: _SeverityModel
     amount: _SeverityModel
     total: _TotalModel
 
 
-class _SourceTimelinessModel(_Strict):
+class _SourceTimelinessModel(StrictModel):
     allowed_clock_skew_seconds: int = Field(ge=0)
     late_after_minutes: int = Field(gt=0)
     max_age_days: int = Field(gt=0)
@@ -500,7 +480,7 @@ class _SourceTimelinessModel(_Strict):
         return self
 
 
-class _TimelinessModel(_Strict):
+class _TimelinessModel(StrictModel):
     future_severity: _Severity
     late_severity: _Severity
     too_old_severity: _Severity
@@ -509,7 +489,7 @@ class _TimelinessModel(_Strict):
     sources: dict[Literal["emr_cdc", "hl7_lab", "device", "claim"], _SourceTimelinessModel]
 
 
-class _UniquenessModel(_Strict):
+class _UniquenessModel(StrictModel):
     key: Annotated[list[NonBlank | _Alternatives], Field(min_length=1)]
     optional: list[NonBlank] = []
     duplicate_window_hours: int = Field(gt=0)
@@ -524,11 +504,9 @@ class _UniquenessModel(_Strict):
         return self
 
 
-class _ScoreModel(_Strict):
-    error_weight: float = Field(ge=0)
-    warning_weight: float = Field(ge=0)
-
-    _finite_weights = field_validator("error_weight", "warning_weight")(_finite)
+class _ScoreModel(StrictModel):
+    error_weight: Finite = Field(ge=0)
+    warning_weight: Finite = Field(ge=0)
 
     @model_validator(mode="after")
     def _warning_lighter(self) -> _ScoreModel:
@@ -537,7 +515,7 @@ class _ScoreModel(_Strict):
         return self
 
 
-class _RulesModel(_Strict):
+class _RulesModel(StrictModel):
     version: NonBlank
     required: dict[_Kind, list[_RequiredModel]]
     ranges: dict[_Kind, _RangeSetModel]
@@ -606,14 +584,7 @@ def _source_timeliness(model: _SourceTimelinessModel) -> SourceTimeliness:
 
 def quality_rules_from_dict(document: Any, source: str = "<dict>") -> QualityRules:
     """Validate a parsed quality rules document; raises QualityRulesError naming the field."""
-    try:
-        model = _RulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise QualityRulesError(f"{source}: invalid quality rules:\n{details}") from None
+    model = validate_rules(_RulesModel, document, QualityRulesError, "quality rules", source)
     required: dict[str, tuple[RequiredRule, ...]] = {
         kind: tuple(
             RequiredRule(
@@ -701,12 +672,7 @@ def quality_rules_from_dict(document: Any, source: str = "<dict>") -> QualityRul
 def load_quality_rules(path: Path | str = DEFAULT_QUALITY_RULES_PATH) -> QualityRules:
     """Read and validate a quality rules YAML file; raises QualityRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise QualityRulesError(f"{path}: cannot read quality rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise QualityRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, QualityRulesError, "quality rules")
     return quality_rules_from_dict(document, str(path))
 
 

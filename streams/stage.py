@@ -9,12 +9,21 @@ that owns the patient, and no second pass over norm.lab_result is needed.
 
 from __future__ import annotations
 
+import os
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Final
 
-from medstream.metrics import DEAD_LETTERS
-from medstream.settings import DLQ_TOPIC, NORM_TOPICS, KafkaSettings
+from medstream.metrics import DEAD_LETTERS, QUALITY_ISSUES, UNMAPPED_CODES
+from medstream.settings import (
+    DLQ_TOPIC,
+    FACT_TOPICS,
+    FEED_ACTIVITY_TOPIC,
+    IDENTITY_TOPIC,
+    NORM_TOPICS,
+    KafkaSettings,
+)
 from schemas import serde
 from streams.critical_values import (
     CriticalValueRules,
@@ -23,14 +32,70 @@ from streams.critical_values import (
     is_suppressed,
     suppression_key,
 )
+from streams.deidentify import DEFAULT_FREE_TEXT_FIELDS, KnownIdentifiers, scrub_text
 from streams.detect import LifecycleInputs
 from streams.detect import Output as Output
+from streams.device_rules import DEFAULT_DEVICE_RULES_PATH, DeviceDetector, load_device_rules
+from streams.findings import DictState, KeyValueState
+from streams.identity import (
+    PatientIdentity,
+    has_demographics,
+    known_identifiers,
+    patient_identities,
+)
 from streams.model import NormalisedEvent, RawContext, RecordRejected
+from streams.mpi import IdentityTokeniser
 from streams.normalise import dead_letter_record, normalise, raises_critical_alerts
 from streams.pseudonym import Pseudonymiser
-from streams.terminology import Terminology
+from streams.quality import DEFAULT_QUALITY_RULES_PATH, QualityChecker, load_quality_rules
+from streams.reloading import ReloadingFile
+from streams.terminology import Terminology, TerminologySource
 
 STAGE = "normalise"
+#: Patient records whose last identity observation the stage remembers (to skip repeats).
+IDENTITY_CACHE_SIZE = 200_000
+
+
+def unmapped_local_codes(
+    kind: str, event: dict[str, Any], terminology: Terminology
+) -> list[tuple[str, str, str]]:
+    """(code system, local code, local display) of every code an event left unmapped."""
+    organisation_id = event["organisation_id"]
+    if kind == "lab_result" and event["loinc_code"] is None:
+        return [("lab", event["local_code"], event["local_display"] or "")]
+    if kind == "diagnosis" and event["icd10_code"] is None:
+        return [("diagnosis", event["local_code"], event["local_display"] or "")]
+    if kind == "encounter" and event["department_code"] is None:
+        return [("department", event["department_local"], "")]
+    if kind == "observation" and event["metric_code"] is None:
+        code = f"{event['device_type']}/{event['local_code']}"
+        return [("device_metric", code, event["local_code"])]
+    if kind == "claim_line":
+        codes = []
+        if event["item_code"] is None:
+            codes.append(("claim_item", event["local_item_code"], event["item_display"] or ""))
+        codes.extend(
+            ("diagnosis", code, "")
+            for code in event["diagnosis_codes"]
+            if terminology.diagnosis(organisation_id, code) is None
+            and terminology.status(organisation_id, "diagnosis", code) != "mapped"
+            and not _is_standard_icd10(code, terminology)
+        )
+        return codes
+    return []
+
+
+def _is_standard_icd10(code: str, terminology: Terminology) -> bool:
+    # A claim keeps a mapped diagnosis as its ICD-10 code: that one is not a local gap.
+    return terminology.catalogue_entry("diagnosis", code) is not None
+
+
+def _scrub(event: dict[str, Any], known: KnownIdentifiers) -> None:
+    """Remove identifiers from the free-text fields of an event before it leaves the stage."""
+    for field in DEFAULT_FREE_TEXT_FIELDS:
+        text = event.get(field)
+        if isinstance(text, str) and text:
+            event[field] = scrub_text(text, known).text
 
 
 class SuppressionState:
@@ -65,6 +130,57 @@ class SuppressionState:
         self._put(key, [event_time_ms, event_id])
 
 
+class FeedActivityCounter:
+    """Per feed and minute of ingest time, what this worker normalised and dead-lettered.
+
+    Flushed every few seconds as FeedActivity records to the single-partition feed watch,
+    so silence and spikes are judged over every partition of a feed, not one worker's share.
+    """
+
+    SAMPLE_IDS: Final = 20
+
+    def __init__(self, worker: str) -> None:
+        self.worker = worker
+        self._minutes: dict[tuple[str, str, int], dict[str, Any]] = {}
+        self._flushes = 0
+
+    def count(
+        self, organisation_id: str, source_kind: str, ingest_ms: int, record_id: str,
+        *, unmapped: bool = False, dead_letter: bool = False,
+    ) -> None:
+        """Count one stored event (unmapped or not) or one dead letter."""
+        minute = ingest_ms - ingest_ms % 60_000
+        entry = self._minutes.setdefault(
+            (organisation_id, source_kind, minute),
+            {"events": 0, "unmapped": 0, "dead_letters": 0, "last_ingest_time": ingest_ms,
+             "last_record_id": record_id, "dead_letter_ids": [], "unmapped_ids": []},
+        )
+        if dead_letter:
+            entry["dead_letters"] += 1
+            if len(entry["dead_letter_ids"]) < self.SAMPLE_IDS:
+                entry["dead_letter_ids"].append(record_id)
+        else:
+            entry["events"] += 1
+            if unmapped:
+                entry["unmapped"] += 1
+                if len(entry["unmapped_ids"]) < self.SAMPLE_IDS:
+                    entry["unmapped_ids"].append(record_id)
+        if ingest_ms >= entry["last_ingest_time"]:
+            entry["last_ingest_time"] = ingest_ms
+            entry["last_record_id"] = record_id
+
+    def flush(self) -> list[dict[str, Any]]:
+        """The FeedActivity records counted since the last flush (then forgotten)."""
+        self._flushes += 1
+        records = [
+            {"organisation_id": org, "source_kind": kind, "minute_start": minute,
+             "worker": self.worker, "flush_seq": self._flushes, **entry}
+            for (org, kind, minute), entry in sorted(self._minutes.items())
+        ]
+        self._minutes = {}
+        return records
+
+
 class NormaliseStage:
     """Turns one raw record into norm.*, alerts and dlq outputs."""
 
@@ -72,11 +188,19 @@ class NormaliseStage:
         self,
         kafka: KafkaSettings,
         registry: serde.SchemaRegistry,
-        terminology: Terminology,
+        terminology: Terminology | TerminologySource,
         pseudonymiser: Pseudonymiser,
         critical_rules: CriticalValueRules,
+        quality_rules_path: str | None = None,
+        identity_key: bytes | None = None,
     ) -> None:
-        self.terminology = terminology
+        # A TerminologySource reloads the dictionary when its files change (no restart).
+        self._terminology_source = (
+            terminology if isinstance(terminology, TerminologySource) else None
+        )
+        self.terminology = (
+            terminology.current() if isinstance(terminology, TerminologySource) else terminology
+        )
         self.pseudonymiser = pseudonymiser
         self.critical_rules = critical_rules
         self.decoders = {
@@ -91,6 +215,30 @@ class NormaliseStage:
         self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
         self.norm_topics = {k: kafka.topic(t) for k, t in NORM_TOPICS.items()}
         self.dlq_topic = kafka.topic(DLQ_TOPIC)
+        self.quality_topic = kafka.topic(FACT_TOPICS["quality_issue"])
+        self.encode_quality_issue = serde.AvroSerializer(registry, serde.QUALITY_ISSUE)
+        self.quality_rules = ReloadingFile(
+            "quality", quality_rules_path or DEFAULT_QUALITY_RULES_PATH, load_quality_rules
+        )
+        self._quality = QualityChecker(self.quality_rules.current())
+        #: Duplicate-detection state when the caller keeps none (tests, the benchmark).
+        self.local_quality_state = DictState()
+        # Device rules run here, on the raw device topic keyed by device id, so one
+        # partition sees every packet of a device (norm.observation is keyed by patient).
+        self.device_rules = ReloadingFile("devices", DEFAULT_DEVICE_RULES_PATH, load_device_rules)
+        self._devices = DeviceDetector(self.device_rules.current())
+        self.local_device_state = DictState()
+        # The master patient index gets keyed tokens of each record's demographics; the
+        # cache skips a record whose tokens did not change since it was last sent.
+        self.tokeniser = IdentityTokeniser(identity_key) if identity_key else None
+        self.identity_topic = kafka.topic(IDENTITY_TOPIC)
+        self.encode_identity = serde.AvroSerializer(registry, serde.IDENTITY_OBSERVATION)
+        self._identities_sent: OrderedDict[str, str] = OrderedDict()
+        self.feed_activity = FeedActivityCounter(f"{os.getpid()}")
+        self.feed_activity_topic = kafka.topic(FEED_ACTIVITY_TOPIC)
+        self.encode_feed_activity = serde.AvroSerializer(registry, serde.FEED_ACTIVITY)
+        self.unmapped_topic = kafka.topic(FACT_TOPICS["terminology_unmapped"])
+        self.encode_unmapped = serde.AvroSerializer(registry, serde.UNMAPPED_CODE)
 
     def handle(
         self,
@@ -100,27 +248,190 @@ class NormaliseStage:
         value: bytes | None,
         suppression: SuppressionState,
         now_ms: int | None = None,
+        quality_state: KeyValueState | None = None,
+        device_state: KeyValueState | None = None,
     ) -> list[Output]:
-        """Every output of one raw record; never raises for bad input (it is dead-lettered)."""
+        """Every output of one raw record; never raises for bad input (it is dead-lettered).
+
+        Each event is checked against the data quality rules: every broken rule becomes a
+        quality issue; an event with an error-severity issue is unusable and dead-lettered
+        (reason_code ``quality_error``) instead of stored, one with warnings is stored.
+        """
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        if self._terminology_source is not None:
+            self.terminology = self._terminology_source.current()
+        quality = self._quality_checker()
+        quality_state = quality_state if quality_state is not None else self.local_quality_state
         try:
             raw = self.decoders[source_kind](value)
         except serde.SerializationError as exc:
             rejected = RecordRejected(None, None, "undecodable", str(exc))
             return [self._dead_letter(ctx, key, value, rejected, source_kind, now_ms)]
         outputs: list[Output] = []
+        identities = patient_identities(source_kind, raw, self.pseudonymiser)
+        known = known_identifiers(identities)
+        first_event_id: str | None = None
         for outcome in normalise(
             source_kind, raw, ctx, self.terminology, self.pseudonymiser, now_ms
         ):
             if isinstance(outcome, NormalisedEvent):
+                _scrub(outcome.value, known)
+                first_event_id = first_event_id or outcome.value["event_id"]
+                issues = quality.check(
+                    outcome.kind, outcome.value, quality_state, now_ms, historic=outcome.historic
+                )
+                for issue in issues:
+                    QUALITY_ISSUES.labels(issue.event_kind, issue.category, issue.severity).inc()
+                    outputs.append(
+                        Output(
+                            self.quality_topic,
+                            issue.event_id.encode(),
+                            self.encode_quality_issue(issue.as_record()),
+                        )
+                    )
+                errors = [issue for issue in issues if issue.severity == "error"]
+                if errors:
+                    value_of = outcome.value
+                    rejected = RecordRejected(
+                        value_of["record_index"],
+                        value_of["record_count"],
+                        "quality_error",
+                        "; ".join(f"{issue.rule_id}: {issue.detail}" for issue in errors),
+                        value_of["organisation_id"],
+                    )
+                    outputs.append(
+                        self._dead_letter(ctx, key, value, rejected, source_kind, now_ms)
+                    )
+                    continue
                 outputs.append(self._event(outcome))
+                self.feed_activity.count(
+                    outcome.value["organisation_id"], source_kind, ctx.timestamp_ms,
+                    outcome.value["event_id"],
+                    unmapped=outcome.value["mapping_status"] in ("unmapped", "partial"),
+                )
+                outputs.extend(self._unmapped_codes(outcome))
+                if outcome.kind == "observation":
+                    found = self._device_detector().observe(
+                        outcome.value,
+                        device_state if device_state is not None else self.local_device_state,
+                        now_ms,
+                    )
+                    outputs.extend(self.lifecycle_inputs.outputs(found, now_ms, outcome.value))
                 if raises_critical_alerts(outcome):
                     alert = self._detect(outcome.value, suppression, now_ms)
                     if alert is not None:
                         outputs.append(alert)
             else:
                 outputs.append(self._dead_letter(ctx, key, value, outcome, source_kind, now_ms))
+        if self.tokeniser is not None and first_event_id is not None:
+            outputs.extend(self._identity_observations(identities, first_event_id, ctx))
         return outputs
+
+    def _unmapped_codes(self, event: NormalisedEvent) -> list[Output]:
+        """One worklist occurrence per local code of the event the terminology could not map."""
+        value = event.value
+        if value["mapping_status"] == "mapped":
+            return []
+        organisation_id = value["organisation_id"]
+        outputs = []
+        for system, local_code, display in unmapped_local_codes(
+            event.kind, value, self.terminology
+        ):
+            status = self.terminology.status(organisation_id, system, local_code)
+            if status == "mapped":
+                continue
+            UNMAPPED_CODES.labels(system).inc()
+            candidates = self.terminology.rank_candidates(system, display or local_code)
+            record = {
+                "event_id": value["event_id"],
+                "organisation_id": organisation_id,
+                "source_kind": value["source_kind"],
+                "source_system": value["source_system"],
+                "code_system": system,
+                "local_code": local_code,
+                "local_display": display,
+                "status": status,
+                "event_time": value["event_time"],
+                "ingest_time": value["ingest_time"],
+                "mapping_version": value["mapping_version"],
+                "candidate_codes": [c.code for c in candidates],
+                "candidate_displays": [c.display for c in candidates],
+                "candidate_scores": [round(c.score, 4) for c in candidates],
+            }
+            outputs.append(
+                Output(self.unmapped_topic, organisation_id.encode(), self.encode_unmapped(record))
+            )
+        return outputs
+
+    def _identity_observations(
+        self, identities: list[PatientIdentity], event_id: str, ctx: RawContext
+    ) -> list[Output]:
+        assert self.tokeniser is not None
+        outputs = []
+        for identity in identities:
+            if not has_demographics(identity):
+                continue
+            observation = self.tokeniser.observation(
+                identity.record_key,
+                identity.organisation_id,
+                event_id,
+                ctx.timestamp_ms,
+                identity.national_id,
+                identity.name,
+                identity.birth_date,
+                identity.sex,
+                identity.phone,
+            )
+            fingerprint = repr(sorted((k, v) for k, v in observation.items()
+                                      if k not in ("event_id", "event_time_ms", "event_time")))
+            if self._identities_sent.get(identity.record_key) == fingerprint:
+                self._identities_sent.move_to_end(identity.record_key)
+                continue
+            self._identities_sent[identity.record_key] = fingerprint
+            if len(self._identities_sent) > IDENTITY_CACHE_SIZE:
+                self._identities_sent.popitem(last=False)
+            record = dict(observation)
+            record["event_time"] = record.pop("event_time_ms", ctx.timestamp_ms)
+            outputs.append(
+                Output(
+                    self.identity_topic,
+                    identity.organisation_id.encode(),
+                    self.encode_identity(record),
+                )
+            )
+        return outputs
+
+    def feed_activity_outputs(self) -> list[Output]:
+        """This worker's feed activity since the last call, for the feed watch."""
+        return [
+            Output(
+                self.feed_activity_topic,
+                f"{record['organisation_id']}|{record['source_kind']}".encode(),
+                self.encode_feed_activity(record),
+            )
+            for record in self.feed_activity.flush()
+        ]
+
+    def prune_quality_state(self, state: KeyValueState, newest_ingest_ms: int) -> int:
+        """Forget duplicate keys whose window has passed; returns how many were dropped."""
+        return self._quality_checker().prune(state, newest_ingest_ms)
+
+    def device_tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
+        """Device silence (wall clock) and pruning of forgotten devices."""
+        found = self._device_detector().tick(state, now_ms)
+        return self.lifecycle_inputs.outputs(found, now_ms)
+
+    def _device_detector(self) -> DeviceDetector:
+        rules = self.device_rules.current()
+        if rules is not self._devices.rules:
+            self._devices = DeviceDetector(rules)
+        return self._devices
+
+    def _quality_checker(self) -> QualityChecker:
+        rules = self.quality_rules.current()
+        if rules is not self._quality.rules:
+            self._quality = QualityChecker(rules)
+        return self._quality
 
     def _event(self, event: NormalisedEvent) -> Output:
         # Our own output not matching our own schema is a bug: it raises and the worker crashes.
@@ -159,4 +470,9 @@ class NormaliseStage:
     ) -> Output:
         record = dead_letter_record(STAGE, ctx, key, value or b"", rejected, source_kind, now_ms)
         DEAD_LETTERS.labels(STAGE, rejected.reason_code).inc()
+        if record["organisation_id"]:
+            self.feed_activity.count(
+                record["organisation_id"], source_kind, ctx.timestamp_ms, record["dlq_id"],
+                dead_letter=True,
+            )
         return Output(self.dlq_topic, key, self.encode_dead_letter(record))

@@ -20,11 +20,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import Field, model_validator
 
 from streams.findings import Finding, KeyValueState
 from streams.model import NonBlank, epoch_ms
+from streams.rules_file import StrictModel, read_rules_document, validate_rules
 
 DEFAULT_SYNDROMIC_RULES_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "rules" / "syndromic.yaml"
@@ -85,9 +85,7 @@ class SyndromicRules:
 # --- loading --------------------------------------------------------------------------------
 
 
-class _SyndromeModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _SyndromeModel(StrictModel):
     syndrome: NonBlank = Field(pattern=r"^[a-z][a-z0-9_]*$")
     display: NonBlank
     icd10_prefixes: list[NonBlank] = Field(min_length=1)
@@ -108,9 +106,7 @@ class _SyndromeModel(BaseModel):
         return self
 
 
-class _SyndromicRulesModel(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
+class _SyndromicRulesModel(StrictModel):
     version: NonBlank
     allowed_lateness_minutes: int = Field(ge=0)
     dedup_retention_hours: int = Field(ge=1)
@@ -129,14 +125,9 @@ class _SyndromicRulesModel(BaseModel):
 
 def syndromic_rules_from_dict(document: Any, source: str = "<dict>") -> SyndromicRules:
     """Validate a parsed syndromic rules document; raises SyndromicRulesError naming the field."""
-    try:
-        model = _SyndromicRulesModel.model_validate(document)
-    except ValidationError as exc:
-        details = "\n".join(
-            f"  {'.'.join(str(p) for p in item['loc']) or '(top level)'}: {item['msg']}"
-            for item in exc.errors()[:10]
-        )
-        raise SyndromicRulesError(f"{source}: invalid syndromic rules:\n{details}") from None
+    model = validate_rules(
+        _SyndromicRulesModel, document, SyndromicRulesError, "syndromic rules", source
+    )
     syndromes = tuple(
         Syndrome(
             s.syndrome,
@@ -165,12 +156,7 @@ def syndromic_rules_from_dict(document: Any, source: str = "<dict>") -> Syndromi
 def load_syndromic_rules(path: Path | str = DEFAULT_SYNDROMIC_RULES_PATH) -> SyndromicRules:
     """Read and validate a syndromic rules YAML file; raises SyndromicRulesError."""
     path = Path(path)
-    try:
-        document = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except OSError as exc:
-        raise SyndromicRulesError(f"{path}: cannot read syndromic rules: {exc}") from None
-    except yaml.YAMLError as exc:
-        raise SyndromicRulesError(f"{path}: not valid YAML: {exc}") from None
+    document = read_rules_document(path, SyndromicRulesError, "syndromic rules")
     return syndromic_rules_from_dict(document, str(path))
 
 

@@ -268,19 +268,46 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
 
     from prometheus_client.parser import text_string_to_metric_families
 
-    from medstream.settings import ALERTS_TOPIC, DLQ_TOPIC, NORM_TOPICS, RAW_TOPICS
-    from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+    from medstream.settings import (
+        ALERTS_TOPIC,
+        DLQ_TOPIC,
+        FACT_TOPICS,
+        FEED_ACTIVITY_TOPIC,
+        IDENTITY_TOPIC,
+        LIFECYCLE_TOPIC,
+        NORM_TOPICS,
+        RAW_TOPICS,
+        SYNDROMIC_TOPIC,
+    )
     from streams.model import REASON_CODES
+    from streams.quality import CATEGORIES, EVENT_KINDS, QUALITY_SEVERITIES
+    from streams.terminology import SYSTEMS
 
-    tables = {*NORM_TOPICS, "alert", "dead_letter", "lineage", "raw_ledger"}
+    tables = {*NORM_TOPICS, *FACT_TOPICS, "alert_history", "dead_letter", "lineage", "raw_ledger"}
+    topics = {
+        *RAW_TOPICS.values(), *NORM_TOPICS.values(), *FACT_TOPICS.values(), ALERTS_TOPIC,
+        DLQ_TOPIC, LIFECYCLE_TOPIC, IDENTITY_TOPIC, SYNDROMIC_TOPIC, FEED_ACTIVITY_TOPIC,
+    }
     allowed = {
-        "stage": {"simulator", "normalise", "sink", *(f"stored:{t}" for t in tables)},
-        "topic": {*RAW_TOPICS.values(), *NORM_TOPICS.values(), ALERTS_TOPIC, DLQ_TOPIC, *tables},
+        "stage": {"simulator", "normalise", "sink", "detect", "lifecycle", "mpi",
+                  *(f"stored:{t}" for t in tables)},
+        "topic": {*topics, *tables},
         "table": tables,
         "reason_code": set(REASON_CODES),
-        "rule_id": {r.rule_id for r in load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH).rules.values()},
         "component": {"streams", "sink"},
+        "action": {"opened", "updated", "acknowledged", "escalated", "resolved",
+                   "link", "merge", "unmerge", "review"},
+        "event_kind": set(EVENT_KINDS),
+        "category": set(CATEGORIES),
+        "severity": set(QUALITY_SEVERITIES),
+        "code_system": set(SYSTEMS),
+        "method": {"national_id", "organisation_mrn", "probabilistic", "manual"},
+        "rules": {"terminology", "critical_values", "news2", "claims", "devices", "feeds",
+                  "syndromic", "syndromic-forward", "quality", "mpi", "alert_lifecycle"},
+        "outcome": {"loaded", "refused"},
     }
+    # Rule ids come from the rules files: a family prefix and a name, never data values.
+    rule_id = re.compile(r"(critical_value|news2|device|claims|feed|syndromic)\.[a-z0-9_.]+")
     seen = 0
     for url in endpoints.values():
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -292,7 +319,10 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
                 for label, value in sample.labels.items():
                     if label == "le":
                         continue
-                    assert value in allowed[label], (family.name, label, value)
+                    if label == "rule_id":
+                        assert rule_id.fullmatch(value), (family.name, value)
+                    else:
+                        assert value in allowed[label], (family.name, label, value)
                     seen += 1
     assert seen > 20
 

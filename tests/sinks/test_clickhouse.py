@@ -22,7 +22,8 @@ from medstream.settings import (
 )
 from schemas import serde
 from schemas.identity import alert_id, dead_letter_id, event_id
-from sinks.clickhouse import ClickHouseSink
+from medstream.sealing import derive_key, unseal
+from sinks.clickhouse import DEAD_LETTER_PURPOSE, ClickHouseSink
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -189,9 +190,15 @@ def test_sink_stores_every_kind_with_lineage_and_ledger(
         (alert["explanation"], [labs[0]["event_id"]])
     ]
     dlq = clickhouse.query(
-        f"SELECT reason_code, original_offset, record_index, original_value FROM {database}.dead_letter"
+        f"SELECT reason_code, original_offset, record_index, dlq_id, hex(original_value), "
+        f"hex(original_key) FROM {database}.dead_letter"
     ).result_rows
-    assert dlq == [("undecodable", 7, None, "\x07garbage")]
+    [(reason_code, offset, index, dlq_id, sealed_value, sealed_key)] = dlq
+    assert (reason_code, offset, index) == ("undecodable", 7, None)
+    # The payload is stored sealed (it holds identifiers); the sink's secret opens it.
+    assert b"garbage" not in bytes.fromhex(sealed_value) and b"H001" not in bytes.fromhex(sealed_key)
+    assert unseal_dead_letter(sealed_value, dlq_id) == b"\x07garbage"
+    assert unseal_dead_letter(sealed_key, dlq_id, b"|key") == b"H001:x"
     lineage = clickhouse.query(
         f"SELECT outcome, count(), uniqExact(source_offset) FROM {database}.lineage GROUP BY outcome ORDER BY outcome"
     ).result_rows
@@ -272,11 +279,19 @@ def test_undecodable_norm_record_is_dead_lettered_by_the_sink(
     with running(make_sink(kafka, clickhouse, database, "sink-d")):
         wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.dead_letter") == 1, what="dlq")
         wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 1, what="lab")
-    stage, reason_code, reason, original = clickhouse.query(
-        f"SELECT stage, reason_code, reason, original_value FROM {database}.dead_letter"
+    stage, reason_code, reason, sealed, dlq_id = clickhouse.query(
+        f"SELECT stage, reason_code, reason, hex(original_value), dlq_id FROM {database}.dead_letter"
     ).result_rows[0]
-    assert (stage, reason_code, original) == ("sink", "undecodable", "not avro at all")
+    assert (stage, reason_code) == ("sink", "undecodable")
+    assert unseal_dead_letter(sealed, dlq_id) == b"not avro at all"
     assert "medstream.norm.LabResult" in reason and "magic byte" in reason
+
+
+def unseal_dead_letter(sealed_hex: str, dlq_id: str, suffix: bytes = b"") -> bytes:
+    """A sealed dead-letter column (read as hex) opened with the default sink secret."""
+    secret = SinkSettings().dead_letter_secret.get_secret_value().encode()
+    key = derive_key(secret, DEAD_LETTER_PURPOSE)
+    return unseal(bytes.fromhex(sealed_hex), key, dlq_id.encode() + suffix)
 
 
 class RejectingClient:

@@ -57,3 +57,9 @@ def pseudonymiser() -> Pseudonymiser:
 @pytest.fixture
 def ctx() -> RawContext:
     return RawContext(topic="raw.hl7_lab", partition=3, offset=4711, timestamp_ms=1_793_700_000_000)
+
+
+@pytest.fixture(scope="session")
+def shipped_terminology() -> Terminology:
+    """The shipped dictionary (streams/dictionaries), with its analytes and catalogue."""
+    return load_terminology()

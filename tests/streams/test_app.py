@@ -37,10 +37,14 @@ def test_app_has_its_agents_and_the_tansu_tuning() -> None:
     assert sorted(faust_app.agents) == [
         "alert_lifecycle",
         "detect_claim_line", "detect_diagnosis", "detect_encounter", "detect_observation",
+        "feed_watch",
         "normalise_claim", "normalise_device", "normalise_emr_cdc", "normalise_hl7_lab",
+        "patient_index", "syndromic",
     ]
     assert sorted(a.channel.get_topic_name() for a in faust_app.agents.values()) == [
         "x.alerts.lifecycle",
+        "x.detect.feed_activity", "x.detect.syndromic",
+        "x.mpi.identity",
         "x.norm.claim_line", "x.norm.diagnosis", "x.norm.encounter", "x.norm.observation",
         "x.raw.claim", "x.raw.device", "x.raw.emr_cdc", "x.raw.hl7_lab",
     ]

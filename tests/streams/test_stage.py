@@ -142,3 +142,88 @@ def test_a_cdc_snapshot_critical_value_is_stored_without_an_alert(stage: Normali
     assert [o.topic for o in historic] == ["t.norm.lab_result"]
     new = stage.handle("emr_cdc", ctx, b"k", emr_lab("c", "R-2"), state, NOW_MS)
     assert [o.topic for o in new] == ["t.norm.lab_result", "t.alerts.lifecycle"]
+
+
+def test_an_impossible_value_is_dead_lettered_with_its_quality_issue(stage: NormaliseStage) -> None:
+    # Potassium 25 mmol/L cannot be a measurement (haemolysis, contamination, a typo): the
+    # result is unusable, so it is dead-lettered, and the broken rule is a counted fact.
+    outputs = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 11, NOW_MS), b"k", encoded_hl7(potassium("25", 5), "C-11"),
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    assert [o.topic for o in outputs] == ["t.quality.issues", "t.dlq"]
+    issue = serde.AvroDeserializer(REGISTRY, serde.QUALITY_ISSUE)(outputs[0].value)
+    assert (issue["severity"], issue["category"], issue["event_kind"]) == ("error", "plausibility", "lab_result")
+    assert issue["rule_id"].startswith("quality.range.lab_result")
+    dead = decode(outputs[1])
+    assert (dead["reason_code"], dead["record_index"], dead["record_count"]) == ("quality_error", 0, 1)
+    assert issue["rule_id"] in dead["reason"] and MRN not in dead["reason"]
+
+
+def test_a_warning_is_stored_with_the_event_and_a_redelivery_is_no_duplicate(
+    stage: NormaliseStage,
+) -> None:
+    state = SuppressionState.in_memory()
+    late = NOW_MS + 3 * 24 * 3_600_000  # ingested three days after the result time
+    raw = encoded_hl7(potassium("4.1", 5), "C-12")
+    first = stage.handle("hl7_lab", RawContext("t.raw.hl7_lab", 0, 12, late), b"k", raw, state, late)
+    assert sorted(o.topic for o in first) == ["t.norm.lab_result", "t.quality.issues"]
+    issue = serde.AvroDeserializer(REGISTRY, serde.QUALITY_ISSUE)(
+        next(o for o in first if o.topic == "t.quality.issues").value
+    )
+    assert (issue["rule_id"], issue["severity"]) == ("quality.timeliness.late", "warning")
+    # The same message again (a redelivery): the same issue id, and no duplicate issue.
+    again = stage.handle("hl7_lab", RawContext("t.raw.hl7_lab", 0, 13, late), b"k", raw, state, late)
+    issues_again = [
+        serde.AvroDeserializer(REGISTRY, serde.QUALITY_ISSUE)(o.value)
+        for o in again if o.topic == "t.quality.issues"
+    ]
+    assert [i["issue_id"] for i in issues_again] == [issue["issue_id"]]
+
+
+def test_device_out_of_range_and_silence_become_lifecycle_findings(stage: NormaliseStage) -> None:
+    from streams.findings import DictState
+
+    from .test_normalise import device_raw, sample
+
+    encode = serde.AvroSerializer(REGISTRY, serde.RAW_DEVICE_PACKET)
+    devices = DictState()
+    ingest = 1_793_700_000_000
+    packet = encode(device_raw([sample("HR", 165, "bpm", 1), sample("SPO2", 97, "%", 2)]))
+    outputs = stage.handle(
+        "device", RawContext("t.raw.device", 0, 1, ingest), b"DEV-1", packet,
+        SuppressionState.in_memory(), ingest + 100, device_state=devices,
+    )
+    found = [decode(o) for o in outputs if o.topic == "t.alerts.lifecycle"]
+    assert [(f["rule_id"], f["subject"], f["value"]) for f in found] == [
+        ("device.out_of_range", "DEV-1|8867-4", 165.0)
+    ]
+    # Silence is wall-clock: nothing after one interval, a finding after four (monitor-a: 15 s).
+    assert stage.device_tick(devices, ingest + 20_000) == []
+    [silence] = [decode(o) for o in stage.device_tick(devices, ingest + 61_000)]
+    assert (silence["rule_id"], silence["subject"]) == ("device.silence", "DEV-1")
+
+
+def test_an_unmapped_code_becomes_a_worklist_occurrence_with_ranked_candidates(
+    stage: NormaliseStage,
+) -> None:
+    segments = [MSH, PID, OBR, "OBX|1|NM|KPOCT^Serum potassium point of care^L||4.1|mmol/L|3.5-5.3||||F"]
+    outputs = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 21, NOW_MS), b"k", encoded_hl7(segments, "C-21"),
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    [gap] = [
+        serde.AvroDeserializer(REGISTRY, serde.UNMAPPED_CODE)(o.value)
+        for o in outputs if o.topic == "t.terminology.unmapped"
+    ]
+    lab = decode(next(o for o in outputs if o.topic == "t.norm.lab_result"))
+    assert (gap["code_system"], gap["local_code"], gap["status"]) == ("lab", "KPOCT", "unmapped")
+    assert gap["event_id"] == lab["event_id"] and lab["mapping_status"] == "unmapped"
+    assert gap["candidate_codes"][0] == "2823-3"  # Potassium [Moles/volume] in Serum or Plasma
+    assert gap["candidate_scores"] == sorted(gap["candidate_scores"], reverse=True)
+    # A mapped result adds nothing to the worklist.
+    mapped = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 22, NOW_MS), b"k", encoded_hl7(potassium("4.1", 5), "C-22"),
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    assert "t.terminology.unmapped" not in [o.topic for o in mapped]

@@ -1,0 +1,134 @@
+"""The normalise stage's identity path: demographics -> keyed tokens -> master patient index,
+and free texts scrubbed of the record's own identifiers (no broker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from medstream.settings import KafkaSettings
+from schemas import serde
+from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+from streams.detect import PatientIndexStage
+from streams.findings import DictState
+from streams.identity import patient_identities
+from streams.model import RawContext
+from streams.mpi import national_id_check_digit
+from streams.pseudonym import Pseudonymiser
+from streams.stage import NormaliseStage, SuppressionState
+from streams.terminology import Terminology
+
+from .test_normalise import hl7_raw
+
+REGISTRY = serde.ManifestRegistry()
+KAFKA = KafkaSettings(bootstrap_servers="unused:9092", topic_prefix="t.")
+NOW_MS = 1_793_700_005_000
+# A fictional person: area code 990101 does not exist; the check digit is valid.
+NID = "99010119800214002" + national_id_check_digit("99010119800214002")
+PHONE = "13900001111"
+
+
+def oru(organisation: str, mrn: str, control_id: str, note: str = "4.2") -> dict[str, Any]:
+    segments = [
+        f"MSH|^~\\&|LIS|{organisation}|MEDSTREAM|REGION|20261103081500+0800||ORU^R01|{control_id}|P|2.5.1",
+        f"PID|1||{mrn}^^^{organisation}^MR~{NID}^^^CHN^NI||FICTUS^XIAOMING||19800214|M|||||{PHONE}",
+        "OBR|1|PL-1|FO-1|PANEL^Chemistry^L|||20261103080000+0800",
+        f"OBX|1|ST|NOTE^Comment^L||{note}||||||F",
+    ]
+    raw = hl7_raw(segments, control_id=control_id)
+    raw["organisation_id"] = organisation
+    return raw
+
+
+def stage(terminology: Terminology, pseudonymiser: Pseudonymiser) -> NormaliseStage:
+    return NormaliseStage(
+        KAFKA, REGISTRY, terminology, pseudonymiser,
+        load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH), identity_key=b"i" * 32,
+    )
+
+
+def test_pid_demographics_are_read_in_clear_only_inside_the_stage(
+    pseudonymiser: Pseudonymiser,
+) -> None:
+    [identity] = patient_identities("hl7_lab", oru("H001", "MRN-FICT-7", "C-1"), pseudonymiser)
+    assert (identity.mrn, identity.national_id, identity.phone) == ("MRN-FICT-7", NID, PHONE)
+    assert (identity.name, identity.birth_date, identity.sex) == ("FICTUS^XIAOMING", "1980-02-14", "M")
+    assert identity.record_key == pseudonymiser.person_key("H001", "MRN-FICT-7")
+
+
+def test_free_text_is_scrubbed_and_the_index_gets_tokens_once(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    normalise = stage(terminology, pseudonymiser)
+    note = f"called Xiaoming Fictus on {PHONE}, ID {NID}, MRN-FICT-7"
+    encode = serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)
+    raw = encode(oru("H001", "MRN-FICT-7", "C-2", note))
+    outputs = normalise.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 1, NOW_MS), b"k", raw,
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    by_topic = {o.topic: o for o in outputs}
+    lab = serde.AvroDeserializer(REGISTRY, serde.LAB_RESULT)(by_topic["t.norm.lab_result"].value)
+    assert lab["value_text"] == "called [NAME] on [PHONE], ID [ID], [ID]"
+    identity_bytes = by_topic["t.mpi.identity"].value
+    for clear in (NID, PHONE, "FICTUS", "XIAOMING", "MRN-FICT-7"):
+        assert clear.encode() not in identity_bytes
+        assert clear not in repr(lab)
+    token = serde.AvroDeserializer(REGISTRY, serde.IDENTITY_OBSERVATION)(identity_bytes)
+    assert token["nid_status"] == "valid" and token["birth_date"] == "1980-02-14"
+    assert token["record_key"] == lab["person_key"] and token["event_id"] == lab["event_id"]
+    # The same demographics again: nothing new for the index.
+    again = normalise.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, 2, NOW_MS), b"k", encode(oru("H001", "MRN-FICT-7", "C-3")),
+        SuppressionState.in_memory(), NOW_MS,
+    )
+    assert "t.norm.lab_result" in [o.topic for o in again]
+    assert "t.mpi.identity" not in [o.topic for o in again]
+
+
+def test_one_person_at_two_hospitals_is_linked_by_national_id(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    normalise = stage(terminology, pseudonymiser)
+    index = PatientIndexStage(KAFKA, REGISTRY, b"p" * 32)
+    encode = serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)
+    decode_link = serde.AvroDeserializer(REGISTRY, serde.PERSON_LINK)
+    state = DictState()
+    links = []
+    for offset, (organisation, mrn) in enumerate((("H001", "MRN-A"), ("H002", "MRN-B"))):
+        outputs = normalise.handle(
+            "hl7_lab", RawContext("t.raw.hl7_lab", 0, offset, NOW_MS), b"k",
+            encode(oru(organisation, mrn, f"C-{offset}")), SuppressionState.in_memory(), NOW_MS,
+        )
+        [identity] = [o for o in outputs if o.topic == "t.mpi.identity"]
+        links += [decode_link(o.value) for o in index.handle(identity.value, state, NOW_MS)]
+    assert [(link["action"], link["method"]) for link in links][-1] == ("link", "national_id")
+    persons = {link["record_key"]: link["person_key"] for link in links}
+    assert persons == {
+        pseudonymiser.person_key("H001", "MRN-A"): persons[pseudonymiser.person_key("H001", "MRN-A")],
+        pseudonymiser.person_key("H002", "MRN-B"): persons[pseudonymiser.person_key("H001", "MRN-A")],
+    }
+    # The person key is a pseudonym: neither the ID nor either record key.
+    assert NID not in repr(links) and len(set(persons.values())) == 1
+
+
+def test_emr_rows_claims_and_packets_name_their_patient_record(
+    pseudonymiser: Pseudonymiser,
+) -> None:
+    row = {"patient_mrn": " P0001 ", "patient_name": "费测试", "id_number": NID,
+           "birth_date": "1980-02-14", "sex": "M"}
+    [emr] = patient_identities(
+        "emr_cdc", {"organisation_id": "H001", "after": row, "before": None}, pseudonymiser
+    )
+    assert (emr.mrn, emr.name, emr.national_id, emr.phone) == ("P0001", "费测试", NID, None)
+    assert emr.record_key == pseudonymiser.person_key("H001", "P0001")
+    [claim] = patient_identities(
+        "claim", {"organisation_id": "H002", "patient_local_id": "9", "patient_id_number": NID},
+        pseudonymiser,
+    )
+    assert (claim.mrn, claim.national_id, claim.name) == ("9", NID, None)
+    assert patient_identities("claim", {"organisation_id": "H002", "patient_local_id": " "},
+                              pseudonymiser) == []
+    [device] = patient_identities(
+        "device", {"organisation_id": "H001", "patient_ref": "P0002"}, pseudonymiser
+    )
+    assert device.mrn == "P0002" and device.name is None
