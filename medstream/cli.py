@@ -519,6 +519,33 @@ dlq_app = typer.Typer(no_args_is_help=True, help="The dead-letter store (sealed 
 app.add_typer(terminology_app, name="terminology")
 app.add_typer(alerts_app, name="alerts")
 app.add_typer(dlq_app, name="dlq")
+mpi_app = typer.Typer(no_args_is_help=True, help="Data stewards: the master patient index.")
+app.add_typer(mpi_app, name="mpi")
+
+
+@mpi_app.command("unmerge")
+def mpi_unmerge(
+    record_key: Annotated[str, typer.Argument(help="the patient record (person_key of events)")],
+    by: Annotated[str, typer.Option("--by", help="who splits the record (recorded)")],
+    reason: Annotated[str, typer.Option(help="why (identifiers are removed)")],
+) -> None:
+    """Split a patient record out of its person; it is never re-linked automatically."""
+    from medstream.steward import StewardError, record_organisation, send_unmerge
+    from schemas.serde import registry_from_url
+
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            organisation = record_organisation(run, ClickHouseSettings().database, record_key)
+        send_unmerge(
+            _kafka_for_client(), registry_from_url(RegistrySettings().url), record_key,
+            organisation, by, reason,
+        )
+    except (QueryError, StewardError) as exc:
+        _fail(str(exc))
+    typer.echo(
+        f"unmerge of record {record_key} sent to the patient index; person_link shows the "
+        "decision (method manual) within seconds"
+    )
 
 
 @terminology_app.command("unmapped")

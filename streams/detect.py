@@ -509,6 +509,15 @@ class PatientIndexStage:
     def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
         """Person link records caused by one identity observation."""
         observation = self.decode(value)
+        if observation.get("command") == "unmerge":
+            reason = f"split by {observation.get('actor') or 'a steward'}: " + (
+                observation.get("reason") or "no reason given"
+            )
+            try:
+                return self.unmerge(observation["record_key"], state, now_ms, reason)
+            except KeyError as exc:
+                log.error("unmerge refused: %s", exc)
+                return []
         try:
             links = self._patient_index().observe(observation, state, now_ms)
         except IdentityObservationError as exc:

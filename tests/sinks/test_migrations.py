@@ -43,3 +43,47 @@ def test_daily_quality_score_counts_events_once_and_matches_the_python_formula(
     assert weights == QualityScoreWeights(1.0, 0.25)  # the weights the view has written in
     assert row[:5] == ("H001", "device", 9, 1, 1)
     assert row[5] == pytest.approx(quality_score(9, 1, 1, weights))
+
+
+def test_person_history_follows_links_merges_and_unmerges_at_any_instant(
+    clickhouse: Client, database: str
+) -> None:
+    clickhouse.command(
+        f"INSERT INTO {database}.lab_result (event_id, source_kind, source_system, "
+        "organisation_id, event_time, ingest_time, normalised_time, source_topic, "
+        "source_partition, source_offset, record_index, record_count, source_ref, "
+        "mapping_version, person_key, order_id, loinc_code, local_code, local_display, value, "
+        f"unit, mapping_status) VALUES ('e1', 'hl7_lab', 'lis', 'H001', '{T}', '{T}', '{T}', "
+        "'raw', 0, 1, 0, 1, 'r', 'v', 'recA', 'o', '2823-3', 'K', 'K', 4.1, 'mmol/L', 'mapped'), "
+        "('e2', 'hl7_lab', 'lis', 'H002', '2026-11-24 10:00:00', "
+        f"'{T}', '{T}', 'raw', 0, 2, 0, 1, 'r', 'v', 'recB', 'o', '2823-3', 'K', 'K', 4.5, "
+        "'mmol/L', 'mapped'), ('e3', 'hl7_lab', 'lis', 'H003', "
+        f"'{T}', '{T}', '{T}', 'raw', 0, 3, 0, 1, 'r', 'v', 'recC', 'o', '2823-3', 'K', 'K', "
+        "4.0, 'mmol/L', 'mapped')"
+    )
+    # recA and recB: two persons, merged at 09:00, recB split out again at 11:00.
+    clickhouse.command(
+        f"INSERT INTO {database}.person_link (link_event_id, action, record_key, person_key, "
+        "method, explanation, effective_time, triggering_event_id, decided_time) VALUES "
+        "('l1', 'link', 'recA', 'P1', 'national_id', 'x', '2026-11-24 08:00:00', 'e1', "
+        "'2026-11-24 08:00:00'), ('l2', 'link', 'recB', 'P2', 'organisation_mrn', 'x', "
+        "'2026-11-24 08:30:00', 'e2', '2026-11-24 08:30:00'), ('l3', 'merge', 'recB', 'P1', "
+        "'national_id', 'x', '2026-11-24 09:00:00', 'e2', '2026-11-24 09:00:00'), "
+        "('l4', 'review', 'recB', 'P9', 'probabilistic', 'x', '2026-11-24 10:30:00', 'e2', "
+        "'2026-11-24 10:30:00'), ('l5', 'unmerge', 'recB', 'P3', 'manual', 'x', "
+        "'2026-11-24 11:00:00', 'manual', '2026-11-24 11:00:00')"
+    )
+
+    def at(instant: str) -> list[tuple[str, str]]:
+        return [tuple(row) for row in clickhouse.query(
+            f"SELECT person, event_id FROM {database}.person_history_at(at = '{instant}') "
+            "ORDER BY event_id"
+        ).result_rows]
+
+    assert at("2026-11-24 08:45:00") == [("P1", "e1"), ("P2", "e2"), ("", "e3")]
+    assert at("2026-11-24 10:45:00") == [("P1", "e1"), ("P1", "e2"), ("", "e3")]  # review: no move
+    assert at("2026-11-24 12:00:00") == [("P1", "e1"), ("P3", "e2"), ("", "e3")]
+    now = clickhouse.query(
+        f"SELECT person, kind, organisation_id FROM {database}.person_history WHERE person = 'P1'"
+    ).result_rows
+    assert now == [("P1", "lab_result", "H001")]

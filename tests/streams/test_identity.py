@@ -132,3 +132,38 @@ def test_emr_rows_claims_and_packets_name_their_patient_record(
         "device", {"organisation_id": "H001", "patient_ref": "P0002"}, pseudonymiser
     )
     assert device.mrn == "P0002" and device.name is None
+
+
+def test_a_steward_command_splits_a_record_out_of_its_person(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    normalise = stage(terminology, pseudonymiser)
+    index = PatientIndexStage(KAFKA, REGISTRY, b"p" * 32)
+    encode = serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)
+    encode_identity = serde.AvroSerializer(REGISTRY, serde.IDENTITY_OBSERVATION)
+    decode_link = serde.AvroDeserializer(REGISTRY, serde.PERSON_LINK)
+    state = DictState()
+    for offset, (organisation, mrn) in enumerate((("H001", "MRN-A"), ("H002", "MRN-B"))):
+        outputs = normalise.handle(
+            "hl7_lab", RawContext("t.raw.hl7_lab", 0, offset, NOW_MS), b"k",
+            encode(oru(organisation, mrn, f"C-{offset}")), SuppressionState.in_memory(), NOW_MS,
+        )
+        for output in outputs:
+            if output.topic == "t.mpi.identity":
+                index.handle(output.value, state, NOW_MS)
+    record_b = pseudonymiser.person_key("H002", "MRN-B")
+    command = encode_identity({
+        "record_key": record_b, "organisation_id": "H002", "event_id": "manual-1",
+        "event_time": NOW_MS, "nid_status": "absent", "command": "unmerge",
+        "actor": "steward.test", "reason": "two patients under one ID (typo at registration)",
+    })
+    [split] = [decode_link(o.value) for o in index.handle(command, state, NOW_MS + 1000)]
+    assert (split["action"], split["method"], split["record_key"]) == ("unmerge", "manual", record_b)
+    assert split["previous_person_key"] and split["person_key"] != split["previous_person_key"]
+    assert "steward.test" in split["explanation"] and "typo at registration" in split["explanation"]
+    # An unknown record: refused (logged), nothing emitted.
+    unknown = encode_identity({
+        "record_key": "f" * 32, "organisation_id": "H002", "event_id": "manual-2",
+        "event_time": NOW_MS, "nid_status": "absent", "command": "unmerge",
+    })
+    assert index.handle(unknown, state, NOW_MS) == []
