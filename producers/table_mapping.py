@@ -43,6 +43,7 @@ TARGET_FIELDS: Final[dict[str, dict[str, FieldSpec]]] = {
         "patient_mrn": FieldSpec("text"),
         "patient_name": FieldSpec("text"),
         "id_number": FieldSpec("text"),
+        "phone": FieldSpec("text"),
         "birth_date": FieldSpec("date"),
         "sex": FieldSpec("text"),
         "visit_type": FieldSpec("text", True),
