@@ -322,6 +322,48 @@ def _known_patterns(known: KnownIdentifiers) -> _KnownPatterns:
     return _KnownPatterns(_alternation(ids), _alternation(phones), _alternation(names))
 
 
+_NO_KNOWN_PATTERNS: Final = _KnownPatterns(None, None, None)
+_FRAGMENT_SPLIT: Final = re.compile(r"[\s^,;，、·.\-_]+")
+_NON_ALNUM: Final = re.compile(r"[^0-9a-z]")
+
+
+def _may_hold_known(text: str, known: KnownIdentifiers) -> bool:
+    """A cheap test before compiling a patient's patterns: can any of them match at all?
+
+    Every known identifier needs its characters in the text: the compact form of an ID or
+    MRN, the last 7 digits of a phone, a Han name, or every part (2+ letters) of a Latin
+    name. Most texts (a test name, a unit, a number) hold none, and skip the compile.
+    """
+    lowered = text.lower()
+    compact = _NON_ALNUM.sub("", lowered)
+    for value in (*known.id_numbers, *known.local_ids):
+        fragment = _NON_ALNUM.sub("", value.lower())
+        if fragment and fragment in compact:
+            return True
+    digits = re.sub(r"\D", "", text)
+    for phone in known.phones:
+        tail = re.sub(r"\D", "", phone)[-7:]
+        if len(tail) == 7 and tail in digits:
+            return True
+    for name in known.names:
+        parts = [p for p in _FRAGMENT_SPLIT.split(name.lower()) if p]
+        if any(_is_han(p) for p in parts):
+            # Every character present (the name may be written with spaces between them).
+            if all(ch in lowered for p in parts if _is_han(p) for ch in p):
+                return True
+            continue
+        latin = [p for p in parts if len(p) >= 2]
+        if latin and all(p in lowered or p in compact for p in latin):
+            return True
+        if latin and "".join(latin) in compact:
+            return True
+    return False
+
+
+def _is_han(text: str) -> bool:
+    return any("\u4e00" <= ch <= "\u9fff" for ch in text)
+
+
 # --- scrubbing ------------------------------------------------------------------------------
 
 
@@ -341,7 +383,11 @@ def scrub_text(text: str, known: KnownIdentifiers | None = None) -> ScrubResult:
         counts[kind] += replaced
         return value
 
-    patterns = _known_patterns(known) if known is not None else _KnownPatterns(None, None, None)
+    patterns = (
+        _known_patterns(known)
+        if known is not None and _may_hold_known(text, known)
+        else _NO_KNOWN_PATTERNS
+    )
     # E-mails first: their local parts often hold a name or a phone number.
     text = sub(_EMAIL, "email", text)
     text = sub(patterns.ids, "id", text)

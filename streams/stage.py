@@ -9,6 +9,7 @@ that owns the patient, and no second pass over norm.lab_result is needed.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import time
 from collections import OrderedDict
@@ -371,6 +372,21 @@ class NormaliseStage:
         for identity in identities:
             if not has_demographics(identity):
                 continue
+            # A digest of what the record says (no clear value is kept): tokenising is
+            # costly, and a patient's demographics rarely change between messages.
+            fingerprint = hashlib.blake2b(
+                "\x1f".join(
+                    str(v) for v in (identity.national_id, identity.name, identity.birth_date,
+                                     identity.sex, identity.phone)
+                ).encode(),
+                digest_size=16,
+            ).hexdigest()
+            if self._identities_sent.get(identity.record_key) == fingerprint:
+                self._identities_sent.move_to_end(identity.record_key)
+                continue
+            self._identities_sent[identity.record_key] = fingerprint
+            if len(self._identities_sent) > IDENTITY_CACHE_SIZE:
+                self._identities_sent.popitem(last=False)
             observation = self.tokeniser.observation(
                 identity.record_key,
                 identity.organisation_id,
@@ -382,14 +398,6 @@ class NormaliseStage:
                 identity.sex,
                 identity.phone,
             )
-            fingerprint = repr(sorted((k, v) for k, v in observation.items()
-                                      if k not in ("event_id", "event_time_ms", "event_time")))
-            if self._identities_sent.get(identity.record_key) == fingerprint:
-                self._identities_sent.move_to_end(identity.record_key)
-                continue
-            self._identities_sent[identity.record_key] = fingerprint
-            if len(self._identities_sent) > IDENTITY_CACHE_SIZE:
-                self._identities_sent.popitem(last=False)
             record = dict(observation)
             record["event_time"] = record.pop("event_time_ms", ctx.timestamp_ms)
             outputs.append(

@@ -138,7 +138,7 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     sink, gateway = start_sink()
     processes.append(subprocess.Popen(medstream("streams"), env=env, stdout=log, stderr=log, text=True))
     simulator = subprocess.Popen(
-        medstream("simulate", "--events", "8000", "--rate", "1500", "--seed", "3",
+        medstream("simulate", "--events", "8000", "--rate", "500", "--seed", "3",
                   "--labels", str(labels), "--report", str(report)),
         env=env, stdout=log, stderr=log, text=True,
     )
