@@ -35,7 +35,7 @@ def prepare_events(
     kafka: KafkaSettings, events: int, seed: int
 ) -> list[tuple[str, bytes | None, bytes]]:
     """The norm records the pipeline would publish for this seed (simulated, then normalised)."""
-    from producers.simulator import RegionSimulator
+    from medstream.simulator import RegionSimulator
 
     registry = serde.ManifestRegistry()
     stage = NormaliseStage(

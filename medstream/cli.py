@@ -329,10 +329,15 @@ def simulate(
     report: Annotated[
         Path | None, typer.Option(help="write the final publish report (JSON) here")
     ] = None,
+    anomaly_rate: Annotated[
+        float,
+        typer.Option(help="share of messages that inject a labelled anomaly (NEWS2, devices, "
+                     "claims, feeds, syndromic)"),
+    ] = 0.005,
     metrics_port: MetricsPort = 0,
 ) -> None:
     """Publish a deterministic synthetic region's source messages to the raw topics."""
-    from producers.simulator import PublishReport, RegionSimulator, SimulatorProducer
+    from medstream.simulator import PublishReport, RegionSimulator, SimulatorProducer
     from schemas.serde import registry_from_url
 
     kafka = _kafka_for_client()
@@ -343,7 +348,15 @@ def simulate(
     producer = SimulatorProducer(
         kafka,
         registry_from_url(RegistrySettings().url),
-        RegionSimulator(seed),
+        RegionSimulator(
+            seed,
+            anomaly_rate=anomaly_rate,
+            records_per_second=rate or None,
+            # Silences of feeds are injected only when the run outlasts their thresholds.
+            long_run_s=(events / rate if events > 0 and rate > 0 else None)
+            if events > 0
+            else float("inf"),
+        ),
         labels_path=labels,
         rate=rate or None,
     )

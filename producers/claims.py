@@ -107,7 +107,7 @@ from producers.base import (
     run_async,
     wall_clock_ms,
 )
-from producers.simulator import national_id_is_valid
+from schemas.identity import national_id_is_valid
 from schemas.serde import SerializationError
 
 log = logging.getLogger("medstream.collector.claims")

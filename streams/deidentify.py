@@ -327,7 +327,7 @@ _FRAGMENT_SPLIT: Final = re.compile(r"[\s^,;，、·.\-_]+")
 _NON_ALNUM: Final = re.compile(r"[^0-9a-z]")
 
 
-def _may_hold_known(text: str, known: KnownIdentifiers) -> bool:
+def may_hold_known(text: str, known: KnownIdentifiers) -> bool:
     """A cheap test before compiling a patient's patterns: can any of them match at all?
 
     Every known identifier needs its characters in the text: the compact form of an ID or
@@ -385,7 +385,7 @@ def scrub_text(text: str, known: KnownIdentifiers | None = None) -> ScrubResult:
 
     patterns = (
         _known_patterns(known)
-        if known is not None and _may_hold_known(text, known)
+        if known is not None and may_hold_known(text, known)
         else _NO_KNOWN_PATTERNS
     )
     # E-mails first: their local parts often hold a name or a phone number.

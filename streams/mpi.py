@@ -255,6 +255,10 @@ def normalise_birth_date(value: date | datetime | int | str | None) -> date | No
 # --- identity observations (tokens only) ------------------------------------------------
 
 
+#: Bigram bit masks a tokeniser keeps (pinyin and Latin names use a few thousand bigrams).
+_MAX_CACHED_BIGRAMS: Final = 50_000
+
+
 def _bloom_bigrams(name: NormalisedName) -> set[str]:
     # Bigrams of each padded part separately, so "Given Family" written in either order
     # encodes identically; only the exact name_token keeps the order.
@@ -275,12 +279,13 @@ class IdentityTokeniser:
     by every normalise worker, or the same person gets different tokens.
     """
 
-    __slots__ = ("_bloom", "_tokens")
+    __slots__ = ("_bigram_masks", "_bloom", "_tokens")
 
     def __init__(self, key: bytes) -> None:
         secret = _checked_key(key)
         self._tokens = hmac.new(secret, digestmod=hashlib.sha256)
         self._bloom = hmac.new(secret, digestmod=hashlib.sha512)
+        self._bigram_masks: dict[str, int] = {}
 
     def _token(self, purpose: bytes, value: str) -> str:
         mac = self._tokens.copy()
@@ -292,14 +297,22 @@ class IdentityTokeniser:
 
         Each bigram sets NAME_BLOOM_HASHES bits whose positions are 2-byte slices of its
         HMAC-SHA512 (independent keyed hashes, not double hashing, which eases attacks).
+        A bigram's bits depend only on the key, so they are computed once per bigram.
         """
         bits = 0
-        for bigram in sorted(_bloom_bigrams(name)):
-            mac = self._bloom.copy()
-            mac.update(_frame(b"medstream.mpi.name_bloom.v1", bigram.encode()))
-            digest = mac.digest()
-            for i in range(NAME_BLOOM_HASHES):
-                bits |= 1 << (int.from_bytes(digest[2 * i : 2 * i + 2], "big") % NAME_BLOOM_BITS)
+        for bigram in _bloom_bigrams(name):
+            mask = self._bigram_masks.get(bigram)
+            if mask is None:
+                mac = self._bloom.copy()
+                mac.update(_frame(b"medstream.mpi.name_bloom.v1", bigram.encode()))
+                digest = mac.digest()
+                mask = 0
+                for i in range(NAME_BLOOM_HASHES):
+                    position = int.from_bytes(digest[2 * i : 2 * i + 2], "big")
+                    mask |= 1 << (position % NAME_BLOOM_BITS)
+                if len(self._bigram_masks) < _MAX_CACHED_BIGRAMS:
+                    self._bigram_masks[bigram] = mask
+            bits |= mask
         return bits.to_bytes(NAME_BLOOM_BITS // 8, "big").hex()
 
     def observation(

@@ -14,6 +14,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
+from functools import lru_cache
 from typing import Any, Final
 
 from medstream.metrics import DEAD_LETTERS, QUALITY_ISSUES, UNMAPPED_CODES
@@ -33,7 +34,12 @@ from streams.critical_values import (
     is_suppressed,
     suppression_key,
 )
-from streams.deidentify import DEFAULT_FREE_TEXT_FIELDS, KnownIdentifiers, scrub_text
+from streams.deidentify import (
+    DEFAULT_FREE_TEXT_FIELDS,
+    KnownIdentifiers,
+    may_hold_known,
+    scrub_text,
+)
 from streams.detect import LifecycleInputs
 from streams.detect import Output as Output
 from streams.device_rules import DEFAULT_DEVICE_RULES_PATH, DeviceDetector, load_device_rules
@@ -96,7 +102,16 @@ def _scrub(event: dict[str, Any], known: KnownIdentifiers) -> None:
     for field in DEFAULT_FREE_TEXT_FIELDS:
         text = event.get(field)
         if isinstance(text, str) and text:
-            event[field] = scrub_text(text, known).text
+            if may_hold_known(text, known):
+                event[field] = scrub_text(text, known).text
+            else:
+                event[field] = _scrub_without_known(text)
+
+
+@lru_cache(maxsize=65_536)
+def _scrub_without_known(text: str) -> str:
+    # Displays and values repeat endlessly ("Potassium", "4.1"): scrub each text once.
+    return scrub_text(text).text
 
 
 class SuppressionState:

@@ -70,6 +70,7 @@ class SyndromicRules:
     version: str
     lateness_ms: int
     dedup_retention_ms: int
+    settle_ms: int
     max_triggering_event_ids: int
     districts: dict[str, str]
     syndromes: tuple[Syndrome, ...]
@@ -109,6 +110,7 @@ class _SyndromeModel(StrictModel):
 class _SyndromicRulesModel(StrictModel):
     version: NonBlank
     allowed_lateness_minutes: int = Field(ge=0)
+    settle_seconds: int = Field(default=0, ge=0)
     dedup_retention_hours: int = Field(ge=1)
     max_triggering_event_ids: int = Field(ge=1, le=500)
     districts: dict[str, NonBlank] = Field(min_length=1)
@@ -147,6 +149,7 @@ def syndromic_rules_from_dict(document: Any, source: str = "<dict>") -> Syndromi
         version=model.version,
         lateness_ms=model.allowed_lateness_minutes * 60_000,
         dedup_retention_ms=model.dedup_retention_hours * HOUR_MS,
+        settle_ms=model.settle_seconds * 1000,
         max_triggering_event_ids=model.max_triggering_event_ids,
         districts=dict(model.districts),
         syndromes=syndromes,
@@ -225,7 +228,12 @@ class SyndromicDetector:
         key = DISTRICT_PREFIX + district
         record = state.get(key) or {
             "watermark_ms": event_ms - self.rules.lateness_ms,
-            "next_close_ms": _hour_of(event_ms - self.rules.lateness_ms),
+            # With settling, hours close only after their settle time: until the first close
+            # any earlier hour of a backfill is still open.
+            "next_close_ms": (
+                _hour_of(event_ms - self.rules.lateness_ms) if not self.rules.settle_ms
+                else 0
+            ),
             "late_events": 0,
             "hours": {},
             "baselines": {s.syndrome: _new_baseline() for s in self.rules.syndromes},
@@ -254,15 +262,21 @@ class SyndromicDetector:
         watermark = event_ms - self.rules.lateness_ms
         if watermark > record["watermark_ms"]:
             record["watermark_ms"] = watermark
-            findings = self._close_hours(district, record)
+        findings = self._close_hours(district, record, now_ms)
         state.put(key, record)
         return findings
 
     def tick(self, state: KeyValueState, now_ms: int) -> list[Finding]:
-        """Forget diagnoses last seen more than the retention before their district's watermark.
-
-        Runs on event time (the districts' watermarks), not on ``now_ms``; it never signals.
-        """
+        """Close the hours that settled, and forget diagnoses last seen more than the
+        retention before their district's watermark (event time)."""
+        findings: list[Finding] = []
+        for key, record in state.items():
+            if key.startswith(DISTRICT_PREFIX):
+                record = dict(record)
+                closed = self._close_hours(key[len(DISTRICT_PREFIX):], record, now_ms)
+                if closed or record.get("pending"):
+                    state.put(key, record)
+                findings.extend(closed)
         watermarks: dict[str, int | None] = {}
         for key, seen in state.items():
             if not key.startswith(SEEN_PREFIX):
@@ -274,7 +288,7 @@ class SyndromicDetector:
             watermark = watermarks[district]
             if watermark is None or seen["last_ms"] < watermark - self.rules.dedup_retention_ms:
                 state.delete(key)
-        return []
+        return findings
 
     # --- internals --------------------------------------------------------------------------
 
@@ -292,12 +306,28 @@ class SyndromicDetector:
             state.put(key, {"district": district, "last_ms": event_ms})
         return False
 
-    def _close_hours(self, district: str, record: dict[str, Any]) -> list[Finding]:
+    def _close_hours(
+        self, district: str, record: dict[str, Any], now_ms: int
+    ) -> list[Finding]:
+        """Test the hours the watermark has passed and that settled for ``settle_ms``.
+
+        Settling absorbs the reordering of a backfill (a CDC snapshot of past diagnoses
+        arriving through several partitions): an hour the watermark passes waits that long
+        on the wall clock, still counting, before it is judged.
+        """
         findings: list[Finding] = []
         closable_before = _hour_of(record["watermark_ms"])
+        pending: dict[str, int] = record.setdefault("pending", {})
+        for hour_key in record["hours"]:
+            if int(hour_key) < closable_before:
+                pending.setdefault(hour_key, now_ms)
+        settled_before = None
         for hour in sorted(int(h) for h in record["hours"]):
-            if hour >= closable_before:
+            since = pending.get(str(hour))
+            if hour >= closable_before or since is None or now_ms - since < self.rules.settle_ms:
                 break
+            settled_before = hour + HOUR_MS
+            pending.pop(str(hour), None)
             bucket = record["hours"].pop(str(hour))
             for syndrome in self.rules.syndromes:
                 counts = bucket["syndromes"].get(syndrome.syndrome)
@@ -305,7 +335,13 @@ class SyndromicDetector:
                 if finding is not None:
                     findings.append(finding)
         # Hours without any diagnosis are gaps in the data: skipped, neither tested nor learnt.
-        record["next_close_ms"] = max(record["next_close_ms"], closable_before)
+        if settled_before is not None:
+            record["next_close_ms"] = max(record["next_close_ms"], settled_before)
+        # Without settling, the hours before the watermark close even when empty (gaps);
+        # with it, only judged hours close, so a backfill's earlier hours stay open.
+        no_earlier = not record["hours"] or min(int(h) for h in record["hours"]) >= closable_before
+        if not self.rules.settle_ms and no_earlier:
+            record["next_close_ms"] = max(record["next_close_ms"], closable_before)
         return findings
 
     def _test_hour(

@@ -42,7 +42,7 @@ from producers.claims import (
     receipt_name,
     token_sha256,
 )
-from producers.simulator import national_id_check_digit
+from schemas.identity import national_id_check_digit
 from schemas.serde import COLLECTOR_HEADER, ManifestRegistry
 from tests.kafka_helpers import DLQ, Published, consume, raw_topic
 from tests.waiting import wait_for
@@ -167,7 +167,7 @@ def test_simulator_claims_written_as_csv_read_back_identically() -> None:
     import csv
     import io
 
-    from producers.simulator import RegionSimulator
+    from medstream.simulator import RegionSimulator
 
     simulator = RegionSimulator(seed=11, problem_rate=0.0)
     expected: dict[tuple[str, str], dict[str, Any]] = {}

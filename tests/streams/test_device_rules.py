@@ -89,7 +89,7 @@ def test_default_rules_hold_the_documented_limits(rules: DeviceRules) -> None:
     )
     assert rules.limits["8480-6"].unit == "mm[Hg]"
     assert set(rules.flat_line) == {HR, SPO2, "9279-1"}
-    # 4 missed intervals of each device type in producers/region.yaml.
+    # 4 missed intervals of each device type in medstream/region.yaml.
     assert rules.silence_after_ms("monitor-a") == 60_000
     assert rules.silence_after_ms("oximeter-o") == 20_000
     assert rules.silence_after_ms("wearable-w") == 240_000

@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import dataclasses
+
 import pytest
 import yaml
 
@@ -31,7 +33,9 @@ DISTRICT_KEY = "syndromic|district|yunxi-urban"
 
 @pytest.fixture(scope="module")
 def rules() -> SyndromicRules:
-    return load_syndromic_rules()
+    # Judged at once (no settling), so event time alone drives these tests; settling is
+    # tested on its own below.
+    return dataclasses.replace(load_syndromic_rules(), settle_ms=0)
 
 
 class Diagnoses:
@@ -328,3 +332,34 @@ def test_cusum_accumulates_a_step_a_single_hour_test_misses(rules: SyndromicRule
     # learns the 11s) and passes h = 6 in the fifth outbreak hour (56 + 4); then it resets.
     assert signal_hours(cusum) == [60]
     assert cusum[0].details["cusum"] == pytest.approx(6.39, abs=0.01)
+
+
+def test_a_backfill_arriving_out_of_order_is_counted_before_its_hours_are_judged() -> None:
+    """A CDC snapshot of past diagnoses reaches the detector through several partitions, out
+    of order: settling keeps every hour open until the backfill has arrived."""
+    rules = load_syndromic_rules()
+    assert rules.settle_ms == 20_000  # the shipped value
+    detector = SyndromicDetector(rules)
+    state = DictState()
+    make = Diagnoses()
+    counts = [2] * 60 + [14]  # a stable baseline (past the warm-up), then an outbreak hour
+    events = []
+    for hour, count in enumerate(counts):
+        start = T0 + hour * HOUR_MS
+        events.append(make(start + 1_000, "I10"))
+        events += [make(start + (i + 1) * 60_000, "J11.1") for i in range(count)]
+    events.append(make(T0 + (len(counts) + 1) * HOUR_MS, "I10"))  # closes the last hour
+    import random
+
+    random.Random(3).shuffle(events)
+    wall = 1_000_000
+    findings = [f for event in events for f in detector.observe(event, state, wall)]
+    assert findings == []  # nothing judged within the settle time
+    assert state.get(DISTRICT_KEY)["late_events"] == 0
+    assert detector.tick(state, wall + 19_999) == []
+    signalled = detector.tick(state, wall + 20_000)
+    assert signal_hours(signalled) == [60]
+    assert signalled[0].rule_id == "syndromic.ili" and signalled[0].value == 14
+    # Judged hours are closed: a later diagnosis for one of them is late, not counted.
+    detector.observe(make(T0 + 5 * HOUR_MS, "J11.1"), state, wall + 30_000)
+    assert state.get(DISTRICT_KEY)["late_events"] == 1

@@ -6,6 +6,8 @@ acknowledges (or fails) deliveries the way librdkafka does, from poll() and flus
 
 from __future__ import annotations
 
+import functools
+import itertools
 import json
 import re
 import time
@@ -19,7 +21,8 @@ import pytest
 import yaml
 
 from medstream.settings import RAW_TOPICS, KafkaSettings
-from producers.simulator import (
+from medstream.simulator import (
+    PACKET_ROUNDS,
     RAW_SUBJECTS,
     RECORD_MIX,
     SOURCE_KINDS,
@@ -30,16 +33,16 @@ from producers.simulator import (
     SimulatorProducer,
     TokenBucket,
     load_region,
-    national_id_check_digit,
-    national_id_is_valid,
+    load_rule_reference,
 )
-from schemas.identity import event_id
+from schemas.identity import event_id, national_id_check_digit, national_id_is_valid
 from schemas.serde import AvroDeserializer, AvroSerializer, ManifestRegistry, SerializationError
 
 ROOT = Path(__file__).resolve().parents[2]
 TERMINOLOGY_PATH = ROOT / "streams" / "dictionaries" / "terminology.yaml"
 CRITICAL_RULES_PATH = ROOT / "streams" / "rules" / "critical_values.yaml"
 NOW_MS = 1_795_000_000_000  # a fixed "now" (2026-11-17) for reproducible timestamps
+RATE = 500.0  # records per second the paced test clock follows
 LABEL_FIELDS = {
     "source_kind", "organisation_id", "source_ref", "record_index", "record_count", "event_id",
     "kind", "expect", "reason_code", "critical_rule", "critical_suppressed_reason", "unmapped",
@@ -47,15 +50,47 @@ LABEL_FIELDS = {
 }
 
 
-def generate(seed: int, events: int, now: int = NOW_MS, problem_rate: float = 0.02
-             ) -> list[SimulatedMessage]:
-    simulator = RegionSimulator(seed, problem_rate=problem_rate)
-    return list(simulator.messages(events, now_ms=lambda: now))
+def generate_timed(
+    seed: int, events: int, now: int = NOW_MS, problem_rate: float = 0.02,
+    anomaly_rate: float = 0.005,
+) -> list[tuple[int, SimulatedMessage]]:
+    """Messages with the clock reading they were generated at: the clock advances as a
+    publisher paced at RATE records per second would (duplicates cost nothing)."""
+    simulator = RegionSimulator(
+        seed, problem_rate=problem_rate, anomaly_rate=anomaly_rate, records_per_second=RATE
+    )
+    clock = [float(now)]
+    timed = []
+    for message in simulator.messages(events, now_ms=lambda: int(clock[0])):
+        timed.append((int(clock[0]), message))
+        if not message.labels[0]["duplicate_delivery"]:
+            clock[0] += len(message.labels) * 1000 / RATE
+    return timed
+
+
+def generate(seed: int, events: int, now: int = NOW_MS, problem_rate: float = 0.02,
+             anomaly_rate: float = 0.005) -> list[SimulatedMessage]:
+    return [m for _, m in generate_timed(seed, events, now, problem_rate, anomaly_rate)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def rule_reference() -> Any:
+    return load_rule_reference()  # loaded once, outside the timed tests
 
 
 @pytest.fixture(scope="module")
 def run5k() -> list[SimulatedMessage]:
-    return generate(seed=20261124, events=5_000)
+    return [m for _, m in timed5k_of()]
+
+
+@functools.cache
+def timed5k_of() -> list[tuple[int, SimulatedMessage]]:
+    return generate_timed(seed=20261124, events=5_000)
+
+
+@pytest.fixture(scope="module")
+def timed5k() -> list[tuple[int, SimulatedMessage]]:
+    return timed5k_of()
 
 
 @pytest.fixture(scope="module")
@@ -196,7 +231,7 @@ def test_record_mix_follows_the_target() -> None:
 
 def test_problem_rate_is_about_the_requested_share() -> None:
     for rate in (0.02, 0.1):
-        messages = generate(seed=5, events=20_000, problem_rate=rate)
+        messages = generate(seed=5, events=20_000, problem_rate=rate, anomaly_rate=0.0)
         problems = sum(
             1 for m in messages
             if any(label["expect"] != "stored" or label["critical_rule"]
@@ -204,7 +239,7 @@ def test_problem_rate_is_about_the_requested_share() -> None:
                    or label["duplicate_delivery"] for label in m.labels)
         )
         assert abs(problems / len(messages) - rate) < rate * 0.2, (rate, problems / len(messages))
-    clean = generate(seed=5, events=3_000, problem_rate=0.0)
+    clean = generate(seed=5, events=3_000, problem_rate=0.0, anomaly_rate=0.0)
     assert all(label["expect"] == "stored" and not label["unmapped"]
                and label["critical_rule"] is None for label in labels_of(clean))
 
@@ -236,7 +271,12 @@ def test_every_record_value_encodes_with_its_raw_schema(
 
 
 def test_keys_are_organisation_and_patient_mrn(run5k: list[SimulatedMessage]) -> None:
+    """Device packets are keyed by device id, as the device collector keys them."""
     for message in run5k:
+        if message.source_kind == "device" and isinstance(message.value, dict):
+            assert message.key == message.value["device_id"].encode()
+            assert message.value["device_id"].startswith(message.value["organisation_id"] + "-")
+            continue
         organisation, _, mrn = message.key.decode().partition(":")
         assert mrn
         if isinstance(message.value, bytes):
@@ -245,7 +285,7 @@ def test_keys_are_organisation_and_patient_mrn(run5k: list[SimulatedMessage]) ->
         if message.source_kind == "hl7_lab" and message.value["payload"].startswith("MSH"):
             assert pid_identifiers(message.value["payload"])[0] == mrn
         elif message.source_kind == "device":
-            assert message.value["patient_ref"] == mrn
+            raise AssertionError("device packets are keyed by device id")
         elif message.source_kind == "claim":
             assert message.value["patient_local_id"] == mrn
         elif message.source_kind == "emr_cdc":
@@ -293,7 +333,8 @@ def test_emr_row_changes(run5k: list[SimulatedMessage]) -> None:
         org = value["organisation_id"]
         assert value["position_seq"] > last_seq.get(org, 0)
         last_seq[org] = value["position_seq"]
-        assert value["message_id"] == f"{value['source_system']}:S20261124:{value['position_seq']}:0"
+        expected_id = f"{value['source_system']}:S20261124:{value['position_seq']}:0"
+        assert value["message_id"] == expected_id
         assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]{8}", value["source_position"])
         assert message.labels[0]["kind"] == (
             "encounter" if value["table"] == "patient_visit" else "diagnosis"
@@ -303,7 +344,8 @@ def test_emr_row_changes(run5k: list[SimulatedMessage]) -> None:
         if value["table"] == "patient_visit":
             assert set(row) == {"visit_no", "patient_mrn", "patient_name", "id_number",
                                 "birth_date", "sex", "visit_type", "dept_code", "admit_time",
-                                "discharge_time"}
+                                "discharge_time", "death_time"}
+            assert row["death_time"] is None or row["death_time"] == row["discharge_time"]
             assert row["sex"] in ("M", "F", "U") and row["visit_type"] in ("I", "O", "E")
             date.fromisoformat(row["birth_date"])
             if message.labels[0]["expect"] == "stored":
@@ -313,7 +355,7 @@ def test_emr_row_changes(run5k: list[SimulatedMessage]) -> None:
                                 "diag_type", "diag_time"}
             assert row["diag_type"] in ("A", "D", "O")
     for change in [("patient_visit", "c"), ("patient_visit", "u"), ("patient_visit", "d"),
-                   ("visit_diagnosis", "c"), ("visit_diagnosis", "d")]:
+                   ("visit_diagnosis", "c"), ("visit_diagnosis", "d"), ("visit_diagnosis", "r")]:
         assert ops[change] > 0, change
 
 
@@ -343,20 +385,25 @@ def test_hl7_messages_are_oru_r01_v251(run5k: list[SimulatedMessage]) -> None:
             assert re.fullmatch(r"\d{14}\+0800", field(obx, 14))
 
 
-def test_event_times_are_now_minus_at_most_ten_minutes(run5k: list[SimulatedMessage]) -> None:
-    for message in run5k:
+def test_event_times_are_now_minus_at_most_ten_minutes(
+    timed5k: list[tuple[int, SimulatedMessage]]
+) -> None:
+    for now, message in timed5k:
         value = message.value
-        if isinstance(value, bytes):
+        if isinstance(value, bytes) or message.labels[0]["duplicate_delivery"]:
             continue
         if message.source_kind == "device":
-            assert NOW_MS - 600_000 - 8 * 60_000 <= value["samples"][0]["sample_time"]
-            assert NOW_MS - 600_000 <= value["sent_time"] <= NOW_MS
+            # Due packets go out first: sent on their cadence, not later than the clock.
+            interval = value["samples"][-1]["sample_time"] - value["samples"][0]["sample_time"]
+            assert value["samples"][-1]["sample_time"] == value["sent_time"]
+            assert interval % (PACKET_ROUNDS - 1) == 0
+            assert now - 60_000 <= value["sent_time"] <= now
         elif message.source_kind == "claim":
-            assert NOW_MS - 600_000 <= value["submitted_time"] <= NOW_MS
+            assert now - 600_000 <= value["submitted_time"] <= now
         elif message.source_kind == "hl7_lab":
-            assert value["received_time"] == NOW_MS
+            assert value["received_time"] == now
         else:
-            assert NOW_MS - 2_000 <= value["commit_time"] <= value["captured_time"] <= NOW_MS
+            assert now - 2_000 <= value["commit_time"] <= value["captured_time"] <= now
 
 
 # --- identifiers ----------------------------------------------------------------------------
@@ -562,7 +609,9 @@ def test_critical_values_cross_the_regional_rules_after_mapping(region: Any) -> 
             if rule is None:
                 continue
             # The units library converts (producers must not import streams: the test may).
-            converted = mapped_terms.lab(message.value["organisation_id"], field(obx, 3).split("^")[0])
+            converted = mapped_terms.lab(
+                message.value["organisation_id"], field(obx, 3).split("^")[0]
+            )
             assert converted is not None
             standard = converted.to_standard(float(field(obx, 5)), field(obx, 6))
             assert standard is not None
@@ -609,7 +658,7 @@ def test_terminology_maps_every_region_code_except_the_unmapped_ones(region: Any
 
 def test_region_is_fictional(region: Any) -> None:
     assert region.national_id_area_code == "990000"
-    text = (ROOT / "producers" / "region.yaml").read_text(encoding="utf-8")
+    text = (ROOT / "medstream" / "region.yaml").read_text(encoding="utf-8")
     document = yaml.safe_load(text)
     assert all("fictional" in h["name_en"] for h in document["hospitals"])
     assert all("fictional" in p["name"] for p in document["payers"])
@@ -618,6 +667,12 @@ def test_region_is_fictional(region: Any) -> None:
 
 
 # --- publishing (fake confluent-kafka producer) ---------------------------------------------
+
+
+def stepping_clock(step_ms: int = 20) -> Any:
+    """A deterministic wall clock: each reading is ``step_ms`` later than the one before."""
+    readings = itertools.count(NOW_MS, step_ms)
+    return lambda: next(readings)
 
 
 class FakeProducer:
@@ -670,7 +725,8 @@ def test_publishes_to_raw_topics_and_writes_acknowledged_labels(
     kafka = KafkaSettings(bootstrap_servers="fake:9092", topic_prefix="t1.")
     labels_path = tmp_path / "labels.jsonl"
     reports: list[PublishReport] = []
-    producer = SimulatorProducer(kafka, registry, RegionSimulator(3), labels_path)
+    producer = SimulatorProducer(kafka, registry, RegionSimulator(3, anomaly_rate=0.0),
+                                 labels_path, now_ms=stepping_clock())
     report = producer.run(3_000, progress=reports.append)
     fake = fake_producer.instances[0]
     assert fake.config["enable.idempotence"] is True and fake.config["acks"] == "all"
@@ -684,12 +740,43 @@ def test_publishes_to_raw_topics_and_writes_acknowledged_labels(
     lines = [json.loads(line) for line in labels_path.read_text(encoding="utf-8").splitlines()]
     assert len(lines) == report.labels_written
     assert sum(1 for line in lines if not line["duplicate_delivery"]) == report.total_records
-    # The published bytes are what the simulator generated, for the same seed.
-    expected = list(RegionSimulator(3).messages(3_000))
+    # The published bytes are what the simulator generated, for the same seed and clock.
+    expected = list(RegionSimulator(3, anomaly_rate=0.0).messages(3_000, stepping_clock()))
     assert [key for _, key, _ in fake.delivered] == [m.key for m in expected]
     assert [line["event_id"] for line in lines] == [
         label["event_id"] for m in expected for label in m.labels
     ]
+
+
+def test_anomaly_labels_are_written_after_the_acknowledgement_of_their_last_record(
+    fake_producer: type[FakeProducer], tmp_path: Path, registry: ManifestRegistry
+) -> None:
+    labels_path = tmp_path / "labels.jsonl"
+    clock = stepping_clock()
+    producer = SimulatorProducer(
+        KafkaSettings(bootstrap_servers="fake:9092"), registry,
+        RegionSimulator(9, anomaly_rate=0.05, records_per_second=150), labels_path,
+        now_ms=clock,
+    )
+    report = producer.run(4_000)
+    lines = [json.loads(line) for line in labels_path.read_text(encoding="utf-8").splitlines()]
+    anomalies = [(i, line) for i, line in enumerate(lines) if line["expect"] == "anomaly"]
+    assert report.anomalies == len(anomalies) >= 10
+    assert report.labels_written == len(lines)
+    assert sum(1 for line in lines if line["expect"] != "anomaly"
+               and not line["duplicate_delivery"]) == report.total_records
+    position = {line["event_id"]: i for i, line in enumerate(lines)
+                if line["event_id"] and not line["duplicate_delivery"]}
+    silence = load_rule_reference().devices
+    finished = clock()
+    for index, label in anomalies:
+        # Every record the anomaly needs was acknowledged (labelled) before its line.
+        assert all(position[e] < index for e in label["event_ids"]), label
+        delay = 0
+        if label["rule_id"] == "device.silence":
+            device_type = label["subject"].split("-", 1)[1].rsplit("-", 1)[0]
+            delay = silence.silence_after_ms(device_type)
+        assert NOW_MS < label["detectable_from_ms"] - delay < finished
 
 
 def test_delivery_failures_are_counted_and_raise_without_labels(
@@ -753,7 +840,7 @@ def test_source_ids_differ_between_seeds_so_runs_never_collide() -> None:
     def source_refs(seed: int) -> set[str]:
         return {
             label["source_ref"]
-            for message in RegionSimulator(seed).messages(2_000)
+            for message in RegionSimulator(seed).messages(2_000, stepping_clock())
             for label in message.labels
             if not label["source_ref"].startswith("undecodable")
         }
@@ -767,14 +854,14 @@ def test_source_ids_differ_between_seeds_so_runs_never_collide() -> None:
 def test_population_is_bounded_for_endless_runs() -> None:
     simulator = RegionSimulator(4, max_patients_per_hospital=400)
     initial = {hs.org: len(hs.patients) for hs in simulator._hospitals}
-    for _ in simulator.messages(60_000):
+    for _ in simulator.messages(40_000):
         pass
     for hs in simulator._hospitals:
         # Admissions stop registering new patients at the cap; only the rare injected
         # critical value may still need a patient without history.
         assert len(hs.patients) <= max(400, initial[hs.org]) + 60, hs.org
     unbounded = RegionSimulator(4)
-    for _ in unbounded.messages(60_000):
+    for _ in unbounded.messages(40_000):
         pass
     assert sum(len(hs.patients) for hs in unbounded._hospitals) > sum(
         len(hs.patients) for hs in simulator._hospitals

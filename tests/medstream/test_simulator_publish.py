@@ -11,7 +11,7 @@ import pytest
 from confluent_kafka import Consumer
 
 from medstream.settings import RAW_TOPICS, KafkaSettings
-from producers.simulator import RegionSimulator, SimulatorProducer
+from medstream.simulator import RegionSimulator, SimulatorProducer
 from schemas import serde
 
 pytestmark = pytest.mark.integration
@@ -37,15 +37,23 @@ def test_every_acknowledged_message_is_on_its_raw_topic_and_labelled(
     while sum(seen.values()) < report.total_messages and time.monotonic() < deadline:
         for message in consumer.consume(500, 0.2):
             assert message.error() is None
-            kind = message.topic().removeprefix(kafka.topic_prefix).removeprefix("raw.")
+            topic, key = message.topic(), message.key()
+            assert topic is not None and key is not None
+            kind = topic.removeprefix(kafka.topic_prefix).removeprefix("raw.")
             seen[kind] = seen.get(kind, 0) + 1
-            keys.add(message.key())
+            keys.add(key)
     consumer.close()
     assert seen == {k: v for k, v in report.messages.items() if v}
-    assert all(key.split(b":")[0] in {b"H001", b"H002", b"H003", b"H004"} for key in keys)
+    # Patient keys are "organisation:MRN", device packets are keyed by device id.
+    organisations = {b"H001", b"H002", b"H003", b"H004"}
+    assert all(key.split(b":")[0].split(b"-")[0] in organisations for key in keys)
 
     lines = [json.loads(line) for line in labels.read_text().splitlines()]
     assert len(lines) == report.labels_written
+    assert sum(1 for line in lines if line["expect"] == "anomaly") == report.anomalies
     firsts = [line for line in lines if not line["duplicate_delivery"]]
-    records = sum(1 for line in firsts if line["record_index"] is not None or line["expect"] == "dead_letter")
+    records = sum(
+        1 for line in firsts
+        if line["record_index"] is not None or line["expect"] == "dead_letter"
+    )
     assert records == report.total_records
