@@ -331,8 +331,11 @@ def simulate(
     ] = None,
     anomaly_rate: Annotated[
         float,
-        typer.Option(help="share of messages that inject a labelled anomaly (NEWS2, devices, "
-                     "claims, feeds, syndromic)"),
+        typer.Option(
+            envvar="MEDSTREAM_SIMULATOR_ANOMALY_RATE",
+            help="share of messages that inject a labelled anomaly (NEWS2, devices, claims, "
+            "feeds, syndromic); `up` passes the environment variable on",
+        ),
     ] = 0.005,
     metrics_port: MetricsPort = 0,
 ) -> None:

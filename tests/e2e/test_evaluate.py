@@ -22,9 +22,11 @@ def test_rules_find_the_injected_anomalies_and_no_identifier_is_stored_or_logged
 ) -> None:
     data_dir, labels = tmp_path / "data", tmp_path / "labels.jsonl"
     up = subprocess.run(
-        medstream("up", "--events", "36000", "--rate", "300", "--seed", "21",
+        medstream("up", "--events", "25000", "--rate", "400", "--seed", "21",
                   "--exit-when-done", "--labels", str(labels)),
-        env=env_for(data_dir), capture_output=True, text=True, timeout=900,
+        # Four times the default share of anomalies: every kind appears in a one-minute run.
+        env=env_for(data_dir, MEDSTREAM_SIMULATOR_ANOMALY_RATE="0.02"),
+        capture_output=True, text=True, timeout=900,
     )
     assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
     injected = Counter(
@@ -54,6 +56,7 @@ def test_rules_find_the_injected_anomalies_and_no_identifier_is_stored_or_logged
     # Statistical and other rules are reported with their figures.
     assert rules["claims.cost_outlier"]["labels"] == injected["claims.cost_outlier"]
     assert rules["syndromic.ili"]["labels"] == 1
+    assert rules["syndromic.ili"]["true_positives"] == 1  # the outbreak hour signalled
     for rule in rules.values():
         if rule["true_positives"]:
             median, p99 = rule["delay_median_s"], rule["delay_p99_s"]
