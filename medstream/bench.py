@@ -61,7 +61,8 @@ def _pipeline_run(
                        quantile(0.5)(dateDiff('millisecond', ingest_time, stored_time)),
                        quantile(0.99)(dateDiff('millisecond', ingest_time, stored_time)),
                        quantile(0.99)(dateDiff('millisecond', ingest_time, detected_time))
-                FROM {database}.alert"""
+                FROM {database}.alert_history FINAL
+                WHERE action = 'opened' AND rule_id LIKE 'critical_value.%'"""
         ).rows[0]
         first, last = _as_epoch(row[1]), _as_epoch(row[2])
         check = check_labels(query, database, read_labels(labels))

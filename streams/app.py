@@ -61,6 +61,7 @@ from streams.detect import (
     SyndromicStage,
     TickOverlay,
 )
+from streams.findings import DictState, KeyValueState
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
 from streams.stage import STAGE, NormaliseStage, SuppressionState
@@ -158,9 +159,9 @@ class TableState:
 
 
 class PartitionState:
-    """The keys of one source partition inside a shared table (prefixed ``<partition>|``)."""
+    """The keys of one source partition inside a shared state (prefixed ``<partition>|``)."""
 
-    def __init__(self, table: TableState, partition: int) -> None:
+    def __init__(self, table: KeyValueState, partition: int) -> None:
         self._table = table
         self._prefix = f"{partition}|"
 
@@ -226,9 +227,10 @@ def create_app(
         "critical-suppression", default=None, partitions=kafka.raw_partitions
     )
     suppression = SuppressionState(suppression_table.get, suppression_table.__setitem__)
-    quality_table = TableState(
-        app.Table("quality-state", default=None, partitions=kafka.raw_partitions)
-    )
+    # Duplicate detection remembers business keys in this process only: one changelog
+    # record per event would double what the worker produces. A restarted worker forgets
+    # them (a duplicate arriving across a restart is not flagged).
+    quality_table = DictState()
     quality_pruned_at: dict[tuple[str, int], float] = {}
     device_state = TickOverlay(
         TableState(app.Table("device-state", default=None, partitions=kafka.raw_partitions))
@@ -251,14 +253,16 @@ def create_app(
                     message.topic, message.partition, message.offset, int(message.timestamp * 1000)
                 )
                 labelled(RECORDS_IN, STAGE, message.topic).inc()
-                # Quality state is kept per partition, so pruning it while processing one
-                # of that partition's records writes tombstones to the right changelog.
+                # Quality state is kept per partition, so a partition's keys are pruned
+                # together and a revoked partition's keys simply age out.
                 quality_state = PartitionState(quality_table, message.partition)
+                devices = device_state.in_record_buffered()
                 outputs = stage.handle(
                     source_kind, ctx, message.key, message.value, suppression,
                     quality_state=quality_state,
-                    device_state=device_state.in_record(),
+                    device_state=devices,
                 )
+                devices.flush()
                 due = quality_pruned_at.get((message.topic, message.partition), 0.0)
                 if started - due > QUALITY_PRUNE_S:
                     quality_pruned_at[(message.topic, message.partition)] = started

@@ -111,6 +111,14 @@ class TickOverlay:
         """The state to use in a timer tick: writes stay in the overlay."""
         return _TickView(self)
 
+    def in_record_buffered(self) -> BufferedRecordView:
+        """A record's state whose writes reach the table once per key at :meth:`flush`.
+
+        A device packet updates its device's state once per sample; buffering turns those
+        into one table write (one changelog record) per packet.
+        """
+        return BufferedRecordView(self)
+
     def get(self, key: str) -> Any | None:
         if key in self._changes:
             value = self._changes[key]
@@ -145,6 +153,38 @@ class _RecordView:
 
     def items(self) -> Iterator[tuple[str, Any]]:
         return self._overlay.items()
+
+
+class BufferedRecordView(_RecordView):
+    """Writes of one record, kept until :meth:`flush` (still inside that record's processing)."""
+
+    _DELETED: Final = object()
+
+    def __init__(self, overlay: TickOverlay) -> None:
+        super().__init__(overlay)
+        self._pending: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any | None:
+        if key in self._pending:
+            value = self._pending[key]
+            return None if value is self._DELETED else value
+        return self._overlay.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        self._pending[key] = value
+
+    def delete(self, key: str) -> None:
+        self._pending[key] = self._DELETED
+
+    def flush(self) -> None:
+        """Write every changed key to the table (call before the record's processing ends)."""
+        table_view = _RecordView(self._overlay)
+        for key, value in self._pending.items():
+            if value is self._DELETED:
+                table_view.delete(key)
+            else:
+                table_view.put(key, value)
+        self._pending.clear()
 
 
 class _TickView(_RecordView):

@@ -165,3 +165,24 @@ def test_tick_overlay_keeps_tick_writes_out_of_the_table() -> None:
     # A record's write reaches the table and replaces the tick's change.
     overlay.in_record().put("a", 4)
     assert table.values == {"a": 4} and overlay.get("a") == 4
+
+
+def test_a_buffered_record_view_writes_each_key_once_at_flush() -> None:
+    writes: list[str] = []
+
+    class CountingState(DictState):
+        def put(self, key: str, value: object) -> None:
+            writes.append(key)
+            super().put(key, value)
+
+    table = CountingState()
+    overlay = TickOverlay(table)
+    view = overlay.in_record_buffered()
+    for sample in range(10):  # ten samples of one device packet
+        view.put("device|D1", {"samples": sample})
+    view.put("device|D2", {"samples": 1})
+    view.delete("device|D2")
+    assert view.get("device|D1") == {"samples": 9} and view.get("device|D2") is None
+    assert writes == [] and table.values == {}
+    view.flush()
+    assert writes == ["device|D1"] and table.values == {"device|D1": {"samples": 9}}
