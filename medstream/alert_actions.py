@@ -92,7 +92,13 @@ def send_action(
         action, alert.alert_id, alert.rule_id, alert.subject, actor.strip(), clean_note,
         int(time.time() * 1000),
     )
-    producer = Producer(kafka.librdkafka(acks="all", **{"enable.idempotence": True}))
+    # murmur2: the partitioner of the Faust producers that send this alert's findings, so
+    # the action reaches the partition that holds the alert (librdkafka's default differs).
+    producer = Producer(
+        kafka.librdkafka(
+            acks="all", partitioner="murmur2_random", **{"enable.idempotence": True}
+        )
+    )
     errors: list[str] = []
 
     def delivered(error: Any, _message: Any) -> None:

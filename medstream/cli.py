@@ -13,6 +13,7 @@ import secrets
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -543,7 +544,11 @@ app.add_typer(mpi_app, name="mpi")
 def mpi_unmerge(
     record_key: Annotated[str, typer.Argument(help="the patient record (person_key of events)")],
     by: Annotated[str, typer.Option("--by", help="who splits the record (recorded)")],
-    reason: Annotated[str, typer.Option(help="why (identifiers are removed)")],
+    reason: Annotated[
+        str,
+        typer.Option(help="why; ID and phone numbers and labelled names are removed, so write "
+                     "no other identifier"),
+    ],
 ) -> None:
     """Split a patient record out of its person; it is never re-linked automatically."""
     from medstream.steward import StewardError, record_organisation, send_unmerge
@@ -578,7 +583,10 @@ def terminology_unmapped(
     from medstream.worklist import render_worklist, unmapped_worklist
     from streams.terminology import load_terminology
 
-    terminology = load_terminology()
+    try:
+        terminology = load_terminology()
+    except ValueError as exc:
+        _fail(f"the terminology dictionary does not load: {exc}", 2)
     try:
         with _querier(PROOF_MAX_ROWS) as run:
             entries = unmapped_worklist(
@@ -613,6 +621,9 @@ def alerts_list(
     typer.echo(render_table(columns, rows) if rows else "no alerts")
 
 
+ACTION_CONFIRM_S = 30.0
+
+
 def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> None:
     from medstream.alert_actions import AlertActionError, current_state, send_action
     from schemas.serde import registry_from_url
@@ -626,9 +637,23 @@ def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> N
         )
     except (QueryError, AlertActionError) as exc:
         _fail(str(exc))
-    typer.echo(
-        f"{action} of alert {alert_id} sent to the stream; `medstream alerts list` shows the "
-        "new status within seconds"
+    # The stream applies the action in order with the alert's findings: wait until the
+    # new state is stored, so "done" means done (a refusal there is only a worker log line).
+    wanted = "acknowledged" if action == "acknowledge" else "resolved"
+    deadline = time.monotonic() + ACTION_CONFIRM_S
+    while time.monotonic() < deadline:
+        try:
+            with _querier(PROOF_MAX_ROWS) as run:
+                status = current_state(run, ClickHouseSettings().database, alert_id).status
+        except (QueryError, AlertActionError):
+            status = ""
+        if status == wanted or (wanted == "acknowledged" and status == "resolved"):
+            typer.echo(f"alert {alert_id} is {status} (by {actor.strip()})")
+            return
+        time.sleep(0.5)
+    _fail(
+        f"the {action} was sent but alert {alert_id} is still {alert.status} after "
+        f"{ACTION_CONFIRM_S:.0f} s: see the stream workers' log"
     )
 
 
@@ -636,7 +661,11 @@ def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> N
 def alerts_ack(
     alert_id: Annotated[str, typer.Argument(help="the alert id")],
     by: Annotated[str, typer.Option("--by", help="who acknowledges (recorded)")],
-    note: Annotated[str | None, typer.Option(help="note (identifiers are removed)")] = None,
+    note: Annotated[
+        str | None,
+        typer.Option(help="note; ID and phone numbers and labelled names are removed, so "
+                     "write no other identifier"),
+    ] = None,
 ) -> None:
     """Acknowledge an open alert: it stops escalating."""
     _alert_action("acknowledge", alert_id, by, note)
@@ -646,7 +675,11 @@ def alerts_ack(
 def alerts_resolve(
     alert_id: Annotated[str, typer.Argument(help="the alert id")],
     by: Annotated[str, typer.Option("--by", help="who resolves (recorded)")],
-    note: Annotated[str | None, typer.Option(help="note (identifiers are removed)")] = None,
+    note: Annotated[
+        str | None,
+        typer.Option(help="note; ID and phone numbers and labelled names are removed, so "
+                     "write no other identifier"),
+    ] = None,
 ) -> None:
     """Resolve an open or acknowledged alert."""
     _alert_action("resolve", alert_id, by, note)
@@ -675,13 +708,13 @@ def dlq_show(
     if not rows:
         _fail(f"no dead letter {dlq_id}")
     stage, reason_code, reason, topic, partition, offset, sealed = rows[0]
-    key = derive_key(
-        SinkSettings().dead_letter_secret.get_secret_value().encode(), DEAD_LETTER_PURPOSE
-    )
     try:
+        key = derive_key(
+            SinkSettings().dead_letter_secret.get_secret_value().encode(), DEAD_LETTER_PURPOSE
+        )
         original = unseal(bytes.fromhex(sealed), key, dlq_id.encode())
-    except SealingError as exc:
-        _fail(f"cannot unseal: {exc}")
+    except (SealingError, ValueError) as exc:
+        _fail(f"cannot unseal dead letter {dlq_id}: {exc}")
     if raw:
         sys.stdout.buffer.write(original)
         return

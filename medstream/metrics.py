@@ -41,6 +41,11 @@ PERSON_LINKS = Counter(
     "medstream_person_links", "Master patient index decisions, by action and method",
     ["action", "method"],
 )
+IDENTITY_REFUSED = Counter(
+    "medstream_identity_observations_refused",
+    "Identity observations the patient index could not place, by reason",
+    ["reason"],
+)
 RULES_RELOADS = Counter(
     "medstream_rules_reloads",
     "Rules or dictionary files reloaded (loaded) or refused as invalid (refused)",

@@ -25,7 +25,9 @@ class StewardError(RuntimeError):
 
 def record_organisation(query: Callable[[str], Any], database: str, record_key: str) -> str:
     """The organisation of a record the index knows; raises StewardError otherwise."""
-    safe = record_key.replace("'", "").replace("\\\\", "")
+    if not record_key.isalnum():
+        raise StewardError(f"{record_key!r} is not a record key (32 hexadecimal characters)")
+    safe = record_key
     rows = query(
         f"SELECT organisation_id FROM {database}.person_membership WHERE record_key = '{safe}'"
     ).rows

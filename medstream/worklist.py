@@ -55,13 +55,13 @@ def unmapped_worklist(
         filters.append(f"code_system = {_quote(code_system)}")
     where = f"WHERE {' AND '.join(filters)}" if filters else ""
     rows = query(
-        f"""SELECT organisation_id, code_system, local_code, local_display,
+        f"""SELECT organisation_id, code_system, local_code, anyLast(local_display),
                    uniqExactMerge(occurrences) AS n, min(first_seen), max(last_seen),
                    anyLast(status), anyLast(last_mapping_version),
                    groupUniqArrayArray(source_systems), anyLast(candidate_codes),
                    anyLast(candidate_displays), anyLast(candidate_scores)
             FROM {database}.terminology_worklist {where}
-            GROUP BY organisation_id, code_system, local_code, local_display
+            GROUP BY organisation_id, code_system, local_code
             ORDER BY n DESC, organisation_id, code_system, local_code
             LIMIT {int(limit)}"""
     ).rows

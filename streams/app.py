@@ -161,7 +161,7 @@ class TableState:
 class PartitionState:
     """The keys of one source partition inside a shared state (prefixed ``<partition>|``)."""
 
-    def __init__(self, table: KeyValueState, partition: int) -> None:
+    def __init__(self, table: KeyValueState, partition: int | str) -> None:
         self._table = table
         self._prefix = f"{partition}|"
 
@@ -255,7 +255,9 @@ def create_app(
                 labelled(RECORDS_IN, STAGE, message.topic).inc()
                 # Quality state is kept per partition, so a partition's keys are pruned
                 # together and a revoked partition's keys simply age out.
-                quality_state = PartitionState(quality_table, message.partition)
+                quality_state = PartitionState(
+                    quality_table, f"{message.topic}:{message.partition}"
+                )
                 devices = device_state.in_record_buffered()
                 outputs = stage.handle(
                     source_kind, ctx, message.key, message.value, suppression,
@@ -296,7 +298,10 @@ def create_app(
                 message = event.message
                 labelled(RECORDS_IN, "detect", message.topic).inc()
                 now_ms = int(time.time() * 1000)
-                await publish(detect.handle(kind, message.value, detect_state.in_record(), now_ms))
+                # Keys are scoped to the partition (a claim item's price window, say, is
+                # read and written by one partition only, so its changelog stays right).
+                state = PartitionState(detect_state.in_record(), message.partition)
+                await publish(detect.handle(kind, message.value, state, now_ms))
 
         agent.__name__ = f"detect_{kind}"
         return agent
@@ -316,12 +321,19 @@ def create_app(
 
     @app.timer(DETECT_TICK_S)
     async def detect_tick() -> None:
-        await publish(detect.tick(detect_state.in_tick(), int(time.time() * 1000)))
+        now_ms = int(time.time() * 1000)
+        for partition in range(kafka.norm_partitions):
+            state = PartitionState(detect_state.in_tick(), partition)
+            await publish(detect.tick(state, now_ms))
 
     # -- the alert lifecycle: findings, clearances and operator actions -> alert states -----
     lifecycle = LifecycleStage(kafka, registry)
-    lifecycle_state = TickOverlay(
-        TableState(app.Table("alert-lifecycle", default=None, partitions=kafka.norm_partitions))
+    # Every key of the lifecycle table belongs to one partition (inputs are keyed by rule
+    # and subject) and is prefixed with it; the timer sends a tick record to each partition,
+    # so escalations and the forgetting of resolved alerts are written inside a record of
+    # the partition that owns them, to its changelog.
+    lifecycle_table = TableState(
+        app.Table("alert-lifecycle", default=None, partitions=kafka.norm_partitions)
     )
     lifecycle_topic = app.topic(
         kafka.topic(LIFECYCLE_TOPIC),
@@ -335,12 +347,17 @@ def create_app(
         async for event in stream.events():
             now_ms = int(time.time() * 1000)
             labelled(RECORDS_IN, "lifecycle", event.message.topic).inc()
-            state = lifecycle_state.in_record()
+            state = PartitionState(lifecycle_table, event.message.partition)
             await publish(lifecycle.handle(event.message.value, state, now_ms))
 
-    @app.timer(LIFECYCLE_TICK_S)
+    @app.timer(LIFECYCLE_TICK_S, on_leader=True)
     async def lifecycle_tick() -> None:
-        await publish(lifecycle.tick(lifecycle_state.in_tick(), int(time.time() * 1000)))
+        tick = lifecycle.inputs.tick(int(time.time() * 1000))
+        for partition in range(kafka.norm_partitions):
+            delivery = await app.producer.send(
+                tick.topic, None, tick.value, partition, None, None
+            )
+            cast(asyncio.Future, delivery).add_done_callback(exit_on_failed_delivery)
 
     # -- the master patient index: one partition, one owner of every person -----------------
     patient_index = PatientIndexStage(kafka, registry, derived_key(secret, "mpi.person"))

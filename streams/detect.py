@@ -24,7 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
 
-from medstream.metrics import ALERT_TRANSITIONS, ALERTS, FINDINGS, PERSON_LINKS
+from medstream.metrics import (
+    ALERT_TRANSITIONS,
+    ALERTS,
+    FINDINGS,
+    IDENTITY_REFUSED,
+    PERSON_LINKS,
+)
 from medstream.settings import (
     ALERTS_TOPIC,
     FACT_TOPICS,
@@ -262,6 +268,16 @@ class LifecycleInputs:
             self.topic, lifecycle_key(cleared.rule_id, cleared.subject), self.encode(record)
         )
 
+    def tick(self, now_ms: int) -> Output:
+        """A timer tick for the partition it is sent to (escalations, forgetting)."""
+        record = {
+            "input_kind": INPUT_TICK,
+            "input_id": _digest(INPUT_TICK, now_ms),
+            "event_time": now_ms,
+            "detected_time": now_ms,
+        }
+        return Output(self.topic, None, self.encode(record))
+
     def action(
         self,
         action: str,
@@ -387,6 +403,7 @@ class LifecycleStage:
     ) -> None:
         self.decode = serde.AvroDeserializer(registry, serde.LIFECYCLE_INPUT)
         self.encode_alert = serde.AvroSerializer(registry, serde.ALERT)
+        self.inputs = LifecycleInputs(kafka, registry)
         self.alerts_topic = kafka.topic(ALERTS_TOPIC)
         self.rules = _reloading("alert_lifecycle", rules_path, load_alert_lifecycle_rules)
         self._lifecycle = AlertLifecycle(self.rules.current())
@@ -563,6 +580,17 @@ class PatientIndexStage:
         except IdentityObservationError as exc:
             # Our own output, so a bug; but one bad observation must not stop linking.
             log.error("identity observation refused: %s", exc)
+            IDENTITY_REFUSED.labels("invalid_observation").inc()
+            return []
+        except (KeyError, TypeError, ValueError) as exc:
+            # Index state left inconsistent (e.g. a changelog batch the embedded broker lost
+            # on recovery): this record is skipped, counted and logged, and linking goes on
+            # instead of the worker replaying it for ever. Tokens only: no identifier here.
+            log.error(
+                "patient index could not place record %s: %s: %s",
+                observation.get("record_key"), type(exc).__name__, exc,
+            )
+            IDENTITY_REFUSED.labels("index_state").inc()
             return []
         return [self._link(link) for link in links]
 

@@ -235,7 +235,8 @@ class DeviceDetector:
         device_id = event.get("device_id")
         if not device_id:
             return []
-        key = STATE_PREFIX + device_id
+        # Two organisations may use the same device id: the state is per organisation.
+        key = f"{STATE_PREFIX}{event['organisation_id']}|{device_id}"
         record = state.get(key) or {
             "organisation_id": event["organisation_id"],
             "device_type": event.get("device_type"),
@@ -284,7 +285,7 @@ class DeviceDetector:
             limit = self.rules.silence_after_ms(record["device_type"])
             if record["silent"] or silent_for < limit:
                 continue
-            device_id = key[len(STATE_PREFIX) :]
+            device_id = key[len(STATE_PREFIX) :].split("|", 1)[1]
             interval_s = limit // self.rules.missed_intervals // 1000
             outcomes.append(
                 Finding(

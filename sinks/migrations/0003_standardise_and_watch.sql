@@ -6,7 +6,7 @@ ALTER TABLE {db}.claim_line ADD COLUMN IF NOT EXISTS encounter_key Nullable(Stri
 
 -- Alert lifecycle. The alerts topic carries one full snapshot per transition (opened,
 -- updated, acknowledged, escalated, resolved); alert_history keeps every one of them (a
--- redelivered transition collapses on its transition_id), alert_current the latest state
+-- redelivered or re-emitted transition collapses on its transition_id), alert_current the latest state
 -- per alert (version updated_time), and the view `alert` replaces the former table of the
 -- same name with that current state.
 CREATE TABLE IF NOT EXISTS {db}.alert_history
@@ -45,7 +45,7 @@ CREATE TABLE IF NOT EXISTS {db}.alert_history
 )
 ENGINE = ReplacingMergeTree
 PARTITION BY toYYYYMM(event_time)
-ORDER BY (organisation_id, alert_id, updated_time, transition_id)
+ORDER BY (organisation_id, alert_id, transition_id)
 SETTINGS non_replicated_deduplication_window = 10000;
 
 CREATE TABLE IF NOT EXISTS {db}.alert_current AS {db}.alert_history
@@ -144,7 +144,8 @@ WHERE action != 'review'
 GROUP BY record_key;
 
 -- Terminology gaps: every occurrence of an unmapped or ambiguous local code, and the data
--- steward's worklist aggregated from it (a redelivered occurrence counts once, by event id).
+-- steward's worklist aggregated from it per local code (a redelivered occurrence counts
+-- once, by event id; the latest display text is shown).
 CREATE TABLE IF NOT EXISTS {db}.terminology_unmapped
 (
     event_id String,
@@ -172,7 +173,7 @@ CREATE TABLE IF NOT EXISTS {db}.terminology_worklist
     organisation_id LowCardinality(String),
     code_system LowCardinality(String),
     local_code String,
-    local_display String,
+    local_display SimpleAggregateFunction(anyLast, String),
     occurrences AggregateFunction(uniqExact, String),
     first_seen SimpleAggregateFunction(min, DateTime64(3, 'UTC')),
     last_seen SimpleAggregateFunction(max, DateTime64(3, 'UTC')),
@@ -184,10 +185,11 @@ CREATE TABLE IF NOT EXISTS {db}.terminology_worklist
     candidate_scores SimpleAggregateFunction(anyLast, Array(Float64))
 )
 ENGINE = AggregatingMergeTree
-ORDER BY (organisation_id, code_system, local_code, local_display);
+ORDER BY (organisation_id, code_system, local_code);
 
 CREATE MATERIALIZED VIEW IF NOT EXISTS {db}.terminology_worklist_mv TO {db}.terminology_worklist
-AS SELECT organisation_id, code_system, local_code, local_display,
+AS SELECT organisation_id, code_system, local_code,
+          anyLast(local_display) AS local_display,
           uniqExactState(event_id) AS occurrences,
           min(event_time) AS first_seen,
           max(event_time) AS last_seen,
@@ -198,4 +200,4 @@ AS SELECT organisation_id, code_system, local_code, local_display,
           anyLast(candidate_displays) AS candidate_displays,
           anyLast(candidate_scores) AS candidate_scores
 FROM {db}.terminology_unmapped
-GROUP BY organisation_id, code_system, local_code, local_display;
+GROUP BY organisation_id, code_system, local_code;

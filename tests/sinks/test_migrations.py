@@ -87,3 +87,47 @@ def test_person_history_follows_links_merges_and_unmerges_at_any_instant(
         f"SELECT person, kind, organisation_id FROM {database}.person_history WHERE person = 'P1'"
     ).result_rows
     assert now == [("P1", "lab_result", "H001")]
+
+
+def test_the_worklist_counts_a_local_code_once_per_event_whatever_its_display(
+    clickhouse: Client, database: str
+) -> None:
+    def occurrence(event_id: str, display: str) -> str:
+        return (f"('{event_id}', 'H001', 'hl7_lab', 'lis', 'lab', 'KPOCT', '{display}', "
+                f"'unmapped', '{T}', '{T}', 'v1', ['2823-3'], ['Potassium'], [0.8])")
+
+    clickhouse.command(
+        f"INSERT INTO {database}.terminology_unmapped (event_id, organisation_id, source_kind, "
+        "source_system, code_system, local_code, local_display, status, event_time, "
+        "ingest_time, mapping_version, candidate_codes, candidate_displays, candidate_scores) "
+        "VALUES " + ", ".join([occurrence("e1", "POC K"), occurrence("e2", "POC potassium"),
+                               occurrence("e1", "POC K")])  # e1 redelivered
+    )
+    rows = clickhouse.query(
+        f"SELECT local_code, uniqExactMerge(occurrences) FROM {database}.terminology_worklist "
+        "GROUP BY local_code"
+    ).result_rows
+    assert rows == [("KPOCT", 2)]
+
+
+def test_a_transition_stored_twice_collapses_even_with_another_time(
+    clickhouse: Client, database: str
+) -> None:
+    def transition(updated: str) -> str:
+        return (f"('a1', 'news2.urgent', 'v', 'high', 'H001', NULL, '{T}', '{T}', '{T}', [], "
+                f"NULL, NULL, NULL, 'x', '', -1, -1, '', 's', 'open', 'escalated', 'system', "
+                f"NULL, 't-esc-1', '{updated}', '{T}', '{T}', 1, 1, '{{}}')")
+
+    clickhouse.command(
+        f"INSERT INTO {database}.alert_history (alert_id, rule_id, rule_version, severity, "
+        "organisation_id, person_key, event_time, ingest_time, detected_time, "
+        "triggering_event_ids, analyte_code, value, unit, explanation, source_topic, "
+        "source_partition, source_offset, mapping_version, subject, status, action, actor, "
+        "note, transition_id, updated_time, first_event_time, last_event_time, occurrences, "
+        "escalation_level, details_json) VALUES "
+        + transition("2026-11-24 08:15:00") + ", " + transition("2026-11-24 08:15:30")
+    )
+    count = clickhouse.query(
+        f"SELECT count() FROM {database}.alert_history FINAL WHERE alert_id = 'a1'"
+    ).result_rows
+    assert count == [(1,)]

@@ -186,3 +186,17 @@ def test_a_buffered_record_view_writes_each_key_once_at_flush() -> None:
     assert writes == [] and table.values == {}
     view.flush()
     assert writes == ["device|D1"] and table.values == {"device|D1": {"samples": 9}}
+
+
+def test_a_tick_record_escalates_inside_the_partition_that_owns_the_alert(
+    lifecycle: LifecycleStage,
+) -> None:
+    inputs = LifecycleInputs(KAFKA, REGISTRY)
+    state = DictState()
+    lifecycle.handle(inputs.finding(finding("lab1", T0), T0).value, state, T0)
+    tick = inputs.tick(T0 + 16 * 60_000)
+    assert tick.key is None and tick.topic == "t.alerts.lifecycle"
+    [escalated] = [decode(o) for o in lifecycle.handle(tick.value, state, T0 + 16 * 60_000)]
+    assert (escalated["action"], escalated["escalation_level"]) == ("escalated", 1)
+    # The level is in the state the record wrote, so the next tick does not repeat it.
+    assert lifecycle.handle(tick.value, state, T0 + 17 * 60_000) == []

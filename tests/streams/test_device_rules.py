@@ -249,7 +249,7 @@ def test_flat_line_on_a_slow_wearable_waits_for_the_sample_count(rules: DeviceRu
 def test_flat_line_ignores_redelivered_samples_and_unlisted_metrics(rules: DeviceRules) -> None:
     detector, state = DeviceDetector(rules), DictState()
     assert feed(detector, state, [sample(0, 72)] * 60) == []  # the same event 60 times
-    run = state.values[f"device|{DEVICE}"]["metrics"][HR]["run"]
+    run = state.values[f"device|H001|{DEVICE}"]["metrics"][HR]["run"]
     assert run["count"] == 1
     # Temperature is not a beat-to-beat metric: a steady 36.8 for an hour is no finding.
     steady = [sample(n, 36.8, metric=TEMP, unit="Cel") for n in range(240)]
@@ -316,4 +316,18 @@ def test_long_silent_devices_are_forgotten(rules: DeviceRules) -> None:
     feed(detector, state, [sample(0, 80, ingest_ms=T0)])
     feed(detector, state, [sample(0, 80, ingest_ms=T0 + 3_600_000, device_id="h001-monitor-a-04")])
     detector.tick(state, T0 + 24 * 3_600_000)
-    assert sorted(state.values) == ["device|h001-monitor-a-04", "news2|someone-else"]
+    assert sorted(state.values) == ["device|H001|h001-monitor-a-04", "news2|someone-else"]
+
+
+def test_the_same_device_id_at_two_organisations_keeps_two_states(rules: DeviceRules) -> None:
+    detector = DeviceDetector(rules)
+    state = DictState()
+    detector.observe(sample(0, 72.0), state, T0)
+    other = dict(sample(1, 72.0), organisation_id="H002", event_id="obs-other-1")
+    # Long after H001's device went quiet, H002's device of the same id still sends.
+    detector.observe(dict(other, ingest_time=T0 + 120_000), state, T0 + 120_000)
+    outcomes = detector.tick(state, T0 + 120_000)
+    assert [(o.rule_id, o.organisation_id, o.subject) for o in outcomes] == [
+        ("device.silence", "H001", DEVICE)
+    ]
+    assert sorted(state.values) == [f"device|H001|{DEVICE}", f"device|H002|{DEVICE}"]
