@@ -22,7 +22,7 @@ run: $(STAMP)
 # and Mosquitto) and end-to-end. The source databases are first prepared for CDC.
 test: $(STAMP)
 	deploy/dev/prepare-sources.sh
-	MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider
+	MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)
 	$(BIN)/medstream bench --events 30000 --json bench.json
