@@ -13,8 +13,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from confluent_kafka import Producer
-
+from medstream.clickhouse import sql_string
+from medstream.runtime import deliver_one
 from medstream.settings import KafkaSettings
 from schemas import serde
 from streams.deidentify import scrub_text
@@ -41,15 +41,11 @@ class AlertState:
     status: str
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def list_alerts(
     query: Callable[[str], Any], database: str, status: str | None, limit: int
 ) -> tuple[list[str], list[list[Any]]]:
     """Current alerts, most urgent and newest first; ``status`` open/acknowledged/resolved."""
-    where = f"WHERE status = {_quote(status)}" if status else ""
+    where = f"WHERE status = {sql_string(status)}" if status else ""
     severity_order = "indexOf(['critical', 'high', 'medium', 'low'], severity)"
     result = query(
         f"SELECT {', '.join(LIST_COLUMNS)} FROM {database}.alert_current FINAL {where} "
@@ -62,7 +58,7 @@ def current_state(query: Callable[[str], Any], database: str, alert_id: str) -> 
     """The alert's current state; raises AlertActionError when there is no such alert."""
     rows = query(
         f"SELECT alert_id, rule_id, subject, status FROM {database}.alert_current FINAL "
-        f"WHERE alert_id = {_quote(alert_id)}"
+        f"WHERE alert_id = {sql_string(alert_id)}"
     ).rows
     if not rows:
         raise AlertActionError(f"no alert {alert_id} (see `medstream alerts list`)")
@@ -92,22 +88,6 @@ def send_action(
         action, alert.alert_id, alert.rule_id, alert.subject, actor.strip(), clean_note,
         int(time.time() * 1000),
     )
-    # murmur2: the partitioner of the Faust producers that send this alert's findings, so
-    # the action reaches the partition that holds the alert (librdkafka's default differs).
-    producer = Producer(
-        kafka.librdkafka(
-            acks="all", partitioner="murmur2_random", **{"enable.idempotence": True}
-        )
-    )
-    errors: list[str] = []
-
-    def delivered(error: Any, _message: Any) -> None:
-        if error is not None:
-            errors.append(str(error))
-
-    producer.produce(output.topic, key=output.key, value=output.value, on_delivery=delivered)
-    remaining = producer.flush(timeout_s)
-    if remaining or errors:
-        raise AlertActionError(
-            f"the action was not delivered to the stream ({errors[0] if errors else 'timeout'})"
-        )
+    error = deliver_one(kafka, output.topic, output.key, output.value, timeout_s)
+    if error is not None:
+        raise AlertActionError(f"the action was not delivered to the stream ({error})")

@@ -31,6 +31,7 @@ from medstream.clickhouse import (
     migrate,
     query_via_gateway,
     run_read_only,
+    sql_string,
 )
 from medstream.runtime import RuntimeState
 from medstream.settings import (
@@ -657,15 +658,18 @@ def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> N
     )
 
 
+AlertNote = Annotated[
+    str | None,
+    typer.Option(help="note; ID and phone numbers and labelled names are removed, so write "
+                 "no other identifier"),
+]
+
+
 @alerts_app.command("ack")
 def alerts_ack(
     alert_id: Annotated[str, typer.Argument(help="the alert id")],
     by: Annotated[str, typer.Option("--by", help="who acknowledges (recorded)")],
-    note: Annotated[
-        str | None,
-        typer.Option(help="note; ID and phone numbers and labelled names are removed, so "
-                     "write no other identifier"),
-    ] = None,
+    note: AlertNote = None,
 ) -> None:
     """Acknowledge an open alert: it stops escalating."""
     _alert_action("acknowledge", alert_id, by, note)
@@ -675,11 +679,7 @@ def alerts_ack(
 def alerts_resolve(
     alert_id: Annotated[str, typer.Argument(help="the alert id")],
     by: Annotated[str, typer.Option("--by", help="who resolves (recorded)")],
-    note: Annotated[
-        str | None,
-        typer.Option(help="note; ID and phone numbers and labelled names are removed, so "
-                     "write no other identifier"),
-    ] = None,
+    note: AlertNote = None,
 ) -> None:
     """Resolve an open or acknowledged alert."""
     _alert_action("resolve", alert_id, by, note)
@@ -695,13 +695,12 @@ def dlq_show(
     from sinks.clickhouse import DEAD_LETTER_PURPOSE
 
     database = ClickHouseSettings().database
-    quoted = "'" + dlq_id.replace("\\", "").replace("'", "") + "'"
     try:
         with _querier(PROOF_MAX_ROWS) as run:
             rows = run(
                 f"SELECT stage, reason_code, reason, original_topic, original_partition, "
                 f"original_offset, hex(original_value) FROM {database}.dead_letter FINAL "
-                f"WHERE dlq_id = {quoted}"
+                f"WHERE dlq_id = {sql_string(dlq_id)}"
             ).rows
     except QueryError as exc:
         _fail(str(exc))

@@ -41,6 +41,11 @@ class QueryResult:
     truncated: bool = False
 
 
+def sql_string(text: str) -> str:
+    """``text`` as a ClickHouse string literal (backslashes and quotes escaped)."""
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
 def connect(url: str) -> Client:
     """Open a client for an http(s):// ClickHouse server or a chdb:///path engine."""
     if url.startswith("chdb://"):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import KafkaError, KafkaException
+from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from medstream.settings import (
@@ -145,6 +145,29 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+def deliver_one(
+    kafka: KafkaSettings, topic: str, key: bytes | None, value: bytes, timeout_s: float = 15.0
+) -> str | None:
+    """Send one record and wait for the broker's acknowledgement; the error, or None.
+
+    Keys go to partitions by murmur2, as the Faust producers place them, so a command
+    reaches the partition that holds the state it is about.
+    """
+    producer = Producer(
+        kafka.librdkafka(acks="all", partitioner="murmur2_random", **{"enable.idempotence": True})
+    )
+    errors: list[str] = []
+
+    def delivered(error: Any, _message: Any) -> None:
+        if error is not None:
+            errors.append(str(error))
+
+    producer.produce(topic, key=key, value=value, on_delivery=delivered)
+    if producer.flush(timeout_s):
+        return "not acknowledged in time"
+    return errors[0] if errors else None
 
 
 def contract_topics(kafka: KafkaSettings) -> dict[str, int]:

@@ -12,8 +12,8 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from confluent_kafka import Producer
-
+from medstream.clickhouse import sql_string
+from medstream.runtime import deliver_one
 from medstream.settings import IDENTITY_TOPIC, KafkaSettings
 from schemas import serde
 from streams.deidentify import scrub_text
@@ -27,9 +27,9 @@ def record_organisation(query: Callable[[str], Any], database: str, record_key: 
     """The organisation of a record the index knows; raises StewardError otherwise."""
     if not record_key.isalnum():
         raise StewardError(f"{record_key!r} is not a record key (32 hexadecimal characters)")
-    safe = record_key
     rows = query(
-        f"SELECT organisation_id FROM {database}.person_membership WHERE record_key = '{safe}'"
+        f"SELECT organisation_id FROM {database}.person_membership "
+        f"WHERE record_key = {sql_string(record_key)}"
     ).rows
     if not rows:
         raise StewardError(f"record {record_key} is not in the patient index (person_link)")
@@ -60,18 +60,8 @@ def send_unmerge(
         "reason": scrub_text(reason).text,
     }
     value = serde.AvroSerializer(registry, serde.IDENTITY_OBSERVATION)(record)
-    producer = Producer(kafka.librdkafka(acks="all", **{"enable.idempotence": True}))
-    errors: list[str] = []
-
-    def delivered(error: Any, _message: Any) -> None:
-        if error is not None:
-            errors.append(str(error))
-
-    producer.produce(
-        kafka.topic(IDENTITY_TOPIC), key=organisation_id.encode(), value=value,
-        on_delivery=delivered,
+    error = deliver_one(
+        kafka, kafka.topic(IDENTITY_TOPIC), organisation_id.encode(), value, timeout_s
     )
-    if producer.flush(timeout_s) or errors:
-        raise StewardError(
-            f"the command was not delivered ({errors[0] if errors else 'timeout'})"
-        )
+    if error is not None:
+        raise StewardError(f"the command was not delivered ({error})")

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from medstream.clickhouse import sql_string
 from streams.terminology import SYSTEMS, Terminology
 
 
@@ -33,10 +34,6 @@ class WorklistEntry:
     now_mapped: bool
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
-
-
 def unmapped_worklist(
     query: Callable[[str], Any],
     database: str,
@@ -50,9 +47,9 @@ def unmapped_worklist(
         raise ValueError(f"unknown code system {code_system!r}; one of {', '.join(SYSTEMS)}")
     filters = []
     if organisation_id:
-        filters.append(f"organisation_id = {_quote(organisation_id)}")
+        filters.append(f"organisation_id = {sql_string(organisation_id)}")
     if code_system:
-        filters.append(f"code_system = {_quote(code_system)}")
+        filters.append(f"code_system = {sql_string(code_system)}")
     where = f"WHERE {' AND '.join(filters)}" if filters else ""
     rows = query(
         f"""SELECT organisation_id, code_system, local_code, anyLast(local_display),
