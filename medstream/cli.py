@@ -361,6 +361,7 @@ def simulate(
             long_run_s=(events / rate if events > 0 and rate > 0 else None)
             if events > 0
             else float("inf"),
+            rules_dir=StreamSettings().rules_dir,
         ),
         labels_path=labels,
         rate=rate or None,

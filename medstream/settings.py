@@ -172,6 +172,11 @@ class StreamSettings(BaseSettings):
         description="HMAC key for person_key; set a real secret in production",
     )
     producer_linger_ms: int = Field(default=5, description="Faust producer linger")
+    rules_dir: Path | None = Field(
+        default=None,
+        description="a directory of the site's own rule files (feeds.yaml, news2.yaml, ...); "
+        "each file it does not hold comes from streams/rules",
+    )
 
 
 class SinkSettings(BaseSettings):

@@ -92,6 +92,8 @@ ANOMALY_KINDS: Final = (
     "claims_after_death",        # a service dated after the person's recorded death
     "claims_outside_encounter",  # a service dated days before its visit began
     "feed_silence",              # one organisation's EMR feed stops for good
+    "feed_dead_letter_spike",    # one organisation's lab feed sends many unusable messages
+    "feed_unmapped_spike",       # ... or many results under a test code nobody mapped
 )
 ANOMALY_ROTATION: Final = ANOMALY_KINDS
 ANOMALY_RULES: Final = {
@@ -106,10 +108,14 @@ ANOMALY_RULES: Final = {
     "claims_after_death": "claims.after_death",
     "claims_outside_encounter": "claims.outside_encounter",
     "feed_silence": "feed.silence",
+    "feed_dead_letter_spike": "feed.dead_letter_spike",
+    "feed_unmapped_spike": "feed.unmapped_spike",
     "syndromic_ili": "syndromic.ili",
 }
 #: Rules that fire on a statistic of many records rather than on the records themselves.
-STATISTICAL_RULES: Final = frozenset({"claims.cost_outlier", "syndromic.ili"})
+STATISTICAL_RULES: Final = frozenset({
+    "claims.cost_outlier", "syndromic.ili", "feed.dead_letter_spike", "feed.unmapped_spike",
+})
 
 MAX_EVENT_DELAY_MS: Final = 600_000
 #: Rounds of samples (one value of every metric) per device packet: a packet is due every
@@ -128,8 +134,17 @@ PRICE_POINTS: Final = 10
 SYNDROME_BACKGROUND_MS: Final = 3_600_000
 #: Extra ILI diagnoses in the outbreak hour, on top of the background one.
 OUTBREAK_EXTRA_CASES: Final = 11
-#: Feed silence is injected only when the run lasts this much longer than the threshold.
+#: Feed silence is injected only when the run lasts this much longer than the threshold
+#: (or, for thresholds shorter than this, than twice the threshold).
 FEED_SILENCE_MARGIN_MS: Final = 600_000
+#: A spike episode makes this many times feeds.yaml's min_rate of its feed's records bad.
+SPIKE_RATE_FACTOR: Final = 3.0
+#: A spike episode lasts this many spike windows, so one whole window lies inside it.
+SPIKE_EPISODE_WINDOWS: Final = 2
+#: After an episode its feed is left alone this many windows (the baseline recovers).
+SPIKE_REST_WINDOWS: Final = 4
+#: The feed watch judges closed windows on a timer; the run must outlast this as well.
+FEED_JUDGE_SLACK_MS: Final = 45_000
 #: A device silence is injected only this long (plus its threshold) before the run ends,
 #: so the silence becomes detectable while the pipeline still runs.
 DEVICE_SILENCE_MARGIN_MS: Final = 30_000
@@ -170,26 +185,28 @@ class RuleReference:
     terminology: Terminology
 
 
-@functools.lru_cache(maxsize=1)
-def load_rule_reference() -> RuleReference:
-    """The default rule files of streams/rules and the terminology map (loaded once).
+@functools.lru_cache(maxsize=4)
+def load_rule_reference(rules_dir: Path | None = None) -> RuleReference:
+    """The rule files the stream workers run with and the terminology map (loaded once).
 
     The simulator is a test tool, not an edge collector: it reads the stream stage's rules
-    so that ordinary data stays inside every threshold and anomalies cross exactly one.
+    (a site's ``rules_dir`` over the shipped streams/rules) so that ordinary data stays
+    inside every threshold and anomalies cross exactly one.
     """
     from streams.claim_rules import load_claim_rules
     from streams.device_rules import load_device_rules
     from streams.feed_rules import load_feed_rules
     from streams.news2 import load_news2_rules
+    from streams.rules_file import rule_file
     from streams.syndromic import load_syndromic_rules
     from streams.terminology import load_terminology
 
     return RuleReference(
-        news2=load_news2_rules(),
-        devices=load_device_rules(),
-        claims=load_claim_rules(),
-        feeds=load_feed_rules(),
-        syndromic=load_syndromic_rules(),
+        news2=load_news2_rules(rule_file("news2.yaml", rules_dir)),
+        devices=load_device_rules(rule_file("devices.yaml", rules_dir)),
+        claims=load_claim_rules(rule_file("claims.yaml", rules_dir)),
+        feeds=load_feed_rules(rule_file("feeds.yaml", rules_dir)),
+        syndromic=load_syndromic_rules(rule_file("syndromic.yaml", rules_dir)),
         terminology=load_terminology(),
     )
 
@@ -780,8 +797,11 @@ class RegionSimulator:
     syndromic ILI outbreak (``syndromic_outbreak``) is the first thing a run sends: a CDC
     snapshot of one diagnosis per hour over warmup_hours + 1 past hours of one district, a
     step of extra ILI cases three hours ago, then two later hours that close it. Feed silence
-    is only injected when ``long_run_s`` (how long the caller will run, in seconds) exceeds
-    the feeds.yaml threshold of the EMR feed (30 min) by FEED_SILENCE_MARGIN_MS.
+    is only injected when the rest of the run (``long_run_s``: how long the caller will run,
+    in seconds) outlasts the feeds.yaml threshold of the EMR feed (30 min shipped) by
+    FEED_SILENCE_MARGIN_MS (or by the threshold, when that is shorter). Feed spikes need a
+    known ``records_per_second`` and a run that outlasts SPIKE_EPISODE_WINDOWS spike windows
+    (15 min shipped) plus FEED_JUDGE_SLACK_MS; a site's ``rules_dir`` may shorten both.
     """
 
     def __init__(
@@ -795,6 +815,7 @@ class RegionSimulator:
         records_per_second: float | None = None,
         long_run_s: float | None = None,
         syndromic_outbreak: bool = True,
+        rules_dir: Path | None = None,
     ) -> None:
         if not 0.0 <= problem_rate <= 1.0:
             raise ValueError("problem_rate must be between 0 and 1")
@@ -803,7 +824,7 @@ class RegionSimulator:
         if records_per_second is not None and records_per_second <= 0:
             raise ValueError("records_per_second must be positive")
         self.region = load_region(region_path)
-        self.reference = load_rule_reference()
+        self.reference = load_rule_reference(rules_dir)
         self.problem_rate = problem_rate
         self.anomaly_rate = anomaly_rate
         self.long_run_s = long_run_s
@@ -848,7 +869,13 @@ class RegionSimulator:
         self._silent_feeds: set[tuple[str, str]] = set()
         self._feed_silence_armed: tuple[str, str] | None = None
         self._feed_silence_done = False
+        self.records_per_second = records_per_second
+        # Feed spike episodes under way, per rule id: (organisation, until ms, share of the
+        # feed's messages made bad, the anomaly label waiting for its first bad message).
+        self._feed_spikes: dict[str, tuple[str, int, float, AnomalyLabel | None]] = {}
+        self._feed_spike_rest_until: dict[str, int] = {}
         self._vital_cache: dict[tuple[str, str, str, str], list[float]] = {}
+        self._news2_persons: set[str] = set()  # id numbers of persons given a NEWS2 episode
         self.fleet_scale = self._fleet_scale(records_per_second)
         for hs in self._hospitals:
             for _ in range(hs.hospital.initial_patients):
@@ -887,13 +914,7 @@ class RegionSimulator:
     def _source_kind_weights(self) -> list[float]:
         """Message weights of the unscheduled kinds (EMR, lab, claims) that give their
         RECORD_MIX proportions in records, from the mean records per message."""
-        total_weight = sum(h.weight for h in self.region.hospitals)
-        lab_mean = sum(
-            h.weight / total_weight
-            * sum(p.weight * len(p.tests) for p in h.lab_panels)
-            / sum(p.weight for p in h.lab_panels)
-            for h in self.region.hospitals
-        )
+        lab_mean = self._lab_records_per_message()
         mean_records = {"emr_cdc": 1.0, "hl7_lab": lab_mean, "claim": 3.5}
         return list(
             itertools.accumulate(RECORD_MIX[k] / mean_records[k] for k in _UNSCHEDULED_KINDS)
@@ -977,7 +998,12 @@ class RegionSimulator:
         kind = self._rng.choices(_UNSCHEDULED_KINDS, cum_weights=self._kind_weights)[0]
         message = self._regular(kind, now)
         armed = self._feed_silence_armed
-        if armed is not None and (message.source_kind, _org_of(message)) == (armed[1], armed[0]):
+        spiked = self._spike_message(message, now)
+        if spiked is not None:
+            message = spiked  # bad on purpose: never delivered twice
+        elif armed is not None and (message.source_kind, _org_of(message)) == (
+            armed[1], armed[0]
+        ):
             message = self._silence_feed(message)
         else:
             # Only ordinary messages are ever delivered twice: a duplicate never carries a
@@ -1061,7 +1087,9 @@ class RegionSimulator:
         if kind == "claims_outside_encounter":
             return self._outside_encounter_claim(now)
         if kind == "feed_silence":
-            return self._arm_feed_silence()
+            return self._arm_feed_silence(now)
+        if kind in ("feed_dead_letter_spike", "feed_unmapped_spike"):
+            return self._arm_feed_spike(kind, now)
         raise ValueError(f"unknown anomaly kind {kind!r}")
 
     # -- people ----------------------------------------------------------------------------
@@ -1693,12 +1721,19 @@ class RegionSimulator:
 
     def _arm_news2(self, kind: str) -> bool | None:
         """Arm a NEWS2 episode on a monitor of an inpatient: the monitor's next packet ends
-        with a complete abnormal set, and no other device reports for that patient."""
+        with a complete abnormal set, and no other device reports for that patient.
+
+        A person has at most one episode per run: their NEWS2 alert stays open until staff
+        resolve it, so a second episode would rightly fold into it and raise nothing new."""
         rng = self._rng
         options = []
         for hs in self._hospitals:
             monitors = self._free_devices(hs, monitors=True)
-            visits = [v for v in hs.open_visits if v.visit_type == "I" and not v.patient.episode]
+            visits = [
+                v for v in hs.open_visits
+                if v.visit_type == "I" and not v.patient.episode
+                and v.patient.person.id_number not in self._news2_persons
+            ]
             if monitors and visits:
                 options.append((hs, monitors, visits))
         if not options:
@@ -1711,6 +1746,7 @@ class RegionSimulator:
                 other.patient = None  # reassigned at its next packet
         device.patient = patient
         patient.episode = True
+        self._news2_persons.add(patient.person.id_number)
         device.armed = kind
         return True
 
@@ -1759,7 +1795,8 @@ class RegionSimulator:
 
     def _arm_device_silence(self, now: int) -> bool | None:
         """Arm a device's next packet as its last, choosing among devices whose silence
-        becomes detectable before the run ends (a run ending first cannot show it)."""
+        becomes detectable before the run ends (a run ending first cannot show it): that
+        packet is due only at the device's next cadence, the threshold counts from there."""
         if self.long_run_s is None or self._started is None:
             return False
         devices = self._free_devices()
@@ -1768,7 +1805,8 @@ class RegionSimulator:
         remaining_ms = self._started + self.long_run_s * 1000 - now
         fitting = [
             d for d in devices
-            if self.reference.devices.silence_after_ms(d.device_type.device_type)
+            if max(0, d.due_ms - now)
+            + self.reference.devices.silence_after_ms(d.device_type.device_type)
             + DEVICE_SILENCE_MARGIN_MS <= remaining_ms
         ]
         if not fitting:
@@ -2260,13 +2298,14 @@ class RegionSimulator:
 
     # -- feeds and syndromic surveillance --------------------------------------------------
 
-    def _arm_feed_silence(self) -> bool:
+    def _arm_feed_silence(self, now: int) -> bool:
         """Arm the next EMR message of one organisation as its last (once per run), when the
-        run outlasts the feeds.yaml threshold; False when not applicable to this run."""
-        if self._feed_silence_done or self.long_run_s is None:
+        rest of the run outlasts the feeds.yaml threshold; False when not applicable."""
+        if self._feed_silence_done or self.long_run_s is None or self._started is None:
             return False
         threshold = self.reference.feeds.silence_after_ms("emr_cdc")
-        if self.long_run_s * 1000 <= threshold + FEED_SILENCE_MARGIN_MS:
+        remaining_ms = self._started + self.long_run_s * 1000 - now
+        if remaining_ms <= threshold + min(FEED_SILENCE_MARGIN_MS, threshold):
             return False
         hs = self._rng.choice(self._hospitals)
         self._feed_silence_armed = (hs.org, "emr_cdc")
@@ -2286,6 +2325,87 @@ class RegionSimulator:
             (message.labels[-1]["event_id"],), self.reference.feeds.silence_after_ms(kind),
         )
         return replace(message, anomalies=(anomaly,))
+
+    def _arm_feed_spike(self, kind: str, now: int) -> bool:
+        """Start a spike episode on one organisation's lab feed: for SPIKE_EPISODE_WINDOWS
+        spike windows a share of its messages is bad (unusable, or under an unmapped test
+        code), SPIKE_RATE_FACTOR x feeds.yaml's min_rate of its records. False when not
+        applicable: an episode under way or resting, no known rate, too little traffic per
+        window to judge, or a run ending before the windows close."""
+        rules = self.reference.feeds
+        rule = ANOMALY_RULES[kind]
+        spike = (
+            rules.dead_letter_spike if kind == "feed_dead_letter_spike" else rules.unmapped_spike
+        )
+        if (
+            rule in self._feed_spikes
+            or now < self._feed_spike_rest_until.get(rule, 0)
+            or self.records_per_second is None
+            or self.long_run_s is None
+            or self._started is None
+        ):
+            return False
+        episode_ms = SPIKE_EPISODE_WINDOWS * rules.window_ms
+        remaining_ms = self._started + self.long_run_s * 1000 - now
+        if remaining_ms < episode_ms + rules.lateness_ms + FEED_JUDGE_SLACK_MS:
+            return False
+        candidates = [hs for hs in self._hospitals if hs.unmapped_tests]
+        if not candidates:
+            return False
+        hs = self._rng.choice(candidates)
+        total_weight = sum(h.hospital.weight for h in self._hospitals)
+        feed_records = (
+            self.records_per_second * RECORD_MIX["hl7_lab"] * hs.hospital.weight / total_weight
+            * rules.window_ms / 1000
+        )
+        if feed_records < 5 * spike.min_events:
+            return False
+        # Share of messages to spoil so that SPIKE_RATE_FACTOR x min_rate of the records are
+        # bad: a spoiled message is one bad record, an ordinary one has the mean record count.
+        rate = min(0.9, SPIKE_RATE_FACTOR * spike.min_rate)
+        mean_records = self._lab_records_per_message()
+        share = rate * mean_records / (1 - rate + rate * mean_records)
+        label = AnomalyLabel(rule, "hl7_lab", hs.org, f"{hs.org}|hl7_lab", ())
+        self._feed_spikes[rule] = (hs.org, now + episode_ms, share, label)
+        return True
+
+    def _lab_records_per_message(self) -> float:
+        total_weight = sum(h.weight for h in self.region.hospitals)
+        return sum(
+            h.weight / total_weight
+            * sum(p.weight * len(p.tests) for p in h.lab_panels)
+            / sum(p.weight for p in h.lab_panels)
+            for h in self.region.hospitals
+        )
+
+    def _spike_message(self, message: SimulatedMessage, now: int) -> SimulatedMessage | None:
+        """The bad message that replaces ``message`` during a spike episode of its feed."""
+        for rule, (org, until, share, label) in list(self._feed_spikes.items()):
+            if now >= until:
+                del self._feed_spikes[rule]
+                rest = SPIKE_REST_WINDOWS * self.reference.feeds.window_ms
+                self._feed_spike_rest_until[rule] = now + rest
+                continue
+            if message.source_kind != "hl7_lab" or _org_of(message) != org:
+                continue
+            if self._rng.random() >= share:
+                continue
+            hs = next(h for h in self._hospitals if h.org == org)
+            if rule == ANOMALY_RULES["feed_dead_letter_spike"]:
+                bad = self._invalid_hl7(hs, now)
+            else:
+                unmapped = self._lab_message(hs, now, problem="unmapped_lab")
+                assert unmapped is not None
+                bad = unmapped
+            if label is not None:
+                # The episode's first bad record: the rule can see the spike from here on.
+                # A dead letter has no event id: its alert is matched by feed and time.
+                self._feed_spikes[rule] = (org, until, share, None)
+                first = bad.labels[0]["event_id"]
+                ids = (first,) if first else ()
+                bad = replace(bad, anomalies=(replace(label, event_ids=ids),))
+            return bad
+        return None
 
     def _due_background(self, now: int) -> SimulatedMessage | None:
         """A background syndromic diagnosis due at ``now`` (one per district, syndrome and

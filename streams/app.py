@@ -51,7 +51,7 @@ from medstream.settings import (
     StreamSettings,
 )
 from schemas import serde
-from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
+from streams.critical_values import load_critical_value_rules
 from streams.detect import (
     DetectStage,
     FeedWatchStage,
@@ -64,6 +64,7 @@ from streams.detect import (
 from streams.findings import DictState, KeyValueState
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
+from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
 
@@ -215,13 +216,15 @@ def create_app(
     )
     app.fetch_wait_max_ms = kafka.fetch_wait_max_ms
     secret = settings.pseudonym_key.get_secret_value().encode()
+    rules_dir = settings.rules_dir
     stage = NormaliseStage(
         kafka,
         registry,
         TerminologySource(terminology_path or DEFAULT_TERMINOLOGY_PATH),
         Pseudonymiser(secret),
-        load_critical_value_rules(rules_path or DEFAULT_CRITICAL_RULES_PATH),
+        load_critical_value_rules(rules_path or rule_file("critical_values.yaml", rules_dir)),
         identity_key=derived_key(secret, "mpi.tokens"),
+        rules_dir=rules_dir,
     )
     suppression_table = app.Table(
         "critical-suppression", default=None, partitions=kafka.raw_partitions
@@ -287,7 +290,7 @@ def create_app(
         app.agent(raw_topic, name=f"normalise_{source_kind}")(normalise_agent(source_kind))
 
     # -- detect: per-patient rule families over the normalised events -----------------------
-    detect = DetectStage(kafka, registry)
+    detect = DetectStage(kafka, registry, rules_dir)
     detect_state = TickOverlay(
         TableState(app.Table("detect-state", default=None, partitions=kafka.norm_partitions))
     )
@@ -327,7 +330,7 @@ def create_app(
             await publish(detect.tick(state, now_ms))
 
     # -- the alert lifecycle: findings, clearances and operator actions -> alert states -----
-    lifecycle = LifecycleStage(kafka, registry)
+    lifecycle = LifecycleStage(kafka, registry, rule_file("alert_lifecycle.yaml", rules_dir))
     # Every key of the lifecycle table belongs to one partition (inputs are keyed by rule
     # and subject) and is prefixed with it; the timer sends a tick record to each partition,
     # so escalations and the forgetting of resolved alerts are written inside a record of
@@ -360,7 +363,9 @@ def create_app(
             cast(asyncio.Future, delivery).add_done_callback(exit_on_failed_delivery)
 
     # -- the master patient index: one partition, one owner of every person -----------------
-    patient_index = PatientIndexStage(kafka, registry, derived_key(secret, "mpi.person"))
+    patient_index = PatientIndexStage(
+        kafka, registry, derived_key(secret, "mpi.person"), rule_file("mpi.yaml", rules_dir)
+    )
     index_state = TableState(app.Table("mpi-state", default=None, partitions=1))
     identity_topic = app.topic(
         kafka.topic(IDENTITY_TOPIC), key_serializer="raw", value_serializer="raw", partitions=1
@@ -378,7 +383,7 @@ def create_app(
     async def send_feed_activity() -> None:
         await publish(stage.feed_activity_outputs())
 
-    feed_watch = FeedWatchStage(kafka, registry)
+    feed_watch = FeedWatchStage(kafka, registry, rule_file("feeds.yaml", rules_dir))
     feed_state = TickOverlay(TableState(app.Table("feed-state", default=None, partitions=1)))
     feed_topic = app.topic(
         kafka.topic(FEED_ACTIVITY_TOPIC), key_serializer="raw", value_serializer="raw",
@@ -396,7 +401,7 @@ def create_app(
         await publish(feed_watch.tick(feed_state.in_tick(), int(time.time() * 1000)))
 
     # -- public health: syndromic counts per district and hour -------------------------------
-    syndromic = SyndromicStage(kafka, registry)
+    syndromic = SyndromicStage(kafka, registry, rule_file("syndromic.yaml", rules_dir))
     syndromic_state = TickOverlay(
         TableState(app.Table("syndromic-state", default=None, partitions=1))
     )

@@ -46,7 +46,7 @@ from streams.alert_lifecycle import (
     LifecycleError,
     load_alert_lifecycle_rules,
 )
-from streams.claim_rules import DEFAULT_CLAIM_RULES_PATH, ClaimDetector, load_claim_rules
+from streams.claim_rules import ClaimDetector, load_claim_rules
 from streams.feed_rules import DEFAULT_FEED_RULES_PATH, FeedDetector, load_feed_rules
 from streams.findings import Cleared, Finding, KeyValueState
 from streams.model import epoch_ms
@@ -57,8 +57,9 @@ from streams.mpi import (
     PatientIndex,
     load_mpi_rules,
 )
-from streams.news2 import DEFAULT_NEWS2_RULES_PATH, News2Detector, load_news2_rules
+from streams.news2 import News2Detector, load_news2_rules
 from streams.reloading import ReloadingFile
+from streams.rules_file import rule_file
 from streams.syndromic import (
     DEFAULT_SYNDROMIC_RULES_PATH,
     SyndromicDetector,
@@ -338,16 +339,17 @@ class DetectStage:
             for kind in self.KINDS
         }
         self.inputs = LifecycleInputs(kafka, registry)
-        news2_path = rules_dir / "news2.yaml" if rules_dir else DEFAULT_NEWS2_RULES_PATH
-        claims_path = rules_dir / "claims.yaml" if rules_dir else DEFAULT_CLAIM_RULES_PATH
-        self.news2_rules = _reloading("news2", news2_path, load_news2_rules)
-        self.claim_rules = _reloading("claims", claims_path, load_claim_rules)
+        self.news2_rules = _reloading(
+            "news2", rule_file("news2.yaml", rules_dir), load_news2_rules
+        )
+        self.claim_rules = _reloading(
+            "claims", rule_file("claims.yaml", rules_dir), load_claim_rules
+        )
         self._news2 = News2Detector(self.news2_rules.current())
         self._claims = ClaimDetector(self.claim_rules.current())
-        syndromic_path = (
-            rules_dir / "syndromic.yaml" if rules_dir else DEFAULT_SYNDROMIC_RULES_PATH
+        self.syndromic_rules = _reloading(
+            "syndromic-forward", rule_file("syndromic.yaml", rules_dir), load_syndromic_rules
         )
-        self.syndromic_rules = _reloading("syndromic-forward", syndromic_path, load_syndromic_rules)
         self.syndromic_topic = kafka.topic(SYNDROMIC_TOPIC)
 
     def _detectors(self) -> tuple[News2Detector, ClaimDetector]:

@@ -159,6 +159,13 @@ def _utc(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
+def _duration(ms: int) -> str:
+    """Whole minutes, or seconds for anything shorter than 5 minutes."""
+    if ms < 300_000:
+        return f"{ms // 1000} s"
+    return f"{ms // 60_000} minutes"
+
+
 def _percent(rate: float) -> str:
     return f"{rate * 100:.1f}%"
 
@@ -446,7 +453,7 @@ class FeedDetector:
             triggering_event_ids=(feed["last_record_id"],),
             explanation=(
                 f"Feed {organisation_id}/{source_kind} has sent nothing for "
-                f"{silent_for // 60_000} minutes (limit {limit // 60_000} minutes; last record "
+                f"{_duration(silent_for)} (limit {_duration(limit)}; last record "
                 f"received {_utc(feed['last_ingest_ms'])})"
             ),
             details={"last_ingest_ms": feed["last_ingest_ms"], "silent_for_ms": silent_for},

@@ -96,3 +96,23 @@ def read_rules_document(path: Path, error: type[ValueError], what: str) -> Any:
         raise error(f"{path}: cannot read {what}: {exc}") from None
     except yaml.YAMLError as exc:
         raise error(f"{path}: not valid YAML: {exc}") from None
+
+
+#: The rule files shipped with medstream (streams/rules/*.yaml).
+SHIPPED_RULES_DIR: Path = Path(__file__).resolve().parent / "rules"
+
+
+def rule_file(name: str, rules_dir: Path | str | None = None) -> Path:
+    """The rules file ``name`` (e.g. ``feeds.yaml``) a site runs with.
+
+    A site keeps the files it changed in its own directory (``MEDSTREAM_STREAMS_RULES_DIR``);
+    every file it does not hold comes from the shipped set, so an upgrade still brings new
+    rule families. A directory that does not exist is an error, not a silent fallback.
+    """
+    if rules_dir is None:
+        return SHIPPED_RULES_DIR / name
+    directory = Path(rules_dir)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"rules directory {directory} does not exist")
+    override = directory / name
+    return override if override.is_file() else SHIPPED_RULES_DIR / name

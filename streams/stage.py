@@ -15,6 +15,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
+from pathlib import Path
 from typing import Any, Final
 
 from medstream.metrics import DEAD_LETTERS, QUALITY_ISSUES, UNMAPPED_CODES
@@ -42,7 +43,7 @@ from streams.deidentify import (
 )
 from streams.detect import LifecycleInputs
 from streams.detect import Output as Output
-from streams.device_rules import DEFAULT_DEVICE_RULES_PATH, DeviceDetector, load_device_rules
+from streams.device_rules import DeviceDetector, load_device_rules
 from streams.findings import DictState, KeyValueState
 from streams.identity import (
     PatientIdentity,
@@ -54,8 +55,9 @@ from streams.model import NormalisedEvent, RawContext, RecordRejected
 from streams.mpi import IdentityTokeniser
 from streams.normalise import dead_letter_record, normalise, raises_critical_alerts
 from streams.pseudonym import Pseudonymiser
-from streams.quality import DEFAULT_QUALITY_RULES_PATH, QualityChecker, load_quality_rules
+from streams.quality import QualityChecker, load_quality_rules
 from streams.reloading import ReloadingFile
+from streams.rules_file import rule_file
 from streams.terminology import Terminology, TerminologySource
 
 STAGE = "normalise"
@@ -209,6 +211,7 @@ class NormaliseStage:
         critical_rules: CriticalValueRules,
         quality_rules_path: str | None = None,
         identity_key: bytes | None = None,
+        rules_dir: Path | None = None,
     ) -> None:
         # A TerminologySource reloads the dictionary when its files change (no restart).
         self._terminology_source = (
@@ -234,14 +237,18 @@ class NormaliseStage:
         self.quality_topic = kafka.topic(FACT_TOPICS["quality_issue"])
         self.encode_quality_issue = serde.AvroSerializer(registry, serde.QUALITY_ISSUE)
         self.quality_rules = ReloadingFile(
-            "quality", quality_rules_path or DEFAULT_QUALITY_RULES_PATH, load_quality_rules
+            "quality",
+            quality_rules_path or rule_file("quality.yaml", rules_dir),
+            load_quality_rules,
         )
         self._quality = QualityChecker(self.quality_rules.current())
         #: Duplicate-detection state when the caller keeps none (tests, the benchmark).
         self.local_quality_state = DictState()
         # Device rules run here, on the raw device topic keyed by device id, so one
         # partition sees every packet of a device (norm.observation is keyed by patient).
-        self.device_rules = ReloadingFile("devices", DEFAULT_DEVICE_RULES_PATH, load_device_rules)
+        self.device_rules = ReloadingFile(
+            "devices", rule_file("devices.yaml", rules_dir), load_device_rules
+        )
         self._devices = DeviceDetector(self.device_rules.current())
         self.local_device_state = DictState()
         # The master patient index gets keyed tokens of each record's demographics; the

@@ -17,6 +17,7 @@ import pytest
 
 from medstream.simulator import (
     ANOMALY_RULES,
+    DEVICE_SILENCE_MARGIN_MS,
     PACKET_ROUNDS,
     STATISTICAL_RULES,
     RegionSimulator,
@@ -125,7 +126,10 @@ def test_ordinary_data_triggers_no_rule(ordinary: Run) -> None:
 
 def test_every_anomaly_kind_appears_with_well_formed_labels(anomalous: Run) -> None:
     rules = Counter(label["rule_id"] for label in anomalous.anomalies)
-    expected = set(ANOMALY_RULES.values()) - {"feed.silence"}  # needs a long run
+    # Feed anomalies need runs longer than their windows (see test_simulator_feeds.py).
+    expected = set(ANOMALY_RULES.values()) - {
+        "feed.silence", "feed.dead_letter_spike", "feed.unmapped_spike",
+    }
     assert set(rules) == expected, rules
     devices = {d.device_id for hs in anomalous.simulator._hospitals for d in hs.devices}
     for label in anomalous.anomalies:
@@ -188,6 +192,19 @@ def test_device_silence_is_found_once_detectable_and_only_for_labelled_devices(
         assert label["detectable_from_ms"] <= at <= label["detectable_from_ms"] + 10_000
     due = [a for a in labels.values() if a["detectable_from_ms"] + 10_000 < anomalous.end_ms]
     assert {f.subject for f, _ in silences} == {a["subject"] for a in due}
+    # Armed only when the silence, counted from the device's last (next due) packet, becomes
+    # detectable before the run ends: a label the run cannot show would count as a miss.
+    late = [a["subject"] for a in labels.values()
+            if a["detectable_from_ms"] > anomalous.end_ms - DEVICE_SILENCE_MARGIN_MS]
+    assert late == []
+
+
+def test_a_person_has_at_most_one_news2_episode(anomalous: Run) -> None:
+    # The alert of an episode stays open until staff resolve it: a second episode of the
+    # same person would fold into it, and its label could never be matched.
+    persons = [f.person_key for f, _ in anomalous.findings if f.rule_id.startswith("news2.")]
+    assert len(persons) >= 6
+    assert len(set(persons)) == len(persons)
 
 
 def test_feed_silence_only_in_long_runs_and_the_feed_then_stays_silent() -> None:
