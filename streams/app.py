@@ -146,7 +146,14 @@ class TableState:
         return self._table.get(key)
 
     def put(self, key: str, value: Any) -> None:
-        """Store ``value`` (written to the changelog of the record's partition)."""
+        """Store ``value`` (written to the changelog of the record's partition).
+
+        A value equal to the stored one is not written again: rule families re-put state
+        they did not change (a claim line re-puts its encounter's bounds, say), and every
+        write is a changelog record the broker stores and a restarted worker replays.
+        """
+        if value is not None and self._table.get(key) == value:
+            return
         self._table[key] = value
 
     def delete(self, key: str) -> None:

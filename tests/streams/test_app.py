@@ -52,3 +52,25 @@ def test_app_has_its_agents_and_the_tansu_tuning() -> None:
     assert faust_app.conf.broker_heartbeat_interval == 0.5
     assert faust_app.fetch_wait_max_ms == 25
     assert str(faust_app.conf.broker[0]).startswith("medstream-kafka://")
+
+
+class CountingTable(dict[str, object]):
+    """A plain mapping that counts writes (each would be a changelog record in Faust)."""
+
+    writes = 0
+
+    def __setitem__(self, key: str, value: object) -> None:
+        self.writes += 1
+        super().__setitem__(key, value)
+
+
+def test_table_state_writes_only_values_that_changed() -> None:
+    table = CountingTable()
+    state = streams_app.TableState(table)
+    state.put("claims|enc", {"start": 1, "end": 2})
+    state.put("claims|enc", {"start": 1, "end": 2})  # the same value again: no write
+    assert table.writes == 1
+    state.put("claims|enc", {"start": 1, "end": 3})
+    assert table.writes == 2 and state.get("claims|enc") == {"start": 1, "end": 3}
+    state.delete("claims|enc")
+    assert state.get("claims|enc") is None
