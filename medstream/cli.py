@@ -27,21 +27,22 @@ from medstream.clickhouse import (
     PROOF_MAX_ROWS,
     QueryError,
     QueryResult,
-    connect,
     migrate,
+    open_clickhouse,
     query_via_gateway,
     run_read_only,
     sql_string,
 )
 from medstream.runtime import RuntimeState
 from medstream.settings import (
+    SETTINGS_MODELS,
     ClickHouseSettings,
     KafkaSettings,
     RegistrySettings,
     RuntimeSettings,
     SinkSettings,
     StreamSettings,
-    clickhouse_url,
+    environment_variables,
 )
 
 app = typer.Typer(
@@ -87,7 +88,7 @@ def _querier(max_rows: int) -> Iterator[Callable[[str], QueryResult]]:
         url = state.query_url
         yield lambda sql: query_via_gateway(url, sql, ch.query_timeout_s, max_rows)
         return
-    client = connect(clickhouse_url(ch, runtime))
+    client = open_clickhouse(ch, runtime)
     try:
         yield lambda sql: run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows)
     finally:
@@ -206,7 +207,7 @@ def migrate_command() -> None:
     if RuntimeState.read(runtime) is not None and not ch.url:
         typer.echo("the running pipeline's sink applied the migrations at start")
         return
-    client = connect(clickhouse_url(ch, runtime))
+    client = open_clickhouse(ch, runtime)
     applied = migrate(client, ch.database)
     typer.echo("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
 
@@ -223,7 +224,7 @@ def sink(
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kafka = _kafka_for_client()
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
-    client = connect(clickhouse_url(ch, runtime))
+    client = open_clickhouse(ch, runtime)
     applied = migrate(client, ch.database)
     if applied:
         logging.getLogger("medstream.sink").info("migrations applied: %s", ", ".join(applied))
@@ -743,22 +744,11 @@ def bench(
 @app.command("settings")
 def settings_command() -> None:
     """List every setting with its environment variable and current value (secrets hidden)."""
-    for model in (
-        KafkaSettings,
-        ClickHouseSettings,
-        RegistrySettings,
-        StreamSettings,
-        SinkSettings,
-        RuntimeSettings,
-    ):
+    for model in SETTINGS_MODELS:
         instance = model()
-        prefix = model.model_config.get("env_prefix", "")
+        variables = environment_variables(model)
         typer.echo(f"[{model.__name__}]")
         for name, info in model.model_fields.items():
-            alias = info.validation_alias
-            if alias is not None and hasattr(alias, "choices"):
-                env = alias.choices[0]
-            else:
-                env = f"{prefix}{name}".upper()
+            env = variables[name][0]
             value = getattr(instance, name)
             typer.echo(f"  {env:<42} = {value!s:<28} {info.description or ''}")

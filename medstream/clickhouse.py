@@ -22,6 +22,8 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from medstream.settings import ClickHouseSettings, RuntimeSettings, clickhouse_url
+
 READ_ONLY = {"readonly": 2}  # 2: no writes or DDL, but per-query limits may still be set
 USER_MAX_ROWS = 10_000  # default result bound of `medstream sql`
 PROOF_MAX_ROWS = 100_000_000  # reconcile and ground-truth checks must see every row
@@ -46,8 +48,12 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def connect(url: str) -> Client:
-    """Open a client for an http(s):// ClickHouse server or a chdb:///path engine."""
+def connect(url: str, ca_cert: str | None = None) -> Client:
+    """Open a client for an http(s):// ClickHouse server or a chdb:///path engine.
+
+    ``ca_cert`` is the CA bundle that signed an https:// server's certificate (the server's
+    certificate is always verified).
+    """
     if url.startswith("chdb://"):
         path = Path(url.removeprefix("chdb://"))
         path.mkdir(parents=True, exist_ok=True)
@@ -62,7 +68,13 @@ def connect(url: str) -> Client:
                 ) from exc
             raise
     if url.startswith(("http://", "https://")):
-        return clickhouse_connect.get_client(dsn=url)
+        if not ca_cert:
+            return clickhouse_connect.get_client(dsn=url)
+        if not url.startswith("https://"):
+            raise QueryError("MEDSTREAM_CLICKHOUSE_CA_CERT is set but CLICKHOUSE_URL is not https://")
+        if not Path(ca_cert).is_file():
+            raise QueryError(f"MEDSTREAM_CLICKHOUSE_CA_CERT {ca_cert} is not a readable file")
+        return clickhouse_connect.get_client(dsn=url, verify=True, ca_cert=ca_cert)
     raise QueryError(f"CLICKHOUSE_URL must start with http://, https:// or chdb://, got {url!r}")
 
 
@@ -209,3 +221,8 @@ def query_via_gateway(
         body = json.loads(exc.read() or b"{}")
         raise QueryError(body.get("error", f"HTTP {exc.code}")) from exc
     return QueryResult(body["columns"], body["rows"], body["truncated"])
+
+
+def open_clickhouse(ch: ClickHouseSettings, runtime: RuntimeSettings) -> Client:
+    """A client for the configured ClickHouse (server or embedded), with its TLS settings."""
+    return connect(clickhouse_url(ch, runtime), ca_cert=ch.ca_cert or None)

@@ -186,8 +186,13 @@ def contract_topics(kafka: KafkaSettings) -> dict[str, int]:
     return topics
 
 
-def ensure_topics(kafka: KafkaSettings, replication: int = 1, timeout_s: float = 30) -> list[str]:
-    """Create missing medstream topics; returns those created now. Existing ones are kept."""
+def ensure_topics(
+    kafka: KafkaSettings, replication: int | None = None, timeout_s: float = 30
+) -> list[str]:
+    """Create missing medstream topics (``replication`` replicas each, by default the
+    configured MEDSTREAM_KAFKA_REPLICATION_FACTOR); returns those created now. Existing ones
+    are kept."""
+    replication = replication or kafka.replication_factor
     admin = AdminClient(kafka.librdkafka())
     wanted = contract_topics(kafka)
     existing = set(admin.list_topics(timeout=timeout_s).topics)

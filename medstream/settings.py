@@ -63,6 +63,11 @@ class KafkaSettings(BaseSettings):
     sasl_mechanism: str = Field(default="", description="librdkafka sasl.mechanism")
     sasl_username: str = Field(default="", description="SASL user name")
     sasl_password: SecretStr = Field(default=SecretStr(""), description="SASL password")
+    ssl_ca_location: str = Field(
+        default="",
+        description="CA bundle (PEM file) that signed the brokers' certificates, for SSL and "
+        "SASL_SSL; empty uses the system's trusted CAs",
+    )
     session_timeout_ms: int = Field(
         default=3000, description="group session timeout; tansu joins take about half of it"
     )
@@ -77,6 +82,11 @@ class KafkaSettings(BaseSettings):
     topic_prefix: str = Field(default="", description="prefix for every medstream topic name")
     raw_partitions: int = Field(default=4, description="partitions per raw.* topic")
     norm_partitions: int = Field(default=4, description="partitions per norm.* topic")
+    replication_factor: int = Field(
+        default=1,
+        description="replicas of every medstream topic and Faust changelog (3 on a production "
+        "cluster; the embedded broker has one)",
+    )
 
     @property
     def embedded(self) -> bool:
@@ -97,6 +107,8 @@ class KafkaSettings(BaseSettings):
             conf["sasl.mechanism"] = self.sasl_mechanism
             conf["sasl.username"] = self.sasl_username
             conf["sasl.password"] = self.sasl_password.get_secret_value()
+        if self.ssl_ca_location:
+            conf["ssl.ca.location"] = self.ssl_ca_location
         conf.update(overrides)
         return conf
 
@@ -143,6 +155,11 @@ class ClickHouseSettings(BaseSettings):
         ),
     )
     database: str = Field(default="medstream", description="database holding medstream tables")
+    ca_cert: str = Field(
+        default="",
+        description="CA bundle (PEM file) that signed an https:// server's certificate; empty "
+        "uses the system's trusted CAs",
+    )
     query_timeout_s: int = Field(default=60, description="max execution time of `medstream sql`")
 
 
@@ -231,3 +248,28 @@ class RuntimeSettings(BaseSettings):
 def clickhouse_url(ch: ClickHouseSettings, runtime: RuntimeSettings) -> str:
     """The effective ClickHouse URL: the configured one or the embedded chdb path."""
     return ch.url or f"chdb://{runtime.chdb_path.resolve()}"
+
+
+#: Every settings model, in the order `medstream settings` lists them.
+SETTINGS_MODELS: tuple[type[BaseSettings], ...] = (
+    KafkaSettings,
+    ClickHouseSettings,
+    RegistrySettings,
+    StreamSettings,
+    SinkSettings,
+    RuntimeSettings,
+)
+
+
+def environment_variables(model: type[BaseSettings]) -> dict[str, list[str]]:
+    """Each field of ``model`` -> the environment variables that set it (the first is the
+    one to document; the others are accepted aliases)."""
+    prefix = model.model_config.get("env_prefix", "")
+    names: dict[str, list[str]] = {}
+    for name, info in model.model_fields.items():
+        alias = info.validation_alias
+        if isinstance(alias, AliasChoices):
+            names[name] = [str(choice) for choice in alias.choices]
+        else:
+            names[name] = [f"{prefix}{name}".upper()]
+    return names

@@ -23,6 +23,7 @@ import hashlib
 import hmac
 import logging
 import os
+import ssl
 import time
 from typing import Any, cast
 
@@ -130,6 +131,32 @@ class ShortFetchTransport(Transport):
 TRANSPORTS.aliases["medstream-kafka"] = f"{__name__}:ShortFetchTransport"
 
 
+def broker_credentials(kafka: KafkaSettings) -> faust.types.auth.CredentialsT | None:
+    """Faust's (aiokafka's) view of MEDSTREAM_KAFKA_SECURITY_PROTOCOL and its SASL and CA
+    settings, the same ones every confluent-kafka client of medstream gets."""
+    protocol = kafka.security_protocol.upper()
+    if protocol == "PLAINTEXT":
+        return None
+    if protocol not in ("SSL", "SASL_SSL", "SASL_PLAINTEXT"):
+        raise ValueError(
+            f"MEDSTREAM_KAFKA_SECURITY_PROTOCOL {kafka.security_protocol!r} is not one of "
+            "PLAINTEXT, SSL, SASL_SSL, SASL_PLAINTEXT"
+        )
+    context = None
+    if protocol in ("SSL", "SASL_SSL"):
+        context = ssl.create_default_context(cafile=kafka.ssl_ca_location or None)
+    if protocol == "SSL":
+        return faust.SSLCredentials(context)
+    if not kafka.sasl_mechanism:
+        raise ValueError(f"{protocol} needs MEDSTREAM_KAFKA_SASL_MECHANISM (e.g. SCRAM-SHA-512)")
+    return faust.SASLCredentials(
+        username=kafka.sasl_username,
+        password=kafka.sasl_password.get_secret_value(),
+        mechanism=kafka.sasl_mechanism,
+        ssl_context=context,
+    )
+
+
 def derived_key(secret: bytes, purpose: str) -> bytes:
     """A separate key per purpose from the one configured secret (HMAC-SHA256 with a label)."""
     return hmac.new(secret, f"medstream.{purpose}.v1".encode(), hashlib.sha256).digest()
@@ -207,6 +234,7 @@ def create_app(
         broker=brokers,
         key_serializer="raw",
         value_serializer="raw",
+        broker_credentials=broker_credentials(kafka),
         broker_session_timeout=kafka.session_timeout_ms / 1000,
         broker_heartbeat_interval=kafka.heartbeat_interval_ms / 1000,
         broker_commit_interval=1.0,
@@ -214,7 +242,7 @@ def create_app(
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
         topic_partitions=kafka.raw_partitions,
-        topic_replication_factor=1,
+        topic_replication_factor=kafka.replication_factor,
         topic_allow_declare=True,
         table_standby_replicas=0,
         store="memory://",

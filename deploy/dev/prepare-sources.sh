@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# Prepare the local PostgreSQL and MariaDB for change data capture (idempotent).
+# Prepare the local PostgreSQL and MariaDB for change data capture, and install the
+# Prometheus tools the deploy checks use (idempotent).
 #
 # `make test` runs this before the suite. On this machine kind both servers run before the
 # session with CDC switched off: PostgreSQL needs wal_level=logical (a restart), MariaDB
@@ -81,7 +82,22 @@ CNF
     [[ "$state" == 1ROWFULLFULL || "$state" == ONROWFULLFULL ]] || { log "MariaDB: binlog settings are still $state"; return 1; }
 }
 
+# promtool and amtool check deploy/prometheus and deploy/alertmanager (tests/deploy).
+prepare_tools() {
+    if command -v promtool >/dev/null && command -v amtool >/dev/null; then
+        log "promtool and amtool present"
+        return 0
+    fi
+    log "installing promtool and amtool (Debian packages prometheus, prometheus-alertmanager)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        prometheus prometheus-alertmanager >/dev/null \
+        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+             --no-install-recommends prometheus prometheus-alertmanager >/dev/null; }
+    command -v promtool >/dev/null && command -v amtool >/dev/null
+}
+
 status=0
 prepare_postgres || status=1
 prepare_mariadb || status=1
+prepare_tools || status=1
 exit $status

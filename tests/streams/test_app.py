@@ -48,6 +48,11 @@ def test_app_has_its_agents_and_the_tansu_tuning() -> None:
         "x.norm.claim_line", "x.norm.diagnosis", "x.norm.encounter", "x.norm.observation",
         "x.raw.claim", "x.raw.device", "x.raw.emr_cdc", "x.raw.hl7_lab",
     ]
+    assert faust_app.conf.topic_replication_factor == 1  # the embedded broker's one copy
+    replicated = KafkaSettings(bootstrap_servers="127.0.0.1:1", replication_factor=3)
+    assert streams_app.create_app(
+        replicated, StreamSettings(), serde.ManifestRegistry()
+    ).conf.topic_replication_factor == 3
     assert faust_app.conf.broker_session_timeout == 3.0
     assert faust_app.conf.broker_heartbeat_interval == 0.5
     assert faust_app.fetch_wait_max_ms == 25
@@ -74,3 +79,35 @@ def test_table_state_writes_only_values_that_changed() -> None:
     assert table.writes == 2 and state.get("claims|enc") == {"start": 1, "end": 3}
     state.delete("claims|enc")
     assert state.get("claims|enc") is None
+
+
+def test_kafka_security_settings_reach_faust_and_librdkafka() -> None:
+    import certifi
+    import faust
+
+    assert streams_app.broker_credentials(KafkaSettings(bootstrap_servers="k:9093")) is None
+    sasl = KafkaSettings(
+        bootstrap_servers="k:9093", security_protocol="SASL_SSL", sasl_mechanism="SCRAM-SHA-512",
+        sasl_username="medstream", sasl_password="not-a-real-secret",
+        ssl_ca_location=certifi.where(),
+    )
+    faust_app = streams_app.create_app(sasl, StreamSettings(), serde.ManifestRegistry())
+    credentials = faust_app.conf.broker_credentials
+    assert isinstance(credentials, faust.SASLCredentials)
+    assert (credentials.username, credentials.password) == ("medstream", "not-a-real-secret")
+    assert str(credentials.mechanism.value) == "SCRAM-SHA-512"
+    assert credentials.ssl_context is not None  # verifies the brokers' certificates
+    assert credentials.ssl_context.verify_mode.name == "CERT_REQUIRED"
+    conf = sasl.producer_config()
+    assert conf["security.protocol"] == "SASL_SSL"
+    assert conf["sasl.mechanism"] == "SCRAM-SHA-512" and conf["ssl.ca.location"] == certifi.where()
+    tls = KafkaSettings(bootstrap_servers="k:9093", security_protocol="ssl")
+    assert isinstance(streams_app.broker_credentials(tls), faust.SSLCredentials)
+    with pytest.raises(ValueError, match="SASL_PLAINTEXT needs MEDSTREAM_KAFKA_SASL_MECHANISM"):
+        streams_app.broker_credentials(
+            KafkaSettings(bootstrap_servers="k:9093", security_protocol="SASL_PLAINTEXT")
+        )
+    with pytest.raises(ValueError, match="'TLS' is not one of"):
+        streams_app.broker_credentials(
+            KafkaSettings(bootstrap_servers="k:9093", security_protocol="TLS")
+        )
