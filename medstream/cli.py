@@ -42,6 +42,7 @@ from medstream.settings import (
     RuntimeSettings,
     SinkSettings,
     StreamSettings,
+    clickhouse_url,
     environment_variables,
 )
 
@@ -739,6 +740,51 @@ def bench(
         json_path.write_text(json.dumps(result, indent=2, default=str))
         typer.echo(f"figures written to {json_path}")
     raise typer.Exit(0 if result["ok"] else 1)
+
+
+def _embedded_engine(command: str) -> Path:
+    """The embedded engine directory; a ClickHouse server URL is refused with its remedy."""
+    ch, runtime = ClickHouseSettings(), RuntimeSettings()
+    url = clickhouse_url(ch, runtime)
+    if not url.startswith("chdb://"):
+        _fail(
+            f"`medstream {command}` works on the embedded engine; back a ClickHouse server up "
+            "with its own BACKUP DATABASE ... TO Disk('backups', ...) (see deploy/README.md)",
+            2,
+        )
+    if RuntimeState.read(runtime) is not None:
+        _fail(f"`medstream up` is running on {runtime.data_dir}: stop it before `{command}`", 2)
+    return Path(url.removeprefix("chdb://"))
+
+
+@app.command("backup")
+def backup_command(
+    target: Annotated[Path, typer.Argument(help="a new directory to write the backup to")],
+) -> None:
+    """Back the embedded ClickHouse database up (BACKUP DATABASE) with a row-count manifest."""
+    from medstream.backup import backup_embedded
+
+    engine = _embedded_engine("backup")
+    try:
+        backup_embedded(engine, ClickHouseSettings().database, target, typer.echo)
+    except QueryError as exc:
+        _fail(str(exc))
+
+
+@app.command("restore")
+def restore_command(
+    source: Annotated[Path, typer.Argument(help="a directory written by `medstream backup`")],
+) -> None:
+    """Restore a backup into a fresh embedded engine and check every table's row count."""
+    from medstream.backup import restore_embedded
+
+    engine = _embedded_engine("restore")
+    try:
+        report = restore_embedded(engine, source, typer.echo)
+    except QueryError as exc:
+        _fail(str(exc))
+    if report.mismatches:
+        _fail(f"{len(report.mismatches)} tables differ from the backup")
 
 
 @app.command("settings")

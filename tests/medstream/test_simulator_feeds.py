@@ -143,11 +143,11 @@ def test_a_dead_letter_spike_spoils_a_share_of_one_feed_for_two_windows(
     end = start + SPIKE_EPISODE_WINDOWS * 60_000
     feed = [m for at, m in feed_run.messages if start <= at < end
             and m.source_kind == "hl7_lab" and m.key.decode().startswith(label["organisation_id"])]
-    spoiled = [m for m in feed if m.labels[0]["expect"] == "dead_letter"]
+    # Unusable HL7 payloads (the rotation of ordinary problems adds a few of other kinds).
+    spoiled = [m for m in feed if m.labels[0]["reason_code"] == "invalid_message"]
     records = sum(len(m.labels) for m in feed)
     # 3 x feeds.yaml's 5 % min_rate of the records, give or take sampling noise.
     assert 0.09 <= len(spoiled) / records <= 0.22, (len(spoiled), records)
-    assert all(m.labels[0]["reason_code"] == "invalid_message" for m in spoiled)
 
 
 def test_each_feed_anomaly_is_found_by_its_rule_and_nothing_else_fires(
