@@ -211,6 +211,10 @@ def migrate_command() -> None:
     client = open_clickhouse(ch, runtime)
     applied = migrate(client, ch.database)
     typer.echo("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    from sinks.dictionary import refresh_data_dictionary
+
+    fields = refresh_data_dictionary(client, ch.database)
+    typer.echo(f"data_dictionary: {fields} fields of the Avro contracts")
 
 
 @app.command()
@@ -227,6 +231,9 @@ def sink(
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
     client = open_clickhouse(ch, runtime)
     applied = migrate(client, ch.database)
+    from sinks.dictionary import refresh_data_dictionary
+
+    refresh_data_dictionary(client, ch.database)
     if applied:
         logging.getLogger("medstream.sink").info("migrations applied: %s", ", ".join(applied))
     lock = threading.Lock()

@@ -131,3 +131,80 @@ def test_a_transition_stored_twice_collapses_even_with_another_time(
         f"SELECT count() FROM {database}.alert_history FINAL WHERE alert_id = 'a1'"
     ).result_rows
     assert count == [(1,)]
+
+
+def test_monitoring_rollup_counts_events_dead_letters_and_alerts_per_minute_once(
+    clickhouse: Client, database: str
+) -> None:
+    # Three lab results in one minute and one in the next; a redelivered batch (the same
+    # event ids inserted again) must not count twice.
+    def labs(ids: str, minute: str) -> None:
+        clickhouse.command(
+            f"INSERT INTO {database}.lab_result (event_id, organisation_id, ingest_time) "
+            f"SELECT concat('lab-', toString(number)), 'H001', '2026-11-24 08:{minute}:30' "
+            f"FROM numbers({ids})"
+        )
+
+    labs("0, 3", "00")
+    labs("0, 3", "00")  # redelivery
+    clickhouse.command(
+        f"INSERT INTO {database}.lab_result (event_id, organisation_id, ingest_time) "
+        "VALUES ('lab-9', 'H001', '2026-11-24 08:01:10'), ('lab-7', 'H002', '2026-11-24 08:00:05')"
+    )
+    clickhouse.command(
+        f"INSERT INTO {database}.dead_letter (dlq_id, organisation_id, ingest_time) VALUES "
+        "('d1', 'H001', '2026-11-24 08:00:40'), ('d2', NULL, '2026-11-24 08:00:41')"
+    )
+    clickhouse.command(
+        f"INSERT INTO {database}.alert_history (alert_id, transition_id, action, "
+        "organisation_id, ingest_time) VALUES ('a1', 't1', 'opened', 'H001', "
+        "'2026-11-24 08:00:50'), ('a1', 't2', 'acknowledged', 'H001', '2026-11-24 08:00:55')"
+    )
+    rows = clickhouse.query(
+        f"SELECT toString(minute), organisation_id, event_type, count "
+        f"FROM {database}.monitoring_per_minute ORDER BY 1, 2, 3"
+    ).result_rows
+    assert rows == [
+        ("2026-11-24 08:00:00", "", "dead_letter", 1),
+        ("2026-11-24 08:00:00", "H001", "alert_opened", 1),
+        ("2026-11-24 08:00:00", "H001", "dead_letter", 1),
+        ("2026-11-24 08:00:00", "H001", "lab_result", 3),
+        ("2026-11-24 08:00:00", "H002", "lab_result", 1),
+        ("2026-11-24 08:01:00", "H001", "lab_result", 1),
+    ]
+
+
+def test_data_dictionary_lists_every_contract_field_with_its_sensitivity(
+    clickhouse: Client, database: str
+) -> None:
+    from schemas import serde
+    from sinks.dictionary import refresh_data_dictionary
+
+    registry = serde.ManifestRegistry()
+    written = refresh_data_dictionary(clickhouse, database, registry)
+    refresh_data_dictionary(clickhouse, database, registry)  # again: replaces, no duplicates
+    expected = sum(
+        len(serde.field_sensitivity(version.definition))
+        for subject in registry.subjects() for version in registry.versions(subject)
+    )
+    assert written == expected > 300
+    [(count,)] = clickhouse.query(
+        f"SELECT count() FROM {database}.data_dictionary FINAL"
+    ).result_rows
+    assert count == expected
+    rows = clickhouse.query(
+        f"SELECT clickhouse_table, type, sensitivity, meaning FROM {database}.data_dictionary "
+        "FINAL WHERE subject = 'medstream.norm.LabResult' AND version = 2 "
+        "AND field IN ('event_id', 'person_key', 'value') ORDER BY field"
+    ).result_rows
+    assert [r[:3] for r in rows] == [
+        ("lab_result", "string", "operational"),
+        ("lab_result", "null | string", "pseudonym"),
+        ("lab_result", "null | double", "clinical"),
+    ]
+    assert all(r[3] for r in rows)  # every field says what it means
+    [(untagged,)] = clickhouse.query(
+        f"SELECT count() FROM {database}.data_dictionary FINAL WHERE sensitivity NOT IN "
+        "('direct_identifier', 'quasi_identifier', 'pseudonym', 'clinical', 'operational')"
+    ).result_rows
+    assert untagged == 0
