@@ -160,6 +160,10 @@ def test_monitoring_rollup_counts_events_dead_letters_and_alerts_per_minute_once
         "organisation_id, ingest_time) VALUES ('a1', 't1', 'opened', 'H001', "
         "'2026-11-24 08:00:50'), ('a1', 't2', 'acknowledged', 'H001', '2026-11-24 08:00:55')"
     )
+    # The refresh recomputes every minute that received newly stored rows (every 30 s; a
+    # test asks for it now and waits for it).
+    clickhouse.command(f"SYSTEM REFRESH VIEW {database}.monitoring_minute_refresh")
+    clickhouse.command(f"SYSTEM WAIT VIEW {database}.monitoring_minute_refresh")
     rows = clickhouse.query(
         f"SELECT toString(minute), organisation_id, event_type, count "
         f"FROM {database}.monitoring_per_minute ORDER BY 1, 2, 3"
