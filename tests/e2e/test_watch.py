@@ -1,6 +1,7 @@
 """End to end, as monitoring staff and data stewards use it: `medstream up` runs, alerts are
 acknowledged and resolved from the command line, the terminology worklist fills, and a
-dead letter is opened from its sealed store."""
+dead letter is opened from its sealed store, and a data steward splits a patient record out
+of its person."""
 
 from __future__ import annotations
 
@@ -44,12 +45,40 @@ def test_staff_acknowledge_and_resolve_alerts_and_stewards_see_the_worklist(
 ) -> None:
     data_dir = tmp_path / "data"
     up = subprocess.Popen(
-        medstream("up", "--rate", "400", "--seed", "11"),
+        medstream("up", "--rate", "300", "--seed", "11"),
         env=env_for(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
     try:
         wait_for(lambda: (data_dir / "runtime.json").exists(), 120, "runtime.json")
+
+        # A data steward splits a patient record out of a person holding two or more.
+        shared = (
+            "SELECT record_key, person_key FROM medstream.person_membership WHERE person_key IN "
+            "(SELECT person_key FROM medstream.person_membership GROUP BY person_key "
+            "HAVING count() >= 2) ORDER BY record_key LIMIT 1"
+        )
+        wait_for(lambda: len(sql(data_dir, shared)) == 1, 120, "a person with two records")
+        record = sql(data_dir, shared)[0]
+        split = run(data_dir, "mpi", "unmerge", str(record["record_key"]), "--by", "steward.test",
+                    "--reason", "two patients, one registration; called 13900001111")
+        assert split.returncode == 0, split.stderr
+        decision = (
+            "SELECT action, method, person_key, previous_person_key, explanation "
+            "FROM medstream.person_link FINAL WHERE record_key = "
+            f"'{record['record_key']}' AND method = 'manual'"
+        )
+        wait_for(lambda: len(sql(data_dir, decision)) == 1, 150, "the unmerge decision")
+        [unmerged] = sql(data_dir, decision)
+        assert unmerged["action"] == "unmerge"
+        assert unmerged["previous_person_key"] == record["person_key"] != unmerged["person_key"]
+        assert "split by steward.test" in str(unmerged["explanation"])
+        assert "13900001111" not in str(unmerged["explanation"])
+        now = sql(data_dir, "SELECT person_key FROM medstream.person_membership WHERE "
+                            f"record_key = '{record['record_key']}'")
+        assert now == [{"person_key": unmerged["person_key"]}]
+        missing = run(data_dir, "mpi", "unmerge", "no-such-record", "--by", "s", "--reason", "r")
+        assert missing.returncode == 1 and "no-such-record" in missing.stderr
 
         def open_critical() -> list[dict[str, object]]:
             return sql(
@@ -115,6 +144,7 @@ def test_staff_acknowledge_and_resolve_alerts_and_stewards_see_the_worklist(
         shown = run(data_dir, "dlq", "show", str(letter["dlq_id"]))
         assert shown.returncode == 0, shown.stderr
         assert "normalise /" in shown.stdout and "bytes:" in shown.stdout
+
     finally:
         os.killpg(up.pid, signal.SIGINT)
         output, _ = up.communicate(timeout=150)
