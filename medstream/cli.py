@@ -100,7 +100,7 @@ def _start_metrics(port: int) -> None:
     if port:
         from medstream.metrics import serve_metrics
 
-        serve_metrics(port)
+        serve_metrics(port, RuntimeSettings().metrics_host)
 
 
 @app.command()

@@ -125,7 +125,11 @@ def labelled(metric: Any, *labels: str) -> Any:
     return metric.labels(*labels)
 
 
-def serve_metrics(port: int) -> int:
-    """Start the /metrics HTTP endpoint on 127.0.0.1 (port 0 picks a free one); returns the port."""
-    server, _ = start_http_server(port, addr="127.0.0.1")
+def serve_metrics(port: int, host: str = "127.0.0.1") -> int:
+    """Start the /metrics HTTP endpoint on ``host`` (port 0 picks a free one); returns the port.
+
+    Loopback by default (the embedded runtime); a deployment sets MEDSTREAM_METRICS_HOST to
+    0.0.0.0 so that Prometheus and probes reach it from outside the container.
+    """
+    server, _ = start_http_server(port, addr=host)
     return int(server.server_port)

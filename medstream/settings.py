@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from pydantic import AliasChoices, Field, SecretStr
+from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PREFIXED = SettingsConfigDict(env_prefix="MEDSTREAM_", extra="ignore", populate_by_name=True)
@@ -195,6 +195,12 @@ class StreamSettings(BaseSettings):
         "each file it does not hold comes from streams/rules",
     )
 
+    @field_validator("rules_dir", mode="before")
+    @classmethod
+    def _no_empty_rules_dir(cls, value: object) -> object:
+        # An empty variable means "not set", never the working directory.
+        return None if isinstance(value, str) and not value.strip() else value
+
 
 class SinkSettings(BaseSettings):
     """The ClickHouse sink."""
@@ -225,6 +231,10 @@ class RuntimeSettings(BaseSettings):
         default=0, description="first /metrics port (0 = pick free ports)"
     )
     status_interval_s: float = Field(default=5.0, description="seconds between status lines")
+    metrics_host: str = Field(
+        default="127.0.0.1",
+        description="address every /metrics endpoint listens on (0.0.0.0 in containers)",
+    )
     collector_configs: str = Field(
         default="",
         description="comma-separated collector YAML files that `medstream up` runs",

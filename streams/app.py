@@ -175,12 +175,10 @@ class TableState:
     def put(self, key: str, value: Any) -> None:
         """Store ``value`` (written to the changelog of the record's partition).
 
-        A value equal to the stored one is not written again: rule families re-put state
-        they did not change (a claim line re-puts its encounter's bounds, say), and every
-        write is a changelog record the broker stores and a restarted worker replays.
+        Always written, even when it compares equal to what ``get`` returns: rule families
+        change the object ``get`` handed out in place and put it back, so an equality check
+        would compare the object with itself and drop the changelog record.
         """
-        if value is not None and self._table.get(key) == value:
-            return
         self._table[key] = value
 
     def delete(self, key: str) -> None:

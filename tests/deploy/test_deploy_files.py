@@ -141,6 +141,17 @@ def test_rules_and_dashboards_use_only_metrics_medstream_exports() -> None:
                 unknown.append(f"{where}: {name}")
     assert unknown == []
     assert len(expressions()) >= 30
+    # Stage matchers select label values the code really uses (the sink observes stored
+    # rows' latency as "stored:<table>", the workers as "normalise").
+    from sinks.clickhouse import LATENCY_TABLES
+    from sinks.clickhouse import STAGE as SINK_STAGE
+    from streams.stage import STAGE as NORMALISE_STAGE
+
+    stages = {SINK_STAGE, NORMALISE_STAGE, *(f"stored:{t}" for t in LATENCY_TABLES)}
+    for where, expr in expressions():
+        for operator, pattern in re.findall(r'stage(=~?)"([^"]+)"', expr):
+            matcher = re.compile(pattern) if operator == "=~" else re.compile(re.escape(pattern))
+            assert any(matcher.fullmatch(stage) for stage in stages), f"{where}: {pattern}"
 
 
 def test_dashboards_are_grafana_json_with_distinct_uids() -> None:
@@ -164,6 +175,8 @@ def test_compose_file_references_only_what_the_code_has() -> None:
             "MEDSTREAM_STREAMS_PSEUDONYM_KEY", "MEDSTREAM_SINK_DEAD_LETTER_SECRET",
             "MEDSTREAM_KAFKA_SASL_PASSWORD", "MEDSTREAM_KAFKA_SSL_CA_LOCATION",
             "MEDSTREAM_CLICKHOUSE_CA_CERT", "MEDSTREAM_KAFKA_REPLICATION_FACTOR"} <= example_names
+    # Prometheus and the probes reach /metrics from outside the container.
+    assert "\nMEDSTREAM_METRICS_HOST=0.0.0.0\n" in env_example
     medstream_services = {name: s for name, s in services.items()
                           if str(s.get("image", "")).startswith("medstream:")}
     assert {"topics", "migrate", "streams-1", "streams-2", "sink-1"} <= set(medstream_services)
@@ -200,6 +213,7 @@ def test_kubernetes_manifests_reference_only_what_the_code_has() -> None:
             "ClickHouseKeeperInstallation", "Deployment", "Job", "ConfigMap"} <= set(kinds)
     [config] = [d for d in documents if d["kind"] == "ConfigMap"]
     assert set(config["data"]) - variables == set()
+    assert config["data"]["MEDSTREAM_METRICS_HOST"] == "0.0.0.0"
     invocations = []
     for document in documents:
         if document["kind"] not in ("Deployment", "Job"):

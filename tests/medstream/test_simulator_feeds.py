@@ -16,7 +16,7 @@ from typing import Any
 import pytest
 import yaml
 
-from medstream.settings import KafkaSettings
+from medstream.settings import KafkaSettings, StreamSettings
 from medstream.simulator import SPIKE_EPISODE_WINDOWS, RegionSimulator, SimulatedMessage
 from schemas import serde
 from streams.app import derived_key
@@ -120,6 +120,8 @@ def test_a_site_rules_directory_overrides_only_the_files_it_holds(tmp_path: Path
     assert rule_file("feeds.yaml") == SHIPPED_RULES_DIR / "feeds.yaml"
     with pytest.raises(FileNotFoundError, match="rules directory .*nowhere does not exist"):
         rule_file("feeds.yaml", tmp_path / "nowhere")
+    assert StreamSettings(rules_dir="").rules_dir is None  # an empty variable: not set
+    assert StreamSettings(rules_dir=str(rules_dir)).rules_dir == rules_dir
     reference = RegionSimulator(1, rules_dir=rules_dir).reference
     assert reference.feeds.version == "test-short-windows"
     assert reference.feeds.window_ms == 60_000
