@@ -22,10 +22,9 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
-from medstream.clickhouse import QueryError, sql_string
+from medstream.clickhouse import QueryError, connect, sql_string
 
 MANIFEST = "medstream-backup.json"
 _ALLOW_BACKUPS = """<clickhouse>
@@ -70,18 +69,7 @@ def _embedded_client(engine_path: Path, allowed: Path, scratch: Path) -> Client:
     """A chdb client on ``engine_path`` whose configuration allows backups under ``allowed``."""
     config = scratch / "allow-backups.xml"
     config.write_text(_ALLOW_BACKUPS.format(path=allowed), encoding="utf-8")
-    engine_path.mkdir(parents=True, exist_ok=True)
-    try:
-        return clickhouse_connect.get_client(
-            dsn=f"chdb://{engine_path}", chdb_options={"config-file": str(config)}
-        )
-    except Exception as exc:
-        if "lock" in str(exc).lower():
-            raise QueryError(
-                f"the embedded ClickHouse at {engine_path} is open in another process: stop "
-                "`medstream up` (or the sink) before a backup or restore"
-            ) from exc
-        raise
+    return connect(f"chdb://{engine_path}", chdb_config=config)
 
 
 def backup_embedded(engine_path: Path, database: str, target: Path, out: Out) -> BackupReport:

@@ -48,23 +48,27 @@ def sql_string(text: str) -> str:
     return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def connect(url: str, ca_cert: str | None = None) -> Client:
+def connect(
+    url: str, ca_cert: str | None = None, chdb_config: Path | None = None
+) -> Client:
     """Open a client for an http(s):// ClickHouse server or a chdb:///path engine.
 
     ``ca_cert`` is the CA bundle that signed an https:// server's certificate (the server's
-    certificate is always verified).
+    certificate is always verified); ``chdb_config`` an extra ClickHouse configuration file
+    for the embedded engine (backups use it to allow their directory).
     """
     if url.startswith("chdb://"):
         path = Path(url.removeprefix("chdb://"))
         path.mkdir(parents=True, exist_ok=True)
+        options = {"config-file": str(chdb_config)} if chdb_config else None
         try:
-            return clickhouse_connect.get_client(dsn=f"chdb://{path}")
+            return clickhouse_connect.get_client(dsn=f"chdb://{path}", chdb_options=options)
         except Exception as exc:
             if "lock" in str(exc).lower():
                 raise QueryError(
-                    f"the embedded ClickHouse at {path} is open in another process; "
-                    "run this command while `medstream up` is running (it serves queries) "
-                    "or stop that process first"
+                    f"the embedded ClickHouse at {path} is open in another process (a running "
+                    "`medstream up` or sink): queries go through a running `medstream up`, "
+                    "other commands need it stopped first"
                 ) from exc
             raise
     if url.startswith(("http://", "https://")):

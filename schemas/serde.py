@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import struct
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -318,19 +319,21 @@ class AvroDeserializer:
         return record
 
 
+def record_fields(
+    definition: dict[str, Any], prefix: str = ""
+) -> Iterator[tuple[str, dict[str, Any]]]:
+    """(dotted name, field definition) of every field of a record schema, nested records'
+    fields (also those of arrays of records) following their parent field."""
+    for field in definition["fields"]:
+        name = prefix + field["name"]
+        yield name, field
+        nested = field["type"]
+        if isinstance(nested, dict) and nested.get("type") == "array":
+            nested = nested["items"]
+        if isinstance(nested, dict) and nested.get("type") == "record":
+            yield from record_fields(nested, name + ".")
+
+
 def field_sensitivity(definition: dict[str, Any]) -> dict[str, str]:
     """Field name -> sensitivity tag of a record schema (nested records included, dotted)."""
-    tags: dict[str, str] = {}
-
-    def walk(fields: list[dict[str, Any]], prefix: str) -> None:
-        for field in fields:
-            name = prefix + field["name"]
-            tags[name] = field.get("sensitivity", "")
-            nested = field["type"]
-            if isinstance(nested, dict) and nested.get("type") == "array":
-                nested = nested["items"]
-            if isinstance(nested, dict) and nested.get("type") == "record":
-                walk(nested["fields"], name + ".")
-
-    walk(definition["fields"], "")
-    return tags
+    return {name: field.get("sensitivity", "") for name, field in record_fields(definition)}

@@ -40,22 +40,6 @@ def type_text(avro_type: Any) -> str:
     return str(avro_type)
 
 
-def _field_rows(fields: list[dict[str, Any]], prefix: str, head: list[Any]) -> list[list[Any]]:
-    rows = []
-    for field in fields:
-        name = prefix + field["name"]
-        rows.append([
-            *head, name, type_text(field["type"]), field.get("sensitivity", ""),
-            field.get("doc", ""),
-        ])
-        nested = field["type"]
-        if isinstance(nested, dict) and nested.get("type") == "array":
-            nested = nested["items"]
-        if isinstance(nested, dict) and nested.get("type") == "record":
-            rows.extend(_field_rows(nested["fields"], name + ".", head))
-    return rows
-
-
 def dictionary_rows(registry: serde.ManifestRegistry) -> list[list[Any]]:
     """One row per field (nested record fields dotted) of every version of every subject."""
     rows: list[list[Any]] = []
@@ -66,7 +50,11 @@ def dictionary_rows(registry: serde.ManifestRegistry) -> list[list[Any]]:
                 subject, version.version, version.schema_id,
                 str(definition.get("medstream_kind", "")), _TABLE_BY_SUBJECT.get(subject, ""),
             ]
-            rows.extend(_field_rows(definition["fields"], "", head))
+            rows.extend(
+                [*head, name, type_text(field["type"]), field.get("sensitivity", ""),
+                 field.get("doc", "")]
+                for name, field in serde.record_fields(definition)
+            )
     return rows
 
 
