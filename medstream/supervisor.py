@@ -164,6 +164,9 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
 # run shorter than HEALTHY_RUN_S, it is reported as failed and `up` stops.
 MAX_QUICK_RESTARTS = 8
 HEALTHY_RUN_S = 300.0
+#: With --exit-when-done, the stored counts (events, alerts, dead letters) must hold still
+#: this long before the run counts as drained.
+DRAIN_QUIET_S = 3.0
 STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 75.0, "streams": 30.0, "sink": 60.0}
 
 
@@ -194,6 +197,7 @@ class Supervisor:
         self.out = out
         self.on_drained = on_drained
         self._last_drain_state: tuple[object, ...] | None = None
+        self._drain_state_since = 0.0
         self.broker: EmbeddedBroker | None = None
         self.children: list[Child] = []
         self._env: dict[str, str] = {}
@@ -402,10 +406,14 @@ class Supervisor:
             self._last_drain_state = None
             return None  # still in flight: try again at the next tick
         # Alerts and dead letters are not in the lineage proof: done only once nothing
-        # changed for a whole tick.
+        # changed for DRAIN_QUIET_S (an alert takes one more hop, the lifecycle agent, than
+        # the event that raised it; one short status tick can pass before it is stored).
         state = (published, tuple(sorted(report.stored_events.items())), *totals)
         if state != self._last_drain_state:
             self._last_drain_state = state
+            self._drain_state_since = time.monotonic()
+            return None
+        if time.monotonic() - self._drain_state_since < DRAIN_QUIET_S:
             return None
         if self.on_drained is not None:
             self.on_drained(query)
