@@ -132,6 +132,9 @@ def up(
             help="run the region simulator (default: only when no collector is configured)",
         ),
     ] = None,
+    console: Annotated[
+        bool, typer.Option("--console/--no-console", help="serve the live alert console")
+    ] = True,
 ) -> None:
     """Run the whole pipeline: broker, topics, ClickHouse, stream workers, sink, collectors
     and (by default when no collector is configured) the simulator."""
@@ -158,9 +161,11 @@ def up(
         seed = secrets.randbelow(1_000_000)
     if simulate:
         typer.echo(f"simulator seed {seed} (repeat this region with --seed {seed})")
+    from medstream.settings import ConsoleSettings
+
     supervisor = Supervisor(
         KafkaSettings(), ClickHouseSettings(), runtime, streams, collectors=collectors,
-        simulate=simulate,
+        simulate=simulate, console=ConsoleSettings() if console else None,
     )
     raise typer.Exit(supervisor.run(events, rate, seed, labels, exit_when_done))
 
@@ -209,12 +214,21 @@ def migrate_command() -> None:
         typer.echo("the running pipeline's sink applied the migrations at start")
         return
     client = open_clickhouse(ch, runtime)
-    applied = migrate(client, ch.database)
+    applied, fields, views = _prepare_database(client, ch.database)
     typer.echo("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
+    typer.echo(f"data_dictionary: {fields} fields of the Avro contracts")
+    typer.echo(f"{views} de-identified analyst views in {ch.database}_analyst")
+
+
+def _prepare_database(client: Any, database: str) -> tuple[list[str], int, int]:
+    """Migrations, then what derives from the contracts: the data dictionary and the
+    analyst views. Returns (migrations applied, dictionary fields, analyst views)."""
+    from medstream.access import refresh_analyst_views
     from sinks.dictionary import refresh_data_dictionary
 
-    fields = refresh_data_dictionary(client, ch.database)
-    typer.echo(f"data_dictionary: {fields} fields of the Avro contracts")
+    applied = migrate(client, database)
+    fields = refresh_data_dictionary(client, database)
+    return applied, fields, refresh_analyst_views(client, database)
 
 
 @app.command()
@@ -230,10 +244,7 @@ def sink(
     kafka = _kafka_for_client()
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
     client = open_clickhouse(ch, runtime)
-    applied = migrate(client, ch.database)
-    from sinks.dictionary import refresh_data_dictionary
-
-    refresh_data_dictionary(client, ch.database)
+    applied, _, _ = _prepare_database(client, ch.database)
     if applied:
         logging.getLogger("medstream.sink").info("migrations applied: %s", ", ".join(applied))
     lock = threading.Lock()
@@ -410,13 +421,43 @@ def sql(
     query: Annotated[str, typer.Argument(help="one read-only SQL statement")],
     output: Annotated[str, typer.Option("--format", help="table, json or csv")] = "table",
     max_rows: Annotated[int, typer.Option(help="print at most this many rows")] = 1000,
+    user: Annotated[
+        str | None,
+        typer.Option(
+            "--user",
+            help="run as this medstream user, with its role, organisation scope and column "
+            "clearance (password from MEDSTREAM_SQL_PASSWORD or a prompt); without it, as "
+            "the local operator (every table, read-only)",
+        ),
+    ] = None,
 ) -> None:
-    """Run a read-only query on the configured ClickHouse (also while `medstream up` runs)."""
-    try:
-        with _querier(max_rows) as run:
-            result = run(query)
-    except QueryError as exc:
-        _fail(str(exc))
+    """Run a read-only query on the configured ClickHouse (also while `medstream up` runs).
+    Every query is recorded in the audit log with its user and row count."""
+    from medstream.access import AccessError, QueryGovernor
+    from medstream.audit import AuditError, local_actor
+
+    if output not in ("table", "json", "csv"):
+        _fail("--format must be table, json or csv", 2)
+    ch = ClickHouseSettings()
+    actor, role_name, settings = local_actor(), "operator", None
+    statement = query
+    with _query_and_audit(max_rows) as (run, trail):
+        try:
+            if user is not None:
+                account = _sign_in(user)
+                actor, role_name = account.name, account.role
+                governed = QueryGovernor(ch.database, run).check(account, query)
+                statement, settings = governed.sql, governed.settings
+            result = run(statement, settings)
+        except (QueryError, AccessError) as exc:
+            _record(trail, actor, role_name, "query", "refused",
+                    detail=f"{query}\n-- refused: {exc}")
+            _fail(str(exc))
+        try:
+            trail.record(actor=actor, actor_role=role_name, channel="cli", action="query",
+                         outcome="ok", detail=query, rows=len(result.rows))
+        except AuditError as exc:
+            _fail(f"{exc}: the result is withheld")
     rows = result.rows[:max_rows]
     if output == "json":
         records = [dict(zip(result.columns, r, strict=True)) for r in rows]
@@ -431,6 +472,91 @@ def sql(
         typer.echo(render_table(result.columns, rows))
     if result.truncated or len(result.rows) > max_rows:
         typer.echo(f"(showing the first {len(rows)} rows)", err=True)
+
+
+def _sign_in(name: str) -> Any:
+    """A medstream user, after checking the password (environment or prompt)."""
+    import os
+
+    from medstream.access import AccessError, UserStore
+    from medstream.settings import ConsoleSettings
+
+    password = os.environ.get("MEDSTREAM_SQL_PASSWORD")
+    if password is None:
+        password = typer.prompt(f"password of {name}", hide_input=True)
+    store = UserStore(ConsoleSettings().users_path(RuntimeSettings()))
+    try:
+        return store.authenticate(name, password)
+    except AccessError as exc:
+        _record_sign_in_failure(name, str(exc))
+        _fail(str(exc))
+
+
+def _record_sign_in_failure(name: str, reason: str) -> None:
+    with _query_and_audit(1) as (_, trail):
+        _record(trail, name, "", "sign_in_failed", "refused", detail=reason)
+
+
+def _record(
+    trail: Any, actor: str, role_name: str, action: str, outcome: str, **fields: Any
+) -> None:
+    """Record an audit event of a refusal; a failure to record it is reported, not raised
+    (the refusal stands either way)."""
+    from medstream.audit import AuditError
+
+    try:
+        trail.record(actor=actor, actor_role=role_name, channel="cli", action=action,
+                     outcome=outcome, **fields)
+    except AuditError as exc:
+        typer.echo(f"warning: {exc}", err=True)
+
+
+@contextmanager
+def _query_and_audit(
+    max_rows: int,
+) -> Iterator[tuple[Callable[[str, dict[str, Any] | None], QueryResult], Any]]:
+    """A query runner and an audit trail: through a running `medstream up` (its query
+    endpoint and its broker) or a configured Kafka, else on an engine this command opens
+    (the audit event is then inserted directly)."""
+    from medstream.audit import AuditTrail, direct_insert
+    from schemas.serde import registry_from_url
+
+    ch, runtime, kafka = ClickHouseSettings(), RuntimeSettings(), KafkaSettings()
+    state = RuntimeState.read(runtime)
+    if kafka.embedded and state is not None:
+        kafka = kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
+    registry = registry_from_url(RegistrySettings().url)
+    if state is not None and state.query_url and not ch.url:
+        url = state.query_url
+        trail = AuditTrail(kafka, registry)
+
+        def via_gateway(sql: str, settings: dict[str, Any] | None = None) -> QueryResult:
+            return query_via_gateway(url, sql, ch.query_timeout_s, max_rows, settings)
+
+        try:
+            yield via_gateway, trail
+        finally:
+            trail.close()
+        return
+    try:
+        client = open_clickhouse(ch, runtime)
+    except QueryError as exc:
+        _fail(str(exc))
+    try:
+        if kafka.embedded:
+            migrate(client, ch.database)  # the audit table must exist before the first query
+            trail = AuditTrail(None, insert=direct_insert(client, ch.database))
+        else:
+            trail = AuditTrail(kafka, registry)
+
+
+        def direct(sql: str, settings: dict[str, Any] | None = None) -> QueryResult:
+            return run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows, settings)
+
+        yield direct, trail
+        trail.close()
+    finally:
+        client.close()
 
 
 def render_table(columns: list[str], rows: list[list[Any]]) -> str:
@@ -642,6 +768,10 @@ def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> N
     try:
         with _querier(PROOF_MAX_ROWS) as run:
             alert = current_state(run, ClickHouseSettings().database, alert_id)
+        from streams.deidentify import scrub_text
+
+        clean_note = scrub_text(note).text if note else ""
+        _audit_or_fail(f"alert_{action}", alert_id, clean_note, actor=actor.strip() or None)
         send_action(
             _kafka_for_client(), registry_from_url(RegistrySettings().url), alert, action,
             actor, note,
@@ -792,6 +922,258 @@ def restore_command(
         _fail(str(exc))
     if report.mismatches:
         _fail(f"{len(report.mismatches)} tables differ from the backup")
+
+
+users_app = typer.Typer(
+    no_args_is_help=True,
+    help="Console and SQL users: roles monitor, analyst and admin, organisation scope.",
+)
+app.add_typer(users_app, name="users")
+Organisations = Annotated[
+    list[str] | None,
+    typer.Option("--org", help="organisation in scope (repeatable; '*' = every organisation)"),
+]
+
+
+def _users() -> Any:
+    from medstream.access import UserStore
+    from medstream.settings import ConsoleSettings
+
+    return UserStore(ConsoleSettings().users_path(RuntimeSettings()))
+
+
+def _new_password(password_stdin: bool) -> str:
+    if password_stdin:
+        return sys.stdin.readline().rstrip("\n")
+    return str(typer.prompt("new password", hide_input=True, confirmation_prompt=True))
+
+
+def _config_change(target: str, detail: str) -> None:
+    """Audit a change of medstream's configuration made from this shell."""
+    _audit_or_fail("config_change", target, detail)
+
+
+def _audit_or_fail(action: str, target: str, detail: str, actor: str | None = None) -> None:
+    """Audit an action taken from this shell; the action is refused when it cannot be
+    audited (so call this before taking it)."""
+    from medstream.audit import AuditError, local_actor
+
+    with _query_and_audit(1) as (_, trail):
+        try:
+            trail.record(actor=actor or local_actor(), actor_role="operator", channel="cli",
+                         action=action, outcome="ok", target=target, detail=detail)
+        except AuditError as exc:
+            _fail(f"{exc}: nothing was done")
+
+
+@users_app.command("add")
+def users_add(
+    name: Annotated[str, typer.Argument(help="user name (lower case)")],
+    role_name: Annotated[str, typer.Option("--role", help="monitor, analyst or admin")],
+    org: Organisations = None,
+    password_stdin: Annotated[
+        bool, typer.Option(help="read the password from standard input (one line)")
+    ] = False,
+) -> None:
+    """Add a user (asks for the password twice)."""
+    from medstream.access import AccessError
+
+    store = _users()
+    try:
+        if name in store.users():
+            raise AccessError(f"user {name!r} exists (use `medstream users set` to change it)")
+        password = _new_password(password_stdin)
+        _config_change(f"user:{name}", f"user added: role {role_name}, organisations "
+                       + ",".join(org or []))
+        user = store.add(name, role_name, org or [], password)
+    except AccessError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"added {user.name} ({user.role}; {', '.join(user.organisations)}) to {store.path}")
+
+
+@users_app.command("set")
+def users_set(
+    name: Annotated[str, typer.Argument(help="user name")],
+    role_name: Annotated[str | None, typer.Option("--role", help="new role")] = None,
+    org: Organisations = None,
+    password: Annotated[bool, typer.Option("--password", help="set a new password")] = False,
+    password_stdin: Annotated[
+        bool, typer.Option(help="with --password: read it from standard input")
+    ] = False,
+    disabled: Annotated[
+        bool | None, typer.Option("--disable/--enable", help="disable or enable sign-in")
+    ] = None,
+) -> None:
+    """Change a user's role, organisations, password or sign-in."""
+    from medstream.access import AccessError
+
+    store = _users()
+    try:
+        store.get(name)
+        new_password = _new_password(password_stdin) if password else None
+        changes = [
+            f"role {role_name}" if role_name else "",
+            f"organisations {','.join(org)}" if org else "",
+            "password changed" if password else "",
+            ("disabled" if disabled else "enabled") if disabled is not None else "",
+        ]
+        _config_change(f"user:{name}", "user changed: " + "; ".join(c for c in changes if c))
+        user = store.update(name, role_name, org or None, new_password, disabled)
+    except AccessError as exc:
+        _fail(str(exc), 2)
+    state = "disabled" if user.disabled else "enabled"
+    typer.echo(f"{user.name}: {user.role}; {', '.join(user.organisations)}; {state}")
+
+
+@users_app.command("remove")
+def users_remove(name: Annotated[str, typer.Argument(help="user name")]) -> None:
+    """Remove a user (open console sessions end at their next request)."""
+    from medstream.access import AccessError
+
+    store = _users()
+    try:
+        store.get(name)
+        _config_change(f"user:{name}", "user removed")
+        store.remove(name)
+    except AccessError as exc:
+        _fail(str(exc), 2)
+    typer.echo(f"removed {name}")
+
+
+@users_app.command("list")
+def users_list() -> None:
+    """Every user with role, scope and state (never the password hash)."""
+    users = _users().users()
+    rows = [
+        [u.name, u.role, ", ".join(u.organisations), "disabled" if u.disabled else "enabled"]
+        for u in users.values()
+    ]
+    typer.echo(render_table(["name", "role", "organisations", "state"], rows) if rows
+               else "no users (add one with `medstream users add`)")
+
+
+@app.command("audit")
+def audit_command(
+    since: Annotated[
+        str | None, typer.Option(help="only events newer than this: 30m, 2h, 7d, or ISO time")
+    ] = None,
+    actor: Annotated[str | None, typer.Option("--user", help="only this actor")] = None,
+    action: Annotated[
+        str | None,
+        typer.Option(help="only this action: sign_in, sign_in_failed, sign_out, query, "
+                     "alert_acknowledge, alert_resolve, config_change"),
+    ] = None,
+    limit: Annotated[int, typer.Option(help="newest events to show")] = 100,
+    as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,
+) -> None:
+    """Print the audit log (sign-ins, queries, alert actions, configuration changes),
+    newest first."""
+    from medstream.audit import audit_query, rows_of
+
+    since_ms = None
+    if since:
+        since_ms = int(_since(since).timestamp() * 1000)
+    try:
+        sql_text = audit_query(ClickHouseSettings().database, since_ms, actor, action, limit)
+        with _querier(limit) as run:
+            result = run(sql_text)
+    except (ValueError, QueryError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(rows_of(result), default=str, ensure_ascii=False))
+        return
+    rows = [[str(v)[:80] if v is not None else "" for v in row] for row in result.rows]
+    typer.echo(render_table(result.columns, rows) if rows else "no audit events")
+
+
+def _since(text: str) -> datetime:
+    import re
+
+    match = re.fullmatch(r"(\d+)([mhd])", text.strip())
+    if match:
+        unit = {"m": "minutes", "h": "hours", "d": "days"}[match.group(2)]
+        return datetime.now(tz=UTC) - timedelta(**{unit: int(match.group(1))})
+    try:
+        return _parse_time(text)
+    except ValueError:
+        _fail(f"--since takes 30m, 2h, 7d or an ISO time, got {text!r}", 2)
+
+
+@app.command("grants")
+def grants_command(
+    service_user: Annotated[
+        str, typer.Option(help="ClickHouse user the medstream services connect as")
+    ] = "medstream",
+) -> None:
+    """Print the ClickHouse statements that give a server medstream's role model: roles,
+    column-level grants within each clearance, users (same bcrypt hashes) and row policies
+    for each user's organisations. Apply them as a ClickHouse admin."""
+    from medstream.access import QueryGovernor, analyst_columns, grant_statements
+
+    database = ClickHouseSettings().database
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            columns = analyst_columns(run, database)
+            scoped = QueryGovernor(database, lambda q, _s: run(q)).scoped_tables()
+    except QueryError as exc:
+        _fail(str(exc))
+    statements = grant_statements(
+        _users().users().values(), database, columns, scoped, service_user
+    )
+    typer.echo("-- generated by `medstream grants`; apply as a ClickHouse admin")
+    for statement in statements:
+        typer.echo(statement + ";")
+
+
+@app.command("console")
+def console_command(
+    port: Annotated[
+        int | None, typer.Option(help="listen on this port (default MEDSTREAM_CONSOLE_PORT)")
+    ] = None,
+    query_url: Annotated[
+        str | None, typer.Option(help="a running sink's query endpoint (set by `up`)")
+    ] = None,
+    metrics_port: MetricsPort = 0,
+) -> None:
+    """Serve the live alert console and its SQL endpoint (started by `medstream up`)."""
+    from medstream.access import UserStore
+    from medstream.audit import AuditTrail
+    from medstream.console import Console, Querier, run_console
+    from medstream.settings import ConsoleSettings
+    from schemas.serde import registry_from_url
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings, ch, runtime = ConsoleSettings(), ClickHouseSettings(), RuntimeSettings()
+    kafka = _kafka_for_client()
+    registry = registry_from_url(RegistrySettings().url)
+    if ch.url.startswith(("http://", "https://")):
+        client = open_clickhouse(ch, runtime)
+        lock = threading.Lock()
+
+        def run(sql: str, extra: dict[str, Any] | None, max_rows: int) -> QueryResult:
+            with lock:
+                return run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows, extra)
+    else:
+        state = RuntimeState.read(runtime)
+        url = query_url or (state.query_url if state else None)
+        if not url:
+            _fail(
+                "the console needs a ClickHouse server (CLICKHOUSE_URL=http(s)://...) or, for "
+                "the embedded engine, a running `medstream up` (--query-url)"
+            )
+
+        def run(sql: str, extra: dict[str, Any] | None, max_rows: int) -> QueryResult:
+            return query_via_gateway(url, sql, ch.query_timeout_s, max_rows, extra)
+
+    _start_metrics(metrics_port)
+    users = UserStore(settings.users_path(runtime))
+    console = Console(
+        settings, users, kafka, registry, Querier(run), AuditTrail(kafka, registry),
+        ch.database,
+    )
+    listen = port if port is not None else settings.port
+    run_console(console, settings.host, listen,
+                lambda url: typer.echo(f"console listening on {url}"))
 
 
 @app.command("settings")

@@ -126,14 +126,24 @@ def _statements(sql: str) -> list[str]:
 
 
 def run_read_only(
-    client: Client, sql: str, database: str, timeout_s: int = 60, max_rows: int = USER_MAX_ROWS
+    client: Client,
+    sql: str,
+    database: str,
+    timeout_s: int = 60,
+    max_rows: int = USER_MAX_ROWS,
+    settings: dict[str, Any] | None = None,
 ) -> QueryResult:
-    """Run one query with writes and DDL refused, bounded in time and result size."""
+    """Run one query with writes and DDL refused, bounded in time and result size.
+
+    ``settings`` adds to (or tightens) the defaults: a governed query passes ``readonly=1``
+    (no setting may be changed by the query itself) and its organisation row filters.
+    """
     try:
         result = client.query(
             sql,
             settings={
                 **READ_ONLY,
+                **(settings or {}),
                 "max_execution_time": timeout_s,
                 "max_result_rows": max_rows + 1,
                 "result_overflow_mode": "break",
@@ -146,8 +156,27 @@ def run_read_only(
 
 
 def _clean_error(message: str) -> str:
-    match = re.search(r"(Code: \d+\. DB::Exception: .*?)(?: \(version [\d.]+\))?(?:\.|$)", message)
-    return match.group(1).replace("DB::Exception: Code: ", "Code: ") if match else message
+    """ClickHouse's reason without the driver's wrapping, nesting or version suffix."""
+    match = re.search(r"Code: (\d+)\. DB::Exception: (.*)", message, re.DOTALL)
+    if not match:
+        return message
+    code, text = match.groups()
+    text = re.sub(r"^(?:Code: \d+\. DB::Exception: )+", "", text)
+    text = re.split(r" \(version [\d.]+\)|\. Stack trace|\n", text)[0].strip()
+    return f"Code: {code}. {text}"
+
+
+def _governed_settings(settings: Any) -> dict[str, Any] | None:
+    """The settings a gateway request may add: only ``readonly=1`` and row filters (it may
+    narrow what a query sees, never widen it)."""
+    if not settings:
+        return None
+    allowed = {"readonly", "additional_table_filters"}
+    if not isinstance(settings, dict) or set(settings) - allowed:
+        raise QueryError(f"a query may only add the settings {sorted(allowed)}")
+    if settings.get("readonly", 1) != 1:
+        raise QueryError("a query may only tighten readonly to 1")
+    return {"readonly": 1, **settings}
 
 
 class QueryGateway:
@@ -168,6 +197,7 @@ class QueryGateway:
                             gateway.database,
                             int(request.get("timeout_s", 60)),
                             int(request.get("max_rows", USER_MAX_ROWS)),
+                            _governed_settings(request.get("settings")),
                         )
                     body = {
                         "columns": result.columns,
@@ -210,12 +240,17 @@ class QueryGateway:
 
 
 def query_via_gateway(
-    url: str, sql: str, timeout_s: int = 60, max_rows: int = USER_MAX_ROWS
+    url: str,
+    sql: str,
+    timeout_s: int = 60,
+    max_rows: int = USER_MAX_ROWS,
+    settings: dict[str, Any] | None = None,
 ) -> QueryResult:
-    """Send one read-only query to a running gateway."""
+    """Send one read-only query to a running gateway (``settings`` as for run_read_only)."""
+    body = {"sql": sql, "timeout_s": timeout_s, "max_rows": max_rows, "settings": settings}
     request = urllib.request.Request(
         url,
-        data=json.dumps({"sql": sql, "timeout_s": timeout_s, "max_rows": max_rows}).encode(),
+        data=json.dumps(body).encode(),
         headers={"Content-Type": "application/json"},
     )
     try:

@@ -222,6 +222,7 @@ class RuntimeState:
     query_url: str | None
     metrics: dict[str, str]
     clickhouse_url: str
+    console_url: str | None = None
 
     def write(self, path: Path) -> None:
         """Write atomically."""

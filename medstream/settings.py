@@ -32,11 +32,13 @@ NORM_TOPICS = {
 }
 ALERTS_TOPIC = "alerts"
 DLQ_TOPIC = "dlq"
-#: Facts the stream stage derives besides the normalised events, each stored in its table.
+#: Facts besides the normalised events, each stored in its table: what the stream stage
+#: derives, and the audit trail of people's sign-ins, queries and actions.
 FACT_TOPICS = {
     "quality_issue": "quality.issues",
     "person_link": "mpi.links",
     "terminology_unmapped": "terminology.unmapped",
+    "audit_log": "audit",
 }
 #: Internal topics between the stream stage's agents (not stored).
 LIFECYCLE_TOPIC = "alerts.lifecycle"
@@ -255,6 +257,42 @@ class RuntimeSettings(BaseSettings):
         return self.data_dir / "clickhouse"
 
 
+class ConsoleSettings(BaseSettings):
+    """The alert console (web page and SQL endpoint) and the users who sign in to it."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSTREAM_CONSOLE_", extra="ignore", populate_by_name=True
+    )
+
+    host: str = Field(default="127.0.0.1", description="address the console listens on")
+    port: int = Field(default=8040, description="console port (0 = pick a free port)")
+    users_file: Path | None = Field(
+        default=None,
+        description="users file (YAML, bcrypt hashes) managed by `medstream users`; "
+        "empty = users.yaml in the data dir",
+    )
+    session_idle_minutes: float = Field(
+        default=30, description="a session ends after this long without a request"
+    )
+    session_max_hours: float = Field(
+        default=12, description="a session ends this long after sign-in, active or not"
+    )
+    secure_cookies: bool = Field(
+        default=False, description="mark the session cookie Secure (set when served over HTTPS)"
+    )
+    sql_max_rows: int = Field(default=100_000, description="rows one SQL endpoint query returns")
+    sql_timeout_s: int = Field(default=60, description="max execution time of one SQL query")
+
+    @field_validator("users_file", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: Any) -> Any:
+        return None if value == "" else value
+
+    def users_path(self, runtime: RuntimeSettings) -> Path:
+        """The users file in effect."""
+        return self.users_file or runtime.data_dir / "users.yaml"
+
+
 def clickhouse_url(ch: ClickHouseSettings, runtime: RuntimeSettings) -> str:
     """The effective ClickHouse URL: the configured one or the embedded chdb path."""
     return ch.url or f"chdb://{runtime.chdb_path.resolve()}"
@@ -268,6 +306,7 @@ SETTINGS_MODELS: tuple[type[BaseSettings], ...] = (
     StreamSettings,
     SinkSettings,
     RuntimeSettings,
+    ConsoleSettings,
 )
 
 

@@ -1,21 +1,24 @@
 """`medstream up`: start every component as its own process, print live status, stop cleanly.
 
 Process layout (each a separate OS process): the tansu broker (embedded mode only), one
-sink, N Faust stream workers and the simulator. The sink is also the one process that
-opens the embedded ClickHouse engine (chdb allows a single process per engine path), so it
-serves the read-only query endpoint that `medstream sql` and `medstream reconcile` use
-while the pipeline runs. The supervisor itself opens no engine.
+sink, N Faust stream workers, the alert console, the collectors and the simulator. The sink
+is also the one process that opens the embedded ClickHouse engine (chdb allows a single
+process per engine path), so it serves the read-only query endpoint that `medstream sql`,
+`medstream reconcile` and the console use while the pipeline runs. The supervisor itself
+opens no engine.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import secrets
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -24,6 +27,8 @@ from pathlib import Path
 
 from prometheus_client.parser import text_string_to_metric_families
 
+from medstream.access import ALL_ORGANISATIONS, UserStore
+from medstream.audit import AuditTrail
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult, query_via_gateway
 from medstream.runtime import (
     EmbeddedBroker,
@@ -35,6 +40,7 @@ from medstream.runtime import (
 )
 from medstream.settings import (
     ClickHouseSettings,
+    ConsoleSettings,
     KafkaSettings,
     RuntimeSettings,
     StreamSettings,
@@ -187,8 +193,11 @@ class Supervisor:
         on_drained: Callable[[Callable[[str], QueryResult]], None] | None = None,
         collectors: list[CollectorSpec] | None = None,
         simulate: bool = True,
+        console: ConsoleSettings | None = None,
     ) -> None:
         self.kafka = kafka
+        self.console = console
+        self.console_url: str | None = None
         self.collectors = collectors or []
         self.simulate = simulate
         self.clickhouse = clickhouse
@@ -280,6 +289,9 @@ class Supervisor:
         if not self._wait_ready(1 + self.streams.workers, timeout_s=120):
             return 0  # stopped while starting
         self._env = env
+        if self.console:
+            if not self._start_console(kafka, env):
+                return 0  # stopped while starting
         for spec in self.collectors:
             self._start(
                 Child(
@@ -310,6 +322,7 @@ class Supervisor:
             self.query_url,
             {c.name: c.metrics_url for c in self.children},
             ch_url,
+            self.console_url,
         ).write(self.runtime.runtime_file)
         self.out(
             f"running: {len(self.children)} processes; metrics at "
@@ -348,6 +361,50 @@ class Supervisor:
                     self.out("timed out waiting for the pipeline to drain")
                     return 1
         return 0
+
+    def _start_console(self, kafka: KafkaSettings, env: dict[str, str]) -> bool:
+        """Start the alert console once the sink serves queries; print its address (and the
+        first admin's password when no user exists yet). False when stopped meanwhile."""
+        assert self.console is not None and self.query_url is not None
+        store = UserStore(self.console.users_path(self.runtime))
+        if not store.users():
+            password = secrets.token_urlsafe(12)
+            AuditTrail(kafka).record(
+                actor="medstream", actor_role="operator", channel="cli", action="config_change",
+                outcome="ok", target="user:admin", detail="first admin created by `medstream up`",
+            )
+            store.add("admin", "admin", [ALL_ORGANISATIONS], password)
+            self.out(
+                f"created the first console user: admin / {password} (change it with "
+                "`medstream users set admin --password`; add users with `medstream users add`)"
+            )
+        port = self.console.port or free_port()
+        console = self._start(
+            Child("console", ["console", "--port", str(port), "--query-url", self.query_url],
+                  free_port()),
+            env,
+        )
+        health = f"http://127.0.0.1:{port}/healthz"
+        deadline = time.monotonic() + 60
+        while True:
+            if self._stop.is_set():
+                return False
+            if self._died(console):
+                log = self.runtime.data_dir / "console.log"
+                raise ComponentFailed(f"the console did not start; its log: {log}")
+            try:
+                with urllib.request.urlopen(health, timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except (OSError, urllib.error.URLError):
+                pass
+            if time.monotonic() > deadline:
+                raise ComponentFailed(f"the console did not become ready on port {port}")
+            time.sleep(0.2)
+        host = self.console.host if self.console.host not in ("0.0.0.0", "::") else "127.0.0.1"
+        self.console_url = f"http://{host}:{port}/"
+        self.out(f"alert console: {self.console_url}")
+        return True
 
     def _restart_collectors(self) -> None:
         """A collector that died is restarted after a growing pause (1 s .. 60 s): it resumes
@@ -484,7 +541,7 @@ class Supervisor:
             self.children,
             key=lambda c: (
                 0
-                if c.name == "simulator" or c.name.startswith("collector-")
+                if c.name in ("simulator", "console") or c.name.startswith("collector-")
                 else (1 if c.name.startswith("streams") else 2)
             ),
         )

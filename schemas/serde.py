@@ -52,6 +52,7 @@ QUALITY_ISSUE = "medstream.quality.QualityIssue"
 IDENTITY_OBSERVATION = "medstream.mpi.IdentityObservation"
 PERSON_LINK = "medstream.mpi.PersonLink"
 UNMAPPED_CODE = "medstream.terminology.UnmappedCode"
+AUDIT_EVENT = "medstream.audit.AuditEvent"
 
 #: Kafka header on a raw record naming the edge collector that published it (part of the
 #: contract: the sink's raw ledger records it, so reconciliation can account per collector).
@@ -78,6 +79,7 @@ FACT_SUBJECT_BY_TABLE = {
     "quality_issue": QUALITY_ISSUE,
     "person_link": PERSON_LINK,
     "terminology_unmapped": UNMAPPED_CODE,
+    "audit_log": AUDIT_EVENT,
 }
 
 

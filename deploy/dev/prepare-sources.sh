@@ -96,8 +96,24 @@ prepare_tools() {
     command -v promtool >/dev/null && command -v amtool >/dev/null
 }
 
+# Debian's Chromium (driven by Playwright in tests/e2e/test_console.py) and a CJK font so
+# the console's Chinese labels render in screenshots.
+prepare_browser() {
+    if command -v chromium >/dev/null && fc-list 2>/dev/null | grep -qi "wenquanyi\|noto sans cjk"; then
+        log "chromium and a CJK font present"
+        return 0
+    fi
+    log "installing chromium and fonts-wqy-microhei (Debian packages)"
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+        chromium fonts-wqy-microhei >/dev/null \
+        || { apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q \
+             --no-install-recommends chromium fonts-wqy-microhei >/dev/null; }
+    command -v chromium >/dev/null
+}
+
 status=0
 prepare_postgres || status=1
 prepare_mariadb || status=1
 prepare_tools || status=1
+prepare_browser || status=1
 exit $status

@@ -27,7 +27,7 @@ from tests.waiting import require_source
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 RULES = DEPLOY / "prometheus" / "rules" / "medstream.rules.yml"
-METRICS_PORTS = {"streams": 9101, "sink": 9102, "collect": 9110, "simulate": 9103}
+METRICS_PORTS = {"streams": 9101, "sink": 9102, "collect": 9110, "simulate": 9103, "console": 9104}
 
 
 def tool(name: str) -> str:
@@ -179,13 +179,22 @@ def test_compose_file_references_only_what_the_code_has() -> None:
     assert "\nMEDSTREAM_METRICS_HOST=0.0.0.0\n" in env_example
     medstream_services = {name: s for name, s in services.items()
                           if str(s.get("image", "")).startswith("medstream:")}
-    assert {"topics", "migrate", "streams-1", "streams-2", "sink-1"} <= set(medstream_services)
+    assert {"topics", "migrate", "streams-1", "streams-2", "sink-1", "console"} <= set(
+        medstream_services
+    )
     ports: dict[str, int] = {}
     for name, service in medstream_services.items():
         port = check_medstream_invocation(service["command"], f"compose {name}")
+        assert set(service.get("environment", {})) - variables == set(), name
+        if name == "console":
+            # The console is ready once its alert stream is live: /healthz on its own port.
+            console_port = service["environment"]["MEDSTREAM_CONSOLE_PORT"]
+            assert f"localhost:{console_port}/healthz" in " ".join(service["healthcheck"]["test"])
+            assert service["ports"] == [f"{console_port}:{console_port}"]
+        elif port is not None:
+            assert f"localhost:{port}/metrics" in " ".join(service["healthcheck"]["test"])
         if port is not None:
             ports[name] = port
-            assert f"localhost:{port}/metrics" in " ".join(service["healthcheck"]["test"])
     for name, service in services.items():
         image = str(service.get("image", ""))
         assert ":" in image and not image.endswith(":latest"), f"{name}: pin the image ({image})"
@@ -226,11 +235,18 @@ def test_kubernetes_manifests_reference_only_what_the_code_has() -> None:
             invocations.append(container["args"][0])
             for variable in container.get("env", []):
                 assert variable["name"] in variables, f"{where}: {variable['name']}"
-            if port is not None:
+            if container["args"][0] == "console":
+                env = {v["name"]: v.get("value") for v in container["env"]}
+                console_port = int(env["MEDSTREAM_CONSOLE_PORT"])
+                assert [p["containerPort"] for p in container["ports"]] == [console_port, port]
+                assert container["readinessProbe"]["httpGet"] == {
+                    "path": "/healthz", "port": console_port,
+                }
+            elif port is not None:
                 assert [p["containerPort"] for p in container["ports"]] == [port]
                 probe = " ".join(container["readinessProbe"]["exec"]["command"])
                 assert f"localhost:{port}/metrics" in probe
-    assert sorted(invocations) == ["migrate", "sink", "streams", "topics"]
+    assert sorted(invocations) == ["console", "migrate", "sink", "streams", "topics"]
 
 
 def test_a_misspelt_variable_or_option_would_be_caught() -> None:

@@ -22,8 +22,9 @@ def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable
     assert ensure_topics(kafka) == []
     metadata = AdminClient(kafka.librdkafka()).list_topics(timeout=10)
     wanted = contract_topics(kafka)
-    # 4 raw, 5 norm, alerts, dlq, 3 fact topics, and 4 internal ones.
-    assert len(wanted) == 18
+    # 4 raw, 5 norm, alerts, dlq, 4 fact topics (audit included), and 4 internal ones.
+    assert len(wanted) == 19
+    assert wanted[kafka.topic("audit")] == kafka.norm_partitions
     for name, partitions in wanted.items():
         assert len(metadata.topics[name].partitions) == partitions
     assert wanted[kafka.topic("raw.hl7_lab")] == 2 and wanted[kafka.topic("dlq")] == 1
@@ -36,7 +37,7 @@ def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
     try:
         assert broker.alive()
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
-        assert len(ensure_topics(kafka)) == 18
+        assert len(ensure_topics(kafka)) == 19
     finally:
         broker.stop()
     assert not broker.alive()

@@ -1,0 +1,188 @@
+"""The audit trail: every sign-in, query, alert action and configuration change, append-only.
+
+An audit event goes where every other medstream fact goes: to a Kafka topic (``audit``),
+from which the sink stores it in ClickHouse's ``audit_log``. Recording waits for the
+broker's acknowledgement, and whoever records fails closed: a query whose audit event was
+not accepted shows no rows, an action that could not be audited is not taken. A command
+that owns the embedded engine itself (no running pipeline, no Kafka) inserts the event
+directly instead.
+"""
+
+from __future__ import annotations
+
+import getpass
+import threading
+import time
+import uuid
+from collections.abc import Callable
+from typing import Any, Final
+
+from confluent_kafka import Producer
+
+from medstream.clickhouse import QueryResult, sql_string
+from medstream.settings import FACT_TOPICS, KafkaSettings
+from schemas import serde
+
+ACTIONS: Final = (
+    "sign_in", "sign_in_failed", "sign_out", "query", "alert_acknowledge", "alert_resolve",
+    "config_change",
+)
+OUTCOMES: Final = ("ok", "refused", "failed")
+CHANNELS: Final = ("console", "http", "cli", "workers")
+#: The longest detail kept (a query text beyond it is cut, and says so).
+MAX_DETAIL: Final = 8000
+COLUMNS: Final = (
+    "event_time", "actor", "actor_role", "channel", "action", "outcome", "target", "rows",
+    "client_address", "detail",
+)
+
+
+class AuditError(RuntimeError):
+    """An audit event was not recorded, so the audited action must not proceed."""
+
+
+def local_actor() -> str:
+    """The audit name of an operator at a shell of the engine's machine."""
+    try:
+        return f"local:{getpass.getuser()}"
+    except Exception:  # no user name in a bare container
+        return "local:unknown"
+
+
+def audit_event(
+    actor: str,
+    actor_role: str,
+    channel: str,
+    action: str,
+    outcome: str,
+    target: str = "",
+    detail: str = "",
+    rows: int | None = None,
+    client_address: str = "",
+) -> dict[str, Any]:
+    """One audit record, checked against the fixed vocabularies."""
+    if action not in ACTIONS:
+        raise ValueError(f"unknown audit action {action!r}")
+    if outcome not in OUTCOMES:
+        raise ValueError(f"unknown audit outcome {outcome!r}")
+    if channel not in CHANNELS:
+        raise ValueError(f"unknown audit channel {channel!r}")
+    if len(detail) > MAX_DETAIL:
+        detail = detail[:MAX_DETAIL] + f" ... [cut: {len(detail)} characters]"
+    return {
+        "audit_id": str(uuid.uuid4()),
+        "event_time": int(time.time() * 1000),
+        "actor": actor,
+        "actor_role": actor_role,
+        "channel": channel,
+        "action": action,
+        "outcome": outcome,
+        "target": target,
+        "detail": detail,
+        "rows": rows,
+        "client_address": client_address,
+    }
+
+
+class AuditTrail:
+    """Records audit events on the ``audit`` topic (or straight into ``audit_log``)."""
+
+    def __init__(
+        self,
+        kafka: KafkaSettings | None,
+        registry: serde.SchemaRegistry | None = None,
+        insert: Callable[[dict[str, Any]], None] | None = None,
+        timeout_s: float = 10.0,
+    ) -> None:
+        """``kafka`` to publish; without it, ``insert`` stores the event directly."""
+        if kafka is None and insert is None:
+            raise ValueError("an audit trail needs Kafka or a direct insert")
+        self.timeout_s = timeout_s
+        self._insert = insert
+        self._producer: Producer | None = None
+        self._lock = threading.Lock()
+        if kafka is not None:
+            self.topic = kafka.topic(FACT_TOPICS["audit_log"])
+            self._serialize = serde.AvroSerializer(
+                registry or serde.ManifestRegistry(), serde.AUDIT_EVENT
+            )
+            self._producer = Producer(
+                kafka.librdkafka(acks="all", **{"enable.idempotence": True, "linger.ms": 0})
+            )
+
+    def record(self, **fields: Any) -> dict[str, Any]:
+        """Record one event and wait until it is durable; AuditError when it is not."""
+        event = audit_event(**fields)
+        if self._producer is None:
+            assert self._insert is not None
+            try:
+                self._insert(event)
+            except Exception as exc:
+                raise AuditError(f"the audit event was not stored ({exc})") from exc
+            return event
+        errors: list[str] = []
+        delivered = threading.Event()
+
+        def on_delivery(error: Any, _message: Any) -> None:
+            if error is not None:
+                errors.append(str(error))
+            delivered.set()
+
+        with self._lock:
+            self._producer.produce(
+                self.topic, key=event["audit_id"].encode(), value=self._serialize(event),
+                on_delivery=on_delivery,
+            )
+            deadline = time.monotonic() + self.timeout_s
+            while not delivered.is_set() and time.monotonic() < deadline:
+                self._producer.poll(0.05)
+        if not delivered.is_set():
+            raise AuditError("the audit event was not acknowledged by Kafka in time")
+        if errors:
+            raise AuditError(f"the audit event was not delivered ({errors[0]})")
+        return event
+
+    def close(self) -> None:
+        """Flush and release the producer."""
+        if self._producer is not None:
+            self._producer.flush(self.timeout_s)
+
+
+def direct_insert(client: Any, database: str) -> Callable[[dict[str, Any]], None]:
+    """An insert of one audit event into ``audit_log`` through an engine this process owns."""
+    from datetime import UTC, datetime
+
+    def insert(event: dict[str, Any]) -> None:
+        row = dict(event, event_time=datetime.fromtimestamp(event["event_time"] / 1000, tz=UTC))
+        client.insert(f"{database}.audit_log", [list(row.values())], column_names=list(row))
+
+    return insert
+
+
+def audit_query(
+    database: str,
+    since_ms: int | None = None,
+    actor: str | None = None,
+    action: str | None = None,
+    limit: int = 200,
+) -> str:
+    """The SQL of `medstream audit`: newest events first, optionally filtered."""
+    where = []
+    if since_ms is not None:
+        where.append(f"event_time >= fromUnixTimestamp64Milli({int(since_ms)}, 'UTC')")
+    if actor:
+        where.append(f"actor = {sql_string(actor)}")
+    if action:
+        if action not in ACTIONS:
+            raise ValueError(f"unknown action {action!r} (actions: {', '.join(ACTIONS)})")
+        where.append(f"action = {sql_string(action)}")
+    clause = f"WHERE {' AND '.join(where)} " if where else ""
+    return (
+        f"SELECT {', '.join(COLUMNS)} FROM {database}.audit_log {clause}"
+        f"ORDER BY event_time DESC, audit_id LIMIT {int(limit)}"
+    )
+
+
+def rows_of(result: QueryResult) -> list[dict[str, Any]]:
+    """Query rows as dictionaries."""
+    return [dict(zip(result.columns, row, strict=True)) for row in result.rows]
