@@ -433,14 +433,15 @@ def column_sensitivity(
 
 
 def analyst_view_statements(
-    run: Callable[[str], QueryResult], database: str
+    run: Callable[[str], QueryResult], database: str, cluster: str = ""
 ) -> list[str]:
     """CREATE OR REPLACE VIEW statements of the analyst database: each table's columns
     within the analyst clearance, read with FINAL (collapsed duplicates)."""
     clearance = ROLES["analyst"].clearance
     tags = column_sensitivity(run, database)
     target = analyst_database(database)
-    statements = [f"CREATE DATABASE IF NOT EXISTS {target}"]
+    on_cluster = f" ON CLUSTER {cluster}" if cluster else ""
+    statements = [f"CREATE DATABASE IF NOT EXISTS {target}{on_cluster}"]
     for table in ANALYST_TABLES:
         columns = [
             row[0]
@@ -455,7 +456,7 @@ def analyst_view_statements(
         view = "alert" if table == "alert_history" else table
         source = f"{database}.alert_current" if table == "alert_history" else f"{database}.{table}"
         statements.append(
-            f"CREATE OR REPLACE VIEW {target}.{view} AS SELECT "
+            f"CREATE OR REPLACE VIEW {target}.{view}{on_cluster} AS SELECT "
             + ", ".join(f"`{c}`" for c in shown)
             + f" FROM {source} FINAL"
         )
@@ -552,10 +553,10 @@ def client_runner(client: Any) -> Callable[[str], QueryResult]:
     return run
 
 
-def refresh_analyst_views(client: Any, database: str) -> int:
+def refresh_analyst_views(client: Any, database: str, cluster: str = "") -> int:
     """(Re)create the de-identified analyst views from the current data dictionary; returns
     how many views exist. Run after the migrations and the dictionary refresh."""
-    statements = analyst_view_statements(client_runner(client), database)
+    statements = analyst_view_statements(client_runner(client), database, cluster)
     for statement in statements:
         client.command(statement)
     return len(statements) - 1

@@ -214,21 +214,23 @@ def migrate_command() -> None:
         typer.echo("the running pipeline's sink applied the migrations at start")
         return
     client = open_clickhouse(ch, runtime)
-    applied, fields, views = _prepare_database(client, ch.database)
+    applied, fields, views = _prepare_database(client, ch)
     typer.echo("applied: " + (", ".join(applied) if applied else "nothing (up to date)"))
     typer.echo(f"data_dictionary: {fields} fields of the Avro contracts")
     typer.echo(f"{views} de-identified analyst views in {ch.database}_analyst")
 
 
-def _prepare_database(client: Any, database: str) -> tuple[list[str], int, int]:
+def _prepare_database(client: Any, ch: ClickHouseSettings) -> tuple[list[str], int, int]:
     """Migrations, then what derives from the contracts: the data dictionary and the
     analyst views. Returns (migrations applied, dictionary fields, analyst views)."""
     from medstream.access import refresh_analyst_views
     from sinks.dictionary import refresh_data_dictionary
 
-    applied = migrate(client, database)
-    fields = refresh_data_dictionary(client, database)
-    return applied, fields, refresh_analyst_views(client, database)
+    if ch.cluster and not ch.url.startswith(("http://", "https://")):
+        _fail("MEDSTREAM_CLICKHOUSE_CLUSTER needs a ClickHouse server (CLICKHOUSE_URL)", 2)
+    applied = migrate(client, ch.database, ch.cluster)
+    fields = refresh_data_dictionary(client, ch.database)
+    return applied, fields, refresh_analyst_views(client, ch.database, ch.cluster)
 
 
 @app.command()
@@ -244,7 +246,7 @@ def sink(
     kafka = _kafka_for_client()
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
     client = open_clickhouse(ch, runtime)
-    applied, _, _ = _prepare_database(client, ch.database)
+    applied, _, _ = _prepare_database(client, ch)
     if applied:
         logging.getLogger("medstream.sink").info("migrations applied: %s", ", ".join(applied))
     lock = threading.Lock()
@@ -544,7 +546,7 @@ def _query_and_audit(
         _fail(str(exc))
     try:
         if kafka.embedded:
-            migrate(client, ch.database)  # the audit table must exist before the first query
+            migrate(client, ch.database, ch.cluster)  # the audit table must exist first
             trail = AuditTrail(None, insert=direct_insert(client, ch.database))
         else:
             trail = AuditTrail(kafka, registry)

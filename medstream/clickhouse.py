@@ -93,23 +93,56 @@ def migration_files() -> list[tuple[int, str, str]]:
     return sorted(found)
 
 
-def migrate(client: Client, database: str) -> list[str]:
-    """Apply pending migrations idempotently; returns the names applied now."""
+def migration_statements(sql: str, database: str, cluster: str = "") -> list[str]:
+    """The statements of one migration file for ``database``; with a ``cluster``, every table
+    is replicated (Replicated*MergeTree on Keeper paths from the servers' macros) and every
+    DDL statement runs ON CLUSTER, so each replica gets the same tables and the data."""
+    statements = _statements(sql.replace("{db}", database))
+    return [replicated(s, cluster) for s in statements] if cluster else statements
+
+
+_ENGINE = re.compile(r"ENGINE = (Replacing|Aggregating)?MergeTree(?:\(([^)]*)\))?")
+_DDL = re.compile(
+    r"^((?:CREATE (?:MATERIALIZED VIEW|VIEW|TABLE|DATABASE) IF NOT EXISTS|ALTER TABLE) \S+)"
+)
+
+
+def replicated(statement: str, cluster: str) -> str:
+    """One statement for a replicated cluster (see migration_statements)."""
+    if not _DB_NAME.match(cluster):
+        raise QueryError(f"invalid cluster name {cluster!r}")
+
+    def engine(match: re.Match[str]) -> str:
+        arguments = ["'/clickhouse/tables/{shard}/{database}/{table}'", "'{replica}'"]
+        if match.group(2):
+            arguments.append(match.group(2))
+        return f"ENGINE = Replicated{match.group(1) or ''}MergeTree({', '.join(arguments)})"
+
+    text = _ENGINE.sub(engine, statement)
+    text = text.replace("non_replicated_deduplication_window", "replicated_deduplication_window")
+    return _DDL.sub(lambda m: f"{m.group(1)} ON CLUSTER {cluster}", text, count=1)
+
+
+def migrate(client: Client, database: str, cluster: str = "") -> list[str]:
+    """Apply pending migrations idempotently; returns the names applied now. ``cluster``
+    (a ClickHouse server's remote_servers name) replicates every table to every replica."""
     if not _DB_NAME.match(database):
         raise QueryError(f"invalid database name {database!r}")
-    client.command(f"CREATE DATABASE IF NOT EXISTS {database}")
-    client.command(
+    bootstrap = (
+        f"CREATE DATABASE IF NOT EXISTS {database}",
         f"CREATE TABLE IF NOT EXISTS {database}.schema_migrations "
         "(version UInt32, name String, applied_time DateTime64(3, 'UTC') DEFAULT now64(3)) "
-        "ENGINE = MergeTree ORDER BY version"
+        "ENGINE = MergeTree ORDER BY version",
     )
+    for statement in bootstrap:
+        client.command(replicated(statement, cluster) if cluster else statement)
     recorded = client.query(f"SELECT version FROM {database}.schema_migrations")
     done = {row[0] for row in recorded.result_rows}
     applied = []
     for version, name, sql in migration_files():
         if version in done:
             continue
-        for statement in _statements(sql.replace("{db}", database)):
+        for statement in migration_statements(sql, database, cluster):
             client.command(statement)
         client.insert(
             f"{database}.schema_migrations", [(version, name)], column_names=["version", "name"]

@@ -163,6 +163,11 @@ class ClickHouseSettings(BaseSettings):
         "uses the system's trusted CAs",
     )
     query_timeout_s: int = Field(default=60, description="max execution time of `medstream sql`")
+    cluster: str = Field(
+        default="",
+        description="ClickHouse cluster (remote_servers name) whose replicas all get the tables: "
+        "replicated engines and ON CLUSTER DDL; empty = one server or the embedded engine",
+    )
 
 
 class RegistrySettings(BaseSettings):

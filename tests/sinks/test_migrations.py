@@ -212,3 +212,32 @@ def test_data_dictionary_lists_every_contract_field_with_its_sensitivity(
         "('direct_identifier', 'quasi_identifier', 'pseudonym', 'clinical', 'operational')"
     ).result_rows
     assert untagged == 0
+
+
+def test_on_a_cluster_every_table_is_replicated_and_every_ddl_runs_on_each_replica(
+    clickhouse: Client,
+) -> None:
+    """No replicated server runs here (no Keeper): ClickHouse's own parser checks every
+    rewritten statement, and the rewrite leaves no table that a second replica would miss."""
+    from medstream.clickhouse import migration_files, migration_statements
+
+    statements = [
+        statement
+        for _, _, sql in migration_files()
+        for statement in migration_statements(sql, "medstream", "medstream")
+    ]
+    assert len(statements) > 60
+    for statement in statements:
+        [(formatted,)] = clickhouse.query(
+            "SELECT formatQuery({s:String})", {"s": statement}
+        ).result_rows
+        assert formatted
+        if statement.startswith(("CREATE", "ALTER")):
+            assert " ON CLUSTER medstream" in statement.split(" AS ", 1)[0], statement[:120]
+        if "ENGINE" in statement:
+            assert "ENGINE = Replicated" in statement, statement[:200]
+            assert "'/clickhouse/tables/{shard}/{database}/{table}', '{replica}'" in statement
+        assert "non_replicated" not in statement
+    versioned = next(s for s in statements if "alert_current ON CLUSTER" in s and "ENGINE" in s)
+    assert "ReplicatedReplacingMergeTree('/clickhouse/tables/{shard}/{database}/{table}', " \
+           "'{replica}', updated_time)" in versioned

@@ -1,0 +1,211 @@
+"""The console's HTTP side in process: sign-in, throttling, session expiry, CSRF and origin
+checks, role refusals, Basic-auth SQL and the audit records of each, on the real broker and
+the real ClickHouse engine (the browser test is tests/e2e/test_console.py)."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import threading
+import time
+from collections.abc import Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from aiohttp.test_utils import TestClient, TestServer
+from clickhouse_connect.driver.client import Client
+
+from medstream.access import UserStore, refresh_analyst_views
+from medstream.audit import AuditTrail, direct_insert
+from medstream.clickhouse import QueryResult, run_read_only
+from medstream.console import Console, Querier, alert_view
+from medstream.settings import ConsoleSettings, KafkaSettings
+from schemas import serde
+from sinks.dictionary import refresh_data_dictionary
+
+pytestmark = pytest.mark.integration
+
+PASSWORD = "synthetic-pass-01"
+
+
+def _console(
+    kafka: KafkaSettings, clickhouse: Client, database: str, users: UserStore, **settings: Any
+) -> Console:
+    lock = threading.Lock()
+
+    def run(sql: str, extra: dict[str, Any] | None, max_rows: int) -> QueryResult:
+        with lock:
+            return run_read_only(clickhouse, sql, database, 30, max_rows, extra)
+
+    def insert(event: dict[str, Any]) -> None:
+        with lock:
+            direct_insert(clickhouse, database)(event)
+
+    return Console(
+        ConsoleSettings(**settings), users, kafka, serde.ManifestRegistry(), Querier(run),
+        AuditTrail(None, insert=insert), database,
+    )
+
+
+def _run(console: Console, scenario: Callable[[TestClient], Any]) -> None:
+    async def main() -> None:
+        async with TestClient(TestServer(console.application())) as client:
+            await scenario(client)
+        console.stop()
+
+    asyncio.run(main())
+
+
+@pytest.fixture
+def users(tmp_path: Path) -> UserStore:
+    store = UserStore(tmp_path / "users.yaml")
+    store.add("mon.east", "monitor", ["H001"], PASSWORD)
+    store.add("analyst.east", "analyst", ["H001"], PASSWORD)
+    return store
+
+
+def audit_rows(clickhouse: Client, database: str) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r) for r in clickhouse.query(
+            f"SELECT actor, action, outcome, target FROM {database}.audit_log ORDER BY event_time"
+        ).result_rows
+    ]
+
+
+def _alert(organisation: str) -> dict[str, Any]:
+    now = datetime.now(tz=UTC)
+    return alert_view({
+        "alert_id": f"alert-{organisation}", "rule_id": "critical_value.potassium",
+        "severity": "critical", "status": "open", "organisation_id": organisation,
+        "person_key": "P-1", "subject": "P-1", "explanation": "Potassium 7.4 mmol/L",
+        "first_event_time": now, "updated_time": now,
+    })
+
+
+async def _sign_in(client: TestClient, name: str, password: str = PASSWORD) -> Any:
+    return await client.post("/api/session", json={"name": name, "password": password})
+
+
+def test_sign_in_sessions_csrf_and_roles(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
+    users: UserStore,
+) -> None:
+    console = _console(kafka_factory(), clickhouse, database, users)
+    console.board.merge(_alert("H001"))
+    console.board.merge(_alert("H002"))
+
+    async def scenario(client: TestClient) -> None:
+        wrong = await _sign_in(client, "mon.east", "not the password")
+        assert wrong.status == 401 and "sign-in failed" in (await wrong.json())["error"]
+        assert (await client.get("/api/alerts")).status == 401
+
+        signed = await _sign_in(client, "mon.east")
+        assert signed.status == 200
+        cookie = signed.headers["Set-Cookie"]
+        assert "HttpOnly" in cookie and "SameSite=Strict" in cookie
+        csrf = (await signed.json())["csrf"]
+        alerts = (await (await client.get("/api/alerts")).json())["alerts"]
+        assert [a["alert_id"] for a in alerts] == ["alert-H001"]  # never another hospital's
+
+        no_token = await client.post("/api/alerts/alert-H001/acknowledge", json={})
+        assert no_token.status == 403 and "CSRF" in (await no_token.json())["error"]
+        cross_site = await client.post(
+            "/api/alerts/alert-H001/acknowledge", json={},
+            headers={"X-CSRF-Token": csrf, "Origin": "https://evil.example"},
+        )
+        assert cross_site.status == 403
+        other = await client.post(
+            "/api/alerts/alert-H002/acknowledge", json={}, headers={"X-CSRF-Token": csrf}
+        )
+        assert other.status == 404  # out of scope looks like absent
+        timeline = await client.get("/api/alerts/alert-H002/timeline")
+        assert timeline.status == 404
+
+        # An analyst may look but not act.
+        client.session.cookie_jar.clear()
+        analyst = await _sign_in(client, "analyst.east")
+        analyst_csrf = (await analyst.json())["csrf"]
+        refused = await client.post(
+            "/api/alerts/alert-H001/resolve", json={"note": "x"},
+            headers={"X-CSRF-Token": analyst_csrf},
+        )
+        assert refused.status == 403 and "may not" in (await refused.json())["error"]
+        # Disabling the account ends its session at the next request.
+        users.update("analyst.east", disabled=True)
+        assert (await client.get("/api/session")).status == 401
+        users.update("analyst.east", disabled=False)
+
+        # Signing out ends the session.
+        client.session.cookie_jar.clear()
+        csrf = (await (await _sign_in(client, "mon.east")).json())["csrf"]
+        out = await client.delete("/api/session", headers={"X-CSRF-Token": csrf})
+        assert out.status == 200
+        assert (await client.get("/api/session")).status == 401
+
+    _run(console, scenario)
+    rows = audit_rows(clickhouse, database)
+    assert ("mon.east", "sign_in_failed", "refused", "") in rows
+    assert ("analyst.east", "alert_resolve", "refused", "alert-H001") in rows
+    assert ("mon.east", "sign_out", "ok", "") in rows
+    assert sum(1 for r in rows if r[1] == "sign_in" and r[2] == "ok") == 3
+
+
+def test_repeated_failures_are_throttled_and_idle_sessions_expire(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
+    users: UserStore,
+) -> None:
+    console = _console(kafka_factory(), clickhouse, database, users, session_idle_minutes=0.02)
+
+    async def scenario(client: TestClient) -> None:
+        assert (await _sign_in(client, "mon.east")).status == 200
+        assert (await client.get("/api/session")).status == 200
+        await asyncio.sleep(1.6)  # longer than the 1.2 s idle limit
+        expired = await client.get("/api/session")
+        assert expired.status == 401 and "expired" in (await expired.json())["error"]
+        statuses = [(await _sign_in(client, "mon.east", "wrong-password")).status
+                    for _ in range(6)]
+        assert statuses == [401] * 5 + [429]
+        # Even the right password waits out the throttle.
+        assert (await _sign_in(client, "mon.east")).status == 429
+
+    _run(console, scenario)
+
+
+def test_sql_endpoint_with_basic_auth_is_governed_and_audited(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
+    users: UserStore,
+) -> None:
+    refresh_data_dictionary(clickhouse, database)
+    refresh_analyst_views(clickhouse, database)
+    console = _console(kafka_factory(), clickhouse, database, users)
+
+    def basic(name: str, password: str = PASSWORD) -> dict[str, str]:
+        token = base64.b64encode(f"{name}:{password}".encode()).decode()
+        return {"Authorization": f"Basic {token}"}
+
+    async def scenario(client: TestClient) -> None:
+        sql = f"SELECT count() AS n FROM {database}_analyst.lab_result"
+        ok = await client.post("/api/sql", json={"sql": sql}, headers=basic("analyst.east"))
+        assert ok.status == 200, await ok.text()
+        assert await ok.json() == {"columns": ["n"], "rows": [[0]], "truncated": False}
+        monitor = await client.post("/api/sql", json={"sql": "SELECT 1"},
+                                    headers=basic("mon.east"))
+        assert monitor.status == 400 and "no SQL access" in (await monitor.json())["error"]
+        bad = await client.post("/api/sql", json={"sql": "SELECT 1"},
+                                headers=basic("analyst.east", "wrong-password"))
+        assert bad.status == 401
+        fmt = await client.post("/api/sql", json={"sql": sql, "format": "xml"},
+                                headers=basic("analyst.east"))
+        assert fmt.status == 400
+
+    _run(console, scenario)
+    time.sleep(0.1)
+    rows = audit_rows(clickhouse, database)
+    assert ("analyst.east", "query", "ok", "") in rows
+    assert ("mon.east", "query", "refused", "") in rows
+    channel = clickhouse.query(
+        f"SELECT DISTINCT channel FROM {database}.audit_log WHERE action = 'query'"
+    ).result_rows
+    assert channel == [("http",)]
