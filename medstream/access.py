@@ -20,8 +20,10 @@ that ClickHouse also accepts for its own users).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -43,6 +45,10 @@ _USER_NAME = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
 _ORGANISATION = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 #: Table functions a governed query may use: they read no stored data.
 SAFE_TABLE_FUNCTIONS: Final = frozenset({"numbers", "one", "zeros", "generateSeries"})
+#: Lines of a query's parse or analysis tree that are read to check it (more: refused).
+EXPLAIN_MAX_ROWS: Final = 200_000
+#: How long the list of organisation-scoped tables is reused before it is read again.
+SCOPE_REFRESH_S: Final = 60.0
 
 
 class AccessError(PermissionError):
@@ -157,9 +163,11 @@ def _check_organisations(organisations: Iterable[str]) -> tuple[str, ...]:
     return scope
 
 
-#: A hash that no password matches, checked when the user is unknown so that a failed
-#: sign-in takes the same time whether or not the name exists.
-_NO_USER_HASH: Final = bcrypt.hashpw(b"no such user", bcrypt.gensalt(BCRYPT_ROUNDS))
+@functools.cache
+def _no_user_hash() -> bytes:
+    """A hash that no password matches, checked when the user is unknown so that a failed
+    sign-in takes the same time whether or not the name exists."""
+    return bcrypt.hashpw(b"no such user", bcrypt.gensalt(BCRYPT_ROUNDS))
 
 
 class UserStore:
@@ -171,11 +179,18 @@ class UserStore:
 
     def __init__(self, path: Path) -> None:
         self.path = path
+        self._cache: tuple[tuple[int, int, int], dict[str, User]] | None = None
 
     def users(self) -> dict[str, User]:
-        """Every user, by name (an absent file holds none)."""
-        if not self.path.exists():
+        """Every user, by name (an absent file holds none). The file is read again only
+        when it changed."""
+        try:
+            stat = self.path.stat()
+        except FileNotFoundError:
             return {}
+        stamp = (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+        if self._cache is not None and self._cache[0] == stamp:
+            return dict(self._cache[1])
         document = yaml.safe_load(self.path.read_text()) or {}
         found: dict[str, User] = {}
         for entry in document.get("users", []):
@@ -187,7 +202,8 @@ class UserStore:
                 disabled=bool(entry.get("disabled", False)),
             )
             found[user.name] = user
-        return found
+        self._cache = (stamp, found)
+        return dict(found)
 
     def get(self, name: str) -> User:
         """One user; AccessError when there is none."""
@@ -219,16 +235,25 @@ class UserStore:
             yaml.safe_dump(document, handle, sort_keys=False)
         os.replace(temporary, self.path)
 
-    def add(self, name: str, role_name: str, organisations: Iterable[str], password: str) -> User:
-        """Create a user; refuses an existing name."""
-        users = self.users()
-        if _check_name(name) in users:
+    def new_user(
+        self, name: str, role_name: str, organisations: Iterable[str], password: str
+    ) -> User:
+        """A checked new user (not saved yet); refuses an existing name."""
+        if _check_name(name) in self.users():
             raise AccessError(f"user {name!r} exists (use `medstream users set` to change it)")
-        user = User(
+        return User(
             name, role(role_name).name, _check_organisations(organisations),
             hash_password(password),
         )
-        users[name] = user
+
+    def add(self, name: str, role_name: str, organisations: Iterable[str], password: str) -> User:
+        """Create a user; refuses an existing name."""
+        return self.save(self.new_user(name, role_name, organisations, password))
+
+    def save(self, user: User) -> User:
+        """Write one user (new or changed)."""
+        users = self.users()
+        users[user.name] = user
         self._write(users)
         return user
 
@@ -241,7 +266,17 @@ class UserStore:
         disabled: bool | None = None,
     ) -> User:
         """Change a user's role, scope, password or disabled flag."""
-        users = self.users()
+        return self.save(self.changed(name, role_name, organisations, password, disabled))
+
+    def changed(
+        self,
+        name: str,
+        role_name: str | None = None,
+        organisations: Iterable[str] | None = None,
+        password: str | None = None,
+        disabled: bool | None = None,
+    ) -> User:
+        """A user with the changes applied and checked (not saved yet)."""
         user = self.get(name)
         if role_name is not None:
             user = replace(user, role=role(role_name).name)
@@ -251,8 +286,6 @@ class UserStore:
             user = replace(user, password_hash=hash_password(password))
         if disabled is not None:
             user = replace(user, disabled=disabled)
-        users[name] = user
-        self._write(users)
         return user
 
     def remove(self, name: str) -> None:
@@ -266,7 +299,7 @@ class UserStore:
         """The user when the password matches; one AccessError for every failure (it does
         not tell an unknown name from a wrong password)."""
         user = self.users().get(name)
-        hashed = user.password_hash.encode() if user else _NO_USER_HASH
+        hashed = user.password_hash.encode() if user else _no_user_hash()
         matches = bcrypt.checkpw(password.encode()[:72], hashed)
         if user is None or not matches or user.disabled:
             raise AccessError("sign-in failed: unknown user, wrong password or disabled user")
@@ -313,10 +346,12 @@ def referenced_objects(explain_tree: str) -> tuple[set[str], set[str]]:
 def allowed_object(user: User, name: str, database: str) -> bool:
     """Whether the user's role may name this table or view in a query."""
     scope = user.permissions.sql
+    if name == "system.one":  # what a query without FROM reads
+        return scope != "none"
     schema, _, table = name.partition(".")
     if scope == "all":
         if table == "audit_log" and schema == database:
-            return user.permissions.read_audit
+            return user.permissions.read_audit and user.all_organisations
         return schema in (database, analyst_database(database))
     if scope == "analyst":
         return schema == analyst_database(database) or name in {
@@ -343,26 +378,51 @@ class QueryGovernor:
     organisations; the engine then enforces the scope on every base table it reads."""
 
     def __init__(self, database: str, run: Callable[..., QueryResult]) -> None:
-        """``run(sql, settings)`` runs a read-only query as the service account."""
+        """``run(sql, settings, max_rows)`` runs a read-only query as the service account."""
         self.database = database
         self.run = run
         self._scoped_tables: list[str] | None = None
+        self._scoped_at = 0.0
 
     def scoped_tables(self) -> list[str]:
-        """Every base table of the medstream databases that has an organisation_id."""
-        if self._scoped_tables is None:
+        """Every base table of the medstream database that has an organisation_id; refuses
+        (rather than filtering nothing) while the database is not migrated yet."""
+        now = time.monotonic()
+        if self._scoped_tables is None or now - self._scoped_at > SCOPE_REFRESH_S:
             result = self.run(
                 "SELECT database || '.' || table FROM system.columns "
                 f"WHERE database = {sql_string(self.database)} AND name = 'organisation_id' "
                 f"AND table IN (SELECT name FROM system.tables WHERE database = "
                 f"{sql_string(self.database)} AND engine LIKE '%MergeTree%') ORDER BY 1",
                 {},
+                10_000,
             )
-            self._scoped_tables = [row[0] for row in result.rows]
+            tables = [row[0] for row in result.rows]
+            if not tables:
+                raise QueryError(
+                    f"{self.database} has no tables yet (not migrated): the organisation "
+                    "scope cannot be applied, so the query is refused"
+                )
+            self._scoped_tables, self._scoped_at = tables, now
         return self._scoped_tables
 
+    def settings_for(self, user: User) -> dict[str, Any]:
+        """readonly=1 and, for a scoped user, a row filter on every scoped base table."""
+        settings: dict[str, Any] = {"readonly": 1}
+        if not user.all_organisations:
+            settings["additional_table_filters"] = {
+                table: organisation_filter(user) for table in self.scoped_tables()
+            }
+        return settings
+
     def check(self, user: User, sql: str) -> GovernedQuery:
-        """The statement and settings to run it with; QueryError says what is refused."""
+        """The statement and settings to run it with; QueryError says what is refused.
+
+        First the statement is only parsed (``EXPLAIN AST``: nothing runs) and every table,
+        table function, function and clause it names is checked; only then is it analysed
+        (``EXPLAIN QUERY TREE``, which may evaluate scalar subqueries) under the user's
+        row filters, and the tables the analysis resolved are checked again.
+        """
         permissions = user.permissions
         if user.disabled:
             raise QueryError(f"user {user.name} is disabled")
@@ -371,31 +431,108 @@ class QueryGovernor:
                 f"role {user.role} has no SQL access (monitors use the alert console)"
             )
         statement = query_text(sql)
-        explained = self.run(f"EXPLAIN QUERY TREE {statement}", {})
-        tables, functions = referenced_objects("\n".join(str(r[0]) for r in explained.rows))
+        tree = self._explain("AST", statement, {"readonly": 1})
+        tables = parsed_objects(tree, statement)
+        self._refuse_tables(user, tables)
+        settings = self.settings_for(user)
+        resolved, functions = referenced_objects(
+            self._explain(
+                "QUERY TREE", statement, {**settings, "enable_scalar_subquery_optimization": 0}
+            )
+        )
         unsafe = sorted(functions - SAFE_TABLE_FUNCTIONS)
         if unsafe:
             raise QueryError(f"table functions are not allowed here: {', '.join(unsafe)}")
+        self._refuse_tables(user, resolved)
+        return GovernedQuery(statement, settings)
+
+    def _explain(self, kind: str, statement: str, settings: dict[str, Any]) -> str:
+        result = self.run(f"EXPLAIN {kind} {statement}", settings, EXPLAIN_MAX_ROWS)
+        if result.truncated:
+            raise QueryError("the query is too large to be checked")
+        return "\n".join(str(row[0]) for row in result.rows)
+
+    def _refuse_tables(self, user: User, tables: set[str]) -> None:
         refused = sorted(t for t in tables if not allowed_object(user, t, self.database))
-        if refused:
+        if not refused:
+            return
+        if user.permissions.sql == "analyst":
             hint = (
                 f"analysts read the views of {analyst_database(self.database)}, "
                 f"{self.database}.data_dictionary and {self.database}.monitoring_per_minute"
-                if permissions.sql == "analyst"
-                else "the audit log is for admins"
-                if any(t.endswith(".audit_log") for t in refused)
-                else f"admins read the {self.database} and "
-                f"{analyst_database(self.database)} databases"
             )
-            raise QueryError(
-                f"role {user.role} may not read {', '.join(refused)} ({hint})"
+        elif any(t.endswith(".audit_log") for t in refused):
+            hint = "the audit log is for admins of every organisation"
+        else:
+            hint = (
+                f"admins read the {self.database} and {analyst_database(self.database)} "
+                "databases"
             )
-        settings: dict[str, Any] = {"readonly": 1}
-        if not user.all_organisations:
-            settings["additional_table_filters"] = {
-                table: organisation_filter(user) for table in self.scoped_tables()
-            }
-        return GovernedQuery(statement, settings)
+        raise QueryError(f"role {user.role} may not read {', '.join(refused)} ({hint})")
+
+
+#: Functions that reach outside the stored data (files, the network, other servers, the
+#: engine's own configuration) or read dictionaries and Join tables by name, past the table
+#: checks: refused everywhere in a governed query.
+DENIED_FUNCTIONS: Final = frozenset({
+    "file", "filecluster", "url", "urlcluster", "s3", "s3cluster", "gcs", "oss", "cosn",
+    "hdfs", "hdfscluster", "azureblobstorage", "azureblobstoragecluster", "remote",
+    "remotesecure", "cluster", "clusterallreplicas", "mysql", "postgresql", "mongodb", "redis",
+    "sqlite", "jdbc", "odbc", "executable", "input", "merge", "mergetreeindex", "iceberg",
+    "icebergs3", "deltalake", "hudi", "loop", "view", "viewifpermitted", "viewexplain",
+    "dictionary", "getsetting", "getsettingordefault", "getclientsetting", "getserversetting",
+    "getmacro", "fqdn", "hostname", "currentuser", "currentprofiles", "currentroles",
+    "enabledroles", "defaultroles", "filesystemavailable", "filesystemcapacity",
+    "filesystemunreserved",
+})
+DENIED_FUNCTION_PREFIXES: Final = ("dictget", "dicthas", "dictisin", "joinget")
+_AST_LINE = re.compile(r"^( *)(\S+)(?: (.*?))?(?: \(children \d+\))?$")
+
+
+def parsed_objects(tree: str, statement: str) -> set[str]:
+    """The tables a parsed statement (``EXPLAIN AST`` output) names, fully qualified;
+    refuses clauses, table functions and functions a governed query may not use."""
+    matches = [_AST_LINE.match(line) for line in tree.splitlines() if line.strip()]
+    nodes = [(len(m.group(1)), m.group(2), (m.group(3) or "").strip()) for m in matches if m]
+    tables: set[str] = set()
+    names = cte_names(statement)
+    for index, (depth, kind, detail) in enumerate(nodes):
+        name = detail.split(" ")[0] if detail else ""
+        client_format = (kind, name) == ("Identifier", "Native")  # the driver adds it
+        if depth == 1 and not (kind == "ExpressionList" or client_format):
+            raise QueryError("INTO OUTFILE, FORMAT and SETTINGS clauses are not allowed here")
+        if kind == "Function":
+            lowered = name.lower()
+            parent = _parent(nodes, index)
+            if parent == "TableExpression":
+                if name not in SAFE_TABLE_FUNCTIONS:
+                    raise QueryError(f"table functions are not allowed here: {name}")
+            elif lowered in DENIED_FUNCTIONS or lowered.startswith(DENIED_FUNCTION_PREFIXES):
+                raise QueryError(f"the function {name} is not allowed here")
+        if kind == "TableIdentifier":
+            if "." in name:
+                tables.add(name.replace("`", ""))
+            elif name.replace("`", "") not in names:
+                raise QueryError(
+                    f"name the database of {name} (e.g. medstream_analyst.{name}); only "
+                    "common table expressions may be unqualified"
+                )
+    return tables
+
+
+def _parent(nodes: list[tuple[int, str, str]], index: int) -> str:
+    depth = nodes[index][0]
+    for previous in range(index - 1, -1, -1):
+        if nodes[previous][0] < depth:
+            return nodes[previous][1]
+    return ""
+
+
+def cte_names(statement: str) -> set[str]:
+    """Names the statement defines with ``WITH name AS (...)`` (table-valued CTEs)."""
+    text = _strip_literals(statement)
+    return set(re.findall(r"(?:\bWITH\b|,)\s*`?([A-Za-z_][A-Za-z0-9_]*)`?\s+AS\s*\(",
+                          text, re.IGNORECASE))
 
 
 # --------------------------------------------------------------------------- analyst views
@@ -488,7 +625,9 @@ def grant_statements(
 ) -> list[str]:
     """ClickHouse statements that give a server the same roles as medstream: a role per
     medstream role, column-level grants within each clearance, a user per medstream user
-    (same bcrypt hash, read-only, bounded queries) and a row policy per scoped table."""
+    with SQL access (same bcrypt hash, read-only, bounded queries; disabled users dropped)
+    and a row policy per scoped table. A user removed from medstream must be dropped on the
+    server by hand (`DROP USER`): the users file no longer names it."""
     analyst_db = analyst_database(database)
     statements = [f"CREATE ROLE IF NOT EXISTS medstream_{name}" for name in ROLES]
     statements.append("CREATE ROLE IF NOT EXISTS medstream_service")
@@ -512,29 +651,32 @@ def grant_statements(
     statements.append(f"GRANT SELECT ON {database}.* TO medstream_admin")
     statements.append(f"GRANT SELECT ON {analyst_db}.* TO medstream_admin")
     statements.append(f"REVOKE SELECT ON {database}.audit_log FROM medstream_analyst")
+    statements.append(f"GRANT medstream_service TO {_quoted(service_user)}")
     users = list(users)
-    everyone = [u for u in users if u.all_organisations]
-    scoped = [u for u in users if not u.all_organisations]
+    active = [u for u in users if not u.disabled and u.permissions.sql != "none"]
     for user in users:
-        if user.permissions.sql == "none":
-            continue  # monitors use the console, which reads as the service account
+        if user not in active:  # disabled, or no SQL access: no ClickHouse user
+            statements.append(f"DROP USER IF EXISTS {_quoted(user.name)}")
+            continue
+        # OR REPLACE: a changed password or role replaces the user (and its old role grant).
         statements.append(
-            f"CREATE USER IF NOT EXISTS {_quoted(user.name)} IDENTIFIED WITH bcrypt_hash BY "
+            f"CREATE USER OR REPLACE {_quoted(user.name)} IDENTIFIED WITH bcrypt_hash BY "
             f"{sql_string(user.password_hash)} DEFAULT ROLE medstream_{user.role} "
             "SETTINGS readonly = 1, max_execution_time = 60, max_result_rows = 100000"
         )
         statements.append(f"GRANT medstream_{user.role} TO {_quoted(user.name)}")
-    unrestricted = ["medstream_service", _quoted(service_user)] + [
-        _quoted(u.name) for u in everyone if u.permissions.sql != "none"
-    ]
+    scoped = [u for u in active if not u.all_organisations]
+    # Once a table has a row policy, accounts without one see none of its rows: every
+    # account but the scoped users (services, operators, all-organisation users) sees all.
+    everyone = "ALL" + (
+        " EXCEPT " + ", ".join(_quoted(u.name) for u in scoped) if scoped else ""
+    )
     for table in scoped_tables:
         statements.append(
             f"CREATE ROW POLICY OR REPLACE medstream_all ON {table} FOR SELECT USING 1 "
-            f"TO {', '.join(unrestricted)}"
+            f"TO {everyone}"
         )
         for user in scoped:
-            if user.permissions.sql == "none":
-                continue
             statements.append(
                 f"CREATE ROW POLICY OR REPLACE {_quoted('medstream_scope_' + user.name)} "
                 f"ON {table} FOR SELECT USING {organisation_filter(user)} "

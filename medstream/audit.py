@@ -17,7 +17,7 @@ import uuid
 from collections.abc import Callable
 from typing import Any, Final
 
-from confluent_kafka import Producer
+from confluent_kafka import KafkaException, Producer
 
 from medstream.clickhouse import QueryResult, sql_string
 from medstream.settings import FACT_TOPICS, KafkaSettings
@@ -128,14 +128,17 @@ class AuditTrail:
                 errors.append(str(error))
             delivered.set()
 
-        with self._lock:
-            self._producer.produce(
-                self.topic, key=event["audit_id"].encode(), value=self._serialize(event),
-                on_delivery=on_delivery,
-            )
-            deadline = time.monotonic() + self.timeout_s
-            while not delivered.is_set() and time.monotonic() < deadline:
-                self._producer.poll(0.05)
+        try:
+            with self._lock:
+                self._producer.produce(
+                    self.topic, key=event["audit_id"].encode(), value=self._serialize(event),
+                    on_delivery=on_delivery,
+                )
+                deadline = time.monotonic() + self.timeout_s
+                while not delivered.is_set() and time.monotonic() < deadline:
+                    self._producer.poll(0.05)
+        except (BufferError, KafkaException, serde.SerializationError) as exc:
+            raise AuditError(f"the audit event was not delivered ({exc})") from exc
         if not delivered.is_set():
             raise AuditError("the audit event was not acknowledged by Kafka in time")
         if errors:

@@ -437,6 +437,7 @@ def sql(
     Every query is recorded in the audit log with its user and row count."""
     from medstream.access import AccessError, QueryGovernor
     from medstream.audit import AuditError, local_actor
+    from streams.deidentify import scrub_text
 
     if output not in ("table", "json", "csv"):
         _fail("--format must be table, json or csv", 2)
@@ -453,11 +454,11 @@ def sql(
             result = run(statement, settings)
         except (QueryError, AccessError) as exc:
             _record(trail, actor, role_name, "query", "refused",
-                    detail=f"{query}\n-- refused: {exc}")
+                    detail=scrub_text(f"{query}\n-- refused: {exc}").text)
             _fail(str(exc))
         try:
             trail.record(actor=actor, actor_role=role_name, channel="cli", action="query",
-                         outcome="ok", detail=query, rows=len(result.rows))
+                         outcome="ok", detail=scrub_text(query).text, rows=len(result.rows))
         except AuditError as exc:
             _fail(f"{exc}: the result is withheld")
     rows = result.rows[:max_rows]
@@ -516,7 +517,7 @@ def _record(
 @contextmanager
 def _query_and_audit(
     max_rows: int,
-) -> Iterator[tuple[Callable[[str, dict[str, Any] | None], QueryResult], Any]]:
+) -> Iterator[tuple[Callable[..., QueryResult], Any]]:
     """A query runner and an audit trail: through a running `medstream up` (its query
     endpoint and its broker) or a configured Kafka, else on an engine this command opens
     (the audit event is then inserted directly)."""
@@ -532,8 +533,10 @@ def _query_and_audit(
         url = state.query_url
         trail = AuditTrail(kafka, registry)
 
-        def via_gateway(sql: str, settings: dict[str, Any] | None = None) -> QueryResult:
-            return query_via_gateway(url, sql, ch.query_timeout_s, max_rows, settings)
+        def via_gateway(
+            sql: str, settings: dict[str, Any] | None = None, rows: int = max_rows
+        ) -> QueryResult:
+            return query_via_gateway(url, sql, ch.query_timeout_s, rows, settings)
 
         try:
             yield via_gateway, trail
@@ -552,8 +555,10 @@ def _query_and_audit(
             trail = AuditTrail(kafka, registry)
 
 
-        def direct(sql: str, settings: dict[str, Any] | None = None) -> QueryResult:
-            return run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows, settings)
+        def direct(
+            sql: str, settings: dict[str, Any] | None = None, rows: int = max_rows
+        ) -> QueryResult:
+            return run_read_only(client, sql, ch.database, ch.query_timeout_s, rows, settings)
 
         yield direct, trail
         trail.close()
@@ -984,10 +989,10 @@ def users_add(
     try:
         if name in store.users():
             raise AccessError(f"user {name!r} exists (use `medstream users set` to change it)")
-        password = _new_password(password_stdin)
-        _config_change(f"user:{name}", f"user added: role {role_name}, organisations "
-                       + ",".join(org or []))
-        user = store.add(name, role_name, org or [], password)
+        user = store.new_user(name, role_name, org or [], _new_password(password_stdin))
+        _config_change(f"user:{name}", f"user added: role {user.role}, organisations "
+                       + ",".join(user.organisations))
+        store.save(user)
     except AccessError as exc:
         _fail(str(exc), 2)
     typer.echo(f"added {user.name} ({user.role}; {', '.join(user.organisations)}) to {store.path}")
@@ -1013,6 +1018,7 @@ def users_set(
     try:
         store.get(name)
         new_password = _new_password(password_stdin) if password else None
+        user = store.changed(name, role_name, org or None, new_password, disabled)
         changes = [
             f"role {role_name}" if role_name else "",
             f"organisations {','.join(org)}" if org else "",
@@ -1020,7 +1026,7 @@ def users_set(
             ("disabled" if disabled else "enabled") if disabled is not None else "",
         ]
         _config_change(f"user:{name}", "user changed: " + "; ".join(c for c in changes if c))
-        user = store.update(name, role_name, org or None, new_password, disabled)
+        store.save(user)
     except AccessError as exc:
         _fail(str(exc), 2)
     state = "disabled" if user.disabled else "enabled"
@@ -1116,7 +1122,7 @@ def grants_command(
     try:
         with _querier(PROOF_MAX_ROWS) as run:
             columns = analyst_columns(run, database)
-            scoped = QueryGovernor(database, lambda q, _s: run(q)).scoped_tables()
+            scoped = QueryGovernor(database, lambda q, _s, _r: run(q)).scoped_tables()
     except QueryError as exc:
         _fail(str(exc))
     statements = grant_statements(

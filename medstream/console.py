@@ -40,7 +40,6 @@ from medstream.access import (
     QueryGovernor,
     User,
     UserStore,
-    organisation_filter,
 )
 from medstream.alert_actions import AlertActionError, AlertState, send_action
 from medstream.audit import AuditError, AuditTrail
@@ -110,6 +109,7 @@ class Session:
     csrf: str
     created: float
     last_seen: float
+    password_hash: str  # a changed password ends the session
 
 
 @dataclass
@@ -210,7 +210,7 @@ class Console:
         self.sessions: dict[str, Session] = {}
         self.subscribers: list[Subscriber] = []
         self.feeds: dict[str, Any] = {"rows": [], "lag": None, "updated": None}
-        self.governor = QueryGovernor(database, lambda sql, s: query(sql, s or None))
+        self.governor = QueryGovernor(database, lambda sql, s, rows: query(sql, s or None, rows))
         self._failures: dict[str, list[float]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
@@ -261,7 +261,7 @@ class Console:
     async def _on_shutdown(self, _app: web.Application) -> None:
         self._stop.set()
         for subscriber in list(self.subscribers):
-            subscriber.queue.put_nowait(None)
+            _close(subscriber.queue)
 
     # ------------------------------------------------------------------ static and health
 
@@ -279,42 +279,62 @@ class Console:
 
     # ------------------------------------------------------------------ sessions
 
+    def session_user(self, token: str) -> tuple[User | None, str]:
+        """The user of a live session, or None and why the session is over (expired, the
+        account removed, disabled or its password changed); an ended session is dropped."""
+        session = self.sessions.get(token)
+        if session is None:
+            return None, "not signed in"
+        now = time.time()
+        reason = ""
+        if (
+            now - session.last_seen > self.settings.session_idle_minutes * 60
+            or now - session.created > self.settings.session_max_hours * 3600
+        ):
+            reason = "the session expired: sign in again"
+        else:
+            user = self.users.users().get(session.user_name)
+            if user is None or user.disabled:
+                reason = "the account was removed or disabled"
+            elif user.password_hash != session.password_hash:
+                reason = "the password changed: sign in again"
+            else:
+                return user, ""
+        self.sessions.pop(token, None)
+        return None, reason
+
     def _user_of(self, request: web.Request, csrf: bool = False) -> tuple[User, str]:
         """The signed-in user of a request (and the session token); raises an HTTP error."""
         token = request.cookies.get(SESSION_COOKIE, "")
-        session = self.sessions.get(token)
-        now = time.time()
-        if session is None:
-            raise web.HTTPUnauthorized(
-                text=_error("not signed in"), content_type="application/json"
-            )
-        expired = (
-            now - session.last_seen > self.settings.session_idle_minutes * 60
-            or now - session.created > self.settings.session_max_hours * 3600
-        )
-        if expired:
-            self.sessions.pop(token, None)
-            raise web.HTTPUnauthorized(
-                text=_error("the session expired: sign in again"), content_type="application/json"
-            )
+        user, reason = self.session_user(token)
+        if user is None:
+            raise web.HTTPUnauthorized(text=_error(reason), content_type="application/json")
+        session = self.sessions[token]
         if csrf:
             self._check_csrf(request, session)
-        try:
-            user = self.users.get(session.user_name)
-        except AccessError:
-            user = None
-        if user is None or user.disabled:
-            self.sessions.pop(token, None)
-            raise web.HTTPUnauthorized(
-                text=_error("the account was removed or disabled"),
-                content_type="application/json",
-            )
-        session.last_seen = now
+        session.last_seen = time.time()
         return user, token
+
+    def _client_address(self, request: web.Request) -> str:
+        """The client's address; behind a trusted proxy, the first X-Forwarded-For entry."""
+        if self.settings.trusted_proxy:
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            if forwarded:
+                return forwarded
+        return request.remote or ""
+
+    def _origin(self, request: web.Request) -> str:
+        """The origin the page is served from (configured, or as the proxy reports it)."""
+        if self.settings.public_origin:
+            return self.settings.public_origin.rstrip("/")
+        scheme = request.scheme
+        if self.settings.trusted_proxy:
+            scheme = request.headers.get("X-Forwarded-Proto", scheme).split(",")[0].strip()
+        return f"{scheme}://{request.host}"
 
     def _check_csrf(self, request: web.Request, session: Session | None) -> None:
         origin = request.headers.get("Origin")
-        if origin is not None and origin != f"{request.scheme}://{request.host}":
+        if origin is not None and origin != self._origin(request):
             raise web.HTTPForbidden(
                 text=_error("cross-origin request refused"), content_type="application/json"
             )
@@ -344,7 +364,7 @@ class Console:
             name, password = str(body["name"]).strip(), str(body["password"])
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "send JSON with name and password"}, status=400)
-        address = request.remote or ""
+        address = self._client_address(request)
         if self._throttled(name) or self._throttled(address):
             await self._audit(name, "", "sign_in_failed", "refused", request,
                               detail="too many failed sign-ins")
@@ -359,10 +379,15 @@ class Console:
                 self._failures.setdefault(key, []).append(time.time())
             await self._audit(name, "", "sign_in_failed", "refused", request, detail=str(exc))
             return web.json_response({"error": str(exc)}, status=401)
-        await self._audit(user.name, user.role, "sign_in", "ok", request)
+        try:
+            await self._audit(user.name, user.role, "sign_in", "ok", request)
+        except AuditError as exc:
+            return web.json_response({"error": f"{exc}: sign-in refused"}, status=503)
         token = secrets.token_urlsafe(32)
         now = time.time()
-        self.sessions[token] = Session(user.name, secrets.token_urlsafe(32), now, now)
+        self.sessions[token] = Session(
+            user.name, secrets.token_urlsafe(32), now, now, user.password_hash
+        )
         response = web.json_response({"user": user.public(), "csrf": self.sessions[token].csrf})
         response.set_cookie(
             SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
@@ -377,8 +402,11 @@ class Console:
         self.sessions.pop(token, None)
         for subscriber in self.subscribers:
             if subscriber.session_token == token:
-                subscriber.queue.put_nowait(None)
-        await self._audit(user.name, user.role, "sign_out", "ok", request)
+                _close(subscriber.queue)
+        try:
+            await self._audit(user.name, user.role, "sign_out", "ok", request)
+        except AuditError:
+            log.exception("the sign-out was not audited")
         response = web.json_response({"signed_out": True})
         response.del_cookie(SESSION_COOKIE, path="/")
         return response
@@ -387,14 +415,21 @@ class Console:
         self, actor: str, role_name: str, action: str, outcome: str, request: web.Request,
         channel: str = "console", **fields: Any,
     ) -> None:
+        """Record an audit event. What succeeds must be recorded first (AuditError stops
+        it); a refusal stands either way, so failing to record one is only logged."""
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(
-            None,
-            lambda: self.audit.record(
-                actor=actor, actor_role=role_name, channel=channel, action=action,
-                outcome=outcome, client_address=request.remote or "", **fields,
-            ),
-        )
+        try:
+            await loop.run_in_executor(
+                None,
+                lambda: self.audit.record(
+                    actor=actor, actor_role=role_name, channel=channel, action=action,
+                    outcome=outcome, client_address=self._client_address(request), **fields,
+                ),
+            )
+        except AuditError:
+            if outcome == "ok":
+                raise
+            log.exception("an audit event of a refusal was not recorded")
 
     # ------------------------------------------------------------------ alerts
 
@@ -419,7 +454,7 @@ class Console:
                 try:
                     item = await asyncio.wait_for(subscriber.queue.get(), timeout=15)
                 except TimeoutError:
-                    if token not in self.sessions:
+                    if self.session_user(token)[0] is None:
                         break
                     await response.write(b": heartbeat\n\n")
                     continue
@@ -433,23 +468,25 @@ class Console:
             self.subscribers.remove(subscriber)
         return response
 
+    def _live_subscribers(self) -> list[tuple[Subscriber, User]]:
+        """Open streams whose session is still valid; the others are closed."""
+        live = []
+        for subscriber in list(self.subscribers):
+            user, _ = self.session_user(subscriber.session_token)
+            if user is None:
+                _close(subscriber.queue)
+            else:
+                live.append((subscriber, user))
+        return live
+
     def _publish(self, view: dict[str, Any]) -> None:
         """Push one changed alert to every subscriber whose user may see it."""
-        for subscriber in list(self.subscribers):
-            try:
-                user = self.users.get(subscriber.user_name)
-            except AccessError:
-                subscriber.queue.put_nowait(None)
-                continue
+        for subscriber, user in self._live_subscribers():
             if user.sees(view["organisation_id"]):
                 _offer(subscriber.queue, ("alert", view))
 
     def _publish_feeds(self) -> None:
-        for subscriber in list(self.subscribers):
-            try:
-                user = self.users.get(subscriber.user_name)
-            except AccessError:
-                continue
+        for subscriber, user in self._live_subscribers():
             _offer(subscriber.queue, ("feeds", self._feeds_for(user)))
 
     def _merged(self, view: dict[str, Any]) -> None:
@@ -626,11 +663,15 @@ class Console:
         audit_action = f"alert_{action}"
         alert = self.board.get(alert_id)
         if alert is None or not user.sees(alert["organisation_id"]):
+            await self._audit(user.name, user.role, audit_action, "refused", request,
+                              target=alert_id, detail="no such alert in the user's scope")
             return web.json_response({"error": f"no alert {alert_id} in your scope"}, status=404)
         try:
             body = await request.json() if request.can_read_body else {}
         except ValueError:
-            return web.json_response({"error": "send JSON"}, status=400)
+            body = None
+        if not isinstance(body, dict):
+            return web.json_response({"error": "send a JSON object"}, status=400)
         note = str(body.get("note") or "").strip() or None
         if not user.permissions.act_on_alerts:
             await self._audit(user.name, user.role, audit_action, "refused", request,
@@ -639,10 +680,14 @@ class Console:
                 {"error": f"role {user.role} may not acknowledge or resolve alerts"}, status=403
             )
         state = AlertState(alert_id, alert["rule_id"], alert["subject"], alert["status"])
+        clean_note = scrub_text(note).text if note else ""
         loop = asyncio.get_running_loop()
-        try:
+        try:  # audited before it is sent (fail closed); a failed send is audited too
             await self._audit(user.name, user.role, audit_action, "ok", request,
-                              target=alert_id, detail=scrub_text(note).text if note else "")
+                              target=alert_id, detail=clean_note)
+        except AuditError as exc:
+            return web.json_response({"error": f"{exc}: nothing was done"}, status=503)
+        try:
             await loop.run_in_executor(
                 None,
                 lambda: send_action(
@@ -650,22 +695,27 @@ class Console:
                 ),
             )
         except AlertActionError as exc:
+            await self._audit(user.name, user.role, audit_action, "failed", request,
+                              target=alert_id, detail=str(exc))
             return web.json_response({"error": str(exc)}, status=409)
-        except AuditError as exc:
-            return web.json_response({"error": str(exc)}, status=503)
         return web.json_response({"sent": action, "alert_id": alert_id}, status=202)
 
     async def timeline(self, request: web.Request) -> web.Response:
         """The patient's events around an alert (same organisation, +-12 h)."""
         user, _ = self._user_of(request)
-        alert = self.board.get(request.match_info["alert_id"])
+        alert_id = request.match_info["alert_id"]
+        alert = self.board.get(alert_id)
         if alert is None or not user.sees(alert["organisation_id"]):
+            await self._audit(user.name, user.role, "query", "refused", request,
+                              target=alert_id, detail="patient timeline: alert not in scope")
             return web.json_response({"error": "no such alert in your scope"}, status=404)
         if not user.permissions.patient_timeline:
+            await self._audit(user.name, user.role, "query", "refused", request,
+                              target=alert_id, detail="patient timeline: role not allowed")
             return web.json_response(
                 {"error": f"role {user.role} does not see patient timelines"}, status=403
             )
-        if not alert.get("person_key"):
+        if not alert.get("person_key") or not alert.get("first_event_time"):
             return web.json_response({"alert_id": alert["alert_id"], "events": []})
         around = alert["first_event_time"].replace("Z", "")
         sql = (
@@ -678,22 +728,18 @@ class Console:
             f"{sql_string(around)}, 3, 'UTC') + INTERVAL {TIMELINE_HOURS} HOUR "
             f"ORDER BY event_time DESC LIMIT {TIMELINE_ROWS}"
         )
-        settings = None
-        if not user.all_organisations:
-            settings = {
-                "readonly": 1,
-                "additional_table_filters": {
-                    t: organisation_filter(user) for t in self.governor.scoped_tables()
-                },
-            }
         loop = asyncio.get_running_loop()
         try:
+            settings = await loop.run_in_executor(None, self.governor.settings_for, user)
             result = await loop.run_in_executor(None, lambda: self.query(sql, settings))
         except QueryError as exc:
             return web.json_response({"error": str(exc)}, status=400)
-        await self._audit(user.name, user.role, "query", "ok", request,
-                          target=alert["alert_id"], detail="patient timeline of the alert",
-                          rows=len(result.rows))
+        try:
+            await self._audit(user.name, user.role, "query", "ok", request,
+                              target=alert["alert_id"], detail="patient timeline of the alert",
+                              rows=len(result.rows))
+        except AuditError as exc:
+            return web.json_response({"error": f"{exc}: the timeline is withheld"}, status=503)
         events = [
             {"kind": k, "event_time": _iso(t), "code": c, "local_code": lc, "value": v,
              "unit": u, "mapping_status": m}
@@ -703,30 +749,45 @@ class Console:
 
     # ------------------------------------------------------------------ SQL and audit
 
-    def _user_for_api(self, request: web.Request) -> User:
-        """Session (with CSRF) or HTTP Basic credentials, for scripts."""
+    async def _user_for_api(self, request: web.Request) -> User:
+        """Session (with CSRF) or HTTP Basic credentials, for scripts; Basic sign-ins are
+        throttled and audited like the sign-in form."""
         header = request.headers.get("Authorization", "")
-        if header.startswith("Basic "):
-            import base64
+        if not header.startswith("Basic "):
+            return self._user_of(request, csrf=True)[0]
+        import base64
 
-            try:
-                name, _, password = base64.b64decode(header[6:]).decode().partition(":")
-                return self.users.authenticate(name, password)
-            except (AccessError, ValueError) as exc:
-                raise web.HTTPUnauthorized(
-                    text=_error(str(exc)), content_type="application/json",
-                    headers={"WWW-Authenticate": 'Basic realm="medstream"'},
-                ) from exc
-        return self._user_of(request, csrf=True)[0]
+        try:
+            name, _, password = base64.b64decode(header[6:]).decode().partition(":")
+        except ValueError:
+            name, password = "", ""
+        address = self._client_address(request)
+        challenge = {"WWW-Authenticate": 'Basic realm="medstream"'}
+        if self._throttled(name) or self._throttled(address):
+            raise web.HTTPTooManyRequests(
+                text=_error("too many failed sign-ins: wait five minutes"),
+                content_type="application/json",
+            )
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(None, self.users.authenticate, name, password)
+        except AccessError as exc:
+            for key in (name, address):
+                self._failures.setdefault(key, []).append(time.time())
+            await self._audit(name[:64], "", "sign_in_failed", "refused", request, "http",
+                              detail=str(exc))
+            raise web.HTTPUnauthorized(
+                text=_error(str(exc)), content_type="application/json", headers=challenge
+            ) from exc
 
     async def sql(self, request: web.Request) -> web.StreamResponse:
         """Governed read-only SQL: ``{"sql": ..., "format": "json"|"csv"|"arrow"}``."""
-        user = self._user_for_api(request)
+        user = await self._user_for_api(request)
         channel = "http" if request.headers.get("Authorization") else "console"
         try:
             body = await request.json()
             statement, output = str(body["sql"]), str(body.get("format", "json"))
-        except (ValueError, KeyError, TypeError):
+        except (ValueError, KeyError, TypeError, AttributeError):
             return web.json_response({"error": "send JSON with sql (and format)"}, status=400)
         if output not in ("json", "csv", "arrow"):
             return web.json_response({"error": "format is json, csv or arrow"}, status=400)
@@ -739,13 +800,19 @@ class Console:
             )
         except QueryError as exc:
             await self._audit(user.name, user.role, "query", "refused", request, channel,
-                              detail=f"{statement}\n-- refused: {exc}")
+                              detail=scrub_text(f"{statement}\n-- refused: {exc}").text)
             return web.json_response({"error": str(exc)}, status=400)
         try:
             await self._audit(user.name, user.role, "query", "ok", request, channel,
-                              detail=statement, rows=len(result.rows))
+                              detail=scrub_text(statement).text, rows=len(result.rows))
         except AuditError as exc:
-            return web.json_response({"error": str(exc)}, status=503)
+            return web.json_response({"error": f"{exc}: the result is withheld"}, status=503)
+        try:
+            payload = arrow_stream(result) if output == "arrow" else b""
+        except Exception as exc:  # pyarrow cannot represent some ClickHouse types
+            return web.json_response(
+                {"error": f"the result has no Arrow form ({exc}); use json or csv"}, status=400
+            )
         headers = {"X-Medstream-Truncated": "1" if result.truncated else "0"}
         if output == "csv":
             text = io.StringIO()
@@ -755,7 +822,7 @@ class Console:
             return web.Response(text=text.getvalue(), content_type="text/csv", headers=headers)
         if output == "arrow":
             return web.Response(
-                body=arrow_stream(result), headers=headers,
+                body=payload, headers=headers,
                 content_type="application/vnd.apache.arrow.stream",
             )
         return web.json_response(
@@ -768,13 +835,21 @@ class Console:
         from medstream.audit import audit_query, rows_of
 
         user, _ = self._user_of(request)
-        if not user.permissions.read_audit:
-            return web.json_response({"error": "the audit log is for admins"}, status=403)
-        limit = min(int(request.query.get("limit", "200")), 5000)
+        if not (user.permissions.read_audit and user.all_organisations):
+            return web.json_response(
+                {"error": "the audit log is for admins of every organisation"}, status=403
+            )
+        try:
+            limit = max(1, min(int(request.query.get("limit", "200")), 5000))
+        except ValueError:
+            return web.json_response({"error": "limit is a number"}, status=400)
         loop = asyncio.get_running_loop()
-        result = await loop.run_in_executor(
-            None, lambda: self.query(audit_query(self.database, limit=limit))
-        )
+        try:
+            result = await loop.run_in_executor(
+                None, lambda: self.query(audit_query(self.database, limit=limit))
+            )
+        except QueryError as exc:
+            return web.json_response({"error": str(exc)}, status=400)
         return web.json_response(
             {"events": rows_of(result)}, dumps=lambda v: json.dumps(v, default=_json_value)
         )
@@ -790,6 +865,8 @@ def arrow_stream(result: QueryResult) -> bytes:
     """A query result as an Arrow IPC stream."""
     import pyarrow as pa
 
+    if len(set(result.columns)) != len(result.columns):
+        raise ValueError("column names repeat: give each column its own alias")
     table = pa.table(
         {name: [row[i] for row in result.rows] for i, name in enumerate(result.columns)}
     )
@@ -818,9 +895,14 @@ def _offer(queue: asyncio.Queue[tuple[str, Any] | None], item: tuple[str, Any]) 
     try:
         queue.put_nowait(item)
     except asyncio.QueueFull:
-        while not queue.empty():
-            queue.get_nowait()
-        queue.put_nowait(None)
+        _close(queue)
+
+
+def _close(queue: asyncio.Queue[tuple[str, Any] | None]) -> None:
+    """End a stream: drop what it has not read and queue the end marker."""
+    while not queue.empty():
+        queue.get_nowait()
+    queue.put_nowait(None)
 
 
 async def _send(response: web.StreamResponse, kind: str, payload: Any) -> None:

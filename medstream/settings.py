@@ -285,6 +285,16 @@ class ConsoleSettings(BaseSettings):
     secure_cookies: bool = Field(
         default=False, description="mark the session cookie Secure (set when served over HTTPS)"
     )
+    public_origin: str = Field(
+        default="",
+        description="the console's address as browsers see it (e.g. https://alerts.example.org)"
+        "; empty = the request's own scheme and host",
+    )
+    trusted_proxy: bool = Field(
+        default=False,
+        description="behind a reverse proxy: take the client address and scheme from "
+        "X-Forwarded-For and X-Forwarded-Proto",
+    )
     sql_max_rows: int = Field(default=100_000, description="rows one SQL endpoint query returns")
     sql_timeout_s: int = Field(default=60, description="max execution time of one SQL query")
 

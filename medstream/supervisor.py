@@ -28,7 +28,7 @@ from pathlib import Path
 from prometheus_client.parser import text_string_to_metric_families
 
 from medstream.access import ALL_ORGANISATIONS, UserStore
-from medstream.audit import AuditTrail
+from medstream.audit import AuditError, AuditTrail
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult, query_via_gateway
 from medstream.runtime import (
     EmbeddedBroker,
@@ -36,6 +36,7 @@ from medstream.runtime import (
     die_with_parent,
     ensure_topics,
     free_port,
+    port_free,
     wait_for_port,
 )
 from medstream.settings import (
@@ -369,22 +370,36 @@ class Supervisor:
         store = UserStore(self.console.users_path(self.runtime))
         if not store.users():
             password = secrets.token_urlsafe(12)
-            AuditTrail(kafka).record(
-                actor="medstream", actor_role="operator", channel="cli", action="config_change",
-                outcome="ok", target="user:admin", detail="first admin created by `medstream up`",
-            )
+            trail = AuditTrail(kafka)
+            try:
+                trail.record(
+                    actor="medstream", actor_role="operator", channel="cli",
+                    action="config_change", outcome="ok", target="user:admin",
+                    detail="first admin created by `medstream up`",
+                )
+            except AuditError as exc:
+                raise ComponentFailed(f"the first console user was not created: {exc}") from exc
+            finally:
+                trail.close()
             store.add("admin", "admin", [ALL_ORGANISATIONS], password)
             self.out(
                 f"created the first console user: admin / {password} (change it with "
                 "`medstream users set admin --password`; add users with `medstream users add`)"
             )
         port = self.console.port or free_port()
+        host = self.console.host
+        if not port_free(host, port):
+            chosen = free_port()
+            self.out(f"console port {port} is in use; serving the console on {chosen}")
+            port = chosen
         console = self._start(
             Child("console", ["console", "--port", str(port), "--query-url", self.query_url],
-                  free_port()),
+                  free_port(), restartable=True),
             env,
         )
-        health = f"http://127.0.0.1:{port}/healthz"
+        probe_host = "127.0.0.1" if host in ("0.0.0.0", "", "localhost") else host
+        probe_host = "[::1]" if probe_host in ("::", "::1") else probe_host
+        health = f"http://{probe_host}:{port}/healthz"
         deadline = time.monotonic() + 60
         while True:
             if self._stop.is_set():
@@ -401,14 +416,14 @@ class Supervisor:
             if time.monotonic() > deadline:
                 raise ComponentFailed(f"the console did not become ready on port {port}")
             time.sleep(0.2)
-        host = self.console.host if self.console.host not in ("0.0.0.0", "::") else "127.0.0.1"
-        self.console_url = f"http://{host}:{port}/"
+        self.console_url = f"http://{probe_host}:{port}/"
         self.out(f"alert console: {self.console_url}")
         return True
 
     def _restart_collectors(self) -> None:
-        """A collector that died is restarted after a growing pause (1 s .. 60 s): it resumes
-        from the source position it last committed, so nothing it read is lost."""
+        """A collector (or the console) that died is restarted after a growing pause
+        (1 s .. 60 s): a collector resumes from the source position it last committed, so
+        nothing it read is lost; the console reloads its alerts from ClickHouse."""
         now = time.monotonic()
         for child in self.children:
             if not child.restartable or not self._died(child):

@@ -106,8 +106,8 @@ def governed_db(clickhouse: Client, database: str) -> str:
 
 
 def _governor(clickhouse: Client, database: str) -> tuple[QueryGovernor, object]:
-    def run(sql: str, settings: dict[str, object] | None = None) -> QueryResult:
-        return run_read_only(clickhouse, sql, database, 30, 1000, settings)
+    def run(sql: str, settings: dict[str, object] | None = None, rows: int = 1000) -> QueryResult:
+        return run_read_only(clickhouse, sql, database, 30, rows, settings)
 
     return QueryGovernor(database, run), run
 
@@ -117,6 +117,7 @@ def _users(tmp_path: Path) -> UserStore:
     store.add("analyst.east", "analyst", ["H001"], PASSWORD)
     store.add("admin.all", "admin", ["*"], PASSWORD)
     store.add("mon.east", "monitor", ["H001"], PASSWORD)
+    store.add("admin.scoped", "admin", ["H001"], PASSWORD)
     return store
 
 
@@ -139,6 +140,12 @@ def test_analyst_reads_own_organisation_through_views_without_identifier_columns
         "ON a.event_id = b.event_id"
     )
     assert run(checked.sql, checked.settings).rows == [[2]]  # type: ignore[operator]
+    # Common table expressions and a query without FROM are fine.
+    checked = governor.check(
+        analyst, f"WITH w AS (SELECT person_key FROM {views}.lab_result) SELECT count() FROM w"
+    )
+    assert run(checked.sql, checked.settings).rows == [[2]]  # type: ignore[operator]
+    assert governor.check(analyst, "SELECT 1").sql == "SELECT 1"
     columns = run(f"SELECT name FROM system.columns WHERE database = '{views}' "  # type: ignore[operator]
                   "AND table = 'lab_result'").rows
     assert ["order_id"] not in columns  # a quasi-identifier
@@ -153,8 +160,23 @@ def test_analyst_reads_own_organisation_through_views_without_identifier_columns
         ("analyst.east", "SELECT * FROM system.tables", "may not read system.tables"),
         ("analyst.east", "SELECT * FROM file('/etc/passwd', 'LineAsString')", "table functions"),
         ("analyst.east", "SELECT * FROM {views}.lab_result SETTINGS "
-                         "additional_table_filters = {{}}", "readonly"),
+                         "additional_table_filters = {{}}", "SETTINGS clauses"),
         ("mon.east", "SELECT 1", "no SQL access"),
+        # Scalar functions and scalar subqueries reach no further than tables do.
+        ("analyst.east", "SELECT file('/etc/hostname') FROM numbers(1)", "function file"),
+        ("analyst.east", "SELECT (SELECT groupArray(order_id) FROM {db}.lab_result) "
+                         "FROM numbers(1)", "may not read {db}.lab_result"),
+        ("analyst.east", "WITH (SELECT any(detail) FROM {db}.audit_log) AS x SELECT x",
+         "may not read {db}.audit_log"),
+        ("analyst.east", "SELECT (SELECT groupArray(query) FROM system.processes)",
+         "may not read system.processes"),
+        ("analyst.east", "SELECT CAST((SELECT any(order_id) FROM {db}.lab_result WHERE "
+                         "organisation_id = 'H002') AS Enum8('a' = 1))", "may not read"),
+        ("analyst.east", "SELECT dictGet('d', 'a', toUInt64(1))", "function dictGet"),
+        ("analyst.east", "SELECT 1 FROM {views}.lab_result INTO OUTFILE '/tmp/medstream-x'",
+         "INTO OUTFILE"),
+        ("analyst.east", "SELECT count() FROM lab_result", "name the database"),
+        ("admin.scoped", "SELECT count() FROM {db}.audit_log", "may not read"),
     ],
 )
 def test_refused_queries_say_why(
@@ -200,11 +222,12 @@ def test_generated_server_grants_parse_and_follow_the_role_model(
     analyst_grant = next(s for s in statements if f"ON {governed_db}.lab_result TO "
                          "medstream_analyst" in s)
     assert "`person_key`" in analyst_grant and "`order_id`" not in analyst_grant
-    assert "CREATE USER IF NOT EXISTS `analyst.east` IDENTIFIED WITH bcrypt_hash BY '$2b$" in text
-    assert "`mon.east`" not in text  # monitors have no SQL access
+    assert "CREATE USER OR REPLACE `analyst.east` IDENTIFIED WITH bcrypt_hash BY '$2b$" in text
+    assert "DROP USER IF EXISTS `mon.east`" in statements  # monitors have no SQL access
+    assert "GRANT medstream_service TO `medstream`" in statements
     assert (f"CREATE ROW POLICY OR REPLACE `medstream_scope_analyst.east` ON "
             f"{governed_db}.lab_result FOR SELECT USING organisation_id IN ('H001') "
             "TO `analyst.east`") in statements
     everyone = next(s for s in statements if s.startswith("CREATE ROW POLICY OR REPLACE "
                     f"medstream_all ON {governed_db}.lab_result"))
-    assert "`admin.all`" in everyone and "medstream_service" in everyone
+    assert everyone.endswith("TO ALL EXCEPT `admin.scoped`, `analyst.east`")

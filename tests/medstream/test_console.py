@@ -132,10 +132,15 @@ def test_sign_in_sessions_csrf_and_roles(
             headers={"X-CSRF-Token": analyst_csrf},
         )
         assert refused.status == 403 and "may not" in (await refused.json())["error"]
-        # Disabling the account ends its session at the next request.
+        # Disabling the account, or changing its password, ends its session.
         users.update("analyst.east", disabled=True)
         assert (await client.get("/api/session")).status == 401
         users.update("analyst.east", disabled=False)
+        assert (await _sign_in(client, "analyst.east")).status == 200
+        users.update("analyst.east", password="another-synthetic-1")
+        changed = await client.get("/api/session")
+        assert changed.status == 401 and "password changed" in (await changed.json())["error"]
+        users.update("analyst.east", password=PASSWORD)
 
         # Signing out ends the session.
         client.session.cookie_jar.clear()
@@ -149,7 +154,7 @@ def test_sign_in_sessions_csrf_and_roles(
     assert ("mon.east", "sign_in_failed", "refused", "") in rows
     assert ("analyst.east", "alert_resolve", "refused", "alert-H001") in rows
     assert ("mon.east", "sign_out", "ok", "") in rows
-    assert sum(1 for r in rows if r[1] == "sign_in" and r[2] == "ok") == 3
+    assert sum(1 for r in rows if r[1] == "sign_in" and r[2] == "ok") == 4
 
 
 def test_repeated_failures_are_throttled_and_idle_sessions_expire(
@@ -199,13 +204,20 @@ def test_sql_endpoint_with_basic_auth_is_governed_and_audited(
         fmt = await client.post("/api/sql", json={"sql": sql, "format": "xml"},
                                 headers=basic("analyst.east"))
         assert fmt.status == 400
+        # Basic sign-ins are throttled like the form.
+        for _ in range(4):
+            await client.post("/api/sql", json={"sql": "SELECT 1"},
+                              headers=basic("analyst.east", "wrong-password"))
+        throttled = await client.post("/api/sql", json={"sql": sql}, headers=basic("analyst.east"))
+        assert throttled.status == 429
 
     _run(console, scenario)
     time.sleep(0.1)
     rows = audit_rows(clickhouse, database)
     assert ("analyst.east", "query", "ok", "") in rows
     assert ("mon.east", "query", "refused", "") in rows
+    assert sum(1 for r in rows if r[:3] == ("analyst.east", "sign_in_failed", "refused")) == 5
     channel = clickhouse.query(
-        f"SELECT DISTINCT channel FROM {database}.audit_log WHERE action = 'query'"
+        f"SELECT DISTINCT channel FROM {database}.audit_log WHERE action != 'sign_in'"
     ).result_rows
     assert channel == [("http",)]

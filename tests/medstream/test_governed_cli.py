@@ -54,7 +54,7 @@ def test_users_governed_sql_grants_and_the_audit_log(tmp_path: Path) -> None:
 
     grants = run(data, "grants")
     assert grants.returncode == 0, grants.stderr
-    assert "CREATE USER IF NOT EXISTS `analyst.east` IDENTIFIED WITH bcrypt_hash" in grants.stdout
+    assert "CREATE USER OR REPLACE `analyst.east` IDENTIFIED WITH bcrypt_hash" in grants.stdout
     assert ("CREATE ROW POLICY OR REPLACE `medstream_scope_analyst.east` ON "
             "medstream.lab_result FOR SELECT USING organisation_id IN ('H001')") in grants.stdout
 
