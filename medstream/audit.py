@@ -11,6 +11,8 @@ directly instead.
 from __future__ import annotations
 
 import getpass
+import logging
+import queue
 import threading
 import time
 import uuid
@@ -22,6 +24,8 @@ from confluent_kafka import KafkaException, Producer
 from medstream.clickhouse import QueryResult, sql_string
 from medstream.settings import FACT_TOPICS, KafkaSettings
 from schemas import serde
+
+log = logging.getLogger("medstream.audit")
 
 ACTIONS: Final = (
     "sign_in", "sign_in_failed", "sign_out", "query", "alert_acknowledge", "alert_resolve",
@@ -149,6 +153,29 @@ class AuditTrail:
         """Flush and release the producer."""
         if self._producer is not None:
             self._producer.flush(self.timeout_s)
+
+
+class BackgroundAudit:
+    """Records events from a background thread, for callers that must not wait (a Faust
+    worker's event loop). The change it records has already happened, so a failure to
+    record it is logged as an error, not raised."""
+
+    def __init__(self, trail: AuditTrail) -> None:
+        self._trail = trail
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        threading.Thread(target=self._run, name="audit", daemon=True).start()
+
+    def record(self, **fields: Any) -> None:
+        """Queue one event."""
+        self._queue.put(fields)
+
+    def _run(self) -> None:
+        while True:
+            fields = self._queue.get()
+            try:
+                self._trail.record(**fields)
+            except (AuditError, ValueError) as exc:
+                log.error("an audit event (%s) was not recorded: %s", fields.get("action"), exc)
 
 
 def direct_insert(client: Any, database: str) -> Callable[[dict[str, Any]], None]:

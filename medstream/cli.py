@@ -279,11 +279,22 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     """Run one Faust stream worker (normalise + critical values)."""
     from faust.worker import Worker
 
+    from medstream.audit import AuditTrail, BackgroundAudit
     from schemas.serde import registry_from_url
     from streams.app import create_app
+    from streams.reloading import on_reload
 
     kafka = _kafka_for_client()
-    faust_app = create_app(kafka, StreamSettings(), registry_from_url(RegistrySettings().url))
+    registry = registry_from_url(RegistrySettings().url)
+    faust_app = create_app(kafka, StreamSettings(), registry)
+    audit = BackgroundAudit(AuditTrail(kafka, registry))
+    on_reload(
+        lambda name, path, outcome, detail: audit.record(
+            actor="medstream-streams", actor_role="operator", channel="workers",
+            action="config_change", outcome="ok" if outcome == "loaded" else "refused",
+            target=f"rules:{path.name}", detail=f"{name} {outcome}: {detail}",
+        )
+    )
     _start_metrics(metrics_port)
     worker = Worker(faust_app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
     worker.execute_from_commandline()

@@ -173,6 +173,15 @@ class AlertBoard:
             key=lambda a: (severity.get(a["severity"], 9), _neg(a["first_event_time"] or "")),
         )
 
+    def prune(self, resolved_before: str) -> None:
+        """Forget resolved alerts last changed before this ISO time (the page keeps a
+        working set, ClickHouse keeps everything)."""
+        with self._lock:
+            for alert_id, alert in list(self.alerts.items()):
+                old = (alert["updated_time"] or "") < resolved_before
+                if alert["status"] == "resolved" and old:
+                    del self.alerts[alert_id]
+
     def without_department(self) -> list[dict[str, Any]]:
         """Alerts about a person whose department is not known yet."""
         with self._lock:
@@ -489,6 +498,15 @@ class Console:
         for subscriber, user in self._live_subscribers():
             _offer(subscriber.queue, ("feeds", self._feeds_for(user)))
 
+    def _forget_stale(self) -> None:
+        """Drop ended sessions and old failed sign-ins (runs on the event loop)."""
+        for token in list(self.sessions):
+            self.session_user(token)
+        for key in list(self._failures):
+            self._throttled(key)
+            if not self._failures[key]:
+                del self._failures[key]
+
     def _merged(self, view: dict[str, Any]) -> None:
         changed = self.board.merge(view)
         if changed is not None and self._loop is not None:
@@ -545,8 +563,11 @@ class Console:
                 if time.monotonic() - last_feeds >= FEEDS_S:
                     self._refresh_feeds()
                     last_feeds = time.monotonic()
+                    cutoff = datetime.now(tz=UTC) - timedelta(seconds=KEEP_RESOLVED_S)
+                    self.board.prune(_iso(cutoff) or "")
                     if self._loop is not None:
                         self._loop.call_soon_threadsafe(self._publish_feeds)
+                        self._loop.call_soon_threadsafe(self._forget_stale)
             except QueryError as exc:
                 log.warning("console reconcile: %s", exc)
             self._stop.wait(RESYNC_S)

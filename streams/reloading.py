@@ -19,6 +19,23 @@ from medstream.metrics import RULES_RELOADS
 
 log = logging.getLogger("medstream.streams.rules")
 Loaded = TypeVar("Loaded")
+#: Called with (file name, path, "loaded" or "refused", version or error) after each change:
+#: the worker process records them in the audit trail.
+ReloadListener = Callable[[str, Path, str, str], None]
+_listeners: list[ReloadListener] = []
+
+
+def on_reload(listener: ReloadListener) -> None:
+    """Call ``listener`` after every reloaded or refused change of any watched file."""
+    _listeners.append(listener)
+
+
+def _tell(name: str, path: Path, outcome: str, detail: str) -> None:
+    for listener in _listeners:
+        try:
+            listener(name, path, outcome, detail)
+        except Exception:  # a listener must never stop the stream
+            log.exception("reload listener failed")
 
 
 class ReloadingFile(Generic[Loaded]):
@@ -72,6 +89,7 @@ class ReloadingFile(Generic[Loaded]):
                 self.name,
                 exc,
             )
+            _tell(self.name, self.path, "refused", str(exc))
             return self._loaded
         self._stamp = stamp
         self._bad_stamp = None
@@ -79,6 +97,7 @@ class ReloadingFile(Generic[Loaded]):
         self._loaded = loaded
         self.generation += 1
         RULES_RELOADS.labels(self.name, "loaded").inc()
-        log.warning("%s: reloaded %s (version %s)", self.name, self.path,
-                    getattr(loaded, "version", "?"))
+        version = str(getattr(loaded, "version", "?"))
+        log.warning("%s: reloaded %s (version %s)", self.name, self.path, version)
+        _tell(self.name, self.path, "loaded", f"version {version}")
         return loaded
