@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import stat
+import uuid
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from medstream.access import (
     query_text,
     refresh_analyst_views,
 )
-from medstream.clickhouse import QueryError, QueryResult, run_read_only
+from medstream.clickhouse import QueryError, QueryResult, migrate, run_read_only
 from sinks.dictionary import refresh_data_dictionary
 
 PASSWORD = "correct horse battery"
@@ -84,9 +85,12 @@ def test_comments_and_a_trailing_semicolon_are_fine() -> None:
     assert query_text("WITH 1 AS x SELECT x") == "WITH 1 AS x SELECT x"
 
 
-@pytest.fixture
-def governed_db(clickhouse: Client, database: str) -> str:
-    """A migrated database with two organisations' lab results and analyst views."""
+@pytest.fixture(scope="module")
+def governed_db(clickhouse: Client) -> str:
+    """A migrated database with two organisations' lab results and analyst views (shared
+    by this module's tests, which only read it)."""
+    database = f"test_access_{uuid.uuid4().hex[:8]}"
+    migrate(clickhouse, database)
     refresh_data_dictionary(clickhouse, database)
     refresh_analyst_views(clickhouse, database)
     now = datetime.now(tz=UTC)
@@ -112,8 +116,10 @@ def _governor(clickhouse: Client, database: str) -> tuple[QueryGovernor, object]
     return QueryGovernor(database, run), run
 
 
-def _users(tmp_path: Path) -> UserStore:
-    store = UserStore(tmp_path / "users.yaml")
+@pytest.fixture(scope="module")
+def users(tmp_path_factory: pytest.TempPathFactory) -> UserStore:
+    """The module's users (bcrypt hashing is slow on purpose: made once)."""
+    store = UserStore(tmp_path_factory.mktemp("access") / "users.yaml")
     store.add("analyst.east", "analyst", ["H001"], PASSWORD)
     store.add("admin.all", "admin", ["*"], PASSWORD)
     store.add("mon.east", "monitor", ["H001"], PASSWORD)
@@ -122,9 +128,9 @@ def _users(tmp_path: Path) -> UserStore:
 
 
 def test_analyst_reads_own_organisation_through_views_without_identifier_columns(
-    clickhouse: Client, governed_db: str, tmp_path: Path
+    clickhouse: Client, governed_db: str, users: UserStore
 ) -> None:
-    store = _users(tmp_path)
+    store = users
     governor, run = _governor(clickhouse, governed_db)
     analyst = store.get("analyst.east")
     views = analyst_database(governed_db)
@@ -180,9 +186,9 @@ def test_analyst_reads_own_organisation_through_views_without_identifier_columns
     ],
 )
 def test_refused_queries_say_why(
-    clickhouse: Client, governed_db: str, tmp_path: Path, user: str, sql: str, message: str
+    clickhouse: Client, governed_db: str, users: UserStore, user: str, sql: str, message: str
 ) -> None:
-    store = _users(tmp_path)
+    store = users
     governor, run = _governor(clickhouse, governed_db)
     views = analyst_database(governed_db)
     text = sql.format(db=governed_db, views=views)
@@ -192,9 +198,9 @@ def test_refused_queries_say_why(
 
 
 def test_admin_reads_every_table_and_organisation(
-    clickhouse: Client, governed_db: str, tmp_path: Path
+    clickhouse: Client, governed_db: str, users: UserStore
 ) -> None:
-    store = _users(tmp_path)
+    store = users
     governor, run = _governor(clickhouse, governed_db)
     checked = governor.check(
         store.get("admin.all"), f"SELECT count(), countDistinct(order_id) FROM "
@@ -206,9 +212,9 @@ def test_admin_reads_every_table_and_organisation(
 
 
 def test_generated_server_grants_parse_and_follow_the_role_model(
-    clickhouse: Client, governed_db: str, tmp_path: Path
+    clickhouse: Client, governed_db: str, users: UserStore
 ) -> None:
-    store = _users(tmp_path)
+    store = users
     runner = client_runner(clickhouse)
     columns = analyst_columns(runner, governed_db)
     governor, _ = _governor(clickhouse, governed_db)
