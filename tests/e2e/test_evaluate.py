@@ -26,7 +26,7 @@ def test_rules_find_the_injected_anomalies_and_no_identifier_is_stored_or_logged
     # hold a feed silence (the shipped threshold is 30 minutes). Workers and simulator read it.
     rules_dir = short_feed_rules(tmp_path / "rules")
     up = subprocess.run(
-        medstream("up", "--events", "29000", "--rate", "400", "--seed", "21",
+        medstream("up", "--no-console", "--events", "29000", "--rate", "400", "--seed", "21",
                   "--exit-when-done", "--labels", str(labels)),
         # Four times the default share of anomalies: every kind appears in a one-minute run.
         env=env_for(data_dir, MEDSTREAM_SIMULATOR_ANOMALY_RATE="0.02",

@@ -41,7 +41,7 @@ def env_for(data_dir: Path, **extra: str) -> dict[str, str]:
 def test_up_runs_everything_and_every_event_is_accounted_for(tmp_path: Path) -> None:
     data_dir, labels = tmp_path / "data", tmp_path / "labels.jsonl"
     up = subprocess.run(
-        medstream("up", "--events", "10000", "--rate", "2500", "--exit-when-done", "--labels", str(labels)),
+        medstream("up", "--no-console", "--events", "10000", "--rate", "2500", "--exit-when-done", "--labels", str(labels)),
         env=env_for(data_dir),
         capture_output=True,
         text=True,
@@ -240,7 +240,8 @@ def test_a_second_run_on_the_same_data_dir_adds_to_the_first(tmp_path: Path) -> 
 
     def run(seed: str) -> int:
         up = subprocess.run(
-            medstream("up", "--events", "1500", "--rate", "1500", "--seed", seed, "--exit-when-done"),
+            medstream("up", "--no-console", "--events", "1500", "--rate", "1500", "--seed", seed,
+                      "--exit-when-done"),
             env=env_for(data_dir), capture_output=True, text=True, timeout=300,
         )
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]

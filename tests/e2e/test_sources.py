@@ -180,7 +180,7 @@ tables:
     insert_visits(visit, diagnosis, range(0, 20))  # before the collector: the snapshot
     log = open(tmp_path / "up.log", "w")  # noqa: SIM115
     up = subprocess.Popen(
-        medstream("up", "--collector", str(pg_config), "--collector", str(mllp_config)),
+        medstream("up", "--no-console", "--collector", str(pg_config), "--collector", str(mllp_config)),
         env=env_for(data_dir), stdout=log, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )

@@ -45,7 +45,7 @@ def test_staff_acknowledge_and_resolve_alerts_and_stewards_see_the_worklist(
 ) -> None:
     data_dir = tmp_path / "data"
     up = subprocess.Popen(
-        medstream("up", "--rate", "300", "--seed", "11"),
+        medstream("up", "--no-console", "--rate", "300", "--seed", "11"),
         env=env_for(data_dir), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
         start_new_session=True,
     )
