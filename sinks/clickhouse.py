@@ -286,10 +286,14 @@ class ClickHouseSink:
                     # Due by size, or by age once the inserter is free: under load batches
                     # grow while an insert runs (each insert has a fixed cost), and the age
                     # cap bounds how long a record can wait.
+                    # Alerts are waited for by people: a batch holding one is handed over
+                    # as soon as the inserter is free, without waiting for the batch age.
+                    urgent = self._in_flight == 0 and "alert_history" in self._rows
                     if (
                         pending_rows >= self.settings.batch_max_rows
                         or (age >= max_age and self._in_flight == 0)
                         or age >= max_age * AGE_CAP_FACTOR
+                        or urgent
                     ):
                         self._flush()
                 self._commit_stored(wait=False)
@@ -569,9 +573,11 @@ class ClickHouseSink:
     def _store(self, pending: PendingFlush) -> None:
         """Insert every table of a flush; retry with backoff until ClickHouse accepts or stop."""
         now = time.time()
-        # Facts, alerts and dead letters first; the proof tables (lineage, raw ledger) last,
-        # so a proof row never exists for a fact that was not stored.
-        tables = sorted(pending.rows_by_table, key=lambda t: t in PROOF_TABLES)
+        # Alerts first (people wait for them), then facts and dead letters; the proof tables
+        # (lineage, raw ledger) last, so a proof row never exists for a fact not stored.
+        tables = sorted(
+            pending.rows_by_table, key=lambda t: (t in PROOF_TABLES, t != "alert_history")
+        )
         for table in tables:
             rows = pending.rows_by_table[table]
             columns = self._columns(table)

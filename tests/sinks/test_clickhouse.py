@@ -119,6 +119,29 @@ def committed_total(kafka: KafkaSettings, group: str, topic: str, partitions: in
     return sum(max(o, 0) for o in committed(kafka, group, topic, partitions))
 
 
+def critical_alert(triggering_event_id: str) -> dict[str, Any]:
+    return {
+        "alert_id": alert_id("critical_value.potassium", triggering_event_id),
+        "rule_id": "critical_value.potassium",
+        "rule_version": "r1",
+        "severity": "critical",
+        "organisation_id": "H001",
+        "person_key": "pk1",
+        "event_time": NOW_MS,
+        "ingest_time": NOW_MS,
+        "detected_time": NOW_MS + 10,
+        "triggering_event_ids": [triggering_event_id],
+        "analyte_code": "2823-3",
+        "value": 6.9,
+        "unit": "mmol/L",
+        "explanation": "Potassium 6.9 mmol/L above critical high 6.2",
+        "source_topic": "raw.hl7_lab",
+        "source_partition": 0,
+        "source_offset": 100,
+        "mapping_version": "test-1",
+    }
+
+
 def make_sink(kafka: KafkaSettings, client: Any, database: str, group: str) -> ClickHouseSink:
     return ClickHouseSink(
         kafka, SinkSettings(group_id=group, batch_max_ms=100, retry_initial_s=0.05), client, database, REGISTRY
@@ -133,26 +156,7 @@ def test_sink_stores_every_kind_with_lineage_and_ledger(
     encode_alert = serde.AvroSerializer(REGISTRY, serde.ALERT)
     encode_dlq = serde.AvroSerializer(REGISTRY, serde.DEAD_LETTER)
     labs = [lab_result(i % 3, 100 + i // 3, record_count=3) for i in range(30)]
-    alert = {
-        "alert_id": alert_id("critical_value.potassium", labs[0]["event_id"]),
-        "rule_id": "critical_value.potassium",
-        "rule_version": "r1",
-        "severity": "critical",
-        "organisation_id": "H001",
-        "person_key": "pk1",
-        "event_time": NOW_MS,
-        "ingest_time": NOW_MS,
-        "detected_time": NOW_MS + 10,
-        "triggering_event_ids": [labs[0]["event_id"]],
-        "analyte_code": "2823-3",
-        "value": 6.9,
-        "unit": "mmol/L",
-        "explanation": "Potassium 6.9 mmol/L above critical high 6.2",
-        "source_topic": "raw.hl7_lab",
-        "source_partition": 0,
-        "source_offset": 100,
-        "mapping_version": "test-1",
-    }
+    alert = critical_alert(labs[0]["event_id"])
     dead = {
         "dlq_id": dead_letter_id("normalise", "raw.hl7_lab", 1, 7, None, NOW_MS),
         "stage": "normalise",
@@ -528,3 +532,29 @@ def test_raw_ledger_names_the_collector_from_the_record_header(
         f"SELECT source_offset, collector, source_kind FROM {database}.raw_ledger ORDER BY 1"
     ).result_rows
     assert rows == [(0, "his-pg", "emr_cdc"), (1, "", "emr_cdc"), (2, "", "emr_cdc")]
+
+
+def test_an_alert_is_stored_without_waiting_for_the_batch_age(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    sink = ClickHouseSink(
+        kafka, SinkSettings(group_id="sink-urgent", batch_max_ms=8000), clickhouse, database,
+        REGISTRY,
+    )
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    encode_alert = serde.AvroSerializer(REGISTRY, serde.ALERT)
+    lab = lab_result(0, 500)
+    with running(sink):
+        time.sleep(3)  # joined the group
+        produce(kafka, [(kafka.topic(NORM_TOPICS["lab_result"]), b"pk", encode_lab(lab))])
+        time.sleep(2)
+        # A lab result alone waits for the batch age (8 s) ...
+        assert count(clickhouse, f"SELECT count() FROM {database}.lab_result") == 0
+        produce(kafka, [(kafka.topic(ALERTS_TOPIC), b"pk1",
+                         encode_alert(critical_alert(lab["event_id"])))])
+        sent = time.monotonic()
+        # ... an alert is handed over as soon as the inserter is free.
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.alert_history") == 1,
+                 5, "the alert stored")
+        assert time.monotonic() - sent < 3
