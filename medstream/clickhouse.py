@@ -200,15 +200,18 @@ def _clean_error(message: str) -> str:
 
 
 def _governed_settings(settings: Any) -> dict[str, Any] | None:
-    """The settings a gateway request may add: only ``readonly=1`` and row filters (it may
-    narrow what a query sees, never widen it)."""
+    """The settings a gateway request may add: ``readonly=1``, row filters, and scalar
+    subqueries left unfolded for a governed check (they narrow, never widen, what a query
+    sees)."""
     if not settings:
         return None
-    allowed = {"readonly", "additional_table_filters"}
+    allowed = {"readonly", "additional_table_filters", "enable_scalar_subquery_optimization"}
     if not isinstance(settings, dict) or set(settings) - allowed:
         raise QueryError(f"a query may only add the settings {sorted(allowed)}")
     if settings.get("readonly", 1) != 1:
         raise QueryError("a query may only tighten readonly to 1")
+    if settings.get("enable_scalar_subquery_optimization", 0) != 0:
+        raise QueryError("scalar subquery optimisation may only be turned off")
     return {"readonly": 1, **settings}
 
 

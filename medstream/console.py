@@ -29,7 +29,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import resources
-from pathlib import Path
 from typing import Any, Final
 
 from aiohttp import web
@@ -943,7 +942,3 @@ def run_console(console: Console, host: str, port: int, on_ready: Callable[[str]
                 access_log=None)
     console.stop()
 
-
-def users_path(settings: ConsoleSettings, data_dir: Path) -> Path:
-    """The users file in effect (documented setting, else the data dir's users.yaml)."""
-    return settings.users_file or data_dir / "users.yaml"

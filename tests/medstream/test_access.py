@@ -237,3 +237,34 @@ def test_generated_server_grants_parse_and_follow_the_role_model(
     everyone = next(s for s in statements if s.startswith("CREATE ROW POLICY OR REPLACE "
                     f"medstream_all ON {governed_db}.lab_result"))
     assert everyone.endswith("TO ALL EXCEPT `admin.scoped`, `analyst.east`")
+
+
+def test_governed_queries_pass_through_the_running_pipelines_query_endpoint(
+    clickhouse: Client, governed_db: str, users: UserStore
+) -> None:
+    """While `medstream up` runs, the console and `medstream sql --user` reach the engine
+    through the sink's query endpoint: it must accept the settings a governed check uses,
+    and only those."""
+    import threading
+
+    from medstream.clickhouse import QueryGateway, query_via_gateway
+
+    gateway = QueryGateway(clickhouse, threading.Lock(), governed_db)
+    gateway.start()
+    try:
+        def run(sql: str, settings: dict[str, object] | None = None,
+                rows: int = 1000) -> QueryResult:
+            return query_via_gateway(gateway.url, sql, 30, rows, settings)
+
+        governor = QueryGovernor(governed_db, run)
+        checked = governor.check(
+            users.get("analyst.east"),
+            f"SELECT count() FROM {analyst_database(governed_db)}.lab_result",
+        )
+        assert run(checked.sql, checked.settings).rows == [[2]]
+        with pytest.raises(QueryError, match="may only"):
+            run("SELECT 1", {"readonly": 0})
+        with pytest.raises(QueryError, match="may only"):
+            run("SELECT 1", {"max_threads": 1})
+    finally:
+        gateway.stop()
