@@ -383,6 +383,8 @@ class QueryGovernor:
         self.run = run
         self._scoped_tables: list[str] | None = None
         self._scoped_at = 0.0
+        self._local_tables: frozenset[str] | None = None
+        self._local_at = 0.0
 
     def scoped_tables(self) -> list[str]:
         """Every base table of the medstream database that has an organisation_id; refuses
@@ -405,6 +407,18 @@ class QueryGovernor:
                 )
             self._scoped_tables, self._scoped_at = tables, now
         return self._scoped_tables
+
+    def local_tables(self) -> frozenset[str]:
+        """Tables of the service account's current database (what an unqualified name
+        would reach)."""
+        now = time.monotonic()
+        if self._local_tables is None or now - self._local_at > SCOPE_REFRESH_S:
+            result = self.run(
+                "SELECT name FROM system.tables WHERE database = currentDatabase()", {}, 100_000
+            )
+            self._local_tables = frozenset(str(row[0]) for row in result.rows)
+            self._local_at = now
+        return self._local_tables
 
     def settings_for(self, user: User) -> dict[str, Any]:
         """readonly=1 and, for a scoped user, a row filter on every scoped base table."""
@@ -432,7 +446,7 @@ class QueryGovernor:
             )
         statement = query_text(sql)
         tree = self._explain("AST", statement, {"readonly": 1})
-        tables = parsed_objects(tree, statement)
+        tables = parsed_objects(tree, statement, self.local_tables())
         self._refuse_tables(user, tables)
         settings = self.settings_for(user)
         resolved, functions = referenced_objects(
@@ -483,19 +497,46 @@ DENIED_FUNCTIONS: Final = frozenset({
     "dictionary", "getsetting", "getsettingordefault", "getclientsetting", "getserversetting",
     "getmacro", "fqdn", "hostname", "currentuser", "currentprofiles", "currentroles",
     "enabledroles", "defaultroles", "filesystemavailable", "filesystemcapacity",
-    "filesystemunreserved",
+    "filesystemunreserved", "user", "fullhostname", "hascolumnintable", "currentdatabase",
 })
 DENIED_FUNCTION_PREFIXES: Final = ("dictget", "dicthas", "dictisin", "joinget")
 _AST_LINE = re.compile(r"^( *)(\S+)(?: (.*?))?(?: \(children \d+\))?$")
 
 
-def parsed_objects(tree: str, statement: str) -> set[str]:
+#: Functions whose second argument may name a table (``x IN db.table``).
+IN_FUNCTIONS: Final = frozenset({
+    "in", "notin", "globalin", "globalnotin", "nullin", "notnullin", "globalnullin",
+    "globalnotnullin",
+})
+
+
+def parsed_objects(
+    tree: str, statement: str, local_tables: frozenset[str] = frozenset()
+) -> set[str]:
     """The tables a parsed statement (``EXPLAIN AST`` output) names, fully qualified;
-    refuses clauses, table functions and functions a governed query may not use."""
+    refuses clauses, table functions and functions a governed query may not use.
+
+    ``local_tables`` are the tables of the current database: an unqualified name (or a
+    quoted name that looks qualified) that matches one is refused, so a faked common
+    table expression cannot make an unqualified name reach a real table.
+    """
     matches = [_AST_LINE.match(line) for line in tree.splitlines() if line.strip()]
     nodes = [(len(m.group(1)), m.group(2), (m.group(3) or "").strip()) for m in matches if m]
     tables: set[str] = set()
     names = cte_names(statement)
+
+    def table_reference(name: str) -> None:
+        plain = name.replace("`", "")
+        if plain in local_tables:
+            raise QueryError(f"name the database of {plain} (e.g. medstream_analyst.{plain})")
+        if "." in plain:
+            tables.add(plain)
+        elif plain not in names:
+            raise QueryError(
+                f"name the database of {plain} (e.g. medstream_analyst.{plain}); only "
+                "common table expressions may be unqualified"
+            )
+
     for index, (depth, kind, detail) in enumerate(nodes):
         name = detail.split(" ")[0] if detail else ""
         client_format = (kind, name) == ("Identifier", "Native")  # the driver adds it
@@ -509,15 +550,25 @@ def parsed_objects(tree: str, statement: str) -> set[str]:
                     raise QueryError(f"table functions are not allowed here: {name}")
             elif lowered in DENIED_FUNCTIONS or lowered.startswith(DENIED_FUNCTION_PREFIXES):
                 raise QueryError(f"the function {name} is not allowed here")
+            elif lowered in IN_FUNCTIONS:
+                arguments = _children(nodes, index + 1) if index + 1 < len(nodes) else []
+                if len(arguments) == 2 and nodes[arguments[1]][1] == "Identifier":
+                    table_reference(nodes[arguments[1]][2].split(" ")[0])
         if kind == "TableIdentifier":
-            if "." in name:
-                tables.add(name.replace("`", ""))
-            elif name.replace("`", "") not in names:
-                raise QueryError(
-                    f"name the database of {name} (e.g. medstream_analyst.{name}); only "
-                    "common table expressions may be unqualified"
-                )
+            table_reference(name)
     return tables
+
+
+def _children(nodes: list[tuple[int, str, str]], index: int) -> list[int]:
+    """Indexes of the direct children of node ``index``."""
+    depth = nodes[index][0]
+    found = []
+    for later in range(index + 1, len(nodes)):
+        if nodes[later][0] <= depth:
+            break
+        if nodes[later][0] == depth + 1:
+            found.append(later)
+    return found
 
 
 def _parent(nodes: list[tuple[int, str, str]], index: int) -> str:

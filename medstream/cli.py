@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import secrets
 import signal
+import socket
 import sys
 import threading
 import time
@@ -288,16 +290,28 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     registry = registry_from_url(RegistrySettings().url)
     faust_app = create_app(kafka, StreamSettings(), registry)
     audit = BackgroundAudit(AuditTrail(kafka, registry))
-    on_reload(
-        lambda name, path, outcome, detail: audit.record(
-            actor="medstream-streams", actor_role="operator", channel="workers",
+    worker_name = f"medstream-streams@{socket.gethostname()}:{os.getpid()}"
+    seen: dict[tuple[str, str, str], float] = {}
+
+    def reloaded(name: str, path: Path, outcome: str, detail: str) -> None:
+        # One file can be watched by two rule families of a worker: one event per change.
+        key = (str(path), outcome, detail)
+        if time.monotonic() - seen.get(key, -60.0) < 60:
+            return
+        seen[key] = time.monotonic()
+        audit.record(
+            actor=worker_name, actor_role="operator", channel="workers",
             action="config_change", outcome="ok" if outcome == "loaded" else "refused",
-            target=f"rules:{path.name}", detail=f"{name} {outcome}: {detail}",
+            target=f"file:{path.name}", detail=f"{name} {outcome}: {detail}",
         )
-    )
+
+    on_reload(reloaded)
     _start_metrics(metrics_port)
     worker = Worker(faust_app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
-    worker.execute_from_commandline()
+    try:
+        worker.execute_from_commandline()
+    finally:
+        audit.drain()
 
 
 @app.command()
@@ -490,8 +504,6 @@ def sql(
 
 def _sign_in(name: str) -> Any:
     """A medstream user, after checking the password (environment or prompt)."""
-    import os
-
     from medstream.access import AccessError, UserStore
     from medstream.settings import ConsoleSettings
 

@@ -103,7 +103,8 @@ def migration_statements(sql: str, database: str, cluster: str = "") -> list[str
 
 _ENGINE = re.compile(r"ENGINE = (Replacing|Aggregating)?MergeTree(?:\(([^)]*)\))?")
 _DDL = re.compile(
-    r"^((?:CREATE (?:MATERIALIZED VIEW|VIEW|TABLE|DATABASE) IF NOT EXISTS|ALTER TABLE) \S+)"
+    r"^((?:CREATE (?:MATERIALIZED VIEW|VIEW|TABLE|DATABASE) IF NOT EXISTS|ALTER TABLE"
+    r"|DROP (?:TABLE|VIEW|DATABASE) IF EXISTS) \S+)"
 )
 
 

@@ -324,9 +324,10 @@ class Console:
         return user, token
 
     def _client_address(self, request: web.Request) -> str:
-        """The client's address; behind a trusted proxy, the first X-Forwarded-For entry."""
+        """The client's address; behind a trusted proxy, the last X-Forwarded-For entry (the
+        address the proxy itself saw: entries before it are whatever the client sent)."""
         if self.settings.trusted_proxy:
-            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[0].strip()
+            forwarded = request.headers.get("X-Forwarded-For", "").split(",")[-1].strip()
             if forwarded:
                 return forwarded
         return request.remote or ""

@@ -190,7 +190,8 @@ def test_compose_file_references_only_what_the_code_has() -> None:
             # The console is ready once its alert stream is live: /healthz on its own port.
             console_port = service["environment"]["MEDSTREAM_CONSOLE_PORT"]
             assert f"localhost:{console_port}/healthz" in " ".join(service["healthcheck"]["test"])
-            assert service["ports"] == [f"{console_port}:{console_port}"]
+            # Published on loopback only: a trusted proxy in front is the one way in.
+            assert service["ports"] == [f"127.0.0.1:{console_port}:{console_port}"]
         elif port is not None:
             assert f"localhost:{port}/metrics" in " ".join(service["healthcheck"]["test"])
         if port is not None:

@@ -91,6 +91,10 @@ def governed_db(clickhouse: Client) -> str:
     by this module's tests, which only read it)."""
     database = f"test_access_{uuid.uuid4().hex[:8]}"
     migrate(clickhouse, database)
+    # A table in the service account's current database, which an unqualified name reaches.
+    clickhouse.command(
+        "CREATE TABLE IF NOT EXISTS medstream_secret (x String) ENGINE = MergeTree ORDER BY x"
+    )
     refresh_data_dictionary(clickhouse, database)
     refresh_analyst_views(clickhouse, database)
     now = datetime.now(tz=UTC)
@@ -183,6 +187,16 @@ def test_analyst_reads_own_organisation_through_views_without_identifier_columns
          "INTO OUTFILE"),
         ("analyst.east", "SELECT count() FROM lab_result", "name the database"),
         ("admin.scoped", "SELECT count() FROM {db}.audit_log", "may not read"),
+        # A faked common table expression does not make an unqualified name safe ...
+        ("analyst.east", "SELECT (SELECT any(x) FROM medstream_secret) "
+                         "/* , medstream_secret AS ( */", "name the database of medstream_secret"),
+        ("analyst.east", "SELECT (SELECT any(x) FROM medstream_secret) AS a, "
+                         "(WITH medstream_secret AS (SELECT 1) SELECT 1) AS b",
+         "name the database of medstream_secret"),
+        # ... and IN names a table too.
+        ("analyst.east", "SELECT (SELECT throwIf(('H002', 'x') IN {db}.lab_result))",
+         "may not read {db}.lab_result"),
+        ("analyst.east", "SELECT user()", "function user"),
     ],
 )
 def test_refused_queries_say_why(

@@ -232,7 +232,7 @@ def test_on_a_cluster_every_table_is_replicated_and_every_ddl_runs_on_each_repli
             "SELECT formatQuery({s:String})", {"s": statement}
         ).result_rows
         assert formatted
-        if statement.startswith(("CREATE", "ALTER")):
+        if statement.startswith(("CREATE", "ALTER", "DROP")):
             assert " ON CLUSTER medstream" in statement.split(" AS ", 1)[0], statement[:120]
         if "ENGINE" in statement:
             assert "ENGINE = Replicated" in statement, statement[:200]

@@ -32,7 +32,7 @@ def test_changes_are_loaded_or_refused_and_reported(tmp_path: Path, monkeypatch:
         lambda name, path, outcome, detail: audit.record(
             actor="medstream-streams", actor_role="operator", channel="workers",
             action="config_change", outcome="ok" if outcome == "loaded" else "refused",
-            target=f"rules:{path.name}", detail=f"{name} {outcome}: {detail}",
+            target=f"file:{path.name}", detail=f"{name} {outcome}: {detail}",
         )
     )
     watched = ReloadingFile(
@@ -50,6 +50,6 @@ def test_changes_are_loaded_or_refused_and_reported(tmp_path: Path, monkeypatch:
     while len(stored) < 2 and time.monotonic() < deadline:
         time.sleep(0.01)
     assert [(e["outcome"], e["target"], e["detail"]) for e in stored] == [
-        ("ok", "rules:rules.yaml", "critical_values loaded: version ?"),
-        ("refused", "rules:rules.yaml", "critical_values refused: rules.yaml: no version"),
+        ("ok", "file:rules.yaml", "critical_values loaded: version ?"),
+        ("refused", "file:rules.yaml", "critical_values refused: rules.yaml: no version"),
     ]
