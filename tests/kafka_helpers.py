@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from confluent_kafka import Consumer, KafkaError
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, TopicPartition
 
 from medstream.settings import DLQ_TOPIC, RAW_TOPICS, KafkaSettings
 from schemas.serde import AvroDeserializer, ManifestRegistry
@@ -39,7 +39,20 @@ def consume(
     more came for ``settle_s`` (so extra records are seen too), or the timeout passed."""
     decode = AvroDeserializer(ManifestRegistry())
     consumer = Consumer(kafka.consumer_config(f"test-read-{uuid.uuid4().hex[:8]}"))
-    consumer.subscribe([kafka.topic(t) for t in topics])
+    names = [kafka.topic(t) for t in topics]
+    # Every partition from its start, without joining a group (a join on the embedded
+    # broker takes about half the session timeout); a topic not created yet is subscribed.
+    existing = consumer.list_topics(timeout=10).topics
+    if all(name in existing and existing[name].error is None for name in names):
+        consumer.assign(
+            [
+                TopicPartition(name, partition, OFFSET_BEGINNING)
+                for name in names
+                for partition in existing[name].partitions
+            ]
+        )
+    else:
+        consumer.subscribe(names)
     records: list[Published] = []
     deadline = time.monotonic() + timeout_s
     quiet_since: float | None = None
