@@ -65,6 +65,7 @@ from streams.detect import (
 from streams.findings import DictState, KeyValueState
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
+from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
@@ -255,7 +256,11 @@ def create_app(
         registry,
         TerminologySource(terminology_path or DEFAULT_TERMINOLOGY_PATH),
         Pseudonymiser(secret),
-        load_critical_value_rules(rules_path or rule_file("critical_values.yaml", rules_dir)),
+        ReloadingFile(
+            "critical_values",
+            rules_path or rule_file("critical_values.yaml", rules_dir),
+            load_critical_value_rules,
+        ),
         identity_key=derived_key(secret, "mpi.tokens"),
         rules_dir=rules_dir,
     )

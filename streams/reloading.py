@@ -1,7 +1,8 @@
 """Rules and dictionaries that change on disk are picked up without a restart.
 
 :class:`ReloadingFile` wraps a loader (``path -> loaded rules``): :meth:`current` re-reads
-the file when its modification time or size changed, at most every ``check_every_s``.
+the file when its modification time or size changed (or that of a file it reads along,
+``also_watch``), at most every ``check_every_s``.
 A file that no longer loads keeps the previous version in service: the error is logged
 once per bad file state and kept in :attr:`last_error`, so an operator's typo never stops
 the stream nor silently switches a rule off.
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -48,9 +49,11 @@ class ReloadingFile(Generic[Loaded]):
         loader: Callable[[Path], Loaded],
         check_every_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
+        also_watch: Sequence[Path | str] = (),
     ) -> None:
         self.name = name
         self.path = Path(path)
+        self._watched = [self.path, *(Path(other) for other in also_watch)]
         self._loader = loader
         self._check_every_s = check_every_s
         self._clock = clock
@@ -58,16 +61,20 @@ class ReloadingFile(Generic[Loaded]):
         # The first load must succeed: a worker never starts on rules it cannot read.
         self._loaded: Loaded = loader(self.path)
         self._checked_at = clock()
-        self._bad_stamp: tuple[int, int] | None = None
+        self._bad_stamp: tuple[tuple[int, int], ...] | None = None
         self.last_error: str | None = None
         self.generation = 0
 
-    def _file_stamp(self) -> tuple[int, int]:
-        try:
-            stat = self.path.stat()
-        except OSError:
-            return (-1, -1)
-        return (stat.st_mtime_ns, stat.st_size)
+    def _file_stamp(self) -> tuple[tuple[int, int], ...]:
+        stamps = []
+        for path in self._watched:
+            try:
+                stat = path.stat()
+            except OSError:
+                stamps.append((-1, -1))
+            else:
+                stamps.append((stat.st_mtime_ns, stat.st_size))
+        return tuple(stamps)
 
     def current(self) -> Loaded:
         """The newest version that loaded; checks the file at most every check_every_s."""
@@ -85,8 +92,9 @@ class ReloadingFile(Generic[Loaded]):
             self.last_error = str(exc)
             RULES_RELOADS.labels(self.name, "refused").inc()
             log.error(
-                "%s: the changed file was refused, the previous version stays in use:\n%s",
+                "%s: the changed file was refused; still serving version %s:\n%s",
                 self.name,
+                getattr(self._loaded, "version", "?"),
                 exc,
             )
             _tell(self.name, self.path, "refused", str(exc))

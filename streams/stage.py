@@ -208,7 +208,7 @@ class NormaliseStage:
         registry: serde.SchemaRegistry,
         terminology: Terminology | TerminologySource,
         pseudonymiser: Pseudonymiser,
-        critical_rules: CriticalValueRules,
+        critical_rules: CriticalValueRules | ReloadingFile[CriticalValueRules],
         quality_rules_path: str | None = None,
         identity_key: bytes | None = None,
         rules_dir: Path | None = None,
@@ -221,7 +221,13 @@ class NormaliseStage:
             terminology.current() if isinstance(terminology, TerminologySource) else terminology
         )
         self.pseudonymiser = pseudonymiser
-        self.critical_rules = critical_rules
+        # Likewise a ReloadingFile of critical value rules.
+        self._critical_source: ReloadingFile[CriticalValueRules] | None = None
+        if isinstance(critical_rules, ReloadingFile):
+            self._critical_source = critical_rules
+            self.critical_rules = critical_rules.current()
+        else:
+            self.critical_rules = critical_rules
         self.decoders = {
             kind: serde.AvroDeserializer(registry, subject)
             for kind, subject in serde.RAW_SUBJECT_BY_KIND.items()
@@ -283,6 +289,8 @@ class NormaliseStage:
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
         if self._terminology_source is not None:
             self.terminology = self._terminology_source.current()
+        if self._critical_source is not None:
+            self.critical_rules = self._critical_source.current()
         quality = self._quality_checker()
         quality_state = quality_state if quality_state is not None else self.local_quality_state
         try:

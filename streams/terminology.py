@@ -34,6 +34,7 @@ from pydantic import (
 from rapidfuzz import fuzz
 
 from streams.model import NonBlank
+from streams.reloading import ReloadingFile
 from streams.units import (
     DEFAULT_ANALYTES_PATH,
     Affine,
@@ -690,17 +691,16 @@ def load_terminology(
 
 # --- reloading without restart ------------------------------------------------------------
 
-_FileStamp = tuple[str, int | None, int | None]
 
-
-class TerminologySource:
+class TerminologySource(ReloadingFile[Terminology]):
     """Serves the current terminology and reloads it when its files change on disk.
 
     The terminology file, the analyte file and the catalogue CSVs are checked (modification
     time and size) at most every ``check_every_s`` seconds, on a call to :meth:`current`.
     A changed set that loads replaces the served version; one that does not is logged once
-    per file version, exposed as :attr:`last_error`, and the previous version stays in
-    service. The first load happens in the constructor and raises TerminologyError.
+    per file version, counted, reported to the reload listeners (the audit trail), exposed
+    as :attr:`last_error`, and the previous version stays in service. The first load happens
+    in the constructor and raises TerminologyError.
     """
 
     def __init__(
@@ -712,60 +712,18 @@ class TerminologySource:
         check_every_s: float = 5.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.path = Path(path)
-        self._analytes_path = Path(analytes_path)
-        self._catalogue_dir = Path(catalogue_dir)
-        self._check_every_s = check_every_s
-        self._clock = clock
-        self._stamp = self._stamps()
-        self._terminology = self._load()
-        self._checked_at = clock()
-        self._failed_stamp: tuple[_FileStamp, ...] | None = None
-        self.last_error: str | None = None
+        analytes, catalogue = Path(analytes_path), Path(catalogue_dir)
 
-    def _load(self) -> Terminology:
-        return load_terminology(
-            self.path, analytes_path=self._analytes_path, catalogue_dir=self._catalogue_dir
-        )
-
-    def _stamps(self) -> tuple[_FileStamp, ...]:
-        files = [self.path, self._analytes_path]
-        files += [self._catalogue_dir / f"{name}.csv" for name in _CATALOGUE_NAMES]
-        stamps: list[_FileStamp] = []
-        for file in files:
-            try:
-                stat = file.stat()
-            except OSError:
-                stamps.append((str(file), None, None))
-            else:
-                stamps.append((str(file), stat.st_mtime_ns, stat.st_size))
-        return tuple(stamps)
-
-    def current(self) -> Terminology:
-        """The terminology to use now: reloaded first if its files changed and still load."""
-        now = self._clock()
-        if now - self._checked_at < self._check_every_s:
-            return self._terminology
-        self._checked_at = now
-        stamp = self._stamps()
-        if stamp == self._stamp or stamp == self._failed_stamp:
-            return self._terminology
-        try:
-            loaded = self._load()
-        except TerminologyError as exc:
-            self._failed_stamp = stamp
-            self.last_error = str(exc)
-            logger.error(
-                "terminology reload failed; still serving version %s: %s",
-                self._terminology.version,
-                exc,
+        def load(terminology_path: Path) -> Terminology:
+            return load_terminology(
+                terminology_path, analytes_path=analytes, catalogue_dir=catalogue
             )
-            return self._terminology
-        logger.info(
-            "terminology reloaded: version %s replaces %s",
-            loaded.version,
-            self._terminology.version,
+
+        super().__init__(
+            "terminology",
+            path,
+            load,
+            check_every_s,
+            clock,
+            also_watch=[analytes, *(catalogue / f"{name}.csv" for name in _CATALOGUE_NAMES)],
         )
-        self._terminology, self._stamp = loaded, stamp
-        self._failed_stamp, self.last_error = None, None
-        return loaded

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -11,6 +13,7 @@ from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
+from streams.reloading import ReloadingFile
 from streams.stage import NormaliseStage, Output, SuppressionState
 from streams.terminology import Terminology
 
@@ -77,6 +80,46 @@ def test_critical_value_alerts_once_then_repeat_is_suppressed(stage: NormaliseSt
         "hl7_lab", RawContext("t.raw.hl7_lab", 0, 2, NOW_MS), b"k", encoded_hl7(potassium("7.1", 40), "C-2"), state, NOW_MS
     )
     assert [o.topic for o in second] == ["t.norm.lab_result"]
+
+
+def test_an_edited_critical_values_file_applies_without_a_restart(
+    terminology: Terminology, pseudonymiser: Pseudonymiser, tmp_path: Path
+) -> None:
+    path = tmp_path / "critical_values.yaml"
+    original = DEFAULT_CRITICAL_RULES_PATH.read_text(encoding="utf-8")
+    path.write_text(original, encoding="utf-8")
+    clock = [0.0]
+    rules = ReloadingFile(
+        "critical_values", path, load_critical_value_rules, check_every_s=1, clock=lambda: clock[0]
+    )
+    stage = NormaliseStage(KAFKA, REGISTRY, terminology, pseudonymiser, rules)
+    state = SuppressionState.in_memory()
+
+    def run(value: str, minute: int, control_id: str) -> list[Output]:
+        ctx = RawContext("t.raw.hl7_lab", 0, minute, NOW_MS)
+        return stage.handle(
+            "hl7_lab", ctx, b"k", encoded_hl7(potassium(value, minute), control_id), state, NOW_MS
+        )
+
+    assert [o.topic for o in run("5.9", 5, "E-1")] == ["t.norm.lab_result"]  # limit 6.2
+    edited = original.replace('version: "2026.11-1"', 'version: "2026.11-test"')
+    edited = edited.replace("high: 6.2", "high: 5.5", 1)
+    assert edited.count("5.5") == 1 and "2026.11-test" in edited
+    path.write_text(edited, encoding="utf-8")
+    os.utime(path, (1_800_000_000, 1_800_000_000))
+    clock[0] = 2.0
+    lab, alert = run("5.9", 10, "E-2")
+    finding = decode(alert)
+    assert (finding["rule_id"], finding["rule_version"]) == (
+        "critical_value.potassium",
+        "2026.11-test",
+    )
+    assert "5.5" in finding["explanation"]
+    # A broken edit is refused and the last good limits stay in force.
+    path.write_text("version: [unclosed\n", encoding="utf-8")
+    clock[0] = 4.0
+    assert [o.topic for o in run("5.9", 15, "E-3")] == ["t.norm.lab_result"]  # suppressed
+    assert rules.last_error is not None and stage.critical_rules.version == "2026.11-test"
 
 
 def test_no_output_carries_a_direct_identifier(stage: NormaliseStage) -> None:

@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from medstream.metrics import RULES_RELOADS
+from streams import reloading
 from streams.terminology import (
     DEFAULT_CATALOGUE_DIR,
     DEFAULT_TERMINOLOGY_PATH,
@@ -487,7 +489,7 @@ def test_source_reloads_a_changed_file_and_keeps_the_last_good_one(
     reloaded = source.current()
     assert reloaded.version == "v2" and reloaded.diagnosis("H009", "DX1") == "J11.1"
 
-    caplog.set_level(logging.ERROR, logger="streams.terminology")
+    caplog.set_level(logging.ERROR, logger="medstream.streams.rules")
     _rewrite(path, SMALL.format(version="v3", code="J11.1") + "    labs: {}\n", 3)
     clock.now += 5.0
     assert source.current() is reloaded  # invalid: the previous version keeps serving
@@ -496,13 +498,46 @@ def test_source_reloads_a_changed_file_and_keeps_the_last_good_one(
     assert source.current() is reloaded
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert len(errors) == 1  # logged once per bad file version
-    assert "still serving version v2" in errors[0].getMessage()
+    assert "terminology: the changed file was refused; still serving version v2" in (
+        errors[0].getMessage()
+    )
 
     _rewrite(path, SMALL.format(version="v4", code="A09"), 4)
     clock.now += 5.0
     fixed = source.current()
     assert fixed.version == "v4" and fixed.diagnosis("H009", "DX1") == "A09"
     assert source.last_error is None
+
+
+def test_source_reports_every_reload_to_the_listeners_and_the_metric(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(reloading, "_listeners", [])
+    told: list[tuple[str, str, str, str]] = []
+    reloading.on_reload(
+        lambda name, path, outcome, detail: told.append((name, path.name, outcome, detail))
+    )
+    refused = RULES_RELOADS.labels("terminology", "refused")
+    loaded = RULES_RELOADS.labels("terminology", "loaded")
+    before = (loaded._value.get(), refused._value.get())
+    directory = _copy_catalogue(tmp_path)
+    path = tmp_path / "terminology.yaml"
+    _rewrite(path, SMALL.format(version="v1", code="J18.9"), 1)
+    clock = _Clock()
+    source = TerminologySource(path, catalogue_dir=directory, clock=clock)
+    _rewrite(path, SMALL.format(version="v2", code="J11.1"), 2)
+    clock.now += 5.0
+    assert source.current().version == "v2"
+    # A catalogue file that no longer loads counts as a refused change of the terminology.
+    _rewrite(directory / "icd10.csv", "not,the,header\n", 3)
+    clock.now += 5.0
+    assert source.current().version == "v2" and source.last_error is not None
+    assert [(n, f, o) for n, f, o, _ in told] == [
+        ("terminology", "terminology.yaml", "loaded"),
+        ("terminology", "terminology.yaml", "refused"),
+    ]
+    assert told[0][3] == "version v2"
+    assert (loaded._value.get(), refused._value.get()) == (before[0] + 1, before[1] + 1)
 
 
 def test_source_watches_the_catalogue_and_refuses_a_bad_first_load(tmp_path: Path) -> None:
