@@ -224,6 +224,8 @@ class Console:
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
         self.ready = threading.Event()
+        #: Seconds between an idle live stream's heartbeats (and session checks).
+        self.heartbeat_s = 15.0
 
     # ------------------------------------------------------------------ application
 
@@ -456,21 +458,29 @@ class Console:
         await response.prepare(request)
         subscriber = Subscriber(user.name, token)
         self.subscribers.append(subscriber)
+        # A page showing the live stream is in use even when nobody clicks (a monitoring
+        # screen): each heartbeat renews the session's idle timer; the absolute limit stays.
+        renewed = time.monotonic()
         try:
             await _send(response, "snapshot", {"alerts": self.board.visible_to(user)})
             await _send(response, "feeds", self._feeds_for(user))
             while True:
                 try:
-                    item = await asyncio.wait_for(subscriber.queue.get(), timeout=15)
+                    item = await asyncio.wait_for(subscriber.queue.get(), self.heartbeat_s)
                 except TimeoutError:
-                    if self.session_user(token)[0] is None:
-                        break
-                    await response.write(b": heartbeat\n\n")
-                    continue
+                    item = ("heartbeat", None)
                 if item is None:
                     break
+                if time.monotonic() - renewed >= self.heartbeat_s:
+                    if self.session_user(token)[0] is None:
+                        break
+                    self.sessions[token].last_seen = time.time()
+                    renewed = time.monotonic()
                 kind, payload = item
-                await _send(response, kind, payload)
+                if kind == "heartbeat":
+                    await response.write(b": heartbeat\n\n")
+                else:
+                    await _send(response, kind, payload)
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

@@ -162,9 +162,20 @@ def test_repeated_failures_are_throttled_and_idle_sessions_expire(
     users: UserStore,
 ) -> None:
     console = _console(kafka_factory(), clickhouse, database, users, session_idle_minutes=0.02)
+    console.heartbeat_s = 0.3
 
     async def scenario(client: TestClient) -> None:
         assert (await _sign_in(client, "mon.east")).status == 200
+        assert (await client.get("/api/session")).status == 200
+        # A page holding the live stream open keeps its session past the idle limit.
+        stream = await client.get("/api/events")
+        assert stream.status == 200
+        received = b""
+        deadline = time.monotonic() + 2.5  # twice the 1.2 s idle limit, no other request
+        while time.monotonic() < deadline:
+            received += await asyncio.wait_for(stream.content.readany(), 1.0)
+        stream.close()
+        assert b"event: snapshot" in received and received.count(b": heartbeat") >= 4
         assert (await client.get("/api/session")).status == 200
         await asyncio.sleep(1.6)  # longer than the 1.2 s idle limit
         expired = await client.get("/api/session")
