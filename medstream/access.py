@@ -66,6 +66,9 @@ class Role:
     read_audit: bool
     clearance: str  # the most sensitive column tag the role may read
     summary: str
+    # An open live page renews the session's idle timer (a monitoring screen nobody
+    # clicks on); for the roles with SQL access only requests do.
+    live_page_keeps_session: bool = False
 
 
 ROLES: Final[dict[str, Role]] = {
@@ -73,6 +76,7 @@ ROLES: Final[dict[str, Role]] = {
         "monitor", act_on_alerts=True, patient_timeline=True, sql="none", read_audit=False,
         clearance="pseudonym",
         summary="watches live alerts, acknowledges and resolves them, sees patient timelines",
+        live_page_keeps_session=True,
     ),
     "analyst": Role(
         "analyst", act_on_alerts=False, patient_timeline=False, sql="analyst",

@@ -17,13 +17,16 @@ import threading
 import time
 import uuid
 from collections.abc import Callable
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from confluent_kafka import KafkaException, Producer
 
 from medstream.clickhouse import QueryResult, sql_string
 from medstream.settings import FACT_TOPICS, KafkaSettings
 from schemas import serde
+
+if TYPE_CHECKING:
+    from streams.reloading import Reload
 
 log = logging.getLogger("medstream.audit")
 
@@ -184,6 +187,29 @@ class BackgroundAudit:
         deadline = time.monotonic() + timeout_s
         while self._queue.unfinished_tasks and time.monotonic() < deadline:
             time.sleep(0.05)
+
+
+def config_change_recorder(audit: BackgroundAudit, actor: str) -> Callable[[Reload], None]:
+    """A reload listener (``streams.reloading.on_reload``) that records each loaded or
+    refused change of a rules or dictionary file as a ``config_change``, naming the files
+    that changed. Two rule families of one worker can watch the same file: the same change
+    (equal file stamps) is recorded once, while every later edit, even one that keeps the
+    version, is recorded again."""
+    seen: set[tuple[str, str, tuple[tuple[int, int], ...]]] = set()
+
+    def record(change: Reload) -> None:
+        key = (str(change.path), change.outcome, change.stamp)
+        if key in seen:
+            return
+        seen.add(key)
+        audit.record(
+            actor=actor, actor_role="operator", channel="workers", action="config_change",
+            outcome="ok" if change.outcome == "loaded" else "refused",
+            target="file:" + ",".join(change.changed or (change.path.name,)),
+            detail=f"{change.name} {change.outcome}: {change.detail}",
+        )
+
+    return record
 
 
 def direct_insert(client: Any, database: str) -> Callable[[dict[str, Any]], None]:

@@ -281,7 +281,7 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     """Run one Faust stream worker (normalise + critical values)."""
     from faust.worker import Worker
 
-    from medstream.audit import AuditTrail, BackgroundAudit
+    from medstream.audit import AuditTrail, BackgroundAudit, config_change_recorder
     from schemas.serde import registry_from_url
     from streams.app import create_app
     from streams.reloading import on_reload
@@ -291,21 +291,7 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     faust_app = create_app(kafka, StreamSettings(), registry)
     audit = BackgroundAudit(AuditTrail(kafka, registry))
     worker_name = f"medstream-streams@{socket.gethostname()}:{os.getpid()}"
-    seen: dict[tuple[str, str, str], float] = {}
-
-    def reloaded(name: str, path: Path, outcome: str, detail: str) -> None:
-        # One file can be watched by two rule families of a worker: one event per change.
-        key = (str(path), outcome, detail)
-        if time.monotonic() - seen.get(key, -60.0) < 60:
-            return
-        seen[key] = time.monotonic()
-        audit.record(
-            actor=worker_name, actor_role="operator", channel="workers",
-            action="config_change", outcome="ok" if outcome == "loaded" else "refused",
-            target=f"file:{path.name}", detail=f"{name} {outcome}: {detail}",
-        )
-
-    on_reload(reloaded)
+    on_reload(config_change_recorder(audit, worker_name))
     _start_metrics(metrics_port)
     worker = Worker(faust_app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
     try:

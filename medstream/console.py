@@ -458,9 +458,12 @@ class Console:
         await response.prepare(request)
         subscriber = Subscriber(user.name, token)
         self.subscribers.append(subscriber)
-        # A page showing the live stream is in use even when nobody clicks (a monitoring
-        # screen): each heartbeat renews the session's idle timer; the absolute limit stays.
-        renewed = time.monotonic()
+        # A monitor's page showing the live stream is in use even when nobody clicks (a
+        # monitoring screen): each delivered heartbeat renews the session's idle timer.
+        # Other roles' sessions idle out as usual; the absolute limit holds for everyone,
+        # and the stream ends with its session.
+        keeps_session = user.permissions.live_page_keeps_session
+        checked = time.monotonic()
         try:
             await _send(response, "snapshot", {"alerts": self.board.visible_to(user)})
             await _send(response, "feeds", self._feeds_for(user))
@@ -471,16 +474,17 @@ class Console:
                     item = ("heartbeat", None)
                 if item is None:
                     break
-                if time.monotonic() - renewed >= self.heartbeat_s:
-                    if self.session_user(token)[0] is None:
-                        break
-                    self.sessions[token].last_seen = time.time()
-                    renewed = time.monotonic()
                 kind, payload = item
                 if kind == "heartbeat":
                     await response.write(b": heartbeat\n\n")
                 else:
                     await _send(response, kind, payload)
+                if time.monotonic() - checked >= self.heartbeat_s:
+                    checked = time.monotonic()
+                    if self.session_user(token)[0] is None:
+                        break  # expired, disabled or its password changed
+                    if keeps_session:
+                        self.sessions[token].last_seen = time.time()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Generic, TypeVar
 
@@ -20,9 +21,22 @@ from medstream.metrics import RULES_RELOADS
 
 log = logging.getLogger("medstream.streams.rules")
 Loaded = TypeVar("Loaded")
-#: Called with (file name, path, "loaded" or "refused", version or error) after each change:
-#: the worker process records them in the audit trail.
-ReloadListener = Callable[[str, Path, str, str], None]
+Stamp = tuple[tuple[int, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Reload:
+    """One change of a watched file set, loaded or refused (the worker audits it)."""
+
+    name: str  # the rules family, e.g. "terminology"
+    path: Path  # its main file
+    outcome: str  # "loaded" or "refused"
+    detail: str  # "version v3", or why the change was refused
+    changed: tuple[str, ...]  # names of the files that changed since the version in service
+    stamp: Stamp  # the files' (mtime, size): equal stamps are the same change
+
+
+ReloadListener = Callable[[Reload], None]
 _listeners: list[ReloadListener] = []
 
 
@@ -31,10 +45,10 @@ def on_reload(listener: ReloadListener) -> None:
     _listeners.append(listener)
 
 
-def _tell(name: str, path: Path, outcome: str, detail: str) -> None:
+def _tell(event: Reload) -> None:
     for listener in _listeners:
         try:
-            listener(name, path, outcome, detail)
+            listener(event)
         except Exception:  # a listener must never stop the stream
             log.exception("reload listener failed")
 
@@ -61,11 +75,11 @@ class ReloadingFile(Generic[Loaded]):
         # The first load must succeed: a worker never starts on rules it cannot read.
         self._loaded: Loaded = loader(self.path)
         self._checked_at = clock()
-        self._bad_stamp: tuple[tuple[int, int], ...] | None = None
+        self._bad_stamp: Stamp | None = None
         self.last_error: str | None = None
         self.generation = 0
 
-    def _file_stamp(self) -> tuple[tuple[int, int], ...]:
+    def _file_stamp(self) -> Stamp:
         stamps = []
         for path in self._watched:
             try:
@@ -97,8 +111,9 @@ class ReloadingFile(Generic[Loaded]):
                 getattr(self._loaded, "version", "?"),
                 exc,
             )
-            _tell(self.name, self.path, "refused", str(exc))
+            _tell(Reload(self.name, self.path, "refused", str(exc), self._changed(stamp), stamp))
             return self._loaded
+        changed = self._changed(stamp)
         self._stamp = stamp
         self._bad_stamp = None
         self.last_error = None
@@ -106,6 +121,16 @@ class ReloadingFile(Generic[Loaded]):
         self.generation += 1
         RULES_RELOADS.labels(self.name, "loaded").inc()
         version = str(getattr(loaded, "version", "?"))
-        log.warning("%s: reloaded %s (version %s)", self.name, self.path, version)
-        _tell(self.name, self.path, "loaded", f"version {version}")
+        log.warning(
+            "%s: reloaded %s (version %s)", self.name, ", ".join(changed) or self.path, version
+        )
+        _tell(Reload(self.name, self.path, "loaded", f"version {version}", changed, stamp))
         return loaded
+
+    def _changed(self, stamp: Stamp) -> tuple[str, ...]:
+        """Names of the watched files whose state differs from the version in service."""
+        return tuple(
+            path.name
+            for path, before, after in zip(self._watched, self._stamp, stamp, strict=True)
+            if before != after
+        )

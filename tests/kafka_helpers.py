@@ -60,7 +60,8 @@ def consume(
         while time.monotonic() < deadline:
             message = consumer.poll(0.1)
             if message is None:
-                if len(records) >= expected:
+                # Quiet counts only once partitions are held (a subscribe waits for a join).
+                if len(records) >= expected and consumer.assignment():
                     quiet_since = quiet_since or time.monotonic()
                     if time.monotonic() - quiet_since >= settle_s:
                         break

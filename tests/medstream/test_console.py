@@ -157,6 +157,24 @@ def test_sign_in_sessions_csrf_and_roles(
     assert sum(1 for r in rows if r[1] == "sign_in" and r[2] == "ok") == 4
 
 
+async def _stream_lifetime(client: TestClient, timeout: float) -> float:
+    """Open the live stream, read it until the server ends it; seconds it lasted."""
+    started = time.monotonic()
+    stream = await client.get("/api/events")
+    assert stream.status == 200
+    received = b""
+    while time.monotonic() - started < timeout:
+        chunk = await asyncio.wait_for(stream.content.readany(), timeout)
+        if not chunk:
+            break
+        received += chunk
+    else:
+        raise AssertionError(f"the stream was still open after {timeout} s")
+    stream.close()
+    assert b"event: snapshot" in received
+    return time.monotonic() - started
+
+
 def test_repeated_failures_are_throttled_and_idle_sessions_expire(
     kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
     users: UserStore,
@@ -177,9 +195,25 @@ def test_repeated_failures_are_throttled_and_idle_sessions_expire(
         stream.close()
         assert b"event: snapshot" in received and received.count(b": heartbeat") >= 4
         assert (await client.get("/api/session")).status == 200
-        await asyncio.sleep(1.6)  # longer than the 1.2 s idle limit
+        # The last renewal may follow the close by up to two heartbeats (0.6 s).
+        await asyncio.sleep(2.2)  # longer than the 1.2 s idle limit plus that
         expired = await client.get("/api/session")
         assert expired.status == 401 and "expired" in (await expired.json())["error"]
+
+        # An analyst's open page does not keep its session: the stream ends with it.
+        assert (await _sign_in(client, "analyst.east")).status == 200
+        ended_after = await _stream_lifetime(client, timeout=6.0)
+        assert 1.0 <= ended_after < 3.0, ended_after  # idle limit 1.2 s + a heartbeat
+        assert (await client.get("/api/session")).status == 401  # the session ended with it
+
+        # Disabling the account ends an open stream at once (within a heartbeat).
+        assert (await _sign_in(client, "mon.east")).status == 200
+        lifetime = asyncio.create_task(_stream_lifetime(client, timeout=6.0))
+        await asyncio.sleep(0.5)
+        users.update("mon.east", disabled=True)
+        assert 0.5 <= await lifetime < 1.5
+        assert (await client.get("/api/session")).status == 401
+        users.update("mon.east", disabled=False)
         statuses = [(await _sign_in(client, "mon.east", "wrong-password")).status
                     for _ in range(6)]
         assert statuses == [401] * 5 + [429]

@@ -513,9 +513,9 @@ def test_source_reports_every_reload_to_the_listeners_and_the_metric(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(reloading, "_listeners", [])
-    told: list[tuple[str, str, str, str]] = []
+    told: list[tuple[str, str, str, str, tuple[str, ...]]] = []
     reloading.on_reload(
-        lambda name, path, outcome, detail: told.append((name, path.name, outcome, detail))
+        lambda c: told.append((c.name, c.path.name, c.outcome, c.detail, c.changed))
     )
     refused = RULES_RELOADS.labels("terminology", "refused")
     loaded = RULES_RELOADS.labels("terminology", "loaded")
@@ -532,11 +532,11 @@ def test_source_reports_every_reload_to_the_listeners_and_the_metric(
     _rewrite(directory / "icd10.csv", "not,the,header\n", 3)
     clock.now += 5.0
     assert source.current().version == "v2" and source.last_error is not None
-    assert [(n, f, o) for n, f, o, _ in told] == [
-        ("terminology", "terminology.yaml", "loaded"),
-        ("terminology", "terminology.yaml", "refused"),
+    assert [(n, f, o, c) for n, f, o, _, c in told] == [
+        ("terminology", "terminology.yaml", "loaded", ("terminology.yaml",)),
+        ("terminology", "terminology.yaml", "refused", ("icd10.csv",)),
     ]
-    assert told[0][3] == "version v2"
+    assert told[0][3] == "version v2" and "icd10.csv" in told[1][3]
     assert (loaded._value.get(), refused._value.get()) == (before[0] + 1, before[1] + 1)
 
 
