@@ -3,9 +3,11 @@ trail."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 import yaml
 
 from medstream.audit import AuditTrail, BackgroundAudit, config_change_recorder
@@ -20,14 +22,29 @@ def load(path: Path) -> dict[str, Any]:
     return document
 
 
-def test_changes_are_loaded_or_refused_and_reported(tmp_path: Path, monkeypatch: Any) -> None:
+@dataclass
+class Recorded:
+    """The worker's reload listener recording into a list, and a rules file at version 1."""
+
+    audit: BackgroundAudit
+    stored: list[dict[str, Any]]
+    rules: Path
+
+
+@pytest.fixture
+def recorded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Recorded:
     monkeypatch.setattr(reloading, "_listeners", [])
-    clock = [0.0]
-    rules = tmp_path / "rules.yaml"
-    rules.write_text("version: '1'\n")
     stored: list[dict[str, Any]] = []
     audit = BackgroundAudit(AuditTrail(None, insert=stored.append))
     reloading.on_reload(config_change_recorder(audit, "medstream-streams@test"))
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: '1'\n")
+    return Recorded(audit, stored, rules)
+
+
+def test_changes_are_loaded_or_refused_and_reported(recorded: Recorded) -> None:
+    audit, stored, rules = recorded.audit, recorded.stored, recorded.rules
+    clock = [0.0]
     watched = ReloadingFile(
         "critical_values", rules, load, check_every_s=1, clock=lambda: clock[0]
     )
@@ -56,17 +73,12 @@ def test_changes_are_loaded_or_refused_and_reported(tmp_path: Path, monkeypatch:
 
 
 def test_a_change_of_a_file_read_along_is_recorded_under_that_file(
-    tmp_path: Path, monkeypatch: Any
+    tmp_path: Path, recorded: Recorded
 ) -> None:
-    monkeypatch.setattr(reloading, "_listeners", [])
+    audit, stored, rules = recorded.audit, recorded.stored, recorded.rules
     clock = [0.0]
-    rules = tmp_path / "rules.yaml"
-    rules.write_text("version: '1'\n")
     codes = tmp_path / "codes.csv"
     codes.write_text("code\nA\n")
-    stored: list[dict[str, Any]] = []
-    audit = BackgroundAudit(AuditTrail(None, insert=stored.append))
-    reloading.on_reload(config_change_recorder(audit, "medstream-streams@test"))
     watched = ReloadingFile(
         "terminology", rules, load, check_every_s=1, clock=lambda: clock[0], also_watch=[codes]
     )
