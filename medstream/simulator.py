@@ -573,6 +573,12 @@ class _Person:
     given: str
     birth_date: date
     sex: str
+    # NEWS2 scores a person (every hospital's records of them), so both marks are per person.
+    # A NEWS2 episode is armed for the person: no other device may report for them.
+    episode: bool = False
+    # A device sent an out-of-range vital sign for the person: it may still be held and
+    # scored, so the person is given no NEWS2 episode (its plan assumes a clean slate).
+    out_of_range_sent: bool = False
 
 
 @dataclass(eq=False)
@@ -595,9 +601,12 @@ class _Patient:
     visit: _Visit | None = None
     # Claim items billed to the patient: never billed twice across claims (no duplicates).
     billed: set[str] = field(default_factory=set)
-    # A NEWS2 episode is armed for the patient: no other device may report for them.
-    episode: bool = False
     dead: bool = False
+
+    @property
+    def episode(self) -> bool:
+        """The person is in a NEWS2 episode (armed at any of their hospitals)."""
+        return self.person.episode
 
     @property
     def key(self) -> bytes:
@@ -1466,7 +1475,7 @@ class RegionSimulator:
         armed, armed_metric = device.armed, device.armed_metric
         recovery, device.recovery = device.recovery, None
         if recovery is not None:
-            patient.episode = False  # this packet brings the patient's level back down
+            patient.person.episode = False  # this packet brings the person's level back down
         plan: list[tuple[DeviceMetric, float]] | None = None
         if armed in ("news2_urgent", "news2_emergency"):
             plan = self._news2_plan(device, armed == "news2_emergency")
@@ -1505,6 +1514,7 @@ class RegionSimulator:
                 elif final and armed == "device_out_of_range" and metric.code == armed_metric:
                     value = self._out_of_range_value(device, metric)
                     self._remember_value(device, metric.code, value)
+                    patient.person.out_of_range_sent = True
                     mapping = self._metric_mapping(hs.org, spec.device_type, metric)
                     anomalies.append(AnomalyLabel(
                         ANOMALY_RULES["device_out_of_range"], "device", hs.org,
@@ -1732,6 +1742,7 @@ class RegionSimulator:
             visits = [
                 v for v in hs.open_visits
                 if v.visit_type == "I" and not v.patient.episode
+                and not v.patient.person.out_of_range_sent
                 and v.patient.person.id_number not in self._news2_persons
             ]
             if monitors and visits:
@@ -1741,11 +1752,13 @@ class RegionSimulator:
         hs, monitors, visits = rng.choice(options)
         device = rng.choice(monitors)
         patient = rng.choice(visits).patient
-        for other in hs.devices:
-            if other is not device and other.patient is patient:
+        for other in (d for h in self._hospitals for d in h.devices):
+            if other is not device and other.patient is not None and (
+                other.patient.person is patient.person
+            ):
                 other.patient = None  # reassigned at its next packet
         device.patient = patient
-        patient.episode = True
+        patient.person.episode = True
         self._news2_persons.add(patient.person.id_number)
         device.armed = kind
         return True
