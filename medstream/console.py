@@ -109,6 +109,7 @@ class Session:
     created: float
     last_seen: float
     password_hash: str  # a changed password ends the session
+    role: str  # so does a changed role (the page and its stream were set up for this one)
 
 
 @dataclass
@@ -308,6 +309,8 @@ class Console:
                 reason = "the account was removed or disabled"
             elif user.password_hash != session.password_hash:
                 reason = "the password changed: sign in again"
+            elif user.role != session.role:
+                reason = "the role changed: sign in again"
             else:
                 return user, ""
         self.sessions.pop(token, None)
@@ -397,7 +400,7 @@ class Console:
         token = secrets.token_urlsafe(32)
         now = time.time()
         self.sessions[token] = Session(
-            user.name, secrets.token_urlsafe(32), now, now, user.password_hash
+            user.name, secrets.token_urlsafe(32), now, now, user.password_hash, user.role
         )
         response = web.json_response({"user": user.public(), "csrf": self.sessions[token].csrf})
         response.set_cookie(
@@ -459,11 +462,11 @@ class Console:
         subscriber = Subscriber(user.name, token)
         self.subscribers.append(subscriber)
         # A monitor's page showing the live stream is in use even when nobody clicks (a
-        # monitoring screen): each delivered heartbeat renews the session's idle timer.
-        # Other roles' sessions idle out as usual; the absolute limit holds for everyone,
-        # and the stream ends with its session.
-        keeps_session = user.permissions.live_page_keeps_session
-        checked = time.monotonic()
+        # monitoring screen): what the stream writes (events, or a heartbeat when there are
+        # none) renews the session's idle timer, at most every heartbeat_s. Other roles'
+        # sessions idle out as usual, the absolute limit holds for everyone, and nothing is
+        # sent once the session has ended.
+        renewed = time.monotonic()
         try:
             await _send(response, "snapshot", {"alerts": self.board.visible_to(user)})
             await _send(response, "feeds", self._feeds_for(user))
@@ -472,19 +475,20 @@ class Console:
                     item = await asyncio.wait_for(subscriber.queue.get(), self.heartbeat_s)
                 except TimeoutError:
                     item = ("heartbeat", None)
-                if item is None:
-                    break
+                current = self.session_user(token)[0]
+                if item is None or current is None:
+                    break  # closed, expired, disabled, or its password or role changed
                 kind, payload = item
                 if kind == "heartbeat":
                     await response.write(b": heartbeat\n\n")
                 else:
                     await _send(response, kind, payload)
-                if time.monotonic() - checked >= self.heartbeat_s:
-                    checked = time.monotonic()
-                    if self.session_user(token)[0] is None:
-                        break  # expired, disabled or its password changed
-                    if keeps_session:
-                        self.sessions[token].last_seen = time.time()
+                if (
+                    current.permissions.live_page_keeps_session
+                    and time.monotonic() - renewed >= self.heartbeat_s
+                ):
+                    self.sessions[token].last_seen = time.time()
+                    renewed = time.monotonic()
         except (ConnectionResetError, asyncio.CancelledError):
             pass
         finally:

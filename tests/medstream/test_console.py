@@ -141,6 +141,11 @@ def test_sign_in_sessions_csrf_and_roles(
         changed = await client.get("/api/session")
         assert changed.status == 401 and "password changed" in (await changed.json())["error"]
         users.update("analyst.east", password=PASSWORD)
+        assert (await _sign_in(client, "analyst.east")).status == 200
+        users.update("analyst.east", role_name="monitor")
+        changed = await client.get("/api/session")
+        assert changed.status == 401 and "role changed" in (await changed.json())["error"]
+        users.update("analyst.east", role_name="analyst")
 
         # Signing out ends the session.
         client.session.cookie_jar.clear()
@@ -154,7 +159,7 @@ def test_sign_in_sessions_csrf_and_roles(
     assert ("mon.east", "sign_in_failed", "refused", "") in rows
     assert ("analyst.east", "alert_resolve", "refused", "alert-H001") in rows
     assert ("mon.east", "sign_out", "ok", "") in rows
-    assert sum(1 for r in rows if r[1] == "sign_in" and r[2] == "ok") == 4
+    assert sum(1 for r in rows if r[1] == "sign_in" and r[2] == "ok") == 5
 
 
 async def _stream_lifetime(client: TestClient, timeout: float) -> float:
@@ -206,14 +211,22 @@ def test_repeated_failures_are_throttled_and_idle_sessions_expire(
         assert 1.0 <= ended_after < 3.0, ended_after  # idle limit 1.2 s + a heartbeat
         assert (await client.get("/api/session")).status == 401  # the session ended with it
 
-        # Disabling the account ends an open stream at once (within a heartbeat).
+        # Disabling the account, or changing its role, ends an open stream within a
+        # heartbeat or two (well before the idle limit), and the session with it.
         assert (await _sign_in(client, "mon.east")).status == 200
         lifetime = asyncio.create_task(_stream_lifetime(client, timeout=6.0))
         await asyncio.sleep(0.5)
         users.update("mon.east", disabled=True)
-        assert 0.5 <= await lifetime < 1.5
+        assert 0.5 <= await lifetime < 2.5
         assert (await client.get("/api/session")).status == 401
         users.update("mon.east", disabled=False)
+        assert (await _sign_in(client, "mon.east")).status == 200
+        lifetime = asyncio.create_task(_stream_lifetime(client, timeout=6.0))
+        await asyncio.sleep(0.5)
+        users.update("mon.east", role_name="admin")
+        assert 0.5 <= await lifetime < 2.5
+        assert (await client.get("/api/session")).status == 401
+        users.update("mon.east", role_name="monitor")
         statuses = [(await _sign_in(client, "mon.east", "wrong-password")).status
                     for _ in range(6)]
         assert statuses == [401] * 5 + [429]
