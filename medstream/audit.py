@@ -26,7 +26,7 @@ from medstream.settings import FACT_TOPICS, KafkaSettings
 from schemas import serde
 
 if TYPE_CHECKING:
-    from streams.reloading import Reload
+    from streams.reloading import Reload, Stamp
 
 log = logging.getLogger("medstream.audit")
 
@@ -195,7 +195,7 @@ def config_change_recorder(audit: BackgroundAudit, actor: str) -> Callable[[Relo
     that changed. Two rule families of one worker can watch the same file: the same change
     (equal file stamps) is recorded once, while every later edit, even one that keeps the
     version, is recorded again."""
-    seen: set[tuple[str, str, tuple[tuple[int, int], ...]]] = set()
+    seen: set[tuple[str, str, Stamp]] = set()
 
     def record(change: Reload) -> None:
         key = (str(change.path), change.outcome, change.stamp)
@@ -205,7 +205,7 @@ def config_change_recorder(audit: BackgroundAudit, actor: str) -> Callable[[Relo
         audit.record(
             actor=actor, actor_role="operator", channel="workers", action="config_change",
             outcome="ok" if change.outcome == "loaded" else "refused",
-            target="file:" + ",".join(change.changed or (change.path.name,)),
+            target="file:" + ",".join(change.changed),
             detail=f"{change.name} {change.outcome}: {change.detail}",
         )
 

@@ -579,6 +579,8 @@ class _Person:
     # A device sent an out-of-range vital sign for the person: it may still be held and
     # scored, so the person is given no NEWS2 episode (its plan assumes a clean slate).
     out_of_range_sent: bool = False
+    # At most one episode per person: their NEWS2 alert stays open until staff resolve it.
+    news2_given: bool = False
 
 
 @dataclass(eq=False)
@@ -884,7 +886,6 @@ class RegionSimulator:
         self._feed_spikes: dict[str, tuple[str, int, float, AnomalyLabel | None]] = {}
         self._feed_spike_rest_until: dict[str, int] = {}
         self._vital_cache: dict[tuple[str, str, str, str], list[float]] = {}
-        self._news2_persons: set[str] = set()  # id numbers of persons given a NEWS2 episode
         self.fleet_scale = self._fleet_scale(records_per_second)
         for hs in self._hospitals:
             for _ in range(hs.hospital.initial_patients):
@@ -1743,7 +1744,7 @@ class RegionSimulator:
                 v for v in hs.open_visits
                 if v.visit_type == "I" and not v.patient.episode
                 and not v.patient.person.out_of_range_sent
-                and v.patient.person.id_number not in self._news2_persons
+                and not v.patient.person.news2_given
             ]
             if monitors and visits:
                 options.append((hs, monitors, visits))
@@ -1759,7 +1760,7 @@ class RegionSimulator:
                 other.patient = None  # reassigned at its next packet
         device.patient = patient
         patient.person.episode = True
-        self._news2_persons.add(patient.person.id_number)
+        patient.person.news2_given = True
         device.armed = kind
         return True
 

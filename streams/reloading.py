@@ -121,9 +121,7 @@ class ReloadingFile(Generic[Loaded]):
         self.generation += 1
         RULES_RELOADS.labels(self.name, "loaded").inc()
         version = str(getattr(loaded, "version", "?"))
-        log.warning(
-            "%s: reloaded %s (version %s)", self.name, ", ".join(changed) or self.path, version
-        )
+        log.warning("%s: reloaded %s (version %s)", self.name, ", ".join(changed), version)
         _tell(Reload(self.name, self.path, "loaded", f"version {version}", changed, stamp))
         return loaded
 
