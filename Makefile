@@ -21,7 +21,7 @@ run: $(STAMP)
 # The whole test suite: unit, integration (real tansu + chdb + the local PostgreSQL, MariaDB
 # and Mosquitto) and end-to-end. The source databases are first prepared for CDC.
 test: $(STAMP)
-	deploy/dev/prepare-sources.sh
+	deploy/dev/services.sh
 	MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)

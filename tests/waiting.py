@@ -31,6 +31,6 @@ def require_source(available: bool, what: str) -> None:
         return
     if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
         pytest.fail(
-            f"{what} is required (MEDSTREAM_REQUIRE_SOURCES=1); see deploy/dev/prepare-sources.sh"
+            f"{what} is required (MEDSTREAM_REQUIRE_SOURCES=1); see deploy/dev/services.sh"
         )
     pytest.skip(f"{what} is not available")
