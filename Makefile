@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint install clean
+.PHONY: run test bench lint install clean kafka services
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -14,14 +14,23 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
-# The main job on embedded defaults: broker, ClickHouse, workers, sink and simulator.
+# The main job on embedded defaults: broker (Apache Kafka when Java is present, its jars
+# fetched on demand; else tansu), ClickHouse, workers, sink and simulator.
 run: $(STAMP)
 	$(BIN)/medstream up
 
-# The whole test suite: unit, integration (real tansu + chdb + the local PostgreSQL, MariaDB
-# and Mosquitto) and end-to-end. The source databases are first prepared for CDC.
-test: $(STAMP)
+# The Apache Kafka jars from Maven Central (deploy/kafka/pom.xml) into ~/.cache/medstream.
+kafka: $(STAMP)
+	$(BIN)/medstream broker --fetch-only
+
+# PostgreSQL, MariaDB and Mosquitto on loopback, prepared for CDC (installed when missing).
+services:
 	deploy/dev/services.sh
+
+# The whole test suite: unit, integration (real Apache Kafka + chdb + the local PostgreSQL,
+# MariaDB and Mosquitto; a small tier on tansu) and end-to-end. The services are installed
+# and started first, and the Kafka jars fetched.
+test: $(STAMP) services kafka
 	MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
 
 bench: $(STAMP)

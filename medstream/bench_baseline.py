@@ -3,7 +3,7 @@
 The same clinical events the pipeline produces are Avro-encoded straight onto norm topics
 while a plain confluent-kafka loop decodes them and inserts them into the same ClickHouse
 tables in 10k-row / 200 ms batches. Prints one JSON line of figures.
-Usage: python -m medstream.bench_baseline EVENTS SEED WORKDIR
+Usage: python -m medstream.bench_baseline EVENTS SEED WORKDIR [kafka|tansu]
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from typing import Any
 from confluent_kafka import Consumer, Producer
 
 from medstream.clickhouse import connect, migrate
-from medstream.runtime import EmbeddedBroker, ensure_topics
-from medstream.settings import NORM_TOPICS, KafkaSettings, StreamSettings
+from medstream.runtime import Broker, TansuBroker, ensure_topics
+from medstream.settings import NORM_TOPICS, BrokerKind, KafkaSettings, StreamSettings
 from schemas import serde
 from streams.critical_values import DEFAULT_CRITICAL_RULES_PATH, load_critical_value_rules
 from streams.model import RawContext
@@ -67,11 +67,23 @@ def prepare_events(
     return prepared
 
 
-def main(events: int, seed: int, workdir: Path) -> dict[str, Any]:
-    """Run the baseline and return its figures."""
-    broker = EmbeddedBroker(log_path=workdir / "baseline-broker.log").start()
+def main(
+    events: int, seed: int, workdir: Path, broker_kind: BrokerKind = "tansu"
+) -> dict[str, Any]:
+    """Run the baseline on a broker of ``broker_kind`` and return its figures."""
+    broker: Broker
+    if broker_kind == "kafka":
+        from medstream.kafka_broker import KafkaNode
+
+        broker = KafkaNode(workdir / "baseline-kafka").start()
+    else:
+        broker = TansuBroker(log_path=workdir / "baseline-broker.log").start()
     try:
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, topic_prefix="baseline.")
+        kafka = KafkaSettings(
+            bootstrap_servers=broker.bootstrap_servers,
+            topic_prefix="baseline.",
+            broker_kind=broker.kind,
+        )
         ensure_topics(kafka)
         prepared = prepare_events(kafka, events, seed)
         client = connect(f"chdb://{workdir / 'baseline-clickhouse'}")
@@ -140,5 +152,9 @@ def main(events: int, seed: int, workdir: Path) -> dict[str, Any]:
 
 
 if __name__ == "__main__":
-    figures = main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]))
+    wanted = sys.argv[4] if len(sys.argv) > 4 else "tansu"
+    if wanted not in ("kafka", "tansu"):
+        sys.exit(f"broker must be kafka or tansu, not {wanted!r}")
+    kind: BrokerKind = "kafka" if wanted == "kafka" else "tansu"
+    figures = main(int(sys.argv[1]), int(sys.argv[2]), Path(sys.argv[3]), kind)
     print(json.dumps(figures))

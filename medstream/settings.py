@@ -9,7 +9,7 @@ else is prefixed MEDSTREAM_.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import AliasChoices, Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -47,6 +47,12 @@ SYNDROMIC_TOPIC = "detect.syndromic"
 FEED_ACTIVITY_TOPIC = "detect.feed_activity"
 
 
+#: The brokers medstream knows: Apache Kafka (or a compatible cluster) and tansu.
+BrokerKind = Literal["kafka", "tansu"]
+#: Cluster ids of the tansu brokers medstream starts begin with this.
+TANSU_CLUSTER_PREFIX = "medstream-"
+
+
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; empty bootstrap servers means "start the embedded broker"."""
 
@@ -70,12 +76,24 @@ class KafkaSettings(BaseSettings):
         description="CA bundle (PEM file) that signed the brokers' certificates, for SSL and "
         "SASL_SSL; empty uses the system's trusted CAs",
     )
-    session_timeout_ms: int = Field(
-        default=3000, description="group session timeout; tansu joins take about half of it"
+    broker_kind: BrokerKind = Field(
+        default="kafka",
+        description="what bootstrap_servers points at: kafka (Apache Kafka or compatible: long "
+        "fetch waits woken by new data, idempotent producers) or tansu (the embedded toy "
+        "broker: its workarounds); `up` sets it for the broker it starts",
     )
-    heartbeat_interval_ms: int = Field(default=500, description="group heartbeat interval")
+    session_timeout_ms: int = Field(
+        default=0,
+        description="group session timeout; 0 = 10000 on Kafka (its minimum is 6000), 3000 on "
+        "tansu (a join there takes about half of it)",
+    )
+    heartbeat_interval_ms: int = Field(
+        default=0, description="group heartbeat interval; 0 = a sixth of the session timeout"
+    )
     fetch_wait_max_ms: int = Field(
-        default=20, description="max fetch wait; tansu does not wake a waiting fetch on new data"
+        default=0,
+        description="max fetch wait; 0 = 500 on Kafka (a waiting fetch is woken by new data), "
+        "20 on tansu (it is not)",
     )
     compression_type: str = Field(
         default="none",
@@ -89,6 +107,36 @@ class KafkaSettings(BaseSettings):
         description="replicas of every medstream topic and Faust changelog (3 on a production "
         "cluster; the embedded broker has one)",
     )
+
+    @property
+    def tansu(self) -> bool:
+        """True when the broker is tansu, whose defects need workarounds."""
+        return self.broker_kind == "tansu"
+
+    def check_cluster(self, cluster_id: str | None) -> None:
+        """Refuse a tansu broker taken for Apache Kafka: its workarounds would be off (the
+        sink's re-read of batches served out of order among them). ValueError naming the fix."""
+        if not self.tansu and (cluster_id or "").startswith(TANSU_CLUSTER_PREFIX):
+            raise ValueError(
+                f"the broker at {self.bootstrap_servers} is medstream's embedded tansu broker "
+                f"(cluster id {cluster_id}): set MEDSTREAM_KAFKA_BROKER_KIND=tansu, as "
+                "`medstream broker` prints"
+            )
+
+    @property
+    def session_timeout(self) -> int:
+        """The group session timeout in effect (ms)."""
+        return self.session_timeout_ms or (3000 if self.tansu else 10000)
+
+    @property
+    def heartbeat_interval(self) -> int:
+        """The group heartbeat interval in effect (ms)."""
+        return self.heartbeat_interval_ms or max(100, self.session_timeout // 6)
+
+    @property
+    def fetch_wait(self) -> int:
+        """The consumers' max fetch wait in effect (ms)."""
+        return self.fetch_wait_max_ms or (20 if self.tansu else 500)
 
     @property
     def embedded(self) -> bool:
@@ -133,9 +181,9 @@ class KafkaSettings(BaseSettings):
                 "group.id": group_id,
                 "enable.auto.commit": False,
                 "auto.offset.reset": "earliest",
-                "session.timeout.ms": self.session_timeout_ms,
-                "heartbeat.interval.ms": self.heartbeat_interval_ms,
-                "fetch.wait.max.ms": self.fetch_wait_max_ms,
+                "session.timeout.ms": self.session_timeout,
+                "heartbeat.interval.ms": self.heartbeat_interval,
+                "fetch.wait.max.ms": self.fetch_wait,
                 "isolation.level": "read_committed",
                 **overrides,
             }
@@ -234,6 +282,13 @@ class RuntimeSettings(BaseSettings):
     model_config = _PREFIXED
 
     data_dir: Path = Field(default=Path(".medstream"), description="embedded data directory")
+    embedded_broker: Literal["auto", "kafka", "tansu"] = Field(
+        default="auto",
+        description="the broker `up` starts without KAFKA_BOOTSTRAP_SERVERS: kafka (Apache "
+        "Kafka from Maven Central jars, data kept under the data dir), tansu (memory only, "
+        "lost at every restart), auto (kafka when Java and the jars are present, else tansu)",
+    )
+    kafka_heap: str = Field(default="512m", description="JVM heap of the embedded Apache Kafka")
     metrics_port_base: int = Field(
         default=0, description="first /metrics port (0 = pick free ports)"
     )

@@ -1,6 +1,7 @@
 """`medstream up`: start every component as its own process, print live status, stop cleanly.
 
-Process layout (each a separate OS process): the tansu broker (embedded mode only), one
+Process layout (each a separate OS process): the embedded broker (Apache Kafka, or tansu
+without Java; embedded mode only), one
 sink, N Faust stream workers, the alert console, the collectors and the simulator. The sink
 is also the one process that opens the embedded ClickHouse engine (chdb allows a single
 process per engine path), so it serves the read-only query endpoint that `medstream sql`,
@@ -31,12 +32,15 @@ from medstream.access import ALL_ORGANISATIONS, UserStore
 from medstream.audit import AuditError, AuditTrail
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult, query_via_gateway
 from medstream.runtime import (
-    EmbeddedBroker,
+    Broker,
+    EmbeddedRuntimeError,
     RuntimeState,
+    describe_broker,
     die_with_parent,
     ensure_topics,
     free_port,
     port_free,
+    start_embedded_broker,
     wait_for_port,
 )
 from medstream.settings import (
@@ -208,7 +212,7 @@ class Supervisor:
         self.on_drained = on_drained
         self._last_drain_state: tuple[object, ...] | None = None
         self._drain_state_since = 0.0
-        self.broker: EmbeddedBroker | None = None
+        self.broker: Broker | None = None
         self.children: list[Child] = []
         self._env: dict[str, str] = {}
         self.query_url: str | None = None
@@ -258,17 +262,25 @@ class Supervisor:
     ) -> int:
         data_dir = self.runtime.data_dir
         bootstrap = self.kafka.bootstrap_servers
+        broker_kind: str = self.kafka.broker_kind
         if self.kafka.embedded:
-            self.broker = EmbeddedBroker(log_path=data_dir / "broker.log").start()
+            try:
+                self.broker = start_embedded_broker(self.runtime, self.out)
+            except EmbeddedRuntimeError as exc:
+                raise ComponentFailed(str(exc)) from exc
             bootstrap = self.broker.bootstrap_servers
-            self.out(f"embedded Kafka (tansu, memory storage) on {bootstrap}")
-        kafka = self.kafka.model_copy(update={"bootstrap_servers": bootstrap})
+            broker_kind = self.broker.kind
+            self.out(describe_broker(self.broker))
+        kafka = self.kafka.model_copy(
+            update={"bootstrap_servers": bootstrap, "broker_kind": broker_kind}
+        )
         created = ensure_topics(kafka)
         self.out(f"topics ready ({len(created)} created)")
         ch_url = clickhouse_url(self.clickhouse, self.runtime)
         env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
+            "MEDSTREAM_KAFKA_BROKER_KIND": broker_kind,
             "CLICKHOUSE_URL": ch_url,
             "MEDSTREAM_DATA_DIR": str(data_dir.resolve()),
             "PYTHONUNBUFFERED": "1",
@@ -324,6 +336,7 @@ class Supervisor:
             {c.name: c.metrics_url for c in self.children},
             ch_url,
             self.console_url,
+            broker_kind,
         ).write(self.runtime.runtime_file)
         self.out(
             f"running: {len(self.children)} processes; metrics at "
@@ -345,7 +358,7 @@ class Supervisor:
                     self.out(f"{child.name} died with exit code {code}; see {log}")
                 return 1
             if self.broker is not None and not self.broker.alive():
-                self.out(f"the embedded broker died; see {self.runtime.data_dir / 'broker.log'}")
+                self.out(f"the embedded broker died; see {self.broker.log_path}")
                 return 1
             if (
                 exit_when_done

@@ -253,6 +253,7 @@ class ClickHouseSink:
         # Raw positions are only unique within one Kafka cluster (an embedded broker's
         # offsets restart at 0 with a new cluster id), so lineage and ledger rows carry it.
         self.kafka_cluster = consumer.list_topics(timeout=30).cluster_id or ""
+        self.kafka.check_cluster(self.kafka_cluster)
         consumer.subscribe(
             self.topics,
             on_assign=self._on_assign,
@@ -345,15 +346,16 @@ class ClickHouseSink:
         self._commit_stored(wait=True)
 
     def _in_sequence(self, consumer: Consumer, message: Message) -> bool:
-        """Guard against offset jumps: re-read from the first missing offset.
+        """Guard against offset jumps on tansu: re-read from the first missing offset.
 
-        medstream topics are neither transactional nor compacted, so offsets in a partition
-        are contiguous. tansu has been seen to serve a later produce batch before an
-        earlier one when two producers write a partition at once; a consumer that moved on
-        would never read the earlier batch. A jump is re-read until it closes, and only a
-        gap that persists for GAP_ACCEPT_S is accepted (and counted) as real.
+        tansu has been seen to serve a later produce batch before an earlier one when two
+        producers write a partition at once; a consumer that moved on would never read the
+        earlier batch. A jump is re-read until it closes, and only a gap that persists for
+        GAP_ACCEPT_S is accepted (and counted) as real. Apache Kafka needs no such guard,
+        and there offsets are not contiguous anyway: transaction markers and aborted records
+        of transactional producers take offsets a read_committed consumer never sees.
         """
-        if message.error() is not None:
+        if message.error() is not None or not self.kafka.tansu:
             return True
         topic, partition, offset = _position(message)
         key = (topic, partition)
@@ -378,8 +380,13 @@ class ClickHouseSink:
         return True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
-        # A new assignment starts at the committed offset (or the log start): the gap
-        # guard expects exactly that offset first, so even the first batch is checked.
+        # On tansu a new assignment starts at the committed offset (or the log start): the
+        # gap guard expects exactly that offset first, so even the first batch is checked.
+        # Apache Kafka has no guard, and no watermark is asked for here: a partition whose
+        # leader is being elected (a new topic, a broker down) would fail the assignment.
+        if not self.kafka.tansu:
+            READY.labels(STAGE).set(1)
+            return
         for tp in consumer.committed(partitions, timeout=30):
             key = (tp.topic, tp.partition)
             start = tp.offset
@@ -645,9 +652,15 @@ class ClickHouseSink:
             return
         self._last_lag_check = time.monotonic()
         lag_by_topic: dict[str, int] = {}
+        # On Apache Kafka the high watermarks come from the fetch responses (cached): a
+        # query would wait behind the connection's long-polling fetch, up to the fetch wait
+        # per partition, and stall this loop for seconds. tansu answers fetches at once.
+        cached = not self.kafka.tansu
         try:
             for tp in self._consumer.position(self._consumer.assignment()):
-                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=False)
+                _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=cached)
+                if high < 0:
+                    continue  # nothing fetched from this partition yet
                 behind = max(0, high - tp.offset) if tp.offset >= 0 else high
                 lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + behind
         except KafkaException as exc:

@@ -1,19 +1,20 @@
 """The Faust application: one thin normalise agent per raw topic.
 
-Tuning for the embedded tansu broker (and harmless on Apache Kafka):
-- broker_session_timeout 3 s, heartbeat 0.5 s: tansu group joins take about half the
-  session timeout, so the default 60 s session would stall every rebalance for ~30 s.
-- consumer fetch wait 20 ms instead of Faust's hard-coded 1500 ms: tansu does not wake a
-  waiting fetch when new data arrives, so a long wait is pure added latency.
-- producer linger 5 ms, acks=all, no idempotence/transactions (aiokafka's InitProducerId
-  v0 is refused by tansu): at-least-once, with duplicates collapsed by event id downstream.
-- Faust commits a raw offset only after the records an agent sent for it were acked
-  (Faust "attachments"), so a source record is never marked done before its output exists.
+Broker-dependent tuning (KafkaSettings.broker_kind):
+- Apache Kafka: session timeout 10 s (its minimum is 6 s), fetch waits of 500 ms (a
+  waiting fetch is answered as soon as new data arrives), an idempotent producer.
+- tansu (the embedded fallback): session timeout 3 s and heartbeat 0.5 s (its group joins
+  take about half the session timeout), fetch waits of 20 ms (it does not wake a waiting
+  fetch when new data arrives), no idempotence (aiokafka's InitProducerId v0 is refused).
+Both: producer linger 5 ms and acks=all; at-least-once by default, duplicates collapsed by
+event id downstream. Faust commits a raw offset only after the records an agent sent for
+it were acked (Faust "attachments"), so a source record is never marked done before its
+output exists.
 - agent_supervisor = CrashingSupervisor: an agent that raises stops the worker, which then
   exits non-zero instead of limping on with a restarted agent.
-- table (suppression state) in memory, rebuilt from its changelog topic at start. Caveat:
-  tansu's high watermark under-counts by up to one produce batch, so recovery can miss the
-  last changelog batch; a repeat alert after a worker restart is then possible.
+- table (suppression state) in memory, rebuilt from its changelog topic at start. Caveat on
+  tansu: its high watermark under-counts by up to one produce batch, so recovery can miss
+  the last changelog batch; a repeat alert after a worker restart is then possible.
 """
 
 from __future__ import annotations
@@ -25,11 +26,17 @@ import logging
 import os
 import ssl
 import time
+from collections.abc import Mapping
 from typing import Any, cast
 
 import faust
 from faust.transport.drivers import TRANSPORTS
-from faust.transport.drivers.aiokafka import AIOKafkaConsumerThread, Consumer, Transport
+from faust.transport.drivers.aiokafka import (
+    AIOKafkaConsumerThread,
+    Consumer,
+    Producer,
+    Transport,
+)
 from mode import BaseSignalT, CrashingSupervisor
 
 from medstream.metrics import (
@@ -98,9 +105,11 @@ def exit_on_failed_delivery(delivery: asyncio.Future[Any]) -> None:
 
 
 class StreamsApp(faust.App):
-    """The Faust app, carrying the consumer fetch wait its transport needs."""
+    """The Faust app, carrying the consumer fetch wait and producer idempotence its
+    transport needs."""
 
     fetch_wait_max_ms: int = DEFAULT_FETCH_WAIT_MS
+    idempotent_producer: bool = False
 
 
 class ShortFetchConsumerThread(AIOKafkaConsumerThread):
@@ -123,10 +132,26 @@ class ShortFetchConsumer(Consumer):
         return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
 
+class IdempotentProducer(Producer):
+    """Faust's aiokafka producer, idempotent when the app asks for it (Apache Kafka).
+
+    Faust turns idempotence on only inside transactions; on Kafka every producer should
+    have it, so a retried batch is never written twice and order holds within a partition.
+    """
+
+    def _settings_extra(self) -> Mapping[str, Any]:
+        extra = dict(super()._settings_extra())
+        if getattr(self.app, "idempotent_producer", False):
+            extra.update(acks="all", enable_idempotence=True)
+        return extra
+
+
 class ShortFetchTransport(Transport):
-    """The aiokafka transport with the short-fetch consumer (URL scheme medstream-kafka://)."""
+    """The aiokafka transport with the configured fetch wait and idempotence (URL scheme
+    medstream-kafka://)."""
 
     Consumer = ShortFetchConsumer
+    Producer = IdempotentProducer
 
 
 TRANSPORTS.aliases["medstream-kafka"] = f"{__name__}:ShortFetchTransport"
@@ -234,8 +259,8 @@ def create_app(
         key_serializer="raw",
         value_serializer="raw",
         broker_credentials=broker_credentials(kafka),
-        broker_session_timeout=kafka.session_timeout_ms / 1000,
-        broker_heartbeat_interval=kafka.heartbeat_interval_ms / 1000,
+        broker_session_timeout=kafka.session_timeout / 1000,
+        broker_heartbeat_interval=kafka.heartbeat_interval / 1000,
         broker_commit_interval=1.0,
         producer_linger=settings.producer_linger_ms / 1000,
         producer_acks=-1,
@@ -248,7 +273,8 @@ def create_app(
         web_enabled=False,
         agent_supervisor=CrashingSupervisor,
     )
-    app.fetch_wait_max_ms = kafka.fetch_wait_max_ms
+    app.fetch_wait_max_ms = kafka.fetch_wait
+    app.idempotent_producer = not kafka.tansu
     secret = settings.pseudonym_key.get_secret_value().encode()
     rules_dir = settings.rules_dir
     stage = NormaliseStage(
@@ -468,8 +494,8 @@ def create_app(
 
     @app.timer(5.0)
     async def report_lag() -> None:
-        # Lag = high watermark - next offset to read, from Faust's own monitor (tansu's
-        # watermark under-counts by up to one produce batch, so this is a lower bound).
+        # Lag = high watermark - next offset to read, from Faust's own monitor (on tansu
+        # the watermark under-counts by up to one produce batch: a lower bound there).
         read_offsets = app.monitor.tp_read_offsets
         lag_by_topic = dict.fromkeys(raw_topic_names, 0)
         for tp in app.consumer.assignment():

@@ -1,4 +1,9 @@
-"""Session fixtures: the real tansu broker process and the real embedded ClickHouse engine.
+"""Session fixtures: one real Apache Kafka broker and the real embedded ClickHouse engine.
+
+The broker is Apache Kafka (KRaft, one node, jars from Maven Central) for the session;
+MEDSTREAM_TEST_BROKER=tansu runs the same tests on tansu instead. Where Apache Kafka cannot
+start (no Java or jars), the suite fails when MEDSTREAM_REQUIRE_SOURCES=1 (CI), else falls
+back to tansu with a warning. ``tansu_broker`` is the zero-Java fallback's own small tier.
 
 chdb allows one engine path per process, so the whole test process shares one engine and
 every test gets its own database; every test also gets its own topic prefix and groups.
@@ -7,37 +12,68 @@ every test gets its own database; every test also gets its own topic prefix and 
 from __future__ import annotations
 
 import itertools
+import os
 import uuid
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.client import Client
 
+from medstream import kafka_broker
 from medstream.clickhouse import connect, migrate
-from medstream.runtime import EmbeddedBroker, ensure_topics
+from medstream.runtime import Broker, TansuBroker, ensure_topics
 from medstream.settings import KafkaSettings
 
 _counter = itertools.count()
 
 
+def _kafka_required() -> bool:
+    return os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1"
+
+
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    """One real tansu broker for the session (memory storage)."""
-    log = tmp_path_factory.mktemp("broker") / "broker.log"
-    embedded = EmbeddedBroker(log_path=log).start()
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Broker]:
+    """One real broker for the session: Apache Kafka (or tansu, see the module docstring)."""
+    wanted = os.environ.get("MEDSTREAM_TEST_BROKER", "kafka")
+    if wanted not in ("kafka", "tansu"):
+        pytest.fail(f"MEDSTREAM_TEST_BROKER must be kafka or tansu, not {wanted!r}")
+    directory = tmp_path_factory.mktemp("broker")
+    embedded: Broker
+    if wanted == "kafka":
+        reason = kafka_broker.available()
+        if reason is not None and _kafka_required():
+            pytest.fail(f"Apache Kafka is required (MEDSTREAM_REQUIRE_SOURCES=1): {reason}")
+        if reason is None:
+            embedded = kafka_broker.KafkaNode(directory / "kafka").start()
+        else:
+            warnings.warn(
+                f"Apache Kafka unavailable ({reason}); the suite runs on tansu", stacklevel=1
+            )
+            embedded = TansuBroker(log_path=directory / "broker.log").start()
+    else:
+        embedded = TansuBroker(log_path=directory / "broker.log").start()
+    # Child processes that inherit the environment know which broker they talk to.
+    os.environ["MEDSTREAM_KAFKA_BROKER_KIND"] = embedded.kind
     yield embedded
     embedded.stop()
 
 
-@pytest.fixture
-def kafka_factory(broker: EmbeddedBroker) -> Callable[..., KafkaSettings]:
-    """KafkaSettings on the session broker with a unique topic prefix; topics created."""
+@pytest.fixture(scope="session")
+def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TansuBroker]:
+    """The real tansu broker (memory storage): the zero-Java fallback's own tests."""
+    embedded = TansuBroker(log_path=tmp_path_factory.mktemp("tansu") / "broker.log").start()
+    yield embedded
+    embedded.stop()
 
+
+def _settings_factory(embedded: Broker) -> Callable[..., KafkaSettings]:
     def make(**overrides: object) -> KafkaSettings:
         prefix = f"t{next(_counter)}-{uuid.uuid4().hex[:6]}."
         settings = KafkaSettings(
-            bootstrap_servers=broker.bootstrap_servers,
+            bootstrap_servers=embedded.bootstrap_servers,
+            broker_kind=embedded.kind,
             topic_prefix=prefix,
             raw_partitions=2,
             norm_partitions=2,
@@ -47,6 +83,18 @@ def kafka_factory(broker: EmbeddedBroker) -> Callable[..., KafkaSettings]:
         return settings
 
     return make
+
+
+@pytest.fixture
+def kafka_factory(broker: Broker) -> Callable[..., KafkaSettings]:
+    """KafkaSettings on the session broker with a unique topic prefix; topics created."""
+    return _settings_factory(broker)
+
+
+@pytest.fixture
+def tansu_kafka_factory(tansu_broker: TansuBroker) -> Callable[..., KafkaSettings]:
+    """KafkaSettings on the session's tansu broker with a unique topic prefix."""
+    return _settings_factory(tansu_broker)
 
 
 @pytest.fixture(scope="session")

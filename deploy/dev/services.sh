@@ -10,9 +10,10 @@
 # prepared is left alone, a running server that is not is reconfigured and restarted once.
 # It prints what it installed and started and how long each step took.
 #
-# These are development servers: PostgreSQL trusts connections from loopback and MariaDB's
-# root has no password over TCP from loopback, so the suite's fixtures can connect without
-# secrets. None of them listens beyond loopback. Never run this on a production host.
+# These are development servers: PostgreSQL trusts connections from loopback (any local
+# user can connect as any role, the superuser included) and MariaDB's root has no password
+# (over loopback TCP and the socket), so the suite's fixtures can connect without secrets.
+# None of them listens beyond loopback. Never run this on a shared or production host.
 set -euo pipefail
 
 cd "$(dirname "$0")/../.."
@@ -60,8 +61,18 @@ PACKAGES=(
     mosquitto mosquitto-clients     # MQTT broker for the device collector tests
     prometheus prometheus-alertmanager  # promtool and amtool (tests/deploy)
     chromium fonts-wqy-microhei     # Playwright drives Debian's Chromium; a CJK font
-    openjdk-17-jre-headless maven   # Apache Kafka runs on Java; Maven fetches its jars
+    maven                           # fetches the Apache Kafka jars (`make kafka`)
 )
+# Apache Kafka 4 needs Java 17 or newer: a JDK already on the machine is used as it is;
+# only without one is Debian's installed.
+JAVA_PACKAGE=openjdk-17-jre-headless
+
+java_ok() {
+    local java version
+    java=$(command -v java) || return 1
+    version=$("$java" -version 2>&1 | sed -n 's/.*version "\([0-9]*\).*/\1/p' | head -1)
+    [[ -n $version && $version -ge 17 ]]
+}
 
 install_packages() {
     local missing=() package
@@ -70,6 +81,7 @@ install_packages() {
             missing+=("$package")
         fi
     done
+    java_ok || missing+=("$JAVA_PACKAGE")
     if ((${#missing[@]} == 0)); then
         log "packages: all ${#PACKAGES[@]} installed already"
         return 0
@@ -82,15 +94,22 @@ install_packages() {
     export DEBIAN_FRONTEND=noninteractive
     # Services must not be started by the package scripts (no init system here): this
     # script starts them itself, on loopback, with the settings CDC needs.
-    local policy=/usr/sbin/policy-rc.d created_policy=0
+    local policy=/usr/sbin/policy-rc.d
     if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy" && created_policy=1
+        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod +x "$policy"
+        trap 'rm -f /usr/sbin/policy-rc.d' EXIT  # also when interrupted
     fi
-    apt-get update -q >/dev/null
-    apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
-    local rc=$?
-    ((created_policy)) && rm -f "$policy"
-    return $rc
+    apt-get update -q >/dev/null || log "apt-get update failed; trying the package lists there are"
+    # One install per package, so that one package the mirror lacks does not stop the rest.
+    local failed=()
+    for package in "${missing[@]}"; do
+        apt-get install -y -q --no-install-recommends "$package" >/dev/null \
+            || failed+=("$package")
+    done
+    if ((${#failed[@]})); then
+        log "packages that could not be installed: ${failed[*]}"
+        return 1
+    fi
 }
 
 # --- PostgreSQL ---------------------------------------------------------------------------
@@ -240,7 +259,9 @@ allow_anonymous true
 persistence false
 log_dest file $MOSQUITTO_DIR/mosquitto.log
 CONF
-    chmod 0700 "$MOSQUITTO_DIR"
+    # Mosquitto drops to its own user: it must be able to write its log here.
+    chown mosquitto: "$MOSQUITTO_DIR" 2>/dev/null || true
+    chmod 0750 "$MOSQUITTO_DIR"
     log "Mosquitto: starting on 127.0.0.1:$MQTT_PORT"
     /usr/sbin/mosquitto -d -c "$MOSQUITTO_DIR/mosquitto.conf"
     wait_for Mosquitto 10 listening "$MQTT_PORT"
@@ -250,9 +271,10 @@ CONF
 
 check_tools() {
     local tool missing=0
-    for tool in promtool amtool chromium mosquitto_passwd java mvn; do
+    for tool in promtool amtool chromium mosquitto_passwd mvn; do
         command -v "$tool" >/dev/null || { log "$tool is missing"; missing=1; }
     done
+    java_ok || { log "Java 17 or newer is missing"; missing=1; }
     return $missing
 }
 

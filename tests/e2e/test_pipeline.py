@@ -122,9 +122,15 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     )
     processes.append(broker)
     assert broker.stdout is not None
-    bootstrap = re.search(r"KAFKA_BOOTSTRAP_SERVERS=(\S+)", broker.stdout.readline())
+    said = broker.stdout.readline()
+    assert said.startswith("embedded "), said  # which broker, and whether its data survives
+    bootstrap = re.search(
+        r"KAFKA_BOOTSTRAP_SERVERS=(\S+) MEDSTREAM_KAFKA_BROKER_KIND=(\w+)", broker.stdout.readline()
+    )
     assert bootstrap, "broker did not print its address"
-    env = env_for(data_dir, KAFKA_BOOTSTRAP_SERVERS=bootstrap.group(1))
+    env = env_for(
+        data_dir, KAFKA_BOOTSTRAP_SERVERS=bootstrap.group(1), MEDSTREAM_KAFKA_BROKER_KIND=bootstrap.group(2)
+    )
 
     def start_sink() -> tuple[subprocess.Popen[str], str]:
         port = free_port()
@@ -233,29 +239,60 @@ def test_sql_and_reconcile_work_while_up_runs_and_ctrl_c_stops_cleanly(tmp_path:
     assert not (data_dir / "runtime.json").exists()
 
 
-def test_a_second_run_on_the_same_data_dir_adds_to_the_first(tmp_path: Path) -> None:
-    # `make run` twice: the embedded broker starts empty (offsets from 0 again) while
-    # ClickHouse keeps the first run's data; nothing may collide or be mistaken for a gap.
+@pytest.mark.parametrize("broker", ["kafka", "tansu"])
+def test_a_second_run_on_the_same_data_dir_adds_to_the_first(tmp_path: Path, broker: str) -> None:
+    # `make run` twice. Apache Kafka keeps its data under the data directory: the second run
+    # resumes the same cluster, its offsets continue and nothing is read twice. tansu starts
+    # empty (offsets from 0 again, a new cluster id) while ClickHouse keeps the first run's
+    # data; nothing may collide or be mistaken for a gap.
+    from medstream import kafka_broker
+
+    if broker == "kafka" and kafka_broker.available() is not None:
+        reason = f"Apache Kafka is not available: {kafka_broker.available()}"
+        if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
+            pytest.fail(reason)
+        pytest.skip(reason)
     data_dir = tmp_path / "data"
+    env = env_for(data_dir, MEDSTREAM_EMBEDDED_BROKER=broker)
+
+    def sql(statement: str) -> list[dict[str, str]]:
+        result = subprocess.run(
+            medstream("sql", statement, "--format", "json"),
+            env=env, capture_output=True, text=True, timeout=60,
+        )
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
 
     def run(seed: str) -> int:
         up = subprocess.run(
             medstream("up", "--no-console", "--events", "1500", "--rate", "1500", "--seed", seed,
                       "--exit-when-done"),
-            env=env_for(data_dir), capture_output=True, text=True, timeout=300,
+            env=env, capture_output=True, text=True, timeout=300,
         )
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
-        counted = subprocess.run(
-            medstream("sql", "SELECT count() AS n FROM medstream.lab_result FINAL", "--format", "json"),
-            env=env_for(data_dir), capture_output=True, text=True, timeout=60,
-        )
-        return int(json.loads(counted.stdout)[0]["n"])
+        survives = "(data kept across restarts)" if broker == "kafka" else "NOTHING survives a restart"
+        assert survives in up.stdout
+        return int(sql("SELECT count() AS n FROM medstream.lab_result FINAL")[0]["n"])
 
+    ledger = "SELECT kafka_cluster AS c, min(source_offset) AS lo, max(source_offset) AS hi, " \
+        "count() AS n FROM medstream.raw_ledger WHERE source_topic = 'raw.hl7_lab' " \
+        "AND source_partition = 0 GROUP BY c ORDER BY lo"
     first = run("101")
+    [after_first] = sql(ledger)
     second = run("202")
     assert first > 300 and second > first * 1.6
+    clusters = sql(ledger)
+    if broker == "kafka":
+        # One cluster; the second run's raw offsets continue after the first's, and every
+        # offset is in the ledger once (nothing read again from the start).
+        assert len(clusters) == 1 and clusters[0]["c"] == after_first["c"]
+        assert int(clusters[0]["lo"]) == 0
+        assert int(clusters[0]["n"]) == int(clusters[0]["hi"]) + 1 > int(after_first["hi"]) + 1
+    else:
+        # Two clusters (a new id per start), each with offsets from 0.
+        assert len(clusters) == 2 and [int(c["lo"]) for c in clusters] == [0, 0]
     whole = subprocess.run(
-        medstream("reconcile", "--json"), env=env_for(data_dir), capture_output=True, text=True, timeout=120
+        medstream("reconcile", "--json"), env=env, capture_output=True, text=True, timeout=120
     )
     assert whole.returncode == 0, whole.stdout
     report = json.loads(whole.stdout)

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from medstream.runtime import EmbeddedBroker, RuntimeState, contract_topics, ensure_topics
+from medstream.runtime import TansuBroker, RuntimeState, contract_topics, ensure_topics
 from medstream.settings import KafkaSettings, RuntimeSettings
 
 pytestmark = pytest.mark.integration
@@ -33,10 +33,10 @@ def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable
 
 
 def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
-    broker = EmbeddedBroker(log_path=tmp_path / "broker.log").start()
+    broker = TansuBroker(log_path=tmp_path / "broker.log").start()
     try:
         assert broker.alive()
-        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers)
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, broker_kind="tansu")
         assert len(ensure_topics(kafka)) == 19
     finally:
         broker.stop()
@@ -66,17 +66,27 @@ def test_up_exits_non_zero_with_a_clear_reason_when_a_component_cannot_start(tmp
     assert not (tmp_path / "runtime.json").exists()
 
 
-def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
+@pytest.mark.parametrize("kind", ["tansu", "kafka"])
+def test_children_die_with_a_killed_parent(tmp_path: Path, kind: str) -> None:
     import re
     import signal
     import time
 
+    from medstream import kafka_broker
+
+    if kind == "kafka" and kafka_broker.available() is not None:
+        pytest.skip(str(kafka_broker.available()))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
     env["MEDSTREAM_DATA_DIR"] = str(tmp_path)
+    env["MEDSTREAM_EMBEDDED_BROKER"] = kind
     parent = subprocess.Popen(
         [sys.executable, "-m", "medstream", "broker"], env=env, stdout=subprocess.PIPE, text=True
     )
-    assert parent.stdout is not None and re.search(r"KAFKA_BOOTSTRAP_SERVERS=", parent.stdout.readline())
+    assert parent.stdout is not None
+    said = parent.stdout.readline()
+    assert said.startswith(f"embedded {'Apache Kafka' if kind == 'kafka' else 'tansu broker'} on ")
+    assert ("NOTHING survives a restart" in said) == (kind == "tansu")
+    assert re.search(rf"KAFKA_BOOTSTRAP_SERVERS=\S+ MEDSTREAM_KAFKA_BROKER_KIND={kind}", parent.stdout.readline())
     children = subprocess.run(
         ["ps", "-o", "pid=", "--ppid", str(parent.pid)], capture_output=True, text=True
     ).stdout.split()
@@ -90,4 +100,4 @@ def test_children_die_with_a_killed_parent(tmp_path: Path) -> None:
     ):
         time.sleep(0.1)
     gone = not os.path.exists(f"/proc/{tansu}") or open(f"/proc/{tansu}/stat").read().split()[2] == "Z"
-    assert gone, "the broker outlived its killed parent"
+    assert gone, f"the {kind} broker outlived its killed parent"

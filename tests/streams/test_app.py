@@ -29,8 +29,13 @@ def test_a_failed_output_delivery_ends_the_worker_before_it_can_commit(
     assert exits == [streams_app.EXIT_DELIVERY_FAILED] * 2
 
 
-def test_app_has_its_agents_and_the_tansu_tuning() -> None:
-    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="x.", fetch_wait_max_ms=25)
+def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
+    kafka = KafkaSettings(
+        bootstrap_servers="127.0.0.1:1",
+        topic_prefix="x.",
+        fetch_wait_max_ms=25,
+        broker_kind="tansu",
+    )
     faust_app = streams_app.create_app(kafka, StreamSettings(), serde.ManifestRegistry())
     # One normalise agent per raw topic, one detect agent per watched norm topic, and the
     # alert lifecycle.
@@ -53,10 +58,21 @@ def test_app_has_its_agents_and_the_tansu_tuning() -> None:
     assert streams_app.create_app(
         replicated, StreamSettings(), serde.ManifestRegistry()
     ).conf.topic_replication_factor == 3
+    # tansu: short sessions (its joins take half of one), no idempotence (InitProducerId v0).
     assert faust_app.conf.broker_session_timeout == 3.0
     assert faust_app.conf.broker_heartbeat_interval == 0.5
     assert faust_app.fetch_wait_max_ms == 25
+    assert not faust_app.idempotent_producer
     assert str(faust_app.conf.broker[0]).startswith("medstream-kafka://")
+    # Apache Kafka: its minimum session is 6 s, waiting fetches are woken by new data, and
+    # every producer is idempotent.
+    on_kafka = streams_app.create_app(replicated, StreamSettings(), serde.ManifestRegistry())
+    assert on_kafka.conf.broker_session_timeout == 10.0
+    assert on_kafka.fetch_wait_max_ms == 500
+    assert on_kafka.idempotent_producer
+    producer = on_kafka.producer
+    assert producer._settings_extra() == {"acks": "all", "enable_idempotence": True}
+    assert not faust_app.producer._settings_extra()
 
 
 class CountingTable(dict[str, object]):
