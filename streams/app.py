@@ -382,9 +382,15 @@ def create_app(
         )
         app.agent(norm_topic, name=f"detect_{kind}")(detect_agent(kind))
 
+    # When this worker last started watching (its last rebalance): silences are measured
+    # from here at the earliest, since state kept across a restart remembers devices and
+    # feeds the platform could not hear while it was down.
+    watching_since = {"ms": int(time.time() * 1000)}
+
     @app.timer(DEVICE_TICK_S)
     async def device_tick() -> None:
-        await publish(stage.device_tick(device_state.in_tick(), int(time.time() * 1000)))
+        now_ms = int(time.time() * 1000)
+        await publish(stage.device_tick(device_state.in_tick(), now_ms, watching_since["ms"]))
 
     @app.timer(DETECT_TICK_S)
     async def detect_tick() -> None:
@@ -462,7 +468,8 @@ def create_app(
 
     @app.timer(FEED_TICK_S)
     async def feed_tick() -> None:
-        await publish(feed_watch.tick(feed_state.in_tick(), int(time.time() * 1000)))
+        now_ms = int(time.time() * 1000)
+        await publish(feed_watch.tick(feed_state.in_tick(), now_ms, watching_since["ms"]))
 
     # -- public health: syndromic counts per district and hour -------------------------------
     syndromic = SyndromicStage(kafka, registry, rule_file("syndromic.yaml", rules_dir))
@@ -487,6 +494,7 @@ def create_app(
     async def mark_ready(
         sender: Any, /, *args: Any, signal: BaseSignalT[Any], **kwargs: Any
     ) -> None:
+        watching_since["ms"] = int(time.time() * 1000)
         READY.labels("streams").set(1)
 
     app.on_rebalance_complete.connect(mark_ready)

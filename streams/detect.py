@@ -654,9 +654,12 @@ class FeedWatchStage:
         activity = self.decode(value)
         return self.inputs.outputs(self._feeds().observe_activity(activity, state, now_ms), now_ms)
 
-    def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
-        """Silences due by the wall clock, and windows the clock has closed."""
-        return self.inputs.outputs(self._feeds().tick(state, now_ms), now_ms)
+    def tick(self, state: KeyValueState, now_ms: int, watching_since_ms: int = 0) -> list[Output]:
+        """Silences due by the wall clock (after a whole limit of watching), and windows the
+        clock has closed."""
+        return self.inputs.outputs(
+            self._feeds().tick(state, now_ms, watching_since_ms), now_ms
+        )
 
 
 class SyndromicStage:

@@ -267,12 +267,17 @@ class DeviceDetector:
         state.put(key, record)
         return outcomes
 
-    def tick(self, state: KeyValueState, now_ms: int) -> list[Finding | Cleared]:
+    def tick(
+        self, state: KeyValueState, now_ms: int, watching_since_ms: int = 0
+    ) -> list[Finding | Cleared]:
         """Silence findings due at wall-clock ``now_ms``; forgets long-silent devices.
 
         A forgotten device's open silence alert is left to staff (no clearance is sent).
         Consumer lag looks like silence here: call it with the time up to which the
         device topic has been consumed, or not while the consumer is catching up.
+        ``watching_since_ms`` is when this worker started watching (its last rebalance): a
+        device is silent only after a whole silence limit of watching, so the platform's own
+        downtime (state kept across a restart) raises no alert for every device at once.
         """
         outcomes: list[Finding | Cleared] = []
         for key, record in state.items():
@@ -283,7 +288,8 @@ class DeviceDetector:
                 state.delete(key)
                 continue
             limit = self.rules.silence_after_ms(record["device_type"])
-            if record["silent"] or silent_for < limit:
+            watched_for = now_ms - max(record["last_ingest_ms"], watching_since_ms)
+            if record["silent"] or watched_for < limit:
                 continue
             device_id = key[len(STATE_PREFIX) :].split("|", 1)[1]
             interval_s = limit // self.rules.missed_intervals // 1000

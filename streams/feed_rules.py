@@ -294,11 +294,16 @@ class FeedDetector:
         state.put(key, feed)
         return outcomes
 
-    def tick(self, state: KeyValueState, now_ms: int) -> list[Finding | Cleared]:
+    def tick(
+        self, state: KeyValueState, now_ms: int, watching_since_ms: int = 0
+    ) -> list[Finding | Cleared]:
         """Close the windows the wall clock has passed, raise due silences, forget old feeds.
 
         Consumer lag looks like silence here: call it with the time up to which the input
         topics have been consumed, or not while the consumer is catching up.
+        ``watching_since_ms`` is when this worker started watching (its last rebalance): a
+        feed is silent only after a whole silence limit of watching, not because the
+        platform itself was down while its state was kept.
         """
         outcomes: list[Finding | Cleared] = []
         for key, feed in state.items():
@@ -310,7 +315,8 @@ class FeedDetector:
                 continue
             outcomes.extend(self._close_windows(feed, now_ms - self.rules.lateness_ms))
             limit = self.rules.silence_after_ms(feed["source_kind"])
-            if not feed["silent"] and silent_for >= limit:
+            watched_for = now_ms - max(feed["last_ingest_ms"], watching_since_ms)
+            if not feed["silent"] and watched_for >= limit:
                 feed["silent"] = True
                 outcomes.append(self._silence_finding(feed, silent_for, limit))
             state.put(key, feed)

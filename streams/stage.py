@@ -454,9 +454,12 @@ class NormaliseStage:
         """Forget duplicate keys whose window has passed; returns how many were dropped."""
         return self._quality_checker().prune(state, newest_ingest_ms)
 
-    def device_tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
-        """Device silence (wall clock) and pruning of forgotten devices."""
-        found = self._device_detector().tick(state, now_ms)
+    def device_tick(
+        self, state: KeyValueState, now_ms: int, watching_since_ms: int = 0
+    ) -> list[Output]:
+        """Device silence (wall clock, after a whole limit of watching) and pruning of
+        forgotten devices."""
+        found = self._device_detector().tick(state, now_ms, watching_since_ms)
         return self.lifecycle_inputs.outputs(found, now_ms)
 
     def _device_detector(self) -> DeviceDetector:

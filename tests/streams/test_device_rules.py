@@ -290,6 +290,31 @@ def test_silence_fires_once_per_episode_and_the_next_packet_clears(rules: Device
     assert len(detector.tick(state, last_ingest + 190_000)) == 1  # a second episode
 
 
+def test_a_restart_with_kept_state_gives_every_device_a_whole_limit_first(
+    rules: DeviceRules,
+) -> None:
+    """On Apache Kafka the device state survives a worker restart: devices last heard before
+    the platform went down are not all silent the moment it comes back (an alert storm the
+    memory-only broker never showed); each gets a whole silence limit of watching."""
+    detector, state = DeviceDetector(rules), DictState()
+    last_ingest = T0 + 5_000
+    feed(detector, state, [sample(0, 80, ingest_ms=last_ingest)])
+    back_at = last_ingest + 10 * 60_000  # the workers were down for ten minutes
+    assert detector.tick(state, back_at + 5_000, watching_since_ms=back_at) == []
+    assert detector.tick(state, back_at + 59_999, watching_since_ms=back_at) == []
+    # A packet from the backlog in time ends it quietly...
+    detector.observe(sample(1, 80, ingest_ms=back_at + 2_000), state, T0)
+    assert detector.tick(state, back_at + 61_999, watching_since_ms=back_at) == []
+    # ... and a device that stays silent is found one limit after watching resumed, with
+    # its real silence in the explanation.
+    silent = detector.tick(state, back_at + 62_000, watching_since_ms=back_at)
+    assert [f.subject for f in silent] == [DEVICE]
+    other, other_state = DeviceDetector(rules), DictState()
+    feed(other, other_state, [sample(0, 80, ingest_ms=last_ingest)])
+    found = other.tick(other_state, back_at + 60_000, watching_since_ms=back_at)
+    assert len(found) == 1 and "sent nothing for 660 s" in found[0].explanation
+
+
 def test_silence_uses_arrival_time_and_the_device_type_interval(rules: DeviceRules) -> None:
     detector, state = DeviceDetector(rules), DictState()
     ingest = datetime(2026, 11, 3, 8, 0, tzinfo=UTC)  # decoders hand over aware datetimes

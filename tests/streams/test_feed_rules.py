@@ -159,6 +159,24 @@ def test_silence_per_source_kind_once_per_episode_and_cleared(rules: FeedRules) 
     ]
 
 
+def test_a_restart_with_kept_state_gives_every_feed_a_whole_limit_first(
+    rules: FeedRules,
+) -> None:
+    """Feed state kept across a restart (Apache Kafka): the platform's own downtime does not
+    make every hospital feed silent at once; each gets a whole limit of watching."""
+    detector, state = FeedDetector(rules), DictState()
+    last = T0 + 10 * MINUTE
+    run(detector, state, [norm_event(last, kind="device")])
+    back_at = last + 20 * MINUTE  # the workers were down for twenty minutes
+    assert only_findings(detector.tick(state, back_at + 1, watching_since_ms=back_at)) == []
+    assert only_findings(
+        detector.tick(state, back_at + 5 * MINUTE - 1, watching_since_ms=back_at)
+    ) == []
+    silent = only_findings(detector.tick(state, back_at + 5 * MINUTE, watching_since_ms=back_at))
+    assert [f.subject for f in silent] == ["H002|device"]
+    assert silent[0].explanation.startswith("Feed H002/device has sent nothing for 25 minutes")
+
+
 def test_silent_feeds_are_forgotten_and_foreign_keys_kept(rules: FeedRules) -> None:
     detector, state = FeedDetector(rules), DictState()
     state.put("device|x", {"last_ingest_ms": 0})
