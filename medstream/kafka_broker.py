@@ -254,7 +254,6 @@ class KafkaNode:
     _lock_handle: Any = None
 
     kind: ClassVar[BrokerKind] = "kafka"
-    durable: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
         self.data_dir = Path(self.data_dir)

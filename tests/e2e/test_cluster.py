@@ -6,41 +6,27 @@ keeps running to the end."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 from confluent_kafka.admin import AdminClient
 
-from medstream import kafka_broker
 from medstream.kafka_broker import KafkaCluster
 from medstream.reconcile import read_labels
+from tests.e2e.test_pipeline import env_for, medstream
+from tests.waiting import require_kafka
 
 pytestmark = pytest.mark.e2e
 
 
-def medstream(*args: str) -> list[str]:
-    return [sys.executable, "-m", "medstream", *args]
-
-
 def test_the_pipeline_loses_nothing_when_a_broker_is_killed(tmp_path: Path) -> None:
-    reason = kafka_broker.available()
-    if reason is not None:
-        if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
-            pytest.fail(f"Apache Kafka is required: {reason}")
-        pytest.skip(reason)
+    require_kafka()
     cluster = KafkaCluster(tmp_path / "cluster", size=3)
     data_dir, labels = tmp_path / "data", tmp_path / "labels.jsonl"
-    env = {
-        k: v for k, v in os.environ.items()
-        if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))
-    }
-    env.update(
-        MEDSTREAM_DATA_DIR=str(data_dir),
-        MEDSTREAM_STATUS_INTERVAL_S="1",
+    env = env_for(
+        data_dir,
         KAFKA_BOOTSTRAP_SERVERS=cluster.bootstrap_servers,
         MEDSTREAM_KAFKA_REPLICATION_FACTOR="3",
     )

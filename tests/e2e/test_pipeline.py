@@ -23,7 +23,7 @@ import pytest
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, query_via_gateway
 from medstream.reconcile import check_labels, read_labels, reconcile
 from medstream.runtime import free_port, wait_for_port
-from tests.waiting import wait_for
+from tests.waiting import require_kafka, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -245,13 +245,8 @@ def test_a_second_run_on_the_same_data_dir_adds_to_the_first(tmp_path: Path, bro
     # resumes the same cluster, its offsets continue and nothing is read twice. tansu starts
     # empty (offsets from 0 again, a new cluster id) while ClickHouse keeps the first run's
     # data; nothing may collide or be mistaken for a gap.
-    from medstream import kafka_broker
-
-    if broker == "kafka" and kafka_broker.available() is not None:
-        reason = f"Apache Kafka is not available: {kafka_broker.available()}"
-        if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
-            pytest.fail(reason)
-        pytest.skip(reason)
+    if broker == "kafka":
+        require_kafka()
     data_dir = tmp_path / "data"
     env = env_for(data_dir, MEDSTREAM_EMBEDDED_BROKER=broker)
 

@@ -20,6 +20,7 @@ from medstream import kafka_broker
 from medstream.kafka_broker import KafkaCluster, KafkaNode, KafkaUnavailable
 from medstream.runtime import EmbeddedRuntimeError, choose_embedded_broker
 from medstream.settings import KafkaSettings
+from tests.waiting import require_kafka
 
 pytestmark = pytest.mark.integration
 
@@ -27,11 +28,7 @@ pytestmark = pytest.mark.integration
 @pytest.fixture
 def kafka_here() -> None:
     """Apache Kafka must be startable here (CI), else the test is skipped."""
-    reason = kafka_broker.available()
-    if reason is not None:
-        if os.environ.get("MEDSTREAM_REQUIRE_SOURCES") == "1":
-            pytest.fail(f"Apache Kafka is required: {reason}")
-        pytest.skip(reason)
+    require_kafka()
 
 
 def produce(bootstrap: str, topic: str, count: int, **conf: object) -> list[tuple[int, int]]:
