@@ -33,6 +33,7 @@ from medstream.settings import (
     BrokerKind,
     ClickHouseSettings,
     KafkaSettings,
+    ProcessingGuarantee,
     RuntimeSettings,
     StreamSettings,
 )
@@ -41,8 +42,24 @@ Out = Callable[[str], None]
 FACT_TABLES = ("lab_result", "observation", "claim_line", "diagnosis", "encounter")
 
 
+class BenchRefused(RuntimeError):
+    """The bench cannot run as asked (exactly_once on tansu); the message names the fix."""
+
+
+def _stream_settings(workers: int, guarantee: ProcessingGuarantee) -> StreamSettings:
+    """The stream settings of a bench run."""
+    return StreamSettings(workers=workers, processing_guarantee=guarantee)
+
+
 def _pipeline_run(
-    events: int, rate: float, workers: int, seed: int, out: Out, workdir: Path, broker: BrokerKind
+    events: int,
+    rate: float,
+    workers: int,
+    seed: int,
+    out: Out,
+    workdir: Path,
+    broker: BrokerKind,
+    guarantee: ProcessingGuarantee = "at_least_once",
 ) -> dict[str, Any]:
     """One `medstream up --exit-when-done` run; returns its figures, measured in ClickHouse."""
     from medstream.reconcile import check_labels, read_labels
@@ -98,7 +115,7 @@ def _pipeline_run(
         KafkaSettings(bootstrap_servers=""),
         ClickHouseSettings(url=""),
         RuntimeSettings(data_dir=data_dir, status_interval_s=2.0, embedded_broker=broker),
-        StreamSettings(workers=workers),
+        _stream_settings(workers, guarantee),
         out=lambda line: out(f"  {line}"),
         on_drained=measure,
     )
@@ -116,7 +133,12 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _idle_run(
-    workers: int, idle_s: float, out: Out, workdir: Path, broker: BrokerKind
+    workers: int,
+    idle_s: float,
+    out: Out,
+    workdir: Path,
+    broker: BrokerKind,
+    guarantee: ProcessingGuarantee = "at_least_once",
 ) -> dict[str, Any]:
     """(d): `up` without a simulator; each process's CPU over ``idle_s`` quiet seconds."""
     from medstream.supervisor import Supervisor
@@ -125,7 +147,7 @@ def _idle_run(
         KafkaSettings(bootstrap_servers=""),
         ClickHouseSettings(url=""),
         RuntimeSettings(data_dir=workdir / "idle", status_interval_s=5.0, embedded_broker=broker),
-        StreamSettings(workers=workers),
+        _stream_settings(workers, guarantee),
         out=lambda line: out(f"  {line}"),
         simulate=False,
     )
@@ -179,6 +201,7 @@ def run_bench(
     keep_data: bool = False,
     broker: str = "",
     idle_s: float = 30.0,
+    guarantee: ProcessingGuarantee | None = None,
 ) -> dict[str, Any]:
     """Run (a) to (d); print and return the figures and the verdict.
 
@@ -189,9 +212,14 @@ def run_bench(
     from medstream.runtime import choose_embedded_broker
 
     kind = choose_embedded_broker(broker or RuntimeSettings().embedded_broker, out)
+    guarantee = guarantee or StreamSettings().processing_guarantee
+    try:
+        _stream_settings(workers, guarantee).check_broker(KafkaSettings(broker_kind=kind))
+    except ValueError as exc:
+        raise BenchRefused(str(exc)) from exc
     workdir = Path(tempfile.mkdtemp(prefix="medstream-bench-"))
     try:
-        return _run_bench(events, workers, out, seed, workdir, kind, idle_s)
+        return _run_bench(events, workers, out, seed, workdir, kind, idle_s, guarantee)
     finally:
         if keep_data:
             out(f"data kept in {workdir}")
@@ -216,9 +244,10 @@ def _run_bench(
     workdir: Path,
     broker: BrokerKind,
     idle_s: float,
+    guarantee: ProcessingGuarantee,
 ) -> dict[str, Any]:
     out(f"bench: {events} clinical records per run, {workers} Faust workers, work dir {workdir}")
-    out(f"broker: {broker_name(broker)}")
+    out(f"broker: {broker_name(broker)}; processing guarantee: {guarantee}")
     out("(a) baseline: pre-normalised events -> plain confluent-kafka loop -> ClickHouse")
     child = subprocess.run(
         [sys.executable, "-m", "medstream.bench_baseline", str(events), str(seed), str(workdir),
@@ -234,16 +263,18 @@ def _run_bench(
         f" ({baseline['events']} events in {baseline['seconds']} s)"
     )
     out("(b) pipeline, simulator unthrottled")
-    full = _pipeline_run(events, 0, workers, seed, out, workdir, broker)
+    full = _pipeline_run(events, 0, workers, seed, out, workdir, broker, guarantee)
     out(f"    {full.get('events_per_s', 0):.0f} events/s; ok={full.get('ok')}")
     half_rate = max(50.0, full.get("events_per_s", 100.0) / 2)
     out(f"(c) pipeline at half the sustained rate ({half_rate:.0f} records/s) for latency")
     half_events = int(min(events, half_rate * 30))
-    half = _pipeline_run(half_events, half_rate, workers, seed + 1, out, workdir, broker)
+    half = _pipeline_run(
+        half_events, half_rate, workers, seed + 1, out, workdir, broker, guarantee
+    )
     idle: dict[str, Any] = {"ok": True}
     if idle_s > 0:
         out(f"(d) idle: the pipeline without traffic for {idle_s:.0f} s")
-        idle = _idle_run(workers, idle_s, out, workdir, broker)
+        idle = _idle_run(workers, idle_s, out, workdir, broker, guarantee)
     baseline_rate = baseline["events_per_s"]
     ratio = full.get("events_per_s", 0) / baseline_rate if baseline_rate else 0
     alert_p99 = half.get("alert_p99_ms")
@@ -253,6 +284,7 @@ def _run_bench(
     }
     result = {
         "broker": broker,
+        "processing_guarantee": guarantee,
         "events": events,
         "workers": workers,
         "baseline": baseline,
@@ -288,5 +320,5 @@ def _run_bench(
         "OK: nothing lost or duplicated" if result["ok"] else "FAILED: see the run figures above"
     )
     out(f"reconciliation     {verdict}")
-    out(f"broker             {broker_name(broker)}")
+    out(f"broker             {broker_name(broker)}; {guarantee}")
     return result

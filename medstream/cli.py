@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any, NoReturn, cast
 
 import typer
 
@@ -40,6 +40,7 @@ from medstream.settings import (
     SETTINGS_MODELS,
     ClickHouseSettings,
     KafkaSettings,
+    ProcessingGuarantee,
     RegistrySettings,
     RuntimeSettings,
     SinkSettings,
@@ -318,7 +319,10 @@ def streams(metrics_port: MetricsPort = 0) -> None:
 
     kafka = _kafka_for_client()
     registry = registry_from_url(RegistrySettings().url)
-    faust_app = create_app(kafka, StreamSettings(), registry)
+    try:
+        faust_app = create_app(kafka, StreamSettings(), registry)
+    except ValueError as exc:
+        _fail(str(exc), 2)
     audit = BackgroundAudit(AuditTrail(kafka, registry))
     worker_name = f"medstream-streams@{socket.gethostname()}:{os.getpid()}"
     on_reload(config_change_recorder(audit, worker_name))
@@ -921,20 +925,29 @@ def bench(
     idle_seconds: Annotated[
         float, typer.Option(help="seconds of the idle CPU measurement (0 = skip it)")
     ] = 30.0,
+    guarantee: Annotated[
+        str,
+        typer.Option(
+            help="at_least_once or exactly_once (default: MEDSTREAM_STREAMS_PROCESSING_GUARANTEE)"
+        ),
+    ] = "",
 ) -> None:
     """Measure the raw baseline and the full pipeline in one invocation, on one broker
     (printed); PASS/MISS against the targets; exit 1 on loss."""
-    from medstream.bench import run_bench
+    from medstream.bench import BenchRefused, run_bench
     from medstream.runtime import EmbeddedRuntimeError
 
     if broker not in ("", "auto", "kafka", "tansu"):
         _fail(f"--broker must be auto, kafka or tansu, not {broker!r}", 2)
+    if guarantee not in ("", "at_least_once", "exactly_once"):
+        _fail(f"--guarantee must be at_least_once or exactly_once, not {guarantee!r}", 2)
     try:
         result = run_bench(
             events, workers, out=typer.echo, keep_data=keep_data, broker=broker,
             idle_s=idle_seconds,
+            guarantee=cast(ProcessingGuarantee, guarantee) if guarantee else None,
         )
-    except EmbeddedRuntimeError as exc:
+    except (EmbeddedRuntimeError, BenchRefused) as exc:
         _fail(str(exc))
     if json_path is not None:
         json_path.write_text(json.dumps(result, indent=2, default=str))

@@ -11,7 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import AliasChoices, Field, SecretStr, field_validator
+from pydantic import AliasChoices, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 _PREFIXED = SettingsConfigDict(env_prefix="MEDSTREAM_", extra="ignore", populate_by_name=True)
@@ -47,6 +47,8 @@ SYNDROMIC_TOPIC = "detect.syndromic"
 FEED_ACTIVITY_TOPIC = "detect.feed_activity"
 
 
+#: How the stream workers deliver: duplicates possible (collapsed downstream) or none.
+ProcessingGuarantee = Literal["at_least_once", "exactly_once"]
 #: The brokers medstream knows: Apache Kafka (or a compatible cluster) and tansu.
 BrokerKind = Literal["kafka", "tansu"]
 #: Cluster ids of the tansu brokers medstream starts begin with this.
@@ -244,11 +246,53 @@ class StreamSettings(BaseSettings):
         description="HMAC key for person_key; set a real secret in production",
     )
     producer_linger_ms: int = Field(default=5, description="Faust producer linger")
+    processing_guarantee: ProcessingGuarantee = Field(
+        default="at_least_once",
+        description="at_least_once (duplicates collapsed by event id downstream) or "
+        "exactly_once (Kafka transactions; Apache Kafka only, costs latency: see the README)",
+    )
+    commit_interval_ms: int | None = Field(
+        default=None,
+        gt=0,
+        description="how often a worker commits its offsets (its transactions under "
+        "exactly_once, which readers see only then); default 1000, 100 under exactly_once",
+    )
     rules_dir: Path | None = Field(
         default=None,
         description="a directory of the site's own rule files (feeds.yaml, news2.yaml, ...); "
         "each file it does not hold comes from streams/rules",
     )
+
+    @property
+    def exactly_once(self) -> bool:
+        """True when outputs go out in Kafka transactions."""
+        return self.processing_guarantee == "exactly_once"
+
+    @property
+    def commit_interval(self) -> int:
+        """The commit interval in effect (ms)."""
+        return self.commit_interval_ms or (100 if self.exactly_once else 1000)
+
+    @model_validator(mode="after")
+    def _transactions_end_in_time(self) -> StreamSettings:
+        # A transaction open longer than its timeout (aiokafka's 60 s) is aborted by the
+        # broker, and the worker would then fail every commit.
+        if self.exactly_once and self.commit_interval > 30_000:
+            raise ValueError(
+                "MEDSTREAM_STREAMS_COMMIT_INTERVAL_MS must be at most 30000 under exactly_once "
+                "(each commit ends a transaction; Kafka aborts one open for 60 s)"
+            )
+        return self
+
+    def check_broker(self, kafka: KafkaSettings) -> None:
+        """Refuse exactly_once on tansu, which shows aborted transactions to read_committed
+        readers. ValueError naming the fix."""
+        if self.exactly_once and kafka.tansu:
+            raise ValueError(
+                "MEDSTREAM_STREAMS_PROCESSING_GUARANTEE=exactly_once needs Apache Kafka: tansu "
+                "shows aborted transactions to read_committed readers; use at_least_once "
+                "there, or Apache Kafka (MEDSTREAM_EMBEDDED_BROKER=kafka; `bench --broker kafka`)"
+            )
 
     @field_validator("rules_dir", mode="before")
     @classmethod

@@ -274,6 +274,12 @@ class Supervisor:
         kafka = self.kafka.model_copy(
             update={"bootstrap_servers": bootstrap, "broker_kind": broker_kind}
         )
+        try:
+            self.streams.check_broker(kafka)
+        except ValueError as exc:
+            raise ComponentFailed(str(exc)) from exc
+        if self.streams.exactly_once:
+            self.out("stream processing: exactly_once (Kafka transactions, read_committed)")
         created = ensure_topics(kafka)
         self.out(f"topics ready ({len(created)} created)")
         ch_url = clickhouse_url(self.clickhouse, self.runtime)
@@ -281,6 +287,7 @@ class Supervisor:
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
             "MEDSTREAM_KAFKA_BROKER_KIND": broker_kind,
+            "MEDSTREAM_STREAMS_PROCESSING_GUARANTEE": self.streams.processing_guarantee,
             "CLICKHOUSE_URL": ch_url,
             "MEDSTREAM_DATA_DIR": str(data_dir.resolve()),
             "PYTHONUNBUFFERED": "1",

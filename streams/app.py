@@ -9,7 +9,8 @@ Broker-dependent tuning (KafkaSettings.broker_kind):
 Both: producer linger 5 ms and acks=all; at-least-once by default, duplicates collapsed by
 event id downstream. Faust commits a raw offset only after the records an agent sent for
 it were acked (Faust "attachments"), so a source record is never marked done before its
-output exists.
+output exists. On Apache Kafka, MEDSTREAM_STREAMS_PROCESSING_GUARANTEE=exactly_once puts
+each record's outputs, table writes and offset in one transaction (streams.transactions).
 - agent_supervisor = CrashingSupervisor: an agent that raises stops the worker, which then
   exits non-zero instead of limping on with a restarted agent.
 - table (suppression state) in memory, rebuilt from its changelog topic at start. Caveat on
@@ -26,10 +27,11 @@ import logging
 import os
 import ssl
 import time
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from typing import Any, cast
 
 import faust
+from aiokafka.errors import ProducerFenced
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import (
     AIOKafkaConsumerThread,
@@ -38,6 +40,8 @@ from faust.transport.drivers.aiokafka import (
     Transport,
 )
 from mode import BaseSignalT, CrashingSupervisor
+from mode.utils.objects import cached_property
+from mode.utils.queues import FlowControlEvent
 
 from medstream.metrics import (
     CONSUMER_LAG,
@@ -76,6 +80,7 @@ from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
+from streams.transactions import TransactionGate, current_transactional_id, hold_changelog
 
 DEFAULT_FETCH_WAIT_MS = 20
 EXIT_DELIVERY_FAILED = 70
@@ -104,12 +109,34 @@ def exit_on_failed_delivery(delivery: asyncio.Future[Any]) -> None:
         os._exit(EXIT_DELIVERY_FAILED)
 
 
+class KeptOnResumeFlowControl(FlowControlEvent):
+    """Faust's flow control, except that resuming keeps what the stream queues hold.
+
+    Faust clears every stream queue when it resumes after a rebalance, which comes after
+    it has seeked the stream partitions to their committed offsets: records fetched from
+    there in between were dropped while the consumer's read offset had moved past them,
+    so they were never processed and a later commit went past them (2 of 14,960 events
+    lost in one of three runs that killed a worker). The queues are still cleared when
+    partitions are revoked (``flow_control.clear()``), where stale records belong.
+    """
+
+    def resume(self) -> None:
+        self._suspend.clear()
+        self._resume.set()
+
+
 class StreamsApp(faust.App):
     """The Faust app, carrying the consumer fetch wait and producer idempotence its
     transport needs."""
 
     fetch_wait_max_ms: int = DEFAULT_FETCH_WAIT_MS
     idempotent_producer: bool = False
+    #: Set under exactly_once: records and commits take turns (streams.transactions).
+    transaction_gate: TransactionGate | None = None
+
+    @cached_property
+    def flow_control(self) -> FlowControlEvent:
+        return KeptOnResumeFlowControl(loop=self.loop)
 
 
 class ShortFetchConsumerThread(AIOKafkaConsumerThread):
@@ -124,6 +151,12 @@ class ShortFetchConsumerThread(AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_wait_max_ms", DEFAULT_FETCH_WAIT_MS)
         return consumer
 
+    async def _highwaters(self, partitions: Any) -> Any:
+        # Under transactions Faust reads the last stable offset from the consumer's cache,
+        # empty until a partition was first fetched: table recovery then took a changelog
+        # for empty. ListOffsets answers it under the consumer's isolation level.
+        return await self._ensure_consumer().end_offsets(partitions)
+
 
 class ShortFetchConsumer(Consumer):
     """Faust consumer using :class:`ShortFetchConsumerThread`."""
@@ -131,12 +164,69 @@ class ShortFetchConsumer(Consumer):
     def _new_consumer_thread(self) -> ShortFetchConsumerThread:
         return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
+    async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
+        """Commit; under exactly_once by the gate, which knows which offsets each open
+        transaction covers (Faust's own acknowledgements are dropped at a rebalance)."""
+        gate = getattr(self.app, "transaction_gate", None)
+        if gate is None:
+            return await super().force_commit(topics, start_new_transaction=start_new_transaction)
+        try:
+            committed = await gate.commit(start_new_transaction)
+        except ProducerFenced as exc:
+            await self.crash(exc)
+            return False
+        for tp in committed:
+            # Faust's per-offset acknowledgements are not used for committing here.
+            self._acked.pop(tp, None)
+            self._acked_index.pop(tp, None)
+            self._gap.pop(tp, None)
+        self._committed_offset.update(committed)
+        self.app.tables.on_commit(committed)
+        self.app.monitor.on_tp_commit(committed)
+        return bool(committed)
+
+    async def on_partitions_assigned(self, assigned: Any, generation_id: int = 0) -> None:
+        """Under exactly_once, start the gate's bookkeeping afresh."""
+        gate = getattr(self.app, "transaction_gate", None)
+        if gate is not None:
+            gate.assigned()
+        await super().on_partitions_assigned(assigned, generation_id)
+
+    async def perform_seek(self) -> None:
+        """Seek to the committed offsets; under exactly_once with the stream partitions
+        paused until then.
+
+        Faust resumes them just before this seek, and aiokafka's positions come from the
+        committed offsets it fetched when it joined, possibly before the previous owner's
+        last transaction was complete: records read from there would be processed twice.
+        This seek comes after the new transactional producers started, which completes or
+        aborts the previous owner's transactions.
+        """
+        gate = getattr(self.app, "transaction_gate", None)
+        if gate is None:
+            await super().perform_seek()
+            return
+        resumed = {tp for tp in self.assignment() if tp not in self._paused_partitions}
+        self.pause_partitions(resumed)  # no await since Faust resumed them: none was read
+        try:
+            await super().perform_seek()
+            assignment = self.assignment()
+            gate.sought({
+                tp: offset
+                for tp, offset in self._committed_offset.items()
+                if tp in assignment and offset is not None
+            })
+        finally:
+            self.resume_partitions(resumed)
+
 
 class IdempotentProducer(Producer):
     """Faust's aiokafka producer, idempotent when the app asks for it (Apache Kafka).
 
     Faust turns idempotence on only inside transactions; on Kafka every producer should
     have it, so a retried batch is never written twice and order holds within a partition.
+    Under exactly_once, whatever an agent sends or writes to a table while it processes
+    a record goes to the transaction of that record's partition (streams.transactions).
     """
 
     def _settings_extra(self) -> Mapping[str, Any]:
@@ -144,6 +234,26 @@ class IdempotentProducer(Producer):
         if getattr(self.app, "idempotent_producer", False):
             extra.update(acks="all", enable_idempotence=True)
         return extra
+
+    async def send(
+        self,
+        topic: str,
+        key: bytes | None,
+        value: bytes | None,
+        partition: int | None,
+        timestamp: float | None,
+        headers: Any,
+        *,
+        transactional_id: str | None = None,
+    ) -> Any:
+        return await super().send(
+            topic, key, value, partition, timestamp, headers,
+            transactional_id=transactional_id or current_transactional_id(),
+        )
+
+    def send_soon(self, fut: Any) -> None:
+        if not hold_changelog(fut):
+            super().send_soon(fut)
 
 
 class ShortFetchTransport(Transport):
@@ -252,6 +362,7 @@ def create_app(
     rules_path: str | None = None,
 ) -> faust.App:
     """Build the Faust app with its agents; nothing connects until the worker starts."""
+    settings.check_broker(kafka)
     brokers = ";".join(f"medstream-kafka://{b}" for b in kafka.bootstrap_servers.split(","))
     app = StreamsApp(
         settings.app_id,
@@ -261,7 +372,8 @@ def create_app(
         broker_credentials=broker_credentials(kafka),
         broker_session_timeout=kafka.session_timeout / 1000,
         broker_heartbeat_interval=kafka.heartbeat_interval / 1000,
-        broker_commit_interval=1.0,
+        broker_commit_interval=settings.commit_interval / 1000,
+        processing_guarantee=settings.processing_guarantee,
         producer_linger=settings.producer_linger_ms / 1000,
         producer_acks=-1,
         consumer_auto_offset_reset="earliest",
@@ -275,6 +387,25 @@ def create_app(
     )
     app.fetch_wait_max_ms = kafka.fetch_wait
     app.idempotent_producer = not kafka.tansu
+    if settings.exactly_once:
+        app.transaction_gate = TransactionGate(
+            app, frozenset(kafka.topic(name) for name in RAW_TOPICS.values())
+        )
+    gate = app.transaction_gate
+
+    async def records(stream: faust.StreamT) -> AsyncIterator[faust.EventT]:
+        """The stream's events; under exactly_once each is processed inside its partition's
+        transaction, and one redelivered after Faust seeks back (its outputs are already in
+        the transaction) is acknowledged without being processed again."""
+        async for event in stream.events():
+            if gate is None:
+                yield event
+            elif gate.skip(event):
+                event.ack()
+            else:
+                async with gate.record(event):
+                    yield event
+
     secret = settings.pseudonym_key.get_secret_value().encode()
     rules_dir = settings.rules_dir
     stage = NormaliseStage(
@@ -313,11 +444,14 @@ def create_app(
 
     def normalise_agent(source_kind: str) -> Any:
         async def agent(stream: faust.StreamT) -> None:
-            async for event in stream.events():
+            async for event in records(stream):
                 message = event.message
                 started = time.perf_counter()
                 ctx = RawContext(
-                    message.topic, message.partition, message.offset, int(message.timestamp * 1000)
+                    message.topic,
+                    message.partition,
+                    message.offset,
+                    int(message.timestamp * 1000),
                 )
                 labelled(RECORDS_IN, STAGE, message.topic).inc()
                 # Quality state is kept per partition, so a partition's keys are pruned
@@ -361,7 +495,7 @@ def create_app(
 
     def detect_agent(kind: str) -> Any:
         async def agent(stream: faust.StreamT) -> None:
-            async for event in stream.events():
+            async for event in records(stream):
                 message = event.message
                 labelled(RECORDS_IN, "detect", message.topic).inc()
                 now_ms = int(time.time() * 1000)
@@ -417,7 +551,7 @@ def create_app(
 
     @app.agent(lifecycle_topic, name="alert_lifecycle")
     async def alert_lifecycle(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for event in records(stream):
             now_ms = int(time.time() * 1000)
             labelled(RECORDS_IN, "lifecycle", event.message.topic).inc()
             state = PartitionState(lifecycle_table, event.message.partition)
@@ -443,7 +577,7 @@ def create_app(
 
     @app.agent(identity_topic, name="patient_index")
     async def patient_index_agent(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for event in records(stream):
             labelled(RECORDS_IN, "mpi", event.message.topic).inc()
             now_ms = int(time.time() * 1000)
             await publish(patient_index.handle(event.message.value, index_state, now_ms))
@@ -462,9 +596,10 @@ def create_app(
 
     @app.agent(feed_topic, name="feed_watch")
     async def feed_watch_agent(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for event in records(stream):
             now_ms = int(time.time() * 1000)
-            await publish(feed_watch.handle(event.message.value, feed_state.in_record(), now_ms))
+            state = feed_state.in_record()
+            await publish(feed_watch.handle(event.message.value, state, now_ms))
 
     @app.timer(FEED_TICK_S)
     async def feed_tick() -> None:
@@ -482,7 +617,7 @@ def create_app(
 
     @app.agent(syndromic_topic, name="syndromic")
     async def syndromic_agent(stream: faust.StreamT) -> None:
-        async for event in stream.events():
+        async for event in records(stream):
             now_ms = int(time.time() * 1000)
             state = syndromic_state.in_record()
             await publish(syndromic.handle(event.message.value, state, now_ms))

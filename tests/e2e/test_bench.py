@@ -39,6 +39,8 @@ def test_bench_measures_baseline_and_pipeline_and_reconciles(tmp_path: Path) -> 
     on_kafka = kafka_broker.available() is None
     assert figures["broker"] == ("kafka" if on_kafka else "tansu")
     assert ("broker: Apache Kafka 4." if on_kafka else "broker: tansu") in result.stdout
+    assert figures["processing_guarantee"] == "at_least_once"  # the default, printed
+    assert "processing guarantee: at_least_once" in result.stdout
     assert set(figures["verdicts"]) == {"throughput_ratio", "event_to_alert_p99_ms"}
     assert set(figures["verdicts"].values()) <= {"PASS", "MISS"}
     assert f"(target >= 0.5: {figures['verdicts']['throughput_ratio']})" in result.stdout
@@ -56,3 +58,21 @@ def test_bench_measures_baseline_and_pipeline_and_reconciles(tmp_path: Path) -> 
     assert figures["throughput_ratio"] == round(full["events_per_s"] / baseline["events_per_s"], 3)
     assert 0 < figures["event_to_alert_p50_ms"] <= figures["event_to_alert_p99_ms"]
     assert 0 < figures["event_to_queryable_p50_ms"] <= figures["event_to_queryable_p99_ms"]
+
+
+def test_bench_refuses_exactly_once_on_tansu_before_starting_anything(tmp_path: Path) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDSTREAM_")}
+    result = subprocess.run(
+        [sys.executable, "-m", "medstream", "bench", "--broker", "tansu",
+         "--guarantee", "exactly_once"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert result.returncode == 1
+    assert "exactly_once needs Apache Kafka" in result.stderr
+    assert "--broker kafka" in result.stderr
+    assert "baseline" not in result.stdout  # nothing ran
+    bad = subprocess.run(
+        [sys.executable, "-m", "medstream", "bench", "--guarantee", "exactly-once"],
+        env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path,
+    )
+    assert bad.returncode == 2 and "at_least_once or exactly_once" in bad.stderr

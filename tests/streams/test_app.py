@@ -73,6 +73,45 @@ def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
     producer = on_kafka.producer
     assert producer._settings_extra() == {"acks": "all", "enable_idempotence": True}
     assert not faust_app.producer._settings_extra()
+    # At-least-once by default: no transactions, Faust commits every second.
+    assert on_kafka.transaction_gate is None
+    assert on_kafka.conf.processing_guarantee.value == "at_least_once"
+    assert on_kafka.conf.broker_commit_interval == 1.0
+    # exactly_once: Faust's transactional mode with the gate, committing every 100 ms, and
+    # the raw topics (written without transactions) checked for skipped offsets.
+    eos = streams_app.create_app(
+        replicated, StreamSettings(processing_guarantee="exactly_once"), serde.ManifestRegistry()
+    )
+    assert eos.conf.processing_guarantee.value == "exactly_once"
+    assert eos.conf.broker_commit_interval == 0.1
+    assert eos.transaction_gate is not None
+    assert eos.transaction_gate.contiguous == {
+        "raw.claim", "raw.device", "raw.emr_cdc", "raw.hl7_lab"
+    }
+    # The Faust internals the gate and the flow-control fix rely on (private: an upgrade
+    # that renames them must fail here, not silently).
+    assert isinstance(eos.producer._transaction_producers, dict)
+    assert isinstance(eos.producer._trn_locks, dict)
+    for internal in ("_acked", "_acked_index", "_gap", "_committed_offset"):
+        assert hasattr(eos.consumer, internal), internal
+    assert hasattr(eos.flow_control, "_suspend") and hasattr(eos.flow_control, "_resume")
+    with pytest.raises(ValueError, match="exactly_once needs Apache Kafka"):
+        streams_app.create_app(
+            kafka, StreamSettings(processing_guarantee="exactly_once"), serde.ManifestRegistry()
+        )
+    # Resuming after a rebalance keeps what the stream queues hold (Faust cleared them
+    # after its seek, dropping records for good); revoking still clears them.
+    async def queue_after_resume_and_clear() -> tuple[int, int]:
+        queue = on_kafka.FlowControlQueue(maxsize=10, clear_on_resume=True)
+        on_kafka.flow_control.resume()
+        await queue.put("record fetched after the seek")
+        on_kafka.flow_control.suspend()
+        on_kafka.flow_control.resume()
+        kept = queue.qsize()
+        on_kafka.flow_control.clear()
+        return kept, queue.qsize()
+
+    assert asyncio.run(queue_after_resume_and_clear()) == (1, 0)
 
 
 class CountingTable(dict[str, object]):
