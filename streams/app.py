@@ -189,7 +189,7 @@ class ShortFetchConsumer(Consumer):
         """Under exactly_once, start the gate's bookkeeping afresh."""
         gate = getattr(self.app, "transaction_gate", None)
         if gate is not None:
-            gate.assigned()
+            gate.assigned(set(assigned))
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
@@ -206,18 +206,20 @@ class ShortFetchConsumer(Consumer):
         if gate is None:
             await super().perform_seek()
             return
-        resumed = {tp for tp in self.assignment() if tp not in self._paused_partitions}
-        self.pause_partitions(resumed)  # no await since Faust resumed them: none was read
-        try:
-            await super().perform_seek()
-            assignment = self.assignment()
-            gate.sought({
-                tp: offset
-                for tp, offset in self._committed_offset.items()
-                if tp in assignment and offset is not None
-            })
-        finally:
-            self.resume_partitions(resumed)
+        # Faust resumed them just before: paused again before any of their records reaches
+        # an agent (Faust's getmany checks this very set before it hands a record over).
+        resumed = set(self._get_active_partitions())
+        self.pause_partitions(resumed)
+        await super().perform_seek()
+        # Resumed only after a seek that completed: one cancelled by a new rebalance or
+        # failed leaves them paused for the recovery that follows.
+        assignment = self.assignment()
+        gate.sought({
+            tp: offset
+            for tp, offset in self._committed_offset.items()
+            if tp in assignment and offset is not None
+        })
+        self.resume_partitions(resumed)
 
 
 class IdempotentProducer(Producer):

@@ -115,6 +115,9 @@ class TransactionGate:
         self._in_flight = 0
         self._commit_lock = asyncio.Lock()
         self.poisoned: BaseException | None = None
+        #: False from an assignment until Faust sought its partitions to the committed
+        #: offsets (they stay paused until then; a record read anyway stops the worker).
+        self.sought_offsets = True
         #: The last offset processed per input partition, and the next offset committed.
         self._processed: dict[TP, int] = {}
         self._committed: dict[TP, int] = {}
@@ -127,21 +130,41 @@ class TransactionGate:
         last = self._processed.get(TP(message.topic, message.partition))
         return last is not None and message.offset <= last
 
-    def assigned(self) -> None:
-        """A new assignment: what the gate knew is committed (Faust commits before it
-        gives partitions up) and :meth:`sought` says where processing starts."""
+    def assigned(self, assignment: set[TP]) -> None:
+        """A new assignment: nothing is processed until :meth:`sought` says where to start.
+
+        What was processed of a partition kept has been committed (Faust commits before a
+        rebalance); if not, its outputs sit in an open transaction that processing from
+        the committed offset would fill a second time, so the gate is poisoned instead.
+        """
+        for tp in assignment:
+            last = self._processed.get(tp)
+            if last is not None and self._committed.get(tp) != last + 1:
+                log.critical("%s[%d]: processed up to %d but not committed before a rebalance; "
+                             "stopping", tp.topic, tp.partition, last)
+                self.poisoned = self.poisoned or RuntimeError(f"{tp} uncommitted at rebalance")
         self._processed.clear()
         self._committed.clear()
+        self.sought_offsets = False
 
     def sought(self, committed: Mapping[TP, int]) -> None:
         """Faust sought the assigned partitions to ``committed`` (next offsets to read)."""
         self._processed = {tp: offset - 1 for tp, offset in committed.items() if offset > 0}
         self._committed = {tp: offset for tp, offset in committed.items() if offset > 0}
+        self.sought_offsets = True
 
     @asynccontextmanager
     async def record(self, event: Any) -> AsyncIterator[None]:
         """Process ``event`` inside its partition's transaction (acknowledged on success)."""
         message = event.message
+        if self.poisoned is not None:
+            raise TransactionPoisoned(f"not processing after {self.poisoned!r}")
+        if not self.sought_offsets:
+            # Its partition should still be paused: its position may be stale.
+            raise TransactionPoisoned(
+                f"{message.topic}[{message.partition}]@{message.offset} was delivered before "
+                "the seek to the committed offsets"
+            )
         last = self._processed.get(TP(message.topic, message.partition))
         if last is not None and message.offset > last + 1 and message.topic in self.contiguous:
             # Records of a topic written without transactions take every offset: a jump
@@ -230,10 +253,19 @@ class TransactionGate:
                     by_transaction.setdefault(open_id, {})
             # One producer per transaction: their round trips (add offsets, commit offsets,
             # end transaction) overlap instead of queueing behind each other.
-            await asyncio.gather(*(
-                self._commit_one(open_id, offsets, start_new_transaction)
-                for open_id, offsets in sorted(by_transaction.items())
-            ))
+            outcomes = await asyncio.gather(
+                *(
+                    self._commit_one(open_id, offsets, start_new_transaction)
+                    for open_id, offsets in sorted(by_transaction.items())
+                ),
+                return_exceptions=True,
+            )
+            failed = [outcome for outcome in outcomes if isinstance(outcome, BaseException)]
+            if failed:
+                # Each commit has ended by now; records must not run into transactions whose
+                # offsets may not have been committed with their outputs.
+                self.poisoned = self.poisoned or failed[0]
+                raise failed[0]
             self._committed.update(pending)
             return pending
 

@@ -14,6 +14,7 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
+from aiokafka.errors import ProducerFenced
 from faust.types import TP
 
 from medstream.settings import KafkaSettings, StreamSettings
@@ -200,8 +201,12 @@ def test_table_writes_are_held_for_the_records_transaction_only() -> None:
 def test_after_a_rebalance_processing_starts_at_the_committed_offsets() -> None:
     gate = TransactionGate(stub_app("app-1-0", "app-1-1"))
     asyncio.run(process(gate, FakeEvent("raw.claim", 0, 3), []))
-    gate.assigned()
-    assert not gate.skip(FakeEvent("raw.claim", 0, 3))  # forgotten: Faust seeks next
+    asyncio.run(gate.commit(start_new_transaction=False))  # as Faust does before a rebalance
+    gate.assigned({TP("raw.claim", 0), TP("raw.claim", 1)})
+    assert gate.poisoned is None
+    # Nothing is processed before the seek (its partitions stay paused until then).
+    with pytest.raises(TransactionPoisoned, match="before the seek"):
+        asyncio.run(process(gate, FakeEvent("raw.claim", 1, 8), []))
     gate.sought({TP("raw.claim", 1): 20, TP("raw.claim", 0): 4})
     assert gate.skip(FakeEvent("raw.claim", 1, 19))  # the previous owner's, committed
     assert not gate.skip(FakeEvent("raw.claim", 1, 20))
@@ -215,7 +220,7 @@ def test_after_a_rebalance_processing_starts_at_the_committed_offsets() -> None:
     gate.sought({TP("raw.claim", 1): 20})
     assert asyncio.run(gate.commit()) == {}
     # A partition never committed starts wherever the reset policy puts it.
-    gate.assigned()
+    gate.assigned(set())
     gate.sought({})
     assert not gate.skip(FakeEvent("raw.claim", 0, 0))
 
@@ -303,3 +308,32 @@ def test_an_agent_that_raises_mid_record_poisons_the_gate_instead_of_hanging_its
             await asyncio.wait_for(gate.commit(), 2)
 
     asyncio.run(run())
+
+
+def test_a_partition_kept_across_a_rebalance_with_uncommitted_work_stops_the_worker() -> None:
+    gate = TransactionGate(stub_app("app-1-0"))
+    asyncio.run(process(gate, FakeEvent("raw.claim", 0, 3), []))
+    # Faust's commit before the rebalance did not happen: processing from the committed
+    # offset would put these outputs into the open transaction a second time.
+    gate.assigned({TP("raw.claim", 0)})
+    assert gate.poisoned is not None
+    with pytest.raises(TransactionPoisoned):
+        asyncio.run(process(gate, FakeEvent("raw.claim", 0, 4), []))
+
+
+def test_a_failed_commit_keeps_records_out_of_every_transaction() -> None:
+    app = stub_app("app-1-0", "app-1-1")
+    gate = TransactionGate(app)
+
+    async def fenced() -> None:
+        raise ProducerFenced()
+
+    app.producer._transaction_producers["app-1-0"].commit_transaction = fenced
+    asyncio.run(process(gate, FakeEvent("raw.claim", 0, 3), []))
+    asyncio.run(process(gate, FakeEvent("raw.claim", 1, 3), []))
+    with pytest.raises(ProducerFenced):
+        asyncio.run(gate.commit())
+    # The other transaction was committed; no record runs into the open ones any more.
+    assert ("commit", None) in app.producer._transaction_producers["app-1-1"].calls
+    with pytest.raises(TransactionPoisoned):
+        asyncio.run(process(gate, FakeEvent("raw.claim", 1, 4), []))
