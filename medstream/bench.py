@@ -46,20 +46,14 @@ class BenchRefused(RuntimeError):
     """The bench cannot run as asked (exactly_once on tansu); the message names the fix."""
 
 
-def _stream_settings(workers: int, guarantee: ProcessingGuarantee) -> StreamSettings:
-    """The stream settings of a bench run."""
-    return StreamSettings(workers=workers, processing_guarantee=guarantee)
-
-
 def _pipeline_run(
     events: int,
     rate: float,
-    workers: int,
+    streams: StreamSettings,
     seed: int,
     out: Out,
     workdir: Path,
     broker: BrokerKind,
-    guarantee: ProcessingGuarantee = "at_least_once",
 ) -> dict[str, Any]:
     """One `medstream up --exit-when-done` run; returns its figures, measured in ClickHouse."""
     from medstream.reconcile import check_labels, read_labels
@@ -115,7 +109,7 @@ def _pipeline_run(
         KafkaSettings(bootstrap_servers=""),
         ClickHouseSettings(url=""),
         RuntimeSettings(data_dir=data_dir, status_interval_s=2.0, embedded_broker=broker),
-        _stream_settings(workers, guarantee),
+        streams,
         out=lambda line: out(f"  {line}"),
         on_drained=measure,
     )
@@ -133,12 +127,7 @@ def cpu_seconds(pid: int) -> float:
 
 
 def _idle_run(
-    workers: int,
-    idle_s: float,
-    out: Out,
-    workdir: Path,
-    broker: BrokerKind,
-    guarantee: ProcessingGuarantee = "at_least_once",
+    streams: StreamSettings, idle_s: float, out: Out, workdir: Path, broker: BrokerKind
 ) -> dict[str, Any]:
     """(d): `up` without a simulator; each process's CPU over ``idle_s`` quiet seconds."""
     from medstream.supervisor import Supervisor
@@ -147,7 +136,7 @@ def _idle_run(
         KafkaSettings(bootstrap_servers=""),
         ClickHouseSettings(url=""),
         RuntimeSettings(data_dir=workdir / "idle", status_interval_s=5.0, embedded_broker=broker),
-        _stream_settings(workers, guarantee),
+        streams,
         out=lambda line: out(f"  {line}"),
         simulate=False,
     )
@@ -212,14 +201,16 @@ def run_bench(
     from medstream.runtime import choose_embedded_broker
 
     kind = choose_embedded_broker(broker or RuntimeSettings().embedded_broker, out)
-    guarantee = guarantee or StreamSettings().processing_guarantee
+    streams = StreamSettings(workers=workers)
+    if guarantee:
+        streams = StreamSettings(workers=workers, processing_guarantee=guarantee)
     try:
-        _stream_settings(workers, guarantee).check_broker(KafkaSettings(broker_kind=kind))
+        streams.check_broker(KafkaSettings(broker_kind=kind))
     except ValueError as exc:
         raise BenchRefused(str(exc)) from exc
     workdir = Path(tempfile.mkdtemp(prefix="medstream-bench-"))
     try:
-        return _run_bench(events, workers, out, seed, workdir, kind, idle_s, guarantee)
+        return _run_bench(events, streams, out, seed, workdir, kind, idle_s)
     finally:
         if keep_data:
             out(f"data kept in {workdir}")
@@ -238,14 +229,14 @@ def broker_name(kind: str) -> str:
 
 def _run_bench(
     events: int,
-    workers: int,
+    streams: StreamSettings,
     out: Out,
     seed: int,
     workdir: Path,
     broker: BrokerKind,
     idle_s: float,
-    guarantee: ProcessingGuarantee,
 ) -> dict[str, Any]:
+    workers, guarantee = streams.workers, streams.processing_guarantee
     out(f"bench: {events} clinical records per run, {workers} Faust workers, work dir {workdir}")
     out(f"broker: {broker_name(broker)}; processing guarantee: {guarantee}")
     out("(a) baseline: pre-normalised events -> plain confluent-kafka loop -> ClickHouse")
@@ -263,18 +254,16 @@ def _run_bench(
         f" ({baseline['events']} events in {baseline['seconds']} s)"
     )
     out("(b) pipeline, simulator unthrottled")
-    full = _pipeline_run(events, 0, workers, seed, out, workdir, broker, guarantee)
+    full = _pipeline_run(events, 0, streams, seed, out, workdir, broker)
     out(f"    {full.get('events_per_s', 0):.0f} events/s; ok={full.get('ok')}")
     half_rate = max(50.0, full.get("events_per_s", 100.0) / 2)
     out(f"(c) pipeline at half the sustained rate ({half_rate:.0f} records/s) for latency")
     half_events = int(min(events, half_rate * 30))
-    half = _pipeline_run(
-        half_events, half_rate, workers, seed + 1, out, workdir, broker, guarantee
-    )
+    half = _pipeline_run(half_events, half_rate, streams, seed + 1, out, workdir, broker)
     idle: dict[str, Any] = {"ok": True}
     if idle_s > 0:
         out(f"(d) idle: the pipeline without traffic for {idle_s:.0f} s")
-        idle = _idle_run(workers, idle_s, out, workdir, broker, guarantee)
+        idle = _idle_run(streams, idle_s, out, workdir, broker)
     baseline_rate = baseline["events_per_s"]
     ratio = full.get("events_per_s", 0) / baseline_rate if baseline_rate else 0
     alert_p99 = half.get("alert_p99_ms")
