@@ -37,6 +37,12 @@ QUALITY_ISSUES = Counter(
 UNMAPPED_CODES = Counter(
     "medstream_unmapped_codes", "Local codes the terminology could not map", ["code_system"]
 )
+CRITICAL_UNREADABLE = Counter(
+    "medstream_critical_values_unreadable",
+    "Results of an analyte with a critical-value rule that could not be checked against it "
+    "(each raises a critical_value.unreadable alert), by the analyte's rule",
+    ["rule_id"],
+)
 PERSON_LINKS = Counter(
     "medstream_person_links", "Master patient index decisions, by action and method",
     ["action", "method"],

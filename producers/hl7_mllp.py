@@ -38,6 +38,7 @@ from datetime import UTC, datetime
 from typing import Any, ClassVar, Final, Literal
 
 import hl7
+import hl7.util
 from hl7.exceptions import ParseException
 from pydantic import Field, field_validator
 
@@ -53,6 +54,7 @@ from producers.base import (
     run_async,
     wall_clock_ms,
 )
+from schemas.numbers import ambiguity, is_readable_number
 
 log = logging.getLogger("medstream.collector.mllp")
 
@@ -370,6 +372,50 @@ def _medical_record_number(message: hl7.Message) -> str:
     return _extract(message, "PID.F3.R1.C1")
 
 
+def _unreadable_observation(message: hl7.Message, organisation_id: str) -> Rejected | None:
+    """AE for the first OBX the normalise stage would reject: no identifier, or a numeric
+    (NM) value nobody can read. Answering AA and dead-lettering it downstream would leave
+    the sender believing a result was delivered (a critical value could go unseen)."""
+    index = 0
+    for segment in message:
+        if not len(segment) or str(segment[0]) != "OBX":
+            continue
+        index += 1
+        identifier = str(segment[3]).split("^", 1)[0].strip() if len(segment) > 3 else ""
+        if not identifier:
+            return Rejected(
+                "AE",
+                "invalid_record",
+                f"OBX[{index - 1}]: OBX-3 observation identifier is empty",
+                "101",
+                f"OBX^{index}^3",
+                organisation_id,
+            )
+        value_type = str(segment[2]).strip().upper() if len(segment) > 2 else ""
+        value = hl7.util.unescape(segment, str(segment[5])).strip() if len(segment) > 5 else ""
+        if value_type == "NM" and value and not is_readable_number(value):
+            doubt = ambiguity(value)
+            reason = (
+                f"is ambiguous: {doubt}"
+                if doubt
+                else f"is {_shown_value(value)}, not a number, but OBX-2 value type is NM"
+            )
+            return Rejected(
+                "AE",
+                "invalid_record",
+                f"OBX[{index - 1}]: OBX-5 value {reason}",
+                "102",
+                f"OBX^{index}^5",
+                organisation_id,
+            )
+    return None
+
+
+def _shown_value(text: str) -> str:
+    """The shape of a value that is not a number, never the value (it may identify a person)."""
+    return f"text of {len(text)} character{'s' if len(text) != 1 else ''}"
+
+
 def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:
     """Decide whether one decoded message is accepted (AA) or rejected (AE, AR), and why."""
     header = read_header(text)
@@ -446,6 +492,10 @@ def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:
                 required,
                 organisation_id,
             )
+    if code == "ORU":
+        unreadable = _unreadable_observation(message, organisation_id)
+        if unreadable is not None:
+            return unreadable
     body = segments.split("\r", 1)[1] if "\r" in segments else ""
     mrn = _medical_record_number(message)
     return Accepted(

@@ -15,6 +15,7 @@ from typing import Any, Final
 
 from pydantic import field_validator, model_validator
 
+from schemas.numbers import parse_censored, read_decimal
 from streams.findings import Finding
 from streams.model import NonBlank, epoch_ms
 from streams.rules_file import (
@@ -25,6 +26,7 @@ from streams.rules_file import (
     read_rules_document,
     validate_rules,
 )
+from streams.units import UnitReader
 
 DEFAULT_CRITICAL_RULES_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "rules" / "critical_values.yaml"
@@ -74,6 +76,23 @@ class CriticalFinding:
     limit: float
     value: float
     explanation: str
+
+
+@dataclass(frozen=True, slots=True)
+class UnreadableCritical:
+    """A result of an analyte that has a critical-value rule, which cannot be checked against
+    its limits (value not a number, unit not convertible, bound that may be critical).
+
+    It is never passed silently: it raises a ``critical_value.unreadable`` alert. ``reason``
+    says what could not be read and never repeats a text value (it may identify a patient).
+    """
+
+    rule: CriticalValueRule
+    reason: str
+
+
+#: The rule id of the alert raised for a result that cannot be checked against its limits.
+UNREADABLE_RULE_ID: Final = "critical_value.unreadable"
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -155,33 +174,97 @@ def _number(value: float) -> str:
     return format(value, ".10g")
 
 
-def check_critical(lab_result: dict[str, Any], rules: CriticalValueRules) -> CriticalFinding | None:
-    """The critical finding of a LabResult record, or None.
+def check_critical(
+    lab_result: dict[str, Any], rules: CriticalValueRules, units: UnitReader | None = None
+) -> CriticalFinding | UnreadableCritical | None:
+    """The critical finding of a LabResult record, an UnreadableCritical, or None.
 
-    Only mapped results in the rule's unit count; a value equal to a limit is not critical,
-    excluded specimen statuses and withdrawn results (OBX-11 D, X, W) never alert.
+    A result of an analyte with a rule is read in the rule's unit: as stored when the units
+    agree, else converted by ``units`` (meq/L, mg/dL, any case). A value equal to a limit is
+    not critical; excluded specimen statuses, withdrawn results (OBX-11 D, X, W) and results
+    without any value yet never alert. Everything else that cannot be read against the
+    limits (text in place of a number, a unit that does not convert, a bound such as "<5"
+    that may or may not be critical) is an UnreadableCritical, never silence.
     """
-    if lab_result.get("mapping_status") != "mapped":
-        return None
     rule = rules.for_loinc(lab_result.get("loinc_code"))
-    value = lab_result.get("value")
-    if rule is None or value is None or not math.isfinite(value):
-        return None
-    if lab_result.get("unit") != rule.unit:
+    if rule is None or lab_result.get("mapping_status") not in _CHECKED_STATUSES:
         return None
     if lab_result.get("specimen_status") in rule.exclude_specimen_status:
         return None
     if (lab_result.get("result_status") or "").upper() in WITHDRAWN_RESULT_STATUSES:
         return None
-    if rule.low is not None and value < rule.low:
-        direction, limit = "low", rule.low
-    elif rule.high is not None and value > rule.high:
-        direction, limit = "high", rule.high
-    else:
+    value = lab_result.get("value")
+    unit = lab_result.get("unit") or ""
+    comparator = ""
+    if value is None:
+        text = (lab_result.get("value_text") or lab_result.get("original_value") or "").strip()
+        if not text:
+            return None  # nothing reported yet
+        unit = lab_result.get("original_unit") or ""
+        value = read_decimal(text)
+        if value is None:
+            censored = parse_censored(text)
+            if censored is None:
+                return UnreadableCritical(rule, f"the value is {_shape(text)}, not a number")
+            comparator, value = censored.comparator, censored.bound
+    if not math.isfinite(value):
+        return UnreadableCritical(rule, "the value is not a finite number")
+    if unit != rule.unit:
+        conversion = None if units is None else units.conversion(unit, rule.unit, rule.loinc)
+        if conversion is None:
+            if not unit:
+                return UnreadableCritical(rule, f"no unit was sent (the limits are in {rule.unit})")
+            return UnreadableCritical(
+                rule, f"unit {unit!r} cannot be converted to {rule.unit} for this analyte"
+            )
+        value = round(conversion.apply(value), 6)
+    direction, limit = _side(rule, comparator, value)
+    shown = f"{comparator}{_number(value)} {rule.unit}"
+    if direction == "unknown":
+        return UnreadableCritical(
+            rule, f"reported only as {shown}, which may lie beyond a critical limit"
+        )
+    if direction is None or limit is None:
         return None
     side = "below critical low" if direction == "low" else "above critical high"
-    explanation = f"{rule.display} {_number(value)} {rule.unit} {side} {_number(limit)}"
+    explanation = f"{rule.display} {shown} {side} {_number(limit)}"
     return CriticalFinding(rule, direction, float(limit), float(value), explanation)
+
+
+# Statuses of a result whose LOINC (and so its rule) is known: a unit the dictionary could
+# not convert still names the analyte.
+_CHECKED_STATUSES: Final = frozenset({"mapped", "unit_unmapped"})
+
+
+def _side(
+    rule: CriticalValueRule, comparator: str, value: float
+) -> tuple[str | None, float | None]:
+    """Which critical side a value (or a bound: "<", "<=", ">", ">=") lies on: ("low" or
+    "high", limit), (None, None) when it is within the limits, ("unknown", None) when a
+    bound leaves both possible."""
+    low, high = rule.low, rule.high
+    if not comparator:
+        if low is not None and value < low:
+            return "low", low
+        if high is not None and value > high:
+            return "high", high
+        return None, None
+    if comparator in ("<", "<="):
+        # The true value lies below the bound (or at it for "<=").
+        if low is not None and (value < low or (value == low and comparator == "<")):
+            return "low", low
+        if low is None and (high is None or value <= high):
+            return None, None
+        return "unknown", None
+    if high is not None and (value > high or (value == high and comparator == ">")):
+        return "high", high
+    if high is None and (low is None or value >= low):
+        return None, None
+    return "unknown", None
+
+
+def _shape(text: str) -> str:
+    return f"a text of {len(text)} character{'s' if len(text) > 1 else ''}"
 
 
 def suppression_key(lab_result: dict[str, Any]) -> str:
@@ -207,6 +290,36 @@ def is_suppressed(
     if last_alert_event_time_ms is None:
         return False
     return abs(event_time_ms - last_alert_event_time_ms) < suppression_ms
+
+
+def unreadable_finding(
+    lab_result: dict[str, Any], unreadable: UnreadableCritical, rules: CriticalValueRules
+) -> Finding:
+    """The alert-lifecycle finding of a result that cannot be checked against its critical
+    limits: same severity as the analyte's rule, its own subject (so it never suppresses nor
+    updates a real critical alert of the same analyte)."""
+    rule = unreadable.rule
+    return Finding(
+        rule_id=UNREADABLE_RULE_ID,
+        rule_version=rules.version,
+        severity=rule.severity,
+        organisation_id=lab_result["organisation_id"],
+        subject=unreadable_subject(lab_result),
+        event_time_ms=epoch_ms(lab_result["event_time"]),
+        triggering_event_ids=(lab_result["event_id"],),
+        explanation=(
+            f"{rule.display} result cannot be checked against its critical limits: "
+            f"{unreadable.reason}; confirm the result with the laboratory"
+        ),
+        person_key=lab_result.get("person_key") or None,
+        analyte_code=rule.loinc,
+        details={"rule": rule.rule_id, "reason": unreadable.reason},
+    )
+
+
+def unreadable_subject(lab_result: dict[str, Any]) -> str:
+    """The subject (and suppression key) of an unreadable-result alert."""
+    return f"{suppression_key(lab_result)}|unreadable"
 
 
 def critical_finding(

@@ -25,6 +25,7 @@ from hl7.exceptions import ParseException
 from hl7.util import unescape
 
 from schemas.identity import dead_letter_id, event_id
+from schemas.numbers import ambiguity, parse_censored, read_decimal
 from streams.model import (
     NormalisedEvent,
     Outcome,
@@ -398,13 +399,11 @@ def _emr_lab_result(
         event_time = _timestamp_ms(_required(row, table, "result_time"), table, "result_time")
     sent = _optional(row, "result_value") or ""
     sent_unit = _optional(row, "unit") or ""
-    numeric: float | None = None
+    numeric: float | None = read_decimal(sent) if sent else None
     value_text: str | None = None
-    if _NUMBER.fullmatch(sent):
-        numeric = float(sent)
-    elif sent:
+    if numeric is None and sent:
         # Text, or a censored value such as "<5", is kept as sent.
-        value_text = sent.replace(" ", "") if _COMPARED_NUMBER.fullmatch(sent) else sent
+        value_text = sent.replace(" ", "") if parse_censored(sent) is not None else sent
 
     mapping = terminology.lab(organisation_id, local_code)
     value: float | None = None
@@ -620,7 +619,6 @@ _HL7_RANGE: Final = re.compile(
 # A reference range followed by its unit ("<9 mcg/dL", "3.5-5.3 mmol/L").
 _HL7_RANGE_WITH_UNIT: Final = re.compile(r"(.*?\d\.?)\s*[A-Za-z%/\[\]*µ][^\s]*\s*")
 # A comparator with a number where OBX-2 says NM ("<5", ">= 100"): kept as text.
-_COMPARED_NUMBER: Final = re.compile(r"([<>]=?|=)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))")
 _CODED_VALUE_TYPES: Final = frozenset({"CE", "CWE", "CNE", "CF"})
 _LOINC_SYSTEMS: Final = frozenset({"LN", "LOINC"})
 
@@ -727,16 +725,23 @@ def _lab_result(
 
     # Which standard code: the dictionary first, the sender's own LOINC (OBX-3.3 or the
     # alternate triplet OBX-3.4-6 marked LN) otherwise.
-    loinc: str | None
+    # A sender's LOINC counts only when it is well formed and catalogued (known_loinc):
+    # "K^Kalium^LN" is a local code in the wrong coding system, not LOINC "K", so it is
+    # looked up as a local code, and is unmapped (on the worklist) when that fails too.
+    loinc: str | None = None
     mapping: UnitMapping | None
-    if coding_system in _LOINC_SYSTEMS:
+    if coding_system in _LOINC_SYSTEMS and terminology.known_loinc(local_code):
         loinc = local_code
         mapping = terminology.lab_by_loinc(organisation_id, loinc)
     else:
         mapping = terminology.lab(organisation_id, local_code)
         loinc = mapping.code if mapping is not None else None
         alternate = _field(obx, 3, 4)
-        if loinc is None and alternate and _field(obx, 3, 6).upper() in _LOINC_SYSTEMS:
+        if (
+            loinc is None
+            and _field(obx, 3, 6).upper() in _LOINC_SYSTEMS
+            and terminology.known_loinc(alternate)
+        ):
             loinc = alternate
             mapping = terminology.lab_by_loinc(organisation_id, loinc)
 
@@ -746,21 +751,26 @@ def _lab_result(
     numeric: float | None = None
     numeric_text = ""
     value_text: str | None = None
-    if value_type == "NM" or (not value_type and _NUMBER.fullmatch(sent)):
+    if value_type == "NM" or (not value_type and read_decimal(sent) is not None):
         if sent:
-            if _NUMBER.fullmatch(sent):
-                numeric, numeric_text = float(sent), sent
-            elif _COMPARED_NUMBER.fullmatch(sent):
+            if (number := read_decimal(sent)) is not None:
+                numeric, numeric_text = number, sent
+            elif parse_censored(sent) is not None:
                 # "<5" sent as NM: a censored value, kept as text like an SN comparator.
                 value_text = sent.replace(" ", "")
             else:
+                doubt = ambiguity(sent)
                 raise _Invalid(
-                    f"OBX-5 value is {_value_class(sent)}, not a number, but OBX-2 value type is NM"
+                    f"OBX-5 value is ambiguous: {doubt}"
+                    if doubt
+                    else f"OBX-5 value is {_value_class(sent)}, not a number, but OBX-2 value "
+                    "type is NM"
                 )
     elif value_type == "SN":
         comparator, first, separator, second = (_field(obx, 5, c) for c in (1, 2, 3, 4))
-        if comparator in ("", "=") and not separator and not second and _NUMBER.fullmatch(first):
-            numeric, numeric_text = float(first), first
+        number = read_decimal(first)
+        if comparator in ("", "=") and not separator and not second and number is not None:
+            numeric, numeric_text = number, first
         else:
             value_text = f"{comparator}{first}{separator}{second}" or None
     elif value_type in _CODED_VALUE_TYPES:

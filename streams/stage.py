@@ -18,7 +18,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
-from medstream.metrics import DEAD_LETTERS, QUALITY_ISSUES, UNMAPPED_CODES
+from medstream.metrics import CRITICAL_UNREADABLE, DEAD_LETTERS, QUALITY_ISSUES, UNMAPPED_CODES
 from medstream.settings import (
     DLQ_TOPIC,
     FACT_TOPICS,
@@ -30,10 +30,13 @@ from medstream.settings import (
 from schemas import serde
 from streams.critical_values import (
     CriticalValueRules,
+    UnreadableCritical,
     check_critical,
     critical_finding,
     is_suppressed,
     suppression_key,
+    unreadable_finding,
+    unreadable_subject,
 )
 from streams.deidentify import (
     DEFAULT_FREE_TEXT_FIELDS,
@@ -68,8 +71,17 @@ IDENTITY_CACHE_SIZE = 200_000
 def unmapped_local_codes(
     kind: str, event: dict[str, Any], terminology: Terminology
 ) -> list[tuple[str, str, str]]:
-    """(code system, local code, local display) of every code an event left unmapped."""
+    """(code system, local code, local display) of every code an event left unmapped.
+
+    A code that is mapped but arrived in a unit that cannot be converted is listed with
+    that unit, ``K [furlong]``: the steward's fix is a unit alias, not a code map.
+    """
     organisation_id = event["organisation_id"]
+    if event.get("mapping_status") == "unit_unmapped" and kind in ("lab_result", "observation"):
+        unit = f"[{event.get('original_unit') or ''}]"
+        if kind == "lab_result":
+            return [("lab", f"{event['local_code']} {unit}", event["local_display"] or "")]
+        return [("device_metric", f"{event['device_type']}/{event['local_code']} {unit}", "")]
     if kind == "lab_result" and event["loinc_code"] is None:
         return [("lab", event["local_code"], event["local_display"] or "")]
     if kind == "diagnosis" and event["icd10_code"] is None:
@@ -368,8 +380,10 @@ class NormaliseStage:
         for system, local_code, display in unmapped_local_codes(
             event.kind, value, self.terminology
         ):
-            status = self.terminology.status(organisation_id, system, local_code)
-            if status == "mapped":
+            status: str = self.terminology.status(organisation_id, system, local_code)
+            if value["mapping_status"] == "unit_unmapped":
+                status = "unit_unmapped"
+            elif status == "mapped":
                 continue
             UNMAPPED_CODES.labels(system).inc()
             candidates = self.terminology.rank_candidates(system, display or local_code)
@@ -482,10 +496,13 @@ class NormaliseStage:
     def _detect(
         self, lab_result: dict[str, Any], suppression: SuppressionState, now_ms: int
     ) -> Output | None:
-        finding = check_critical(lab_result, self.critical_rules)
+        finding = check_critical(lab_result, self.critical_rules, self.terminology.units)
         if finding is None:
             return None
-        key = suppression_key(lab_result)
+        unreadable = isinstance(finding, UnreadableCritical)
+        if unreadable:
+            CRITICAL_UNREADABLE.labels(finding.rule.rule_id).inc()
+        key = unreadable_subject(lab_result) if unreadable else suppression_key(lab_result)
         event_time = int(lab_result["event_time"])
         last = suppression.last_alert(key)
         replayed = last is not None and last[1] == lab_result["event_id"]
@@ -496,9 +513,11 @@ class NormaliseStage:
             suppression.record_alert(key, event_time, lab_result["event_id"])
         # A replayed message re-emits the same finding, which the lifecycle recognises.
         lineage = dict(lab_result, source_topic=lab_result["source_topic"])
-        return self.lifecycle_inputs.finding(
-            critical_finding(lab_result, finding, self.critical_rules), now_ms, lineage
-        )
+        if isinstance(finding, UnreadableCritical):
+            alert = unreadable_finding(lab_result, finding, self.critical_rules)
+        else:
+            alert = critical_finding(lab_result, finding, self.critical_rules)
+        return self.lifecycle_inputs.finding(alert, now_ms, lineage)
 
     def _dead_letter(
         self,

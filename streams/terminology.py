@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import logging
 import math
+import re
 import time
 import unicodedata
 from collections.abc import Callable, Mapping
@@ -41,6 +42,7 @@ from streams.units import (
     Analytes,
     AnalytesError,
     UnitConversionError,
+    UnitReader,
     affine_conversion,
     is_ucum,
     load_analytes,
@@ -91,8 +93,10 @@ class UnitMapping:
     """A local code mapped to a standard code with its unit conversion.
 
     A value sent in ``local_unit`` becomes ``value * factor + offset`` in ``unit``; a value
-    already sent in ``unit`` is kept as is; any other unit cannot be converted. The factor
-    and offset are computed at load by the units library (see :mod:`streams.units`).
+    already sent in ``unit`` is kept as is. Any other unit (another spelling, another case,
+    meq/L for mmol/L of a monovalent ion, mg/dL for mmol/L of an analyte with a molar mass)
+    is converted by ``reader`` when the units library can do it for certain. The factor and
+    offset are computed at load by the units library (see :mod:`streams.units`).
     """
 
     code: str
@@ -101,6 +105,7 @@ class UnitMapping:
     factor: float = 1.0
     offset: float = 0.0
     display: str | None = None
+    reader: UnitReader | None = field(default=None, compare=False, repr=False)
 
     def to_standard(self, value: float, sent_unit: str) -> float | None:
         """The value in the standard unit, or None when ``sent_unit`` is not convertible."""
@@ -110,11 +115,21 @@ class UnitMapping:
             return round(value * self.factor + self.offset, _DECIMALS)
         if sent_unit == self.unit:
             return value
-        return None
+        conversion = self._other_unit(sent_unit)
+        return None if conversion is None else round(conversion.apply(value), _DECIMALS)
 
     def converts(self, sent_unit: str) -> bool:
         """True when values sent in ``sent_unit`` can be expressed in the standard unit."""
-        return sent_unit == self.local_unit or sent_unit == self.unit
+        return (
+            sent_unit == self.local_unit
+            or sent_unit == self.unit
+            or self._other_unit(sent_unit) is not None
+        )
+
+    def _other_unit(self, sent_unit: str) -> Affine | None:
+        if self.reader is None or not sent_unit:
+            return None
+        return self.reader.conversion(sent_unit, self.unit, self.code)
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,16 +197,19 @@ class Terminology:
     the same ``version``.
     """
 
-    __slots__ = ("version", "catalogue", "_organisations", "_rankings")
+    __slots__ = ("version", "catalogue", "units", "_organisations", "_rankings")
 
     def __init__(
         self,
         version: str,
         organisations: dict[str, OrganisationDictionary],
         catalogue: Catalogue | None = None,
+        units: UnitReader | None = None,
     ) -> None:
         self.version = version
         self.catalogue = _EMPTY_CATALOGUE if catalogue is None else catalogue
+        #: Reads the units sources send (aliases of this version, any case, UCUM).
+        self.units = UnitReader({}, Analytes("", {})) if units is None else units
         self._organisations = organisations
         self._rankings: dict[tuple[str, str], tuple[Candidate, ...]] = {}
 
@@ -280,6 +298,14 @@ class Terminology:
         """Display texts of a standard code of ``system``, or None when not catalogued."""
         return self.catalogue.entry(_catalogue_name(system), code)
 
+    def known_loinc(self, code: str) -> bool:
+        """True when a sender's LOINC code is well formed (check digit) and catalogued.
+
+        A code that fails either is not taken as mapped: the result is marked unmapped and
+        the code goes on the steward's worklist instead of being stored as if it were LOINC.
+        """
+        return valid_loinc(code) and self.catalogue.entry("loinc", code) is not None
+
     def rank_candidates(self, system: str, local_display: str, limit: int = 3) -> list[Candidate]:
         """The catalogue codes whose display text is most like ``local_display``, best first.
 
@@ -332,6 +358,22 @@ def _is_han(char: str) -> bool:
     return "\u4e00" <= char <= "\u9fff" or "\u3400" <= char <= "\u4dbf" or (
         "\uf900" <= char <= "\ufaff"
     )
+
+
+_LOINC_CODE: Final = re.compile(r"(\d{1,7})-(\d)")
+
+
+def valid_loinc(code: str) -> bool:
+    """True when ``code`` has LOINC's form (up to 7 digits, hyphen, check digit) and its
+    check digit is right (LOINC's mod 10 algorithm, the Luhn algorithm)."""
+    match = _LOINC_CODE.fullmatch(code)
+    if match is None:
+        return False
+    total = 0
+    for position, digit in enumerate(reversed(match.group(1))):
+        doubled = int(digit) * (2 if position % 2 == 0 else 1)
+        total += doubled // 10 + doubled % 10
+    return (10 - total % 10) % 10 == int(match.group(2))
 
 
 def normalise_display(text: str) -> str:
@@ -460,6 +502,7 @@ class _Builder:
     source: str
     aliases: Mapping[str, str]
     analytes: Analytes
+    reader: UnitReader
     declared: list[str] = field(default_factory=list)
 
     def unit_mapping(self, entry: _UnitMappingModel, where: str) -> UnitMapping:
@@ -499,7 +542,9 @@ class _Builder:
                 )
         if factor == 1.0 and abs(offset) < 1e-12:
             offset = 0.0  # identity: to_standard's fast path keeps the sent value untouched
-        return UnitMapping(entry.loinc, entry.unit, local_unit, factor, offset, entry.display)
+        return UnitMapping(
+            entry.loinc, entry.unit, local_unit, factor, offset, entry.display, self.reader
+        )
 
     def organisation(self, organisation_id: str, org: _OrganisationModel) -> OrganisationDictionary:
         ambiguous: dict[str, dict[str, tuple[str, ...]]] = {}
@@ -554,7 +599,8 @@ def _build(
             raise TerminologyError(
                 f"{source}: unit_aliases.{alias}: {ucum!r} is not a UCUM unit the library knows"
             )
-    builder = _Builder(source, model.unit_aliases, analytes)
+    reader = UnitReader(model.unit_aliases, analytes)
+    builder = _Builder(source, model.unit_aliases, analytes, reader)
     organisations = {
         organisation_id: builder.organisation(organisation_id, org)
         for organisation_id, org in model.organisations.items()
@@ -567,7 +613,7 @@ def _build(
             len(builder.declared),
             builder.declared[0],
         )
-    return Terminology(model.version, organisations, catalogue)
+    return Terminology(model.version, organisations, catalogue, reader)
 
 
 def _describe(error: ValidationError, limit: int = 10) -> str:

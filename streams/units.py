@@ -178,6 +178,67 @@ def affine_conversion(source: str, target: str, analyte: Analyte | None = None) 
     return Affine(factor, offset)
 
 
+class UnitReader:
+    """Reads the units sources send, whatever their case, into conversions to a standard unit.
+
+    A unit is looked up as sent first (an alias of the terminology, else UCUM). Only a unit
+    that is neither is compared case-insensitively: "MEQ/L" and "MG/DL" are what
+    upper-case laboratory systems send for meq/L and mg/dL. A unit that is UCUM as sent
+    keeps its meaning ("U/L" is enzyme units, never "u/l", atomic mass units), and every
+    case-insensitive reading that converts must agree, or the unit stays unread. Results
+    are cached per (unit, target, analyte): the per-record path parses a unit once.
+    """
+
+    def __init__(self, aliases: Mapping[str, str], analytes: Analytes) -> None:
+        self.aliases = dict(aliases)
+        self.analytes = analytes
+        folded: dict[str, set[str]] = {}
+        for alias, ucum in self.aliases.items():
+            folded.setdefault(alias.casefold(), set()).add(ucum)
+        self._folded_aliases = folded
+        self._conversion = functools.lru_cache(maxsize=4096)(self._convert)
+
+    def conversion(self, sent: str, target: str, loinc: str | None = None) -> Affine | None:
+        """The conversion of values sent in ``sent`` into UCUM ``target`` for the analyte a
+        LOINC code measures, or None when the unit cannot be read or converted for certain."""
+        return self._conversion(sent.strip(), target, loinc)
+
+    def _convert(self, sent: str, target: str, loinc: str | None) -> Affine | None:
+        if not sent:
+            return None
+        analyte = self.analytes.for_loinc(loinc) if loinc else None
+        as_sent = to_ucum(sent, self.aliases)
+        exact = self._try(as_sent, target, analyte)
+        if exact is not None or as_sent != sent or is_ucum(sent):
+            # A unit that reads as sent means what it says ("U/L" is enzyme units): only a
+            # unit nothing can read is tried in other cases.
+            return exact
+        candidates = {*self._folded_aliases.get(sent.casefold(), ()), sent.lower()}
+        if sent.casefold() == target.casefold():
+            candidates.add(target)
+        readings = [
+            affine
+            for affine in (self._try(ucum, target, analyte) for ucum in sorted(candidates))
+            if affine is not None
+        ]
+        if not readings:
+            return None
+        first = readings[0]
+        agree = all(
+            math.isclose(r.factor, first.factor, rel_tol=1e-9)
+            and math.isclose(r.offset, first.offset, rel_tol=1e-9, abs_tol=1e-12)
+            for r in readings
+        )
+        return first if agree else None
+
+    @staticmethod
+    def _try(ucum: str, target: str, analyte: Analyte | None) -> Affine | None:
+        try:
+            return affine_conversion(ucum, target, analyte)
+        except UnitConversionError:
+            return None
+
+
 # --- the analyte file, validated with pydantic -------------------------------------------
 
 

@@ -210,6 +210,43 @@ def test_rejections(text: str, expected: tuple[str, str, str]) -> None:
     assert MRN not in verdict.reason and "TESTPATIENT" not in verdict.reason
 
 
+@pytest.mark.parametrize(
+    ("obx", "expected"),
+    [
+        (
+            "OBX|1|NM|K^Potassium^L||abc|mmol/L|3.5-5.3|N|||F",
+            ("102", "OBX^1^5", "OBX[0]: OBX-5 value is text of 3 characters, not a number, but "
+             "OBX-2 value type is NM"),
+        ),
+        (
+            "OBX|1|NM|K^Potassium^L||1,000|mmol/L|3.5-5.3|N|||F",
+            ("102", "OBX^1^5", "OBX[0]: OBX-5 value is ambiguous: a number with one comma "
+             "followed by three digits is ambiguous (decimal comma or thousands separator); "
+             "send it with a decimal point"),
+        ),
+        (
+            "OBX|1|NM|^Potassium^L||4.1|mmol/L|3.5-5.3|N|||F",
+            ("101", "OBX^1^3", "OBX[0]: OBX-3 observation identifier is empty"),
+        ),
+    ],
+)
+def test_an_observation_the_pipeline_would_reject_is_answered_ae(
+    obx: str, expected: tuple[str, str, str]
+) -> None:
+    """Issue 15: such a message was answered AA, then dead-lettered downstream unseen."""
+    rejected = inspect_message(oru().replace("OBX|1|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3|N|||F", obx), config())
+    assert isinstance(rejected, Rejected)
+    assert (rejected.ack_code, rejected.reason_code) == ("AE", "invalid_record")
+    assert (rejected.error_code, rejected.location, rejected.reason) == expected
+    assert "abc" not in rejected.reason  # a value is described, never echoed
+
+
+@pytest.mark.parametrize("value", ["7,5", "<2,0", ">=7", "=5", "4.1"])
+def test_readable_numbers_are_accepted(value: str) -> None:
+    text = oru().replace("||4.1|", f"||{value}|")
+    assert isinstance(inspect_message(text, config()), Accepted)
+
+
 def test_facility_map_resolves_the_organisation_and_rejects_others() -> None:
     mapped = config(facilities={"FAC1": "H001", "FAC2": "H002"})
     accepted = inspect_message(oru(facility="FAC2"), mapped)
@@ -465,6 +502,35 @@ def test_ae_and_ar_are_dead_lettered(serve: Callable[..., Running]) -> None:
     assert dead[2].value["reason"] == "ORU^R01 message has no PID segment"
     assert labelled(COLLECTOR_FAILED, "lab-mllp", "not_hl7")._value.get() == failed_before + 1
     assert raw_records(running.kafka, 0, timeout_s=2) == []
+    client.close()
+
+
+@pytest.mark.integration
+def test_a_comma_decimal_is_accepted_and_unreadable_numbers_are_answered_ae(
+    serve: Callable[..., Running],
+) -> None:
+    """Issue 15 over a real MLLP socket: "7,5" is a number (AA, published); "1,000" is
+    ambiguous and "abc" is text, so the sender hears AE at once and nothing is published."""
+    running = serve()
+    client = Client(running.port)
+    comma = oru("LAB-7001").replace("||4.1|", "||7,5|")
+    ambiguous = oru("LAB-7002").replace("||4.1|", "||1,000|")
+    text = oru("LAB-7003").replace("||4.1|", "||abc|")
+    answers = []
+    for message in (comma, ambiguous, text):
+        client.send(message)
+        answers.append(client.ack())
+    assert [msa(a)[1:3] for a in answers] == [
+        ["AA", "LAB-7001"], ["AE", "LAB-7002"], ["AE", "LAB-7003"]
+    ]
+    assert err(answers[1]).startswith("ERR||OBX^1^5|102^Data type error^HL70357|E|")
+    [published] = raw_records(running.kafka, 1)
+    assert "||7,5|" in published.value["payload"]
+    dead = dead_letters(running.kafka, 2)
+    assert sorted(d.value["original_value"] for d in dead) == sorted(
+        [ambiguous.encode(), text.encode()]
+    )
+    assert {d.value["reason_code"] for d in dead} == {"invalid_record"}
     client.close()
 
 

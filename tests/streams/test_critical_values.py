@@ -12,18 +12,23 @@ from schemas import serde
 from streams.critical_values import (
     DEFAULT_CRITICAL_RULES_PATH,
     CriticalRulesError,
+    UNREADABLE_RULE_ID,
+    CriticalFinding,
     CriticalValueRules,
+    UnreadableCritical,
     check_critical,
     critical_finding,
     is_suppressed,
     load_critical_value_rules,
     suppression_key,
+    unreadable_finding,
 )
 from streams.findings import Finding
 from streams.model import NormalisedEvent, RawContext
 from streams.normalise import normalise
 from streams.pseudonym import Pseudonymiser
-from streams.terminology import Terminology
+from streams.terminology import Terminology, load_terminology
+from streams.units import UnitReader
 
 NOW_MS = 1_793_700_009_000
 HOUR_MS = 3_600_000
@@ -153,8 +158,6 @@ def test_excluded_specimen_status_never_alerts(rules: CriticalValueRules) -> Non
     "overrides",
     [
         {"mapping_status": "unmapped"},
-        {"mapping_status": "unit_unmapped"},
-        {"unit": "mEq/L"},
         {"value": None},
         {"loinc_code": None},
         {"loinc_code": "1742-6"},
@@ -166,6 +169,105 @@ def test_results_that_cannot_be_judged_do_not_alert(
     overrides: dict[str, Any], rules: CriticalValueRules
 ) -> None:
     assert check_critical(lab_result(**{"value": 9.9, **overrides}), rules) is None
+
+
+@pytest.fixture(scope="module")
+def units() -> UnitReader:
+    return load_terminology().units
+
+
+@pytest.mark.parametrize("unit", ["mEq/L", "meq/L", "MEQ/L", "mmol/l", "MMOL/L"])
+def test_potassium_in_milliequivalents_or_any_case_is_critical(
+    unit: str, rules: CriticalValueRules, units: UnitReader
+) -> None:
+    """Issue 15: potassium 7.8 mEq/L passed without an alert; K+ is monovalent, so 1 meq/L is
+    1 mmol/L, whatever the case the laboratory writes it in."""
+    finding = check_critical(lab_result(value=7.8, unit=unit), rules, units)
+    assert isinstance(finding, CriticalFinding)
+    assert (finding.direction, finding.value, finding.limit) == ("high", 7.8, 6.2)
+    assert finding.explanation == "Potassium 7.8 mmol/L above critical high 6.2"
+
+
+def test_glucose_in_mass_units_is_converted_by_molar_mass(
+    rules: CriticalValueRules, units: UnitReader
+) -> None:
+    finding = check_critical(lab_result("2345-7", 30.0, "MG/DL"), rules, units)
+    assert isinstance(finding, CriticalFinding) and finding.direction == "low"
+    assert finding.value == pytest.approx(1.665, abs=0.001)
+    assert check_critical(lab_result("2345-7", 100.0, "mg/dL"), rules, units) is None
+
+
+@pytest.mark.parametrize(
+    ("overrides", "reason"),
+    [
+        ({"unit": "U/L"}, "unit 'U/L' cannot be converted to mmol/L for this analyte"),
+        ({"unit": None}, "no unit was sent (the limits are in mmol/L)"),
+        (
+            {"value": None, "value_text": "7.8", "original_unit": "furlong",
+             "mapping_status": "unit_unmapped"},
+            "unit 'furlong' cannot be converted to mmol/L for this analyte",
+        ),
+        (
+            {"value": None, "value_text": "see comment", "original_value": "see comment"},
+            "the value is a text of 11 characters, not a number",
+        ),
+        ({"value": None, "value_text": "<5"}, "reported only as <5 mmol/L, which may lie "
+         "beyond a critical limit"),
+        ({"value": float("nan")}, "the value is not a finite number"),
+    ],
+)
+def test_a_critical_analyte_that_cannot_be_read_is_never_silent(
+    overrides: dict[str, Any], reason: str, rules: CriticalValueRules, units: UnitReader
+) -> None:
+    finding = check_critical(lab_result(**{"value": 7.8, **overrides}), rules, units)
+    assert isinstance(finding, UnreadableCritical)
+    assert finding.rule.rule_id == "critical_value.potassium"
+    assert finding.reason == reason
+    assert "see comment" not in finding.reason  # a text value is described, never repeated
+
+
+@pytest.mark.parametrize(
+    ("loinc", "text", "expected"),
+    [
+        ("2823-3", "<2.0", ("low", 2.0)),  # below 2.0 is below the critical low 2.8
+        ("2823-3", ">=7", ("high", 7.0)),
+        ("2345-7", ">33,3", ("high", 33.3)),  # decimal comma
+        ("718-7", ">80", None),  # haemoglobin has no high limit: above 80 is never critical
+    ],
+)
+def test_a_censored_value_that_decides_the_rule_is_judged(
+    loinc: str, text: str, expected: tuple[str, float] | None,
+    rules: CriticalValueRules, units: UnitReader,
+) -> None:
+    unit = "g/L" if loinc == "718-7" else "mmol/L"
+    finding = check_critical(
+        lab_result(loinc, None, unit, value_text=text, original_value=text), rules, units
+    )
+    if expected is None:
+        assert finding is None
+    else:
+        assert isinstance(finding, CriticalFinding)
+        assert (finding.direction, finding.value) == expected
+
+
+def test_unreadable_results_raise_their_own_alert(
+    rules: CriticalValueRules, units: UnitReader
+) -> None:
+    result = lab_result(value=None, value_text="see comment", original_value="see comment")
+    unreadable = check_critical(result, rules, units)
+    assert isinstance(unreadable, UnreadableCritical)
+    finding = unreadable_finding(result, unreadable, rules)
+    assert finding.rule_id == UNREADABLE_RULE_ID == "critical_value.unreadable"
+    assert finding.severity == "critical"
+    assert finding.subject == "p" * 32 + "|2823-3|unreadable"  # apart from a real critical
+    assert finding.explanation == (
+        "Potassium result cannot be checked against its critical limits: the value is a text "
+        "of 11 characters, not a number; confirm the result with the laboratory"
+    )
+    assert finding.value is None and finding.analyte_code == "2823-3"
+    # Haemolysed potassium is invalid for the rule: neither critical nor unreadable.
+    assert check_critical(dict(result, specimen_status="haemolysed"), rules, units) is None
+    assert check_critical(dict(result, value_text=None, original_value=None), rules) is None
 
 
 def test_preliminary_and_corrected_results_alert(rules: CriticalValueRules) -> None:

@@ -1111,3 +1111,85 @@ def test_library_warnings_never_carry_field_content(
     for record in caplog.records:
         assert PATIENT_SURNAME not in record.getMessage()
         assert "redacted" in record.getMessage()
+
+
+# --- issue 15: units, decimal commas and senders' LOINC codes --------------------------------
+
+
+@pytest.mark.parametrize("unit", ["mEq/L", "meq/L", "MEQ/L", "mmol/l"])
+def test_potassium_in_any_spelling_of_its_unit_is_standardised(
+    unit: str, ctx: RawContext, terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    """Issue 15: potassium 7.8 mEq/L was stored with value NULL and unit_unmapped."""
+    for code in ("K^Potassium^L", "2823-3^Potassium^LN"):
+        [event] = run_hl7(
+            [MSH, PID, OBR, f"OBX|1|NM|{code}||7.8|{unit}|3.5-5.3|HH|||F"],
+            ctx, terminology, pseudonymiser,
+        )
+        value = event.value
+        assert (value["loinc_code"], value["mapping_status"]) == ("2823-3", "mapped")
+        assert (value["value"], value["unit"]) == (7.8, "mmol/L")
+        assert (value["reference_low"], value["reference_high"]) == (3.5, 5.3)
+        assert (value["original_value"], value["original_unit"]) == ("7.8", unit)
+
+
+def test_a_unit_the_library_cannot_convert_stays_unit_unmapped(
+    ctx: RawContext, terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    [event] = run_hl7(
+        [MSH, PID, OBR, "OBX|1|NM|K^Potassium^L||7.8|U/L|||||F"], ctx, terminology, pseudonymiser
+    )
+    value = event.value
+    assert (value["mapping_status"], value["value"], value["value_text"]) == (
+        "unit_unmapped", None, "7.8"
+    )
+
+
+@pytest.mark.parametrize(("sent", "expected"), [("7,5", 7.5), ("0,25", 0.25), ("12,3456", 12.3456)])
+def test_a_decimal_comma_is_read(
+    sent: str, expected: float, ctx: RawContext, terminology: Terminology,
+    pseudonymiser: Pseudonymiser,
+) -> None:
+    [event] = run_hl7(
+        [MSH, PID, OBR, f"OBX|1|NM|K^Potassium^L||{sent}|mmol/L|||||F"],
+        ctx, terminology, pseudonymiser,
+    )
+    assert (event.value["value"], event.value["original_value"]) == (expected, sent)
+
+
+def test_an_ambiguous_comma_is_rejected_with_its_reason(
+    ctx: RawContext, terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    [rejected] = run_hl7(
+        [MSH, PID, OBR, "OBX|1|NM|K^Potassium^L||1,000|mmol/L|||||F"],
+        ctx, terminology, pseudonymiser,
+    )
+    assert isinstance(rejected, RecordRejected)
+    assert rejected.reason == (
+        "OBX[0]: OBX-5 value is ambiguous: a number with one comma followed by three digits is "
+        "ambiguous (decimal comma or thousands separator); send it with a decimal point"
+    )
+
+
+@pytest.mark.parametrize(
+    "obx3",
+    [
+        "KX^Kalium^LN",  # a code sent as if it were LOINC, which no map knows
+        "2823-4^Potassium^LN",  # wrong check digit
+        "99999-7^Unknown^LN",  # well formed, check digit right, not in the catalogue
+        "XK^Kalium^L^K^Kalium^LN",  # the same, in the alternate triplet
+    ],
+)
+def test_a_senders_loinc_code_is_checked_before_it_counts_as_mapped(
+    obx3: str, ctx: RawContext, terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    """Issue 15: "K^Kalium^LN" was stored as loinc_code 'K', mapped. A code that is not a
+    catalogued LOINC is read as a local code, unmapped when the dictionary lacks it too."""
+    [event] = run_hl7(
+        [MSH, PID, OBR, f"OBX|1|NM|{obx3}||7.8|mmol/L|||||F"], ctx, terminology, pseudonymiser
+    )
+    value = event.value
+    assert (value["loinc_code"], value["mapping_status"]) == (None, "unmapped")
+    assert value["local_code"] == obx3.split("^")[0]
+    assert value["value"] is None and value["value_text"] == "7.8"
+

@@ -187,3 +187,15 @@ def test_key_only_delete_withdraws_the_row_at_commit_time(
     assert (first.key, first.value) == (again.key, again.value)
     assert "R-0001" not in repr(first.value)
     encodes(first)
+
+
+def test_a_row_with_a_decimal_comma_and_milliequivalents_is_read(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    """Issue 15: a HIS row writes potassium 7,8 mEq/L; it is 7.8 mmol/L, not NULL."""
+    row = lab_row(test_code="K", test_name="Kalium", result_value="7,8", unit="mEq/L",
+                  reference_range="3,5-5,3")
+    [event] = run("c", row, terminology, pseudonymiser)
+    value = event.value
+    assert (value["value"], value["unit"], value["mapping_status"]) == (7.8, "mmol/L", "mapped")
+    assert value["value_text"] is None and value["original_value"] == "7,8"

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 from typing import Any
 
+import prometheus_client
 import pytest
 
 from medstream.settings import KafkaSettings
@@ -270,3 +271,70 @@ def test_an_unmapped_code_becomes_a_worklist_occurrence_with_ranked_candidates(
         SuppressionState.in_memory(), NOW_MS,
     )
     assert "t.terminology.unmapped" not in [o.topic for o in mapped]
+
+
+def _lab_outputs(stage: NormaliseStage, obx: str, control_id: str, offset: int) -> dict[str, list[dict[str, Any]]]:
+    outputs = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 0, offset, NOW_MS), b"k",
+        encoded_hl7([MSH, PID, OBR, obx], control_id), SuppressionState.in_memory(), NOW_MS,
+    )
+    by_topic: dict[str, list[dict[str, Any]]] = {}
+    for output in outputs:
+        if output.topic == "t.quality.issues":
+            continue
+        subject = serde.UNMAPPED_CODE if output.topic == "t.terminology.unmapped" else None
+        record = serde.AvroDeserializer(REGISTRY, subject)(output.value) if subject else decode(output)
+        by_topic.setdefault(output.topic, []).append(record)
+    return by_topic
+
+
+def test_potassium_in_milliequivalents_raises_its_critical_alert(stage: NormaliseStage) -> None:
+    """Issue 15, reproduced: potassium 7.8 mEq/L was stored NULL and raised nothing."""
+    out = _lab_outputs(stage, "OBX|1|NM|K^Kalium^L||7.8|mEq/L|3.5-5.3|HH|||F", "C-40", 40)
+    [lab] = out["t.norm.lab_result"]
+    [finding] = out["t.alerts.lifecycle"]
+    assert (lab["value"], lab["unit"], lab["mapping_status"]) == (7.8, "mmol/L", "mapped")
+    assert (finding["rule_id"], finding["value"], finding["unit"]) == (
+        "critical_value.potassium", 7.8, "mmol/L"
+    )
+    assert "t.terminology.unmapped" not in out
+
+
+def test_a_critical_analyte_in_an_unconvertible_unit_raises_unreadable_and_a_worklist_entry(
+    stage: NormaliseStage,
+) -> None:
+    before = unreadable_count("critical_value.potassium")
+    out = _lab_outputs(stage, "OBX|1|NM|K^Kalium^L||7.8|U/L|||||F", "C-41", 41)
+    [lab] = out["t.norm.lab_result"]
+    [finding] = out["t.alerts.lifecycle"]
+    [gap] = out["t.terminology.unmapped"]
+    assert (lab["value"], lab["mapping_status"]) == (None, "unit_unmapped")
+    assert (finding["rule_id"], finding["severity"]) == ("critical_value.unreadable", "critical")
+    assert finding["subject"] == f"{lab['person_key']}|2823-3|unreadable"
+    assert "unit 'U/L' cannot be converted to mmol/L" in finding["explanation"]
+    assert (gap["code_system"], gap["local_code"], gap["status"]) == ("lab", "K [U/L]", "unit_unmapped")
+    assert unreadable_count("critical_value.potassium") == before + 1
+
+
+def test_a_code_sent_as_loinc_that_is_not_loinc_is_read_as_a_local_code(
+    stage: NormaliseStage,
+) -> None:
+    """Issue 15: "K^Kalium^LN" was stored as loinc_code 'K'. It is this organisation's local
+    code K (potassium), so it maps and alerts; a code neither LOINC nor local is unmapped."""
+    out = _lab_outputs(stage, "OBX|1|NM|K^Kalium^LN||7.8|mmol/L|||||F", "C-42", 42)
+    [lab] = out["t.norm.lab_result"]
+    assert (lab["loinc_code"], lab["local_code"], lab["mapping_status"]) == ("2823-3", "K", "mapped")
+    assert [f["rule_id"] for f in out["t.alerts.lifecycle"]] == ["critical_value.potassium"]
+    out = _lab_outputs(stage, "OBX|1|NM|KX^Kalium^LN||7.8|mmol/L|||||F", "C-43", 43)
+    [lab] = out["t.norm.lab_result"]
+    [gap] = out["t.terminology.unmapped"]
+    assert (lab["loinc_code"], lab["mapping_status"]) == (None, "unmapped")
+    assert (gap["local_code"], gap["status"]) == ("KX", "unmapped")
+    assert "t.alerts.lifecycle" not in out  # the analyte is unknown: the steward maps it first
+
+
+def unreadable_count(rule_id: str) -> float:
+    value = prometheus_client.REGISTRY.get_sample_value(
+        "medstream_critical_values_unreadable_total", {"rule_id": rule_id}
+    )
+    return value or 0.0

@@ -81,11 +81,25 @@ def test_unit_conversion(terminology: Terminology) -> None:
     assert convert_unit(100.0, "mg/dL", glucose) == 5.55  # rounded: no float noise
     assert convert_unit(180.0, "mg/dL", glucose) == 9.99
     assert convert_unit(7.2, "mmol/L", glucose) == 7.2  # already standard
-    assert convert_unit(7.2, "mmol/l", glucose) is None  # units compare exactly
     assert convert_unit(7.2, "", glucose) is None
     assert glucose.converts("mg/dL") and glucose.converts("mmol/L")
-    assert not glucose.converts("g/L")
     assert convert_unit(98.6, "[degF]", temperature) == 37.0
+
+
+def test_any_unit_the_library_converts_for_the_analyte_is_read_in_any_case(
+    terminology: Terminology,
+) -> None:
+    """A unit other than the mapped pair is still converted when the library can do it for
+    this analyte (case-insensitively only for units that are not UCUM as sent)."""
+    glucose = terminology.lab("H001", "GLU")
+    assert glucose is not None
+    assert convert_unit(7.2, "mmol/l", glucose) == 7.2
+    assert convert_unit(7.2, "MMOL/L", glucose) == 7.2
+    assert convert_unit(100.0, "MG/DL", glucose) == 5.550745  # the library's molar mass
+    assert convert_unit(1.0, "g/L", glucose) == 5.550745
+    assert convert_unit(7.2, "U/L", glucose) is None  # enzyme units: another kind
+    assert convert_unit(7.2, "meq/L", glucose) is None  # glucose has no valence
+    assert not glucose.converts("U/L") and glucose.converts("g/L")
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
