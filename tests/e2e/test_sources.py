@@ -93,6 +93,20 @@ def oru(n: int) -> str:
     ) + "\r"
 
 
+def potassium(n: int, value: str, unit: str) -> str:
+    """A LOINC-coded potassium from another lab system (its own synthetic patient)."""
+    taken = (T0 + timedelta(minutes=30 + n)).strftime("%Y%m%d%H%M%S+0000")
+    return "\r".join(
+        [
+            f"MSH|^~\\&|LIS-SAFETY|LAB-EAST|MEDSTREAM|REGION|{taken}||ORU^R01^ORU_R01|"
+            f"E2E-K-{n}|P|2.5.1",
+            f"PID|1||SYNTH-SAFE-{n}^^^H001^MR||TESTPATIENT^SAFETY||19800101|F",
+            f"OBR|1|PK-{n}|FK-{n}|24323-8^Metabolic panel^LN|||{taken}",
+            f"OBX|1|NM|2823-3^Potassium^LN||{value}|{unit}|3.5-5.3||||F|||{taken}",
+        ]
+    ) + "\r"
+
+
 @pytest.fixture
 def his_tables() -> Iterator[tuple[str, str, str]]:
     """Two uniquely named HIS tables; the slot and publication are dropped afterwards."""
@@ -189,6 +203,14 @@ tables:
         wait_for(lambda: collector_pid(pg_config) is not None, 60, "the PostgreSQL collector")
         first = send_hl7(mllp_port_when_ready(mllp_port), [oru(n) for n in range(0, 10)])
         assert first == ["AA"] * 10
+        # Issue 15, as reproduced on `up` with an MLLP collector: a decimal comma is read, a
+        # critical potassium in mEq/L alerts, text in an NM value is answered AE, and a
+        # potassium in a unit nobody can convert raises critical_value.unreadable.
+        unsafe = [
+            potassium(1, "4,5", "mmol/L"), potassium(2, "7.8", "mEq/L"),
+            potassium(3, "abc", "mmol/L"), potassium(4, "7.8", "U/L"),
+        ]
+        assert send_hl7(mllp_port, unsafe) == ["AA", "AA", "AE", "AA"]
         insert_visits(visit, diagnosis, range(20, 40))  # streamed
         psql(f"UPDATE {visit} SET discharged = '{(T0 + timedelta(days=3)).isoformat()}' "
              "WHERE visit_id = 'E2E-V3'")
@@ -232,6 +254,33 @@ tables:
             "WHERE source_system = 'LIS' GROUP BY 1 ORDER BY 1",
         )
         assert labs == [{"loinc_code": "2823-3", "n": 20}, {"loinc_code": "2951-2", "n": 20}]
+        read = sql(
+            data_dir,
+            "SELECT original_value, value, unit, mapping_status FROM medstream.lab_result FINAL "
+            "WHERE source_system = 'LIS-SAFETY' ORDER BY source_ref",
+        )
+        assert read == [
+            {"original_value": "4,5", "value": 4.5, "unit": "mmol/L", "mapping_status": "mapped"},
+            {"original_value": "7.8", "value": 7.8, "unit": "mmol/L", "mapping_status": "mapped"},
+            {"original_value": "7.8", "value": None, "unit": None,
+             "mapping_status": "unit_unmapped"},
+        ]
+        wait_for(
+            lambda: sql(
+                data_dir,
+                "SELECT groupArray(rule_id) AS r FROM (SELECT rule_id FROM "
+                "medstream.alert_history FINAL WHERE action = 'opened' "
+                "AND rule_id LIKE 'critical_value.%' ORDER BY rule_id)",
+            ) == [{"r": ["critical_value.potassium", "critical_value.unreadable"]}],
+            60, "the critical and the unreadable potassium alerts",
+        )
+        worklist = subprocess.run(
+            medstream("terminology", "unmapped", "--json", "--system", "lab"),
+            env=env_for(data_dir), capture_output=True, text=True, timeout=60,
+        )
+        assert worklist.returncode == 0, worklist.stderr
+        gaps = {(e["local_code"], e["status"]) for e in json.loads(worklist.stdout)}
+        assert ("2823-3 [U/L]", "unit_unmapped") in gaps
 
         def reconciled() -> dict[str, object] | None:
             # Everything above was waited for: nothing is in flight, so up to now.
@@ -250,7 +299,7 @@ tables:
         # Every row change published at least once (repeats only of unacknowledged ones).
         assert collectors[name]["published_messages"] >= 80 + 80 + 2
         assert collectors[name]["unaccounted_messages"] == 0
-        assert collectors["e2e-lis"]["published_messages"] == 20
+        assert collectors["e2e-lis"]["published_messages"] == 23  # the AE one is not
     finally:
         os.killpg(up.pid, signal.SIGINT)
         try:
