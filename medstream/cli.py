@@ -766,7 +766,8 @@ def terminology_unmapped(
     limit: Annotated[int, typer.Option(help="rows to show, most frequent first")] = 200,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
 ) -> None:
-    """The steward's worklist: unmapped or ambiguous local codes, counts, ranked candidates."""
+    """The steward's worklist: unmapped or ambiguous local codes and units that cannot be
+    converted (``K [U/L]``), with counts and ranked candidates."""
     from medstream.worklist import render_worklist, unmapped_worklist
     from streams.terminology import load_terminology
 

@@ -78,6 +78,13 @@ def unmapped_worklist(
     return entries
 
 
+# What a steward does about a worklist row, by its status (unmapped needs no note).
+_STATUS_NOTES = {
+    "ambiguous": " [ambiguous]",
+    "unit_unmapped": " [unit not convertible: add it to unit_aliases]",
+}
+
+
 def render_worklist(entries: list[WorklistEntry], terminology_version: str | None) -> str:
     """The worklist as a table a steward reads in a terminal."""
     if not entries:
@@ -89,7 +96,7 @@ def render_worklist(entries: list[WorklistEntry], terminology_version: str | Non
     for e in entries:
         candidates = ", ".join(f"{code} {display[:24]} ({score:.2f})"
                                for code, display, score in e.candidates) or "-"
-        status = " [ambiguous]" if e.status == "ambiguous" else ""
+        status = _STATUS_NOTES.get(e.status, "")
         fixed = f" [mapped in {terminology_version}]" if e.now_mapped else ""
         last = (
             e.last_seen.strftime("%Y-%m-%d %H:%M:%S")

@@ -386,7 +386,12 @@ class NormaliseStage:
             elif status == "mapped":
                 continue
             UNMAPPED_CODES.labels(system).inc()
-            candidates = self.terminology.rank_candidates(system, display or local_code)
+            # A unit gap is fixed with a unit alias: ranked codes would only mislead.
+            candidates = (
+                []
+                if status == "unit_unmapped"
+                else self.terminology.rank_candidates(system, display or local_code)
+            )
             record = {
                 "event_id": value["event_id"],
                 "organisation_id": organisation_id,

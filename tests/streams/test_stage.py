@@ -313,6 +313,7 @@ def test_a_critical_analyte_in_an_unconvertible_unit_raises_unreadable_and_a_wor
     assert finding["subject"] == f"{lab['person_key']}|2823-3|unreadable"
     assert "unit 'U/L' cannot be converted to mmol/L" in finding["explanation"]
     assert (gap["code_system"], gap["local_code"], gap["status"]) == ("lab", "K [U/L]", "unit_unmapped")
+    assert gap["candidate_codes"] == []  # the fix is a unit alias, not another code
     assert unreadable_count("critical_value.potassium") == before + 1
 
 
