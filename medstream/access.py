@@ -9,7 +9,9 @@ policies that `medstream grants` generates from it.
 - **analyst** reads de-identified data: the views of the ``<db>_analyst`` database (no
   direct or quasi-identifier columns), the data dictionary and the monitoring rollups; it
   cannot act on alerts.
-- **admin** reads every medstream table (read-only), the audit log, and acts on alerts.
+- **admin** reads every medstream table (read-only), the audit log, and acts on alerts;
+  an admin scoped to some organisations reads only the organisation-filtered objects
+  (below) and no audit log, whose rows belong to no single organisation.
 
 A user's organisation scope (a list of organisation ids, or ``*``) limits every row the
 user reads: ClickHouse itself applies it to every base table with an ``organisation_id``
@@ -434,15 +436,20 @@ class QueryGovernor:
         self._local_at = 0.0
 
     def scoped_tables(self) -> list[str]:
-        """Every base table of the medstream database that has an organisation_id; refuses
-        (rather than filtering nothing) while the database is not migrated yet."""
+        """Every table, materialised view and dictionary of the medstream database that has
+        an organisation_id (what the row filter is applied to; plain views are filtered
+        through the tables they read); refuses (rather than filtering nothing) while the
+        database is not migrated yet.
+
+        Materialised views are filtered too, though scoped users may not name them: reading
+        one reads the table it fills without that table's filter."""
         now = time.monotonic()
         if self._scoped_tables is None or now - self._scoped_at > SCOPE_REFRESH_S:
             result = self.run(
                 "SELECT database || '.' || table FROM system.columns "
                 f"WHERE database = {sql_string(self.database)} AND name = 'organisation_id' "
                 f"AND table IN (SELECT name FROM system.tables WHERE database = "
-                f"{sql_string(self.database)} AND engine LIKE '%MergeTree%') ORDER BY 1",
+                f"{sql_string(self.database)} AND engine != 'View') ORDER BY 1",
                 {},
                 10_000,
             )

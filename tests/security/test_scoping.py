@@ -246,26 +246,37 @@ def test_every_listed_object_exists_after_the_migrations(
     assert access.SHARED_REFERENCE_OBJECTS == frozenset({"data_dictionary"})
 
 
-@pytest.mark.parametrize("unfiltered", ["alert_current_mv", "lineage", "monitoring_minute_refresh"])
+@pytest.mark.parametrize("unfiltered", ["lineage", "schema_migrations", "made_up_rows"])
 def test_an_unfiltered_object_added_to_the_allow_list_fails_the_proof(
     clickhouse: Client, scoped_db: str, users: UserStore, monkeypatch: pytest.MonkeyPatch,
     unfiltered: str,
 ) -> None:
+    """Listing an object without an organisation_id, or one whose organisation_id the
+    engine does not filter (here a view that makes rows up), breaks the proof."""
     monkeypatch.setattr(
         access, "ORGANISATION_SCOPED_OBJECTS",
         access.ORGANISATION_SCOPED_OBJECTS | {unfiltered},
     )
-    violations, _ = scope_violations(
-        clickhouse, scoped_db, users.get("admin.east"), users.get("admin.all")
+    clickhouse.command(
+        f"CREATE VIEW IF NOT EXISTS {scoped_db}.made_up_rows AS "
+        f"SELECT arrayJoin(['{OWN}', '{OTHER}']) AS organisation_id"
     )
+    try:
+        violations, _ = scope_violations(
+            clickhouse, scoped_db, users.get("admin.east"), users.get("admin.all")
+        )
+    finally:
+        clickhouse.command(f"DROP VIEW {scoped_db}.made_up_rows")
     assert [v for v in violations if v.startswith(f"{scoped_db}.{unfiltered}:")] != []
+    assert [v for v in violations if not v.startswith(f"{scoped_db}.{unfiltered}:")] == []
 
 
 def test_an_object_a_later_migration_adds_is_refused_until_listed(
     clickhouse: Client, scoped_db: str, users: UserStore
 ) -> None:
-    """Deny by default: a new table with an organisation_id, a view over a filtered table
-    and a materialised view are all refused to scoped users, read by unscoped admins."""
+    """Deny by default: a new table with an organisation_id, a view over a filtered table,
+    a materialised view, a refreshable one and a dictionary are all refused to scoped
+    users, read by unscoped admins."""
     database = f"test_scoping_new_{uuid.uuid4().hex[:8]}"
     migrate(clickhouse, database)
     clickhouse.command(
@@ -280,8 +291,21 @@ def test_an_object_a_later_migration_adds_is_refused_until_listed(
         f"CREATE MATERIALIZED VIEW {database}.future_mv ENGINE = MergeTree ORDER BY x "
         f"AS SELECT organisation_id, x FROM {database}.future_fact"
     )
+    clickhouse.command(
+        f"CREATE MATERIALIZED VIEW {database}.future_refresh REFRESH EVERY 1 HOUR "
+        f"ENGINE = MergeTree ORDER BY x AS SELECT organisation_id, x FROM {database}.future_fact"
+    )
+    clickhouse.command(
+        f"CREATE DICTIONARY {database}.future_dictionary (x UInt64, organisation_id String) "
+        f"PRIMARY KEY x SOURCE(CLICKHOUSE(DB '{database}' TABLE 'future_fact')) "
+        "LAYOUT(FLAT()) LIFETIME(0)"
+    )
     governor = QueryGovernor(database, _runner(clickhouse, database))
-    for table in ("future_fact", "future_view", "future_mv"):
+    new_objects = ("future_fact", "future_view", "future_mv", "future_refresh",
+                   "future_dictionary")
+    listed = {name for name, _, _ in every_object(clickhouse, database)}
+    assert {f"{database}.{table}" for table in new_objects} <= listed
+    for table in new_objects:
         sql = f"SELECT count() FROM {database}.{table}"
         with pytest.raises(QueryError, match=(
             rf"may not read {database}\.{table} \(a user scoped to organisations "
@@ -289,6 +313,25 @@ def test_an_object_a_later_migration_adds_is_refused_until_listed(
         )):
             governor.check(users.get("admin.east"), sql)
         assert governor.check(users.get("admin.all"), sql).sql == sql
+
+
+def test_materialised_views_are_filtered_as_well_as_refused(
+    clickhouse: Client, scoped_db: str, users: UserStore, server_statements: list[str]
+) -> None:
+    """Defence in depth: were a materialised view reached some other way, the engine's row
+    filter (and a server's row policy) would still hold it to the user's organisations."""
+    run = _runner(clickhouse, scoped_db)
+    governor = QueryGovernor(scoped_db, run)
+    user = users.get("admin.east")
+    _, policies = server_reach(server_statements, "admin.east")
+    views = [name for name, engine, _ in every_object(clickhouse, scoped_db)
+             if engine == "MaterializedView"]
+    assert len(views) == 3
+    for name in views:
+        result = run(f"SELECT DISTINCT toString(organisation_id) FROM {name}",
+                     governor.settings_for(user))
+        assert result.rows == [[OWN]], name
+        assert policies.get(name) == f"organisation_id IN ('{OWN}')", name
 
 
 def test_scoped_admins_read_no_audit_log_lineage_or_raw_ledger(
