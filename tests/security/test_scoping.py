@@ -20,6 +20,7 @@ import base64
 import re
 import uuid
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -43,6 +44,7 @@ from medstream.console import Console
 from medstream.settings import KafkaSettings
 from sinks.dictionary import refresh_data_dictionary
 from tests.medstream.test_console import _console
+from tests.medstream.test_governed_cli import run as cli
 
 pytestmark = pytest.mark.integration
 
@@ -460,3 +462,31 @@ def test_console_sql_gives_a_scoped_admin_its_organisation_only(
             assert (status, body["rows"]) == (200, [[OWN]])
 
     asyncio.run(scenario())
+
+
+# --------------------------------------------------------------------------- CLI
+
+def test_cli_sql_and_grants_hold_a_scoped_admin_to_its_organisation(tmp_path: Path) -> None:
+    """`medstream sql --user` refuses what the console refuses; `medstream grants` gives
+    the scoped admin the scoped role, without the audit log or a materialised view."""
+    data = tmp_path / "data"
+    assert cli(data, "migrate").returncode == 0
+    added = cli(data, "users", "add", "admin.east", "--role", "admin", "--org", OWN,
+                "--password-stdin", stdin=PASSWORD + "\n")
+    assert added.returncode == 0, added.stderr
+    for leak in ("alert_current_mv", "lineage", "raw_ledger", "audit_log"):
+        refused = cli(data, "sql", "--user", "admin.east", f"SELECT count() FROM medstream.{leak}",
+                      MEDSTREAM_SQL_PASSWORD=PASSWORD)
+        assert refused.returncode == 1
+        assert f"role admin may not read medstream.{leak} (a user scoped to organisations" \
+            in refused.stderr
+    grants = cli(data, "grants")
+    assert grants.returncode == 0, grants.stderr
+    lines = grants.stdout.splitlines()
+    assert any(line.startswith("CREATE USER OR REPLACE `admin.east` ") and
+               "DEFAULT ROLE medstream_admin_scoped " in line for line in lines)
+    to_scoped = [line for line in lines if line.endswith(" TO medstream_admin_scoped;")]
+    assert "GRANT SELECT ON medstream.alert_current TO medstream_admin_scoped;" in to_scoped
+    assert not [line for line in to_scoped if any(
+        f"medstream.{name} " in line for name in ("audit_log", "alert_current_mv", "lineage", "*")
+    )]
