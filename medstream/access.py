@@ -529,9 +529,9 @@ class QueryGovernor:
         if outside_scope:
             hint = (
                 "a user scoped to organisations reads only objects that carry an "
-                f"organisation filter; {', '.join(outside_scope)} carries none (read the "
-                "table a materialised view fills instead), only users of every organisation "
-                "(`medstream users set NAME --org '*'`) read it"
+                f"organisation filter, and {', '.join(outside_scope)} is not one of them; "
+                "for a materialised view, read the table it fills; users of every "
+                "organisation (`medstream users set NAME --org '*'`) may read it"
             )
         elif user.permissions.sql == "analyst":
             hint = (
