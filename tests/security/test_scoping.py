@@ -39,7 +39,14 @@ from medstream.access import (
     grant_statements,
     refresh_analyst_views,
 )
-from medstream.clickhouse import QueryError, QueryResult, migrate, run_read_only, sql_string
+from medstream.clickhouse import (
+    QueryError,
+    QueryResult,
+    migrate,
+    migration_files,
+    run_read_only,
+    sql_string,
+)
 from medstream.console import Console
 from medstream.settings import KafkaSettings
 from sinks.dictionary import refresh_data_dictionary
@@ -216,6 +223,8 @@ def scope_violations(
 def test_every_object_is_filtered_or_refused_for_a_scoped_user(
     clickhouse: Client, scoped_db: str, users: UserStore, scoped: str, everyone: str
 ) -> None:
+    applied = clickhouse.query(f"SELECT version FROM {scoped_db}.schema_migrations ORDER BY 1")
+    assert [row[0] for row in applied.result_rows] == [v for v, _, _ in migration_files()]
     objects = every_object(clickhouse, scoped_db)
     engines = {engine for _, engine, _ in objects}
     assert {"MaterializedView", "View", "ReplacingMergeTree"} <= engines
