@@ -17,11 +17,11 @@ A user's organisation scope (a list of organisation ids, or ``*``) limits every 
 user reads: ClickHouse itself applies it to every base table with an ``organisation_id``
 column, whichever view or join reaches that table (``additional_table_filters`` in the
 embedded engine, row policies on a server). Scoping is deny-by-default: a scoped user may
-name only the objects of ``ORGANISATION_SCOPED_OBJECTS`` (each carries that filter) and the
-shared reference data; materialised views (their reads skip the filter of the table they
-fill), the lineage, the raw ledger, the audit log and every object a later migration adds
-are refused until they are listed. Passwords are bcrypt hashes (a standard KDF that
-ClickHouse also accepts for its own users).
+name only the objects of ``ORGANISATION_SCOPED_OBJECTS`` (each carries that filter), the
+analyst views and the shared reference data; materialised views (their reads skip the
+filter of the table they fill), the lineage, the raw ledger, the audit log and every
+object a later migration adds are refused until they are listed. Passwords are bcrypt
+hashes (a standard KDF that ClickHouse also accepts for its own users).
 """
 
 from __future__ import annotations
