@@ -9,13 +9,19 @@ policies that `medstream grants` generates from it.
 - **analyst** reads de-identified data: the views of the ``<db>_analyst`` database (no
   direct or quasi-identifier columns), the data dictionary and the monitoring rollups; it
   cannot act on alerts.
-- **admin** reads every medstream table (read-only), the audit log, and acts on alerts.
+- **admin** reads every medstream table (read-only), the audit log, and acts on alerts;
+  an admin scoped to some organisations reads only the organisation-filtered objects
+  (below) and no audit log, whose rows belong to no single organisation.
 
 A user's organisation scope (a list of organisation ids, or ``*``) limits every row the
 user reads: ClickHouse itself applies it to every base table with an ``organisation_id``
 column, whichever view or join reaches that table (``additional_table_filters`` in the
-embedded engine, row policies on a server). Passwords are bcrypt hashes (a standard KDF
-that ClickHouse also accepts for its own users).
+embedded engine, row policies on a server). Scoping is deny-by-default: a scoped user may
+name only the objects of ``ORGANISATION_SCOPED_OBJECTS`` (each carries that filter), the
+analyst views and the shared reference data; materialised views (their reads skip the
+filter of the table they fill), the lineage, the raw ledger, the audit log and every
+object a later migration adds are refused until they are listed. Passwords are bcrypt
+hashes (a standard KDF that ClickHouse also accepts for its own users).
 """
 
 from __future__ import annotations
@@ -119,6 +125,13 @@ class User:
         return self.all_organisations or (organisation_id or "") in self.organisations
 
     @property
+    def reads_audit(self) -> bool:
+        """Whether the user may read the audit log: its rows (sign-ins, queries, actions)
+        carry no organisation, so only a role that reads audits, scoped to every
+        organisation, does."""
+        return self.permissions.read_audit and self.all_organisations
+
+    @property
     def permissions(self) -> Role:
         """The user's role."""
         return role(self.role)
@@ -133,7 +146,7 @@ class User:
             "act_on_alerts": permissions.act_on_alerts,
             "patient_timeline": permissions.patient_timeline,
             "sql": permissions.sql != "none",
-            "read_audit": permissions.read_audit,
+            "read_audit": self.reads_audit,
         }
 
 
@@ -347,15 +360,47 @@ def referenced_objects(explain_tree: str) -> tuple[set[str], set[str]]:
     return set(_TABLE_NODE.findall(explain_tree)), set(_TABLE_FUNCTION_NODE.findall(explain_tree))
 
 
+#: What a user scoped to some organisations may read in the medstream database: base
+#: tables with an ``organisation_id`` (the engine, or a row policy on a server, filters
+#: them) and views that read only such tables. Deny by default: an object not listed here
+#: (a materialised view, a table without organisation_id, anything a later migration adds)
+#: is refused to scoped users until it is added, and tests/security/test_scoping.py proves,
+#: object by object, that each listed one returns only the user's organisations.
+ORGANISATION_SCOPED_OBJECTS: Final = frozenset({
+    "lab_result", "observation", "claim_line", "encounter", "diagnosis", "dead_letter",
+    "alert_history", "alert_current", "alert", "quality_issue", "quality_daily_score",
+    "person_link", "person_membership", "person_membership_at", "person_event",
+    "person_history", "person_history_at", "terminology_unmapped", "terminology_worklist",
+    "monitoring_minute", "monitoring_sources", "monitoring_per_minute",
+})
+#: Reference data that holds no organisation's rows (every contract's fields): readable
+#: whatever the scope.
+SHARED_REFERENCE_OBJECTS: Final = frozenset({"data_dictionary"})
+
+
+def scoped_readable(name: str, database: str) -> bool:
+    """Whether a user scoped to some organisations may read this object at all (its role
+    decides the rest): only objects that carry the organisation filter."""
+    schema, _, table = name.partition(".")
+    if schema == database:
+        return table in ORGANISATION_SCOPED_OBJECTS | SHARED_REFERENCE_OBJECTS
+    if schema == analyst_database(database):
+        return table in {analyst_view_name(t) for t in ANALYST_TABLES}
+    return False
+
+
 def allowed_object(user: User, name: str, database: str) -> bool:
-    """Whether the user's role may name this table or view in a query."""
+    """Whether the user's role and organisation scope let it name this table or view in a
+    query."""
     scope = user.permissions.sql
     if name == "system.one":  # what a query without FROM reads
         return scope != "none"
+    if not user.all_organisations and not scoped_readable(name, database):
+        return False
     schema, _, table = name.partition(".")
     if scope == "all":
         if table == "audit_log" and schema == database:
-            return user.permissions.read_audit and user.all_organisations
+            return user.reads_audit
         return schema in (database, analyst_database(database))
     if scope == "analyst":
         return schema == analyst_database(database) or name in {
@@ -391,15 +436,20 @@ class QueryGovernor:
         self._local_at = 0.0
 
     def scoped_tables(self) -> list[str]:
-        """Every base table of the medstream database that has an organisation_id; refuses
-        (rather than filtering nothing) while the database is not migrated yet."""
+        """Every table, materialised view and dictionary of the medstream database that has
+        an organisation_id (what the row filter is applied to; plain views are filtered
+        through the tables they read); refuses (rather than filtering nothing) while the
+        database is not migrated yet.
+
+        Materialised views are filtered too, though scoped users may not name them: reading
+        one reads the table it fills without that table's filter."""
         now = time.monotonic()
         if self._scoped_tables is None or now - self._scoped_at > SCOPE_REFRESH_S:
             result = self.run(
                 "SELECT database || '.' || table FROM system.columns "
                 f"WHERE database = {sql_string(self.database)} AND name = 'organisation_id' "
                 f"AND table IN (SELECT name FROM system.tables WHERE database = "
-                f"{sql_string(self.database)} AND engine LIKE '%MergeTree%') ORDER BY 1",
+                f"{sql_string(self.database)} AND engine != 'View') ORDER BY 1",
                 {},
                 10_000,
             )
@@ -474,13 +524,20 @@ class QueryGovernor:
         refused = sorted(t for t in tables if not allowed_object(user, t, self.database))
         if not refused:
             return
-        if user.permissions.sql == "analyst":
+        everywhere = replace(user, organisations=(ALL_ORGANISATIONS,))
+        outside_scope = [t for t in refused if allowed_object(everywhere, t, self.database)]
+        if outside_scope:
+            hint = (
+                "a user scoped to organisations reads only objects that carry an "
+                f"organisation filter, and {', '.join(outside_scope)} is not one of them; "
+                "for a materialised view, read the table it fills; users of every "
+                "organisation (`medstream users set NAME --org '*'`) may read it"
+            )
+        elif user.permissions.sql == "analyst":
             hint = (
                 f"analysts read the views of {analyst_database(self.database)}, "
                 f"{self.database}.data_dictionary and {self.database}.monitoring_per_minute"
             )
-        elif any(t.endswith(".audit_log") for t in refused):
-            hint = "the audit log is for admins of every organisation"
         else:
             hint = (
                 f"admins read the {self.database} and {analyst_database(self.database)} "
@@ -601,6 +658,16 @@ ANALYST_TABLES: Final = (
 )
 
 
+def analyst_view_name(table: str) -> str:
+    """The analyst view of a table (``alert`` shows the current state of each alert)."""
+    return "alert" if table == "alert_history" else table
+
+
+def analyst_view_source(table: str) -> str:
+    """The table an analyst view reads: the latest state of each alert, else the table."""
+    return "alert_current" if table == "alert_history" else table
+
+
 def visible(sensitivity: str, clearance: str) -> bool:
     """Whether a column of this sensitivity is within the clearance (unknown tags are not)."""
     if sensitivity not in SENSITIVITY_ORDER:
@@ -645,12 +712,10 @@ def analyst_view_statements(
         shown = [c for c in columns if visible(tags.get(table, {}).get(c, ""), clearance)]
         if not shown:
             continue
-        view = "alert" if table == "alert_history" else table
-        source = f"{database}.alert_current" if table == "alert_history" else f"{database}.{table}"
         statements.append(
-            f"CREATE OR REPLACE VIEW {target}.{view}{on_cluster} AS SELECT "
+            f"CREATE OR REPLACE VIEW {target}.{analyst_view_name(table)}{on_cluster} AS SELECT "
             + ", ".join(f"`{c}`" for c in shown)
-            + f" FROM {source} FINAL"
+            + f" FROM {database}.{analyst_view_source(table)} FINAL"
         )
     return statements
 
@@ -671,6 +736,15 @@ def _quoted(name: str) -> str:
     return "`" + name.replace("`", "") + "`"
 
 
+def server_role(user: User) -> str:
+    """The ClickHouse role of a medstream user on a server: an admin scoped to some
+    organisations gets ``medstream_admin_scoped`` (the organisation-filtered objects only,
+    no audit log); every other user the role named after its own."""
+    if user.role == "admin" and not user.all_organisations:
+        return "medstream_admin_scoped"
+    return f"medstream_{user.role}"
+
+
 def grant_statements(
     users: Iterable[User],
     database: str,
@@ -682,30 +756,39 @@ def grant_statements(
     medstream role, column-level grants within each clearance, a user per medstream user
     with SQL access (same bcrypt hash, read-only, bounded queries; disabled users dropped)
     and a row policy per scoped table. A user removed from medstream must be dropped on the
-    server by hand (`DROP USER`): the users file no longer names it."""
+    server by hand (`DROP USER`): the users file no longer names it.
+
+    Roles that scoped users hold (``medstream_analyst``, ``medstream_admin_scoped``) are
+    granted objects by name, never a whole database, and only objects that carry the
+    organisation filter (deny by default, as in the governed SQL); their grants are reset
+    first, so re-applying the statements also withdraws what is no longer listed.
+    """
     analyst_db = analyst_database(database)
     statements = [f"CREATE ROLE IF NOT EXISTS medstream_{name}" for name in ROLES]
+    statements.append("CREATE ROLE IF NOT EXISTS medstream_admin_scoped")
     statements.append("CREATE ROLE IF NOT EXISTS medstream_service")
     statements.append(f"GRANT SELECT, INSERT ON {database}.* TO medstream_service")
     statements.append(f"GRANT SELECT ON {analyst_db}.* TO medstream_service")
-    statements.append(f"GRANT SELECT ON {analyst_db}.* TO medstream_analyst")
+    statements.append("REVOKE ALL ON *.* FROM medstream_analyst, medstream_admin_scoped")
+    views = sorted(
+        f"{analyst_db}.{analyst_view_name(table)}"
+        for table, columns in analyst_columns_by_table.items() if columns
+    )
     for table, columns in sorted(analyst_columns_by_table.items()):
-        source = "alert_current" if table == "alert_history" else table
         if columns:
             statements.append(
                 f"GRANT SELECT({', '.join(_quoted(c) for c in columns)}) "
-                f"ON {database}.{source} TO medstream_analyst"
+                f"ON {database}.{analyst_view_source(table)} TO medstream_analyst"
             )
-    statements.append(
-        f"GRANT SELECT ON {database}.data_dictionary TO medstream_analyst"
-    )
-    statements.append(
-        f"GRANT SELECT ON {database}.monitoring_per_minute TO medstream_analyst"
-    )
-    statements.append(f"GRANT SELECT ON {database}.monitoring_minute TO medstream_analyst")
+    for name in [*views, *(f"{database}.{t}" for t in (
+        "data_dictionary", "monitoring_per_minute", "monitoring_minute",
+    ))]:
+        statements.append(f"GRANT SELECT ON {name} TO medstream_analyst")
+    scoped_objects = sorted(ORGANISATION_SCOPED_OBJECTS | SHARED_REFERENCE_OBJECTS)
+    for name in [*(f"{database}.{t}" for t in scoped_objects), *views]:
+        statements.append(f"GRANT SELECT ON {name} TO medstream_admin_scoped")
     statements.append(f"GRANT SELECT ON {database}.* TO medstream_admin")
     statements.append(f"GRANT SELECT ON {analyst_db}.* TO medstream_admin")
-    statements.append(f"REVOKE SELECT ON {database}.audit_log FROM medstream_analyst")
     statements.append(f"GRANT medstream_service TO {_quoted(service_user)}")
     users = list(users)
     active = [u for u in users if not u.disabled and u.permissions.sql != "none"]
@@ -716,10 +799,10 @@ def grant_statements(
         # OR REPLACE: a changed password or role replaces the user (and its old role grant).
         statements.append(
             f"CREATE USER OR REPLACE {_quoted(user.name)} IDENTIFIED WITH bcrypt_hash BY "
-            f"{sql_string(user.password_hash)} DEFAULT ROLE medstream_{user.role} "
+            f"{sql_string(user.password_hash)} DEFAULT ROLE {server_role(user)} "
             "SETTINGS readonly = 1, max_execution_time = 60, max_result_rows = 100000"
         )
-        statements.append(f"GRANT medstream_{user.role} TO {_quoted(user.name)}")
+        statements.append(f"GRANT {server_role(user)} TO {_quoted(user.name)}")
     scoped = [u for u in active if not u.all_organisations]
     # Once a table has a row policy, accounts without one see none of its rows: every
     # account but the scoped users (services, operators, all-organisation users) sees all.

@@ -1185,7 +1185,9 @@ def grants_command(
 ) -> None:
     """Print the ClickHouse statements that give a server medstream's role model: roles,
     column-level grants within each clearance, users (same bcrypt hashes) and row policies
-    for each user's organisations. Apply them as a ClickHouse admin."""
+    for each user's organisations (users scoped to some organisations are granted only the
+    objects that carry the organisation filter, and no audit log). Apply them as a
+    ClickHouse admin."""
     from medstream.access import QueryGovernor, analyst_columns, grant_statements
 
     database = ClickHouseSettings().database
