@@ -638,8 +638,23 @@ _ADT_ADMITS: Final = frozenset({"A01", "A04"})
 _PATIENT_CLASS: Final = re.compile(r"[A-Z]{1,2}")
 
 
+_COMMA_NUMBER: Final = re.compile(r"\d*,\d+")
+
+
+def _with_decimal_points(text: str) -> str:
+    """A range written with decimal commas ("3,5-5,3") in decimal points; unchanged when it
+    has a point already, and "" when a comma is ambiguous ("1,000"): no range beats a guess."""
+    if "," not in text or "." in text:
+        return text
+    if any(read_decimal(number) is None for number in _COMMA_NUMBER.findall(text)):
+        return ""
+    return text.replace(",", ".")
+
+
 def _parse_reference_range(text: str) -> tuple[float | None, float | None]:
-    """OBX-7 as (low, high): "3.5-5.3", "70_105", "<9", ">=60", optionally with a unit."""
+    """OBX-7 as (low, high): "3.5-5.3", "3,5-5,3", "70_105", "<9", ">=60", optionally with a
+    unit."""
+    text = _with_decimal_points(text)
     for candidate in (text, None):
         if candidate is None:
             with_unit = _HL7_RANGE_WITH_UNIT.fullmatch(text)

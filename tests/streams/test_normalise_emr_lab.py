@@ -199,3 +199,6 @@ def test_a_row_with_a_decimal_comma_and_milliequivalents_is_read(
     value = event.value
     assert (value["value"], value["unit"], value["mapping_status"]) == (7.8, "mmol/L", "mapped")
     assert value["value_text"] is None and value["original_value"] == "7,8"
+    assert (value["reference_low"], value["reference_high"]) == (3.5, 5.3)
+    [ambiguous] = run("c", dict(row, reference_range="1,000-2,000"), terminology, pseudonymiser)
+    assert (ambiguous.value["reference_low"], ambiguous.value["reference_high"]) == (None, None)
