@@ -251,7 +251,8 @@ def run_read_only(
 
     ``settings`` adds to (or tightens) the defaults: a governed query passes ``readonly=1``
     (no setting may be changed by the query itself) and its organisation row filters.
-    Engine errors never show the row filters.
+    Engine errors never show the row filters. A proof query (``max_rows`` of
+    PROOF_MAX_ROWS) that would be cut fails instead.
     """
     kind, statement, tree = checked_statement(client, sql, database)
     if kind == "AST":  # the check already parsed it: nothing more to run
@@ -293,6 +294,11 @@ def run_read_only(
     except Exception as exc:
         message = _hide_filters(_clean_error(str(exc)), extra)
         raise QueryError(message + _LIMIT_HINTS.get(message.split(".")[0], "")) from exc
+    if truncated and max_rows >= PROOF_MAX_ROWS:
+        raise QueryError(
+            f"the result passed {limits.result_bytes >> 20} MB; a reconcile or proof query must "
+            "see every row, so nothing is returned (MEDSTREAM_CLICKHOUSE_QUERY_MAX_RESULT_MB)"
+        )
     return QueryResult(columns, rows, truncated=truncated)
 
 

@@ -130,8 +130,8 @@ class QueryGateway:
         content_type = headers.get("Content-Type", "").split(";")[0].strip().lower()
         if content_type != "application/json":
             return 415, "send the query as application/json"
-        supplied = headers.get("Authorization", "").removeprefix("Bearer ").strip().encode()
-        if not secrets.compare_digest(supplied, self._token):
+        scheme, _, supplied = headers.get("Authorization", "").partition(" ")
+        if scheme != "Bearer" or not secrets.compare_digest(supplied.strip().encode(), self._token):
             return 401, (
                 "missing or wrong token: send the token of this run (the query.token file "
                 "next to runtime.json) as 'Authorization: Bearer <token>'"

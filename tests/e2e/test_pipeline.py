@@ -93,7 +93,7 @@ def test_up_runs_everything_and_every_event_is_accounted_for(tmp_path: Path) -> 
         medstream("sql", "DROP TABLE medstream.lab_result"),
         env=env_for(data_dir), capture_output=True, text=True, timeout=120,
     )
-    assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
+    assert refused.returncode == 1 and "read-only select" in refused.stderr.lower()
 
 
 

@@ -80,6 +80,7 @@ def test_requests_without_the_run_token_are_refused(endpoint: tuple[QueryGateway
     status, body = _post(gateway, {**json_type, "Authorization": "Bearer " + "x" * len(token)})
     assert status == 401 and "token" in body["error"]
     assert _post(gateway, {**json_type, "Authorization": f"Basic {token}"})[0] == 401
+    assert _post(gateway, {**json_type, "Authorization": token})[0] == 401  # no scheme
     status, body = _post(gateway, {**json_type, "Authorization": f"Bearer {token}"})
     assert (status, body["rows"]) == (200, [[1]])
     assert query_via_gateway(gateway.url, "SELECT 2", token=token).rows == [[2]]
@@ -273,3 +274,20 @@ def test_a_slow_query_never_holds_up_the_sinks_inserts(
     assert 3.5 < elapsed < 15  # the query ran (and was cancelled at) its 4 s limit
     assert len(latencies) >= 20  # inserts went on the whole time
     assert max(latencies) < 1.0, f"an insert waited {max(latencies):.2f}s for the query"
+
+
+def test_results_are_bounded_in_bytes_and_a_proof_query_is_never_cut_silently(
+    clickhouse: Client, database: str
+) -> None:
+    from medstream.clickhouse import PROOF_MAX_ROWS, run_read_only
+
+    limits = QueryLimits(result_bytes=1 << 20)
+    # A constant column: the engine's own byte accounting counts it once, not per row.
+    wide = "SELECT number, repeat('x', 1000) AS padding FROM numbers(100000)"
+    result = run_read_only(clickhouse, wide, database, 30, 1_000_000, limits=limits)
+    assert result.truncated and 900 <= len(result.rows) <= 1100  # about 1 MB of rows
+    with pytest.raises(QueryError, match="MEDSTREAM_CLICKHOUSE_QUERY_MAX_RESULT_MB"):
+        run_read_only(clickhouse, wide, database, 30, PROOF_MAX_ROWS, limits=limits)
+    small = run_read_only(clickhouse, "SELECT number FROM numbers(10)", database, 30,
+                          PROOF_MAX_ROWS, limits=limits)
+    assert (len(small.rows), small.truncated) == (10, False)
