@@ -159,8 +159,10 @@ def statement_tables(
                 raise StatementRefused(_CLAUSES)
         if node.kind == "Set":
             raise StatementRefused(
-                "SETTINGS clauses are not allowed here, in a subquery either (limits are set "
-                "by medstream)"
+                "SETTINGS clauses are not allowed here, in a subquery either: limits are "
+                "medstream's (MEDSTREAM_CLICKHOUSE_QUERY_TIMEOUT_S, "
+                "MEDSTREAM_CONSOLE_SQL_TIMEOUT_S, MEDSTREAM_CLICKHOUSE_QUERY_MAX_MEMORY_MB, "
+                "MEDSTREAM_CLICKHOUSE_QUERY_MAX_RESULT_MB)"
             )
         if node.kind == "Function":
             _check_function(nodes, children, index, table_reference)
