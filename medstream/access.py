@@ -38,7 +38,9 @@ from typing import Any, Final
 import bcrypt
 import yaml
 
+from medstream import sqlcheck
 from medstream.clickhouse import QueryError, QueryResult, sql_string
+from medstream.sqlcheck import SAFE_TABLE_FUNCTIONS
 
 #: Sensitivity tags of the Avro contracts, least sensitive first.
 SENSITIVITY_ORDER: Final = (
@@ -49,8 +51,6 @@ MIN_PASSWORD_LENGTH: Final = 10
 BCRYPT_ROUNDS: Final = 12
 _USER_NAME = re.compile(r"^[a-z][a-z0-9_.-]{1,62}$")
 _ORGANISATION = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
-#: Table functions a governed query may use: they read no stored data.
-SAFE_TABLE_FUNCTIONS: Final = frozenset({"numbers", "one", "zeros", "generateSeries"})
 #: Lines of a query's parse or analysis tree that are read to check it (more: refused).
 EXPLAIN_MAX_ROWS: Final = 200_000
 #: How long the list of organisation-scoped tables is reused before it is read again.
@@ -339,20 +339,20 @@ _TABLE_FUNCTION_NODE = re.compile(
 
 def query_text(sql: str) -> str:
     """The statement without leading comments or a trailing semicolon; refuses anything
-    but one SELECT (or WITH ... SELECT) statement."""
+    but one SELECT (or WITH ... SELECT) statement of at most MAX_QUERY_CHARS."""
     statement = _LEADING_COMMENTS.sub("", sql, count=1).strip().rstrip(";").strip()
+    try:
+        sqlcheck.check_size(statement)
+    except sqlcheck.StatementRefused as exc:
+        raise QueryError(str(exc)) from exc
     if not re.match(r"^(SELECT|WITH)\b", statement, re.IGNORECASE):
         raise QueryError(
             "only one read-only SELECT statement is allowed: writes, DDL and other "
             "statements are refused"
         )
-    if ";" in _strip_literals(statement):
+    if ";" in sqlcheck.strip_literals(statement):
         raise QueryError("only one statement is allowed per query")
     return statement
-
-
-def _strip_literals(sql: str) -> str:
-    return re.sub(r"'(?:[^'\\]|\\.)*'", "''", sql)
 
 
 def referenced_objects(explain_tree: str) -> tuple[set[str], set[str]]:
@@ -432,8 +432,6 @@ class QueryGovernor:
         self.run = run
         self._scoped_tables: list[str] | None = None
         self._scoped_at = 0.0
-        self._local_tables: frozenset[str] | None = None
-        self._local_at = 0.0
 
     def scoped_tables(self) -> list[str]:
         """Every table, materialised view and dictionary of the medstream database that has
@@ -462,18 +460,6 @@ class QueryGovernor:
             self._scoped_tables, self._scoped_at = tables, now
         return self._scoped_tables
 
-    def local_tables(self) -> frozenset[str]:
-        """Tables of the service account's current database (what an unqualified name
-        would reach)."""
-        now = time.monotonic()
-        if self._local_tables is None or now - self._local_at > SCOPE_REFRESH_S:
-            result = self.run(
-                "SELECT name FROM system.tables WHERE database = currentDatabase()", {}, 100_000
-            )
-            self._local_tables = frozenset(str(row[0]) for row in result.rows)
-            self._local_at = now
-        return self._local_tables
-
     def settings_for(self, user: User) -> dict[str, Any]:
         """readonly=1 and, for a scoped user, a row filter on every scoped base table."""
         settings: dict[str, Any] = {"readonly": 1}
@@ -500,7 +486,7 @@ class QueryGovernor:
             )
         statement = query_text(sql)
         tree = self._explain("AST", statement, {"readonly": 1})
-        tables = parsed_objects(tree, statement, self.local_tables())
+        tables = parsed_objects(tree, statement)
         self._refuse_tables(user, tables)
         settings = self.settings_for(user)
         resolved, functions = referenced_objects(
@@ -508,10 +494,11 @@ class QueryGovernor:
                 "QUERY TREE", statement, {**settings, "enable_scalar_subquery_optimization": 0}
             )
         )
-        unsafe = sorted(functions - SAFE_TABLE_FUNCTIONS)
+        views = {f for f in functions if "." in f}  # db.view(param = ...): parameterised
+        unsafe = sorted(functions - views - SAFE_TABLE_FUNCTIONS)
         if unsafe:
             raise QueryError(f"table functions are not allowed here: {', '.join(unsafe)}")
-        self._refuse_tables(user, resolved)
+        self._refuse_tables(user, resolved | views)
         return GovernedQuery(statement, settings)
 
     def _explain(self, kind: str, statement: str, settings: dict[str, Any]) -> str:
@@ -546,105 +533,16 @@ class QueryGovernor:
         raise QueryError(f"role {user.role} may not read {', '.join(refused)} ({hint})")
 
 
-#: Functions that reach outside the stored data (files, the network, other servers, the
-#: engine's own configuration) or read dictionaries and Join tables by name, past the table
-#: checks: refused everywhere in a governed query.
-DENIED_FUNCTIONS: Final = frozenset({
-    "file", "filecluster", "url", "urlcluster", "s3", "s3cluster", "gcs", "oss", "cosn",
-    "hdfs", "hdfscluster", "azureblobstorage", "azureblobstoragecluster", "remote",
-    "remotesecure", "cluster", "clusterallreplicas", "mysql", "postgresql", "mongodb", "redis",
-    "sqlite", "jdbc", "odbc", "executable", "input", "merge", "mergetreeindex", "iceberg",
-    "icebergs3", "deltalake", "hudi", "loop", "view", "viewifpermitted", "viewexplain",
-    "dictionary", "getsetting", "getsettingordefault", "getclientsetting", "getserversetting",
-    "getmacro", "fqdn", "hostname", "currentuser", "currentprofiles", "currentroles",
-    "enabledroles", "defaultroles", "filesystemavailable", "filesystemcapacity",
-    "filesystemunreserved", "user", "fullhostname", "hascolumnintable", "currentdatabase",
-})
-DENIED_FUNCTION_PREFIXES: Final = ("dictget", "dicthas", "dictisin", "joinget")
-_AST_LINE = re.compile(r"^( *)(\S+)(?: (.*?))?(?: \(children \d+\))?$")
-
-
-#: Functions whose second argument may name a table (``x IN db.table``).
-IN_FUNCTIONS: Final = frozenset({
-    "in", "notin", "globalin", "globalnotin", "nullin", "notnullin", "globalnullin",
-    "globalnotnullin",
-})
-
-
 def parsed_objects(
     tree: str, statement: str, local_tables: frozenset[str] = frozenset()
 ) -> set[str]:
-    """The tables a parsed statement (``EXPLAIN AST`` output) names, fully qualified;
-    refuses clauses, table functions and functions a governed query may not use.
-
-    ``local_tables`` are the tables of the current database: an unqualified name (or a
-    quoted name that looks qualified) that matches one is refused, so a faked common
-    table expression cannot make an unqualified name reach a real table.
-    """
-    matches = [_AST_LINE.match(line) for line in tree.splitlines() if line.strip()]
-    nodes = [(len(m.group(1)), m.group(2), (m.group(3) or "").strip()) for m in matches if m]
-    tables: set[str] = set()
-    names = cte_names(statement)
-
-    def table_reference(name: str) -> None:
-        plain = name.replace("`", "")
-        if plain in local_tables:
-            raise QueryError(f"name the database of {plain} (e.g. medstream_analyst.{plain})")
-        if "." in plain:
-            tables.add(plain)
-        elif plain not in names:
-            raise QueryError(
-                f"name the database of {plain} (e.g. medstream_analyst.{plain}); only "
-                "common table expressions may be unqualified"
-            )
-
-    for index, (depth, kind, detail) in enumerate(nodes):
-        name = detail.split(" ")[0] if detail else ""
-        client_format = (kind, name) == ("Identifier", "Native")  # the driver adds it
-        if depth == 1 and not (kind == "ExpressionList" or client_format):
-            raise QueryError("INTO OUTFILE, FORMAT and SETTINGS clauses are not allowed here")
-        if kind == "Function":
-            lowered = name.lower()
-            parent = _parent(nodes, index)
-            if parent == "TableExpression":
-                if name not in SAFE_TABLE_FUNCTIONS:
-                    raise QueryError(f"table functions are not allowed here: {name}")
-            elif lowered in DENIED_FUNCTIONS or lowered.startswith(DENIED_FUNCTION_PREFIXES):
-                raise QueryError(f"the function {name} is not allowed here")
-            elif lowered in IN_FUNCTIONS:
-                arguments = _children(nodes, index + 1) if index + 1 < len(nodes) else []
-                if len(arguments) == 2 and nodes[arguments[1]][1] == "Identifier":
-                    table_reference(nodes[arguments[1]][2].split(" ")[0])
-        if kind == "TableIdentifier":
-            table_reference(name)
-    return tables
-
-
-def _children(nodes: list[tuple[int, str, str]], index: int) -> list[int]:
-    """Indexes of the direct children of node ``index``."""
-    depth = nodes[index][0]
-    found = []
-    for later in range(index + 1, len(nodes)):
-        if nodes[later][0] <= depth:
-            break
-        if nodes[later][0] == depth + 1:
-            found.append(later)
-    return found
-
-
-def _parent(nodes: list[tuple[int, str, str]], index: int) -> str:
-    depth = nodes[index][0]
-    for previous in range(index - 1, -1, -1):
-        if nodes[previous][0] < depth:
-            return nodes[previous][1]
-    return ""
-
-
-def cte_names(statement: str) -> set[str]:
-    """Names the statement defines with ``WITH name AS (...)`` (table-valued CTEs)."""
-    text = _strip_literals(statement)
-    return set(re.findall(r"(?:\bWITH\b|,)\s*`?([A-Za-z_][A-Za-z0-9_]*)`?\s+AS\s*\(",
-                          text, re.IGNORECASE))
+    """The tables a parsed statement (``EXPLAIN AST`` output, without settings) names,
+    fully qualified; refuses clauses, table functions and functions no query may use (see
+    medstream.sqlcheck.statement_tables). Linear in the size of the tree."""
+    try:
+        return sqlcheck.statement_tables(tree, statement, local_tables)
+    except sqlcheck.StatementRefused as exc:
+        raise QueryError(str(exc)) from exc
 
 
 # --------------------------------------------------------------------------- analyst views

@@ -11,6 +11,7 @@ directly instead.
 from __future__ import annotations
 
 import getpass
+import hashlib
 import logging
 import queue
 import threading
@@ -36,8 +37,10 @@ ACTIONS: Final = (
 )
 OUTCOMES: Final = ("ok", "refused", "failed")
 CHANNELS: Final = ("console", "http", "cli", "workers")
-#: The longest detail kept (a query text beyond it is cut, and says so).
-MAX_DETAIL: Final = 8000
+#: The longest detail kept: room for a whole query (medstream.sqlcheck.MAX_QUERY_CHARS)
+#: and the reason it was refused, so the text audited is the text that ran. Only a query
+#: refused for its length is cut (and says so); its digest covers the whole text.
+MAX_DETAIL: Final = 100_000
 COLUMNS: Final = (
     "event_time", "actor", "actor_role", "channel", "action", "outcome", "target", "rows",
     "client_address", "detail",
@@ -46,6 +49,12 @@ COLUMNS: Final = (
 
 class AuditError(RuntimeError):
     """An audit event was not recorded, so the audited action must not proceed."""
+
+
+def statement_digest(sql: str) -> str:
+    """``sha256:<hex>`` of a statement exactly as it was run (the audit event's target), so
+    the stored text can be matched with what ran even where it was de-identified."""
+    return "sha256:" + hashlib.sha256(sql.encode()).hexdigest()
 
 
 def local_actor() -> str:

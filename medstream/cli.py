@@ -28,13 +28,15 @@ import typer
 from medstream.clickhouse import (
     PROOF_MAX_ROWS,
     QueryError,
+    QueryLimits,
+    QueryRefused,
     QueryResult,
     migrate,
     open_clickhouse,
-    query_via_gateway,
     run_read_only,
     sql_string,
 )
+from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.runtime import RuntimeState
 from medstream.settings import (
     SETTINGS_MODELS,
@@ -91,14 +93,25 @@ def _querier(max_rows: int) -> Iterator[Callable[[str], QueryResult]]:
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
     state = RuntimeState.read(runtime)
     if state is not None and state.query_url and not ch.url:
-        url = state.query_url
-        yield lambda sql: query_via_gateway(url, sql, ch.query_timeout_s, max_rows)
+        url, token = state.query_url, _query_token(runtime)
+        yield lambda sql: query_via_gateway(url, sql, ch.query_timeout_s, max_rows, token=token)
         return
     client = open_clickhouse(ch, runtime)
+    limits = QueryLimits.of(ch)
     try:
-        yield lambda sql: run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows)
+        yield lambda sql: run_read_only(
+            client, sql, ch.database, ch.query_timeout_s, max_rows, limits=limits
+        )
     finally:
         client.close()
+
+
+def _query_token(runtime: RuntimeSettings) -> str:
+    """The running query endpoint's token (exits with the reason when it is unreadable)."""
+    try:
+        return read_query_token(runtime.query_token_file)
+    except QueryError as exc:
+        _fail(str(exc))
 
 
 def _start_metrics(port: int) -> None:
@@ -285,9 +298,15 @@ def sink(
     lock = threading.Lock()
     gateway = None
     if query_port:
-        from medstream.clickhouse import QueryGateway
+        from medstream.query_endpoint import QueryGateway, write_query_token
 
-        gateway = QueryGateway(client, lock, ch.database, query_port)
+        # Queries get engine handles of their own: they never wait for, or hold up, the
+        # sink's inserts. The token is written before the port opens.
+        gateway = QueryGateway(
+            lambda: open_clickhouse(ch, runtime), ch.database,
+            write_query_token(runtime.query_token_file), query_port,
+            ch.query_concurrency, QueryLimits.of(ch),
+        )
         gateway.start()
     _start_metrics(metrics_port)
     writer = ClickHouseSink(
@@ -302,6 +321,7 @@ def sink(
     finally:
         if gateway is not None:
             gateway.stop()
+            runtime.query_token_file.unlink(missing_ok=True)
         client.close()
     if writer.left_unstored:
         _fail("stopped with records read but not stored; they stay uncommitted for the next run")
@@ -480,8 +500,8 @@ def sql(
 ) -> None:
     """Run a read-only query on the configured ClickHouse (also while `medstream up` runs).
     Every query is recorded in the audit log with its user and row count."""
-    from medstream.access import AccessError, QueryGovernor
-    from medstream.audit import AuditError, local_actor
+    from medstream.access import AccessError, QueryGovernor, query_text
+    from medstream.audit import AuditError, local_actor, statement_digest
     from streams.deidentify import scrub_text
 
     if output not in ("table", "json", "csv"):
@@ -496,14 +516,24 @@ def sql(
                 actor, role_name = account.name, account.role
                 governed = QueryGovernor(ch.database, run).check(account, query)
                 statement, settings = governed.sql, governed.settings
-            result = run(statement, settings)
+            else:  # the operator's statement is checked like any other when it runs
+                statement = query_text(query)
         except (QueryError, AccessError) as exc:
-            _record(trail, actor, role_name, "query", "refused",
+            _record(trail, actor, role_name, "query", "refused", target=statement_digest(query),
                     detail=scrub_text(f"{query}\n-- refused: {exc}").text)
             _fail(str(exc))
         try:
+            result = run(statement, settings)
+        except QueryError as exc:  # refused by the check, timed out, or an engine error
+            outcome = "refused" if isinstance(exc, QueryRefused) else "failed"
+            _record(trail, actor, role_name, "query", outcome,
+                    target=statement_digest(statement),
+                    detail=scrub_text(f"{statement}\n-- failed: {exc}").text)
+            _fail(str(exc))
+        try:
             trail.record(actor=actor, actor_role=role_name, channel="cli", action="query",
-                         outcome="ok", detail=scrub_text(query).text, rows=len(result.rows))
+                         outcome="ok", target=statement_digest(statement),
+                         detail=scrub_text(statement).text, rows=len(result.rows))
         except AuditError as exc:
             _fail(f"{exc}: the result is withheld")
     rows = result.rows[:max_rows]
@@ -573,13 +603,13 @@ def _query_and_audit(
         kafka = kafka.model_copy(update={"bootstrap_servers": state.bootstrap_servers})
     registry = registry_from_url(RegistrySettings().url)
     if state is not None and state.query_url and not ch.url:
-        url = state.query_url
+        url, token = state.query_url, _query_token(runtime)
         trail = AuditTrail(kafka, registry)
 
         def via_gateway(
             sql: str, settings: dict[str, Any] | None = None, rows: int = max_rows
         ) -> QueryResult:
-            return query_via_gateway(url, sql, ch.query_timeout_s, rows, settings)
+            return query_via_gateway(url, sql, ch.query_timeout_s, rows, settings, token=token)
 
         try:
             yield via_gateway, trail
@@ -598,10 +628,14 @@ def _query_and_audit(
             trail = AuditTrail(kafka, registry)
 
 
+        limits = QueryLimits.of(ch)
+
         def direct(
             sql: str, settings: dict[str, Any] | None = None, rows: int = max_rows
         ) -> QueryResult:
-            return run_read_only(client, sql, ch.database, ch.query_timeout_s, rows, settings)
+            return run_read_only(
+                client, sql, ch.database, ch.query_timeout_s, rows, settings, limits
+            )
 
         yield direct, trail
         trail.close()
@@ -1229,10 +1263,15 @@ def console_command(
     if ch.url.startswith(("http://", "https://")):
         client = open_clickhouse(ch, runtime)
         lock = threading.Lock()
+        limits = QueryLimits.of(ch)
 
-        def run(sql: str, extra: dict[str, Any] | None, max_rows: int) -> QueryResult:
+        def run(
+            sql: str, extra: dict[str, Any] | None, max_rows: int, timeout_s: int
+        ) -> QueryResult:
             with lock:
-                return run_read_only(client, sql, ch.database, ch.query_timeout_s, max_rows, extra)
+                return run_read_only(
+                    client, sql, ch.database, timeout_s, max_rows, extra, limits
+                )
     else:
         state = RuntimeState.read(runtime)
         url = query_url or (state.query_url if state else None)
@@ -1242,13 +1281,18 @@ def console_command(
                 "the embedded engine, a running `medstream up` (--query-url)"
             )
 
-        def run(sql: str, extra: dict[str, Any] | None, max_rows: int) -> QueryResult:
-            return query_via_gateway(url, sql, ch.query_timeout_s, max_rows, extra)
+        token = _query_token(runtime)
+
+        def run(
+            sql: str, extra: dict[str, Any] | None, max_rows: int, timeout_s: int
+        ) -> QueryResult:
+            return query_via_gateway(url, sql, timeout_s, max_rows, extra, token=token)
 
     _start_metrics(metrics_port)
     users = UserStore(settings.users_path(runtime))
     console = Console(
-        settings, users, kafka, registry, Querier(run), AuditTrail(kafka, registry),
+        settings, users, kafka, registry, Querier(run, settings.sql_timeout_s),
+        AuditTrail(kafka, registry),
         ch.database,
     )
     listen = port if port is not None else settings.port

@@ -1,20 +1,18 @@
 """ClickHouse access shared by the CLI, the sink and the runtime: connect, migrate, query.
 
 The embedded engine (chdb) can be opened by one process only. The process that owns it
-(the sink under `medstream up`) serves a small read-only query endpoint, and commands that
-run beside it (`medstream sql`, `medstream reconcile`) send their queries there; without a
-running owner they open the engine themselves.
+(the sink under `medstream up`) serves a small read-only query endpoint
+(medstream.query_endpoint), and commands that run beside it (`medstream sql`, `medstream
+reconcile`) send their queries there; without a running owner they open the engine
+themselves. Either way every read-only query goes through :func:`run_read_only`, which
+checks what it reaches (medstream.sqlcheck) and bounds it.
 """
 
 from __future__ import annotations
 
-import json
 import re
-import threading
-import urllib.error
-import urllib.request
+import time
 from dataclasses import dataclass
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from typing import Any
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
 
+from medstream import sqlcheck
 from medstream.settings import ClickHouseSettings, RuntimeSettings, clickhouse_url
 
 READ_ONLY = {"readonly": 2}  # 2: no writes or DDL, but per-query limits may still be set
@@ -32,6 +31,11 @@ _DB_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 class QueryError(RuntimeError):
     """A query was refused or failed; the message is ClickHouse's reason."""
+
+
+class QueryRefused(QueryError):
+    """A query was refused before it ran (what it reaches is not allowed); the message
+    says what and why."""
 
 
 @dataclass(frozen=True)
@@ -159,6 +163,79 @@ def _statements(sql: str) -> list[str]:
     return [part.strip() for part in without_comments.split(";") if part.strip()]
 
 
+@dataclass(frozen=True)
+class QueryLimits:
+    """What one read-only query may use besides time: memory, result bytes and threads
+    (the engine cancels a query that goes past its time or memory)."""
+
+    memory_bytes: int = 2 << 30
+    result_bytes: int = 64 << 20
+    threads: int = 2
+
+    @staticmethod
+    def of(ch: ClickHouseSettings) -> QueryLimits:
+        """The limits configured for ``ch``."""
+        return QueryLimits(
+            ch.query_max_memory_mb << 20, ch.query_max_result_mb << 20, ch.query_max_threads
+        )
+
+
+DEFAULT_LIMITS = QueryLimits()
+_EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(AST|QUERY\s+TREE)\s+", re.IGNORECASE)
+_ORGANISATION_FILTER = re.compile(r"organisation_id\s+IN\s*\((?:'(?:[^'\\]|\\.)*'|[\s,])*\)")
+
+
+def checked_statement(
+    client: Client, sql: str, database: str
+) -> tuple[str | None, str, list[str]]:
+    """(``"AST"``, ``"QUERY TREE"`` or None, the SELECT, its parse tree lines) of a statement
+    any caller may run; QueryError when it reaches outside ``database`` and its analyst
+    database (see medstream.sqlcheck). Only ``EXPLAIN AST`` runs here: it parses and
+    executes nothing."""
+    explain = _EXPLAIN.match(sql)
+    kind = re.sub(r"\s+", " ", explain.group(1).upper()) if explain else None
+    statement = sql[explain.end():] if explain else sql
+    try:
+        sqlcheck.check_size(statement)
+        if ";" in sqlcheck.strip_literals(statement).rstrip().rstrip(";"):
+            raise sqlcheck.StatementRefused("only one statement is allowed per query")
+        try:
+            # No settings: the driver then adds no SETTINGS clause, so every Set node in
+            # the tree is the statement's own.
+            parsed = client.query(f"EXPLAIN AST {statement}")
+        except Exception as exc:
+            raise QueryError(_clean_error(str(exc))) from exc
+        lines = [str(row[0]) for row in parsed.result_rows]
+        tables = sqlcheck.statement_tables("\n".join(lines), statement, _local_tables(client))
+        allowed = frozenset({database, f"{database}_analyst"})
+        refused = sorted(t for t in tables if not sqlcheck.allowed_table(t, allowed))
+        if refused:
+            raise sqlcheck.StatementRefused(
+                f"queries may not read {', '.join(refused)}: queries read the {database} and "
+                f"{database}_analyst databases (and the engine's table catalogue) only"
+            )
+    except sqlcheck.StatementRefused as exc:
+        raise QueryRefused(str(exc)) from exc
+    return kind, statement, lines
+
+
+_local_cache: dict[int, tuple[float, frozenset[str]]] = {}
+
+
+def _local_tables(client: Client) -> frozenset[str]:
+    """Tables of the client's current database (what an unqualified name reaches); read
+    again after a minute."""
+    now = time.monotonic()
+    cached = _local_cache.get(id(client))
+    if cached is None or now - cached[0] > 60:
+        rows = client.query(
+            "SELECT name FROM system.tables WHERE database = currentDatabase()"
+        ).result_rows
+        cached = (now, frozenset(str(row[0]) for row in rows))
+        _local_cache[id(client)] = cached
+    return cached[1]
+
+
 def run_read_only(
     client: Client,
     sql: str,
@@ -166,27 +243,94 @@ def run_read_only(
     timeout_s: int = 60,
     max_rows: int = USER_MAX_ROWS,
     settings: dict[str, Any] | None = None,
+    limits: QueryLimits = DEFAULT_LIMITS,
 ) -> QueryResult:
-    """Run one query with writes and DDL refused, bounded in time and result size.
+    """Run one checked SELECT (or ``EXPLAIN AST``/``EXPLAIN QUERY TREE`` of one) with
+    writes, DDL and reach outside the medstream databases refused, bounded in time, memory,
+    threads and result rows and bytes.
 
     ``settings`` adds to (or tightens) the defaults: a governed query passes ``readonly=1``
     (no setting may be changed by the query itself) and its organisation row filters.
+    Engine errors never show the row filters. A proof query (``max_rows`` of
+    PROOF_MAX_ROWS) that would be cut fails instead.
     """
+    kind, statement, tree = checked_statement(client, sql, database)
+    if kind == "AST":  # the check already parsed it: nothing more to run
+        return QueryResult(["explain"], [[line] for line in tree])
+    extra = settings or {}
+    engine_settings = {
+        **READ_ONLY,
+        **extra,
+        "max_execution_time": timeout_s,
+        "timeout_overflow_mode": "throw",
+        "max_memory_usage": limits.memory_bytes,
+        "max_threads": limits.threads,
+        "max_result_rows": max_rows + 1,
+        "max_result_bytes": limits.result_bytes,
+        "result_overflow_mode": "break",
+    }
+    rows: list[list[Any]] = []
+    size, truncated = 0, False
     try:
-        result = client.query(
-            sql,
-            settings={
-                **READ_ONLY,
-                **(settings or {}),
-                "max_execution_time": timeout_s,
-                "max_result_rows": max_rows + 1,
-                "result_overflow_mode": "break",
-            },
-        )
+        # Streamed, so a result is cut (and the query cancelled) once it passes max_rows or
+        # the byte limit, whatever the engine's own accounting of constant columns says.
+        if kind is not None:  # EXPLAIN QUERY TREE: a small text, and chdb cannot stream it
+            explained = client.query(sql, settings=engine_settings)
+            return QueryResult(
+                list(explained.column_names), [list(r) for r in explained.result_rows][:max_rows],
+                truncated=len(explained.result_rows) > max_rows,
+            )
+        with client.query_row_block_stream(sql, settings=engine_settings) as stream:
+            columns = list(stream.source.column_names)
+            for block in stream:
+                for row in block:
+                    size += _row_bytes(row)
+                    if len(rows) >= max_rows or size > limits.result_bytes:
+                        truncated = True
+                        break
+                    rows.append(list(row))
+                if truncated:
+                    break
     except Exception as exc:
-        raise QueryError(_clean_error(str(exc))) from exc
-    rows = [list(row) for row in result.result_rows]
-    return QueryResult(list(result.column_names), rows[:max_rows], truncated=len(rows) > max_rows)
+        message = _hide_filters(_clean_error(str(exc)), extra)
+        raise QueryError(message + _LIMIT_HINTS.get(message.split(".")[0], "")) from exc
+    if truncated and max_rows >= PROOF_MAX_ROWS:
+        raise QueryError(
+            f"the result passed {limits.result_bytes >> 20} MB; a reconcile or proof query must "
+            "see every row, so nothing is returned (MEDSTREAM_CLICKHOUSE_QUERY_MAX_RESULT_MB)"
+        )
+    return QueryResult(columns, rows, truncated=truncated)
+
+
+#: What to change when a query passed one of its limits (by ClickHouse error code).
+_LIMIT_HINTS = {
+    "Code: 159": " (the query was cancelled at its time limit: MEDSTREAM_CONSOLE_SQL_TIMEOUT_S "
+    "in the console, MEDSTREAM_CLICKHOUSE_QUERY_TIMEOUT_S for `medstream sql`)",
+    "Code: 241": " (the query was cancelled at its memory limit: "
+    "MEDSTREAM_CLICKHOUSE_QUERY_MAX_MEMORY_MB)",
+}
+
+
+def _row_bytes(row: Any) -> int:
+    """About how many bytes a result row takes (text length; 8 per number)."""
+    return sum(
+        len(value) if isinstance(value, str | bytes) else 8 if isinstance(value, int | float)
+        else len(str(value))
+        for value in row
+    )
+
+
+def _hide_filters(message: str, settings: dict[str, Any]) -> str:
+    """An engine error without the text of the row filters it may quote (an error that
+    echoes the query echoes its settings too; a query's own SETTINGS are refused, so any
+    there are medstream's)."""
+    echoed = message.find(" SETTINGS ")
+    if echoed >= 0 and "additional_table_filters" in message[echoed:]:
+        suffix = re.search(r"\. \([A-Z_]+\)$", message)
+        message = message[:echoed] + " SETTINGS <hidden>" + (suffix.group(0) if suffix else "")
+    for text in (settings.get("additional_table_filters") or {}).values():
+        message = message.replace(str(text), "<organisation filter>")
+    return _ORGANISATION_FILTER.sub("<organisation filter>", message)
 
 
 def _clean_error(message: str) -> str:
@@ -198,105 +342,6 @@ def _clean_error(message: str) -> str:
     text = re.sub(r"^(?:Code: \d+\. DB::Exception: )+", "", text)
     text = re.split(r" \(version [\d.]+\)|\. Stack trace|\n", text)[0].strip()
     return f"Code: {code}. {text}"
-
-
-def _governed_settings(settings: Any) -> dict[str, Any] | None:
-    """The settings a gateway request may add: ``readonly=1``, row filters, and scalar
-    subqueries left unfolded for a governed check (they narrow, never widen, what a query
-    sees)."""
-    if not settings:
-        return None
-    allowed = {"readonly", "additional_table_filters", "enable_scalar_subquery_optimization"}
-    if not isinstance(settings, dict) or set(settings) - allowed:
-        raise QueryError(f"a query may only add the settings {sorted(allowed)}")
-    if settings.get("readonly", 1) != 1:
-        raise QueryError("a query may only tighten readonly to 1")
-    if settings.get("enable_scalar_subquery_optimization", 0) != 0:
-        raise QueryError("scalar subquery optimisation may only be turned off")
-    return {"readonly": 1, **settings}
-
-
-class QueryGateway:
-    """Serves read-only queries on an engine this process owns (POST /query, JSON)."""
-
-    def __init__(self, client: Client, lock: threading.Lock, database: str, port: int = 0) -> None:
-        gateway = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server naming)
-                length = int(self.headers.get("Content-Length", "0"))
-                request = json.loads(self.rfile.read(length) or b"{}")
-                try:
-                    with gateway.lock:
-                        result = run_read_only(
-                            gateway.client,
-                            str(request.get("sql", "")),
-                            gateway.database,
-                            int(request.get("timeout_s", 60)),
-                            int(request.get("max_rows", USER_MAX_ROWS)),
-                            _governed_settings(request.get("settings")),
-                        )
-                    body = {
-                        "columns": result.columns,
-                        "rows": result.rows,
-                        "truncated": result.truncated,
-                    }
-                    status = 200
-                except QueryError as exc:
-                    body, status = {"error": str(exc)}, 400
-                payload = json.dumps(body, default=str).encode()
-                self.send_response(status)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(payload)))
-                self.end_headers()
-                self.wfile.write(payload)
-
-            def log_message(self, format: str, *args: Any) -> None:
-                return  # queries may carry patient pseudonyms; they are not logged here
-
-        self.client = client
-        self.lock = lock
-        self.database = database
-        self._server = ThreadingHTTPServer(("127.0.0.1", port), Handler)
-        self.port = int(self._server.server_address[1])
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
-
-    @property
-    def url(self) -> str:
-        """Where the gateway listens."""
-        return f"http://127.0.0.1:{self.port}/query"
-
-    def start(self) -> None:
-        """Serve in a background thread."""
-        self._thread.start()
-
-    def stop(self) -> None:
-        """Stop serving."""
-        self._server.shutdown()
-        self._server.server_close()
-
-
-def query_via_gateway(
-    url: str,
-    sql: str,
-    timeout_s: int = 60,
-    max_rows: int = USER_MAX_ROWS,
-    settings: dict[str, Any] | None = None,
-) -> QueryResult:
-    """Send one read-only query to a running gateway (``settings`` as for run_read_only)."""
-    body = {"sql": sql, "timeout_s": timeout_s, "max_rows": max_rows, "settings": settings}
-    request = urllib.request.Request(
-        url,
-        data=json.dumps(body).encode(),
-        headers={"Content-Type": "application/json"},
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout_s + 10) as response:
-            body = json.loads(response.read())
-    except urllib.error.HTTPError as exc:
-        body = json.loads(exc.read() or b"{}")
-        raise QueryError(body.get("error", f"HTTP {exc.code}")) from exc
-    return QueryResult(body["columns"], body["rows"], body["truncated"])
 
 
 def open_clickhouse(ch: ClickHouseSettings, runtime: RuntimeSettings) -> Client:

@@ -41,8 +41,8 @@ from medstream.access import (
     UserStore,
 )
 from medstream.alert_actions import AlertActionError, AlertState, send_action
-from medstream.audit import AuditError, AuditTrail
-from medstream.clickhouse import QueryError, QueryResult, sql_string
+from medstream.audit import AuditError, AuditTrail, statement_digest
+from medstream.clickhouse import QueryError, QueryRefused, QueryResult, sql_string
 from medstream.settings import (
     ALERTS_TOPIC,
     ConsoleSettings,
@@ -127,14 +127,25 @@ class Querier:
     """Runs read-only queries as the console's service account (through a running
     pipeline's query endpoint, or on a ClickHouse server)."""
 
-    def __init__(self, run: Callable[[str, dict[str, Any] | None, int], QueryResult]) -> None:
+    def __init__(
+        self,
+        run: Callable[[str, dict[str, Any] | None, int, int], QueryResult],
+        timeout_s: int = 60,
+    ) -> None:
+        """``run(sql, settings, max_rows, timeout_s)``; ``timeout_s`` bounds each query
+        unless a call names its own."""
         self._run = run
+        self.timeout_s = timeout_s
 
     def __call__(
-        self, sql: str, settings: dict[str, Any] | None = None, max_rows: int = 10_000
+        self,
+        sql: str,
+        settings: dict[str, Any] | None = None,
+        max_rows: int = 10_000,
+        timeout_s: int | None = None,
     ) -> QueryResult:
-        """One query; QueryError on failure."""
-        return self._run(sql, settings, max_rows)
+        """One query; QueryError on failure (also when it timed out or got no answer)."""
+        return self._run(sql, settings, max_rows, timeout_s or self.timeout_s)
 
 
 class AlertBoard:
@@ -283,9 +294,13 @@ class Console:
         return web.Response(body=body, content_type=content_type, charset="utf-8")
 
     async def health(self, _request: web.Request) -> web.Response:
-        """200 once the alert stream is live (a readiness probe)."""
+        """200 once the alert stream is live and while its background threads run (a
+        readiness and liveness probe): a stopped alert stream or reconcile is a 503."""
         if not self.ready.is_set():
             return web.json_response({"ready": False}, status=503)
+        stopped = [thread.name for thread in self._threads if not thread.is_alive()]
+        if stopped:
+            return web.json_response({"ready": False, "stopped": stopped}, status=503)
         return web.json_response({"ready": True, "alerts": len(self.board.alerts)})
 
     # ------------------------------------------------------------------ sessions
@@ -588,6 +603,8 @@ class Console:
                         self._loop.call_soon_threadsafe(self._forget_stale)
             except QueryError as exc:
                 log.warning("console reconcile: %s", exc)
+            except Exception:  # one bad round must not end the thread; /healthz watches it
+                log.exception("console reconcile failed; trying again")
             self._stop.wait(RESYNC_S)
 
     def _load_alerts(self, since: datetime) -> None:
@@ -820,7 +837,14 @@ class Console:
             ) from exc
 
     async def sql(self, request: web.Request) -> web.StreamResponse:
-        """Governed read-only SQL: ``{"sql": ..., "format": "json"|"csv"|"arrow"}``."""
+        """Governed read-only SQL: ``{"sql": ..., "format": "json"|"csv"|"arrow"}``, sent
+        as application/json (a form or text/plain post from another site is refused)."""
+        if request.headers.get("Authorization", "").startswith("Basic "):
+            self._check_csrf(request, None)  # scripts send no Origin; a web page does
+        if request.content_type != "application/json":
+            return web.json_response(
+                {"error": "send the query as application/json"}, status=415
+            )
         user = await self._user_for_api(request)
         channel = "http" if request.headers.get("Authorization") else "console"
         try:
@@ -831,19 +855,29 @@ class Console:
         if output not in ("json", "csv", "arrow"):
             return web.json_response({"error": "format is json, csv or arrow"}, status=400)
         loop = asyncio.get_running_loop()
-        max_rows = self.settings.sql_max_rows
+        max_rows, timeout_s = self.settings.sql_max_rows, self.settings.sql_timeout_s
         try:
             governed = await loop.run_in_executor(None, self.governor.check, user, statement)
-            result = await loop.run_in_executor(
-                None, lambda: self.query(governed.sql, governed.settings, max_rows)
-            )
         except QueryError as exc:
             await self._audit(user.name, user.role, "query", "refused", request, channel,
+                              target=statement_digest(statement),
                               detail=scrub_text(f"{statement}\n-- refused: {exc}").text)
+            return web.json_response({"error": str(exc)}, status=400)
+        ran = governed.sql  # audited in full with its digest: exactly the text that runs
+        try:
+            result = await loop.run_in_executor(
+                None, lambda: self.query(ran, governed.settings, max_rows, timeout_s)
+            )
+        except QueryError as exc:  # refused by the check, timed out, or an engine error
+            outcome = "refused" if isinstance(exc, QueryRefused) else "failed"
+            await self._audit(user.name, user.role, "query", outcome, request, channel,
+                              target=statement_digest(ran),
+                              detail=scrub_text(f"{ran}\n-- failed: {exc}").text)
             return web.json_response({"error": str(exc)}, status=400)
         try:
             await self._audit(user.name, user.role, "query", "ok", request, channel,
-                              detail=scrub_text(statement).text, rows=len(result.rows))
+                              target=statement_digest(ran), detail=scrub_text(ran).text,
+                              rows=len(result.rows))
         except AuditError as exc:
             return web.json_response({"error": f"{exc}: the result is withheld"}, status=503)
         try:

@@ -213,6 +213,22 @@ class ClickHouseSettings(BaseSettings):
         "uses the system's trusted CAs",
     )
     query_timeout_s: int = Field(default=60, description="max execution time of `medstream sql`")
+    query_max_memory_mb: int = Field(
+        default=2048, description="memory one read-only query may use (MB; past it, cancelled)"
+    )
+    query_max_result_mb: int = Field(
+        default=64,
+        description="result size of one read-only query (MB; a bigger result is cut and "
+        "marked truncated)",
+    )
+    query_max_threads: int = Field(
+        default=2, description="threads one read-only query may use (the rest stay for ingestion)"
+    )
+    query_concurrency: int = Field(
+        default=2,
+        description="read-only queries the embedded engine's query endpoint runs at once "
+        "(more wait 5 s, then are refused as busy)",
+    )
     cluster: str = Field(
         default="",
         description="ClickHouse cluster (remote_servers name) whose replicas all get the tables: "
@@ -354,6 +370,11 @@ class RuntimeSettings(BaseSettings):
     def runtime_file(self) -> Path:
         """The file a running `medstream up` writes its endpoints to."""
         return self.data_dir / "runtime.json"
+
+    @property
+    def query_token_file(self) -> Path:
+        """The secret (owner-only) that every client of the query endpoint must send."""
+        return self.data_dir / "query.token"
 
     @property
     def chdb_path(self) -> Path:

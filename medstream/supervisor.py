@@ -30,7 +30,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from medstream.access import ALL_ORGANISATIONS, UserStore
 from medstream.audit import AuditError, AuditTrail
-from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult, query_via_gateway
+from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult
+from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.runtime import (
     Broker,
     EmbeddedRuntimeError,
@@ -480,9 +481,11 @@ class Supervisor:
 
         assert self.query_url is not None
         url = self.query_url
+        token_file = self.runtime.query_token_file
 
         def query(sql: str):  # type: ignore[no-untyped-def]
-            return query_via_gateway(url, sql, max_rows=PROOF_MAX_ROWS)
+            token = read_query_token(token_file)  # a restarted sink writes a new one
+            return query_via_gateway(url, sql, max_rows=PROOF_MAX_ROWS, token=token)
 
         try:
             report = reconcile(query, self.clickhouse.database, since, datetime.now(tz=UTC))
@@ -599,6 +602,7 @@ class Supervisor:
             self.runtime.runtime_file.unlink()
         except FileNotFoundError:
             pass
+        self.runtime.query_token_file.unlink(missing_ok=True)  # a killed sink left it
         failed = [
             c
             for c in self.children

@@ -19,7 +19,8 @@ from pathlib import Path
 
 import pytest
 
-from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, query_via_gateway
+from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult
+from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.reconcile import check_labels, read_labels, reconcile
 from medstream.runtime import free_port, wait_for_port
 from tests.waiting import require_kafka, wait_for
@@ -92,7 +93,7 @@ def test_up_runs_everything_and_every_event_is_accounted_for(tmp_path: Path) -> 
         medstream("sql", "DROP TABLE medstream.lab_result"),
         env=env_for(data_dir), capture_output=True, text=True, timeout=120,
     )
-    assert refused.returncode == 1 and "readonly" in refused.stderr.lower()
+    assert refused.returncode == 1 and "read-only select" in refused.stderr.lower()
 
 
 
@@ -139,7 +140,9 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     processes.append(simulator)
 
     def stored(url: str) -> int:
-        return int(query_via_gateway(url, "SELECT count() FROM medstream.lab_result").rows[0][0])
+        token = read_query_token(data_dir / "query.token")  # each sink start writes its own
+        counted = query_via_gateway(url, "SELECT count() FROM medstream.lab_result", token=token)
+        return int(counted.rows[0][0])
 
     wait_for(lambda: stored(gateway) > 300, 120, "first rows stored")
     assert simulator.poll() is None, "the simulator finished before the crash: not mid-run"
@@ -151,7 +154,8 @@ def test_sink_killed_mid_run_and_restarted_still_stores_exactly_once(
     published = json.loads(report.read_text())["messages"]
 
     def query(sql: str) -> QueryResult:
-        return query_via_gateway(gateway, sql, max_rows=PROOF_MAX_ROWS)
+        token = read_query_token(data_dir / "query.token")
+        return query_via_gateway(gateway, sql, max_rows=PROOF_MAX_ROWS, token=token)
 
     from datetime import timedelta
 

@@ -21,7 +21,7 @@ from medstream.access import (
     query_text,
     refresh_analyst_views,
 )
-from medstream.clickhouse import QueryError, QueryResult, migrate, run_read_only
+from medstream.clickhouse import QueryError, QueryResult, connect, migrate, run_read_only
 from sinks.dictionary import refresh_data_dictionary
 
 PASSWORD = "correct horse battery"
@@ -259,16 +259,15 @@ def test_governed_queries_pass_through_the_running_pipelines_query_endpoint(
     """While `medstream up` runs, the console and `medstream sql --user` reach the engine
     through the sink's query endpoint: it must accept the settings a governed check uses,
     and only those."""
-    import threading
+    from medstream.query_endpoint import QueryGateway, query_via_gateway
 
-    from medstream.clickhouse import QueryGateway, query_via_gateway
-
-    gateway = QueryGateway(clickhouse, threading.Lock(), governed_db)
+    token = "t" * 40
+    gateway = QueryGateway(lambda: connect(f"chdb://{clickhouse.path}"), governed_db, token)
     gateway.start()
     try:
         def run(sql: str, settings: dict[str, object] | None = None,
                 rows: int = 1000) -> QueryResult:
-            return query_via_gateway(gateway.url, sql, 30, rows, settings)
+            return query_via_gateway(gateway.url, sql, 30, rows, settings, token=token)
 
         governor = QueryGovernor(governed_db, run)
         checked = governor.check(
