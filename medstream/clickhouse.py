@@ -11,7 +11,6 @@ checks what it reaches (medstream.sqlcheck) and bounds it.
 from __future__ import annotations
 
 import re
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -202,10 +201,9 @@ def checked_statement(
         try:
             # No settings: the driver then adds no SETTINGS clause, so every Set node in
             # the tree is the statement's own.
-            parsed = client.query(f"EXPLAIN AST {statement}")
+            lines = explain_lines(client, f"EXPLAIN AST {statement}")
         except Exception as exc:
             raise QueryError(_clean_error(str(exc))) from exc
-        lines = [str(row[0]) for row in parsed.result_rows]
         tables = sqlcheck.statement_tables("\n".join(lines), statement, _local_tables(client))
         allowed = frozenset({database, f"{database}_analyst"})
         refused = sorted(t for t in tables if not sqlcheck.allowed_table(t, allowed))
@@ -219,21 +217,51 @@ def checked_statement(
     return kind, statement, lines
 
 
-_local_cache: dict[int, tuple[float, frozenset[str]]] = {}
+def explain_lines(
+    client: Client, explain: str, settings: dict[str, Any] | None = None
+) -> list[str]:
+    """The lines of an EXPLAIN, each exactly as the engine wrote it.
+
+    Read raw: the driver's query() takes any statement ending in LIMIT 0 for a column probe
+    (and fails on EXPLAIN's rows). The engine writes EXPLAIN as TabSeparated, escaping
+    newlines, so splitting on real newlines never lets a string literal pass for a line of
+    the tree; the escapes are then undone."""
+    if settings:
+        # A SETTINGS clause of its own, as query() would add: the driver applies raw_query's
+        # settings to an embedded engine by SET, and cannot undo a SET readonly.
+        clause = ", ".join(f"{name} = {_setting_literal(v)}" for name, v in settings.items())
+        explain = f"{explain}\n SETTINGS {clause}"
+    raw = client.raw_query(explain, fmt=sqlcheck.EXPLAIN_FORMAT)
+    return [_TSV_ESCAPE.sub(_unescape, line) for line in raw.decode("utf-8").split("\n") if line]
+
+
+def _setting_literal(value: Any) -> str:
+    """A setting value as a ClickHouse literal (maps for additional_table_filters)."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, dict):
+        pairs = ", ".join(f"{sql_string(str(k))}: {_setting_literal(v)}" for k, v in value.items())
+        return "{" + pairs + "}"
+    return sql_string(str(value))
+
+
+_TSV_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
+_TSV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "b": "\b", "f": "\f"}
+
+
+def _unescape(match: re.Match[str]) -> str:
+    return _TSV_ESCAPES.get(match.group(1), match.group(1))
 
 
 def _local_tables(client: Client) -> frozenset[str]:
-    """Tables of the client's current database (what an unqualified name reaches); read
-    again after a minute."""
-    now = time.monotonic()
-    cached = _local_cache.get(id(client))
-    if cached is None or now - cached[0] > 60:
-        rows = client.query(
-            "SELECT name FROM system.tables WHERE database = currentDatabase()"
-        ).result_rows
-        cached = (now, frozenset(str(row[0]) for row in rows))
-        _local_cache[id(client)] = cached
-    return cached[1]
+    """Tables of the client's current database (what an unqualified name reaches), read for
+    each check: a cached list would miss a table created since."""
+    rows = client.query(
+        "SELECT name FROM system.tables WHERE database = currentDatabase()"
+    ).result_rows
+    return frozenset(str(row[0]) for row in rows)
 
 
 def run_read_only(
@@ -275,10 +303,10 @@ def run_read_only(
         # Streamed, so a result is cut (and the query cancelled) once it passes max_rows or
         # the byte limit, whatever the engine's own accounting of constant columns says.
         if kind is not None:  # EXPLAIN QUERY TREE: a small text, and chdb cannot stream it
-            explained = client.query(sql, settings=engine_settings)
+            explained = explain_lines(client, sql, engine_settings)
             return QueryResult(
-                list(explained.column_names), [list(r) for r in explained.result_rows][:max_rows],
-                truncated=len(explained.result_rows) > max_rows,
+                ["explain"], [[line] for line in explained[:max_rows]],
+                truncated=len(explained) > max_rows,
             )
         with client.query_row_block_stream(sql, settings=engine_settings) as stream:
             columns = list(stream.source.column_names)

@@ -53,6 +53,10 @@ SYSTEM_TABLES: Final = frozenset({
     "system.one", "system.numbers", "system.numbers_mt", "system.zeros", "system.zeros_mt",
     "system.databases", "system.tables", "system.columns",
 })
+#: The format EXPLAIN output is read in (medstream.clickhouse.explain_lines).
+EXPLAIN_FORMAT: Final = "TabSeparated"
+# What the driver appends to a statement: Native for query(), EXPLAIN_FORMAT for EXPLAIN.
+_DRIVER_FORMATS: Final = frozenset({"Native", EXPLAIN_FORMAT})
 _CLAUSES = "INTO OUTFILE, FORMAT and SETTINGS clauses are not allowed here"
 
 
@@ -97,10 +101,18 @@ def ast_nodes(tree: str) -> list[AstNode]:
 
 
 def cte_names(statement: str) -> set[str]:
-    """Names the statement defines with ``WITH name AS (...)`` (table-valued CTEs)."""
-    text = strip_literals(statement)
+    """Names the statement defines with ``WITH name AS (...)`` (table-valued CTEs); text in
+    string literals and comments defines nothing."""
+    text = _LITERAL_OR_COMMENT.sub(
+        lambda match: "''" if match.group(0).startswith("'") else " ", statement
+    )
     return set(re.findall(r"(?:\bWITH\b|,)\s*`?([A-Za-z_][A-Za-z0-9_]*)`?\s+AS\s*\(",
                           text, re.IGNORECASE))
+
+
+# Left to right, so a quote inside a comment and a comment marker inside a literal are
+# each read as what they are inside.
+_LITERAL_OR_COMMENT = re.compile(r"'(?:[^'\\]|\\.)*'|--[^\n]*|/\*.*?\*/", re.DOTALL)
 
 
 def strip_literals(sql: str) -> str:
@@ -154,8 +166,9 @@ def statement_tables(
     last = len(nodes) - 1
     for index, node in enumerate(nodes):
         if node.depth == 1 and node.kind != "ExpressionList":
-            # The driver's own trailing FORMAT Native is the only other clause allowed.
-            if not (index == last and node.kind == "Identifier" and node.name == "Native"):
+            # The driver's own trailing FORMAT is the only other clause allowed (a statement
+            # with a FORMAT of its own does not parse once the driver adds one).
+            if not (index == last and node.kind == "Identifier" and node.name in _DRIVER_FORMATS):
                 raise StatementRefused(_CLAUSES)
         if node.kind == "Set":
             raise StatementRefused(
