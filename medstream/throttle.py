@@ -4,11 +4,12 @@ without letting a stranger lock a user out.
 An attempt is counted when it starts, before the password hash is checked, so requests
 sent in parallel cannot all slip in before the first failure is recorded; attempts in
 flight count against the same budgets as recorded failures, and only a few may hash at
-once per name and per address (one more, sent meanwhile, is refused and counted as a
-failure). Failures are counted per (name, address), so someone
-guessing from elsewhere does not lock the user out at their own workstation. Two wider
-budgets stop spraying: failures per address across names, and failures per name across
-addresses; the last one spares the addresses the name recently signed in from.
+once per name and per address (one more, sent meanwhile, is refused, and counted as a
+failure unless the name signed in from that address before). Failures are counted per
+(name, address), so someone guessing from elsewhere does not lock the user out at their
+own workstation. Two wider budgets stop spraying: failures per address across names, and
+failures per name across addresses; the last one spares the addresses the name recently
+signed in from.
 
 State is in memory, per console process: a restart forgets it (and several console
 replicas each keep their own), which bounds guessing per process and window, not globally.
@@ -104,7 +105,9 @@ class SignInThrottle:
         if busy or by_address.in_flight >= CONCURRENT_PER_ADDRESS:
             # Counted like a failure: its password was never checked, but a person does not
             # sign in several times at once; a guesser sending in parallel spends the budget.
-            self.refused(name, address)
+            # A script's parallel requests from where it signed in before are only refused.
+            if not known:
+                self.refused(name, address)
             raise Throttled("too many sign-ins at once: try again in a second", 1)
         for window in (pair, by_name, by_address):
             window.in_flight += 1

@@ -38,6 +38,20 @@ def test_attempts_in_flight_count_and_only_a_few_hash_at_once() -> None:
     assert 0 < refused.value.retry_after_s <= WINDOW_S + 1
 
 
+def test_parallel_requests_of_a_script_that_signed_in_are_refused_not_counted() -> None:
+    throttle = SignInThrottle(Clock())
+    throttle.succeeded(throttle.begin("analyst.east", "10.0.0.2"))
+    for _ in range(ADDRESS_FAILURE_LIMIT + 1):
+        running = [throttle.begin("analyst.east", "10.0.0.2") for _ in range(CONCURRENT_PER_NAME)]
+        with pytest.raises(Throttled, match="at once"):
+            throttle.begin("analyst.east", "10.0.0.2")
+        for attempt in running:
+            throttle.succeeded(attempt)
+    # Neither the script nor another user at that address is held back.
+    throttle.succeeded(throttle.begin("analyst.east", "10.0.0.2"))
+    throttle.succeeded(throttle.begin("mon.east", "10.0.0.2"))
+
+
 def test_failures_expire_and_a_success_clears_its_own_address() -> None:
     clock = Clock()
     throttle = SignInThrottle(clock)
