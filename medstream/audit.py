@@ -6,14 +6,20 @@ broker's acknowledgement, and whoever records fails closed: a query whose audit 
 not accepted shows no rows, an action that could not be audited is not taken. A command
 that owns the embedded engine itself (no running pipeline, no Kafka) inserts the event
 directly instead.
+
+The broker takes records from anyone who can reach it, so each audit record carries an
+HMAC of its key and value under the audit key (``medstream.keys.AUDIT_KEY``) in a Kafka
+header; the sink stores only records whose code matches and dead-letters the others.
 """
 
 from __future__ import annotations
 
 import getpass
 import hashlib
+import hmac
 import logging
 import queue
+import struct
 import threading
 import time
 import uuid
@@ -33,7 +39,7 @@ log = logging.getLogger("medstream.audit")
 
 ACTIONS: Final = (
     "sign_in", "sign_in_failed", "sign_out", "query", "alert_acknowledge", "alert_resolve",
-    "config_change",
+    "config_change", "request_refused", "audit_read",
 )
 OUTCOMES: Final = ("ok", "refused", "failed")
 CHANNELS: Final = ("console", "http", "cli", "workers")
@@ -45,6 +51,40 @@ COLUMNS: Final = (
     "event_time", "actor", "actor_role", "channel", "action", "outcome", "target", "rows",
     "client_address", "detail",
 )
+
+
+#: Kafka header holding an audit record's authentication code.
+AUDIT_MAC_HEADER: Final = "medstream-audit-mac"
+_MAC_LABEL: Final = b"medstream.audit.mac.v1"
+_LENGTH: Final = struct.Struct(">I")
+
+
+def audit_mac(key: bytes, record_key: bytes | None, value: bytes) -> bytes:
+    """The authentication code of one audit record: HMAC-SHA256 under the audit key over
+    its Kafka key and value (length-prefixed, so no bytes can move between the two)."""
+    mac = hmac.new(key, _MAC_LABEL, hashlib.sha256)
+    for part in (record_key or b"", value):
+        mac.update(_LENGTH.pack(len(part)) + part)
+    return mac.digest()
+
+
+def audit_refusal(
+    key: bytes, record_key: bytes | None, value: bytes, headers: list[tuple[str, bytes]]
+) -> tuple[str, str] | None:
+    """Why an audit record must not be stored, as (``no_code`` or ``wrong_code``, reason),
+    or None when it was written by a holder of the audit key."""
+    codes = [v for name, v in headers if name == AUDIT_MAC_HEADER]
+    if not codes:
+        return "no_code", (
+            f"unauthenticated audit record: no {AUDIT_MAC_HEADER} header (medstream's audit "
+            "writers always add one; this record was produced by something else)"
+        )
+    if len(codes) > 1 or not hmac.compare_digest(codes[0], audit_mac(key, record_key, value)):
+        return "wrong_code", (
+            f"unauthenticated audit record: its {AUDIT_MAC_HEADER} does not match (forged or "
+            "altered, or written with another MEDSTREAM_AUDIT_KEY than the sink's)"
+        )
+    return None
 
 
 class AuditError(RuntimeError):
@@ -109,10 +149,15 @@ class AuditTrail:
         registry: serde.SchemaRegistry | None = None,
         insert: Callable[[dict[str, Any]], None] | None = None,
         timeout_s: float = 10.0,
+        key: bytes | None = None,
     ) -> None:
-        """``kafka`` to publish; without it, ``insert`` stores the event directly."""
+        """``kafka`` to publish, each record authenticated with the audit ``key``; without
+        Kafka, ``insert`` stores the event directly."""
         if kafka is None and insert is None:
             raise ValueError("an audit trail needs Kafka or a direct insert")
+        if kafka is not None and not key:
+            raise ValueError("an audit trail on Kafka needs the audit key (MEDSTREAM_AUDIT_KEY)")
+        self._key = key or b""
         self.timeout_s = timeout_s
         self._insert = insert
         self._producer: Producer | None = None
@@ -145,10 +190,11 @@ class AuditTrail:
             delivered.set()
 
         try:
+            record_key, value = event["audit_id"].encode(), self._serialize(event)
             with self._lock:
                 self._producer.produce(
-                    self.topic, key=event["audit_id"].encode(), value=self._serialize(event),
-                    on_delivery=on_delivery,
+                    self.topic, key=record_key, value=value, on_delivery=on_delivery,
+                    headers=[(AUDIT_MAC_HEADER, audit_mac(self._key, record_key, value))],
                 )
                 deadline = time.monotonic() + self.timeout_s
                 while not delivered.is_set() and time.monotonic() < deadline:

@@ -36,10 +36,12 @@ from medstream.clickhouse import (
     run_read_only,
     sql_string,
 )
+from medstream.keys import AUDIT_KEY, DEAD_LETTER_SECRET, SecretRefused, resolve_secret
 from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.runtime import RuntimeState
 from medstream.settings import (
     SETTINGS_MODELS,
+    AuditSettings,
     ClickHouseSettings,
     KafkaSettings,
     ProcessingGuarantee,
@@ -69,6 +71,26 @@ MetricsPort = Annotated[int, typer.Option(help="serve Prometheus /metrics on thi
 def _fail(message: str, code: int = 1) -> NoReturn:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)
+
+
+def _audit_key() -> bytes:
+    """The audit key of this host (MEDSTREAM_AUDIT_KEY or the data directory's); a missing
+    or refused key stops the command with the remedy."""
+    try:
+        return resolve_secret(AUDIT_KEY, AuditSettings().key, RuntimeSettings().data_dir)
+    except SecretRefused as exc:
+        _fail(str(exc), 2)
+
+
+def _dead_letter_secret() -> bytes:
+    """The dead-letter sealing secret (MEDSTREAM_SINK_DEAD_LETTER_SECRET or the data
+    directory's); a missing or refused one stops the command with the remedy."""
+    try:
+        return resolve_secret(
+            DEAD_LETTER_SECRET, SinkSettings().dead_letter_secret, RuntimeSettings().data_dir
+        )
+    except SecretRefused as exc:
+        _fail(str(exc), 2)
 
 
 def _kafka_for_client() -> KafkaSettings:
@@ -215,7 +237,17 @@ def broker(
             _fail(str(exc))
         typer.echo(f"Apache Kafka {kafka_broker.kafka_version()} jars ready in {libs}")
         return
-    runtime.data_dir.mkdir(parents=True, exist_ok=True)
+    from medstream.keys import ensure_data_dir_secrets
+    from medstream.runtime import private_data_dir
+
+    os.umask(0o077)  # the broker's data is owner-only, like everything in the data directory
+    warning = private_data_dir(runtime.data_dir)
+    if warning:
+        typer.echo(f"warning: {warning}", err=True)
+    try:  # the components run beside this broker share the data directory's keys
+        ensure_data_dir_secrets(runtime.data_dir)
+    except SecretRefused as exc:
+        _fail(str(exc), 2)
     try:
         embedded = start_embedded_broker(runtime, lambda line: typer.echo(line, err=True))
     except EmbeddedRuntimeError as exc:
@@ -286,11 +318,12 @@ def sink(
 ) -> None:
     """Run the ClickHouse sink (norm.*, alerts, dlq and the raw ledger)."""
     from schemas.serde import registry_from_url
-    from sinks.clickhouse import ClickHouseSink, SinkFailed
+    from sinks.clickhouse import ClickHouseSink, SinkFailed, SinkKeys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kafka = _kafka_for_client()
     ch, runtime = ClickHouseSettings(), RuntimeSettings()
+    keys = SinkKeys(_dead_letter_secret(), _audit_key())
     client = open_clickhouse(ch, runtime)
     applied, _, _ = _prepare_database(client, ch)
     if applied:
@@ -310,7 +343,8 @@ def sink(
         gateway.start()
     _start_metrics(metrics_port)
     writer = ClickHouseSink(
-        kafka, SinkSettings(), client, ch.database, registry_from_url(RegistrySettings().url), lock
+        kafka, SinkSettings(), client, ch.database, registry_from_url(RegistrySettings().url), lock,
+        keys=keys,
     )
     signal.signal(signal.SIGTERM, lambda *_: writer.stop())
     signal.signal(signal.SIGINT, lambda *_: writer.stop())
@@ -340,10 +374,12 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     kafka = _kafka_for_client()
     registry = registry_from_url(RegistrySettings().url)
     try:
-        faust_app = create_app(kafka, StreamSettings(), registry)
+        faust_app = create_app(
+            kafka, StreamSettings(), registry, data_dir=RuntimeSettings().data_dir
+        )
     except ValueError as exc:
         _fail(str(exc), 2)
-    audit = BackgroundAudit(AuditTrail(kafka, registry))
+    audit = BackgroundAudit(AuditTrail(kafka, registry, key=_audit_key()))
     worker_name = f"medstream-streams@{socket.gethostname()}:{os.getpid()}"
     on_reload(config_change_recorder(audit, worker_name))
     _start_metrics(metrics_port)
@@ -604,7 +640,7 @@ def _query_and_audit(
     registry = registry_from_url(RegistrySettings().url)
     if state is not None and state.query_url and not ch.url:
         url, token = state.query_url, _query_token(runtime)
-        trail = AuditTrail(kafka, registry)
+        trail = AuditTrail(kafka, registry, key=_audit_key())
 
         def via_gateway(
             sql: str, settings: dict[str, Any] | None = None, rows: int = max_rows
@@ -625,7 +661,7 @@ def _query_and_audit(
             migrate(client, ch.database, ch.cluster)  # the audit table must exist first
             trail = AuditTrail(None, insert=direct_insert(client, ch.database))
         else:
-            trail = AuditTrail(kafka, registry)
+            trail = AuditTrail(kafka, registry, key=_audit_key())
 
 
         limits = QueryLimits.of(ch)
@@ -933,9 +969,7 @@ def dlq_show(
         _fail(f"no dead letter {dlq_id}")
     stage, reason_code, reason, topic, partition, offset, sealed = rows[0]
     try:
-        key = derive_key(
-            SinkSettings().dead_letter_secret.get_secret_value().encode(), DEAD_LETTER_PURPOSE
-        )
+        key = derive_key(_dead_letter_secret(), DEAD_LETTER_PURPOSE)
         original = unseal(bytes.fromhex(sealed), key, dlq_id.encode())
     except (SealingError, ValueError) as exc:
         _fail(f"cannot unseal dead letter {dlq_id}: {exc}")
@@ -1292,7 +1326,7 @@ def console_command(
     users = UserStore(settings.users_path(runtime))
     console = Console(
         settings, users, kafka, registry, Querier(run, settings.sql_timeout_s),
-        AuditTrail(kafka, registry),
+        AuditTrail(kafka, registry, key=_audit_key()),
         ch.database,
     )
     listen = port if port is not None else settings.port

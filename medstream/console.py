@@ -49,6 +49,7 @@ from medstream.settings import (
     KafkaSettings,
     SinkSettings,
 )
+from medstream.throttle import SignInThrottle, Throttled
 from schemas import serde
 from streams.deidentify import scrub_text
 from streams.detect import INPUT_ACKNOWLEDGE, INPUT_RESOLVE
@@ -67,8 +68,18 @@ SILENCE_RULES: Final = frozenset({"feed.silence", "device.silence"})
 RESYNC_S: Final = 3.0
 FEEDS_S: Final = 10.0
 KEEP_RESOLVED_S: Final = 6 * 3600  # resolved alerts stay on the page this long
-FAILED_SIGN_IN_LIMIT: Final = 5
-FAILED_SIGN_IN_WINDOW_S: Final = 300
+#: Longest sign-in name that can be an account (medstream.access allows 63 characters);
+#: a longer one is refused without a password check and audited cut to this length.
+SIGN_IN_NAME_MAX: Final = 64
+#: Spreadsheet programs run a cell that starts with one of these as a formula.
+CSV_FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
+SECURITY_HEADERS: Final = {
+    "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-store",
+}
 TIMELINE_HOURS: Final = 12
 TIMELINE_ROWS: Final = 200
 STATIC_FILES: Final = {
@@ -231,7 +242,7 @@ class Console:
         self.subscribers: list[Subscriber] = []
         self.feeds: dict[str, Any] = {"rows": [], "lag": None, "updated": None}
         self.governor = QueryGovernor(database, lambda sql, s, rows: query(sql, s or None, rows))
-        self._failures: dict[str, list[float]] = {}
+        self.throttle = SignInThrottle()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
@@ -263,14 +274,23 @@ class Console:
 
     @web.middleware
     async def _security_headers(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        response: web.StreamResponse = await handler(request)
-        response.headers["Content-Security-Policy"] = (
-            "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'"
-        )
-        response.headers["X-Content-Type-Options"] = "nosniff"
-        response.headers["X-Frame-Options"] = "DENY"
-        response.headers["Referrer-Policy"] = "no-referrer"
-        response.headers["Cache-Control"] = "no-store"
+        """Every response, errors included, carries the security headers; a refused
+        cross-origin or CSRF request is recorded in the audit trail."""
+        try:
+            response: web.StreamResponse = await handler(request)
+        except RequestRefused as refused:
+            await self._audit(refused.actor, refused.role, "request_refused", "refused",
+                              request, detail=f"{request.method} {request.path}: {refused}")
+            refused.headers.update(SECURITY_HEADERS)
+            raise
+        except web.HTTPException as error:
+            error.headers.update(SECURITY_HEADERS)
+            raise
+        except Exception:
+            log.exception("%s %s failed", request.method, request.path)
+            response = web.json_response({"error": "internal error"}, status=500)
+        if not response.prepared:  # a live stream set its own headers before it started
+            response.headers.update(SECURITY_HEADERS)
         return response
 
     async def _on_startup(self, _app: web.Application) -> None:
@@ -362,28 +382,61 @@ class Console:
         return f"{scheme}://{request.host}"
 
     def _check_csrf(self, request: web.Request, session: Session | None) -> None:
+        actor, role = (session.user_name, session.role) if session else ("", "")
         origin = request.headers.get("Origin")
         if origin is not None and origin != self._origin(request):
-            raise web.HTTPForbidden(
-                text=_error("cross-origin request refused"), content_type="application/json"
-            )
+            raise RequestRefused("cross-origin request refused", actor, role)
         if session is not None and not secrets.compare_digest(
             request.headers.get("X-CSRF-Token", ""), session.csrf
         ):
-            raise web.HTTPForbidden(
-                text=_error("missing or wrong CSRF token"), content_type="application/json"
-            )
+            raise RequestRefused("missing or wrong CSRF token", actor, role)
+
+    def _https(self, request: web.Request) -> bool:
+        """True when browsers reach the console over HTTPS (directly or through the proxy)."""
+        return self._origin(request).startswith("https://")
 
     async def get_session(self, request: web.Request) -> web.Response:
         """Who is signed in, with the CSRF token the page sends back on every change."""
         user, token = self._user_of(request)
         return web.json_response({"user": user.public(), "csrf": self.sessions[token].csrf})
 
-    def _throttled(self, key: str) -> bool:
-        now = time.time()
-        recent = [t for t in self._failures.get(key, []) if now - t < FAILED_SIGN_IN_WINDOW_S]
-        self._failures[key] = recent
-        return len(recent) >= FAILED_SIGN_IN_LIMIT
+    async def _authenticate(
+        self, name: str, password: str, request: web.Request, channel: str,
+        challenge: dict[str, str] | None = None,
+    ) -> User:
+        """Check a sign-in (the form, or HTTP Basic with ``challenge``): throttled, counted
+        before the password hash, and every refusal audited. Raises 401 or 429."""
+        address = self._client_address(request)
+        if len(name) > SIGN_IN_NAME_MAX:  # no account has such a name: nothing to check
+            self.throttle.refused(_audit_name(name), address)
+            await self._audit(_audit_name(name), "", "sign_in_failed", "refused", request,
+                              channel, detail="sign-in failed: no user name is that long")
+            raise web.HTTPUnauthorized(
+                text=_error(SIGN_IN_FAILED), content_type="application/json", headers=challenge
+            )
+        try:
+            attempt = self.throttle.begin(name, address)
+        except Throttled as exc:
+            await self._audit(name, "", "sign_in_failed", "refused", request, channel,
+                              detail=str(exc))
+            raise web.HTTPTooManyRequests(
+                text=_error(str(exc)), content_type="application/json",
+                headers={"Retry-After": str(exc.retry_after_s)},
+            ) from exc
+        loop = asyncio.get_running_loop()
+        try:
+            user = await loop.run_in_executor(None, self.users.authenticate, name, password)
+        except BaseException as exc:
+            self.throttle.failed(attempt)
+            if not isinstance(exc, AccessError):
+                raise
+            await self._audit(name, "", "sign_in_failed", "refused", request, channel,
+                              detail=str(exc))
+            raise web.HTTPUnauthorized(
+                text=_error(str(exc)), content_type="application/json", headers=challenge
+            ) from exc
+        self.throttle.succeeded(attempt)
+        return user
 
     async def sign_in(self, request: web.Request) -> web.Response:
         """Check a name and password; start a session (cookie) on success."""
@@ -393,21 +446,7 @@ class Console:
             name, password = str(body["name"]).strip(), str(body["password"])
         except (ValueError, KeyError, TypeError):
             return web.json_response({"error": "send JSON with name and password"}, status=400)
-        address = self._client_address(request)
-        if self._throttled(name) or self._throttled(address):
-            await self._audit(name, "", "sign_in_failed", "refused", request,
-                              detail="too many failed sign-ins")
-            return web.json_response(
-                {"error": "too many failed sign-ins: wait five minutes"}, status=429
-            )
-        loop = asyncio.get_running_loop()
-        try:
-            user = await loop.run_in_executor(None, self.users.authenticate, name, password)
-        except AccessError as exc:
-            for key in (name, address):
-                self._failures.setdefault(key, []).append(time.time())
-            await self._audit(name, "", "sign_in_failed", "refused", request, detail=str(exc))
-            return web.json_response({"error": str(exc)}, status=401)
+        user = await self._authenticate(name, password, request, "console")
         try:
             await self._audit(user.name, user.role, "sign_in", "ok", request)
         except AuditError as exc:
@@ -420,7 +459,7 @@ class Console:
         response = web.json_response({"user": user.public(), "csrf": self.sessions[token].csrf})
         response.set_cookie(
             SESSION_COOKIE, token, httponly=True, samesite="Strict", path="/",
-            secure=self.settings.secure_cookies,
+            secure=self.settings.secure_cookies or self._https(request),
             max_age=int(self.settings.session_max_hours * 3600),
         )
         return response
@@ -471,7 +510,10 @@ class Console:
         """The live stream: a snapshot, then every change, feed health and heartbeats."""
         user, token = self._user_of(request)
         response = web.StreamResponse(
-            headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+            headers={
+                "Content-Type": "text/event-stream", "X-Accel-Buffering": "no",
+                **SECURITY_HEADERS,
+            }
         )
         await response.prepare(request)
         subscriber = Subscriber(user.name, token)
@@ -535,10 +577,7 @@ class Console:
         """Drop ended sessions and old failed sign-ins (runs on the event loop)."""
         for token in list(self.sessions):
             self.session_user(token)
-        for key in list(self._failures):
-            self._throttled(key)
-            if not self._failures[key]:
-                del self._failures[key]
+        self.throttle.forget_stale()
 
     def _merged(self, view: dict[str, Any]) -> None:
         changed = self.board.merge(view)
@@ -817,24 +856,8 @@ class Console:
             name, _, password = base64.b64decode(header[6:]).decode().partition(":")
         except ValueError:
             name, password = "", ""
-        address = self._client_address(request)
         challenge = {"WWW-Authenticate": 'Basic realm="medstream"'}
-        if self._throttled(name) or self._throttled(address):
-            raise web.HTTPTooManyRequests(
-                text=_error("too many failed sign-ins: wait five minutes"),
-                content_type="application/json",
-            )
-        loop = asyncio.get_running_loop()
-        try:
-            return await loop.run_in_executor(None, self.users.authenticate, name, password)
-        except AccessError as exc:
-            for key in (name, address):
-                self._failures.setdefault(key, []).append(time.time())
-            await self._audit(name[:64], "", "sign_in_failed", "refused", request, "http",
-                              detail=str(exc))
-            raise web.HTTPUnauthorized(
-                text=_error(str(exc)), content_type="application/json", headers=challenge
-            ) from exc
+        return await self._authenticate(name, password, request, "http", challenge)
 
     async def sql(self, request: web.Request) -> web.StreamResponse:
         """Governed read-only SQL: ``{"sql": ..., "format": "json"|"csv"|"arrow"}``, sent
@@ -890,8 +913,8 @@ class Console:
         if output == "csv":
             text = io.StringIO()
             writer = csv.writer(text)
-            writer.writerow(result.columns)
-            writer.writerows(result.rows)
+            writer.writerow([_csv_cell(c) for c in result.columns])
+            writer.writerows([_csv_cell(v) for v in row] for row in result.rows)
             return web.Response(text=text.getvalue(), content_type="text/csv", headers=headers)
         if output == "arrow":
             return web.Response(
@@ -909,6 +932,8 @@ class Console:
 
         user, _ = self._user_of(request)
         if not (user.permissions.read_audit and user.all_organisations):
+            await self._audit(user.name, user.role, "audit_read", "refused", request,
+                              detail="the audit log is for admins of every organisation")
             return web.json_response(
                 {"error": "the audit log is for admins of every organisation"}, status=403
             )
@@ -923,6 +948,11 @@ class Console:
             )
         except QueryError as exc:
             return web.json_response({"error": str(exc)}, status=400)
+        try:
+            await self._audit(user.name, user.role, "audit_read", "ok", request,
+                              detail=f"newest {limit} audit events", rows=len(result.rows))
+        except AuditError as exc:
+            return web.json_response({"error": f"{exc}: the audit log is withheld"}, status=503)
         return web.json_response(
             {"events": rows_of(result)}, dumps=lambda v: json.dumps(v, default=_json_value)
         )
@@ -957,6 +987,36 @@ def _json_value(value: Any) -> Any:
 
 def _error(message: str) -> str:
     return json.dumps({"error": message})
+
+
+SIGN_IN_FAILED: Final = "sign-in failed: unknown user, wrong password or disabled user"
+
+
+class RequestRefused(web.HTTPForbidden):
+    """A 403 for a cross-origin request or a missing CSRF token; the security middleware
+    records it in the audit trail (``actor`` is the session's user, if any)."""
+
+    def __init__(self, reason: str, actor: str = "", role: str = "") -> None:
+        super().__init__(text=_error(reason), content_type="application/json")
+        self.refusal, self.actor, self.role = reason, actor, role
+
+    def __str__(self) -> str:
+        return self.refusal
+
+
+def _audit_name(name: str) -> str:
+    """A sign-in name as the audit trail keeps it: one too long for an account is cut."""
+    if len(name) <= SIGN_IN_NAME_MAX:
+        return name
+    return f"{name[:SIGN_IN_NAME_MAX]}...[{len(name)} characters]"
+
+
+def _csv_cell(value: Any) -> Any:
+    """A CSV cell a spreadsheet shows as text: one starting with a formula character gets a
+    leading apostrophe (OWASP's CSV injection advice); numbers are left alone."""
+    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+        return "'" + value
+    return value
 
 
 def _ch_time(value: datetime) -> str:

@@ -20,6 +20,12 @@ RECORDS_OUT = Counter(
 DEAD_LETTERS = Counter(
     "medstream_dead_letters", "Records dead-lettered, by stage and reason", ["stage", "reason_code"]
 )
+AUDIT_REFUSED = Counter(
+    "medstream_audit_refused",
+    "Audit records the sink refused to store (dead-lettered): no authentication code, or a "
+    "wrong one (forged, altered, or written with another audit key)",
+    ["reason"],
+)
 ALERTS = Counter("medstream_alerts", "Alerts raised, by rule", ["rule_id"])
 FINDINGS = Counter(
     "medstream_findings", "Rule findings handed to the alert lifecycle, by rule", ["rule_id"]

@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import time
@@ -40,6 +41,39 @@ from medstream.settings import (
     KafkaSettings,
     RuntimeSettings,
 )
+
+
+def private_data_dir(data_dir: Path) -> str | None:
+    """Create the data directory owner-only (0700), or make an existing one so, along with
+    any file in it others could read (0600); returns a warning when something was open.
+
+    The directory holds patient data (the engine, the broker's logs, dead letters), the
+    users file and the keys. Files created later are owner-only too: `medstream up` sets
+    its umask (and so its children's) to 077.
+    """
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    mode = stat.S_IMODE(data_dir.stat().st_mode)
+    opened = []
+    if mode & 0o077:
+        data_dir.chmod(0o700)
+        opened.append(f"the directory (mode {mode:04o})")
+    files = 0
+    for root, dirs, names in os.walk(data_dir):
+        for name in [*dirs, *names]:
+            path = Path(root, name)
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode) or not stat.S_IMODE(info.st_mode) & 0o077:
+                continue
+            path.chmod(stat.S_IMODE(info.st_mode) & 0o700)
+            files += 1
+    if files:
+        opened.append(f"{files} files and directories in it")
+    if not opened:
+        return None
+    return (
+        f"the data directory {data_dir} was open to other users ({' and '.join(opened)}): "
+        "now owner-only"
+    )
 
 
 def die_with_parent() -> None:

@@ -258,8 +258,10 @@ class StreamSettings(BaseSettings):
     app_id: str = Field(default="medstream-streams", description="Faust application id / group")
     workers: int = Field(default=1, description="Faust worker processes started by `medstream up`")
     pseudonym_key: SecretStr = Field(
-        default=SecretStr("medstream-embedded-demo-key-change-me"),
-        description="HMAC key for person_key; set a real secret in production",
+        default=SecretStr(""),
+        description="HMAC key for person_key, encounter_key and the patient index tokens (at "
+        "least 32 random characters, the same on every worker); empty = the data directory's "
+        "keys/pseudonym.key, created by `medstream up`",
     )
     producer_linger_ms: int = Field(default=5, description="Faust producer linger")
     processing_guarantee: ProcessingGuarantee = Field(
@@ -330,9 +332,26 @@ class SinkSettings(BaseSettings):
     retry_initial_s: float = Field(default=0.5, description="first backoff while ClickHouse fails")
     retry_max_s: float = Field(default=30.0, description="longest backoff while ClickHouse fails")
     dead_letter_secret: SecretStr = Field(
-        default=SecretStr("medstream-embedded-demo-dead-letter-secret-change-me"),
+        default=SecretStr(""),
         description="secret sealing dead-letter payloads (AES-GCM) before ClickHouse stores "
-        "them; set a real secret in production and keep old ones to read old payloads",
+        "them (at least 32 random characters; keep old ones to read old payloads); empty = "
+        "the data directory's keys/dead-letter.key, created by `medstream up`",
+    )
+
+
+class AuditSettings(BaseSettings):
+    """The audit trail's authentication key, shared by its writers (console, CLI, workers)
+    and the sink that stores only records carrying its code."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="MEDSTREAM_AUDIT_", extra="ignore", populate_by_name=True
+    )
+
+    key: SecretStr = Field(
+        default=SecretStr(""),
+        description="HMAC key of audit records (at least 32 random characters, the same on "
+        "the console, the CLI hosts, the workers and the sink); empty = the data directory's "
+        "keys/audit.key, created by `medstream up`",
     )
 
 
@@ -440,6 +459,7 @@ SETTINGS_MODELS: tuple[type[BaseSettings], ...] = (
     RegistrySettings,
     StreamSettings,
     SinkSettings,
+    AuditSettings,
     RuntimeSettings,
     ConsoleSettings,
 )

@@ -31,6 +31,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from medstream.access import ALL_ORGANISATIONS, UserStore
 from medstream.audit import AuditError, AuditTrail
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult
+from medstream.keys import AUDIT_KEY, SecretRefused, ensure_data_dir_secrets, resolve_secret
 from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.runtime import (
     Broker,
@@ -41,10 +42,12 @@ from medstream.runtime import (
     ensure_topics,
     free_port,
     port_free,
+    private_data_dir,
     start_embedded_broker,
     wait_for_port,
 )
 from medstream.settings import (
+    AuditSettings,
     ClickHouseSettings,
     ConsoleSettings,
     KafkaSettings,
@@ -234,11 +237,21 @@ class Supervisor:
     ) -> int:
         """Start everything, supervise, stop; returns the process exit code."""
         data_dir = self.runtime.data_dir
-        data_dir.mkdir(parents=True, exist_ok=True)
+        os.umask(0o077)  # every file `up` and its components create is owner-only
+        warning = private_data_dir(data_dir)
+        if warning:
+            self.out(f"warning: {warning}")
         existing = RuntimeState.read(self.runtime)
         if existing is not None:
             self.out(f"medstream is already running for {data_dir} (pid {existing.pid})")
             return 2
+        try:
+            created = ensure_data_dir_secrets(data_dir)
+        except SecretRefused as exc:
+            self.out(f"error: {exc}")
+            return 2
+        for path in created:
+            self.out(f"created a random key, {path} (owner-only): back it up with the data")
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         try:
@@ -391,7 +404,8 @@ class Supervisor:
         store = UserStore(self.console.users_path(self.runtime))
         if not store.users():
             password = secrets.token_urlsafe(12)
-            trail = AuditTrail(kafka)
+            audit_key = resolve_secret(AUDIT_KEY, AuditSettings().key, self.runtime.data_dir)
+            trail = AuditTrail(kafka, key=audit_key)
             try:
                 trail.record(
                     actor="medstream", actor_role="operator", channel="cli",

@@ -6,6 +6,8 @@ ranges it covers, and only then commits those offsets. While ClickHouse refuses,
 flush is retried with backoff (same rows, same token) and nothing is skipped or committed.
 A sink killed between insert and commit re-reads the records and re-inserts them; every
 table is a ReplacingMergeTree on a natural key, so those rows collapse (query with FINAL).
+An audit record is stored only when it carries the authentication code of the audit key;
+any other is dead-lettered with its reason and counted in ``medstream_audit_refused``.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from clickhouse_connect.driver.exceptions import InterfaceError, OperationalErro
 from clickhouse_connect.driver.insert import InsertContext
 from confluent_kafka import Consumer, KafkaError, KafkaException, Message, TopicPartition
 
+from medstream.audit import audit_refusal
 from medstream.metrics import (
+    AUDIT_REFUSED,
     CONSUMER_LAG,
     DEAD_LETTERS,
     END_TO_END_SECONDS,
@@ -141,6 +145,15 @@ class PendingFlush:
         return hashlib.sha256(f"{self.kafka_cluster}|{table}|{spans}".encode()).hexdigest()
 
 
+@dataclass(frozen=True)
+class SinkKeys:
+    """The sink's secrets (resolved by the caller, see medstream.keys): the one sealing
+    dead-letter payloads, and the audit key that authenticates audit records."""
+
+    dead_letter_secret: bytes
+    audit_key: bytes
+
+
 class TableWriter:
     """Turns decoded records of one kind into rows in the column order of its table."""
 
@@ -167,6 +180,8 @@ class ClickHouseSink:
         registry: serde.SchemaRegistry,
         client_lock: threading.Lock | None = None,
         include_raw_ledger: bool = True,
+        *,
+        keys: SinkKeys,
     ) -> None:
         self.kafka = kafka
         self.settings = settings
@@ -186,9 +201,9 @@ class ClickHouseSink:
             else {}
         )
         self.dead_letter_columns = self.writers[kafka.topic(DLQ_TOPIC)].columns
-        self._dead_letter_key = derive_key(
-            settings.dead_letter_secret.get_secret_value().encode(), DEAD_LETTER_PURPOSE
-        )
+        self._dead_letter_key = derive_key(keys.dead_letter_secret, DEAD_LETTER_PURPOSE)
+        self._audit_key = keys.audit_key
+        self._audit_topic = kafka.topic(FACT_TOPICS["audit_log"])
         self._batches: dict[tuple[str, int], PartitionBatch] = {}
         self._rows: dict[str, list[list[Any]]] = {}
         self._consumer: Consumer | None = None
@@ -430,6 +445,15 @@ class ClickHouseSink:
             )
             return
         writer = self.writers[topic]
+        if topic == self._audit_topic:
+            headers: Any = message.headers() or []
+            refusal = audit_refusal(
+                self._audit_key, message.key(), message.value() or b"", list(headers)
+            )
+            if refusal is not None:
+                AUDIT_REFUSED.labels(refusal[0]).inc()
+                self._dead_letter(message, timestamp_ms, "audit_unauthenticated", refusal[1])
+                return
         try:
             record = writer.decode(message.value())
         except serde.SerializationError as exc:

@@ -28,6 +28,7 @@ import os
 import ssl
 import time
 from collections.abc import AsyncIterator, Mapping
+from pathlib import Path
 from typing import Any, cast
 
 import faust
@@ -43,6 +44,7 @@ from mode import BaseSignalT, CrashingSupervisor
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
 
+from medstream.keys import PSEUDONYM_KEY, resolve_secret
 from medstream.metrics import (
     CONSUMER_LAG,
     END_TO_END_SECONDS,
@@ -362,9 +364,13 @@ def create_app(
     registry: serde.SchemaRegistry,
     terminology_path: str | None = None,
     rules_path: str | None = None,
+    data_dir: Path | None = None,
 ) -> faust.App:
-    """Build the Faust app with its agents; nothing connects until the worker starts."""
+    """Build the Faust app with its agents; nothing connects until the worker starts. The
+    pseudonym key is the configured one or ``data_dir``'s (ValueError naming the setting
+    when it is missing or a published demo key)."""
     settings.check_broker(kafka)
+    secret = resolve_secret(PSEUDONYM_KEY, settings.pseudonym_key, data_dir)
     brokers = ";".join(f"medstream-kafka://{b}" for b in kafka.bootstrap_servers.split(","))
     app = StreamsApp(
         settings.app_id,
@@ -408,7 +414,6 @@ def create_app(
                 async with gate.record(event):
                     yield event
 
-    secret = settings.pseudonym_key.get_secret_value().encode()
     rules_dir = settings.rules_dir
     stage = NormaliseStage(
         kafka,

@@ -12,6 +12,7 @@ import json
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 from datetime import UTC, datetime
@@ -52,6 +53,12 @@ def test_up_runs_everything_and_every_event_is_accounted_for(tmp_path: Path) -> 
     assert re.search(r"normalise +\d+ msg/s", up.stdout), "no live status line printed"
     assert "stopped cleanly" in up.stdout
     assert not (data_dir / "runtime.json").exists()
+    # A fresh data directory is owner-only and got its own random keys (none is published).
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    keys = sorted(p.name for p in (data_dir / "keys").iterdir())
+    assert keys == ["audit.key", "dead-letter.key", "pseudonym.key"], keys
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (data_dir / "keys").iterdir()} == {0o600}
+    assert all(f"created a random key, {data_dir / 'keys' / k}" in up.stdout for k in keys)
 
     result = subprocess.run(
         medstream("reconcile", "--labels", str(labels), "--json"),

@@ -13,6 +13,7 @@ import pytest
 from clickhouse_connect.driver.client import Client
 from confluent_kafka import Consumer, Producer, TopicPartition
 
+from medstream.sealing import derive_key, unseal
 from medstream.settings import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
@@ -23,12 +24,13 @@ from medstream.settings import (
 )
 from schemas import serde
 from schemas.identity import alert_id, dead_letter_id, event_id
-from medstream.sealing import derive_key, unseal
-from sinks.clickhouse import DEAD_LETTER_PURPOSE, ClickHouseSink
+from sinks.clickhouse import DEAD_LETTER_PURPOSE, ClickHouseSink, SinkKeys
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 REGISTRY = serde.ManifestRegistry()
+#: The sink's secrets in these tests (test-only values, never a deployment's).
+KEYS = SinkKeys(b"test-only-dead-letter-secret-0123456789", b"test-only-audit-key-0123456789abcdef")
 NOW_MS = 1795000000000
 
 
@@ -145,7 +147,8 @@ def critical_alert(triggering_event_id: str) -> dict[str, Any]:
 
 def make_sink(kafka: KafkaSettings, client: Any, database: str, group: str) -> ClickHouseSink:
     return ClickHouseSink(
-        kafka, SinkSettings(group_id=group, batch_max_ms=100, retry_initial_s=0.05), client, database, REGISTRY
+        kafka, SinkSettings(group_id=group, batch_max_ms=100, retry_initial_s=0.05), client, database, REGISTRY,
+        keys=KEYS,
     )
 
 
@@ -293,9 +296,8 @@ def test_undecodable_norm_record_is_dead_lettered_by_the_sink(
 
 
 def unseal_dead_letter(sealed_hex: str, dlq_id: str, suffix: bytes = b"") -> bytes:
-    """A sealed dead-letter column (read as hex) opened with the default sink secret."""
-    secret = SinkSettings().dead_letter_secret.get_secret_value().encode()
-    key = derive_key(secret, DEAD_LETTER_PURPOSE)
+    """A sealed dead-letter column (read as hex) opened with the tests' sink secret."""
+    key = derive_key(KEYS.dead_letter_secret, DEAD_LETTER_PURPOSE)
     return unseal(bytes.fromhex(sealed_hex), key, dlq_id.encode() + suffix)
 
 
@@ -467,7 +469,8 @@ def test_a_crash_while_clickhouse_is_down_exits_instead_of_hanging(
                 raise RuntimeError("injected crash in the consuming loop")
 
     sink = CrashingSink(
-        kafka, SinkSettings(group_id="sink-h", batch_max_ms=50, retry_initial_s=0.05), down, database, REGISTRY
+        kafka, SinkSettings(group_id="sink-h", batch_max_ms=50, retry_initial_s=0.05), down, database, REGISTRY,
+        keys=KEYS,
     )
     errors: list[BaseException] = []
     thread = threading.Thread(target=lambda: _capture(sink.run, errors), daemon=True)
@@ -507,7 +510,7 @@ def test_stop_during_an_outage_ends_with_records_left_unstored_not_a_hang(
     down = RefusingClient(clickhouse, failures=10**9)
     sink = ClickHouseSink(
         kafka, SinkSettings(group_id="sink-j", batch_max_ms=20, batch_max_rows=50, retry_initial_s=0.05),
-        down, database, REGISTRY,
+        down, database, REGISTRY, keys=KEYS,
     )
     thread = threading.Thread(target=sink.run, daemon=True)
     thread.start()
@@ -545,7 +548,7 @@ def test_a_drain_that_stalls_on_slow_inserts_still_reads_everything(
     produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(10000)])
     sink = ClickHouseSink(  # flushes of ~1000 rows queue up behind >1 s inserts: the loop stalls
         kafka, SinkSettings(group_id="sink-k", batch_max_ms=100, batch_max_rows=1000),
-        SlowClient(clickhouse), database, REGISTRY,
+        SlowClient(clickhouse), database, REGISTRY, keys=KEYS,
     )
     sink.stop(drain_s=120.0)  # stop at once: only the drain reads the backlog
     sink.run()
@@ -579,7 +582,7 @@ def test_an_alert_is_stored_without_waiting_for_the_batch_age(
     kafka = kafka_factory()
     sink = ClickHouseSink(
         kafka, SinkSettings(group_id="sink-urgent", batch_max_ms=8000), clickhouse, database,
-        REGISTRY,
+        REGISTRY, keys=KEYS,
     )
     encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
     encode_alert = serde.AvroSerializer(REGISTRY, serde.ALERT)

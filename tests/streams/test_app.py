@@ -10,6 +10,13 @@ from medstream.settings import KafkaSettings, StreamSettings
 from schemas import serde
 from streams import app as streams_app
 
+TEST_KEY = "test-only-pseudonym-key-0123456789abcdef"
+
+
+def _settings(**overrides: object) -> StreamSettings:
+    """Stream settings with a test-only pseudonym key (no setting has a default key)."""
+    return StreamSettings(pseudonym_key=TEST_KEY, **overrides)  # type: ignore[arg-type]
+
 
 def test_a_failed_output_delivery_ends_the_worker_before_it_can_commit(
     monkeypatch: pytest.MonkeyPatch,
@@ -36,7 +43,7 @@ def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
         fetch_wait_max_ms=25,
         broker_kind="tansu",
     )
-    faust_app = streams_app.create_app(kafka, StreamSettings(), serde.ManifestRegistry())
+    faust_app = streams_app.create_app(kafka, _settings(), serde.ManifestRegistry())
     # One normalise agent per raw topic, one detect agent per watched norm topic, and the
     # alert lifecycle.
     assert sorted(faust_app.agents) == [
@@ -56,7 +63,7 @@ def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
     assert faust_app.conf.topic_replication_factor == 1  # the embedded broker's one copy
     replicated = KafkaSettings(bootstrap_servers="127.0.0.1:1", replication_factor=3)
     assert streams_app.create_app(
-        replicated, StreamSettings(), serde.ManifestRegistry()
+        replicated, _settings(), serde.ManifestRegistry()
     ).conf.topic_replication_factor == 3
     # tansu: short sessions (its joins take half of one), no idempotence (InitProducerId v0).
     assert faust_app.conf.broker_session_timeout == 3.0
@@ -66,7 +73,7 @@ def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
     assert str(faust_app.conf.broker[0]).startswith("medstream-kafka://")
     # Apache Kafka: its minimum session is 6 s, waiting fetches are woken by new data, and
     # every producer is idempotent.
-    on_kafka = streams_app.create_app(replicated, StreamSettings(), serde.ManifestRegistry())
+    on_kafka = streams_app.create_app(replicated, _settings(), serde.ManifestRegistry())
     assert on_kafka.conf.broker_session_timeout == 10.0
     assert on_kafka.fetch_wait_max_ms == 500
     assert on_kafka.idempotent_producer
@@ -80,7 +87,7 @@ def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
     # exactly_once: Faust's transactional mode with the gate, committing every 100 ms, and
     # the raw topics (written without transactions) checked for skipped offsets.
     eos = streams_app.create_app(
-        replicated, StreamSettings(processing_guarantee="exactly_once"), serde.ManifestRegistry()
+        replicated, _settings(processing_guarantee="exactly_once"), serde.ManifestRegistry()
     )
     assert eos.conf.processing_guarantee.value == "exactly_once"
     assert eos.conf.broker_commit_interval == 0.1
@@ -97,7 +104,7 @@ def test_app_has_its_agents_and_the_tuning_of_its_broker() -> None:
     assert hasattr(eos.flow_control, "_suspend") and hasattr(eos.flow_control, "_resume")
     with pytest.raises(ValueError, match="exactly_once needs Apache Kafka"):
         streams_app.create_app(
-            kafka, StreamSettings(processing_guarantee="exactly_once"), serde.ManifestRegistry()
+            kafka, _settings(processing_guarantee="exactly_once"), serde.ManifestRegistry()
         )
     # Resuming after a rebalance keeps what the stream queues hold (Faust cleared them
     # after its seek, dropping records for good); revoking still clears them.
@@ -149,7 +156,7 @@ def test_kafka_security_settings_reach_faust_and_librdkafka() -> None:
         sasl_username="medstream", sasl_password="not-a-real-secret",
         ssl_ca_location=certifi.where(),
     )
-    faust_app = streams_app.create_app(sasl, StreamSettings(), serde.ManifestRegistry())
+    faust_app = streams_app.create_app(sasl, _settings(), serde.ManifestRegistry())
     credentials = faust_app.conf.broker_credentials
     assert isinstance(credentials, faust.SASLCredentials)
     assert (credentials.username, credentials.password) == ("medstream", "not-a-real-secret")
