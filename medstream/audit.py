@@ -34,7 +34,9 @@ ACTIONS: Final = (
     "sign_in", "sign_in_failed", "sign_out", "query", "alert_acknowledge", "alert_resolve",
     "config_change",
 )
-OUTCOMES: Final = ("ok", "refused", "failed")
+#: ``requested`` is an alert action recorded before it is sent (fail closed); the row of its
+#: real outcome (ok, refused, failed) follows once the alert lifecycle answered or did not.
+OUTCOMES: Final = ("ok", "refused", "failed", "requested")
 CHANNELS: Final = ("console", "http", "cli", "workers")
 #: The longest detail kept (a query text beyond it is cut, and says so).
 MAX_DETAIL: Final = 8000

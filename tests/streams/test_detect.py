@@ -25,7 +25,10 @@ PERSON = "f" * 32
 
 
 def decode(output: Output) -> dict[str, Any]:
-    subject = {"t.alerts": serde.ALERT, "t.alerts.lifecycle": serde.LIFECYCLE_INPUT}[output.topic]
+    subject = {
+        "t.alerts": serde.ALERT, "t.alerts.lifecycle": serde.LIFECYCLE_INPUT,
+        "t.alerts.outcomes": serde.ALERT_ACTION_OUTCOME,
+    }[output.topic]
     return serde.AvroDeserializer(REGISTRY, subject)(output.value)
 
 
@@ -131,16 +134,32 @@ def test_lifecycle_opens_once_then_acknowledge_and_resolve(lifecycle: LifecycleS
     assert lifecycle.handle(inputs.finding(finding("lab1", T0), T0).value, state, T0 + 20) == []
     assert lifecycle.handle(inputs.finding(finding("lab2", T0 + 60_000), T0).value, state, T0) == []
     ack = inputs.action("acknowledge", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
-                        "nurse.li", "called ward", T0 + 30)
-    [acked] = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 30)]
+                        "nurse.li", "called ward", T0 + 30, organisation_id="H001",
+                        request_id="req-1")
+    acked, ack_outcome = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 30)]
     assert (acked["status"], acked["actor"], acked["note"]) == ("acknowledged", "nurse.li", "called ward")
     assert acked["alert_id"] == alert_id and acked["value"] == 6.9
+    assert (ack_outcome["request_id"], ack_outcome["outcome"], ack_outcome["status"]) == (
+        "req-1", "applied", "acknowledged"
+    )
     resolve = inputs.action("resolve", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
-                            "dr.wang", None, T0 + 40)
-    [resolved] = [decode(o) for o in lifecycle.handle(resolve.value, state, T0 + 40)]
+                            "dr.wang", None, T0 + 40, request_id="req-2")
+    outputs = lifecycle.handle(resolve.value, state, T0 + 40)
+    assert [o.topic for o in outputs] == ["t.alerts", "t.alerts.outcomes"]
+    assert outputs[1].key == b"req-2"
+    resolved = decode(outputs[0])
     assert (resolved["status"], resolved["action"], resolved["occurrences"]) == ("resolved", "resolved", 2)
-    # Acting on a resolved alert is refused without output (logged), never a crash.
-    assert lifecycle.handle(ack.value, state, T0 + 50) == []
+    # The same request processed again (a redelivery) is answered applied again, changing nothing.
+    [again] = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 45)]
+    assert (again["request_id"], again["outcome"], again["reason"]) == ("req-1", "applied", "")
+    # A new action on a resolved alert is refused with its reason, never a crash.
+    late = inputs.action("acknowledge", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
+                         "nurse.li", None, T0 + 50, request_id="req-3")
+    [refused] = [decode(o) for o in lifecycle.handle(late.value, state, T0 + 50)]
+    assert (refused["request_id"], refused["outcome"], refused["status"]) == (
+        "req-3", "refused", "resolved"
+    )
+    assert refused["reason"] == f"cannot acknowledge alert {alert_id}: it is already resolved"
 
 
 def test_unacknowledged_critical_alert_escalates_on_tick(lifecycle: LifecycleStage) -> None:
