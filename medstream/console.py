@@ -733,10 +733,11 @@ class Console:
         clean_note = scrub_text(note).text if note else ""
         try:
             check_action(state, inputs[action], user.name)
-        except AlertActionError as exc:
+        except AlertActionError as exc:  # what ClickHouse or the live stream already shows
+            reason = f"{action} refused: {exc}"
             await self._audit(user.name, user.role, audit_action, "refused", request,
-                              target=alert_id, detail=str(exc))
-            return web.json_response({"outcome": "refused", "error": str(exc)}, status=409)
+                              target=alert_id, detail=reason)
+            return web.json_response({"outcome": "refused", "error": reason}, status=409)
         loop = asyncio.get_running_loop()
         try:  # audited before it is sent (fail closed); the real outcome is audited after
             await self._audit(user.name, user.role, audit_action, "requested", request,
