@@ -833,9 +833,10 @@ def _alert_action(action: str, alert_id: str, actor: str, note: str | None, wait
         check_action(alert, action, actor)
     except QueryError as exc:
         _fail(str(exc))
-    except AlertActionError as exc:
-        _audit_outcome(audit_action, alert_id, "refused", str(exc), who)
-        _fail(f"{action} refused: {exc}")
+    except AlertActionError as exc:  # what ClickHouse already shows
+        reason = f"{action} refused: {exc}"
+        _audit_outcome(audit_action, alert_id, "refused", reason, who)
+        _fail(reason)
     _audit_or_fail(audit_action, alert_id, clean_note, actor=who, outcome="requested")
     try:
         outcome = request_action(
