@@ -193,6 +193,11 @@ def test_console_live_alerts_actions_scope_and_governed_sql(tmp_path: Path) -> N
             assert admin.inner_text("th[data-i18n=severity]") == "级别"
             assert "已接收" in admin.locator(row_selector("H001")).inner_text()
             admin.screenshot(path=str(shots / "console-zh.png"))
+            # The outcome of an action is shown in the page's language.
+            admin.locator(f"{row_selector('H002')} .act-resolve").click()
+            admin.click("#act-confirm")
+            admin.wait_for_selector('#act-result[data-outcome="applied"]', timeout=15_000)
+            assert admin.inner_text("#act-result").startswith("已完成: 处置完成")
 
             # A state change without the CSRF token is refused.
             alert_id = east.locator(row_selector("H001")).get_attribute("data-alert-id")
