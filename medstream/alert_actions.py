@@ -45,8 +45,10 @@ LIST_COLUMNS = (
 #: Outcomes of an action besides the lifecycle's applied and refused.
 TIMED_OUT: Final = "timed_out"
 NOT_DELIVERED: Final = "not_delivered"
-#: Seconds to wait for the lifecycle's answer to an action.
+#: Seconds to wait for the lifecycle's answer to an action (after the broker took it).
 DEFAULT_ANSWER_S: Final = 10.0
+#: Seconds the broker has to take an action (a broker still starting takes a few).
+DELIVERY_S: Final = 15.0
 
 
 class AlertActionError(RuntimeError):
@@ -160,7 +162,7 @@ def request_action(
         return ActionOutcome(request_id, action, alert.alert_id, outcome, reason, alert.status)
 
     with _OutcomeReader(kafka, registry) as answers:
-        error = deliver_one(kafka, output.topic, output.key, output.value, answer_s)
+        error = deliver_one(kafka, output.topic, output.key, output.value, DELIVERY_S)
         if error is not None:
             return unanswered(NOT_DELIVERED, f"the action did not reach the broker ({error})")
         answer = answers.wait_for(request_id, answer_s)

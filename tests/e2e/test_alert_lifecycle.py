@@ -116,7 +116,44 @@ def test_an_alert_opened_before_a_restart_is_acknowledged_after_it(
              f"acknowledge refused: alert {alert_id} is already acknowledged"),
             ("requested", "mon.east", "called ward"),
         ]
+        if broker == "kafka":
+            resolve_while_no_worker_runs(pipeline, alert_id)
     finally:
         if pipeline.process is not None:
             output = pipeline.down()
     assert "alert lifecycle: 1 unresolved alerts offered from ClickHouse" in output
+
+
+def resolve_while_no_worker_runs(pipeline: Pipeline, alert_id: str) -> None:
+    """With only the (durable) broker running, `alerts resolve` says at once that nothing
+    confirmed it (exit 3), and the queued action is applied when the workers run again."""
+    pipeline.down()
+    broker = subprocess.Popen(medstream("broker"), env=pipeline.env, stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert broker.stdout is not None
+        broker.stdout.readline()
+        address = broker.stdout.readline().split()[0].split("=", 1)[1]
+        started = time.monotonic()
+        unanswered = subprocess.run(
+            medstream("alerts", "resolve", alert_id, "--by", "mon.east", "--wait", "2"),
+            env={**pipeline.env, "KAFKA_BOOTSTRAP_SERVERS": address,
+                 "MEDSTREAM_KAFKA_BROKER_KIND": "kafka"},
+            capture_output=True, text=True, timeout=120,
+        )
+        assert unanswered.returncode == 3, unanswered.stdout + unanswered.stderr
+        assert unanswered.stderr.splitlines()[-1].startswith(
+            f"error: resolve of alert {alert_id} not confirmed: no answer from the stream "
+            "workers within 2 s; the action is queued"
+        )
+        assert time.monotonic() - started < 60
+    finally:
+        broker.send_signal(signal.SIGTERM)
+        broker.wait(60)
+    pipeline.up()
+    current = ("SELECT status, actor FROM medstream.alert_current FINAL "
+               f"WHERE alert_id = '{alert_id}'")
+    wait_for(lambda: pipeline.sql(current) == [{"status": "resolved", "actor": "mon.east"}], 90,
+             "the queued resolve applied once the workers ran")
+    audit = pipeline.run("audit", "--json", "--action", "alert_resolve")
+    assert sorted(a["outcome"] for a in json.loads(audit.stdout)) == ["failed", "requested"]
