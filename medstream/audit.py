@@ -41,7 +41,9 @@ ACTIONS: Final = (
     "sign_in", "sign_in_failed", "sign_out", "query", "alert_acknowledge", "alert_resolve",
     "config_change", "request_refused", "audit_read",
 )
-OUTCOMES: Final = ("ok", "refused", "failed")
+#: ``requested`` is an alert action recorded before it is sent (fail closed); the row of its
+#: real outcome (ok, refused, failed) follows once the alert lifecycle answered or did not.
+OUTCOMES: Final = ("ok", "refused", "failed", "requested")
 CHANNELS: Final = ("console", "http", "cli", "workers")
 #: The longest detail kept: room for a whole query (medstream.sqlcheck.MAX_QUERY_CHARS)
 #: and the reason it was refused, so the text audited is the text that ran. Only a query

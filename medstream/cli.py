@@ -15,7 +15,6 @@ import signal
 import socket
 import sys
 import threading
-import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -879,50 +878,75 @@ def alerts_list(
     typer.echo(render_table(columns, rows) if rows else "no alerts")
 
 
-ACTION_CONFIRM_S = 30.0
+#: Exit code of an action the stream workers did not confirm in time (or was not sent).
+EXIT_NOT_CONFIRMED = 3
 
 
-def _alert_action(action: str, alert_id: str, actor: str, note: str | None) -> None:
-    from medstream.alert_actions import AlertActionError, current_state, send_action
+def _alert_action(action: str, alert_id: str, actor: str, note: str | None, wait_s: float) -> None:
+    """Send an acknowledge or resolve and report the lifecycle's real outcome: exit 0 when
+    applied, 1 when refused (with the reason), 3 when not confirmed within ``wait_s``. The
+    request is audited before it is sent (fail closed) and its outcome after."""
+    from medstream.alert_actions import (
+        AlertActionError,
+        check_action,
+        current_state,
+        request_action,
+    )
     from schemas.serde import registry_from_url
+    from streams.deidentify import scrub_text
 
+    audit_action = f"alert_{action}"
+    who = actor.strip() or None
+    clean_note = scrub_text(note).text if note else ""
     try:
         with _querier(PROOF_MAX_ROWS) as run:
             alert = current_state(run, ClickHouseSettings().database, alert_id)
-        from streams.deidentify import scrub_text
-
-        clean_note = scrub_text(note).text if note else ""
-        _audit_or_fail(f"alert_{action}", alert_id, clean_note, actor=actor.strip() or None)
-        send_action(
-            _kafka_for_client(), registry_from_url(RegistrySettings().url), alert, action,
-            actor, note,
-        )
-    except (QueryError, AlertActionError) as exc:
+        check_action(alert, action, actor)
+    except QueryError as exc:
         _fail(str(exc))
-    # The stream applies the action in order with the alert's findings: wait until the
-    # new state is stored, so "done" means done (a refusal there is only a worker log line).
-    wanted = "acknowledged" if action == "acknowledge" else "resolved"
-    deadline = time.monotonic() + ACTION_CONFIRM_S
-    while time.monotonic() < deadline:
-        try:
-            with _querier(PROOF_MAX_ROWS) as run:
-                status = current_state(run, ClickHouseSettings().database, alert_id).status
-        except (QueryError, AlertActionError):
-            status = ""
-        if status == wanted or (wanted == "acknowledged" and status == "resolved"):
-            typer.echo(f"alert {alert_id} is {status} (by {actor.strip()})")
-            return
-        time.sleep(0.5)
-    _fail(
-        f"the {action} was sent but alert {alert_id} is still {alert.status} after "
-        f"{ACTION_CONFIRM_S:.0f} s: see the stream workers' log"
-    )
+    except AlertActionError as exc:  # what ClickHouse already shows
+        reason = f"{action} refused: {exc}"
+        _audit_outcome(audit_action, alert_id, "refused", reason, who)
+        _fail(reason)
+    _audit_or_fail(audit_action, alert_id, clean_note, actor=who, outcome="requested")
+    try:
+        outcome = request_action(
+            _kafka_for_client(), registry_from_url(RegistrySettings().url), alert, action,
+            actor, note, wait_s,
+        )
+    except AlertActionError as exc:
+        _audit_outcome(audit_action, alert_id, "failed", str(exc), who)
+        _fail(str(exc), EXIT_NOT_CONFIRMED)
+    detail = clean_note if outcome.applied else outcome.message
+    _audit_outcome(audit_action, alert_id, outcome.audit_outcome, detail, who)
+    if outcome.applied:
+        typer.echo(f"{outcome.message} (by {actor.strip()})")
+        return
+    _fail(outcome.message, 1 if outcome.outcome == "refused" else EXIT_NOT_CONFIRMED)
+
+
+def _audit_outcome(action: str, target: str, outcome: str, detail: str, actor: str | None) -> None:
+    """Audit how an action ended; it already happened (or not), so a failure to record
+    this is reported, not fatal."""
+    from medstream.audit import AuditError, local_actor
+
+    try:
+        with _query_and_audit(1) as (_, trail):
+            trail.record(actor=actor or local_actor(), actor_role="operator", channel="cli",
+                         action=action, outcome=outcome, target=target, detail=detail)
+    except (AuditError, QueryError) as exc:
+        typer.echo(f"warning: the outcome was not audited ({exc})", err=True)
 
 
 AlertNote = Annotated[
     str | None,
     typer.Option(help="note; ID and phone numbers and labelled names are removed, so write "
                  "no other identifier"),
+]
+AnswerWait = Annotated[
+    float,
+    typer.Option("--wait", min=0.5, help="seconds to wait for the stream workers' answer "
+                 "(exit 3 when none came)"),
 ]
 
 
@@ -931,9 +955,11 @@ def alerts_ack(
     alert_id: Annotated[str, typer.Argument(help="the alert id")],
     by: Annotated[str, typer.Option("--by", help="who acknowledges (recorded)")],
     note: AlertNote = None,
+    wait: AnswerWait = 10.0,
 ) -> None:
-    """Acknowledge an open alert: it stops escalating."""
-    _alert_action("acknowledge", alert_id, by, note)
+    """Acknowledge an open alert: it stops escalating. Exit 0 applied, 1 refused (the
+    reason is printed), 3 not confirmed in time."""
+    _alert_action("acknowledge", alert_id, by, note, wait)
 
 
 @alerts_app.command("resolve")
@@ -941,9 +967,30 @@ def alerts_resolve(
     alert_id: Annotated[str, typer.Argument(help="the alert id")],
     by: Annotated[str, typer.Option("--by", help="who resolves (recorded)")],
     note: AlertNote = None,
+    wait: AnswerWait = 10.0,
 ) -> None:
-    """Resolve an open or acknowledged alert."""
-    _alert_action("resolve", alert_id, by, note)
+    """Resolve an open or acknowledged alert. Exit 0 applied, 1 refused (the reason is
+    printed), 3 not confirmed in time."""
+    _alert_action("resolve", alert_id, by, note, wait)
+
+
+@alerts_app.command("restore")
+def alerts_restore() -> None:
+    """Offer every unresolved alert ClickHouse holds to the alert lifecycle, which adopts
+    those it lost (a broker that lost its changelog); `medstream up` does this at start."""
+    from medstream.alert_actions import AlertActionError, restore_lifecycle
+    from schemas.serde import registry_from_url
+
+    try:
+        with _querier(PROOF_MAX_ROWS) as run:
+            offered = restore_lifecycle(
+                run, ClickHouseSettings().database, _kafka_for_client(),
+                registry_from_url(RegistrySettings().url),
+            )
+    except (QueryError, AlertActionError) as exc:
+        _fail(str(exc))
+    typer.echo(f"{offered} unresolved alerts offered to the alert lifecycle (it keeps the "
+               "state it already has)")
 
 
 @dlq_app.command("show")
@@ -1098,7 +1145,9 @@ def _config_change(target: str, detail: str) -> None:
     _audit_or_fail("config_change", target, detail)
 
 
-def _audit_or_fail(action: str, target: str, detail: str, actor: str | None = None) -> None:
+def _audit_or_fail(
+    action: str, target: str, detail: str, actor: str | None = None, outcome: str = "ok"
+) -> None:
     """Audit an action taken from this shell; the action is refused when it cannot be
     audited (so call this before taking it)."""
     from medstream.audit import AuditError, local_actor
@@ -1106,7 +1155,7 @@ def _audit_or_fail(action: str, target: str, detail: str, actor: str | None = No
     with _query_and_audit(1) as (_, trail):
         try:
             trail.record(actor=actor or local_actor(), actor_role="operator", channel="cli",
-                         action=action, outcome="ok", target=target, detail=detail)
+                         action=action, outcome=outcome, target=target, detail=detail)
         except AuditError as exc:
             _fail(f"{exc}: nothing was done")
 

@@ -5,8 +5,9 @@
   alert reaches the page without waiting for ClickHouse. Every few seconds it also
   reconciles with ClickHouse's ``alert_current`` (what it missed while starting, and each
   alert's department from the patient's latest encounter).
-- Acknowledge and resolve go to the alert lifecycle like `medstream alerts ack`; the new
-  state comes back on the topic and reaches every open console.
+- Acknowledge and resolve go to the alert lifecycle like `medstream alerts ack`; the request
+  answers with the lifecycle's outcome (200 applied, 409 refused with the reason, 504 not
+  confirmed in time), and the new state comes back on the topic to every open console.
 - Users sign in (bcrypt-hashed passwords, see medstream.access); sessions expire after idle
   time and an absolute limit; every state-changing request needs the session's CSRF token
   and a same-origin Origin header. Each user sees only the organisations in scope.
@@ -40,7 +41,14 @@ from medstream.access import (
     User,
     UserStore,
 )
-from medstream.alert_actions import AlertActionError, AlertState, send_action
+from medstream.alert_actions import (
+    TIMED_OUT,
+    ActionOutcome,
+    AlertActionError,
+    AlertState,
+    check_action,
+    request_action,
+)
 from medstream.audit import AuditError, AuditTrail, statement_digest
 from medstream.clickhouse import QueryError, QueryRefused, QueryResult, sql_string
 from medstream.settings import (
@@ -495,7 +503,7 @@ class Console:
                 ),
             )
         except AuditError:
-            if outcome == "ok":
+            if outcome in ("ok", "requested"):
                 raise
             log.exception("an audit event of a refusal was not recorded")
 
@@ -774,26 +782,42 @@ class Console:
             return web.json_response(
                 {"error": f"role {user.role} may not acknowledge or resolve alerts"}, status=403
             )
-        state = AlertState(alert_id, alert["rule_id"], alert["subject"], alert["status"])
+        state = AlertState(
+            alert_id, alert["rule_id"], alert["subject"], alert["status"],
+            alert["organisation_id"],
+        )
         clean_note = scrub_text(note).text if note else ""
+        try:
+            check_action(state, inputs[action], user.name)
+        except AlertActionError as exc:  # what ClickHouse or the live stream already shows
+            reason = f"{action} refused: {exc}"
+            await self._audit(user.name, user.role, audit_action, "refused", request,
+                              target=alert_id, detail=reason)
+            return web.json_response({"outcome": "refused", "error": reason}, status=409)
         loop = asyncio.get_running_loop()
-        try:  # audited before it is sent (fail closed); a failed send is audited too
-            await self._audit(user.name, user.role, audit_action, "ok", request,
+        try:  # audited before it is sent (fail closed); the real outcome is audited after
+            await self._audit(user.name, user.role, audit_action, "requested", request,
                               target=alert_id, detail=clean_note)
         except AuditError as exc:
             return web.json_response({"error": f"{exc}: nothing was done"}, status=503)
         try:
-            await loop.run_in_executor(
+            outcome = await loop.run_in_executor(
                 None,
-                lambda: send_action(
-                    self.kafka, self.registry, state, inputs[action], user.name, note
+                lambda: request_action(
+                    self.kafka, self.registry, state, inputs[action], user.name, note,
+                    self.settings.action_answer_s,
                 ),
             )
         except AlertActionError as exc:
             await self._audit(user.name, user.role, audit_action, "failed", request,
                               target=alert_id, detail=str(exc))
-            return web.json_response({"error": str(exc)}, status=409)
-        return web.json_response({"sent": action, "alert_id": alert_id}, status=202)
+            return web.json_response({"outcome": "failed", "error": str(exc)}, status=503)
+        try:
+            await self._audit(user.name, user.role, audit_action, outcome.audit_outcome,
+                              request, target=alert_id, detail=_outcome_detail(outcome, clean_note))
+        except AuditError:  # the action was requested on the record; it cannot be undone
+            log.exception("the outcome of an alert action was not recorded")
+        return web.json_response(_outcome_body(outcome), status=_outcome_status(outcome))
 
     async def timeline(self, request: web.Request) -> web.Response:
         """The patient's events around an alert (same organisation, +-12 h)."""
@@ -1017,6 +1041,32 @@ def _csv_cell(value: Any) -> Any:
     if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
         return "'" + value
     return value
+
+
+def _outcome_detail(outcome: ActionOutcome, note: str) -> str:
+    """The audit detail of an action's outcome: the note, and why when not applied."""
+    if outcome.applied:
+        return note
+    return f"{outcome.message}" + (f" (note: {note})" if note else "")
+
+
+def _outcome_body(outcome: ActionOutcome) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "outcome": outcome.outcome, "action": outcome.action, "alert_id": outcome.alert_id,
+        "status": outcome.status, "message": outcome.message,
+    }
+    if not outcome.applied:
+        body["error"] = outcome.message
+    return body
+
+
+def _outcome_status(outcome: ActionOutcome) -> int:
+    """200 applied, 409 refused, 504 no answer in time, 503 not delivered to the broker."""
+    if outcome.applied:
+        return 200
+    if outcome.outcome == "refused":
+        return 409
+    return 504 if outcome.outcome == TIMED_OUT else 503
 
 
 def _ch_time(value: datetime) -> str:

@@ -27,6 +27,7 @@ from confluent_kafka import KafkaError, KafkaException, Producer
 from confluent_kafka.admin import AdminClient, NewTopic
 
 from medstream.settings import (
+    ACTION_OUTCOMES_TOPIC,
     ALERTS_TOPIC,
     DLQ_TOPIC,
     FACT_TOPICS,
@@ -270,7 +271,17 @@ def describe_broker(broker: Broker) -> str:
 def deliver_one(
     kafka: KafkaSettings, topic: str, key: bytes | None, value: bytes, timeout_s: float = 15.0
 ) -> str | None:
-    """Send one record and wait for the broker's acknowledgement; the error, or None.
+    """Send one record and wait for the broker's acknowledgement; the error, or None."""
+    return deliver_all(kafka, [(topic, key, value)], timeout_s)
+
+
+def deliver_all(
+    kafka: KafkaSettings,
+    records: list[tuple[str, bytes | None, bytes]],
+    timeout_s: float = 15.0,
+) -> str | None:
+    """Send (topic, key, value) records and wait for every acknowledgement; the first
+    error, or None.
 
     Keys go to partitions by murmur2, as the Faust producers place them, so a command
     reaches the partition that holds the state it is about.
@@ -284,7 +295,9 @@ def deliver_one(
         if error is not None:
             errors.append(str(error))
 
-    producer.produce(topic, key=key, value=value, on_delivery=delivered)
+    for topic, key, value in records:
+        producer.produce(topic, key=key, value=value, on_delivery=delivered)
+        producer.poll(0)
     if producer.flush(timeout_s):
         return "not acknowledged in time"
     return errors[0] if errors else None
@@ -298,6 +311,7 @@ def contract_topics(kafka: KafkaSettings) -> dict[str, int]:
     topics[kafka.topic(DLQ_TOPIC)] = 1
     topics.update({kafka.topic(t): kafka.norm_partitions for t in FACT_TOPICS.values()})
     topics[kafka.topic(LIFECYCLE_TOPIC)] = kafka.norm_partitions
+    topics[kafka.topic(ACTION_OUTCOMES_TOPIC)] = kafka.norm_partitions
     # Global views (one index of persons, one count per district, one watch over every
     # feed) are single-partition topics: one owner sees everything.
     topics[kafka.topic(IDENTITY_TOPIC)] = 1

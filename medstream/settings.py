@@ -42,6 +42,8 @@ FACT_TOPICS = {
 }
 #: Internal topics between the stream stage's agents (not stored).
 LIFECYCLE_TOPIC = "alerts.lifecycle"
+#: What the lifecycle did with each operator action (applied or refused), for whoever asked.
+ACTION_OUTCOMES_TOPIC = "alerts.outcomes"
 IDENTITY_TOPIC = "mpi.identity"
 SYNDROMIC_TOPIC = "detect.syndromic"
 FEED_ACTIVITY_TOPIC = "detect.feed_activity"
@@ -436,6 +438,11 @@ class ConsoleSettings(BaseSettings):
     )
     sql_max_rows: int = Field(default=100_000, description="rows one SQL endpoint query returns")
     sql_timeout_s: int = Field(default=60, description="max execution time of one SQL query")
+    action_answer_s: float = Field(
+        default=10.0, gt=0,
+        description="seconds an acknowledge or resolve waits for the stream workers' answer "
+        "before the page shows it as not confirmed",
+    )
 
     @field_validator("users_file", mode="before")
     @classmethod

@@ -318,6 +318,7 @@ class Supervisor:
             raise ComponentFailed(f"the sink did not start ({exc}); its log: {log}") from exc
         self.query_url = f"http://127.0.0.1:{query_port}/query"
         self.out(f"ClickHouse {ch_url} migrated; query endpoint {self.query_url}")
+        self._restore_alerts(kafka)
         for index in range(self.streams.workers):
             self._start(Child(f"streams-{index}", ["streams"], free_port()), env)
         if not self._wait_ready(1 + self.streams.workers, timeout_s=120):
@@ -396,6 +397,35 @@ class Supervisor:
                     self.out("timed out waiting for the pipeline to drain")
                     return 1
         return 0
+
+    def _restore_alerts(self, kafka: KafkaSettings) -> None:
+        """Offer the unresolved alerts ClickHouse holds to the alert lifecycle before any
+        worker starts: after a broker that kept nothing (tansu), alerts opened before the
+        restart can still be acknowledged, resolved and escalated. A lifecycle that kept
+        its changelog ignores what it knows."""
+        from medstream.alert_actions import AlertActionError, restore_lifecycle
+        from medstream.settings import RegistrySettings
+        from schemas.serde import registry_from_url
+
+        url = self.query_url
+        assert url is not None
+        try:
+            offered = restore_lifecycle(
+                lambda sql: query_via_gateway(
+                    url, sql, 60, PROOF_MAX_ROWS,
+                    token=read_query_token(self.runtime.query_token_file),
+                ),
+                self.clickhouse.database, kafka, registry_from_url(RegistrySettings().url),
+            )
+        except (QueryError, AlertActionError, OSError) as exc:
+            self.out(
+                f"warning: unresolved alerts were not restored to the alert lifecycle ({exc}); "
+                "alerts opened before this start may refuse acknowledgement until "
+                "`medstream alerts restore` succeeds"
+            )
+            return
+        if offered:
+            self.out(f"alert lifecycle: {offered} unresolved alerts offered from ClickHouse")
 
     def _start_console(self, kafka: KafkaSettings, env: dict[str, str]) -> bool:
         """Start the alert console once the sink serves queries; print its address (and the

@@ -14,6 +14,11 @@ State (JSON values):
   ``retain_resolved_hours``.
 - ``alert|subject|<rule_id>|<subject>``: the id of the alert of that rule and subject that
   is still open or acknowledged; deleted when it is resolved.
+
+The state lives in a Faust table rebuilt from its changelog when a worker starts. Where the
+changelog is gone (the memory-only tansu broker was restarted, or a broker lost its data),
+:meth:`AlertLifecycle.restore` adopts an alert from its last stored state in ClickHouse, so
+alerts opened before the restart can still be acknowledged, resolved and escalated.
 """
 
 from __future__ import annotations
@@ -36,6 +41,9 @@ DEFAULT_ALERT_LIFECYCLE_PATH: Final[Path] = (
 OPEN: Final = "open"
 ACKNOWLEDGED: Final = "acknowledged"
 RESOLVED: Final = "resolved"
+#: Operator actions.
+ACKNOWLEDGE: Final = "acknowledge"
+RESOLVE: Final = "resolve"
 
 _ALERT_PREFIX: Final = "alert|id|"
 _SUBJECT_PREFIX: Final = "alert|subject|"
@@ -44,6 +52,8 @@ _MS_PER_MINUTE: Final = 60_000
 _MAX_FINGERPRINTS: Final = 100
 #: At most this many triggering event ids are carried by an alert (the latest finding's).
 _MAX_TRIGGERING_IDS: Final = 20
+#: Request ids of the operator actions an alert took, kept to answer a reprocessed request.
+_MAX_REQUESTS: Final = 20
 SYSTEM_ACTOR: Final = "system"
 
 
@@ -53,6 +63,16 @@ class AlertLifecycleRulesError(ValueError):
 
 class LifecycleError(ValueError):
     """An operator action that the alert's state does not allow (unknown alert, resolved...)."""
+
+
+#: Statuses an alert can be restored in: a resolved alert needs no state.
+RESTORABLE: Final = (OPEN, ACKNOWLEDGED)
+#: What an alert's state takes over from its last transition when it is restored.
+_ALERT_FIELDS_OF_TRANSITION: Final = (
+    "alert_id", "rule_id", "rule_version", "subject", "organisation_id", "person_key",
+    "severity", "status", "first_event_time_ms", "last_event_time_ms", "occurrences",
+    "escalation_level", "explanation",
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -230,6 +250,17 @@ def _fingerprint(finding: Finding) -> str:
 _SEVERITY_RANK: Final = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
+def alert_state(state: KeyValueState, alert_id: str) -> dict[str, Any] | None:
+    """The lifecycle's state of one alert (status, counts...), or None when it has none."""
+    alert: dict[str, Any] | None = state.get(_ALERT_PREFIX + alert_id)
+    return alert
+
+
+def _remember_request(alert: dict[str, Any], request_id: str) -> None:
+    if request_id:
+        alert["requests"] = [*alert.get("requests", ()), request_id][-_MAX_REQUESTS:]
+
+
 # --- the lifecycle --------------------------------------------------------------------------
 
 
@@ -352,24 +383,62 @@ class AlertLifecycle:
     def acknowledge(
         self, alert_id: str, actor: str, note: str | None, state: KeyValueState, now_ms: int
     ) -> list[AlertTransition]:
-        """An operator takes the alert: stops escalation. Acknowledging again changes nothing."""
-        alert = self._operator_alert(alert_id, actor, "acknowledge", state)
-        if alert["status"] == ACKNOWLEDGED:
-            return []
-        alert["status"] = ACKNOWLEDGED
-        state.put(_ALERT_PREFIX + alert_id, alert)
-        return [self._transition(alert, "acknowledged", actor, note, now_ms, "")]
+        """An operator takes the alert: stops escalation (see :meth:`act`)."""
+        return self.act(ACKNOWLEDGE, alert_id, actor, note, state, now_ms)
 
     def resolve(
         self, alert_id: str, actor: str, note: str | None, state: KeyValueState, now_ms: int
     ) -> list[AlertTransition]:
-        """An operator closes an open or acknowledged alert."""
-        alert = self._operator_alert(alert_id, actor, "resolve", state)
-        return [self._resolve(alert, actor, note, state, now_ms)]
+        """An operator closes an open or acknowledged alert (see :meth:`act`)."""
+        return self.act(RESOLVE, alert_id, actor, note, state, now_ms)
+
+    def act(
+        self,
+        action: str,
+        alert_id: str,
+        actor: str,
+        note: str | None,
+        state: KeyValueState,
+        now_ms: int,
+        *,
+        organisation_id: str = "",
+        request_id: str = "",
+    ) -> list[AlertTransition]:
+        """Apply an operator's acknowledge or resolve.
+
+        Refused (LifecycleError, with the reason) when the alert is unknown, of another
+        organisation than ``organisation_id`` (when given), already resolved, or, for an
+        acknowledge, already acknowledged. The same request (``request_id``) processed
+        again changes nothing and is not refused.
+        """
+        if action not in (ACKNOWLEDGE, RESOLVE):
+            raise LifecycleError(f"unknown action {action!r}: {ACKNOWLEDGE} or {RESOLVE}")
+        alert = self._operator_alert(alert_id, actor, action, state, organisation_id, request_id)
+        if alert is None:
+            return []  # this very request was applied before (reprocessing)
+        _remember_request(alert, request_id)
+        if action == RESOLVE:
+            return [self._resolve(alert, actor, note, state, now_ms)]
+        if alert["status"] == ACKNOWLEDGED:
+            raise LifecycleError(
+                f"cannot acknowledge alert {alert_id}: it is already acknowledged by "
+                f"{alert.get('acknowledged_by') or 'another operator'}"
+            )
+        alert["status"] = ACKNOWLEDGED
+        alert["acknowledged_by"] = actor
+        state.put(_ALERT_PREFIX + alert_id, alert)
+        return [self._transition(alert, "acknowledged", actor, note, now_ms, "")]
 
     def _operator_alert(
-        self, alert_id: str, actor: str, action: str, state: KeyValueState
-    ) -> dict[str, Any]:
+        self,
+        alert_id: str,
+        actor: str,
+        action: str,
+        state: KeyValueState,
+        organisation_id: str,
+        request_id: str,
+    ) -> dict[str, Any] | None:
+        """The alert an action may change (a copy), None when the request was applied already."""
         if not actor.strip():
             raise LifecycleError(f"cannot {action} alert {alert_id}: the actor must be named")
         alert = state.get(_ALERT_PREFIX + alert_id)
@@ -378,9 +447,53 @@ class AlertLifecycle:
                 f"cannot {action} alert {alert_id}: unknown alert (never opened here, or "
                 "resolved and forgotten)"
             )
+        if organisation_id and organisation_id != alert["organisation_id"]:
+            # Checked first, so a refusal tells nothing about another organisation's alert.
+            raise LifecycleError(
+                f"cannot {action} alert {alert_id}: the action names organisation "
+                f"{organisation_id}, which the alert does not belong to"
+            )
+        if request_id and request_id in alert.get("requests", ()):
+            return None
         if alert["status"] == RESOLVED:
             raise LifecycleError(f"cannot {action} alert {alert_id}: it is already resolved")
         return dict(alert)
+
+    # --- recovery ---------------------------------------------------------------------------
+
+    def restore(self, last: AlertTransition, opened_ms: int, state: KeyValueState) -> bool:
+        """Adopt an unresolved alert from its last stored transition when this state lacks it.
+
+        For a lifecycle whose changelog is gone: the alert can again be acknowledged,
+        resolved, escalated (from ``opened_ms``) and counted. An alert this state knows (in
+        any status) is left alone, since the changelog is newer than what storage holds.
+        True when adopted.
+        """
+        if last.status not in RESTORABLE:
+            raise LifecycleError(
+                f"cannot restore alert {last.alert_id}: status {last.status!r} is not one "
+                f"of {', '.join(RESTORABLE)}"
+            )
+        if state.get(_ALERT_PREFIX + last.alert_id) is not None:
+            return False
+        alert = {name: getattr(last, name) for name in _ALERT_FIELDS_OF_TRANSITION}
+        alert.update(
+            opened_ms=opened_ms,
+            resolved_ms=None,
+            last_update_ms=last.time_ms,
+            pending_update=False,
+            triggering_event_ids=list(last.triggering_event_ids[:_MAX_TRIGGERING_IDS]),
+            # The latest finding's, so that finding processed again is not counted twice.
+            fingerprints=[_digest(last.last_event_time_ms, *last.triggering_event_ids)],
+            acknowledged_by=last.actor if last.action == "acknowledged" else None,
+            requests=[],
+        )
+        state.put(_ALERT_PREFIX + last.alert_id, alert)
+        subject_key = f"{_SUBJECT_PREFIX}{last.rule_id}|{last.subject}"
+        if state.get(subject_key) is None:
+            # A newer alert of the same rule and subject keeps counting the findings.
+            state.put(subject_key, last.alert_id)
+        return True
 
     def _resolve(
         self,

@@ -545,7 +545,9 @@ def create_app(
     # Every key of the lifecycle table belongs to one partition (inputs are keyed by rule
     # and subject) and is prefixed with it; the timer sends a tick record to each partition,
     # so escalations and the forgetting of resolved alerts are written inside a record of
-    # the partition that owns them, to its changelog.
+    # the partition that owns them, to its changelog. Where the changelog is gone (tansu
+    # restarted), `medstream up` sends restore inputs built from ClickHouse's alert_current
+    # (medstream.alert_actions.restore_lifecycle) before any worker starts.
     lifecycle_table = TableState(
         app.Table("alert-lifecycle", default=None, partitions=kafka.norm_partitions)
     )

@@ -7,8 +7,10 @@ Two pure-per-record handlers, each called by a thin Faust agent:
   and turns their findings into lifecycle inputs on ``alerts.lifecycle``, keyed by
   ``rule_id|subject`` so that every finding about one alert meets in one partition.
 - :class:`LifecycleStage` reads one lifecycle input (a finding, a cleared condition, an
-  operator's acknowledge or resolve, or a tick) and emits the resulting alert
-  transitions to ``alerts`` as full Alert snapshots.
+  operator's acknowledge or resolve, a tick, or a restore of an alert from storage) and
+  emits the resulting alert transitions to ``alerts`` as full Alert snapshots; what it did
+  with an operator action (applied, or refused with the reason) goes to ``alerts.outcomes``
+  for whoever asked.
 
 Rules files are reloaded when they change (:class:`streams.reloading.ReloadingFile`);
 each finding carries the version that fired.
@@ -32,6 +34,7 @@ from medstream.metrics import (
     PERSON_LINKS,
 )
 from medstream.settings import (
+    ACTION_OUTCOMES_TOPIC,
     ALERTS_TOPIC,
     FACT_TOPICS,
     LIFECYCLE_TOPIC,
@@ -40,10 +43,13 @@ from medstream.settings import (
 )
 from schemas import serde
 from streams.alert_lifecycle import (
+    ACKNOWLEDGE,
     DEFAULT_ALERT_LIFECYCLE_PATH,
+    RESOLVE,
     AlertLifecycle,
     AlertTransition,
     LifecycleError,
+    alert_state,
     load_alert_lifecycle_rules,
 )
 from streams.claim_rules import ClaimDetector, load_claim_rules
@@ -70,9 +76,14 @@ log = logging.getLogger("medstream.streams.detect")
 
 INPUT_FINDING: Final = "finding"
 INPUT_CLEARED: Final = "cleared"
-INPUT_ACKNOWLEDGE: Final = "acknowledge"
-INPUT_RESOLVE: Final = "resolve"
+INPUT_ACKNOWLEDGE: Final = ACKNOWLEDGE
+INPUT_RESOLVE: Final = RESOLVE
 INPUT_TICK: Final = "tick"
+INPUT_RESTORE: Final = "restore"
+OPERATOR_ACTIONS: Final = (INPUT_ACKNOWLEDGE, INPUT_RESOLVE)
+#: Outcomes of an operator action, as the lifecycle reports them.
+APPLIED: Final = "applied"
+REFUSED: Final = "refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -288,22 +299,61 @@ class LifecycleInputs:
         actor: str,
         note: str | None,
         now_ms: int,
+        *,
+        organisation_id: str = "",
+        request_id: str = "",
     ) -> Output:
-        """An operator's acknowledge or resolve of one alert."""
-        if action not in (INPUT_ACKNOWLEDGE, INPUT_RESOLVE):
+        """An operator's acknowledge or resolve of one alert; ``request_id`` names the
+        outcome the lifecycle sends back, ``organisation_id`` the organisation the operator
+        acts for (an alert of another one is refused)."""
+        if action not in OPERATOR_ACTIONS:
             raise ValueError(f"unknown alert action {action!r}: acknowledge or resolve")
         record = {
             "input_kind": action,
-            "input_id": _digest(action, alert_id, actor, now_ms),
+            "input_id": _digest(action, alert_id, actor, now_ms, request_id),
             "rule_id": rule_id,
             "subject": subject,
+            "organisation_id": organisation_id,
             "event_time": now_ms,
             "detected_time": now_ms,
             "alert_id": alert_id,
             "actor": actor,
             "note": note,
+            "request_id": request_id,
         }
         return Output(self.topic, lifecycle_key(rule_id, subject), self.encode(record))
+
+    def restore(
+        self, last: AlertTransition, opened_ms: int, lineage: dict[str, Any], now_ms: int
+    ) -> Output:
+        """An unresolved alert as storage holds it (its last transition, when it opened),
+        for a lifecycle that may have lost it; ``lineage`` holds the opening finding's
+        figures and lineage (the keys of :func:`_context`, except detected_time)."""
+        record = {
+            **lineage,
+            "input_kind": INPUT_RESTORE,
+            "input_id": _digest(INPUT_RESTORE, last.transition_id, now_ms),
+            "alert_id": last.alert_id,
+            "rule_id": last.rule_id,
+            "rule_version": last.rule_version,
+            "severity": last.severity,
+            "organisation_id": last.organisation_id,
+            "subject": last.subject,
+            "person_key": last.person_key,
+            "event_time": last.first_event_time_ms,
+            "detected_time": opened_ms,
+            "triggering_event_ids": list(last.triggering_event_ids),
+            "explanation": last.explanation,
+            "actor": last.actor,
+            "note": last.note,
+            "status": last.status,
+            "last_action": last.action,
+            "updated_time": last.time_ms,
+            "last_event_time": last.last_event_time_ms,
+            "occurrences": last.occurrences,
+            "escalation_level": last.escalation_level,
+        }
+        return Output(self.topic, lifecycle_key(last.rule_id, last.subject), self.encode(record))
 
     def outputs(
         self,
@@ -405,8 +455,10 @@ class LifecycleStage:
     ) -> None:
         self.decode = serde.AvroDeserializer(registry, serde.LIFECYCLE_INPUT)
         self.encode_alert = serde.AvroSerializer(registry, serde.ALERT)
+        self.encode_outcome = serde.AvroSerializer(registry, serde.ALERT_ACTION_OUTCOME)
         self.inputs = LifecycleInputs(kafka, registry)
         self.alerts_topic = kafka.topic(ALERTS_TOPIC)
+        self.outcomes_topic = kafka.topic(ACTION_OUTCOMES_TOPIC)
         self.rules = _reloading("alert_lifecycle", rules_path, load_alert_lifecycle_rules)
         self._lifecycle = AlertLifecycle(self.rules.current())
 
@@ -419,8 +471,9 @@ class LifecycleStage:
     def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
         """Alert snapshots caused by one lifecycle input.
 
-        An operator action on an unknown or resolved alert is refused with a logged reason
-        (the CLI checked it before sending; a refusal here is a race, never a crash).
+        An operator action also yields its outcome on ``alerts.outcomes``: applied, or
+        refused with the reason (unknown or resolved alert, another organisation's alert),
+        so the console and the CLI answer with what really happened.
         """
         record = self.decode(value)
         machine = self._machine()
@@ -455,21 +508,56 @@ class LifecycleStage:
                 record["explanation"],
             )
             transitions = machine.on_cleared(cleared, state, now_ms)
-        elif kind in (INPUT_ACKNOWLEDGE, INPUT_RESOLVE):
-            act = machine.acknowledge if kind == INPUT_ACKNOWLEDGE else machine.resolve
-            try:
-                transitions = act(
-                    record["alert_id"], record["actor"], record["note"], state, now_ms
-                )
-            except LifecycleError as exc:
-                log.warning("alert action refused: %s", exc)
-                return []
+        elif kind in OPERATOR_ACTIONS:
+            return self._operator_action(record, state, now_ms)
         elif kind == INPUT_TICK:
             transitions = machine.tick(state, now_ms)
+        elif kind == INPUT_RESTORE:
+            opened_ms = epoch_ms(record["detected_time"])
+            if machine.restore(_last_transition(record), opened_ms, state):
+                state.put(_context_key(record["alert_id"]), _context(record))
+                log.info("alert %s restored from storage (%s)", record["alert_id"],
+                         record["status"])
+            return []
         else:
             log.error("unknown lifecycle input kind %r ignored", kind)
             return []
         return [self._snapshot(t, state) for t in transitions]
+
+    def _operator_action(
+        self, record: dict[str, Any], state: KeyValueState, now_ms: int
+    ) -> list[Output]:
+        """Apply an acknowledge or resolve; its snapshots and its outcome."""
+        try:
+            transitions = self._machine().act(
+                record["input_kind"], record["alert_id"], record["actor"], record["note"],
+                state, now_ms,
+                organisation_id=record["organisation_id"], request_id=record["request_id"],
+            )
+        except LifecycleError as exc:
+            log.warning("alert action refused: %s", exc)
+            return [self._outcome(record, REFUSED, str(exc), state, now_ms)]
+        outputs = [self._snapshot(t, state) for t in transitions]
+        return [*outputs, self._outcome(record, APPLIED, "", state, now_ms)]
+
+    def _outcome(
+        self, record: dict[str, Any], outcome: str, reason: str, state: KeyValueState,
+        now_ms: int,
+    ) -> Output:
+        alert = alert_state(state, record["alert_id"])
+        value = {
+            "request_id": record["request_id"],
+            "alert_id": record["alert_id"],
+            "action": record["input_kind"],
+            "outcome": outcome,
+            "reason": reason,
+            "status": alert["status"] if alert else "",
+            "actor": record["actor"],
+            "organisation_id": record["organisation_id"],
+            "decided_time": now_ms,
+        }
+        key = (record["request_id"] or record["alert_id"]).encode()
+        return Output(self.outcomes_topic, key, self.encode_outcome(value))
 
     def tick(self, state: KeyValueState, now_ms: int) -> list[Output]:
         """Throttled updates and escalations that are due."""
@@ -516,6 +604,31 @@ class LifecycleStage:
         }
         key = (transition.person_key or transition.subject).encode()
         return Output(self.alerts_topic, key, self.encode_alert(alert))
+
+
+def _last_transition(record: dict[str, Any]) -> AlertTransition:
+    """The stored last transition a restore input carries."""
+    return AlertTransition(
+        transition_id=record["input_id"],
+        alert_id=record["alert_id"],
+        rule_id=record["rule_id"],
+        rule_version=record["rule_version"],
+        subject=record["subject"],
+        organisation_id=record["organisation_id"],
+        person_key=record["person_key"],
+        severity=record["severity"],
+        status=record["status"],
+        action=record["last_action"],
+        actor=record["actor"],
+        note=record["note"],
+        time_ms=epoch_ms(record["updated_time"]),
+        first_event_time_ms=epoch_ms(record["event_time"]),
+        last_event_time_ms=epoch_ms(record["last_event_time"]),
+        occurrences=record["occurrences"],
+        escalation_level=record["escalation_level"],
+        triggering_event_ids=tuple(record["triggering_event_ids"]),
+        explanation=record["explanation"],
+    )
 
 
 def _context_key(alert_id: str) -> str:

@@ -20,6 +20,9 @@ const TEXT = {
     noPerson: "This alert is not about a patient.",
     timelineRefused: "Your role does not see patient timelines.",
     signInFailed: "Sign-in failed.", sessionExpired: "Your session ended: sign in again.",
+    outcome_applied: "Done", outcome_refused: "Refused", outcome_timed_out: "Not confirmed",
+    outcome_not_delivered: "Not sent", outcome_failed: "Failed",
+    hint_timed_out: "the stream workers did not answer in time; the action stays queued.",
   },
   zh: {
     title: "medstream 实时告警台", signIn: "登录", signOut: "退出", user: "用户名",
@@ -37,6 +40,9 @@ const TEXT = {
     noPerson: "该告警不涉及具体患者。",
     timelineRefused: "您的角色无权查看患者时间线。",
     signInFailed: "登录失败。", sessionExpired: "会话已结束，请重新登录。",
+    outcome_applied: "已完成", outcome_refused: "被拒绝", outcome_timed_out: "未获确认",
+    outcome_not_delivered: "未发送", outcome_failed: "失败",
+    hint_timed_out: "流处理进程未及时答复，操作仍在队列中。",
   },
 };
 const SEVERITIES = ["critical", "high", "medium", "low"];
@@ -276,8 +282,26 @@ $("act-dialog").addEventListener("close", async () => {
   const result = await api(
     `/api/alerts/${encodeURIComponent(pending.alert.alert_id)}/${pending.action}`,
     { method: "POST", body: JSON.stringify({ note: $("act-note").value }) });
-  if (!result.ok) window.alert(result.body?.error || `HTTP ${result.status}`);
+  showOutcome(pending, result);
 });
+
+// Every action ends visibly: applied, refused with the reason, or not confirmed in time.
+function showOutcome(pending, result) {
+  const outcome = result.body?.outcome || (result.ok ? "applied" : "failed");
+  const box = $("act-result");
+  const what = `${t(pending.action)} · ${pending.alert.rule_id} (${pending.alert.organisation_id})`;
+  const detail = result.body?.message || result.body?.error || `HTTP ${result.status}`;
+  const hint = outcome === "timed_out" ? ` ${t("hint_timed_out")}` : "";
+  box.textContent = `${t(`outcome_${outcome}`)}: ${what}: ${detail}${hint}`;
+  box.dataset.outcome = outcome;
+  box.dataset.httpStatus = String(result.status);
+  box.hidden = false;
+  if (result.ok && result.body?.status) {
+    const alert = state.alerts.get(pending.alert.alert_id);
+    if (alert) alert.status = result.body.status;
+    renderAlerts();
+  }
+}
 
 // ---------------------------------------------------------------- timeline
 

@@ -179,6 +179,10 @@ def test_console_live_alerts_actions_scope_and_governed_sql(tmp_path: Path) -> N
             east.locator(f"{row_selector('H001')} .act-acknowledge").click()
             east.fill("#act-note", "called ward, repeat sample ordered")
             east.click("#act-confirm")
+            # The outcome is shown on the page, not only in the row.
+            east.wait_for_selector('#act-result[data-outcome="applied"]', timeout=15_000)
+            assert east.get_attribute("#act-result", "data-http-status") == "200"
+            assert east.inner_text("#act-result").startswith("Done: Acknowledge")
             for page in (east, admin):
                 page.wait_for_selector(f'{row_selector("H001")}[data-status="acknowledged"]',
                                        timeout=10_000)
@@ -189,6 +193,11 @@ def test_console_live_alerts_actions_scope_and_governed_sql(tmp_path: Path) -> N
             assert admin.inner_text("th[data-i18n=severity]") == "级别"
             assert "已接收" in admin.locator(row_selector("H001")).inner_text()
             admin.screenshot(path=str(shots / "console-zh.png"))
+            # The outcome of an action is shown in the page's language.
+            admin.locator(f"{row_selector('H002')} .act-resolve").click()
+            admin.click("#act-confirm")
+            admin.wait_for_selector('#act-result[data-outcome="applied"]', timeout=15_000)
+            assert admin.inner_text("#act-result").startswith("已完成: 处置完成")
 
             # A state change without the CSRF token is refused.
             alert_id = east.locator(row_selector("H001")).get_attribute("data-alert-id")
@@ -236,8 +245,10 @@ def test_console_live_alerts_actions_scope_and_governed_sql(tmp_path: Path) -> N
         assert ("ok", 1) in outcomes and ("refused", None) in outcomes
         assert any("DROP TABLE" in q["detail"] for q in queries)
         actions = audit("--action", "alert_acknowledge")
-        assert [(a["actor"], a["detail"]) for a in actions] == [
-            ("mon.east", "called ward, repeat sample ordered")
+        # The request (before it was sent), then the lifecycle's real outcome.
+        assert sorted((a["outcome"], a["actor"], a["detail"]) for a in actions) == [
+            ("ok", "mon.east", "called ward, repeat sample ordered"),
+            ("requested", "mon.east", "called ward, repeat sample ordered"),
         ]
         sign_ins = {a["actor"] for a in audit("--action", "sign_in")}
         assert sign_ins == {"admin.all", "mon.east", "mon.west", "analyst.east"}

@@ -301,6 +301,7 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
     from prometheus_client.parser import text_string_to_metric_families
 
     from medstream.settings import (
+        ACTION_OUTCOMES_TOPIC,
         ALERTS_TOPIC,
         DLQ_TOPIC,
         FACT_TOPICS,
@@ -319,6 +320,7 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
     topics = {
         *RAW_TOPICS.values(), *NORM_TOPICS.values(), *FACT_TOPICS.values(), ALERTS_TOPIC,
         DLQ_TOPIC, LIFECYCLE_TOPIC, IDENTITY_TOPIC, SYNDROMIC_TOPIC, FEED_ACTIVITY_TOPIC,
+        ACTION_OUTCOMES_TOPIC,
     }
     allowed = {
         "stage": {"simulator", "normalise", "sink", "detect", "lifecycle", "mpi",

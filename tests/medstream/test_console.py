@@ -18,12 +18,15 @@ from aiohttp.test_utils import TestClient, TestServer
 from clickhouse_connect.driver.client import Client
 
 from medstream.access import UserStore, refresh_analyst_views
+from medstream.alert_actions import restore_lifecycle
 from medstream.audit import AuditTrail, direct_insert
 from medstream.clickhouse import QueryResult, run_read_only
 from medstream.console import Console, Querier, alert_view
 from medstream.settings import ConsoleSettings, KafkaSettings
 from schemas import serde
 from sinks.dictionary import refresh_data_dictionary
+from tests.lifecycle_helpers import LifecycleWorker, open_alert, store_alert
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -280,3 +283,108 @@ def test_sql_endpoint_with_basic_auth_is_governed_and_audited(
         f"SELECT DISTINCT channel FROM {database}.audit_log WHERE action != 'sign_in'"
     ).result_rows
     assert channel == [("http",)]
+
+
+def action_audit(clickhouse: Client, database: str) -> list[tuple[Any, ...]]:
+    return [
+        tuple(r) for r in clickhouse.query(
+            f"SELECT actor, action, outcome, target, detail FROM {database}.audit_log "
+            "WHERE action LIKE 'alert_%' ORDER BY event_time"
+        ).result_rows
+    ]
+
+
+def test_an_alert_opened_before_a_restart_is_refused_visibly_then_restored_and_acknowledged(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
+    users: UserStore,
+) -> None:
+    kafka = kafka_factory()
+    console = _console(kafka, clickhouse, database, users, action_answer_s=20)
+    with LifecycleWorker(kafka, serde.ManifestRegistry()) as worker:
+        snapshot = open_alert(kafka, worker)
+        store_alert(clickhouse, database, snapshot)  # as the sink stores it
+        console.board.merge(alert_view(snapshot))
+        alert_id = snapshot["alert_id"]
+        worker.forget()  # the worker restarted on a broker that kept no changelog
+
+        async def scenario(client: TestClient) -> None:
+            csrf = (await (await _sign_in(client, "mon.east")).json())["csrf"]
+            headers = {"X-CSRF-Token": csrf}
+            refused = await client.post(
+                f"/api/alerts/{alert_id}/acknowledge", json={"note": "called ward"},
+                headers=headers,
+            )
+            body = await refused.json()
+            assert refused.status == 409 and body["outcome"] == "refused"
+            assert body["error"] == (
+                f"acknowledge refused: cannot acknowledge alert {alert_id}: unknown alert "
+                "(never opened here, or resolved and forgotten)"
+            )
+            # What ClickHouse holds is offered to the lifecycle (medstream up does it at start).
+            loop = asyncio.get_running_loop()
+            offered = await loop.run_in_executor(
+                None, restore_lifecycle, console.query, database, kafka,
+                serde.ManifestRegistry(),
+            )
+            assert offered == 1
+            applied = await client.post(
+                f"/api/alerts/{alert_id}/acknowledge", json={"note": "called ward"},
+                headers=headers,
+            )
+            body = await applied.json()
+            assert applied.status == 200
+            assert (body["outcome"], body["status"], body["alert_id"]) == (
+                "applied", "acknowledged", alert_id
+            )
+            assert body["message"] == f"alert {alert_id} is acknowledged (acknowledge applied)"
+            # Once the new state is on the page, a second acknowledgement is refused at once.
+            wait_for(lambda: console.board.get(alert_id)["status"] == "acknowledged", 30,
+                     "the acknowledged alert on the console's live stream")
+            again = await client.post(
+                f"/api/alerts/{alert_id}/acknowledge", json={}, headers=headers
+            )
+            assert again.status == 409
+            assert (await again.json())["error"] == (
+                f"acknowledge refused: alert {alert_id} is already acknowledged"
+            )
+
+        _run(console, scenario)
+    acknowledged = [a for a in worker.alerts if a["action"] == "acknowledged"]
+    assert [(a["alert_id"], a["actor"], a["note"], a["value"]) for a in acknowledged] == [
+        (alert_id, "mon.east", "called ward", 7.4)
+    ]
+    refusal = (f"acknowledge refused: cannot acknowledge alert {alert_id}: unknown alert "
+               "(never opened here, or resolved and forgotten) (note: called ward)")
+    assert action_audit(clickhouse, database) == [
+        ("mon.east", "alert_acknowledge", "requested", alert_id, "called ward"),
+        ("mon.east", "alert_acknowledge", "refused", alert_id, refusal),
+        ("mon.east", "alert_acknowledge", "requested", alert_id, "called ward"),
+        ("mon.east", "alert_acknowledge", "ok", alert_id, "called ward"),
+        ("mon.east", "alert_acknowledge", "refused", alert_id,
+         f"acknowledge refused: alert {alert_id} is already acknowledged"),
+    ]
+
+
+def test_an_action_nobody_answers_is_reported_as_not_confirmed(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
+    users: UserStore,
+) -> None:
+    kafka = kafka_factory()
+    console = _console(kafka, clickhouse, database, users, action_answer_s=1)
+    console.board.merge(_alert("H001"))  # and no stream worker runs
+
+    async def scenario(client: TestClient) -> None:
+        csrf = (await (await _sign_in(client, "mon.east")).json())["csrf"]
+        started = time.monotonic()
+        answer = await client.post(
+            "/api/alerts/alert-H001/resolve", json={}, headers={"X-CSRF-Token": csrf}
+        )
+        body = await answer.json()
+        assert answer.status == 504 and body["outcome"] == "timed_out"
+        assert "no answer from the stream workers within 1 s" in body["error"]
+        assert time.monotonic() - started < 10
+
+    _run(console, scenario)
+    [(_, _, requested, _, _), (_, _, failed, _, detail)] = action_audit(clickhouse, database)
+    assert (requested, failed) == ("requested", "failed")
+    assert detail.startswith("resolve of alert alert-H001 not confirmed: no answer")

@@ -13,6 +13,7 @@ from confluent_kafka.admin import AdminClient
 
 from medstream.runtime import TansuBroker, RuntimeState, contract_topics, ensure_topics
 from medstream.settings import KafkaSettings, RuntimeSettings
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -20,11 +21,18 @@ pytestmark = pytest.mark.integration
 def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable[..., KafkaSettings]) -> None:
     kafka = kafka_factory()  # the factory already created them
     assert ensure_topics(kafka) == []
-    metadata = AdminClient(kafka.librdkafka()).list_topics(timeout=10)
     wanted = contract_topics(kafka)
-    # 4 raw, 5 norm, alerts, dlq, 4 fact topics (audit included), and 4 internal ones.
-    assert len(wanted) == 19
+    admin = AdminClient(kafka.librdkafka())
+    # The broker's metadata cache learns of topics just created a moment after the
+    # controller confirmed them.
+    wait_for(lambda: set(wanted) <= set(admin.list_topics(timeout=10).topics), 30,
+             "the new topics in the broker's metadata")
+    metadata = admin.list_topics(timeout=10)
+    # 4 raw, 5 norm, alerts, dlq, 4 fact topics (audit included), and 5 internal ones.
+    assert len(wanted) == 20
     assert wanted[kafka.topic("audit")] == kafka.norm_partitions
+    # Action outcomes: one partition per lifecycle partition.
+    assert wanted[kafka.topic("alerts.outcomes")] == wanted[kafka.topic("alerts.lifecycle")]
     for name, partitions in wanted.items():
         assert len(metadata.topics[name].partitions) == partitions
     assert wanted[kafka.topic("raw.hl7_lab")] == 2 and wanted[kafka.topic("dlq")] == 1
@@ -37,7 +45,7 @@ def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
     try:
         assert broker.alive()
         kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, broker_kind="tansu")
-        assert len(ensure_topics(kafka)) == 19
+        assert len(ensure_topics(kafka)) == len(contract_topics(kafka)) == 20
     finally:
         broker.stop()
     assert not broker.alive()

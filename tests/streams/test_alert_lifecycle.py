@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -220,8 +221,9 @@ def test_acknowledge_then_resolve(lifecycle: AlertLifecycle) -> None:
     assert [(t.action, t.status, t.actor, t.note) for t in acks] == [
         ("acknowledged", "acknowledged", "nurse-7", "on my way")
     ]
-    # Acknowledging twice is idempotent.
-    assert lifecycle.acknowledge(alert_id, "nurse-8", None, state, T0 + 2 * MINUTE) == []
+    # A second acknowledgement is refused, naming who took it.
+    with pytest.raises(LifecycleError, match="already acknowledged by nurse-7"):
+        lifecycle.acknowledge(alert_id, "nurse-8", None, state, T0 + 2 * MINUTE)
     # Repeats still count while acknowledged.
     lifecycle.on_finding(finding("e2"), state, T0 + 3 * MINUTE)
     assert stored(state, alert_id)["occurrences"] == 2
@@ -369,3 +371,103 @@ def test_acknowledged_alerts_do_not_escalate(lifecycle: AlertLifecycle) -> None:
     ack = lifecycle.acknowledge(alert_id, "nurse-7", None, state, T0 + 17 * MINUTE)
     assert (ack[0].status, ack[0].escalation_level) == ("acknowledged", 1)
     assert lifecycle.tick(state, T0 + 120 * MINUTE) == []
+
+
+# --- requests, organisations and restore after a restart -------------------------------------
+
+
+def test_a_reprocessed_request_changes_nothing_and_is_not_refused(
+    lifecycle: AlertLifecycle,
+) -> None:
+    state = DictState()
+    alert_id = opened(lifecycle, state)
+    act = lifecycle.act
+    first = act("acknowledge", alert_id, "nurse-7", None, state, T0 + MINUTE, request_id="r1")
+    assert [t.status for t in first] == ["acknowledged"]
+    # The same request again (a redelivery): applied already, no second transition.
+    assert act("acknowledge", alert_id, "nurse-7", None, state, T0 + 2 * MINUTE,
+               request_id="r1") == []
+    act("resolve", alert_id, "nurse-7", None, state, T0 + 3 * MINUTE, request_id="r2")
+    assert act("resolve", alert_id, "nurse-7", None, state, T0 + 4 * MINUTE,
+               request_id="r2") == []
+    assert stored(state, alert_id)["requests"] == ["r1", "r2"]
+    # A new request on the resolved alert is refused.
+    with pytest.raises(LifecycleError, match="already resolved"):
+        act("resolve", alert_id, "nurse-7", None, state, T0 + 5 * MINUTE, request_id="r3")
+    with pytest.raises(LifecycleError, match="unknown action 'delete'"):
+        act("delete", alert_id, "nurse-7", None, state, T0 + 5 * MINUTE)
+
+
+def test_an_action_naming_another_organisation_is_refused(lifecycle: AlertLifecycle) -> None:
+    state = DictState()
+    alert_id = opened(lifecycle, state)  # an alert of H001
+    before = copy.deepcopy(state.values)
+    act = lifecycle.act
+    with pytest.raises(LifecycleError, match="names organisation H002, which the alert does not"):
+        act("acknowledge", alert_id, "mon.west", None, state, T0, organisation_id="H002")
+    with pytest.raises(LifecycleError, match="names organisation H002"):
+        act("resolve", alert_id, "mon.west", None, state, T0, organisation_id="H002")
+    assert state.values == before
+    done = act("acknowledge", alert_id, "mon.east", None, state, T0, organisation_id="H001")
+    assert [t.status for t in done] == ["acknowledged"]
+
+
+def last_transition(transitions: list[AlertTransition], **changes: Any) -> AlertTransition:
+    """What ClickHouse holds of an alert: its last transition (``changes`` for a lagging one)."""
+    return dataclasses.replace(transitions[-1], **changes)
+
+
+def test_a_restored_alert_is_taken_up_where_it_was(lifecycle: AlertLifecycle) -> None:
+    before_restart = DictState()
+    snapshot = last_transition(lifecycle.on_finding(finding("e1"), before_restart, T0))
+    alert_id = snapshot.alert_id
+    # The broker kept nothing: an empty state refuses the action ...
+    state = DictState()
+    with pytest.raises(LifecycleError, match="unknown alert"):
+        lifecycle.acknowledge(alert_id, "nurse-7", None, state, T0 + MINUTE)
+    # ... until the alert is restored from storage.
+    assert lifecycle.restore(snapshot, T0, state) is True
+    assert lifecycle.restore(snapshot, T0, state) is False  # known now: left alone
+    # The finding that opened it, processed again, is not counted; a new one is.
+    assert lifecycle.on_finding(finding("e1"), state, T0 + MINUTE) == []
+    lifecycle.on_finding(finding("e2", event_time_ms=T0), state, T0 + 2 * MINUTE)
+    assert stored(state, alert_id)["occurrences"] == 2
+    # It escalates as if no restart had happened: open since T0, critical after 15 min
+    # (and the throttled update of the repeat is due).
+    due = lifecycle.tick(state, T0 + 16 * MINUTE)
+    assert [(t.alert_id, t.action, t.escalation_level) for t in due] == [
+        (alert_id, "updated", 0), (alert_id, "escalated", 1)
+    ]
+    [acked] = lifecycle.acknowledge(alert_id, "nurse-7", "seen", state, T0 + 17 * MINUTE)
+    assert (acked.alert_id, acked.status, acked.occurrences, acked.first_event_time_ms) == (
+        alert_id, "acknowledged", 2, T0 - 5 * MINUTE
+    )
+    assert acked.explanation == "Potassium 6.9 mmol/L above critical high 6.2"
+
+
+def test_restore_never_overrides_what_the_changelog_kept(lifecycle: AlertLifecycle) -> None:
+    state = DictState()
+    opening = lifecycle.on_finding(finding("e1"), state, T0)
+    lifecycle.resolve(opening[0].alert_id, "nurse-7", None, state, T0 + MINUTE)
+    kept = copy.deepcopy(state.values)
+    # Storage lags behind: it still shows the alert open. The lifecycle knows better.
+    assert lifecycle.restore(last_transition(opening), T0, state) is False
+    assert state.values == kept
+    with pytest.raises(LifecycleError, match="not one of open, acknowledged"):
+        lifecycle.restore(last_transition(opening, status="resolved"), T0, DictState())
+
+
+def test_a_restored_acknowledged_alert_names_who_took_it(lifecycle: AlertLifecycle) -> None:
+    before_restart = DictState()
+    alert_id = opened(lifecycle, before_restart)
+    acked = lifecycle.acknowledge(alert_id, "nurse-7", None, before_restart, T0 + MINUTE)
+    state = DictState()
+    # A newer alert of the same subject already counts the findings: it keeps doing so.
+    state.put(f"alert|subject|critical_value.potassium|{PERSON}|2823-3", "newer")
+    lifecycle.restore(last_transition(acked), T0, state)
+    assert state.values[f"alert|subject|critical_value.potassium|{PERSON}|2823-3"] == "newer"
+    with pytest.raises(LifecycleError, match="already acknowledged by nurse-7"):
+        lifecycle.acknowledge(alert_id, "nurse-8", None, state, T0 + 2 * MINUTE)
+    [done] = lifecycle.resolve(alert_id, "nurse-8", None, state, T0 + 3 * MINUTE)
+    assert (done.alert_id, done.status) == (alert_id, "resolved")
+    assert lifecycle.tick(state, T0 + HOUR) == []  # acknowledged, then resolved: no escalation

@@ -16,7 +16,9 @@ from streams.detect import (
     Output,
     TickOverlay,
 )
+from streams.alert_lifecycle import AlertTransition
 from streams.findings import DictState, Finding
+from streams.model import epoch_ms
 
 REGISTRY = serde.ManifestRegistry()
 KAFKA = KafkaSettings(bootstrap_servers="unused:9092", topic_prefix="t.")
@@ -25,7 +27,10 @@ PERSON = "f" * 32
 
 
 def decode(output: Output) -> dict[str, Any]:
-    subject = {"t.alerts": serde.ALERT, "t.alerts.lifecycle": serde.LIFECYCLE_INPUT}[output.topic]
+    subject = {
+        "t.alerts": serde.ALERT, "t.alerts.lifecycle": serde.LIFECYCLE_INPUT,
+        "t.alerts.outcomes": serde.ALERT_ACTION_OUTCOME,
+    }[output.topic]
     return serde.AvroDeserializer(REGISTRY, subject)(output.value)
 
 
@@ -131,16 +136,79 @@ def test_lifecycle_opens_once_then_acknowledge_and_resolve(lifecycle: LifecycleS
     assert lifecycle.handle(inputs.finding(finding("lab1", T0), T0).value, state, T0 + 20) == []
     assert lifecycle.handle(inputs.finding(finding("lab2", T0 + 60_000), T0).value, state, T0) == []
     ack = inputs.action("acknowledge", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
-                        "nurse.li", "called ward", T0 + 30)
-    [acked] = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 30)]
+                        "nurse.li", "called ward", T0 + 30, organisation_id="H001",
+                        request_id="req-1")
+    acked, ack_outcome = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 30)]
     assert (acked["status"], acked["actor"], acked["note"]) == ("acknowledged", "nurse.li", "called ward")
     assert acked["alert_id"] == alert_id and acked["value"] == 6.9
+    assert (ack_outcome["request_id"], ack_outcome["outcome"], ack_outcome["status"]) == (
+        "req-1", "applied", "acknowledged"
+    )
     resolve = inputs.action("resolve", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
-                            "dr.wang", None, T0 + 40)
-    [resolved] = [decode(o) for o in lifecycle.handle(resolve.value, state, T0 + 40)]
+                            "dr.wang", None, T0 + 40, request_id="req-2")
+    outputs = lifecycle.handle(resolve.value, state, T0 + 40)
+    assert [o.topic for o in outputs] == ["t.alerts", "t.alerts.outcomes"]
+    assert outputs[1].key == b"req-2"
+    resolved = decode(outputs[0])
     assert (resolved["status"], resolved["action"], resolved["occurrences"]) == ("resolved", "resolved", 2)
-    # Acting on a resolved alert is refused without output (logged), never a crash.
-    assert lifecycle.handle(ack.value, state, T0 + 50) == []
+    # The same request processed again (a redelivery) is answered applied again, changing nothing.
+    [again] = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 45)]
+    assert (again["request_id"], again["outcome"], again["reason"]) == ("req-1", "applied", "")
+    # A new action on a resolved alert is refused with its reason, never a crash.
+    late = inputs.action("acknowledge", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
+                         "nurse.li", None, T0 + 50, request_id="req-3")
+    [refused] = [decode(o) for o in lifecycle.handle(late.value, state, T0 + 50)]
+    assert (refused["request_id"], refused["outcome"], refused["status"]) == (
+        "req-3", "refused", "resolved"
+    )
+    assert refused["reason"] == f"cannot acknowledge alert {alert_id}: it is already resolved"
+
+
+def test_a_restore_input_brings_back_an_alert_with_its_figures(lifecycle: LifecycleStage) -> None:
+    inputs = LifecycleInputs(KAFKA, REGISTRY)
+    before_restart = DictState()
+    event = lineage("lab1", "lab", 7) | {"source_topic": "t.raw.hl7_lab"}
+    [opened] = lifecycle.handle(inputs.finding(finding("lab1", T0), T0, event).value,
+                                before_restart, T0 + 10)
+    snapshot = decode(opened)
+    alert_id = snapshot["alert_id"]
+    state = DictState()  # the changelog is gone
+    ack = inputs.action("acknowledge", alert_id, "critical_value.potassium", f"{PERSON}|2823-3",
+                        "nurse.li", None, T0 + 20, organisation_id="H001", request_id="r1")
+    [refused] = [decode(o) for o in lifecycle.handle(ack.value, state, T0 + 20)]
+    assert (refused["outcome"], refused["status"]) == ("refused", "")
+    # What ClickHouse holds of it (its last transition, as stored) comes back as a restore.
+    restore = inputs.restore(
+        AlertTransition(
+            transition_id=snapshot["transition_id"], alert_id=alert_id,
+            rule_id=snapshot["rule_id"], rule_version=snapshot["rule_version"],
+            subject=snapshot["subject"], organisation_id="H001", person_key=PERSON,
+            severity="critical", status="open", action="opened", actor="system", note=None,
+            time_ms=T0 + 10, first_event_time_ms=T0, last_event_time_ms=T0,
+            occurrences=1, escalation_level=0, triggering_event_ids=("lab1",),
+            explanation=snapshot["explanation"],
+        ),
+        epoch_ms(snapshot["detected_time"]),  # when it opened, as alert_current holds it
+        {"ingest_time": T0 + 7500, "analyte_code": "2823-3", "value": 6.9, "unit": "mmol/L",
+         "source_topic": "t.raw.hl7_lab", "source_partition": 0, "source_offset": 7,
+         "mapping_version": "v-test", "details_json": '{"direction": "high"}'},
+        T0 + 30,
+    )
+    assert restore.key == f"critical_value.potassium|{PERSON}|2823-3".encode()  # its partition
+    assert lifecycle.handle(restore.value, state, T0 + 30) == []  # adopted, nothing emitted
+    assert lifecycle.handle(restore.value, state, T0 + 31) == []  # known: left alone
+    again = inputs.action("acknowledge", alert_id, "critical_value.potassium",
+                          f"{PERSON}|2823-3", "nurse.li", "called ward", T0 + 40,
+                          organisation_id="H001", request_id="r2")
+    acked, outcome = [decode(o) for o in lifecycle.handle(again.value, state, T0 + 40)]
+    assert (outcome["request_id"], outcome["outcome"]) == ("r2", "applied")
+    assert (acked["alert_id"], acked["status"], acked["actor"]) == (
+        alert_id, "acknowledged", "nurse.li"
+    )
+    # The figures and lineage of the opening finding are those of before the restart.
+    assert (acked["value"], acked["unit"], acked["source_offset"], acked["detected_time"]) == (
+        snapshot["value"], snapshot["unit"], 7, snapshot["detected_time"]
+    )
 
 
 def test_unacknowledged_critical_alert_escalates_on_tick(lifecycle: LifecycleStage) -> None:
