@@ -111,9 +111,15 @@ def test_an_alert_opened_before_a_restart_is_acknowledged_after_it(
         assert again.stderr.strip() == (
             f"error: acknowledge refused: alert {alert_id} is already acknowledged"
         )
-        audit = pipeline.run("audit", "--json", "--action", "alert_acknowledge")
-        assert audit.returncode == 0, audit.stderr
-        rows = sorted((a["outcome"], a["actor"], a["detail"]) for a in json.loads(audit.stdout))
+
+        def audited() -> list[tuple[str, str, str]]:
+            audit = pipeline.run("audit", "--json", "--action", "alert_acknowledge")
+            assert audit.returncode == 0, audit.stderr
+            return sorted((a["outcome"], a["actor"], a["detail"]) for a in json.loads(audit.stdout))
+
+        # Audit records reach ClickHouse through the broker and the sink: wait for all three.
+        wait_for(lambda: len(audited()) >= 3, 30, "the three audit rows of the actions")
+        rows = audited()
         assert rows == [
             ("ok", "mon.east", "called ward"),
             ("refused", "mon.west",
