@@ -181,7 +181,8 @@ class QueryLimits:
 
 DEFAULT_LIMITS = QueryLimits()
 _EXPLAIN = re.compile(r"^\s*EXPLAIN\s+(AST|QUERY\s+TREE)\s+", re.IGNORECASE)
-_ORGANISATION_FILTER = re.compile(r"organisation_id\s+IN\s*\((?:'(?:[^'\\]|\\.)*'|[\s,])*\)")
+#: The row filter of an organisation scope, as access.organisation_filter writes it.
+ORGANISATION_FILTER = re.compile(r"organisation_id\s+IN\s*\((?:'(?:[^'\\]|\\.)*'|[\s,])*\)")
 
 
 def checked_statement(
@@ -358,7 +359,7 @@ def _hide_filters(message: str, settings: dict[str, Any]) -> str:
         message = message[:echoed] + " SETTINGS <hidden>" + (suffix.group(0) if suffix else "")
     for text in (settings.get("additional_table_filters") or {}).values():
         message = message.replace(str(text), "<organisation filter>")
-    return _ORGANISATION_FILTER.sub("<organisation filter>", message)
+    return ORGANISATION_FILTER.sub("<organisation filter>", message)
 
 
 def _clean_error(message: str) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import queue
+import re
 import secrets
 import threading
 import urllib.error
@@ -30,6 +31,7 @@ from clickhouse_connect.driver.client import Client
 
 from medstream.clickhouse import (
     DEFAULT_LIMITS,
+    ORGANISATION_FILTER,
     PROOF_MAX_ROWS,
     USER_MAX_ROWS,
     QueryError,
@@ -176,7 +178,22 @@ def governed_settings(settings: Any) -> dict[str, Any] | None:
         raise QueryError("a query may only tighten readonly to 1")
     if settings.get("enable_scalar_subquery_optimization", 0) != 0:
         raise QueryError("scalar subquery optimisation may only be turned off")
+    filters = settings.get("additional_table_filters", {})
+    # A row filter is SQL the engine runs on every row: only the organisation filter the
+    # governor builds is taken, never an expression (it could read files or other tables).
+    if not isinstance(filters, dict) or not all(
+        isinstance(table, str) and isinstance(condition, str)
+        and _TABLE_NAME.fullmatch(table) and ORGANISATION_FILTER.fullmatch(condition)
+        for table, condition in filters.items()
+    ):
+        raise QueryError(
+            "a row filter may only be organisation_id IN ('<organisation>', ...) on a "
+            "database.table name"
+        )
     return {"readonly": 1, **settings}
+
+
+_TABLE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*\.[A-Za-z_][A-Za-z0-9_]*")
 
 
 def _handler(gateway: QueryGateway) -> type[BaseHTTPRequestHandler]:

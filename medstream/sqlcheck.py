@@ -103,21 +103,64 @@ def ast_nodes(tree: str) -> list[AstNode]:
 def cte_names(statement: str) -> set[str]:
     """Names the statement defines with ``WITH name AS (...)`` (table-valued CTEs); text in
     string literals and comments defines nothing."""
-    text = _LITERAL_OR_COMMENT.sub(
-        lambda match: "''" if match.group(0).startswith("'") else " ", statement
-    )
+    text = mask_literals(statement, comments=True)
     return set(re.findall(r"(?:\bWITH\b|,)\s*`?([A-Za-z_][A-Za-z0-9_]*)`?\s+AS\s*\(",
                           text, re.IGNORECASE))
 
 
-# Left to right, so a quote inside a comment and a comment marker inside a literal are
-# each read as what they are inside.
-_LITERAL_OR_COMMENT = re.compile(r"'(?:[^'\\]|\\.)*'|--[^\n]*|/\*.*?\*/", re.DOTALL)
+# Where a string literal, quoted identifier or comment may start.
+_SPECIAL = re.compile(r"['\"`]|--|/\*")
+
+
+def mask_literals(sql: str, comments: bool = False) -> str:
+    """The statement with every string literal emptied (so their text cannot fake SQL) and,
+    with ``comments``, every comment replaced by a space; quoted identifiers are kept.
+
+    One pass from left to right (a quote inside a comment and a comment marker inside a
+    literal are each read as what they are inside), linear in the length: the regular
+    expressions this replaces backtracked quadratically on an unclosed quote."""
+    out: list[str] = []
+    position, length = 0, len(sql)
+    while position < length:
+        found = _SPECIAL.search(sql, position)
+        if found is None:
+            out.append(sql[position:])
+            break
+        start = found.start()
+        out.append(sql[position:start])
+        token = found.group(0)
+        if token in ("'", '"', "`"):
+            end = _closing_quote(sql, start + 1, token)
+            out.append("''" if token == "'" else sql[start:end])
+        else:
+            end = sql.find("\n", start) if token == "--" else sql.find("*/", start + 2)
+            end = length if end < 0 else end + (0 if token == "--" else 2)
+            out.append(" " if comments else sql[start:end])
+        position = end
+    return "".join(out)
+
+
+def _closing_quote(sql: str, position: int, quote: str) -> int:
+    """The index just past the quote that closes one opened before ``position`` (a
+    backslash escapes the next character, a doubled quote is one); the end when unclosed."""
+    length = len(sql)
+    while position < length:
+        char = sql[position]
+        if char == "\\":
+            position += 2
+        elif char == quote:
+            if sql.startswith(quote, position + 1):
+                position += 2
+            else:
+                return position + 1
+        else:
+            position += 1
+    return length
 
 
 def strip_literals(sql: str) -> str:
     """The statement with every string literal emptied (so their text cannot fake SQL)."""
-    return re.sub(r"'(?:[^'\\]|\\.)*'", "''", sql)
+    return mask_literals(sql)
 
 
 def check_size(statement: str) -> None:

@@ -186,7 +186,7 @@ def check_critical(
     limits (text in place of a number, a unit that does not convert, a bound such as "<5"
     that may or may not be critical) is an UnreadableCritical, never silence.
     """
-    rule = rules.for_loinc(lab_result.get("loinc_code"))
+    rule = rule_for(lab_result.get("loinc_code"), rules, units)
     if rule is None or lab_result.get("mapping_status") not in _CHECKED_STATUSES:
         return None
     if lab_result.get("specimen_status") in rule.exclude_specimen_status:
@@ -229,6 +229,21 @@ def check_critical(
     side = "below critical low" if direction == "low" else "above critical high"
     explanation = f"{rule.display} {shown} {side} {_number(limit)}"
     return CriticalFinding(rule, direction, float(limit), float(value), explanation)
+
+
+def rule_for(
+    loinc: str | None, rules: CriticalValueRules, units: UnitReader | None
+) -> CriticalValueRule | None:
+    """The rule of a result's LOINC, else of another LOINC of the same analyte: potassium in
+    whole blood (6298-4) is judged by the potassium rule (2823-3), glucose in mmol/L
+    (14749-6) by the glucose rule, as ``analytes.yaml`` groups the codes."""
+    rule = rules.for_loinc(loinc)
+    if rule is not None or loinc is None or units is None:
+        return rule
+    analyte = units.analytes.for_loinc(loinc)
+    if analyte is None:
+        return None
+    return next((r for code in analyte.loinc if (r := rules.for_loinc(code))), None)
 
 
 # Statuses of a result whose LOINC (and so its rule) is known: a unit the dictionary could

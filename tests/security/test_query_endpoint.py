@@ -291,3 +291,29 @@ def test_results_are_bounded_in_bytes_and_a_proof_query_is_never_cut_silently(
     small = run_read_only(clickhouse, "SELECT number FROM numbers(10)", database, 30,
                           PROOF_MAX_ROWS, limits=limits)
     assert (len(small.rows), small.truncated) == (10, False)
+
+
+def test_a_row_filter_is_only_ever_an_organisation_filter(
+    endpoint: tuple[QueryGateway, str], database: str, tmp_path: Path
+) -> None:
+    """Review of issue 15: a filter is SQL the engine runs on every row; one reading a file
+    returned the audit key's bytes in an error. Only the governor's own form is taken."""
+    gateway, token = endpoint
+    secret = tmp_path / "secret.key"
+    secret.write_text("bda-secret")
+    table = f"{database}.lab_result"
+    for condition in (
+        f"toUInt8(substring(file('{secret}'), 1, 3)) = 1",
+        "organisation_id IN ('H001') OR 1",
+        "organisation_id IN (SELECT 'H001')",
+    ):
+        with pytest.raises(QueryError, match="a row filter may only be organisation_id IN"):
+            query_via_gateway(
+                gateway.url, f"SELECT count() FROM {table}", token=token,
+                settings={"readonly": 1, "additional_table_filters": {table: condition}},
+            )
+    scoped = query_via_gateway(
+        gateway.url, f"SELECT count() FROM {table}", token=token,
+        settings={"additional_table_filters": {table: "organisation_id IN ('H001')"}},
+    )
+    assert scoped.rows == [[0]]

@@ -11,15 +11,16 @@ import pytest
 from schemas import serde
 from streams.critical_values import (
     DEFAULT_CRITICAL_RULES_PATH,
-    CriticalRulesError,
     UNREADABLE_RULE_ID,
     CriticalFinding,
+    CriticalRulesError,
     CriticalValueRules,
     UnreadableCritical,
     check_critical,
     critical_finding,
     is_suppressed,
     load_critical_value_rules,
+    rule_for,
     suppression_key,
     unreadable_finding,
 )
@@ -398,3 +399,28 @@ def test_missing_file_and_missing_fields(tmp_path: Path) -> None:
         load_critical_value_rules(tmp_path / "absent.yaml")
     with pytest.raises(CriticalRulesError, match="suppression_minutes: Field required"):
         load_critical_value_rules(_write(tmp_path, "version: '1'\nrules: []\n"))
+
+
+def test_every_loinc_of_an_analyte_with_a_rule_is_judged_by_it(
+    rules: CriticalValueRules, units: UnitReader
+) -> None:
+    """Review of issue 15: potassium sent as 6298-4 (in blood), glucose as 14749-6 and sodium
+    as 2947-0 were stored mapped and raised nothing: the rules were keyed by one LOINC."""
+    cases = [("6298-4", 7.8, "mmol/L", "critical_value.potassium", "high"),
+             ("2947-0", 110.0, "mmol/L", "critical_value.sodium", "low"),
+             ("14749-6", 1.1, "mmol/L", "critical_value.glucose", "low"),
+             ("15074-8", 30.0, "mmol/L", "critical_value.glucose", "high"),
+             ("2339-0", 20.0, "mg/dL", "critical_value.glucose", "low"),
+             ("1558-6", 600.0, "mg/dL", "critical_value.glucose", "high")]
+    for loinc, value, unit, rule_id, side in cases:
+        finding = check_critical(lab_result(loinc, value, unit), rules, units)
+        assert isinstance(finding, CriticalFinding), loinc
+        assert (finding.rule.rule_id, finding.direction) == (rule_id, side), loinc
+    # Every catalogued code of an analyte that has a rule reaches that rule.
+    terminology = load_terminology()
+    for rule in rules.rules.values():
+        analyte = units.analytes.for_loinc(rule.loinc)
+        codes = analyte.loinc if analyte is not None else (rule.loinc,)
+        for code in codes:
+            assert terminology.known_loinc(code), code
+            assert rule_for(code, rules, units) is rule, code
