@@ -224,9 +224,8 @@ def explain_lines(
     """The lines of an EXPLAIN, each exactly as the engine wrote it.
 
     Read raw: the driver's query() takes any statement ending in LIMIT 0 for a column probe
-    (and fails on EXPLAIN's rows). The engine writes EXPLAIN as TabSeparated, escaping
-    newlines, so splitting on real newlines never lets a string literal pass for a line of
-    the tree; the escapes are then undone."""
+    (and fails on EXPLAIN's rows). The engine writes one row per line of the tree; a
+    quoted name with a line break, which would print as two, is refused by sqlcheck."""
     if settings:
         # A SETTINGS clause of its own, as query() would add: the driver applies raw_query's
         # settings to an embedded engine by SET, and cannot undo a SET readonly.
@@ -249,7 +248,7 @@ def _setting_literal(value: Any) -> str:
 
 
 _TSV_ESCAPE = re.compile(r"\\(.)", re.DOTALL)
-_TSV_ESCAPES = {"n": "\n", "t": "\t", "r": "\r", "0": "\0", "b": "\b", "f": "\f"}
+_TSV_ESCAPES = {"n": "\n", "r": "\r", "t": "\t", "0": "\0", "b": "\b", "f": "\f"}
 
 
 def _unescape(match: re.Match[str]) -> str:

@@ -14,7 +14,7 @@ the size of the statement.
 from __future__ import annotations
 
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Final
 
@@ -116,28 +116,47 @@ def mask_literals(sql: str, comments: bool = False) -> str:
     """The statement with every string literal emptied (so their text cannot fake SQL) and,
     with ``comments``, every comment replaced by a space; quoted identifiers are kept.
 
-    One pass from left to right (a quote inside a comment and a comment marker inside a
-    literal are each read as what they are inside), linear in the length: the regular
-    expressions this replaces backtracked quadratically on an unclosed quote."""
+    Linear in the length (the regular expressions this replaces backtracked quadratically
+    on an unclosed quote)."""
     out: list[str] = []
-    position, length = 0, len(sql)
-    while position < length:
-        found = _SPECIAL.search(sql, position)
-        if found is None:
-            out.append(sql[position:])
-            break
-        start = found.start()
+    position = 0
+    for kind, start, end in _quoted_spans(sql):
         out.append(sql[position:start])
-        token = found.group(0)
+        if kind == "literal":
+            out.append("''")
+        elif kind == "comment" and comments:
+            out.append(" ")
+        else:
+            out.append(sql[start:end])
+        position = end
+    out.append(sql[position:])
+    return "".join(out)
+
+
+def line_break_in_quoted_name(sql: str) -> bool:
+    """True when a quoted identifier or alias holds a line break: the engine prints it raw
+    in EXPLAIN AST, where it would pass for a node of the tree."""
+    return any(
+        kind == "name" and ("\n" in sql[start:end] or "\r" in sql[start:end])
+        for kind, start, end in _quoted_spans(sql)
+    )
+
+
+def _quoted_spans(sql: str) -> Iterator[tuple[str, int, int]]:
+    """(``literal``, ``name`` or ``comment``, start, end) of each quoted or commented span,
+    in one pass from left to right: a quote inside a comment and a comment marker inside a
+    literal are each read as what they are inside."""
+    position, length = 0, len(sql)
+    while (found := _SPECIAL.search(sql, position)) is not None:
+        start, token = found.start(), found.group(0)
         if token in ("'", '"', "`"):
             end = _closing_quote(sql, start + 1, token)
-            out.append("''" if token == "'" else sql[start:end])
+            yield ("literal" if token == "'" else "name"), start, end
         else:
-            end = sql.find("\n", start) if token == "--" else sql.find("*/", start + 2)
-            end = length if end < 0 else end + (0 if token == "--" else 2)
-            out.append(" " if comments else sql[start:end])
+            close = sql.find("\n", start) if token == "--" else sql.find("*/", start + 2)
+            end = length if close < 0 else close + (0 if token == "--" else 2)
+            yield "comment", start, end
         position = end
-    return "".join(out)
 
 
 def _closing_quote(sql: str, position: int, quote: str) -> int:
@@ -183,6 +202,8 @@ def statement_tables(
     current database: an unqualified name (or a quoted name that looks qualified) that
     matches one is refused, so a faked common table expression cannot reach a real table.
     """
+    if line_break_in_quoted_name(statement):
+        raise StatementRefused("a quoted name or alias may not contain a line break")
     nodes = ast_nodes(tree)
     if not nodes or nodes[0].kind != "SelectWithUnionQuery":
         raise StatementRefused("only one read-only SELECT statement is allowed")

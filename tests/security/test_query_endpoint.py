@@ -151,6 +151,8 @@ ATTACKS = [
     ("SELECT * FROM merge('system', '.*')", "table functions"),
     ("SELECT * FROM medstream_x.person_history_at(at = '2026-01-01')", "may not read"),
     ("SELECT name, value FROM system.settings", "may not read system.settings"),
+    # A line break in an alias printed a fake node into the parse tree (review of issue 15).
+    ("SELECT ('x' AS `a\n      Literal 1`) IN system.settings", "may not contain a line break"),
     ("SELECT * FROM system.users", "may not read system.users"),
     ("SELECT query FROM system.processes", "may not read system.processes"),
     ("SELECT * FROM system.query_log", "may not read system.query_log"),
