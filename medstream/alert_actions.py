@@ -84,8 +84,11 @@ class ActionOutcome:
 
     @property
     def audit_outcome(self) -> str:
-        """The audit log's word for it: ok, refused, or failed (no answer, not sent)."""
-        return {APPLIED: "ok", REFUSED: "refused"}.get(self.outcome, "failed")
+        """The audit log's word for it: ok, refused, unconfirmed (sent, no answer in time:
+        it stays queued and may still be applied) or failed (not sent)."""
+        return {APPLIED: "ok", REFUSED: "refused", TIMED_OUT: "unconfirmed"}.get(
+            self.outcome, "failed"
+        )
 
     @property
     def message(self) -> str:

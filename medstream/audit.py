@@ -42,8 +42,9 @@ ACTIONS: Final = (
     "config_change", "request_refused", "audit_read",
 )
 #: ``requested`` is an alert action recorded before it is sent (fail closed); the row of its
-#: real outcome (ok, refused, failed) follows once the alert lifecycle answered or did not.
-OUTCOMES: Final = ("ok", "refused", "failed", "requested")
+#: real outcome follows: ok, refused, failed (not sent) or unconfirmed (sent, no answer in
+#: time: it stays queued and may still be applied).
+OUTCOMES: Final = ("ok", "refused", "failed", "requested", "unconfirmed")
 CHANNELS: Final = ("console", "http", "cli", "workers")
 #: The longest detail kept: room for a whole query (medstream.sqlcheck.MAX_QUERY_CHARS)
 #: and the reason it was refused, so the text audited is the text that ran. Only a query

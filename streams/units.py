@@ -178,13 +178,21 @@ def affine_conversion(source: str, target: str, analyte: Analyte | None = None) 
     return Affine(factor, offset)
 
 
+def _same(first: Affine, second: Affine) -> bool:
+    """Whether two conversions agree (to rounding)."""
+    return math.isclose(first.factor, second.factor, rel_tol=1e-9) and math.isclose(
+        first.offset, second.offset, rel_tol=1e-9, abs_tol=1e-12
+    )
+
+
 class UnitReader:
     """Reads the units sources send, whatever their case, into conversions to a standard unit.
 
     A unit is looked up as sent first (an alias of the terminology, else UCUM). Only a unit
     that is neither is compared case-insensitively: "MEQ/L" and "MG/DL" are what
     upper-case laboratory systems send for meq/L and mg/dL. A unit that is UCUM as sent
-    keeps its meaning ("U/L" is enzyme units, never "u/l", atomic mass units), and every
+    keeps its meaning ("U/L" is enzyme units, never "u/l", atomic mass units) unless a
+    reading in another case contradicts it ("Mg/dL", megagrams, against "mg/dl"), and every
     case-insensitive reading that converts must agree, or the unit stays unread. Results
     are cached per (unit, target, analyte): the per-record path parses a unit once.
     """
@@ -209,10 +217,8 @@ class UnitReader:
         analyte = self.analytes.for_loinc(loinc) if loinc else None
         as_sent = to_ucum(sent, self.aliases)
         exact = self._try(as_sent, target, analyte)
-        if exact is not None or as_sent != sent or is_ucum(sent):
-            # A unit that reads as sent means what it says ("U/L" is enzyme units): only a
-            # unit nothing can read is tried in other cases.
-            return exact
+        if as_sent != sent:
+            return exact  # the terminology's alias says what the source means
         candidates = {*self._folded_aliases.get(sent.casefold(), ()), sent.lower()}
         if sent.casefold() == target.casefold():
             candidates.add(target)
@@ -221,15 +227,15 @@ class UnitReader:
             for affine in (self._try(ucum, target, analyte) for ucum in sorted(candidates))
             if affine is not None
         ]
-        if not readings:
+        if exact is not None:
+            # "Mg/dL" is UCUM for megagrams: when a reading in another case ("mg/dl")
+            # contradicts it, nobody can tell which was meant.
+            return exact if all(_same(exact, r) for r in readings) else None
+        if is_ucum(sent) or not readings:
+            # A unit that reads as sent means what it says ("U/L" is enzyme units, never
+            # "u/l"): only a unit nothing can read is tried in other cases.
             return None
-        first = readings[0]
-        agree = all(
-            math.isclose(r.factor, first.factor, rel_tol=1e-9)
-            and math.isclose(r.offset, first.offset, rel_tol=1e-9, abs_tol=1e-12)
-            for r in readings
-        )
-        return first if agree else None
+        return readings[0] if all(_same(readings[0], r) for r in readings) else None
 
     @staticmethod
     def _try(ucum: str, target: str, analyte: Analyte | None) -> Affine | None:

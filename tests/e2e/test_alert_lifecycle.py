@@ -166,4 +166,5 @@ def resolve_while_no_worker_runs(pipeline: Pipeline, alert_id: str) -> None:
     wait_for(lambda: pipeline.sql(current) == [{"status": "resolved", "actor": "mon.east"}], 90,
              "the queued resolve applied once the workers ran")
     audit = pipeline.run("audit", "--json", "--action", "alert_resolve")
-    assert sorted(a["outcome"] for a in json.loads(audit.stdout)) == ["failed", "requested"]
+    # Sent but not answered in time is "unconfirmed", not "failed": it was applied later.
+    assert sorted(a["outcome"] for a in json.loads(audit.stdout)) == ["requested", "unconfirmed"]

@@ -202,6 +202,7 @@ def test_glucose_in_mass_units_is_converted_by_molar_mass(
     ("overrides", "reason"),
     [
         ({"unit": "U/L"}, "unit 'U/L' cannot be converted to mmol/L for this analyte"),
+        ({"unit": "Mmol/L"}, "unit 'Mmol/L' cannot be converted to mmol/L for this analyte"),
         ({"unit": None}, "no unit was sent (the limits are in mmol/L)"),
         (
             {"value": None, "value_text": "7.8", "original_unit": "furlong",

@@ -100,6 +100,10 @@ def test_any_unit_the_library_converts_for_the_analyte_is_read_in_any_case(
     assert convert_unit(7.2, "U/L", glucose) is None  # enzyme units: another kind
     assert convert_unit(7.2, "meq/L", glucose) is None  # glucose has no valence
     assert not glucose.converts("U/L") and glucose.converts("g/L")
+    # UCUM as sent but contradicted by another case (megagrams, megamoles): unread, not
+    # a value a million times too high (review of issue 15).
+    assert convert_unit(100.0, "Mg/dL", glucose) is None
+    assert convert_unit(7.2, "Mmol/L", glucose) is None
 
 
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
