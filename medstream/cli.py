@@ -34,6 +34,7 @@ from medstream.clickhouse import (
     open_clickhouse,
     run_read_only,
     sql_string,
+    write_csv,
 )
 from medstream.keys import AUDIT_KEY, DEAD_LETTER_SECRET, SecretRefused, resolve_secret
 from medstream.query_endpoint import query_via_gateway, read_query_token
@@ -576,11 +577,7 @@ def sql(
         records = [dict(zip(result.columns, r, strict=True)) for r in rows]
         typer.echo(json.dumps(records, default=str))
     elif output == "csv":
-        import csv
-
-        writer = csv.writer(sys.stdout)
-        writer.writerow(result.columns)
-        writer.writerows(rows)
+        write_csv(sys.stdout, result.columns, rows)
     else:
         typer.echo(render_table(result.columns, rows))
     if result.truncated or len(result.rows) > max_rows:

@@ -10,11 +10,12 @@ checks what it reaches (medstream.sqlcheck) and bounds it.
 
 from __future__ import annotations
 
+import csv
 import re
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, TextIO
 
 import clickhouse_connect
 from clickhouse_connect.driver.client import Client
@@ -35,6 +36,25 @@ class QueryError(RuntimeError):
 class QueryRefused(QueryError):
     """A query was refused before it ran (what it reaches is not allowed); the message
     says what and why."""
+
+
+#: First characters that make a spreadsheet read a CSV cell as a formula.
+CSV_FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
+
+
+def write_csv(out: TextIO, columns: list[str], rows: list[list[Any]]) -> None:
+    """A query result as CSV a spreadsheet shows as text: a cell starting with a formula
+    character gets a leading apostrophe (OWASP's CSV injection advice); numbers are left
+    alone. The console's export and ``medstream sql --format csv`` both write this."""
+
+    def cell(value: Any) -> Any:
+        if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
+            return "'" + value
+        return value
+
+    writer = csv.writer(out)
+    writer.writerow([cell(c) for c in columns])
+    writer.writerows([cell(v) for v in row] for row in rows)
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,6 @@
 from __future__ import annotations
 
 import asyncio
-import csv
 import io
 import json
 import logging
@@ -50,7 +49,7 @@ from medstream.alert_actions import (
     request_action,
 )
 from medstream.audit import AuditError, AuditTrail, statement_digest
-from medstream.clickhouse import QueryError, QueryRefused, QueryResult, sql_string
+from medstream.clickhouse import QueryError, QueryRefused, QueryResult, sql_string, write_csv
 from medstream.settings import (
     ALERTS_TOPIC,
     ConsoleSettings,
@@ -80,7 +79,6 @@ KEEP_RESOLVED_S: Final = 6 * 3600  # resolved alerts stay on the page this long
 #: a longer one is refused without a password check and audited cut to this length.
 SIGN_IN_NAME_MAX: Final = 64
 #: Spreadsheet programs run a cell that starts with one of these as a formula.
-CSV_FORMULA_PREFIXES: Final = ("=", "+", "-", "@", "\t", "\r")
 SECURITY_HEADERS: Final = {
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'",
     "X-Content-Type-Options": "nosniff",
@@ -936,9 +934,7 @@ class Console:
         headers = {"X-Medstream-Truncated": "1" if result.truncated else "0"}
         if output == "csv":
             text = io.StringIO()
-            writer = csv.writer(text)
-            writer.writerow([_csv_cell(c) for c in result.columns])
-            writer.writerows([_csv_cell(v) for v in row] for row in result.rows)
+            write_csv(text, result.columns, result.rows)
             return web.Response(text=text.getvalue(), content_type="text/csv", headers=headers)
         if output == "arrow":
             return web.Response(
@@ -1033,14 +1029,6 @@ def _audit_name(name: str) -> str:
     if len(name) <= SIGN_IN_NAME_MAX:
         return name
     return f"{name[:SIGN_IN_NAME_MAX]}...[{len(name)} characters]"
-
-
-def _csv_cell(value: Any) -> Any:
-    """A CSV cell a spreadsheet shows as text: one starting with a formula character gets a
-    leading apostrophe (OWASP's CSV injection advice); numbers are left alone."""
-    if isinstance(value, str) and value.startswith(CSV_FORMULA_PREFIXES):
-        return "'" + value
-    return value
 
 
 def _outcome_detail(outcome: ActionOutcome, note: str) -> str:

@@ -71,8 +71,13 @@ def key_path(data_dir: Path, spec: SecretSpec) -> Path:
     return data_dir / KEYS_DIR / spec.file_name
 
 
+#: Every value medstream ever published for any secret: each is refused for every secret
+#: (a demo pseudonym key is no better as an audit key).
+PUBLISHED_VALUES: Final = frozenset().union(*(spec.demo_values for spec in SECRETS))
+
+
 def _checked(spec: SecretSpec, value: str, source: str) -> bytes:
-    if value in spec.demo_values:
+    if value in PUBLISHED_VALUES:
         raise SecretRefused(
             f"{source} holds the published demo value of {spec.purpose}: anyone can recompute "
             f"what it protects. Set {spec.setting} to a random secret (e.g. `python3 -c "

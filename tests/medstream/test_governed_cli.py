@@ -44,6 +44,11 @@ def test_users_governed_sql_grants_and_the_audit_log(tmp_path: Path) -> None:
              "SELECT count() AS n FROM medstream_analyst.lab_result", **as_analyst)
     assert ok.returncode == 0, ok.stderr
     assert json.loads(ok.stdout) == [{"n": 0}]
+    # CSV at the shell is as safe to open in a spreadsheet as the console's export.
+    formula = run(data, "sql", "--user", "analyst.east", "--format", "csv",
+                  "SELECT '=HYPERLINK(1)' AS f, -1 AS n", **as_analyst)
+    assert formula.returncode == 0, formula.stderr
+    assert formula.stdout.splitlines() == ["f,n", "'=HYPERLINK(1),-1"]
     refused = run(data, "sql", "--user", "analyst.east",
                   "SELECT order_id FROM medstream.lab_result", **as_analyst)
     assert refused.returncode == 1

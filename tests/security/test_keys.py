@@ -116,3 +116,13 @@ def test_a_data_directory_open_to_others_is_closed_on_start(tmp_path: Path) -> N
     assert _mode(data_dir / "clickhouse") == 0o700
     assert _mode(data_dir / "sink.log") == 0o600
     assert private_data_dir(data_dir) is None
+
+
+def test_every_published_value_is_refused_for_every_secret() -> None:
+    """Review of issue 15: a placeholder of one secret was accepted as another secret."""
+    published = sorted({value for spec in SECRETS for value in spec.demo_values})
+    assert len(published) >= 3
+    for spec in SECRETS:
+        for value in published:
+            with pytest.raises(SecretRefused, match="published demo value"):
+                resolve_secret(spec, SecretStr(value), None)
