@@ -54,7 +54,7 @@ from producers.base import (
     run_async,
     wall_clock_ms,
 )
-from schemas.numbers import ambiguity, is_readable_number
+from schemas.numbers import ambiguity, describe_value, is_readable_number
 
 log = logging.getLogger("medstream.collector.mllp")
 
@@ -398,7 +398,7 @@ def _unreadable_observation(message: hl7.Message, organisation_id: str) -> Rejec
             reason = (
                 f"is ambiguous: {doubt}"
                 if doubt
-                else f"is {_shown_value(value)}, not a number, but OBX-2 value type is NM"
+                else f"is {describe_value(value)}, not a number, but OBX-2 value type is NM"
             )
             return Rejected(
                 "AE",
@@ -409,11 +409,6 @@ def _unreadable_observation(message: hl7.Message, organisation_id: str) -> Rejec
                 organisation_id,
             )
     return None
-
-
-def _shown_value(text: str) -> str:
-    """The shape of a value that is not a number, never the value (it may identify a person)."""
-    return f"text of {len(text)} character{'s' if len(text) != 1 else ''}"
 
 
 def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:

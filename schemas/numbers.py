@@ -49,7 +49,9 @@ def parse_decimal(text: str) -> float:
     else:
         comma = _COMMA_DECIMAL.fullmatch(stripped)
         if comma is None:
-            raise UnreadableNumber(f"{_shape(stripped)} is not a decimal number")
+            raise UnreadableNumber(
+                f"the value ({_text_shape(stripped)}) is not a decimal number"
+            )
         whole, fraction = comma.groups()
         sign, digits = (whole[0], whole[1:]) if whole[:1] in ("+", "-") else ("", whole)
         # Only "d,ddd", "dd,ddd" and "ddd,ddd" (no leading zero) read as thousands groups.
@@ -99,7 +101,28 @@ def is_readable_number(text: str) -> bool:
     return read_decimal(text) is not None or parse_censored(text) is not None
 
 
-def _shape(text: str) -> str:
+_NON_FINITE: Final = frozenset(
+    {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
+)
+
+
+def describe_value(text: str) -> str:
+    """What a value is, without repeating it (a value that is not a number may identify a
+    patient): ``empty``, ``a number``, ``a non-finite number``, ``a number with a
+    comparator`` or ``text of N characters``."""
+    stripped = text.strip()
+    if not stripped:
+        return "empty"
+    if read_decimal(stripped) is not None:
+        return "a number"
+    if stripped.lower() in _NON_FINITE:
+        return "a non-finite number"
+    if parse_censored(stripped) is not None:
+        return "a number with a comparator"
+    return _text_shape(stripped)
+
+
+def _text_shape(text: str) -> str:
     if not text:
-        return "an empty value"
-    return f"a text of {len(text)} character{'s' if len(text) > 1 else ''}"
+        return "empty"
+    return f"text of {len(text)} character{'s' if len(text) > 1 else ''}"

@@ -15,7 +15,7 @@ from typing import Any, Final
 
 from pydantic import field_validator, model_validator
 
-from schemas.numbers import parse_censored, read_decimal
+from schemas.numbers import describe_value, parse_censored, read_decimal
 from streams.findings import Finding
 from streams.model import NonBlank, epoch_ms
 from streams.rules_file import (
@@ -205,7 +205,9 @@ def check_critical(
         if value is None:
             censored = parse_censored(text)
             if censored is None:
-                return UnreadableCritical(rule, f"the value is {_shape(text)}, not a number")
+                return UnreadableCritical(
+                    rule, f"the value is {describe_value(text)}, not a number"
+                )
             comparator, value = censored.comparator, censored.bound
     if not math.isfinite(value):
         return UnreadableCritical(rule, "the value is not a finite number")
@@ -276,10 +278,6 @@ def _side(
     if high is None and (low is None or value >= low):
         return None, None
     return "unknown", None
-
-
-def _shape(text: str) -> str:
-    return f"a text of {len(text)} character{'s' if len(text) > 1 else ''}"
 
 
 def suppression_key(lab_result: dict[str, Any]) -> str:

@@ -26,6 +26,7 @@ from hl7.util import unescape
 
 from schemas.identity import dead_letter_id, event_id
 from schemas.numbers import ambiguity, parse_censored, read_decimal
+from schemas.numbers import describe_value as _value_class
 from streams.model import (
     NormalisedEvent,
     Outcome,
@@ -42,7 +43,6 @@ SOURCE_KINDS: Final = ("emr_cdc", "hl7_lab", "device", "claim")
 _MS_PER_DAY: Final = 86_400_000
 _MAX_UTC_OFFSET: Final = timedelta(hours=14)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
-_NUMBER: Final = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)")
 _RANGE: Final = re.compile(
     r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*-\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
 )
@@ -54,9 +54,6 @@ _HL7_TS: Final = re.compile(
 _TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 _MESSAGE_TYPE: Final = re.compile(r"[A-Z]{3}(?:\^[A-Z]\d{2})?")
 _SEGMENT_BREAKS: Final = re.compile(r"[\r\n]+")
-_NON_FINITE: Final = frozenset(
-    {"nan", "+nan", "-nan", "inf", "+inf", "-inf", "infinity", "+infinity", "-infinity"}
-)
 
 _ENCOUNTER_CLASS: Final = {"I": "inpatient", "O": "outpatient", "E": "emergency"}
 _DIAGNOSIS_TYPE: Final = {"A": "admission", "D": "discharge", "O": "other"}
@@ -99,20 +96,6 @@ class _Invalid(Exception):
 
 
 # --- small helpers ------------------------------------------------------------------------
-
-
-def _value_class(text: str) -> str:
-    """Describe a bad value without repeating it (it may identify a patient)."""
-    stripped = text.strip()
-    if not stripped:
-        return "empty"
-    if _NUMBER.fullmatch(stripped):
-        return "a number"
-    if stripped.lower() in _NON_FINITE:
-        return "a non-finite number"
-    if stripped[0] in "<>" and _NUMBER.fullmatch(stripped.lstrip("<>=").strip()):
-        return "a number with a comparator"
-    return f"text of {len(stripped)} character{'s' if len(stripped) > 1 else ''}"
 
 
 def _lineage(

@@ -38,12 +38,12 @@ def test_one_comma_and_three_digits_is_ambiguous(text: str) -> None:
 @pytest.mark.parametrize(
     ("text", "reason"),
     [
-        ("", "an empty value is not a decimal number"),
-        ("abc", "a text of 3 characters is not a decimal number"),
-        ("1.234,5", "a text of 7 characters is not a decimal number"),
-        ("1,2,3", "a text of 5 characters is not a decimal number"),
-        ("1e999", "a text of 5 characters is not a decimal number"),
-        ("nan", "a text of 3 characters is not a decimal number"),
+        ("", "the value (empty) is not a decimal number"),
+        ("abc", "the value (text of 3 characters) is not a decimal number"),
+        ("1.234,5", "the value (text of 7 characters) is not a decimal number"),
+        ("1,2,3", "the value (text of 5 characters) is not a decimal number"),
+        ("1e999", "the value (text of 5 characters) is not a decimal number"),
+        ("nan", "the value (text of 3 characters) is not a decimal number"),
     ],
 )
 def test_unreadable_numbers_name_their_shape_not_their_text(text: str, reason: str) -> None:

@@ -211,7 +211,7 @@ def test_glucose_in_mass_units_is_converted_by_molar_mass(
         ),
         (
             {"value": None, "value_text": "see comment", "original_value": "see comment"},
-            "the value is a text of 11 characters, not a number",
+            "the value is text of 11 characters, not a number",
         ),
         ({"value": None, "value_text": "<5"}, "reported only as <5 mmol/L, which may lie "
          "beyond a critical limit"),
@@ -263,7 +263,7 @@ def test_unreadable_results_raise_their_own_alert(
     assert finding.severity == "critical"
     assert finding.subject == "p" * 32 + "|2823-3|unreadable"  # apart from a real critical
     assert finding.explanation == (
-        "Potassium result cannot be checked against its critical limits: the value is a text "
+        "Potassium result cannot be checked against its critical limits: the value is text "
         "of 11 characters, not a number; confirm the result with the laboratory"
     )
     assert finding.value is None and finding.analyte_code == "2823-3"
