@@ -64,6 +64,16 @@ app = typer.Typer(
     ),
 )
 
+
+
+@app.callback()
+def _owner_only_files() -> None:
+    """Every command creates its files owner-only: the data directory holds patient data
+    and keys, and a command run before `up` (`users add`, `migrate`) may be the one that
+    creates it."""
+    os.umask(0o077)
+
+
 IN_FLIGHT_S = 10  # what `reconcile` leaves out while the pipeline runs
 MetricsPort = Annotated[int, typer.Option(help="serve Prometheus /metrics on this port (0 = off)")]
 

@@ -126,3 +126,14 @@ def test_every_published_value_is_refused_for_every_secret() -> None:
         for value in published:
             with pytest.raises(SecretRefused, match="published demo value"):
                 resolve_secret(spec, SecretStr(value), None)
+
+
+def test_a_command_run_before_up_creates_the_data_directory_owner_only(tmp_path: Path) -> None:
+    """Review of issue 15: `medstream users add` on a fresh data directory made it 0755 with
+    the engine inside, readable by every local user until the next `up`."""
+    data = tmp_path / "fresh"
+    done = _medstream(data, "migrate")
+    assert done.returncode == 0, done.stderr
+    assert _mode(data) == 0o700
+    opened = [p for p in data.rglob("*") if not p.is_symlink() and _mode(p) & 0o077]
+    assert opened == []
