@@ -54,6 +54,7 @@ from producers.base import (
     run_async,
     wall_clock_ms,
 )
+from schemas.hl7_fields import hl7_field, hl7_time
 from schemas.numbers import ambiguity, describe_value, is_readable_number
 
 log = logging.getLogger("medstream.collector.mllp")
@@ -373,42 +374,61 @@ def _medical_record_number(message: hl7.Message) -> str:
 
 
 def _unreadable_observation(message: hl7.Message, organisation_id: str) -> Rejected | None:
-    """AE for the first OBX the normalise stage would reject: no identifier, or a numeric
-    (NM) value nobody can read. Answering AA and dead-lettering it downstream would leave
-    the sender believing a result was delivered (a critical value could go unseen)."""
-    index = 0
+    """AE for the first OBX the normalise stage would reject: no identifier, a numeric (NM)
+    value nobody can read, or no readable observation time. Fields are read as the stage
+    reads them (schemas.hl7_fields, schemas.numbers): answering AA and dead-lettering it
+    downstream would leave the sender believing a result was delivered."""
+    index = orders = 0
+    order: tuple[int, hl7.Segment] | None = None
+    message_time = ""
     for segment in message:
-        if not len(segment) or str(segment[0]) != "OBX":
-            continue
-        index += 1
-        identifier = str(segment[3]).split("^", 1)[0].strip() if len(segment) > 3 else ""
-        if not identifier:
-            return Rejected(
-                "AE",
-                "invalid_record",
-                f"OBX[{index - 1}]: OBX-3 observation identifier is empty",
-                "101",
-                f"OBX^{index}^3",
-                organisation_id,
-            )
-        value_type = str(segment[2]).strip().upper() if len(segment) > 2 else ""
-        value = hl7.util.unescape(segment, str(segment[5])).strip() if len(segment) > 5 else ""
-        if value_type == "NM" and value and not is_readable_number(value):
-            doubt = ambiguity(value)
-            reason = (
-                f"is ambiguous: {doubt}"
-                if doubt
-                else f"is {describe_value(value)}, not a number, but OBX-2 value type is NM"
-            )
-            return Rejected(
-                "AE",
-                "invalid_record",
-                f"OBX[{index - 1}]: OBX-5 value {reason}",
-                "102",
-                f"OBX^{index}^5",
-                organisation_id,
-            )
+        name = str(segment[0]) if len(segment) else ""
+        if name == "MSH":
+            message_time = hl7_field(segment, 7)
+        elif name == "OBR":
+            orders += 1
+            order = (orders, segment)
+        elif name == "PID":
+            order = None  # the next patient's results start
+        elif name == "OBX":
+            index += 1
+            problem = _observation_problem(segment, index, order, message_time)
+            if problem is not None:
+                reason, code, location = problem
+                return Rejected(
+                    "AE", "invalid_record", f"OBX[{index - 1}]: {reason}", code, location,
+                    organisation_id,
+                )
     return None
+
+
+def _observation_problem(
+    obx: hl7.Segment, index: int, order: tuple[int, hl7.Segment] | None, message_time: str
+) -> tuple[str, str, str] | None:
+    """(reason, HL7 error code, location) of what makes one OBX unusable, or None."""
+    if not hl7_field(obx, 3):
+        return "OBX-3 observation identifier is empty", "101", f"OBX^{index}^3"
+    value = hl7.util.unescape(obx, str(obx[5])).strip() if len(obx) > 5 else ""
+    if hl7_field(obx, 2).upper() == "NM" and value and not is_readable_number(value):
+        doubt = ambiguity(value)
+        reason = (
+            f"OBX-5 value is ambiguous: {doubt}" if doubt
+            else f"OBX-5 value is {describe_value(value)}, not a number, but OBX-2 value type "
+            "is NM"
+        )
+        return reason, "102", f"OBX^{index}^5"
+    # The observation time, as the stage takes it: OBX-14, else OBR-7, else MSH-7.
+    times = [("OBX-14", hl7_field(obx, 14), f"OBX^{index}^14")]
+    if order is not None:
+        times.append(("OBR-7", hl7_field(order[1], 7), f"OBR^{order[0]}^7"))
+    times.append(("MSH-7", message_time, "MSH^1^7"))
+    for label, text, location in times:
+        if text:
+            if hl7_time(text, UTC) is None:
+                reason = f"{label} is not an HL7 timestamp (value is {describe_value(text)})"
+                return reason, "102", location
+            return None
+    return "no observation time: OBX-14, OBR-7 and MSH-7 are all empty", "101", f"OBX^{index}^14"
 
 
 def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:

@@ -14,8 +14,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, timedelta, timezone
-from functools import lru_cache
+from datetime import UTC, date, datetime, timezone
 from typing import Any, Final
 
 import hl7
@@ -24,6 +23,8 @@ import hl7.util
 from hl7.exceptions import ParseException
 from hl7.util import unescape
 
+from schemas.hl7_fields import hl7_field as _field
+from schemas.hl7_fields import hl7_time as _hl7_time
 from schemas.identity import dead_letter_id, event_id
 from schemas.numbers import ambiguity, parse_censored, read_decimal
 from schemas.numbers import describe_value as _value_class
@@ -41,16 +42,11 @@ from streams.terminology import Terminology, UnitMapping
 SOURCE_KINDS: Final = ("emr_cdc", "hl7_lab", "device", "claim")
 
 _MS_PER_DAY: Final = 86_400_000
-_MAX_UTC_OFFSET: Final = timedelta(hours=14)
 _EPOCH_ORDINAL: Final = date(1970, 1, 1).toordinal()
 _RANGE: Final = re.compile(
     r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*-\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
 )
 _BOUND: Final = re.compile(r"\s*([<>]=?)\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*")
-_HL7_TS: Final = re.compile(
-    r"(\d{4})(\d{2})(\d{2})(?:(\d{2})(?:(\d{2})(?:(\d{2})(?:\.(\d{1,4}))?)?)?)?"
-    r"(?:([+-])(\d{2})(\d{2}))?"
-)
 _TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 _MESSAGE_TYPE: Final = re.compile(r"[A-Z]{3}(?:\^[A-Z]\d{2})?")
 _SEGMENT_BREAKS: Final = re.compile(r"[\r\n]+")
@@ -501,70 +497,11 @@ def normalise_emr_row_change(
 # --- HL7 v2 messages: ORU^R01 lab results --------------------------------------------------
 
 
-def _field(segment: hl7.Segment, field: int, component: int = 1, repeat: int = 1) -> str:
-    """One component of a segment (its first sub-component), unescaped; "" when absent.
-
-    Walks python-hl7's parse tree (Field -> Repetition -> Component) directly with the
-    same results as ``Segment.extract_field``, without building an accessor per call.
-    """
-    if field >= len(segment):
-        return ""
-    repetitions = segment[field]
-    if repeat > len(repetitions):
-        return ""
-    part = repetitions[repeat - 1]
-    if isinstance(part, str):
-        if component != 1:
-            return ""
-    else:
-        if component > len(part):
-            return ""
-        part = part[component - 1]
-        if not isinstance(part, str):
-            part = part[0] if len(part) else ""
-    if segment.esc in part:
-        part = unescape(segment, part)
-    return str(part).strip()
-
-
 def _field_text(segment: hl7.Segment, field: int) -> str:
     """A whole field as sent (repetitions and components kept), unescaped."""
     if field >= len(segment):
         return ""
     return str(unescape(segment, str(segment[field]))).strip()
-
-
-@lru_cache(maxsize=64)
-def _offset(sign: str, hours: str, minutes: str) -> timezone | None:
-    """A fixed UTC offset, or None when it is not a real one (beyond +/-14:00)."""
-    delta = timedelta(hours=int(hours), minutes=int(minutes))
-    if int(minutes) >= 60 or delta > _MAX_UTC_OFFSET:
-        return None
-    return timezone(-delta if sign == "-" else delta)
-
-
-def _hl7_time(text: str, default_tz: timezone) -> datetime | None:
-    """An HL7 DTM (YYYYMMDD[HH[MM[SS[.S]]]][+/-ZZZZ]); None when it is not one."""
-    match = _HL7_TS.fullmatch(text)
-    if match is None:
-        return None
-    year, month, day, hour, minute, second, fraction, sign, tz_h, tz_m = match.groups()
-    tz = _offset(sign, tz_h, tz_m) if sign else default_tz
-    if tz is None:
-        return None
-    try:
-        return datetime(
-            int(year),
-            int(month),
-            int(day),
-            int(hour or 0),
-            int(minute or 0),
-            int(second or 0),
-            int((fraction or "0").ljust(6, "0")[:6]),
-            tzinfo=tz,
-        )
-    except ValueError:
-        return None
 
 
 def _specimen_status(spm: hl7.Segment) -> str | None:

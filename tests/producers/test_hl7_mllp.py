@@ -228,6 +228,19 @@ def test_rejections(text: str, expected: tuple[str, str, str]) -> None:
             "OBX|1|NM|^Potassium^L||4.1|mmol/L|3.5-5.3|N|||F",
             ("101", "OBX^1^3", "OBX[0]: OBX-3 observation identifier is empty"),
         ),
+        (  # review of issue 15: these were answered AA and dead-lettered downstream
+            "OBX|1|NM|&K^Potassium^L||4.1|mmol/L|3.5-5.3|N|||F",
+            ("101", "OBX^1^3", "OBX[0]: OBX-3 observation identifier is empty"),
+        ),
+        (
+            "OBX|1|NM|K^Potassium^L||7.9|mmol/L|3.5-5.3|HH|||F|||2026-12-07T08:00:00",
+            ("102", "OBX^1^14", "OBX[0]: OBX-14 is not an HL7 timestamp (value is text of 19 "
+             "characters)"),
+        ),
+        (
+            "OBX|1|NM|K^Potassium^L||7.9|mmol/L|3.5-5.3|HH|||F|||20261399",
+            ("102", "OBX^1^14", "OBX[0]: OBX-14 is not an HL7 timestamp (value is a number)"),
+        ),
     ],
 )
 def test_an_observation_the_pipeline_would_reject_is_answered_ae(
@@ -239,6 +252,22 @@ def test_an_observation_the_pipeline_would_reject_is_answered_ae(
     assert (rejected.ack_code, rejected.reason_code) == ("AE", "invalid_record")
     assert (rejected.error_code, rejected.location, rejected.reason) == expected
     assert "abc" not in rejected.reason  # a value is described, never echoed
+
+
+def test_an_observation_time_is_taken_from_the_order_then_the_header_as_the_stage_does() -> None:
+    bad_order = oru().replace("|||20261103080000+0800", "|||yesterday")
+    rejected = inspect_message(bad_order, config())
+    assert isinstance(rejected, Rejected)
+    assert (rejected.location, rejected.reason) == (
+        "OBR^1^7", "OBX[0]: OBR-7 is not an HL7 timestamp (value is text of 9 characters)"
+    )
+    no_times = oru().replace("|||20261103080000+0800", "").replace("|20261103081500+0800|", "||")
+    rejected = inspect_message(no_times, config())
+    assert isinstance(rejected, Rejected)
+    assert rejected.reason == "OBX[0]: no observation time: OBX-14, OBR-7 and MSH-7 are all empty"
+    # OBX-14 first: a good one makes a bad OBR-7 irrelevant, as in the normalise stage.
+    own_time = bad_order.replace("|N|||F", "|N|||F|||20261103080000+0800")
+    assert isinstance(inspect_message(own_time, config()), Accepted)
 
 
 @pytest.mark.parametrize("value", ["7,5", "<2,0", ">=7", "=5", "4.1"])
