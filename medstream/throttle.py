@@ -8,8 +8,8 @@ once per name and per address (one more, sent meanwhile, is refused, and counted
 failure unless the name signed in from that address before). Failures are counted per
 (name, address), so someone guessing from elsewhere does not lock the user out at their
 own workstation. Two wider budgets stop spraying: failures per address across names, and
-failures per name across addresses; the last one spares the addresses the name recently
-signed in from.
+failures per name across addresses; both spare a name at the addresses it recently signed
+in from.
 
 State is in memory, per console process: a restart forgets it (and several console
 replicas each keep their own), which bounds guessing per process and window, not globally.
@@ -89,12 +89,14 @@ class SignInThrottle:
                 "too many failed sign-ins for this name from your address: wait "
                 f"{pair.retry_after(now)} s", pair.retry_after(now),
             )
-        if by_address.count(now) >= ADDRESS_FAILURE_LIMIT:
+        known = now - self._known.get((name, address), -KNOWN_ADDRESS_S) < KNOWN_ADDRESS_S
+        # A shared address (a ward's workstation, a NAT) sprayed by someone else does not
+        # hold back a user who signed in from it before.
+        if by_address.count(now) >= ADDRESS_FAILURE_LIMIT and not known:
             raise Throttled(
                 f"too many failed sign-ins from your address: wait {by_address.retry_after(now)} s",
                 by_address.retry_after(now),
             )
-        known = now - self._known.get((name, address), -KNOWN_ADDRESS_S) < KNOWN_ADDRESS_S
         if by_name.count(now) - by_name.in_flight >= NAME_FAILURE_LIMIT and not known:
             raise Throttled(
                 "too many failed sign-ins for this name from many addresses: sign in from an "

@@ -82,3 +82,16 @@ def test_spraying_from_one_address_and_guessing_from_many_are_bounded() -> None:
         throttle.begin("nurse.li", "198.51.100.1")
     # Not locked out where she signed in before.
     throttle.succeeded(throttle.begin("nurse.li", "10.1.0.1"))
+
+
+def test_spraying_a_shared_address_does_not_lock_out_who_signed_in_there() -> None:
+    """Review of issue 15: twenty failures under any names from a ward's shared address
+    locked out every user of that workstation."""
+    clock = Clock()
+    throttle = SignInThrottle(clock)
+    throttle.succeeded(throttle.begin("nurse.li", "10.0.0.9"))
+    for i in range(ADDRESS_FAILURE_LIMIT):
+        throttle.failed(throttle.begin(f"user{i}", "10.0.0.9"))
+    with pytest.raises(Throttled, match="from your address"):
+        throttle.begin("stranger", "10.0.0.9")
+    throttle.succeeded(throttle.begin("nurse.li", "10.0.0.9"))  # she still signs in there
