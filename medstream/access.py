@@ -343,15 +343,14 @@ def query_text(sql: str) -> str:
     statement = _LEADING_COMMENTS.sub("", sql, count=1).strip().rstrip(";").strip()
     try:
         sqlcheck.check_size(statement)
+        if not re.match(r"^(SELECT|WITH)\b", statement, re.IGNORECASE):
+            raise QueryError(
+                "only one read-only SELECT statement is allowed: writes, DDL and other "
+                "statements are refused"
+            )
+        sqlcheck.check_one_statement(statement)
     except sqlcheck.StatementRefused as exc:
         raise QueryError(str(exc)) from exc
-    if not re.match(r"^(SELECT|WITH)\b", statement, re.IGNORECASE):
-        raise QueryError(
-            "only one read-only SELECT statement is allowed: writes, DDL and other "
-            "statements are refused"
-        )
-    if ";" in sqlcheck.strip_literals(statement):
-        raise QueryError("only one statement is allowed per query")
     return statement
 
 

@@ -216,9 +216,7 @@ def checked_statement(
     kind = re.sub(r"\s+", " ", explain.group(1).upper()) if explain else None
     statement = sql[explain.end():] if explain else sql
     try:
-        sqlcheck.check_size(statement)
-        if ";" in sqlcheck.strip_literals(statement).rstrip().rstrip(";"):
-            raise sqlcheck.StatementRefused("only one statement is allowed per query")
+        sqlcheck.check_one_statement(statement)
         try:
             # No settings: the driver then adds no SETTINGS clause, so every Set node in
             # the tree is the statement's own.

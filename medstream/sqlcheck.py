@@ -182,6 +182,14 @@ def strip_literals(sql: str) -> str:
     return mask_literals(sql)
 
 
+def check_one_statement(statement: str) -> None:
+    """Refuse an oversized statement, or more than one (a ``;`` outside string literals
+    before the end)."""
+    check_size(statement)
+    if ";" in strip_literals(statement).rstrip().rstrip(";"):
+        raise StatementRefused("only one statement is allowed per query")
+
+
 def check_size(statement: str) -> None:
     """Refuse a statement longer than MAX_QUERY_CHARS, before any work is spent on it."""
     if len(statement) > MAX_QUERY_CHARS:

@@ -54,7 +54,7 @@ from producers.base import (
     run_async,
     wall_clock_ms,
 )
-from schemas.hl7_fields import hl7_field, hl7_time
+from schemas.hl7_fields import hl7_field, hl7_field_text, hl7_time
 from schemas.numbers import ambiguity, describe_value, is_readable_number
 
 log = logging.getLogger("medstream.collector.mllp")
@@ -408,7 +408,7 @@ def _observation_problem(
     """(reason, HL7 error code, location) of what makes one OBX unusable, or None."""
     if not hl7_field(obx, 3):
         return "OBX-3 observation identifier is empty", "101", f"OBX^{index}^3"
-    value = hl7.util.unescape(obx, str(obx[5])).strip() if len(obx) > 5 else ""
+    value = hl7_field_text(obx, 5)
     if hl7_field(obx, 2).upper() == "NM" and value and not is_readable_number(value):
         doubt = ambiguity(value)
         reason = (

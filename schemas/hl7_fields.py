@@ -45,6 +45,13 @@ def hl7_field(segment: hl7.Segment, field: int, component: int = 1, repeat: int 
     return str(part).strip()
 
 
+def hl7_field_text(segment: hl7.Segment, field: int) -> str:
+    """A whole field as sent (repetitions and components kept), unescaped; "" when absent."""
+    if field >= len(segment):
+        return ""
+    return str(unescape(segment, str(segment[field]))).strip()
+
+
 @lru_cache(maxsize=64)
 def _offset(sign: str, hours: str, minutes: str) -> timezone | None:
     """A fixed UTC offset, or None when it is not a real one (beyond +/-14:00)."""

@@ -21,9 +21,9 @@ import hl7
 import hl7.containers
 import hl7.util
 from hl7.exceptions import ParseException
-from hl7.util import unescape
 
 from schemas.hl7_fields import hl7_field as _field
+from schemas.hl7_fields import hl7_field_text as _field_text
 from schemas.hl7_fields import hl7_time as _hl7_time
 from schemas.identity import dead_letter_id, event_id
 from schemas.numbers import ambiguity, parse_censored, read_decimal
@@ -495,13 +495,6 @@ def normalise_emr_row_change(
 
 
 # --- HL7 v2 messages: ORU^R01 lab results --------------------------------------------------
-
-
-def _field_text(segment: hl7.Segment, field: int) -> str:
-    """A whole field as sent (repetitions and components kept), unescaped."""
-    if field >= len(segment):
-        return ""
-    return str(unescape(segment, str(segment[field]))).strip()
 
 
 def _specimen_status(spm: hl7.Segment) -> str | None:
