@@ -30,8 +30,18 @@ services:
 # The whole test suite: unit, integration (real Apache Kafka + chdb + the local PostgreSQL,
 # MariaDB and Mosquitto; a small tier on tansu) and end-to-end. The services are installed
 # and started first, and the Kafka jars fetched.
+# The unit and integration tiers run on TEST_WORKERS processes (pytest-xdist: each has its
+# own broker and engine); the end-to-end tier runs whole pipelines, one at a time. Both
+# tiers always run; the target fails when either did.
+TEST_WORKERS ?= 2
+PYTEST := MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 test: $(STAMP) services kafka
-	MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider --durations=15
+	@status=0; \
+	echo "== unit and integration tiers ($(TEST_WORKERS) workers)"; \
+	$(PYTEST) -m "not e2e" -n $(TEST_WORKERS) --durations=10 || status=1; \
+	echo "== end-to-end tier"; \
+	$(PYTEST) -m e2e --durations=15 || status=1; \
+	exit $$status
 
 bench: $(STAMP)
 	$(BIN)/medstream bench --events 30000 --json bench.json
