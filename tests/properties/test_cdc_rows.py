@@ -18,7 +18,9 @@ from zoneinfo import ZoneInfo
 
 from hypothesis import example, given
 from hypothesis import strategies as st
+from pymysql.constants import FIELD_TYPE
 
+from producers.mariadb_cdc import MariaDbCdcProducer
 from producers.postgres_cdc import parse_text_value
 from producers.table_mapping import TableMapping, UnmappableRow, map_row
 from tests.properties.pipeline import NOW_MS, round_trip, stage_outcomes
@@ -158,5 +160,42 @@ def test_postgres_text_values_parse_or_raise_value_error(type_oid: int, text: st
     try:
         image = map_row(LAB, {**GOOD_ROW, "value": value})
     except UnmappableRow:
+        return
+    round_trip("emr_cdc", emr_record(image))
+
+
+# --- MariaDB: a binlog or snapshot value made canonical, then mapped --------------------------
+
+
+def mariadb_collector() -> MariaDbCdcProducer:
+    """A collector with only what _canonical reads (its source time zone): no connection."""
+    collector = MariaDbCdcProducer.__new__(MariaDbCdcProducer)
+    collector._zone = ZoneInfo("Asia/Shanghai")
+    return collector
+
+
+MARIADB_TYPES = [
+    FIELD_TYPE.TIMESTAMP, 17, FIELD_TYPE.DATETIME, 18, FIELD_TYPE.BIT, FIELD_TYPE.FLOAT,
+    FIELD_TYPE.DOUBLE, FIELD_TYPE.NEWDECIMAL, FIELD_TYPE.TIME, FIELD_TYPE.VAR_STRING,
+    FIELD_TYPE.BLOB, FIELD_TYPE.JSON, FIELD_TYPE.LONGLONG,
+]
+
+
+@bounded(400)
+@given(field_type=st.sampled_from(MARIADB_TYPES), value=ODD_VALUES)
+# Bug: a FLOAT value beyond the float32 range raised OverflowError out of float32_text.
+@example(field_type=FIELD_TYPE.FLOAT, value=1e39)
+@example(field_type=FIELD_TYPE.FLOAT, value=float("nan"))
+@example(field_type=FIELD_TYPE.TIME, value=timedelta.max)
+def test_mariadb_values_are_canonical_then_mapped_or_refused(
+    field_type: int, value: object
+) -> None:
+    if isinstance(value, Deep):
+        value = nested(value.depth)
+    canonical = mariadb_collector()._canonical(value, field_type)
+    try:
+        image = map_row(LAB, {**GOOD_ROW, "value": canonical})
+    except UnmappableRow as exc:
+        assert exc.reason_code == "unrenderable_value" and "value" in exc.reason
         return
     round_trip("emr_cdc", emr_record(image))

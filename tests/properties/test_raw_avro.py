@@ -11,13 +11,15 @@ from __future__ import annotations
 
 import struct
 import time
+from typing import Any
 
 from hypothesis import example, given
 from hypothesis import strategies as st
 
+from producers.table_mapping import TARGET_FIELDS
 from schemas import serde
 from tests.properties.pipeline import NOW_MS, REGISTRY, decoder, encoder, stage_outcomes
-from tests.properties.strategies import bounded, mutated
+from tests.properties.strategies import NASTY_TEXT, bounded, mutated
 
 SAMPLES: dict[str, dict] = {
     "hl7_lab": {
@@ -110,3 +112,88 @@ def test_none_and_bytes_without_magic_byte_are_refused_with_the_subject(
             assert serde.RAW_SUBJECT_BY_KIND[kind] in str(exc)
         else:
             raise AssertionError("bytes without the magic byte were decoded")
+
+
+# --- any schema-valid raw record: the normalise entry must not fail ------------------------------
+
+#: Field name -> plausible values, so generated records reach deep into the normalisers.
+HINTS: dict[str, list[str]] = {
+    "organisation_id": ["H001", "H002", ""],
+    "device_type": ["monitor-a", "wearable-w", "unknown"],
+    "metric": ["HR", "SPO2", "TEMP", "NIBP_SYS", "RR", ""],
+    "unit": ["bpm", "/min", "%", "[degF]", "Cel", "{ratio}", "{}", "mmHg", ""],
+    "table": sorted(TARGET_FIELDS) + ["unknown_table"],
+    "message_type": ["ORU^R01", "ADT^A01", "ADT^A03", "ADT^A08", "ORM^O01", ""],
+    "item_code": ["D001", "X", ""],
+    "patient_id_number": ["990000197001010018", "99000019700101001X", "1"],
+}
+TIME_TEXT = ["2026-11-03T08:00:00+08:00", "2026-11-03 08:00:00", "2026-11-03", "24:00", ""]
+MAP_VALUES = st.one_of(
+    st.none(), st.sampled_from(TIME_TEXT + list(NASTY_TEXT[:25])), st.text(max_size=20),
+    st.floats().map(repr), st.sampled_from(["I", "O", "E", "F", "H", "L", "adm", "K", "NA"]),
+)
+MS = st.integers(-62_135_596_800_000, 253_402_300_799_000)  # the years 1 to 9999
+
+
+def strategy_for(avro_type: Any, name: str = "") -> st.SearchStrategy[Any]:
+    """Values of an Avro type (as a decoded record holds them), biased by field name."""
+    if isinstance(avro_type, list):
+        return st.one_of([strategy_for(t, name) for t in avro_type])
+    if isinstance(avro_type, dict):
+        kind, logical = avro_type["type"], avro_type.get("logicalType")
+        if logical == "timestamp-millis":
+            return st.one_of(MS, st.just(NOW_MS))
+        if logical == "date":
+            return st.dates()
+        if kind == "record":
+            return st.fixed_dictionaries(
+                {f["name"]: strategy_for(f["type"], f["name"]) for f in avro_type["fields"]}
+            )
+        if kind == "array":
+            return st.lists(strategy_for(avro_type["items"], name), max_size=4)
+        if kind == "map":
+            keys = st.one_of(
+                st.sampled_from(sorted({f for t in TARGET_FIELDS.values() for f in t})),
+                st.text(max_size=8),
+            )
+            return st.dictionaries(keys, MAP_VALUES, max_size=14)
+        if kind == "enum":
+            return st.sampled_from(avro_type["symbols"])
+        return strategy_for(kind, name)
+    if avro_type == "string":
+        if name == "payload":
+            return st.sampled_from([s["payload"] for s in [SAMPLES["hl7_lab"]]]).flatmap(
+                lambda text: mutated(text.encode(), b"|^~\\&\r").map(
+                    lambda b: b.decode("utf-8", "replace")
+                )
+            )
+        hinted = st.sampled_from(HINTS[name]) if name in HINTS else st.nothing()
+        return st.one_of(hinted, st.text(max_size=30), st.sampled_from(NASTY_TEXT[:25]))
+    if avro_type in ("int", "long"):
+        bound = 2**31 - 1 if avro_type == "int" else 2**63 - 1
+        return st.integers(-bound - 1, bound)
+    if avro_type in ("double", "float"):
+        return st.floats()
+    if avro_type == "boolean":
+        return st.booleans()
+    if avro_type == "null":
+        return st.none()
+    raise AssertionError(f"no strategy for {avro_type!r}")
+
+
+def raw_records() -> st.SearchStrategy[tuple[str, dict[str, Any]]]:
+    return st.sampled_from(KINDS).flatmap(
+        lambda kind: st.tuples(
+            st.just(kind),
+            strategy_for(REGISTRY.latest(serde.RAW_SUBJECT_BY_KIND[kind]).definition),
+        )
+    )
+
+
+@bounded(300)
+@given(record=raw_records())
+def test_any_schema_valid_raw_record_is_normalised_or_rejected(
+    record: tuple[str, dict[str, Any]],
+) -> None:
+    kind, value = record
+    decode_as_the_stage_does(kind, encoder(kind)(value))
