@@ -19,6 +19,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from producers.claims import Batch, ParsedBatch, build_receipt, parse_batch
+from streams.model import RecordRejected
 from tests.kafka_helpers import DLQ, consume, raw_topic
 from tests.producers.test_claims import HEADER, Running, make_collector, post, row, rules
 from tests.properties.pipeline import round_trip, stage_outcomes
@@ -52,7 +53,8 @@ def check_parsed(data: bytes, parsed: ParsedBatch) -> None:
         decoded = round_trip("claim", claim.record)
         assert decoded["claim_id"] == claim.claim_id
         assert len(decoded["lines"]) == len(claim.lines)
-        stage_outcomes("claim", decoded)
+        refused = [o for o in stage_outcomes("claim", decoded) if isinstance(o, RecordRejected)]
+        assert not refused, f"accepted in the receipt, then refused by the stage: {refused}"
     for rejected in parsed.rejected:
         assert rejected.errors, "a rejected claim names why"
         assert all(e.reason and (e.line is None or e.line >= 1) for e in rejected.errors)

@@ -23,6 +23,7 @@ from hypothesis import strategies as st
 from medstream.settings import KafkaSettings
 from producers.devices import DeviceProducer, PayloadError, parse_packet
 from schemas.serde import ManifestRegistry
+from streams.model import RecordRejected
 from tests.kafka_helpers import DLQ, consume, raw_topic
 from tests.producers.test_devices import (
     NOW_MS,
@@ -124,7 +125,8 @@ def test_every_payload_is_a_valid_packet_or_a_named_refusal(payload: bytes) -> N
     decoded = round_trip("device", record)
     assert decoded["device_id"] == DEVICE
     assert len(decoded["samples"]) == len(record["samples"]) >= 1
-    stage_outcomes("device", decoded)
+    refused = [o for o in stage_outcomes("device", decoded) if isinstance(o, RecordRejected)]
+    assert not refused, f"accepted with 202, then refused by the stage: {refused}"
 
 
 # --- the real HTTP endpoint ------------------------------------------------------------------
