@@ -106,6 +106,12 @@ def _quantity(ucum: str) -> Any:
         if _ANNOTATION.fullmatch(ucum):
             return _registry().from_ucum("1")
         raise UnitConversionError(f"{ucum!r} is not a UCUM unit the library knows")
+    try:
+        finite = math.isfinite(float(quantity.magnitude))
+    except (OverflowError, TypeError, ValueError):
+        finite = False
+    if not finite:  # a number as a unit ("1e999", 400 digits): no conversion can use it
+        raise UnitConversionError(f"{ucum[:40]!r} has a factor no number can hold")
     return quantity
 
 

@@ -109,6 +109,9 @@ def emr_record(after: dict[str, str | None]) -> dict[str, Any]:
 # with AttributeError (the unit library returned a parser token), stopping the worker.
 @example(column="unit", value="{ratio}", drop=False)
 @example(column="unit", value={}, drop=False)
+# Bug (stage): a unit that is a huge number ("3" and 400 digits) crashed normalise with
+# OverflowError in the unit conversion.
+@example(column="unit", value=3 * 10**400, drop=False)
 @example(column="value", value={"a": float("nan")}, drop=False)
 @example(column="value", value=Deep(5000), drop=False)
 @example(column="value", value=["\udfff"], drop=False)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import hl7
 import pytest
@@ -109,6 +110,18 @@ def decide(raw: bytes) -> tuple[Accepted | Rejected, str | None]:
     return inspect_message(text, settings), text
 
 
+def raw_record(verdict: Accepted, text: str) -> dict[str, Any]:
+    """The raw Hl7Message the collector publishes for an accepted message."""
+    return {
+        "message_control_id": verdict.control_id,
+        "organisation_id": verdict.organisation_id,
+        "source_system": verdict.sending_application,
+        "message_type": verdict.message_type,
+        "received_time": NOW_MS,
+        "payload": text,
+    }
+
+
 def assert_ack(ack: str, code: str, rejected: Rejected | None) -> None:
     """An ACK is a parseable HL7 message whose MSA-1 is ``code``; a refusal carries its reason
     in MSA-3 and an ERR segment."""
@@ -142,15 +155,7 @@ def test_every_frame_is_accepted_well_formed_or_refused_with_a_reason(raw: bytes
         assert_ack(ack, verdict.ack_code, verdict)
         return
     assert text is not None
-    record = {
-        "message_control_id": verdict.control_id,
-        "organisation_id": verdict.organisation_id,
-        "source_system": verdict.sending_application,
-        "message_type": verdict.message_type,
-        "received_time": NOW_MS,
-        "payload": text,
-    }
-    decoded = round_trip("hl7_lab", record)
+    decoded = round_trip("hl7_lab", raw_record(verdict, text))
     assert decoded["payload"] == text
     ack = build_ack(
         "AA", header, application="MEDSTREAM", facility="H001", control_id="ACK1",
@@ -174,16 +179,7 @@ def test_random_text_is_decided_without_an_exception(text: str) -> None:
     verdict = inspect_message(text, config())
     assert isinstance(verdict, Accepted | Rejected)
     if isinstance(verdict, Accepted):
-        encoder("hl7_lab")(
-            {
-                "message_control_id": verdict.control_id,
-                "organisation_id": verdict.organisation_id,
-                "source_system": verdict.sending_application,
-                "message_type": verdict.message_type,
-                "received_time": NOW_MS,
-                "payload": text,
-            }
-        )
+        encoder("hl7_lab")(raw_record(verdict, text))
 
 
 # --- the real listener on real sockets and the real broker ------------------------------------
