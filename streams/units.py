@@ -81,6 +81,8 @@ class Affine:
         return value * self.factor + self.offset
 
 
+#: Longer unit texts are refused without parsing (real units are a few characters).
+MAX_UNIT_CHARS: Final = 100
 _ANNOTATION: Final = re.compile(r"\{[^{}]*\}")
 
 
@@ -93,6 +95,11 @@ def _registry() -> Any:
 @functools.lru_cache(maxsize=1024)
 def _quantity(ucum: str) -> Any:
     """The pint quantity of one UCUM unit; raises UnitConversionError when not UCUM."""
+    if len(ucum) > MAX_UNIT_CHARS:
+        # The UCUM parser takes seconds on thousands of characters: refused unparsed.
+        raise UnitConversionError(
+            f"a unit of {len(ucum)} characters is not a UCUM unit (at most {MAX_UNIT_CHARS})"
+        )
     try:
         quantity = _registry().from_ucum(ucum)
     except Exception as exc:  # ucumvert raises lark and pint errors of several kinds
