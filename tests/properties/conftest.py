@@ -1,6 +1,6 @@
-"""Hypothesis settings of the property tests: no example database (nothing is left in the
-repository), bounded examples and a deadline per example; the seed of a failing run is
-printed, as hypothesis does by default.
+"""Hypothesis settings of the property tests: no example database and caches in the system
+temporary directory (nothing is left in the repository), bounded examples and a deadline
+per example; the seed of a failing run is printed, as hypothesis does by default.
 
 HYPOTHESIS_PROFILE=properties-long runs ten times as many examples (a longer hunt).
 """
@@ -8,10 +8,17 @@ HYPOTHESIS_PROFILE=properties-long runs ten times as many examples (a longer hun
 from __future__ import annotations
 
 import os
+import tempfile
 from datetime import timedelta
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, settings
+from hypothesis.configuration import set_hypothesis_home_dir
+
+# Hypothesis also keeps caches (the unicode character map) in its home directory, which is
+# ./.hypothesis by default: keep them out of the repository.
+set_hypothesis_home_dir(str(Path(tempfile.gettempdir()) / "medstream-hypothesis"))
 
 settings.register_profile(
     "properties",
