@@ -344,7 +344,8 @@ class ClaimRow(BaseModel):
             moment = moment.replace(tzinfo=zone)
         instant_ms = int(moment.timestamp() * 1000)
         if not _EARLIEST_SUBMITTED_MS <= instant_ms <= _LATEST_SUBMITTED_MS:
-            # Past year 9999 (or before year 1) in UTC no reader can decode the record.
+            # Beyond year 9999 (or before year 1) in UTC no reader can decode the record;
+            # a claim from before 1900 is a typing error, not a claim.
             raise ValueError("not between 1900-01-01 and 9999-12-31 (UTC)")
         return instant_ms
 
