@@ -157,6 +157,8 @@ _WHOLE: Final = re.compile(r"\d{1,6}")
 _DATE: Final = re.compile(r"\d{4}-\d{2}-\d{2}")
 _DATE_TIME: Final = re.compile(r"\d{4}-\d{2}-\d{2}[T ]\d{2}:\d{2}.*")
 _CONTROL: Final = re.compile(r"[\x00-\x1f\x7f]")
+_EARLIEST_SUBMITTED_MS: Final = int(datetime(1900, 1, 1, tzinfo=UTC).timestamp() * 1000)
+_LATEST_SUBMITTED_MS: Final = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=UTC).timestamp() * 1000)
 _SAFE_NAME: Final = re.compile(r"[^A-Za-z0-9._-]+")
 _RETRY_AFTER_S: Final = "5"
 _READ_CHUNK: Final = 1 << 16
@@ -340,7 +342,12 @@ class ClaimRow(BaseModel):
             raise ValueError("not an ISO 8601 date-time (YYYY-MM-DDTHH:MM:SS, optional offset)")
         if moment.tzinfo is None:
             moment = moment.replace(tzinfo=zone)
-        return int(moment.timestamp() * 1000)
+        instant_ms = int(moment.timestamp() * 1000)
+        if not _EARLIEST_SUBMITTED_MS <= instant_ms <= _LATEST_SUBMITTED_MS:
+            # Beyond year 9999 (or before year 1) in UTC no reader can decode the record;
+            # a claim from before 1900 is a typing error, not a claim.
+            raise ValueError("not between 1900-01-01 and 9999-12-31 (UTC)")
+        return instant_ms
 
     @field_validator("patient_id_number", mode="before")
     @classmethod

@@ -587,6 +587,13 @@ class PacketSource:
     organisation_id: str
 
 
+def _shown(value: Any) -> str:
+    """A resource type as sent when it is a short name, else only its shape."""
+    if isinstance(value, str) and len(value) <= 64 and value.isprintable():
+        return repr(value)
+    return f"a {type(value).__name__} value"
+
+
 def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a number JSON allows")
 
@@ -621,7 +628,7 @@ def parse_packet(
         packet = _from_bundle(_validate(FhirBundle, document), source, config)
     else:
         raise PayloadError(
-            [("resourceType", f"{resource_type!r}: only Observation and Bundle are accepted")]
+            [("resourceType", f"{_shown(resource_type)}: only Observation and Bundle are accepted")]
         )
     _check_packet(packet, source, config, received_ms)
     return packet
@@ -677,11 +684,13 @@ def _from_bundle(
     for index, entry in enumerate(bundle.entry):
         prefix = f"entry.{index}.resource."
         kind = entry.resource.get("resourceType")
+        if not isinstance(kind, str):
+            raise PayloadError([(f"{prefix}resourceType", "must be a resource type name")])
         if kind in _IGNORED_BUNDLE_RESOURCES:
             continue
         if kind != "Observation":
             raise PayloadError(
-                [(f"{prefix}resourceType", f"{kind!r}: a packet Bundle holds Observations")]
+                [(f"{prefix}resourceType", f"{_shown(kind)}: a packet Bundle holds Observations")]
             )
         observations.append((_validate(FhirObservation, entry.resource, prefix), prefix))
     if not observations:

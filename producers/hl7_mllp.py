@@ -298,6 +298,19 @@ class Header:
         return parts[component - 1].strip() if component <= len(parts) else ""
 
 
+def valid_delimiters(separator: str, encoding_characters: str) -> bool:
+    """True when MSH-1 and MSH-2 name five distinct delimiters an HL7 parser can use: the
+    field separator and four encoding characters, none a letter, digit, space or line end.
+    """
+    characters = encoding_characters[:4]
+    delimiters = separator + characters
+    return (
+        len(characters) == 4
+        and len(set(delimiters)) == 5
+        and not any(c.isalnum() or c in " \r\n" for c in delimiters)
+    )
+
+
 def read_header(text: str) -> Header | None:
     """The MSH segment of a message text, or None when the text does not start with one."""
     if not text.startswith("MSH") or len(text) < 8:
@@ -442,6 +455,15 @@ def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:
             "100",
             "MSH",
         )
+    if not valid_delimiters(header.field_separator, header.encoding_characters):
+        return Rejected(
+            "AR",
+            "not_hl7",
+            "MSH-1 and MSH-2 do not name five distinct delimiters (field separator and "
+            "encoding characters such as |^~\\&)",
+            "102",
+            "MSH^1^2",
+        )
     segments = re.sub(r"[\r\n]+", "\r", text.strip(" \t\r\n"))
     try:
         message = hl7.parse(segments)
@@ -572,6 +594,14 @@ def build_ack(
     MSA-2 is the received MSH-10. A rejection adds MSA-3 and an ERR segment (ERR-2/3/4/8
     from v2.5 on, ERR-1 before).
     """
+    control = header.get(10) if header else ""
+    if header is not None and not valid_delimiters(
+        header.field_separator, header.encoding_characters
+    ):
+        # Delimiters the sender could not parse an answer with: a header-less ACK in the
+        # default delimiters, MSA-2 still naming the control id as far as it was read.
+        control = _escape(control, _DEFAULT_FIELD_SEPARATOR, _DEFAULT_ENCODING_CHARACTERS)
+        header = None
     separator = header.field_separator if header else _DEFAULT_FIELD_SEPARATOR
     characters = header.encoding_characters if header else _DEFAULT_ENCODING_CHARACTERS
     component = characters[0]
@@ -593,7 +623,7 @@ def build_ack(
         (header.get(11) if header else "") or "P",
         header.get(12) if header else "2.5.1",
     ]
-    msa = ["MSA", ack_code, header.get(10) if header else ""]
+    msa = ["MSA", ack_code, control]
     segments = [separator.join(msh)]
     if rejected is None:
         segments.append(separator.join(msa))

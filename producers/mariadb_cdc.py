@@ -280,7 +280,10 @@ def float32_text(value: float) -> float:
     The binlog gives the float32 widened to double (1.100000023841858); the snapshot reads
     it the same way (CAST AS DOUBLE); both then render as ``1.1``.
     """
-    packed = struct.pack("<f", value)
+    try:
+        packed = struct.pack("<f", value)
+    except OverflowError:  # not a float32 at all: rendered (or refused) as it is
+        return value
     for digits in range(1, 10):
         shortest = float(f"{value:.{digits}g}")
         try:

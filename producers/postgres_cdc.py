@@ -69,7 +69,7 @@ import time
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime
-from decimal import Decimal
+from decimal import Decimal, InvalidOperation
 from typing import Any, ClassVar, Final, Literal
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -431,7 +431,10 @@ def parse_text_value(text: str | None, type_oid: int, naive_zone: ZoneInfo) -> o
     if type_oid in (_INT2, _INT4, _INT8, _OID):
         return int(text)
     if type_oid == _NUMERIC:
-        return Decimal(text)
+        try:
+            return Decimal(text)
+        except InvalidOperation:  # an ArithmeticError, not the ValueError callers expect
+            raise ValueError("not a numeric value") from None
     if type_oid in (_FLOAT4, _FLOAT8):
         return float(text)
     if type_oid == _BOOL:

@@ -246,12 +246,13 @@ def render_value(value: object) -> str | None:
     Aware datetimes are ISO 8601 with their offset; naive ones carry none (a collector
     attaches the source's time zone first); dates are ``YYYY-MM-DD``; decimals are written
     without exponent. Raises TypeError for values of no known type and ValueError for
-    bytes that are not UTF-8 or non-finite floats (the value itself is never quoted).
+    bytes that are not UTF-8, text with lone surrogates, non-finite numbers and containers
+    nested too deeply (the value itself is never quoted).
     """
     if value is None:
         return None
     if isinstance(value, str):
-        return value
+        return _unicode(value)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int):
@@ -276,10 +277,28 @@ def render_value(value: object) -> str | None:
     if isinstance(value, uuid.UUID):
         return str(value)
     if isinstance(value, set | frozenset):
-        return ",".join(sorted(str(v) for v in value))
+        return _unicode(",".join(sorted(str(v) for v in value)))
     if isinstance(value, dict | list):
-        return json.dumps(value, sort_keys=True, ensure_ascii=False, default=str)
+        try:
+            text = json.dumps(
+                value, sort_keys=True, ensure_ascii=False, default=str, allow_nan=False
+            )
+        except RecursionError:
+            raise ValueError("a value nested too deeply cannot be rendered") from None
+        except ValueError:  # json's own message repeats the value
+            raise ValueError("a non-finite number inside a JSON value cannot be rendered") from None
+        return _unicode(text)
     raise TypeError(f"a {type(value).__name__} value cannot be rendered as text")
+
+
+def _unicode(text: str) -> str:
+    """Text every reader can encode: lone surrogates (from a driver's error handler) are not."""
+    if not text.isascii():
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError("text that is not valid Unicode cannot be rendered") from None
+    return text
 
 
 class UnmappableRow(ValueError):

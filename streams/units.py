@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -80,6 +81,11 @@ class Affine:
         return value * self.factor + self.offset
 
 
+#: Longer unit texts are refused without parsing (real units are a few characters).
+MAX_UNIT_CHARS: Final = 100
+_ANNOTATION: Final = re.compile(r"\{[^{}]*\}")
+
+
 @functools.cache
 def _registry() -> Any:
     # Built once per process (about a second): pint's definitions plus UCUM's.
@@ -89,13 +95,31 @@ def _registry() -> Any:
 @functools.lru_cache(maxsize=1024)
 def _quantity(ucum: str) -> Any:
     """The pint quantity of one UCUM unit; raises UnitConversionError when not UCUM."""
+    if len(ucum) > MAX_UNIT_CHARS:
+        # The UCUM parser takes seconds on thousands of characters: refused unparsed.
+        raise UnitConversionError(
+            f"a unit of {len(ucum)} characters is not a UCUM unit (at most {MAX_UNIT_CHARS})"
+        )
     try:
-        return _registry().from_ucum(ucum)
+        quantity = _registry().from_ucum(ucum)
     except Exception as exc:  # ucumvert raises lark and pint errors of several kinds
         reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise UnitConversionError(
             f"{ucum!r} is not a UCUM unit the library knows ({reason})"
         ) from None
+    if not isinstance(quantity, pint.Quantity):
+        # ucumvert gives a bare annotation ("{ratio}", "{}") back as a parser token; in
+        # UCUM it is the unity, as "{ratio}/L" is 1/L.
+        if _ANNOTATION.fullmatch(ucum):
+            return _registry().from_ucum("1")
+        raise UnitConversionError(f"{ucum!r} is not a UCUM unit the library knows")
+    try:
+        finite = math.isfinite(float(quantity.magnitude))
+    except (OverflowError, TypeError, ValueError):
+        finite = False
+    if not finite:  # a number as a unit ("1e999", 400 digits): no conversion can use it
+        raise UnitConversionError(f"{ucum[:40]!r} has a factor no number can hold")
+    return quantity
 
 
 def is_ucum(unit: str) -> bool:
