@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import random
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 #: What a trial does to the running pipeline.
@@ -102,14 +102,10 @@ def parse_kinds(text: str) -> list[FaultKind]:
     return [kind for kind in KINDS if kind in wanted]
 
 
-@dataclass
-class TrialResult:
-    """What one trial found, counted against ground truth."""
+@dataclass(kw_only=True)
+class FaultCounts:
+    """What trials lost and did, counted against ground truth (one trial, or added up)."""
 
-    kind: FaultKind
-    number: int
-    seed: int
-    fault_after_s: float
     events: int = 0  # events the labels (and the resending sender's AA) expect stored
     lost: int = 0
     duplicated: int = 0
@@ -119,8 +115,23 @@ class TrialResult:
     dead_letters_expected: int = 0
     dead_letters_found: int = 0
     restarts_seen: int = 0
-    alert_p99_ms: float | None = None
     wall_s: float = 0.0
+
+    def add(self, other: FaultCounts) -> None:
+        """Add another's counts to these."""
+        for count in fields(FaultCounts):
+            setattr(self, count.name, getattr(self, count.name) + getattr(other, count.name))
+
+
+@dataclass
+class TrialResult(FaultCounts):
+    """What one trial found."""
+
+    kind: FaultKind
+    number: int
+    seed: int
+    fault_after_s: float
+    alert_p99_ms: float | None = None
     up_exit_code: int | None = None
     #: graceful only: how the stop under backlog ended, and what it left unstored (a stop
     #: that leaves acknowledged records unstored must say so with a non-zero exit code).
@@ -178,23 +189,14 @@ class TrialResult:
 
 
 @dataclass
-class KindSummary:
+class KindSummary(FaultCounts):
     """The trials of one kind added up (the worst p99, the total wall time)."""
 
     kind: str
     trials: int = 0
     failed: int = 0
-    events: int = 0
-    lost: int = 0
-    duplicated: int = 0
-    alerts_missing: int = 0
-    alerts_duplicated: int = 0
-    dead_letters_expected: int = 0
-    dead_letters_found: int = 0
-    restarts_seen: int = 0
     reconcile_gaps: int = 0
     alert_p99_ms: float | None = None
-    wall_s: float = 0.0
 
 
 def summarise(results: Sequence[TrialResult]) -> list[KindSummary]:
@@ -204,18 +206,10 @@ def summarise(results: Sequence[TrialResult]) -> list[KindSummary]:
         total = by_kind.setdefault(result.kind, KindSummary(result.kind))
         total.trials += 1
         total.failed += 0 if result.ok else 1
-        total.events += result.events
-        total.lost += result.lost
-        total.duplicated += result.duplicated
-        total.alerts_missing += result.alerts_missing
-        total.alerts_duplicated += result.alerts_duplicated
-        total.dead_letters_expected += result.dead_letters_expected
-        total.dead_letters_found += result.dead_letters_found
-        total.restarts_seen += result.restarts_seen
+        total.add(result)
         total.reconcile_gaps += len(result.reconcile_gaps)
         if result.alert_p99_ms is not None:
             total.alert_p99_ms = max(total.alert_p99_ms or 0.0, result.alert_p99_ms)
-        total.wall_s += result.wall_s
     return list(by_kind.values())
 
 
