@@ -10,6 +10,7 @@ simulator's labels and the HL7 messages the collector acknowledged with AA.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -109,6 +110,16 @@ def component_pids(up_pid: int, runtime_file: Path) -> dict[str, int]:
         by_pid = {pid: name for name, pid in alive.items()}
         found = {**{n: p for n, p in found.items() if p not in by_pid}, **alive}
     return found
+
+
+def start_time(pid: int) -> int | None:
+    """When a process started (clock ticks after boot), None when it is gone: a pid and
+    its start time name one process even after the pid is reused."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if fields[0] == "Z" else int(fields[19])
 
 
 def _alive(pid: int) -> bool:
@@ -308,7 +319,7 @@ class _Run:
         self.up: subprocess.Popen[bytes] | None = None
         self.cluster: Any = None
         self.sender: ResendingSender | None = None
-        self.seen_pids: set[int] = set()
+        self.seen_pids: dict[int, int | None] = {}  # pid -> start time
         self.logs: list[Path] = []
         self.extra_env: dict[str, str] = {}
         if runner.broker in ("kafka", "tansu"):
@@ -556,16 +567,24 @@ class _Run:
 
     def _remember_pids(self) -> None:
         if self.up is not None and self.up.poll() is None:
-            self.seen_pids.update(child_processes(self.up.pid))
+            for pid in child_processes(self.up.pid):
+                self.seen_pids.setdefault(pid, start_time(pid))
 
     def _wait_components_gone(self, timeout_s: float = 60) -> None:
         """The components outlive a killed `up` by a moment (they get SIGTERM from the
         kernel); kill the ones still there after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
-        while any(_alive(pid) for pid in self.seen_pids) and time.monotonic() < deadline:
+
+        def ours() -> list[int]:  # still the same processes (not a reused pid)
+            return [
+                pid for pid, started in self.seen_pids.items()
+                if started is not None and start_time(pid) == started
+            ]
+
+        while ours() and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in self.seen_pids:
-            if _alive(pid):
+        for pid in ours():
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
         self.seen_pids.clear()
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medstream.fault_trial import component_name, component_pids
+from medstream.fault_trial import component_name, component_pids, start_time
 from medstream.faults import (
     GRACEFUL_RATE_FACTOR,
     KINDS,
@@ -179,3 +179,11 @@ def test_the_runtime_state_pids_name_components_when_up_writes_them(tmp_path: Pa
     assert component_pids(os.getpid(), state) == {"streams-0": os.getpid()}
     state.write_text(json.dumps({"pid": 1}))  # today's state file: no pids field
     assert component_pids(os.getpid(), state) == {}
+
+
+def test_a_process_is_known_by_its_pid_and_start_time() -> None:
+    import os
+
+    assert start_time(os.getpid()) == start_time(os.getpid()) is not None
+    beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
+    assert start_time(beyond) is None
