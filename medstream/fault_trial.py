@@ -35,11 +35,19 @@ QUIET_S = 5.0
 #: A run whose store did not change for this long after its producers finished, with
 #: records still unaccounted for, has stalled: the harness stops it and counts the loss.
 STALL_S = 60.0
-#: `up` printing a restart (a collector's, and a worker's or the sink's once `up` restarts them).
-RESTART_LINE = re.compile(r"\brestarting\b", re.IGNORECASE)
+#: `up` announcing a restart (a collector's, and a worker's, the sink's or the broker's once
+#: `up` restarts them): "... restarting it in 2s". Status lines ("[12:00:00] ...") may carry
+#: running totals of restarts, and "X restarted (restart 2)" follows an announcement: neither
+#: is counted.
+RESTART_LINE = re.compile(r"^(?!\[).*\brestarting\b", re.IGNORECASE | re.MULTILINE)
 #: The MSH-3 of the resending HL7 sender: its messages are found by it in lab_result.
 SENDER_SYSTEM = "FAULTS-LIS"
 COMPONENT_ARGS = {"streams": "streams", "sink": "sink", "collect": "collector"}
+
+
+def count_restarts(output: str) -> int:
+    """Restarts `up` announced in its output."""
+    return sum(1 for _ in RESTART_LINE.finditer(output))
 
 
 def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -521,7 +529,7 @@ class _Run:
         if self.result.error is not None and not self.data_dir.exists():
             return
         text = "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
-        self.result.restarts_seen = len(RESTART_LINE.findall(text))
+        self.result.restarts_seen = count_restarts(text)
         acked: list[str] | None = None
         if self.sender is not None:
             acked = self.sender.acked

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from medstream.fault_trial import component_name, component_pids, start_time
+from medstream.fault_trial import component_name, component_pids, count_restarts, start_time
 from medstream.faults import (
     GRACEFUL_RATE_FACTOR,
     KINDS,
@@ -187,3 +187,18 @@ def test_a_process_is_known_by_its_pid_and_start_time() -> None:
     assert start_time(os.getpid()) == start_time(os.getpid()) is not None
     beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
     assert start_time(beyond) is None
+
+
+def test_restarts_are_counted_from_up_announcements_not_status_lines() -> None:
+    output = "\n".join([
+        "running: 5 processes; metrics at sink=http://127.0.0.1:1/metrics",
+        "[10:00:01] simulator 300 msg/s | sink 280 rows/s | restarts 0",
+        "collector-faults-lis exited with code -9; restarting it in 1s (see x.log)",
+        "[10:00:02] simulator 300 msg/s | sink 280 rows/s | restarts 1",
+        "streams-0 exited with code -9; restarting it in 1s (see streams-0.log)",
+        "streams-0 restarted (restart 1)",
+        "the embedded Apache Kafka broker died (exit code -9); restarting it in 1s",
+        "[10:00:03] simulator 300 msg/s | sink 280 rows/s | restarts streams-0=1 sink=1",
+    ])
+    assert count_restarts(output) == 3
+    assert count_restarts("stopped cleanly") == 0
