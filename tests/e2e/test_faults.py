@@ -48,9 +48,13 @@ def test_one_fault_loses_nothing_and_the_table_says_so(
     body = json.loads(figures.read_text())
     [trial] = body["trials"]
     assert trial["error"] is None, output[-3000:]
-    # The ground truth is real: the run published and labelled most of its records.
-    assert trial["events"] > 1000 and trial["dead_letters_expected"] > 0, output[-3000:]
-    assert trial["alerts_expected"] > 0, output[-3000:]
+    # The ground truth is real: the run published and labelled most of its records (the
+    # graceful stop comes while the simulator still publishes, at 4x the rate, so a part).
+    if kind == "graceful":
+        assert trial["events"] > 300 and trial["unstored_at_stop"] is not None, output[-3000:]
+    else:
+        assert trial["events"] > 1000 and trial["dead_letters_expected"] > 0, output[-3000:]
+        assert trial["alerts_expected"] > 0, output[-3000:]
     assert (trial["lost"], trial["duplicated"]) == (0, 0), output[-3000:]
     assert (trial["alerts_missing"], trial["alerts_duplicated"]) == (0, 0), output[-3000:]
     assert trial["dead_letters_found"] == trial["dead_letters_expected"], output[-3000:]
