@@ -308,7 +308,7 @@ class TrialRunner:
         finally:
             run.close()
         result.wall_s = round(time.monotonic() - started, 1)
-        if result.ok and not self.keep:
+        if result.ok:
             shutil.rmtree(directory, ignore_errors=True)
         else:
             if not self.keep:
