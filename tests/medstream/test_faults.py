@@ -202,3 +202,25 @@ def test_restarts_are_counted_from_up_announcements_not_status_lines() -> None:
     ])
     assert count_restarts(output) == 3
     assert count_restarts("stopped cleanly") == 0
+
+
+def test_measured_counts_and_the_senders_acknowledged_messages_add_up_in_a_result() -> None:
+    from medstream.fault_trial import _apply
+
+    measured = {
+        "labels": {
+            "expected_events": 1400, "missing_events": 3, "duplicated_events": 1,
+            "expected_dead_letters": 9, "found_dead_letters": 8,
+        },
+        "alerts_expected": 5, "alerts_missing": 1, "alerts_duplicated": 2,
+        "alert_p99_ms": 2300.0, "gaps": ["hl7_lab: 2 of 700 raw messages ..."],
+        "sender": {"acked": 75, "lost": 2, "duplicated": 1},
+    }
+    trial = TrialResult("collector", 1, seed=1, fault_after_s=3.0)
+    _apply(trial, measured)
+    assert (trial.events, trial.lost, trial.duplicated) == (1475, 5, 2)
+    assert (trial.dead_letters_expected, trial.dead_letters_found) == (9, 8)
+    assert (trial.alerts_expected, trial.alerts_missing, trial.alerts_duplicated) == (5, 1, 2)
+    assert trial.alert_p99_ms == 2300.0 and len(trial.reconcile_gaps) == 1
+    assert trial.notes == ["AA-acknowledged HL7 messages: 75, lost 2, duplicated 1"]
+    assert not trial.ok
