@@ -25,13 +25,18 @@ TODAY_UP_STOPS = (
     "instead of restarting it; the lead removes this mark once those fixes are merged"
 )
 
+TODAY_STOP = (
+    "issue 16 item 3: a stop under backlog can exit 0 (`stopped cleanly`) with acknowledged "
+    "records unstored; the lead removes this mark once that fix is merged"
+)
+
 
 @pytest.mark.parametrize(
     ("kind", "seed"),
     [
         pytest.param("worker", 11, marks=pytest.mark.xfail(reason=TODAY_UP_STOPS, strict=False)),
         pytest.param("sink", 12, marks=pytest.mark.xfail(reason=TODAY_UP_STOPS, strict=False)),
-        pytest.param("graceful", 13),
+        pytest.param("graceful", 13, marks=pytest.mark.xfail(reason=TODAY_STOP, strict=False)),
     ],
 )
 def test_one_fault_loses_nothing_and_the_table_says_so(
