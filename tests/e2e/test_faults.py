@@ -10,6 +10,7 @@ table and its exit code. The long run (>= 20 trials per kind) is `make faults`.
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -48,6 +49,7 @@ def test_one_fault_loses_nothing_and_the_table_says_so(
         [sys.executable, "-m", "medstream", "faults", "--kinds", kind, "--trials", "1",
          "--events", "1500", "--rate", "300", "--seed", str(seed), "--json", str(figures)],
         capture_output=True, text=True, timeout=420,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # a failed trial's logs stay in tmp_path
     )
     output = done.stdout + done.stderr
     body = json.loads(figures.read_text())
