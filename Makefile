@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test bench lint install clean kafka services
+.PHONY: run test bench faults lint install clean kafka services
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -45,6 +45,12 @@ test: $(STAMP) services kafka
 
 bench: $(STAMP)
 	$(BIN)/medstream bench --events 30000 --json bench.json
+
+# The fault suite's long run: 20 kill -9 trials of each kind (a worker, the sink, both, an
+# MLLP collector, the embedded broker, one broker of a 3-node cluster) and 20 graceful stops
+# under backlog, each counted against ground truth (README "Fault suite"). Hours, not minutes.
+faults: $(STAMP) kafka
+	$(BIN)/medstream faults --trials 20 --json faults.json
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

