@@ -589,7 +589,13 @@ def create_app(
         async for event in records(stream):
             labelled(RECORDS_IN, "mpi", event.message.topic).inc()
             now_ms = int(time.time() * 1000)
-            await publish(patient_index.handle(event.message.value, index_state, now_ms))
+            message = event.message
+            source = RawContext(
+                message.topic, message.partition, message.offset, int(message.timestamp * 1000)
+            )
+            await publish(
+                patient_index.handle(message.value, index_state, now_ms, source, message.key)
+            )
 
     # -- feeds: every worker's per-minute counts -> one watcher of every feed ---------------
     @app.timer(FEED_ACTIVITY_S)
