@@ -97,8 +97,16 @@ OFFSET_GAPS = Counter(
 )
 CONSUMER_LAG = Gauge(
     "medstream_consumer_lag",
-    "Records behind the high watermark (tansu under-counts by up to one produce batch)",
+    "Records behind the high watermark of the partitions a component holds: high watermark "
+    "- the next offset to process (the committed one while nothing was read since the "
+    "assignment); tansu under-counts by up to one produce batch",
     ["stage", "topic"],
+)
+TABLE_STATE_REPLAYS = Counter(
+    "medstream_table_state_replays",
+    "Changelog partitions a stream worker replayed from the start because it had read them "
+    "further than they now reach (records lost from the changelog)",
+    ["topic"],
 )
 
 COLLECTOR_READ = Counter(
