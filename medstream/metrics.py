@@ -138,6 +138,28 @@ READY = Gauge(
 )
 
 
+def partition_lag(high_watermark: int, next_offset: int | None, committed: int | None) -> int:
+    """Records of one partition not processed yet: its high watermark minus the next offset
+    to process, which is the committed offset while nothing was read since the assignment
+    (then a partition processed to its end has lag 0, not its whole length)."""
+    start = max(offset for offset in (next_offset, committed, 0) if offset is not None)
+    return max(0, high_watermark - start)
+
+
+def report_consumer_lag(stage: str, lag_by_topic: dict[str, int], reported: set[str]) -> None:
+    """Set the lag gauge of ``stage`` per topic; topics of which the component holds no
+    partition any more (in ``reported`` from the last time) leave the gauge."""
+    for topic in reported - lag_by_topic.keys():
+        try:
+            CONSUMER_LAG.remove(stage, topic)
+        except KeyError:
+            pass  # never set
+    for topic, lag in lag_by_topic.items():
+        CONSUMER_LAG.labels(stage, topic).set(lag)
+    reported.clear()
+    reported.update(lag_by_topic)
+
+
 @cache
 def labelled(metric: Any, *labels: str) -> Any:
     """The child of a metric for these label values, looked up once (hot paths call this

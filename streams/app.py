@@ -48,13 +48,14 @@ from mode.utils.queues import FlowControlEvent
 
 from medstream.keys import PSEUDONYM_KEY, resolve_secret
 from medstream.metrics import (
-    CONSUMER_LAG,
     END_TO_END_SECONDS,
     PROCESSING_SECONDS,
     READY,
     RECORDS_IN,
     RECORDS_OUT,
     labelled,
+    partition_lag,
+    report_consumer_lag,
 )
 from medstream.settings import (
     FEED_ACTIVITY_TOPIC,
@@ -664,18 +665,28 @@ def create_app(
     app.on_rebalance_complete.connect(mark_ready)
     raw_topic_names = {kafka.topic(name) for name in RAW_TOPICS.values()}
 
+    lag_topics: set[str] = set()
+
     @app.timer(5.0)
     async def report_lag() -> None:
-        # Lag = high watermark - next offset to read, from Faust's own monitor (on tansu
-        # the watermark under-counts by up to one produce batch: a lower bound there).
+        # Lag = high watermark - next offset to process: after the last record read since
+        # the assignment, else the committed offset Faust sought to (from the broker at the
+        # assignment, updated at each commit), so a restarted worker with nothing new to
+        # read reports 0 rather than the whole partition. On tansu the watermark
+        # under-counts by up to one produce batch: a lower bound there.
         read_offsets = app.monitor.tp_read_offsets
-        lag_by_topic = dict.fromkeys(raw_topic_names, 0)
+        committed = cast(ShortFetchConsumer, app.consumer)._committed_offset
+        lag_by_topic: dict[str, int] = {}
         for tp in app.consumer.assignment():
-            if tp.topic in lag_by_topic:
-                highwater = app.consumer.highwater(tp) or 0
-                lag_by_topic[tp.topic] += max(0, highwater - (read_offsets.get(tp, -1) + 1))
-        for topic, lag in lag_by_topic.items():
-            CONSUMER_LAG.labels(STAGE, topic).set(lag)
+            if tp.topic in raw_topic_names:
+                read = read_offsets.get(tp)
+                lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + partition_lag(
+                    app.consumer.highwater(tp) or 0,
+                    None if read is None else read + 1,
+                    committed.get(tp),
+                )
+        report_consumer_lag(STAGE, lag_by_topic, lag_topics)
+
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return app

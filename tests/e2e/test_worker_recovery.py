@@ -1,7 +1,8 @@
 """End-to-end: stream workers killed with SIGKILL and started again, on Apache Kafka and on
 tansu. The worker that was not killed keeps running through every rebalance (no Faust
 ``ConsistencyError`` over a changelog it read further than the broker reports), and every
-record's outcome comes out.
+record's outcome comes out. A restarted worker with nothing new to read reports a consumer
+lag of 0 instead of the partitions' high watermarks.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import time
 import urllib.request
 import uuid
 from collections.abc import Callable
@@ -22,7 +24,7 @@ import pytest
 from medstream.keys import ensure_data_dir_secrets
 from medstream.reconcile import read_labels
 from medstream.runtime import free_port
-from medstream.settings import DLQ_TOPIC, NORM_TOPICS, KafkaSettings
+from medstream.settings import DLQ_TOPIC, NORM_TOPICS, RAW_TOPICS, KafkaSettings
 from tests.kafka_helpers import consume
 from tests.waiting import require_kafka, wait_for
 
@@ -175,3 +177,42 @@ def test_the_healthy_worker_survives_when_the_other_is_killed_and_restarted(
     assert expected_events <= events, f"{len(expected_events - events)} events never came out"
     assert len(letters) == expected_letters
 
+
+def lag_samples(samples: dict[str, float], stage: str) -> dict[str, float]:
+    """The consumer-lag gauge of ``stage`` by topic, from scraped samples."""
+    found = {}
+    for name, value in samples.items():
+        match = re.match(r'^medstream_consumer_lag\{stage="([^"]+)",topic="([^"]+)"\}$', name)
+        if match and match.group(1) == stage:
+            found[match.group(2)] = value
+    return found
+
+
+def test_a_restarted_worker_with_nothing_new_to_read_reports_no_lag(
+    tmp_path: Path, kafka_factory: Callable[..., KafkaSettings],
+    processes: list[subprocess.Popen[str]],
+) -> None:
+    kafka = kafka_factory()
+    pipeline = Pipeline(kafka, tmp_path, processes)
+    port = free_port()
+    worker = pipeline.worker(port)
+    assert pipeline.start("simulate", "--events", "400", "--rate", "0", "--seed", "3").wait(
+        timeout=120) == 0
+    raw_topics = {kafka.topic(name) for name in RAW_TOPICS.values()}
+    # Processed: every raw topic's lag reported as 0.
+    wait_for(lambda: set(lag_samples(scrape(port), "normalise")) == raw_topics
+             and not any(lag_samples(scrape(port), "normalise").values()),
+             120, "the worker to process every record", 1.0)
+    worker.send_signal(signal.SIGTERM)
+    assert worker.wait(timeout=60) == 0
+    # Restarted with nothing new: the lag comes from the committed offsets (it read the
+    # partitions' high watermarks, over 400 here, before).
+    port = free_port()
+    pipeline.worker(port)
+    wait_for(lambda: set(lag_samples(scrape(port), "normalise")) == raw_topics, 120,
+             "the restarted worker to report its lag", 0.5)
+    reports = []
+    for _ in range(3):
+        reports.append(lag_samples(scrape(port), "normalise"))
+        time.sleep(5.5)  # the next report (every 5 s): the gauge must stay at 0, not a condition
+    assert all(report == dict.fromkeys(raw_topics, 0.0) for report in reports), reports
