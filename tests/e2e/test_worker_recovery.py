@@ -12,6 +12,7 @@ import re
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 import uuid
@@ -20,12 +21,18 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from clickhouse_connect.driver.client import Client
+from confluent_kafka import KafkaException
 
 from medstream.keys import ensure_data_dir_secrets
+from medstream.metrics import CONSUMER_LAG, serve_metrics
 from medstream.reconcile import read_labels
 from medstream.runtime import free_port
 from medstream.settings import DLQ_TOPIC, NORM_TOPICS, RAW_TOPICS, KafkaSettings
+from schemas import serde
+from sinks.clickhouse import ClickHouseSink
 from tests.kafka_helpers import consume
+from tests.sinks.test_clickhouse import REGISTRY, committed_total, lab_result, make_sink, produce
 from tests.waiting import require_kafka, wait_for
 
 pytestmark = pytest.mark.e2e
@@ -216,3 +223,41 @@ def test_a_restarted_worker_with_nothing_new_to_read_reports_no_lag(
         reports.append(lag_samples(scrape(port), "normalise"))
         time.sleep(5.5)  # the next report (every 5 s): the gauge must stay at 0, not a condition
     assert all(report == dict.fromkeys(raw_topics, 0.0) for report in reports), reports
+
+
+def test_a_restarted_sink_with_nothing_new_to_read_reports_no_lag(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    encode_lab = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    produce(kafka, [(topic, b"pk%d" % i, encode_lab(lab_result(0, i))) for i in range(60)])
+    group = f"sink-lag-{uuid.uuid4().hex[:6]}"
+    port = serve_metrics(0)
+
+    def run_sink() -> tuple[ClickHouseSink, threading.Thread]:
+        sink = make_sink(kafka, clickhouse, database, group)
+        thread = threading.Thread(target=sink.run, daemon=True)
+        thread.start()
+        return sink, thread
+
+    def stored() -> int:
+        try:
+            return committed_total(kafka, group, topic, 2)
+        except KafkaException:
+            return -1  # the group's coordinator is not known yet
+
+    sink, thread = run_sink()
+    wait_for(lambda: stored() == 60, 60, "the 60 records stored", 0.5)
+    wait_for(lambda: lag_samples(scrape(port), "sink").get(topic) == 0.0, 30, "lag 0")
+    sink.stop()
+    thread.join(timeout=60)
+    # Restarted with nothing new: reported from the committed offsets, 0 (it was 60).
+    CONSUMER_LAG.remove("sink", topic)
+    sink, thread = run_sink()
+    try:
+        wait_for(lambda: topic in lag_samples(scrape(port), "sink"), 30, "a lag report", 0.5)
+        assert lag_samples(scrape(port), "sink")[topic] == 0.0
+    finally:
+        sink.stop()
+        thread.join(timeout=60)
