@@ -698,8 +698,9 @@ class PatientIndexStage:
         An observation the index cannot place (a steward command for an unknown record, an
         invalid observation, or index state that lacks what the observation refers to, such
         as a person lost with a changelog batch) changes nothing and goes to the dead-letter
-        topic with its original bytes and the reason, to be replayed once the state is
-        repaired; linking goes on with the next observation.
+        topic with its original key and bytes, its position and the reason (published to
+        mpi.identity again once the state is repaired, it links normally); linking goes on
+        with the next observation.
         """
         try:
             observation = self.decode(value)
