@@ -97,8 +97,16 @@ OFFSET_GAPS = Counter(
 )
 CONSUMER_LAG = Gauge(
     "medstream_consumer_lag",
-    "Records behind the high watermark (tansu under-counts by up to one produce batch)",
+    "Records behind the high watermark of the partitions a component holds: high watermark "
+    "- the next offset to process (the committed one while nothing was read since the "
+    "assignment); tansu under-counts by up to one produce batch",
     ["stage", "topic"],
+)
+TABLE_STATE_REPLAYS = Counter(
+    "medstream_table_state_replays",
+    "Changelog partitions a stream worker replayed from the start because it had read them "
+    "further than they now reach (records lost from the changelog)",
+    ["topic"],
 )
 
 COLLECTOR_READ = Counter(
@@ -128,6 +136,28 @@ READY = Gauge(
     "1 once the component has joined its consumer group and has its partitions",
     ["component"],
 )
+
+
+def partition_lag(high_watermark: int, next_offset: int | None, committed: int | None) -> int:
+    """Records of one partition not processed yet: its high watermark minus the next offset
+    to process, which is the committed offset while nothing was read since the assignment
+    (then a partition processed to its end has lag 0, not its whole length)."""
+    start = max(offset for offset in (next_offset, committed, 0) if offset is not None)
+    return max(0, high_watermark - start)
+
+
+def report_consumer_lag(stage: str, lag_by_topic: dict[str, int], reported: set[str]) -> None:
+    """Set the lag gauge of ``stage`` per topic; topics of which the component holds no
+    partition any more (in ``reported`` from the last time) leave the gauge."""
+    for topic in reported - lag_by_topic.keys():
+        try:
+            CONSUMER_LAG.remove(stage, topic)
+        except KeyError:
+            pass  # never set
+    for topic, lag in lag_by_topic.items():
+        CONSUMER_LAG.labels(stage, topic).set(lag)
+    reported.clear()
+    reported.update(lag_by_topic)
 
 
 @cache

@@ -30,7 +30,6 @@ from confluent_kafka import Consumer, KafkaError, KafkaException, Message, Topic
 from medstream.audit import audit_refusal
 from medstream.metrics import (
     AUDIT_REFUSED,
-    CONSUMER_LAG,
     DEAD_LETTERS,
     END_TO_END_SECONDS,
     OFFSET_GAPS,
@@ -41,6 +40,8 @@ from medstream.metrics import (
     SINK_FAILURES,
     SINK_INSERT_SECONDS,
     labelled,
+    partition_lag,
+    report_consumer_lag,
 )
 from medstream.sealing import derive_key, seal
 from medstream.settings import (
@@ -209,6 +210,10 @@ class ClickHouseSink:
         self._consumer: Consumer | None = None
         self._stop = threading.Event()
         self._last_lag_check = 0.0
+        #: Committed offsets of the partitions held, read when nothing was read since the
+        #: assignment (for the lag gauge), and the topics the gauge holds for this sink.
+        self._committed_at_assignment: dict[tuple[str, int], int] = {}
+        self._lag_topics: set[str] = set()
         self.kafka_cluster = ""
         self._to_insert: queue.Queue[PendingFlush | None] = queue.Queue(maxsize=1)
         self._stored: queue.Queue[tuple[PendingFlush, BaseException | None]] = queue.Queue()
@@ -395,6 +400,8 @@ class ClickHouseSink:
         return True
 
     def _on_assign(self, consumer: Consumer, partitions: list[TopicPartition]) -> None:
+        for tp in partitions:  # another owner may have committed since: asked again
+            self._committed_at_assignment.pop((tp.topic, tp.partition), None)
         # On tansu a new assignment starts at the committed offset (or the log start): the
         # gap guard expects exactly that offset first, so even the first batch is checked.
         # Apache Kafka has no guard, and no watermark is asked for here: a partition whose
@@ -681,17 +688,28 @@ class ClickHouseSink:
         # per partition, and stall this loop for seconds. tansu answers fetches at once.
         cached = not self.kafka.tansu
         try:
-            for tp in self._consumer.position(self._consumer.assignment()):
+            positions = self._consumer.position(self._consumer.assignment())
+            # Nothing read since the assignment: the committed offset is where reading
+            # starts (asked once per assignment; it changes only after something is read).
+            unread = [tp for tp in positions if tp.offset < 0 and
+                      (tp.topic, tp.partition) not in self._committed_at_assignment]
+            if unread:
+                for tp in self._consumer.committed(unread, timeout=1):
+                    self._committed_at_assignment[(tp.topic, tp.partition)] = tp.offset
+            for tp in positions:
                 _, high = self._consumer.get_watermark_offsets(tp, timeout=1, cached=cached)
                 if high < 0:
                     continue  # nothing fetched from this partition yet
-                behind = max(0, high - tp.offset) if tp.offset >= 0 else high
+                committed = self._committed_at_assignment.get((tp.topic, tp.partition))
+                behind = partition_lag(
+                    high, tp.offset if tp.offset >= 0 else None,
+                    committed if committed is not None and committed >= 0 else None,
+                )
                 lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + behind
         except KafkaException as exc:
             log.debug("lag not updated this time: %s", exc)  # a gauge, retried in 5 s
             return
-        for topic, lag in lag_by_topic.items():
-            CONSUMER_LAG.labels(STAGE, topic).set(lag)
+        report_consumer_lag(STAGE, lag_by_topic, self._lag_topics)
 
 
 PERMANENT_ATTEMPTS = 3

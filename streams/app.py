@@ -13,9 +13,10 @@ output exists. On Apache Kafka, MEDSTREAM_STREAMS_PROCESSING_GUARANTEE=exactly_o
 each record's outputs, table writes and offset in one transaction (streams.transactions).
 - agent_supervisor = CrashingSupervisor: an agent that raises stops the worker, which then
   exits non-zero instead of limping on with a restarted agent.
-- table (suppression state) in memory, rebuilt from its changelog topic at start. Caveat on
-  tansu: its high watermark under-counts by up to one produce batch, so recovery can miss
-  the last changelog batch; a repeat alert after a worker restart is then possible.
+- tables in memory, rebuilt from their changelog topics at start and at every rebalance
+  (streams.recovery): on tansu, whose end offsets under-count by up to one produce batch,
+  the true ends are read from the log, so recovery reads the whole last batch and a worker
+  never stops over a changelog it read further than the reported end.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ from faust.transport.drivers.aiokafka import (
     Consumer,
     Producer,
     Transport,
+    server_list,
 )
 from mode import BaseSignalT, CrashingSupervisor
 from mode.utils.objects import cached_property
@@ -46,13 +48,14 @@ from mode.utils.queues import FlowControlEvent
 
 from medstream.keys import PSEUDONYM_KEY, resolve_secret
 from medstream.metrics import (
-    CONSUMER_LAG,
     END_TO_END_SECONDS,
     PROCESSING_SECONDS,
     READY,
     RECORDS_IN,
     RECORDS_OUT,
     labelled,
+    partition_lag,
+    report_consumer_lag,
 )
 from medstream.settings import (
     FEED_ACTIVITY_TOPIC,
@@ -78,6 +81,7 @@ from streams.detect import (
 from streams.findings import DictState, KeyValueState
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
+from streams.recovery import CheckedTableManager, tansu_log_ends
 from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
@@ -133,6 +137,8 @@ class StreamsApp(faust.App):
 
     fetch_wait_max_ms: int = DEFAULT_FETCH_WAIT_MS
     idempotent_producer: bool = False
+    #: tansu under-counts end offsets: table recovery reads the true ones from the log.
+    tansu_watermarks: bool = False
     #: Set under exactly_once: records and commits take turns (streams.transactions).
     transaction_gate: TransactionGate | None = None
 
@@ -156,8 +162,15 @@ class ShortFetchConsumerThread(AIOKafkaConsumerThread):
     async def _highwaters(self, partitions: Any) -> Any:
         # Under transactions Faust reads the last stable offset from the consumer's cache,
         # empty until a partition was first fetched: table recovery then took a changelog
-        # for empty. ListOffsets answers it under the consumer's isolation level.
-        return await self._ensure_consumer().end_offsets(partitions)
+        # for empty. ListOffsets answers it under the consumer's isolation level. tansu
+        # answers the first offset of the last batch + 1: its true ends are read from the
+        # log, or recovery misses the rest of that batch and later stops the worker
+        # (streams.recovery).
+        ends = await self._ensure_consumer().end_offsets(partitions)
+        if not getattr(self.app, "tansu_watermarks", False):
+            return ends
+        transport = cast(Transport, self.transport)
+        return await tansu_log_ends(server_list(transport.url, transport.default_port), ends)
 
 
 class ShortFetchConsumer(Consumer):
@@ -392,9 +405,11 @@ def create_app(
         store="memory://",
         web_enabled=False,
         agent_supervisor=CrashingSupervisor,
+        TableManager=CheckedTableManager,
     )
     app.fetch_wait_max_ms = kafka.fetch_wait
     app.idempotent_producer = not kafka.tansu
+    app.tansu_watermarks = kafka.tansu
     if settings.exactly_once:
         app.transaction_gate = TransactionGate(
             app, frozenset(kafka.topic(name) for name in RAW_TOPICS.values())
@@ -589,7 +604,13 @@ def create_app(
         async for event in records(stream):
             labelled(RECORDS_IN, "mpi", event.message.topic).inc()
             now_ms = int(time.time() * 1000)
-            await publish(patient_index.handle(event.message.value, index_state, now_ms))
+            message = event.message
+            source = RawContext(
+                message.topic, message.partition, message.offset, int(message.timestamp * 1000)
+            )
+            await publish(
+                patient_index.handle(message.value, index_state, now_ms, source, message.key)
+            )
 
     # -- feeds: every worker's per-minute counts -> one watcher of every feed ---------------
     @app.timer(FEED_ACTIVITY_S)
@@ -644,18 +665,28 @@ def create_app(
     app.on_rebalance_complete.connect(mark_ready)
     raw_topic_names = {kafka.topic(name) for name in RAW_TOPICS.values()}
 
+    lag_topics: set[str] = set()
+
     @app.timer(5.0)
     async def report_lag() -> None:
-        # Lag = high watermark - next offset to read, from Faust's own monitor (on tansu
-        # the watermark under-counts by up to one produce batch: a lower bound there).
+        # Lag = high watermark - next offset to process: after the last record read since
+        # the assignment, else the committed offset Faust sought to (from the broker at the
+        # assignment, updated at each commit), so a restarted worker with nothing new to
+        # read reports 0 rather than the whole partition. On tansu the watermark
+        # under-counts by up to one produce batch: a lower bound there.
         read_offsets = app.monitor.tp_read_offsets
-        lag_by_topic = dict.fromkeys(raw_topic_names, 0)
+        committed = cast(ShortFetchConsumer, app.consumer)._committed_offset
+        lag_by_topic: dict[str, int] = {}
         for tp in app.consumer.assignment():
-            if tp.topic in lag_by_topic:
-                highwater = app.consumer.highwater(tp) or 0
-                lag_by_topic[tp.topic] += max(0, highwater - (read_offsets.get(tp, -1) + 1))
-        for topic, lag in lag_by_topic.items():
-            CONSUMER_LAG.labels(STAGE, topic).set(lag)
+            if tp.topic in raw_topic_names:
+                read = read_offsets.get(tp)
+                lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + partition_lag(
+                    app.consumer.highwater(tp) or 0,
+                    None if read is None else read + 1,
+                    committed.get(tp),
+                )
+        report_consumer_lag(STAGE, lag_by_topic, lag_topics)
+
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     return app

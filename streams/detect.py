@@ -29,6 +29,7 @@ from typing import Any, Final
 from medstream.metrics import (
     ALERT_TRANSITIONS,
     ALERTS,
+    DEAD_LETTERS,
     FINDINGS,
     IDENTITY_REFUSED,
     PERSON_LINKS,
@@ -36,6 +37,7 @@ from medstream.metrics import (
 from medstream.settings import (
     ACTION_OUTCOMES_TOPIC,
     ALERTS_TOPIC,
+    DLQ_TOPIC,
     FACT_TOPICS,
     LIFECYCLE_TOPIC,
     SYNDROMIC_TOPIC,
@@ -54,8 +56,8 @@ from streams.alert_lifecycle import (
 )
 from streams.claim_rules import ClaimDetector, load_claim_rules
 from streams.feed_rules import DEFAULT_FEED_RULES_PATH, FeedDetector, load_feed_rules
-from streams.findings import Cleared, Finding, KeyValueState
-from streams.model import epoch_ms
+from streams.findings import Cleared, Finding, KeyValueState, StagedState
+from streams.model import RawContext, RecordRejected, epoch_ms
 from streams.mpi import (
     DEFAULT_MPI_RULES_PATH,
     IdentityObservationError,
@@ -64,6 +66,7 @@ from streams.mpi import (
     load_mpi_rules,
 )
 from streams.news2 import News2Detector, load_news2_rules
+from streams.normalise import dead_letter_record
 from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.syndromic import (
@@ -73,6 +76,8 @@ from streams.syndromic import (
 )
 
 log = logging.getLogger("medstream.streams.detect")
+#: The stage name of the patient index's dead letters.
+MPI_STAGE: Final = "mpi"
 
 INPUT_FINDING: Final = "finding"
 INPUT_CLEARED: Final = "cleared"
@@ -668,6 +673,8 @@ class PatientIndexStage:
         self.decode = serde.AvroDeserializer(registry, serde.IDENTITY_OBSERVATION)
         self.encode_link = serde.AvroSerializer(registry, serde.PERSON_LINK)
         self.links_topic = kafka.topic(FACT_TOPICS["person_link"])
+        self.dlq_topic = kafka.topic(DLQ_TOPIC)
+        self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
         self.rules = _reloading("mpi", rules_path, load_mpi_rules)
         self._key = index_key
         self._index = PatientIndex(self.rules.current(), index_key)
@@ -678,36 +685,65 @@ class PatientIndexStage:
             self._index = PatientIndex(rules, self._key)
         return self._index
 
-    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
-        """Person link records caused by one identity observation."""
-        observation = self.decode(value)
-        if observation.get("command") == "unmerge":
-            reason = f"split by {observation.get('actor') or 'a steward'}: " + (
-                observation.get("reason") or "no reason given"
-            )
-            try:
-                return self.unmerge(observation["record_key"], state, now_ms, reason)
-            except KeyError as exc:
-                log.error("unmerge refused: %s", exc)
-                return []
+    def handle(
+        self,
+        value: bytes | None,
+        state: KeyValueState,
+        now_ms: int,
+        source: RawContext,
+        key: bytes | None = None,
+    ) -> list[Output]:
+        """Person link records caused by one identity observation (``source``: its position).
+
+        An observation the index cannot place (a steward command for an unknown record, an
+        invalid observation, or index state that lacks what the observation refers to, such
+        as a person lost with a changelog batch) changes nothing and goes to the dead-letter
+        topic with its original key and bytes, its position and the reason (published to
+        mpi.identity again once the state is repaired, it links normally); linking goes on
+        with the next observation.
+        """
         try:
-            links = self._patient_index().observe(observation, state, now_ms)
+            observation = self.decode(value)
+        except serde.SerializationError as exc:
+            return [self._dead_letter(source, key, value, now_ms, "invalid_observation", exc)]
+        staged = StagedState(state)
+        try:
+            if observation.get("command") == "unmerge":
+                reason = f"split by {observation.get('actor') or 'a steward'}: " + (
+                    observation.get("reason") or "no reason given"
+                )
+                links = self._patient_index().unmerge(
+                    observation["record_key"], staged, now_ms, reason
+                )
+            else:
+                links = self._patient_index().observe(observation, staged, now_ms)
         except IdentityObservationError as exc:
-            # Our own output, so a bug; but one bad observation must not stop linking.
-            log.error("identity observation refused: %s", exc)
-            IDENTITY_REFUSED.labels("invalid_observation").inc()
-            return []
+            return [self._dead_letter(source, key, value, now_ms, "invalid_observation", exc)]
         except (KeyError, TypeError, ValueError) as exc:
-            # Index state left inconsistent (e.g. a changelog batch the embedded broker lost
-            # on recovery): this record is skipped, counted and logged, and linking goes on
-            # instead of the worker replaying it for ever. Tokens only: no identifier here.
-            log.error(
-                "patient index could not place record %s: %s: %s",
-                observation.get("record_key"), type(exc).__name__, exc,
-            )
-            IDENTITY_REFUSED.labels("index_state").inc()
-            return []
+            # Index state that lacks what the observation refers to (e.g. a changelog batch
+            # lost on recovery): nothing of this record is applied (StagedState).
+            return [self._dead_letter(source, key, value, now_ms, "index_state", exc)]
+        staged.commit()
         return [self._link(link) for link in links]
+
+    def _dead_letter(
+        self,
+        source: RawContext,
+        key: bytes | None,
+        value: bytes | None,
+        now_ms: int,
+        reason_code: str,
+        error: Exception,
+    ) -> Output:
+        # Tokens and pseudonymous keys only in the reason: the index sees no identifier.
+        reason = f"the patient index could not place this observation: {type(error).__name__}: "
+        reason += str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
+        log.error("%s[%d]@%d: %s", source.topic, source.partition, source.offset, reason)
+        IDENTITY_REFUSED.labels(reason_code).inc()
+        DEAD_LETTERS.labels(MPI_STAGE, reason_code).inc()
+        rejected = RecordRejected(None, None, reason_code, reason)
+        record = dead_letter_record(MPI_STAGE, source, key, value or b"", rejected, None, now_ms)
+        return Output(self.dlq_topic, key, self.encode_dead_letter(record))
 
     def unmerge(
         self, record_key: str, state: KeyValueState, now_ms: int, reason: str

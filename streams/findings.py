@@ -9,6 +9,7 @@ state is a Faust table (JSON values), in tests a dict.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, Final, Protocol
@@ -101,3 +102,60 @@ class DictState:
     def items(self) -> Iterator[tuple[str, Any]]:
         """A snapshot of every (key, value), safe to iterate while the state changes."""
         return iter(list(self.values.items()))
+
+
+class StagedState:
+    """One record's view of a :class:`KeyValueState` whose writes reach it only at :meth:`commit`.
+
+    Values are copied when read, so a handler that changes what it read in place and then
+    fails midway leaves the underlying state exactly as it was: the record can be
+    dead-lettered (or replayed) without a half-applied decision in the state.
+    """
+
+    _DELETED: Final = object()
+
+    def __init__(self, state: KeyValueState) -> None:
+        self._state = state
+        #: Working copies of the values read (compared with the state's at commit).
+        self._read: dict[str, Any] = {}
+        self._written: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any | None:
+        """The value under ``key`` as this record last wrote it, else a copy of the state's."""
+        if key in self._written:
+            value = self._written[key]
+            return None if value is self._DELETED else value
+        if key not in self._read:
+            self._read[key] = copy.deepcopy(self._state.get(key))
+        return self._read[key]
+
+    def put(self, key: str, value: Any) -> None:
+        """Store ``value`` for :meth:`commit`."""
+        self._written[key] = value
+
+    def delete(self, key: str) -> None:
+        """Forget ``key`` at :meth:`commit`."""
+        self._written[key] = self._DELETED
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """The state's pairs with this record's writes applied."""
+        for key, value in list(self._written.items()):
+            if value is not self._DELETED:
+                yield key, value
+        for key, _ in self._state.items():
+            if key not in self._written:
+                yield key, self.get(key)
+
+    def commit(self) -> None:
+        """Write what this record put, deleted or changed in place, once per key."""
+        changed = {
+            key: value for key, value in self._read.items()
+            if key not in self._written and value != self._state.get(key)
+        }
+        for key, value in {**changed, **self._written}.items():
+            if value is self._DELETED:
+                self._state.delete(key)
+            else:
+                self._state.put(key, value)
+        self._read.clear()
+        self._written.clear()

@@ -22,6 +22,8 @@ from .test_normalise import hl7_raw
 REGISTRY = serde.ManifestRegistry()
 KAFKA = KafkaSettings(bootstrap_servers="unused:9092", topic_prefix="t.")
 NOW_MS = 1_793_700_005_000
+#: Where the identity observations of these tests sit on mpi.identity.
+IDENTITY_AT = RawContext("t.mpi.identity", 0, 7, NOW_MS)
 # A fictional person: area code 990101 does not exist; the check digit is valid.
 NID = "99010119800214002" + national_id_check_digit("99010119800214002")
 PHONE = "13900001111"
@@ -44,6 +46,21 @@ def stage(terminology: Terminology, pseudonymiser: Pseudonymiser) -> NormaliseSt
         KAFKA, REGISTRY, terminology, pseudonymiser,
         load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH), identity_key=b"i" * 32,
     )
+
+
+def two_hospital_identities(normalise: NormaliseStage) -> list[bytes]:
+    """The identity observations of one person's lab messages at H001 (MRN-A) and H002
+    (MRN-B), both with the same national ID."""
+    encode = serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)
+    identities = []
+    for offset, (organisation, mrn) in enumerate((("H001", "MRN-A"), ("H002", "MRN-B"))):
+        outputs = normalise.handle(
+            "hl7_lab", RawContext("t.raw.hl7_lab", 0, offset, NOW_MS), b"k",
+            encode(oru(organisation, mrn, f"C-{offset}")), SuppressionState.in_memory(), NOW_MS,
+        )
+        [identity] = [o.value for o in outputs if o.topic == "t.mpi.identity"]
+        identities.append(identity)
+    return identities
 
 
 def test_pid_demographics_are_read_in_clear_only_inside_the_stage(
@@ -88,19 +105,13 @@ def test_free_text_is_scrubbed_and_the_index_gets_tokens_once(
 def test_one_person_at_two_hospitals_is_linked_by_national_id(
     terminology: Terminology, pseudonymiser: Pseudonymiser
 ) -> None:
-    normalise = stage(terminology, pseudonymiser)
     index = PatientIndexStage(KAFKA, REGISTRY, b"p" * 32)
-    encode = serde.AvroSerializer(REGISTRY, serde.RAW_HL7_MESSAGE)
     decode_link = serde.AvroDeserializer(REGISTRY, serde.PERSON_LINK)
     state = DictState()
     links = []
-    for offset, (organisation, mrn) in enumerate((("H001", "MRN-A"), ("H002", "MRN-B"))):
-        outputs = normalise.handle(
-            "hl7_lab", RawContext("t.raw.hl7_lab", 0, offset, NOW_MS), b"k",
-            encode(oru(organisation, mrn, f"C-{offset}")), SuppressionState.in_memory(), NOW_MS,
-        )
-        [identity] = [o for o in outputs if o.topic == "t.mpi.identity"]
-        links += [decode_link(o.value) for o in index.handle(identity.value, state, NOW_MS)]
+    for identity in two_hospital_identities(stage(terminology, pseudonymiser)):
+        decided = index.handle(identity, state, NOW_MS, IDENTITY_AT)
+        links += [decode_link(o.value) for o in decided]
     assert [(link["action"], link["method"]) for link in links][-1] == ("link", "national_id")
     persons = {link["record_key"]: link["person_key"] for link in links}
     assert persons == {
@@ -150,20 +161,74 @@ def test_a_steward_command_splits_a_record_out_of_its_person(
         )
         for output in outputs:
             if output.topic == "t.mpi.identity":
-                index.handle(output.value, state, NOW_MS)
+                index.handle(output.value, state, NOW_MS, IDENTITY_AT)
     record_b = pseudonymiser.person_key("H002", "MRN-B")
     command = encode_identity({
         "record_key": record_b, "organisation_id": "H002", "event_id": "manual-1",
         "event_time": NOW_MS, "nid_status": "absent", "command": "unmerge",
         "actor": "steward.test", "reason": "two patients under one ID (typo at registration)",
     })
-    [split] = [decode_link(o.value) for o in index.handle(command, state, NOW_MS + 1000)]
+    decided = index.handle(command, state, NOW_MS + 1000, IDENTITY_AT)
+    [split] = [decode_link(o.value) for o in decided]
     assert (split["action"], split["method"], split["record_key"]) == ("unmerge", "manual", record_b)
     assert split["previous_person_key"] and split["person_key"] != split["previous_person_key"]
     assert "steward.test" in split["explanation"] and "typo at registration" in split["explanation"]
-    # An unknown record: refused (logged), nothing emitted.
+    # An unknown record: refused with a dead letter naming the record, nothing linked.
     unknown = encode_identity({
         "record_key": "f" * 32, "organisation_id": "H002", "event_id": "manual-2",
         "event_time": NOW_MS, "nid_status": "absent", "command": "unmerge",
     })
-    assert index.handle(unknown, state, NOW_MS) == []
+    before = dict(state.values)
+    [refused] = index.handle(unknown, state, NOW_MS, IDENTITY_AT)
+    letter = serde.AvroDeserializer(REGISTRY, serde.DEAD_LETTER)(refused.value)
+    assert refused.topic == "t.dlq" and letter["reason_code"] == "index_state"
+    assert f"record {'f' * 32} is not in the patient index" in letter["reason"]
+    assert letter["original_value"] == unknown and state.values == before
+
+
+def test_an_observation_the_index_cannot_place_is_dead_lettered_and_replays_once_repaired(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    index = PatientIndexStage(KAFKA, REGISTRY, b"p" * 32)
+    decode_link = serde.AvroDeserializer(REGISTRY, serde.PERSON_LINK)
+    decode_letter = serde.AvroDeserializer(REGISTRY, serde.DEAD_LETTER)
+    state = DictState()
+    identities = two_hospital_identities(stage(terminology, pseudonymiser))
+    decided = index.handle(identities[0], state, NOW_MS, IDENTITY_AT)
+    [first] = [decode_link(o.value) for o in decided]
+    # The person the national ID points at is gone (a changelog batch lost on recovery).
+    person = state.values.pop(f"mpi.person|{first['person_key']}")
+    before = {key: dict(value) if isinstance(value, dict) else value
+              for key, value in state.values.items()}
+    at = RawContext("t.mpi.identity", 0, 8, NOW_MS)
+    [refused] = index.handle(identities[1], state, NOW_MS, at, b"key-b")
+    letter = decode_letter(refused.value)
+    assert refused.topic == "t.dlq" and refused.key == b"key-b"
+    assert (letter["stage"], letter["reason_code"]) == ("mpi", "index_state")
+    assert letter["reason"] == (
+        "the patient index could not place this observation: KeyError: person "
+        f"{first['person_key']} is missing from the patient index state"
+    )
+    assert (letter["original_topic"], letter["original_partition"], letter["original_offset"]) == (
+        "t.mpi.identity", 0, 8)
+    assert letter["original_value"] == identities[1] and letter["original_key"] == b"key-b"
+    # Nothing of the refused observation was applied, not even what it changed in place.
+    assert state.values == before
+    # Replayed from its dead letter once the state is repaired, it links as it should have.
+    state.values[f"mpi.person|{first['person_key']}"] = person
+    [link] = [decode_link(o.value)
+              for o in index.handle(letter["original_value"], state, NOW_MS, at)]
+    assert (link["action"], link["method"]) == ("link", "national_id")
+    assert link["person_key"] == first["person_key"]
+    assert link["record_key"] == pseudonymiser.person_key("H002", "MRN-B")
+
+
+def test_an_undecodable_identity_observation_is_dead_lettered(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    index = PatientIndexStage(KAFKA, REGISTRY, b"p" * 32)
+    state = DictState()
+    [refused] = index.handle(b"\x00not avro", state, NOW_MS, IDENTITY_AT)
+    letter = serde.AvroDeserializer(REGISTRY, serde.DEAD_LETTER)(refused.value)
+    assert (letter["stage"], letter["reason_code"]) == ("mpi", "invalid_observation")
+    assert letter["original_value"] == b"\x00not avro" and state.values == {}
