@@ -492,27 +492,30 @@ def _check_broker(
                 partitions.extend(
                     TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)
                 )
-        spans = _offsets_in_range(consumer, partitions, report.since, report.until)
+        spans = _offsets_in_range(
+            consumer, partitions, report.since, report.until, by_offsets=not kafka.tansu
+        )
         committed = _committed(kafka, sink_group, partitions)
-        bounds = {
-            (cluster, topic, partition): (first, end - 1)
-            for (topic, partition), (first, end) in spans.items()
-            if end > first
-        }
-        islands = _ledger_islands(query, database, bounds)
-        budget = MAX_RECHECKED
+        islands = _ledger_islands(
+            query, database,
+            {(cluster, t, p): (first, end - 1) for (t, p), (first, end) in spans.items()
+             if end > first},
+        )
+        reread = Reread(consumer, report.since, report.until)
         for (topic, partition), (first, end) in sorted(spans.items()):
-            counts = BrokerCounts(topic, partition, first, end)
-            report.broker.append(counts)
-            if end <= first:
-                continue
             key = (cluster, topic, partition)
-            for low, high in _outside(first, end - 1, islands.get(key, [])):
-                records, budget = _records_between(consumer, topic, partition, low, high, budget)
-                for run_low, run_high in records:
-                    for a, b, pending in _split_pending(
-                        run_low, run_high, committed.get((topic, partition))
-                    ):
+            held = [
+                (max(low, first), min(high, end - 1))
+                for low, high in islands.get(key, []) if high >= first and low < end
+            ]
+            counts = BrokerCounts(topic, partition, first, end)
+            counts.in_ledger = sum(high - low + 1 for low, high in held)
+            report.broker.append(counts)
+            candidates = _outside(first, end - 1, held) if end > first else []
+            for low, high in candidates:
+                for run_low, run_high in reread.records(topic, partition, low, high):
+                    group_offset = committed.get((topic, partition))
+                    for a, b, pending in _split_pending(run_low, run_high, group_offset):
                         report.missing_ranges.append(
                             MissingRange("broker", cluster, topic, partition, a, b, b - a + 1,
                                          pending)
@@ -521,14 +524,18 @@ def _check_broker(
                             counts.pending += b - a + 1
                         else:
                             counts.missing += b - a + 1
-            counts.in_ledger = sum(
-                min(high, end - 1) - max(low, first) + 1
-                for low, high in islands.get(key, [])
-                if high >= first and low < end
-            )
+            if end == OPEN_END:
+                counts.end_offset = max(
+                    [first, *(high + 1 for _, high in held), *(
+                        r.last_offset + 1 for r in report.missing_ranges
+                        if r.evidence == "broker" and (r.topic, r.partition) == (topic, partition)
+                    )]
+                )
         report.broker_cluster = cluster
         report.independent.append(
             f"broker: offsets of {len(partitions)} raw partitions in cluster {cluster} checked"
+            + (f"; {reread.unverified} offsets past the re-read budget counted as records"
+               if reread.unverified else "")
         )
         return committed
     except KafkaException as exc:
@@ -538,11 +545,24 @@ def _check_broker(
         consumer.close()
 
 
+#: The end of a partition whose high watermark cannot be trusted (tansu counts produce
+#: batches there, not records): the log is read to its end instead.
+OPEN_END = 2**62
+
+
 def _offsets_in_range(
-    consumer: Any, partitions: list[Any], since: datetime, until: datetime
+    consumer: Any, partitions: list[Any], since: datetime, until: datetime, by_offsets: bool
 ) -> dict[tuple[str, int], tuple[int, int]]:
-    """Per partition the offsets [first, end) of records timestamped in [since, until)."""
+    """Per partition the offsets [first, end) of records timestamped in [since, until).
+
+    Without ``by_offsets`` (tansu: its high watermark and its lookups by timestamp are not
+    record offsets) the span is [0, OPEN_END): the log is re-read past the ledger to its end
+    and records outside the range are left out as they are read.
+    """
     from confluent_kafka import TopicPartition
+
+    if not by_offsets:
+        return {(tp.topic, tp.partition): (0, OPEN_END) for tp in partitions}
 
     def at(moment: datetime) -> dict[tuple[str, int], int]:
         ms = int(moment.timestamp() * 1000)
@@ -582,35 +602,55 @@ def _committed(
         consumer.close()
 
 
-def _records_between(
-    consumer: Any, topic: str, partition: int, low: int, high: int, budget: int
-) -> tuple[list[tuple[int, int]], int]:
-    """The offsets in [low, high] that hold records (read_committed: transaction markers and
-    aborted records are skipped), as runs; past the budget, the offsets are taken as they are."""
-    from confluent_kafka import TopicPartition
+class Reread:
+    """Re-reads offsets missing from the ledger to find which hold records in the window
+    (read_committed: transaction markers and aborted records are skipped).
 
-    if high - low + 1 > budget:
-        return [(low, high)], budget - (high - low + 1)
-    consumer.assign([TopicPartition(topic, partition, low)])
-    runs: list[tuple[int, int]] = []
-    position = low
-    while position <= high:
-        batch = consumer.consume(num_messages=1000, timeout=5)
-        if not batch:
-            break  # the broker holds nothing more here (e.g. the log was truncated)
-        for message in batch:
-            if message.error() is not None:
-                continue
-            offset = message.offset()
-            position = max(position, offset + 1)
-            if offset > high:
-                break
-            if runs and runs[-1][1] == offset - 1:
-                runs[-1] = (runs[-1][0], offset)
-            else:
-                runs.append((offset, offset))
-    consumer.unassign()
-    return runs, budget - (high - low + 1)
+    At most MAX_RECHECKED records are read in all; past that, the offsets of a bounded range
+    are taken as records (counted in ``unverified``).
+    """
+
+    END_WAIT_S = 2.0  # a read that brings nothing for this long is at the log's end
+
+    def __init__(self, consumer: Any, since: datetime, until: datetime) -> None:
+        self.consumer = consumer
+        self.since_ms = int(since.timestamp() * 1000)
+        self.until_ms = int(until.timestamp() * 1000)
+        self.budget = MAX_RECHECKED
+        self.unverified = 0
+
+    def records(self, topic: str, partition: int, low: int, high: int) -> list[tuple[int, int]]:
+        """The runs of offsets in [low, high] that hold records timestamped in the window."""
+        from confluent_kafka import TopicPartition
+
+        if self.budget <= 0:
+            if high == OPEN_END - 1:
+                return []  # nothing bounds it: cannot be counted without reading
+            self.unverified += high - low + 1
+            return [(low, high)]
+        self.consumer.assign([TopicPartition(topic, partition, low)])
+        runs: list[tuple[int, int]] = []
+        position = low
+        while position <= high and self.budget > 0:
+            batch = self.consumer.consume(num_messages=1000, timeout=self.END_WAIT_S)
+            if not batch:
+                break  # the end of the log (or it was truncated)
+            for message in batch:
+                if message.error() is not None:
+                    continue
+                offset = message.offset()
+                position = max(position, offset + 1)
+                self.budget -= 1
+                if offset > high:
+                    break
+                if not self.since_ms <= message.timestamp()[1] < self.until_ms:
+                    continue
+                if runs and runs[-1][1] == offset - 1:
+                    runs[-1] = (runs[-1][0], offset)
+                else:
+                    runs.append((offset, offset))
+        self.consumer.unassign()
+        return runs
 
 
 def _check_published(
