@@ -105,14 +105,23 @@ def _dead_letter_secret() -> bytes:
 
 def _kafka_for_client() -> KafkaSettings:
     """Kafka settings for a command that joins an existing broker (configured or `up`'s)."""
+    kafka = _reachable_kafka()
+    if kafka is None:
+        _fail(
+            "no Kafka: set KAFKA_BOOTSTRAP_SERVERS or start the embedded pipeline with "
+            "`medstream up` (this command then joins its broker)"
+        )
+    return kafka
+
+
+def _reachable_kafka() -> KafkaSettings | None:
+    """The broker to check raw offsets on: the configured one, or a running `up`'s; None
+    when there is none (an embedded broker that stopped took its offsets with it)."""
     kafka = KafkaSettings()
     if kafka.embedded:
         state = RuntimeState.read(RuntimeSettings())
         if state is None:
-            _fail(
-                "no Kafka: set KAFKA_BOOTSTRAP_SERVERS or start the embedded pipeline with "
-                "`medstream up` (this command then joins its broker)"
-            )
+            return None
         kafka = kafka.model_copy(
             update={"bootstrap_servers": state.bootstrap_servers, "broker_kind": state.broker_kind}
         )
@@ -474,7 +483,11 @@ def simulate(
     ] = 0.005,
     metrics_port: MetricsPort = 0,
 ) -> None:
-    """Publish a deterministic synthetic region's source messages to the raw topics."""
+    """Publish a deterministic synthetic region's source messages to the raw topics.
+
+    Each run has its own run id (printed, and in the report and labels): the same seed
+    gives the same content, under ids no other run uses."""
+    from medstream.published import SIMULATOR_FILE
     from medstream.simulator import PublishReport, RegionSimulator, SimulatorProducer
     from schemas.serde import registry_from_url
 
@@ -498,7 +511,9 @@ def simulate(
         ),
         labels_path=labels,
         rate=rate or None,
+        published=RuntimeSettings().data_dir / SIMULATOR_FILE,
     )
+    typer.echo(f"simulator run {producer.run_id} (seed {seed})", err=True)
 
     def progress(current: PublishReport) -> None:
         typer.echo(
@@ -512,6 +527,8 @@ def simulate(
         events if events > 0 else 10**12, progress=progress, should_stop=stop.is_set
     )
     summary = {
+        "run_id": final.run_id,
+        "seed": seed,
         "messages": final.total_messages,
         "records": final.total_records,
         "messages_by_kind": final.messages,
@@ -711,8 +728,21 @@ def reconcile_command(
         Path | None, typer.Option(help="also check against simulator ground truth")
     ] = None,
     as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+    broker: Annotated[
+        bool,
+        typer.Option(
+            "--broker/--no-broker",
+            help="also hold the raw topics' offsets on the broker against the ledger",
+        ),
+    ] = True,
 ) -> None:
-    """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps."""
+    """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps.
+
+    Besides the sink's own ledger and lineage, what entered is counted independently: from
+    the broker's raw-topic offsets (while it holds them) and from the simulator's and
+    collectors' own counters under the data directory; every offset range that never
+    reached the ledger is named."""
+    from medstream.published import published_files
     from medstream.reconcile import check_labels, read_labels, reconcile
 
     end = _parse_time(until) if until else datetime.now(tz=UTC)
@@ -725,9 +755,18 @@ def reconcile_command(
         )
     start = _parse_time(since) if since else end - timedelta(hours=24)
     database = ClickHouseSettings().database
+    kafka = _reachable_kafka() if broker else None
     try:
         with _querier(PROOF_MAX_ROWS) as run:
-            report = reconcile(run, database, start, end)
+            report = reconcile(
+                run, database, start, end, kafka=kafka, sink_group=SinkSettings().group_id,
+                counter_files=published_files(RuntimeSettings().data_dir),
+            )
+            if broker and kafka is None:
+                report.independent.append(
+                    "broker: not checked, no broker is configured or running (set "
+                    "KAFKA_BOOTSTRAP_SERVERS, or start `medstream up`)"
+                )
             label_check = (
                 check_labels(run, database, read_labels(labels), start) if labels else None
             )
@@ -745,8 +784,10 @@ def reconcile_command(
     else:
         typer.echo(report.render())
         if label_check is not None:
+            run_ids = ", ".join(label_check.run_ids) or "unknown: labels carry no run id"
             typer.echo(
-                f"ground truth: {label_check.stored_events}/{label_check.expected_events} "
+                f"ground truth (run {run_ids}): "
+                f"{label_check.stored_events}/{label_check.expected_events} "
                 f"events stored, {label_check.duplicated_events} duplicated, dead letters "
                 f"{label_check.found_dead_letters}/{label_check.expected_dead_letters}, alerts "
                 f"{label_check.found_alerts}/{label_check.expected_alerts} "
@@ -767,10 +808,11 @@ def evaluate_command(
 ) -> None:
     """Precision, recall and detection delay per alert rule against simulator ground truth;
     exit 1 when a deterministic rule misses recall 1.0 or precision 0.95, 2 on bad labels."""
-    from medstream.evaluate import LabelsError, evaluate, load_labels
+    from medstream.evaluate import LabelsError, evaluate, load_labels, load_run_scope
 
     try:
         expected = load_labels(labels)
+        scope = load_run_scope(labels)
         start = _parse_time(since) if since else None
         end = _parse_time(until) if until else None
     except LabelsError as exc:
@@ -780,7 +822,7 @@ def evaluate_command(
     database = ClickHouseSettings().database
     try:
         with _querier(PROOF_MAX_ROWS) as run:
-            report = evaluate(run, database, expected, start, end)
+            report = evaluate(run, database, expected, start, end, scope=scope)
     except QueryError as exc:
         _fail(str(exc))
     if as_json:

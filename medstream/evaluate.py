@@ -16,6 +16,10 @@ its rule whose ``triggering_event_ids`` share an event id with the label; then e
 label left, in order of ``detectable_from_ms``, takes the earliest-opened free alert of its
 rule, organisation and subject that opened at or after ``detectable_from_ms`` minus
 :data:`SUBJECT_TOLERANCE_MS`. Alerts left over are false positives of their rule.
+
+Labels that name their simulator run (``run_id``) are scored against that run's alerts only:
+an alert whose triggering events all belong to other runs (or to collectors) is left out,
+so a second run in the same database neither adds false positives nor steals matches.
 """
 
 from __future__ import annotations
@@ -182,6 +186,28 @@ def load_labels(path: Path) -> list[ExpectedAlert]:
         return parse_labels(lines)
     except LabelsError as exc:
         raise LabelsError(f"{path}: {exc}") from None
+
+
+def load_run_scope(path: Path) -> frozenset[str] | None:
+    """The event ids of the run(s) a labels file describes; None for labels without a run id
+    (then every alert in the window is scored)."""
+    from medstream.reconcile import label_event_ids, label_run_ids, read_labels
+
+    try:
+        lines = read_labels(path)
+    except (OSError, json.JSONDecodeError) as exc:
+        raise LabelsError(f"{path}: cannot read the labels ({exc})") from None
+    if not label_run_ids(lines):
+        return None
+    return frozenset(label_event_ids(lines))
+
+
+def in_scope(alert: OpenedAlert, scope: frozenset[str] | None) -> bool:
+    """An alert belongs to the labelled run when one of its triggering events does (an
+    alert naming no event cannot be tied to a run and is kept)."""
+    return scope is None or not alert.triggering_event_ids or bool(
+        alert.triggering_event_ids & scope
+    )
 
 
 def fetch_opened_alerts(
@@ -445,10 +471,12 @@ def evaluate(
     since: datetime | None = None,
     until: datetime | None = None,
     margin: timedelta = DEFAULT_MARGIN,
+    scope: frozenset[str] | None = None,
 ) -> EvaluationReport:
     """Score the alerts in ClickHouse against the labels; ``since`` defaults to
-    :func:`default_since`, ``until`` to no bound."""
-    alerts = fetch_opened_alerts(query, database, since, until)
+    :func:`default_since`, ``until`` to no bound; ``scope`` (see :func:`load_run_scope`)
+    keeps the alerts of the labelled run only."""
+    alerts = [a for a in fetch_opened_alerts(query, database, since, until) if in_scope(a, scope)]
     if since is None:
         since = default_since(expected, alerts, margin)
     return score(expected, alerts, since, until)

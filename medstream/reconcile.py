@@ -1,25 +1,40 @@
 """Reconciliation: account for every raw record published in a time range, and name any gap.
 
-Sources of truth, all in ClickHouse and written by the sink from Kafka itself:
-- raw_ledger: one row per record seen on a raw.* topic (what was published);
+The sink's own view, in ClickHouse and written by the sink from Kafka itself:
+- raw_ledger: one row per record the sink read from a raw.* topic;
 - lineage: one row per outcome of one record of one raw message (a stored event or a
-  dead letter), carrying the raw position and the message's record count;
+  dead letter), carrying the raw position, the message's record count and a fingerprint of
+  the stored event's content;
 - the fact tables: what analysts query.
 A raw message is accounted for when it was dead-lettered whole, or when each of its
 records has a stored event or a dead letter. Stored events of the lineage must also be
 present in their fact table.
+
+The ledger cannot show what the sink never read, so what entered is also counted from
+sources independent of the sink, and every offset range of a raw topic that never reached
+the ledger is named:
+- the broker's offsets of the raw topics, while the broker still holds them (the range's
+  offsets per partition; offsets missing from the ledger are read again, read_committed, so
+  transaction markers are not taken for records);
+- the publishers' own counters (:mod:`medstream.published`): every position the broker
+  acknowledged to the simulator or a collector, kept on disk, so a broker that forgot
+  everything (tansu keeps its log in memory) still leaves the count.
+An event id stored again with other content, which the source did not declare an update, is
+a conflict (two different records under one id); they are counted with example ids.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 from medstream.clickhouse import QueryResult
+from medstream.published import AckedRange, read_published
+from medstream.settings import RAW_TOPICS, KafkaSettings
 
 Querier = Callable[[str], QueryResult]
 
@@ -31,6 +46,29 @@ EVENT_TABLES = ("lab_result", "observation", "claim_line")
 # slack only guards the window's edges.
 SLACK = timedelta(seconds=1)
 STATE_TABLES = ("encounter", "diagnosis")
+#: At most this many ranges are named in the text report (all of them in --json, up to
+#: MAX_RANGES_LISTED), and this many conflicting event ids are given as examples.
+RANGES_IN_TEXT = 20
+MAX_RANGES_LISTED = 1000
+CONFLICT_EXAMPLES = 10
+#: Offsets missing from the ledger are re-read from the broker up to this many in total, to
+#: tell records from transaction markers; beyond it they are counted as offsets.
+MAX_RECHECKED = 500_000
+#: Where each part of the report comes from (printed, and given in --json).
+EVIDENCE = {
+    "sources": "the sink's own view: raw_ledger (what the sink read from the raw topics) "
+    "joined with lineage (what it stored or dead-lettered for each record)",
+    "collectors": "raw_ledger per medstream-collector header, plus the dead letters the "
+    "collectors wrote themselves (stage producer)",
+    "stored_events": "lineage outcomes stored:TABLE, checked against the fact tables",
+    "broker": "the broker's offsets of the raw topics in the range (independent of the "
+    "sink); offsets missing from raw_ledger re-read read_committed, so transaction markers "
+    "are not counted",
+    "published": "the publishers' own counters (one file per simulator or collector, "
+    "written on every broker acknowledgement; independent of the sink and the broker)",
+    "conflicts": "lineage content fingerprints: one event id stored with different "
+    "content that its source did not declare an update",
+}
 
 
 def _ts(value: datetime) -> str:
@@ -65,8 +103,65 @@ class CollectorCounts:
 
 
 @dataclass
+class MissingRange:
+    """Offsets of one raw partition that never reached the sink's ledger.
+
+    ``evidence`` says who vouches that they entered: ``broker`` or ``publisher NAME run
+    ID``. ``pending`` ranges lie at or after the sink group's committed offset: the sink has
+    not read them yet (a stopped or lagging sink), as opposed to ranges it went past.
+    """
+
+    evidence: str
+    kafka_cluster: str
+    topic: str
+    partition: int
+    first_offset: int
+    last_offset: int
+    records: int
+    pending: bool = False
+
+    def describe(self) -> str:
+        """e.g. 'offsets 120..131 of raw.hl7_lab[2] never reached the ledger (12 records)'."""
+        state = (
+            "are not in the ledger yet: the sink has not read them"
+            if self.pending
+            else "never reached the ledger"
+        )
+        records = f"{self.records} record{'s' if self.records != 1 else ''}"
+        return (
+            f"offsets {self.first_offset}..{self.last_offset} of {self.topic}"
+            f"[{self.partition}] {state} ({records}; {self.evidence})"
+        )
+
+
+@dataclass
+class BrokerCounts:
+    """One raw partition as the broker holds it for the range: offsets [first, end)."""
+
+    topic: str
+    partition: int
+    first_offset: int
+    end_offset: int
+    in_ledger: int = 0
+    missing: int = 0
+    pending: int = 0
+
+
+@dataclass
+class PublishedCounts:
+    """One publisher run's acknowledged records in the range, against the ledger."""
+
+    publisher: str
+    run_id: str
+    acknowledged: int = 0
+    in_ledger: int = 0
+    missing: int = 0
+    pending: int = 0
+
+
+@dataclass
 class ReconcileReport:
-    """The result of one reconciliation."""
+    """The result of one reconciliation (see :data:`EVIDENCE` for each part's source)."""
 
     since: datetime
     until: datetime
@@ -74,6 +169,14 @@ class ReconcileReport:
     collectors: list[CollectorCounts] = field(default_factory=list)
     stored_events: dict[str, int] = field(default_factory=dict)
     gaps: list[str] = field(default_factory=list)
+    broker_cluster: str | None = None
+    broker: list[BrokerCounts] = field(default_factory=list)
+    published: list[PublishedCounts] = field(default_factory=list)
+    missing_ranges: list[MissingRange] = field(default_factory=list)
+    conflicts: int = 0
+    conflict_examples: list[str] = field(default_factory=list)
+    #: What was checked independently of the sink, or why it could not be.
+    independent: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -81,14 +184,24 @@ class ReconcileReport:
         return not self.gaps
 
     def as_dict(self) -> dict[str, Any]:
-        """JSON-ready form."""
+        """JSON-ready form; ``evidence`` says where each part comes from."""
         return {
             "since": self.since.isoformat(),
             "until": self.until.isoformat(),
             "ok": self.ok,
+            "evidence": EVIDENCE,
+            "independent_checks": self.independent,
             "sources": [s.__dict__ for s in self.sources],
             "collectors": [c.__dict__ for c in self.collectors],
             "stored_events": self.stored_events,
+            "broker": {
+                "kafka_cluster": self.broker_cluster,
+                "partitions": [asdict(b) for b in self.broker],
+            },
+            "published": [asdict(p) for p in self.published],
+            "missing_ranges": [asdict(r) for r in self.missing_ranges[:MAX_RANGES_LISTED]],
+            "missing_ranges_total": len(self.missing_ranges),
+            "conflicts": {"count": self.conflicts, "example_event_ids": self.conflict_examples},
             "gaps": self.gaps,
         }
 
@@ -117,6 +230,35 @@ class ReconcileReport:
                 )
         stored = ", ".join(f"{t}={n}" for t, n in sorted(self.stored_events.items()))
         lines.append(f"stored (distinct events): {stored or 'none'}")
+        lines.append("(the rows above are the sink's own view: raw_ledger and lineage)")
+        if self.broker:
+            lines.append(
+                f"broker offsets (cluster {self.broker_cluster}; independent of the sink):"
+            )
+            lines.append(
+                f"  {'partition':<28} {'offsets':>19} {'in ledger':>9} {'missing':>7} "
+                f"{'not read yet':>12}"
+            )
+            for b in self.broker:
+                where = f"{b.topic}[{b.partition}]"
+                span = f"{b.first_offset}..{b.end_offset}"
+                lines.append(
+                    f"  {where:<28} {span:>19} {b.in_ledger:>9} {b.missing:>7} {b.pending:>12}"
+                )
+        if self.published:
+            lines.append("publishers' own counters (acknowledged by the broker, kept on disk):")
+            lines.append(
+                f"  {'publisher':<24} {'run':<10} {'acknowledged':>12} {'in ledger':>9} "
+                f"{'missing':>7} {'not read yet':>12}"
+            )
+            for p in self.published:
+                lines.append(
+                    f"  {p.publisher:<24} {p.run_id:<10} {p.acknowledged:>12} {p.in_ledger:>9} "
+                    f"{p.missing:>7} {p.pending:>12}"
+                )
+        lines.extend(f"independent check: {note}" for note in self.independent)
+        lines.append(f"conflicting event ids (same id, other content, not an update): "
+                     f"{self.conflicts}")
         if self.gaps:
             lines.append("GAPS:")
             lines.extend(f"  - {gap}" for gap in self.gaps)
@@ -125,8 +267,23 @@ class ReconcileReport:
         return "\n".join(lines)
 
 
-def reconcile(query: Querier, database: str, since: datetime, until: datetime) -> ReconcileReport:
-    """Count per source and stage for raw records ingested in [since, until) and find gaps."""
+def reconcile(
+    query: Querier,
+    database: str,
+    since: datetime,
+    until: datetime,
+    *,
+    kafka: KafkaSettings | None = None,
+    sink_group: str | None = None,
+    counter_files: Iterable[Path] = (),
+) -> ReconcileReport:
+    """Count per source and stage for raw records ingested in [since, until) and find gaps.
+
+    With ``kafka`` the raw topics' offsets on the broker are held against the ledger (and
+    with ``sink_group`` ranges the sink has not read yet are told apart); with
+    ``published`` (counter files, see :func:`medstream.published.published_files`) the
+    publishers' own counts are. Without either, only the sink's own view is checked.
+    """
     report = ReconcileReport(since, until)
     where = f"l.ingest_time >= {_ts(since)} AND l.ingest_time < {_ts(until)}"
     accounting = f"""
@@ -214,7 +371,354 @@ def reconcile(query: Querier, database: str, since: datetime, until: datetime) -
             f"sink: {sink_dlq} normalised records could not be decoded and were dead-lettered "
             "at the sink (see dead_letter where stage = 'sink')"
         )
+    _find_conflicts(query, database, lineage_where, report)
+    committed: dict[tuple[str, int], int] = {}
+    if kafka is not None:
+        committed = _check_broker(query, database, kafka, sink_group, report)
+    _check_published(query, database, list(counter_files), committed, report)
+    _name_missing_ranges(report)
     return report
+
+
+def _find_conflicts(query: Querier, database: str, lineage_where: str, report: ReconcileReport
+                    ) -> None:
+    """Event ids stored with more than one content fingerprint, none declared an update."""
+    rows = query(
+        f"""
+        SELECT event_id FROM {database}.lineage
+        WHERE startsWith(outcome, 'stored:') AND content_hash != ''
+          AND event_id IN (SELECT event_id FROM {database}.lineage
+                           WHERE startsWith(outcome, 'stored:') AND {lineage_where})
+        GROUP BY event_id
+        HAVING uniqExact(content_hash) > 1 AND max(declared_update) = 0
+        ORDER BY event_id"""
+    ).rows
+    report.conflicts = len(rows)
+    report.conflict_examples = [str(row[0]) for row in rows[:CONFLICT_EXAMPLES]]
+    if rows:
+        report.gaps.append(
+            f"conflicts: {len(rows)} event ids were stored again with different content that "
+            "the source did not declare an update (the later copy replaced the earlier); "
+            f"e.g. {', '.join(report.conflict_examples)}"
+        )
+
+
+Partition = tuple[str, str, int]  # kafka cluster, topic, partition
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+
+
+def _ledger_islands(
+    query: Querier, database: str, bounds: dict[Partition, tuple[int, int]]
+) -> dict[Partition, list[tuple[int, int]]]:
+    """The runs of consecutive offsets the ledger holds within each partition's bounds."""
+    if not bounds:
+        return {}
+    conditions = " OR ".join(
+        f"(kafka_cluster = {_quote(cluster)} AND source_topic = {_quote(topic)} "
+        f"AND source_partition = {partition} AND source_offset BETWEEN {low} AND {high})"
+        for (cluster, topic, partition), (low, high) in sorted(bounds.items())
+    )
+    rows = query(
+        f"""
+        SELECT kafka_cluster, source_topic, source_partition, min(source_offset),
+               max(source_offset)
+        FROM (
+            SELECT kafka_cluster, source_topic, source_partition, source_offset,
+                   source_offset - toInt64(row_number() OVER (
+                       PARTITION BY kafka_cluster, source_topic, source_partition
+                       ORDER BY source_offset)) AS island
+            FROM (SELECT DISTINCT kafka_cluster, source_topic, source_partition, source_offset
+                  FROM {database}.raw_ledger WHERE {conditions}))
+        GROUP BY kafka_cluster, source_topic, source_partition, island
+        ORDER BY kafka_cluster, source_topic, source_partition, min(source_offset)"""
+    ).rows
+    islands: dict[Partition, list[tuple[int, int]]] = {}
+    for cluster, topic, partition, low, high in rows:
+        islands.setdefault((str(cluster), str(topic), int(partition)), []).append(
+            (int(low), int(high))
+        )
+    return islands
+
+
+def _outside(first: int, last: int, islands: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The sub-ranges of [first, last] not covered by the (sorted) islands."""
+    missing, cursor = [], first
+    for low, high in islands:
+        if high < cursor:
+            continue
+        if low > last:
+            break
+        if low > cursor:
+            missing.append((cursor, low - 1))
+        cursor = max(cursor, high + 1)
+    if cursor <= last:
+        missing.append((cursor, last))
+    return missing
+
+
+def _split_pending(
+    first: int, last: int, committed: int | None
+) -> list[tuple[int, int, bool]]:
+    """[first, last] split at the sink group's committed offset: (first, last, pending)."""
+    if committed is None or committed > last:
+        return [(first, last, False)]
+    if committed <= first:
+        return [(first, last, True)]
+    return [(first, committed - 1, False), (committed, last, True)]
+
+
+def _check_broker(
+    query: Querier,
+    database: str,
+    kafka: KafkaSettings,
+    sink_group: str | None,
+    report: ReconcileReport,
+) -> dict[tuple[str, int], int]:
+    """Hold the raw topics' offsets in the range against the ledger; returns the sink
+    group's committed offsets per (topic, partition) (empty without ``sink_group``)."""
+    from confluent_kafka import Consumer, KafkaException, TopicPartition
+
+    consumer = Consumer(kafka.consumer_config(f"medstream-reconcile-{id(report)}"))
+    try:
+        metadata = consumer.list_topics(timeout=10)
+        cluster = metadata.cluster_id or ""
+        partitions: list[TopicPartition] = []
+        for kind in RAW_TOPICS.values():
+            topic = kafka.topic(kind)
+            if topic in metadata.topics:
+                partitions.extend(
+                    TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)
+                )
+        spans = _offsets_in_range(
+            consumer, partitions, report.since, report.until, by_offsets=not kafka.tansu
+        )
+        committed = _committed(kafka, sink_group, partitions)
+        islands = _ledger_islands(
+            query, database,
+            {(cluster, t, p): (first, end - 1) for (t, p), (first, end) in spans.items()
+             if end > first},
+        )
+        reread = Reread(consumer, report.since, report.until)
+        for (topic, partition), (first, end) in sorted(spans.items()):
+            key = (cluster, topic, partition)
+            held = [
+                (max(low, first), min(high, end - 1))
+                for low, high in islands.get(key, []) if high >= first and low < end
+            ]
+            counts = BrokerCounts(topic, partition, first, end)
+            counts.in_ledger = sum(high - low + 1 for low, high in held)
+            report.broker.append(counts)
+            candidates = _outside(first, end - 1, held) if end > first else []
+            for low, high in candidates:
+                for run_low, run_high in reread.records(topic, partition, low, high):
+                    group_offset = committed.get((topic, partition))
+                    for a, b, pending in _split_pending(run_low, run_high, group_offset):
+                        report.missing_ranges.append(
+                            MissingRange("broker", cluster, topic, partition, a, b, b - a + 1,
+                                         pending)
+                        )
+                        if pending:
+                            counts.pending += b - a + 1
+                        else:
+                            counts.missing += b - a + 1
+            if end == OPEN_END:
+                counts.end_offset = max(
+                    [first, *(high + 1 for _, high in held), *(
+                        r.last_offset + 1 for r in report.missing_ranges
+                        if r.evidence == "broker" and (r.topic, r.partition) == (topic, partition)
+                    )]
+                )
+        report.broker_cluster = cluster
+        report.independent.append(
+            f"broker: offsets of {len(partitions)} raw partitions in cluster {cluster} checked"
+            + (f"; {reread.unverified} offsets past the re-read budget counted as records"
+               if reread.unverified else "")
+        )
+        return committed
+    except KafkaException as exc:
+        report.independent.append(f"broker: not checked, the broker did not answer ({exc})")
+        return {}
+    finally:
+        consumer.close()
+
+
+#: The end of a partition whose high watermark cannot be trusted (tansu counts produce
+#: batches there, not records): the log is read to its end instead.
+OPEN_END = 2**62
+
+
+def _offsets_in_range(
+    consumer: Any, partitions: list[Any], since: datetime, until: datetime, by_offsets: bool
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """Per partition the offsets [first, end) of records timestamped in [since, until).
+
+    Without ``by_offsets`` (tansu: its high watermark and its lookups by timestamp are not
+    record offsets) the span is [0, OPEN_END): the log is re-read past the ledger to its end
+    and records outside the range are left out as they are read.
+    """
+    from confluent_kafka import TopicPartition
+
+    if not by_offsets:
+        return {(tp.topic, tp.partition): (0, OPEN_END) for tp in partitions}
+
+    def at(moment: datetime) -> dict[tuple[str, int], int]:
+        ms = int(moment.timestamp() * 1000)
+        found = consumer.offsets_for_times(
+            [TopicPartition(tp.topic, tp.partition, ms) for tp in partitions], timeout=10
+        )
+        return {(tp.topic, tp.partition): tp.offset for tp in found}
+
+    starts, ends = at(since), at(until)
+    spans: dict[tuple[str, int], tuple[int, int]] = {}
+    for tp in partitions:
+        key = (tp.topic, tp.partition)
+        low, high = consumer.get_watermark_offsets(tp, timeout=10)
+        # No record at or after the moment: the range starts (ends) at the high watermark.
+        first = starts[key] if starts[key] >= 0 else high
+        end = ends[key] if ends[key] >= 0 else high
+        spans[key] = (max(first, low), max(min(end, high), low))
+    return spans
+
+
+def _committed(
+    kafka: KafkaSettings, group: str | None, partitions: list[Any]
+) -> dict[tuple[str, int], int]:
+    """The sink group's committed offsets (asked without joining the group)."""
+    from confluent_kafka import Consumer
+
+    if group is None or not partitions:
+        return {}
+    consumer = Consumer(kafka.consumer_config(group))
+    try:
+        return {
+            (tp.topic, tp.partition): tp.offset
+            for tp in consumer.committed(partitions, timeout=10)
+            if tp.offset >= 0
+        }
+    finally:
+        consumer.close()
+
+
+class Reread:
+    """Re-reads offsets missing from the ledger to find which hold records in the window
+    (read_committed: transaction markers and aborted records are skipped).
+
+    At most MAX_RECHECKED records are read in all; past that, the offsets of a bounded range
+    are taken as records (counted in ``unverified``).
+    """
+
+    END_WAIT_S = 2.0  # a read that brings nothing for this long is at the log's end
+
+    def __init__(self, consumer: Any, since: datetime, until: datetime) -> None:
+        self.consumer = consumer
+        self.since_ms = int(since.timestamp() * 1000)
+        self.until_ms = int(until.timestamp() * 1000)
+        self.budget = MAX_RECHECKED
+        self.unverified = 0
+
+    def records(self, topic: str, partition: int, low: int, high: int) -> list[tuple[int, int]]:
+        """The runs of offsets in [low, high] that hold records timestamped in the window."""
+        from confluent_kafka import TopicPartition
+
+        if self.budget <= 0:
+            if high == OPEN_END - 1:
+                return []  # nothing bounds it: cannot be counted without reading
+            self.unverified += high - low + 1
+            return [(low, high)]
+        self.consumer.assign([TopicPartition(topic, partition, low)])
+        runs: list[tuple[int, int]] = []
+        position = low
+        while position <= high and self.budget > 0:
+            batch = self.consumer.consume(num_messages=1000, timeout=self.END_WAIT_S)
+            if not batch:
+                break  # the end of the log (or it was truncated)
+            for message in batch:
+                if message.error() is not None:
+                    continue
+                offset = message.offset()
+                position = max(position, offset + 1)
+                self.budget -= 1
+                if offset > high:
+                    break
+                if not self.since_ms <= message.timestamp()[1] < self.until_ms:
+                    continue
+                if runs and runs[-1][1] == offset - 1:
+                    runs[-1] = (runs[-1][0], offset)
+                else:
+                    runs.append((offset, offset))
+        self.consumer.unassign()
+        return runs
+
+
+def _check_published(
+    query: Querier,
+    database: str,
+    paths: list[Path],
+    committed: dict[tuple[str, int], int],
+    report: ReconcileReport,
+) -> None:
+    """Hold the publishers' own acknowledged ranges in the window against the ledger."""
+    if not paths:
+        report.independent.append("publishers' counters: none found (no counter file)")
+        return
+    since_ms = int(report.since.timestamp() * 1000)
+    until_ms = int(report.until.timestamp() * 1000)
+    ranges: list[AckedRange] = [
+        r for r in read_published(paths) if r.first_ms < until_ms and r.last_ms >= since_ms
+    ]
+    bounds: dict[Partition, tuple[int, int]] = {}
+    for r in ranges:
+        key = (r.kafka_cluster, r.topic, r.partition)
+        low, high = bounds.get(key, (r.first_offset, r.last_offset))
+        bounds[key] = (min(low, r.first_offset), max(high, r.last_offset))
+    islands = _ledger_islands(query, database, bounds)
+    by_run: dict[tuple[str, str], PublishedCounts] = {}
+    for r in ranges:
+        counts = by_run.setdefault((r.publisher, r.run_id), PublishedCounts(r.publisher, r.run_id))
+        counts.acknowledged += r.records
+        key = (r.kafka_cluster, r.topic, r.partition)
+        # Pending only on the broker the sink group reads now.
+        group_offset = (
+            committed.get((r.topic, r.partition))
+            if r.kafka_cluster == report.broker_cluster
+            else None
+        )
+        for low, high in _outside(r.first_offset, r.last_offset, islands.get(key, [])):
+            for a, b, pending in _split_pending(low, high, group_offset):
+                report.missing_ranges.append(
+                    MissingRange(f"publisher {r.publisher} run {r.run_id}", r.kafka_cluster,
+                                 r.topic, r.partition, a, b, b - a + 1, pending)
+                )
+                if pending:
+                    counts.pending += b - a + 1
+                else:
+                    counts.missing += b - a + 1
+        counts.in_ledger = counts.acknowledged - counts.missing - counts.pending
+    report.published = [by_run[key] for key in sorted(by_run)]
+    report.independent.append(
+        f"publishers' counters: {len(paths)} file(s), {len(report.published)} run(s) with "
+        "acknowledgements in the range"
+    )
+
+
+def _name_missing_ranges(report: ReconcileReport) -> None:
+    """One gap per source of evidence with its count, then the ranges (bounded)."""
+    totals: dict[tuple[str, bool], int] = {}
+    for r in report.missing_ranges:
+        totals[(r.evidence, r.pending)] = totals.get((r.evidence, r.pending), 0) + r.records
+    for (evidence, pending), records in sorted(totals.items()):
+        what = "are not in the ledger yet (the sink has not read them)" if pending else (
+            "never reached the ledger")
+        report.gaps.append(f"{evidence}: {records} records {what}")
+    for r in report.missing_ranges[:RANGES_IN_TEXT]:
+        report.gaps.append(f"  {r.describe()}")
+    if len(report.missing_ranges) > RANGES_IN_TEXT:
+        report.gaps.append(
+            f"  ... and {len(report.missing_ranges) - RANGES_IN_TEXT} more ranges (see --json)"
+        )
 
 
 def _collector_counts(
@@ -263,6 +767,7 @@ class LabelCheck:
     expected_alerts: int
     found_alerts: int
     unexpected_alerts: int
+    run_ids: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -282,14 +787,31 @@ def read_labels(path: Path) -> list[dict[str, Any]]:
         return [json.loads(line) for line in handle if line.strip()]
 
 
+def label_run_ids(labels: list[dict[str, Any]]) -> list[str]:
+    """The simulator runs the labels describe (none for labels written before run ids)."""
+    return sorted({str(label["run_id"]) for label in labels if label.get("run_id")})
+
+
+def label_event_ids(labels: list[dict[str, Any]]) -> set[str]:
+    """Every event id the labels name (records and the events of anomalies)."""
+    ids = {str(label["event_id"]) for label in labels if label.get("event_id")}
+    for label in labels:
+        ids.update(str(e) for e in label.get("event_ids") or ())
+    return ids
+
+
 def check_labels(
     query: Querier, database: str, labels: list[dict[str, Any]], since: datetime | None = None
 ) -> LabelCheck:
     """Every expected event stored exactly once, every expected dead letter and alert present.
 
-    ``since`` (the run's start) keeps dead letters and alerts of earlier runs in the same
-    database out of the counts.
+    Scoped to the run the labels describe: stored events by the labels' event ids (which
+    carry the run), dead letters by the run id the raw ledger keeps for their raw record,
+    alerts by their triggering events. Labels without a run id (older files) fall back to
+    ``since`` (the run's start), which keeps dead letters and alerts of earlier runs in the
+    same database out of the counts.
     """
+    run_ids = label_run_ids(labels)
     window = f" AND ingest_time >= {_ts(since)}" if since is not None else ""
     firsts = [label for label in labels if not label.get("duplicate_delivery")]
     expected_by_table: dict[str, set[str]] = {}
@@ -312,14 +834,29 @@ def check_labels(
         }
         stored += len(expected_ids & found.keys())
         missing.extend(sorted(expected_ids - found.keys()))
-        duplicated += sum(n - 1 for n in found.values() if n > 1)
+        duplicated += sum(n - 1 for e, n in found.items() if n > 1 and e in expected_ids)
     # Each delivery of a malformed message is its own dead letter (its raw position differs).
     expected_dlq = sum(1 for label in labels if label["expect"] == "dead_letter")
-    found_dlq = int(
-        query(
+    runs = ", ".join(_quote(r) for r in run_ids)
+    # Records of the run in the ledger tie dead letters to it; a ledger without them (a sink
+    # without the raw ledger, rows from before run ids) leaves only the time window.
+    ledger_knows_run = bool(run_ids) and int(
+        query(f"SELECT count() FROM {database}.raw_ledger WHERE run_id IN ({runs})").rows[0][0]
+    ) > 0
+    if ledger_knows_run:
+        dlq_sql = f"""
+            SELECT uniqExact(event_id) FROM {database}.lineage
+            WHERE outcome = 'dead_letter'
+              AND (kafka_cluster, source_topic, source_partition, source_offset) IN (
+                  SELECT kafka_cluster, source_topic, source_partition, source_offset
+                  FROM {database}.raw_ledger WHERE run_id IN ({runs}))
+              AND event_id IN (SELECT dlq_id FROM {database}.dead_letter
+                               WHERE stage = 'normalise')"""
+    else:
+        dlq_sql = (
             f"SELECT count() FROM {database}.dead_letter FINAL WHERE stage = 'normalise'{window}"
-        ).rows[0][0]
-    )
+        )
+    found_dlq = int(query(dlq_sql).rows[0][0])
     expected_alert_events = {
         label["event_id"] for label in firsts if label.get("critical_rule")
     }
@@ -327,9 +864,13 @@ def check_labels(
     # An alert's first finding opened it: its opening snapshot names the triggering event.
     alert_rows = query(
         f"SELECT arrayJoin(triggering_event_ids), count() FROM {database}.alert_history FINAL "
-        f"WHERE action = 'opened' AND rule_id LIKE 'critical_value.%'{window} GROUP BY 1"
+        f"WHERE action = 'opened' AND rule_id LIKE 'critical_value.%'"
+        f"{'' if run_ids else window} GROUP BY 1"
     ).rows
     alerted = {row[0]: int(row[1]) for row in alert_rows}
+    if run_ids:  # alerts raised by this run's events only
+        run_events = label_event_ids(labels)
+        alerted = {e: n for e, n in alerted.items() if e in run_events}
     return LabelCheck(
         expected_events=sum(len(v) for v in expected_by_table.values()),
         stored_events=stored,
@@ -341,4 +882,5 @@ def check_labels(
         found_alerts=sum(1 for e in expected_alert_events if alerted.get(e) == 1),
         unexpected_alerts=sum(1 for e in alerted if e not in expected_alert_events)
         + sum(n - 1 for n in alerted.values() if n > 1),
+        run_ids=run_ids,
     )

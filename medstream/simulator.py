@@ -23,6 +23,7 @@ import json
 import logging
 import math
 import random
+import re
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Sequence
@@ -34,9 +35,10 @@ from typing import IO, TYPE_CHECKING, Any, Final
 import yaml
 
 from medstream.metrics import RECORDS_OUT, labelled
+from medstream.published import PublishedLedger, new_run_id
 from medstream.settings import RAW_TOPICS, KafkaSettings
 from schemas.identity import event_id, national_id_check_digit
-from schemas.serde import RAW_SUBJECT_BY_KIND, AvroSerializer, SchemaRegistry
+from schemas.serde import RAW_SUBJECT_BY_KIND, RUN_HEADER, AvroSerializer, SchemaRegistry
 
 if TYPE_CHECKING:  # the stream rules are imported when a simulator is built, not on import
     from streams.claim_rules import ClaimRules
@@ -827,6 +829,7 @@ class RegionSimulator:
         long_run_s: float | None = None,
         syndromic_outbreak: bool = True,
         rules_dir: Path | None = None,
+        run_id: str | None = None,
     ) -> None:
         if not 0.0 <= problem_rate <= 1.0:
             raise ValueError("problem_rate must be between 0 and 1")
@@ -844,8 +847,14 @@ class RegionSimulator:
         # Bounds memory in an endless run (`make run`): past it, admissions reuse patients.
         self.max_patients_per_hospital = max_patients_per_hospital
         # Source ids (control ids, packet ids, visit and claim numbers, CDC positions) carry
-        # the seed, so runs with different seeds never reuse an id, as real senders don't.
-        self.id_tag = f"S{seed}"
+        # the seed and the run id, so no two runs reuse an id, as real senders don't: a
+        # second run of the same seed sends the same content under new ids. Within a run
+        # ids are deterministic, so a duplicate delivery repeats its original's ids.
+        self.seed = seed
+        self.run_id = run_id if run_id is not None else new_run_id()
+        if not re.fullmatch(r"[A-Za-z0-9]{1,16}", self.run_id):
+            raise ValueError("run_id must be 1 to 16 letters or digits (it is part of source ids)")
+        self.id_tag = f"S{seed}R{self.run_id}"
         self._hospitals = [
             _HospitalState(h, self.region, self.reference) for h in self.region.hospitals
         ]
@@ -2545,8 +2554,10 @@ class PublishReport:
     that must fail whole counts as one); ``duplicates`` and ``malformed`` count messages
     (malformed = at least one record or the whole message must be dead-lettered);
     ``anomalies`` counts anomaly labels written (also counted in ``labels_written``).
+    ``run_id`` is the simulator run's id, carried by its source ids, labels and records.
     """
 
+    run_id: str = ""
     messages: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCE_KINDS, 0))
     records: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SOURCE_KINDS, 0))
     duplicates: int = 0
@@ -2611,12 +2622,21 @@ class TokenBucket:
             self._sleep(-self._tokens / self.rate)
 
 
+#: The simulator's name in the published counters (see :mod:`medstream.published`).
+SIMULATOR_PUBLISHER: Final = "simulator"
+
+
 class SimulatorProducer:
     """Publishes simulated messages to the raw topics with confluent-kafka; writes labels JSONL.
 
     ``now_ms`` is the wall clock: the simulator's device cadence follows it, and an anomaly
     label's ``detectable_from_ms`` is its reading when the broker acknowledged the anomaly's
     last record (plus the rule's silence threshold for silences).
+
+    Every record carries the run id in a Kafka header (the sink keeps it in the raw ledger)
+    and every label line names it, so a run's ground truth can be checked against its own
+    rows only. With ``published`` (see :mod:`medstream.published`) every acknowledged
+    position is also counted on disk, independently of the sink and the broker.
     """
 
     def __init__(
@@ -2629,8 +2649,13 @@ class SimulatorProducer:
         *,
         flush_timeout_s: float = 60.0,
         now_ms: Callable[[], int] = _wall_clock_ms,
+        published: Path | None = None,
     ) -> None:
         self._kafka = kafka
+        self._published_path = published
+        self._headers: list[tuple[str, str | bytes | None]] = [
+            (RUN_HEADER, simulator.run_id.encode())
+        ]
         self._now_ms = now_ms
         self._simulator = simulator
         self._serializers = {
@@ -2643,6 +2668,11 @@ class SimulatorProducer:
         if labels_path is not None:
             labels_path.parent.mkdir(parents=True, exist_ok=True)
             labels_path.write_text("")  # this producer's runs append to a fresh file
+
+    @property
+    def run_id(self) -> str:
+        """The id of the simulator run this producer publishes."""
+        return self._simulator.run_id
 
     def run(
         self,
@@ -2657,7 +2687,15 @@ class SimulatorProducer:
         from confluent_kafka import Producer
 
         producer = Producer(self._kafka.producer_config())
-        report = PublishReport()
+        report = PublishReport(run_id=self._simulator.run_id)
+        ledger = (
+            PublishedLedger(
+                self._published_path, SIMULATOR_PUBLISHER, self._simulator.run_id,
+                lambda: producer.list_topics(timeout=10).cluster_id or "",
+            )
+            if self._published_path is not None
+            else None
+        )
         started = time.monotonic()
         next_progress = started + 1.0
         labels_file = (
@@ -2673,8 +2711,10 @@ class SimulatorProducer:
                 )
                 if self._bucket is not None and not message.labels[0]["duplicate_delivery"]:
                     self._bucket.acquire(len(message.labels))
-                self._produce(producer, message, value, report, labels_file)
+                self._produce(producer, message, value, report, labels_file, ledger)
                 producer.poll(0)
+                if ledger is not None:
+                    ledger.flush_due()
                 now = time.monotonic()
                 if now >= next_progress:
                     next_progress = now + 1.0
@@ -2686,6 +2726,8 @@ class SimulatorProducer:
         finally:
             undelivered = producer.flush(self._flush_timeout_s)
             report.delivery_failures += undelivered
+            if ledger is not None:
+                ledger.close()
             report.elapsed_s = time.monotonic() - started
             if labels_file is not None:
                 labels_file.close()
@@ -2702,20 +2744,26 @@ class SimulatorProducer:
         value: bytes,
         report: PublishReport,
         labels_file: IO[str] | None,
+        ledger: PublishedLedger | None = None,
     ) -> None:
         topic = self._topics[message.source_kind]
 
-        def delivered(err: Any, _msg: Any) -> None:
+        def delivered(err: Any, msg: Any) -> None:
             if err is not None:
                 # Counted, and run() raises at the end; the error names no message content.
                 report.delivery_failures += 1
                 log.error("delivery to %s failed: %s", topic, err)
                 return
+            if ledger is not None:
+                ledger.acknowledged(topic, msg.partition(), msg.offset(), msg.timestamp()[1])
             self._acknowledged(message, topic, report, labels_file)
 
         while True:
             try:
-                producer.produce(topic, key=message.key, value=value, on_delivery=delivered)
+                producer.produce(
+                    topic, key=message.key, value=value, headers=self._headers,
+                    on_delivery=delivered,
+                )
                 return
             except BufferError:  # local queue full: let deliveries drain, then retry
                 producer.poll(0.1)
@@ -2742,8 +2790,9 @@ class SimulatorProducer:
             if message.anomalies:
                 acknowledged_ms = self._now_ms()
                 lines += [anomaly.line(acknowledged_ms) for anomaly in message.anomalies]
+            run = {"run_id": self._simulator.run_id}
             labels_file.write(
-                "".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines)
+                "".join(json.dumps({**line, **run}, ensure_ascii=False) + "\n" for line in lines)
             )
             report.labels_written += len(lines)
 

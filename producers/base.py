@@ -43,12 +43,14 @@ from medstream.metrics import (
     RECORDS_OUT,
     labelled,
 )
+from medstream.published import PUBLISHED_FILE, PublishedLedger, new_run_id
 from medstream.settings import DLQ_TOPIC, RAW_TOPICS, KafkaSettings, RuntimeSettings
 from schemas.identity import dead_letter_id
 from schemas.serde import (
     COLLECTOR_HEADER,
     DEAD_LETTER,
     RAW_SUBJECT_BY_KIND,
+    RUN_HEADER,
     AvroSerializer,
     SchemaRegistry,
 )
@@ -225,6 +227,8 @@ class RawPublisher:
     """Publishes one collector's raw records and dead letters (confluent-kafka, acks=all).
 
     Delivery callbacks run inside :meth:`poll` / :meth:`flush`, on the calling thread.
+    With a ``ledger`` every acknowledged raw record's position is also counted on disk
+    (see :mod:`medstream.published`), a count `medstream reconcile` holds against the sink's.
     """
 
     def __init__(
@@ -234,6 +238,7 @@ class RawPublisher:
         source_kind: str,
         collector: str,
         producer: Any = None,
+        ledger: PublishedLedger | None = None,
     ) -> None:
         from confluent_kafka import Producer
 
@@ -245,9 +250,12 @@ class RawPublisher:
         self.dlq_topic = kafka.topic(DLQ_TOPIC)
         self._serialize = AvroSerializer(registry, RAW_SUBJECT_BY_KIND[source_kind])
         self._serialize_dead_letter = AvroSerializer(registry, DEAD_LETTER)
+        self.ledger = ledger
         self._headers: list[tuple[str, str | bytes | None]] = [
             (COLLECTOR_HEADER, collector.encode())
         ]
+        if ledger is not None:
+            self._headers.append((RUN_HEADER, ledger.run_id.encode()))
         self._producer = producer if producer is not None else Producer(kafka.producer_config())
         self._published = labelled(COLLECTOR_PUBLISHED, collector)
         self._out = labelled(RECORDS_OUT, "collector", self.topic)
@@ -265,10 +273,14 @@ class RawPublisher:
         """Produce one raw record (a dict is encoded first); ``on_result(error or None)``."""
         value = record if isinstance(record, bytes) else self._serialize(record)
 
-        def delivered(error: Any, _message: Any) -> None:
+        def delivered(error: Any, message: Any) -> None:
             if error is None:
                 self._published.inc()
                 self._out.inc()
+                if self.ledger is not None and message is not None:
+                    self.ledger.acknowledged(
+                        self.topic, message.partition(), message.offset(), message.timestamp()[1]
+                    )
             else:
                 labelled(COLLECTOR_FAILED, self.collector, "delivery_failed").inc()
                 log.error("%s: delivery to %s failed: %s", self.collector, self.topic, error)
@@ -367,11 +379,21 @@ class RawPublisher:
 
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks (waits up to ``timeout`` for one)."""
-        return int(self._producer.poll(timeout))
+        served = int(self._producer.poll(timeout))
+        if self.ledger is not None:
+            self.ledger.flush_due()
+        return served
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for every record in flight; returns how many are still unacknowledged."""
-        return int(self._producer.flush(timeout))
+        left = int(self._producer.flush(timeout))
+        if self.ledger is not None:
+            self.ledger.flush()
+        return left
+
+    def cluster_id(self) -> str:
+        """The id of the Kafka cluster this publisher writes to (asks the broker)."""
+        return str(self._producer.list_topics(timeout=10).cluster_id or "")
 
     def in_queue(self) -> int:
         """Records produced but not yet acknowledged or failed."""
@@ -644,7 +666,17 @@ class Collector(ABC, Generic[C]):
         self.state_dir.mkdir(parents=True, exist_ok=True)
         self.metrics = CollectorMetrics(config.name)
         self.publisher = RawPublisher(
-            kafka, registry, self.source_kind, config.name, producer=producer
+            kafka, registry, self.source_kind, config.name, producer=producer,
+            ledger=self._published_ledger(),
+        )
+
+    def _published_ledger(self) -> PublishedLedger:
+        """This process's count of acknowledged raw records (one run per process start),
+        beside the collector's positions."""
+        publisher = f"collector-{self.config.name}"
+        return PublishedLedger(
+            self.state_dir / PUBLISHED_FILE, publisher, new_run_id(),
+            lambda: self.publisher.cluster_id(),
         )
 
     @abstractmethod

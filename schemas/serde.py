@@ -58,6 +58,10 @@ AUDIT_EVENT = "medstream.audit.AuditEvent"
 #: Kafka header on a raw record naming the edge collector that published it (part of the
 #: contract: the sink's raw ledger records it, so reconciliation can account per collector).
 COLLECTOR_HEADER = "medstream-collector"
+#: Kafka header on a raw record naming the publisher run (a simulator run, a collector
+#: process) that published it; the raw ledger records it, so a run's ground truth can be
+#: checked against that run's rows only.
+RUN_HEADER = "medstream-run"
 
 #: Source kind -> subject of its raw message (one raw topic per kind).
 RAW_SUBJECT_BY_KIND = {

@@ -13,6 +13,7 @@ any other is dead-lettered with its reason and counted in ``medstream_audit_refu
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import queue
 import re
@@ -55,7 +56,7 @@ from medstream.settings import (
 )
 from schemas import serde
 from schemas.identity import dead_letter_id
-from schemas.serde import COLLECTOR_HEADER
+from schemas.serde import COLLECTOR_HEADER, RUN_HEADER
 
 log = logging.getLogger("medstream.sink")
 
@@ -78,6 +79,8 @@ LINEAGE_COLUMNS = [
     "record_count",
     "event_id",
     "outcome",
+    "content_hash",
+    "declared_update",
     "ingest_time",
 ]
 # The clinical outputs: their stored rows are observed in END_TO_END_SECONDS.
@@ -88,6 +91,7 @@ LEDGER_COLUMNS = [
     "kafka_cluster",
     "source_kind",
     "collector",
+    "run_id",
     "source_topic",
     "source_partition",
     "source_offset",
@@ -96,13 +100,42 @@ LEDGER_COLUMNS = [
 ]
 
 
-def _collector(message: Message) -> str:
-    """The edge collector named in a raw record's header ('' when it has none)."""
+def _header(message: Message, wanted: str) -> str:
+    """A raw record's header as text, e.g. its collector or run ('' when it has none)."""
     headers: Any = message.headers() or ()
     for name, value in headers:
-        if name == COLLECTOR_HEADER and isinstance(value, bytes):
+        if name == wanted and isinstance(value, bytes):
             return value.decode("utf-8", "replace")
     return ""
+
+
+# Fields of a normalised event that say how and when it was delivered or mapped, not what
+# the source said: left out of its content fingerprint, so a redelivery or a reprocessing
+# under a newer terminology version fingerprints the same.
+NOT_CONTENT = frozenset({
+    "ingest_time", "normalised_time", "source_topic", "source_partition", "source_offset",
+    "mapping_version", "mapping_status", "loinc_code", "icd10_code", "item_code",
+    "metric_code", "department_code",
+})
+# CDC operations and HL7 result statuses (OBX-11) by which a source declares a record an
+# update, correction or withdrawal of an earlier one.
+UPDATE_OPS = frozenset({"u", "d"})
+UPDATE_RESULT_STATUSES = frozenset({"C", "D"})
+
+
+def content_hash(record: dict[str, Any]) -> str:
+    """A fingerprint of what the source said in one normalised event (see NOT_CONTENT)."""
+    content = {k: v for k, v in record.items() if k not in NOT_CONTENT}
+    text = json.dumps(content, sort_keys=True, default=str, ensure_ascii=False)
+    return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+
+def declared_update(record: dict[str, Any]) -> bool:
+    """True when the source marked the event as an update or correction of an earlier one."""
+    return (
+        record.get("op") in UPDATE_OPS
+        or str(record.get("result_status") or "").upper() in UPDATE_RESULT_STATUSES
+    )
 
 
 def _ms_to_datetime(ms: int) -> datetime:
@@ -446,7 +479,8 @@ class ClickHouseSink:
             value = message.value() or b""
             self._rows.setdefault("raw_ledger", []).append(
                 [
-                    self.kafka_cluster, raw_kind, _collector(message), topic, partition, offset,
+                    self.kafka_cluster, raw_kind, _header(message, COLLECTOR_HEADER),
+                    _header(message, RUN_HEADER), topic, partition, offset,
                     _ms_to_datetime(timestamp_ms), len(value),
                 ]
             )
@@ -487,6 +521,8 @@ class ClickHouseSink:
                 -1 if count is None else count,
                 record["dlq_id"],
                 outcome,
+                "",
+                0,
                 record["ingest_time"],
             ]
         else:
@@ -499,6 +535,8 @@ class ClickHouseSink:
                 record["record_count"],
                 record["event_id"],
                 outcome,
+                content_hash(record),
+                int(declared_update(record)),
                 record["ingest_time"],
             ]
         self._rows.setdefault("lineage", []).append(row)

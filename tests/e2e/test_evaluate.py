@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from medstream.evaluate import is_deterministic
+from medstream.reconcile import label_event_ids, read_labels
 from tests.e2e.test_pipeline import env_for, medstream
 from tests.e2e.test_privacy import assert_no_simulated_identifier
 from tests.medstream.test_simulator_feeds import short_feed_rules
@@ -72,3 +73,57 @@ def test_rules_find_the_injected_anomalies_and_no_identifier_is_stored_or_logged
     # The same run: no direct identifier of the simulated patients reached ClickHouse (any
     # column of any table) or any log line.
     assert_no_simulated_identifier(data_dir)
+
+
+def test_a_second_run_of_the_same_seed_gets_new_ids_and_the_first_run_still_checks(
+    tmp_path: Path,
+) -> None:
+    data_dir = tmp_path / "data"
+    first, second = tmp_path / "first.jsonl", tmp_path / "second.jsonl"
+    for labels in (first, second):  # `make run` twice with the same seed
+        up = subprocess.run(
+            medstream("up", "--no-console", "--events", "3000", "--rate", "1500", "--seed", "33",
+                      "--exit-when-done", "--labels", str(labels)),
+            env=env_for(data_dir), capture_output=True, text=True, timeout=300,
+        )
+        assert up.returncode == 0, up.stdout[-3000:] + up.stderr[-3000:]
+    ground, again = read_labels(first), read_labels(second)
+    [run_1], [run_2] = {line["run_id"] for line in ground}, {line["run_id"] for line in again}
+    assert run_1 != run_2
+    # Same seed, new ids: nothing of the second run can replace a row of the first.
+    assert len(label_event_ids(ground)) > 2000
+    assert not label_event_ids(ground) & label_event_ids(again)
+
+    # The first run's ground truth, checked after the second run, counts the first run only.
+    result = subprocess.run(
+        medstream("reconcile", "--labels", str(first), "--json"),
+        env=env_for(data_dir), capture_output=True, text=True, timeout=120,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-2000:]
+    report = json.loads(result.stdout)
+    truth = report["labels"]
+    assert truth["run_ids"] == [run_1]
+    firsts = [line for line in ground if not line["duplicate_delivery"]]
+    assert truth["expected_events"] == sum(1 for line in firsts if line["expect"] == "stored")
+    assert truth["stored_events"] == truth["expected_events"]
+    assert truth["duplicated_events"] == 0
+    assert truth["found_dead_letters"] == truth["expected_dead_letters"] == sum(
+        1 for line in ground if line["expect"] == "dead_letter"
+    ) > 0
+    assert truth["found_alerts"] == truth["expected_alerts"] > 0
+    assert truth["unexpected_alerts"] == 0
+    assert report["conflicts"]["count"] == 0 and report["ok"]
+    # Both runs' acknowledged records are in the ledger, by the simulator's own counters.
+    runs = {p["run_id"]: p for p in report["published"]}
+    assert set(runs) == {run_1, run_2}
+    assert all(p["missing"] == 0 and p["acknowledged"] > 0 for p in runs.values())
+
+    scored = subprocess.run(
+        medstream("evaluate", "--labels", str(first), "--json"),
+        env=env_for(data_dir), capture_output=True, text=True, timeout=120,
+    )
+    rules = {rule["rule_id"]: rule for rule in json.loads(scored.stdout)["rules"]}
+    critical = [rule for rule_id, rule in rules.items() if rule_id.startswith("critical_value.")]
+    assert critical and sum(rule["labels"] for rule in critical) == truth["expected_alerts"]
+    for rule in critical:  # the second run's alerts are neither matched nor false positives
+        assert rule["true_positives"] == rule["labels"] == rule["alerts"], rule

@@ -327,3 +327,36 @@ def test_cli_json_report_shape(
 def _opened(alert_id: str, rule_id: str, subject: str, opened_s: float) -> OpenedAlert:
     ms = T0_MS + int(opened_s * 1000)
     return OpenedAlert(alert_id, rule_id, "H001", subject, frozenset(), ms, ms, ms)
+
+
+def test_labels_of_one_run_are_scored_against_that_run_s_alerts_only(
+    run_cli: Callable[..., Any], clickhouse: Client, database: str, tmp_path: Path
+) -> None:
+    # Two runs in one database at the same time: each raised its critical alert, run b also
+    # a false one and a silence alert triggered by its own last packet.
+    insert(clickhouse, database, [
+        alert("ka", "critical_value.potassium", 5, events=("a-e1",)),
+        alert("kb", "critical_value.potassium", 6, events=("b-e1",)),
+        alert("kb-false", "critical_value.potassium", 7, events=("b-e2",)),
+        alert("sb", "device.silence", 8, subject="dev-1", events=("b-e3",)),
+    ])
+
+    def labels(run: str) -> Path:
+        lines = [{**record_label(f"{run}-e1"), "run_id": run},
+                 *({**record_label(f"{run}-e{i}", rule=None), "run_id": run} for i in (2, 3))]
+        return write_labels(tmp_path / f"{run}.jsonl", lines)
+
+    run_a = json.loads(run_cli("--labels", str(labels("a")), "--json").stdout)
+    assert run_a["ok"] and run_a["failures"] == []
+    [potassium] = run_a["rules"]
+    assert (potassium["labels"], potassium["alerts"], potassium["true_positives"]) == (1, 1, 1)
+    run_b = json.loads(run_cli("--labels", str(labels("b")), "--json").stdout)
+    by_rule = {rule["rule_id"]: rule for rule in run_b["rules"]}
+    assert by_rule["critical_value.potassium"]["false_positive_alert_ids"] == ["kb-false"]
+    assert by_rule["device.silence"]["alerts"] == 1
+    # Labels without a run id (written before run ids) still see every alert in the window.
+    unscoped = write_labels(tmp_path / "old.jsonl", [record_label("a-e1")])
+    old = json.loads(run_cli("--labels", str(unscoped), "--json").stdout)
+    assert {r["rule_id"]: r["alerts"] for r in old["rules"]} == {
+        "critical_value.potassium": 3, "device.silence": 1
+    }

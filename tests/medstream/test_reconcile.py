@@ -2,13 +2,21 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import pytest
 from clickhouse_connect.driver.client import Client
+from confluent_kafka import Producer
 
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, run_read_only
 from medstream.reconcile import check_labels, reconcile
+from medstream.settings import RAW_TOPICS, KafkaSettings
+from medstream.simulator import RegionSimulator, SimulatorProducer
+from schemas import serde
+from tests.sinks.test_clickhouse import count, make_sink, produce, running
+from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
@@ -154,3 +162,137 @@ def test_reconcile_accounts_per_collector_including_its_own_dead_letters(
     rendered = report.render()
     assert "his-pg" in rendered and "lis-mllp" in rendered
     assert report.as_dict()["collectors"][1]["dead_lettered_at_collector"] == 2
+
+
+# --- independent of the sink: the broker's offsets and the publishers' own counters ----------
+
+
+def _sink_view_consistent(clickhouse: Client, database: str) -> None:
+    """Every ledger row accounted for (dead-lettered whole): the sink's own view says no gap."""
+    clickhouse.command(
+        f"INSERT INTO {database}.lineage (kafka_cluster, source_topic, source_partition, "
+        "source_offset, record_index, record_count, event_id, outcome, ingest_time) "
+        "SELECT kafka_cluster, source_topic, source_partition, source_offset, -1, -1, "
+        f"concat('d', toString(source_offset)), 'dead_letter', ingest_time FROM {database}.raw_ledger"
+    )
+
+
+def _forget(clickhouse: Client, database: str, topic: str, partition: int, low: int, high: int) -> None:
+    """The records [low, high] never reached the ledger (as when a killed sink's broker died)."""
+    where = f"source_topic = '{topic}' AND source_partition = {partition} AND source_offset BETWEEN {low} AND {high}"
+    for table in ("raw_ledger", "lineage"):
+        clickhouse.command(f"ALTER TABLE {database}.{table} DELETE WHERE {where} SETTINGS mutations_sync = 2")
+
+
+def test_reconcile_names_the_offset_ranges_that_never_reached_the_ledger(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str, tmp_path: Path
+) -> None:
+    kafka = kafka_factory()
+    counters = tmp_path / "published" / "simulator.sqlite"
+    published = SimulatorProducer(
+        kafka, serde.ManifestRegistry(), RegionSimulator(5, anomaly_rate=0.0, run_id="r1"),
+        published=counters,
+    ).run(400)
+    lab = kafka.topic(RAW_TOPICS["hl7_lab"])
+    transactional = not kafka.tansu
+    if transactional:  # committed transactions leave control markers on offsets of their own
+        producer = Producer(kafka.producer_config(**{"transactional.id": f"{kafka.topic_prefix}tx"}))
+        producer.init_transactions(30)
+        for _ in range(2):
+            producer.begin_transaction()
+            producer.produce(lab, value=b"in a transaction", partition=1)
+            producer.commit_transaction(30)
+    in_ledger = published.total_messages + (2 if transactional else 0)
+    with running(make_sink(kafka, clickhouse, database, "sink-r")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == in_ledger,
+                 what="the ledger")
+    _sink_view_consistent(clickhouse, database)
+    _forget(clickhouse, database, lab, 0, 5, 16)
+    # Published after the sink stopped: on the broker, not read by the sink yet.
+    produce(kafka, [(lab, b"one-partition", b"late-%d" % i) for i in range(3)])
+    query = querier(clickhouse, database)
+    now = datetime.now(tz=UTC)
+    since, until = now - timedelta(hours=1), now + timedelta(minutes=5)
+
+    # The sink's own view cannot see the loss: ledger and lineage agree with each other.
+    assert reconcile(query, database, since, until).ok
+
+    report = reconcile(query, database, since, until, kafka=kafka, sink_group="sink-r",
+                       counter_files=[counters])
+    assert not report.ok
+    lost = [r for r in report.missing_ranges if not r.pending]
+    assert {(r.evidence, r.topic, r.partition, r.first_offset, r.last_offset, r.records) for r in lost} == {
+        ("broker", lab, 0, 5, 16, 12), ("publisher simulator run r1", lab, 0, 5, 16, 12),
+    }
+    [late] = [r for r in report.missing_ranges if r.pending]
+    assert (late.evidence, late.records) == ("broker", 3)
+    by_partition = {(b.topic, b.partition): b for b in report.broker}
+    assert by_partition[(lab, 0)].missing == 12
+    # Control markers of the transactions are offsets without records: never a gap.
+    assert sum(b.missing for b in report.broker) == 12
+    assert sum(b.pending for b in report.broker) == 3
+    [simulator] = report.published
+    assert (simulator.publisher, simulator.run_id) == ("simulator", "r1")
+    assert (simulator.acknowledged, simulator.missing) == (published.total_messages, 12)
+    assert simulator.in_ledger == published.total_messages - 12
+    text = report.render()
+    assert f"offsets 5..16 of {lab}[0] never reached the ledger (12 records; broker)" in text
+    assert f"offsets 5..16 of {lab}[0] never reached the ledger (12 records; publisher simulator run r1)" in text
+    assert "broker: 12 records never reached the ledger" in report.gaps
+    assert "are not in the ledger yet" in text
+    body = report.as_dict()
+    assert set(body["evidence"]) >= {"sources", "broker", "published", "conflicts"}
+    assert body["missing_ranges_total"] == 3
+
+    # The broker forgot everything (or cannot be reached): the counters still tell the loss.
+    counted_only = reconcile(query, database, since, until, counter_files=[counters])
+    assert not counted_only.ok and counted_only.broker == []
+    assert [(p.acknowledged, p.missing) for p in counted_only.published] == [(published.total_messages, 12)]
+    assert "publisher simulator run r1: 12 records never reached the ledger" in counted_only.gaps
+
+
+# --- the ground truth of one run, with another run in the same database ---------------------
+
+
+def test_labels_of_one_run_are_checked_against_that_run_only(clickhouse: Client, database: str) -> None:
+    def labels(run: str) -> list[dict[str, object]]:
+        return [
+            {"run_id": run, "event_id": f"{run}-e1", "kind": "lab_result", "expect": "stored",
+             "critical_rule": "critical_value.potassium", "duplicate_delivery": False},
+            {"run_id": run, "event_id": f"{run}-e2", "kind": "lab_result", "expect": "stored",
+             "critical_rule": None, "duplicate_delivery": False},
+            {"run_id": run, "event_id": None, "kind": None, "expect": "dead_letter",
+             "critical_rule": None, "duplicate_delivery": False},
+        ]
+
+    ledger = [*LEDGER[:2], "run_id", *LEDGER[2:]]
+    for offset, run in ((0, "a"), (1, "b")):  # one malformed raw record per run, dead-lettered
+        clickhouse.insert(f"{database}.raw_ledger", [["c1", "hl7_lab", run, "raw.hl7_lab", 0, offset, T0, 9]],
+                          column_names=ledger)
+        clickhouse.insert(f"{database}.lineage", [["c1", "raw.hl7_lab", 0, offset, -1, -1, f"dlq-{run}", "dead_letter", T0]],
+                          column_names=LINEAGE)
+        clickhouse.insert(f"{database}.dead_letter", [[f"dlq-{run}", "normalise", "undecodable", "x", "hl7_lab",
+                                                       "raw.hl7_lab", 0, offset, b"?", T0, T0]],
+                          column_names=["dlq_id", "stage", "reason_code", "reason", "source_kind", "original_topic",
+                                        "original_partition", "original_offset", "original_value", "ingest_time",
+                                        "failed_time"])
+    rows = [lab_row(e) for e in ("a-e1", "a-e2", "b-e1", "b-e2")]
+    clickhouse.insert(f"{database}.lab_result", [list(r.values()) for r in rows], column_names=list(rows[0]))
+    alert_columns = ["alert_id", "rule_id", "rule_version", "severity", "organisation_id", "person_key",
+                     "event_time", "ingest_time", "detected_time", "triggering_event_ids", "explanation",
+                     "source_topic", "source_partition", "source_offset", "mapping_version", "action",
+                     "transition_id", "updated_time"]
+    # Run b raised its expected alert and a false one; run a its expected one.
+    alerts = [[f"al-{e}", "critical_value.potassium", "r1", "critical", "H001", "p", T0, T0, T0, [e], "x",
+               "raw.hl7_lab", 0, 1, "v", "opened", f"t-{e}", T0] for e in ("a-e1", "b-e1", "b-e2")]
+    clickhouse.insert(f"{database}.alert_history", alerts, column_names=alert_columns)
+
+    check = check_labels(querier(clickhouse, database), database, labels("a"), T0 - timedelta(hours=1))
+    assert check.run_ids == ["a"]
+    assert (check.expected_events, check.stored_events, check.duplicated_events) == (2, 2, 0)
+    assert (check.expected_dead_letters, check.found_dead_letters) == (1, 1)
+    assert (check.expected_alerts, check.found_alerts, check.unexpected_alerts) == (1, 1, 0)
+    assert check.ok
+    # Run b's own check still sees its false alert.
+    other = check_labels(querier(clickhouse, database), database, labels("b"), T0 - timedelta(hours=1))
+    assert (other.found_dead_letters, other.found_alerts, other.unexpected_alerts) == (1, 1, 1)

@@ -52,12 +52,13 @@ LABEL_FIELDS = {
 
 def generate_timed(
     seed: int, events: int, now: int = NOW_MS, problem_rate: float = 0.02,
-    anomaly_rate: float = 0.005,
+    anomaly_rate: float = 0.005, run_id: str = "T1",
 ) -> list[tuple[int, SimulatedMessage]]:
     """Messages with the clock reading they were generated at: the clock advances as a
     publisher paced at RATE records per second would (duplicates cost nothing)."""
     simulator = RegionSimulator(
-        seed, problem_rate=problem_rate, anomaly_rate=anomaly_rate, records_per_second=RATE
+        seed, problem_rate=problem_rate, anomaly_rate=anomaly_rate, records_per_second=RATE,
+        run_id=run_id,
     )
     clock = [float(now)]
     timed = []
@@ -69,8 +70,8 @@ def generate_timed(
 
 
 def generate(seed: int, events: int, now: int = NOW_MS, problem_rate: float = 0.02,
-             anomaly_rate: float = 0.005) -> list[SimulatedMessage]:
-    return [m for _, m in generate_timed(seed, events, now, problem_rate, anomaly_rate)]
+             anomaly_rate: float = 0.005, run_id: str = "T1") -> list[SimulatedMessage]:
+    return [m for _, m in generate_timed(seed, events, now, problem_rate, anomaly_rate, run_id)]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -333,7 +334,7 @@ def test_emr_row_changes(run5k: list[SimulatedMessage]) -> None:
         org = value["organisation_id"]
         assert value["position_seq"] > last_seq.get(org, 0)
         last_seq[org] = value["position_seq"]
-        expected_id = f"{value['source_system']}:S20261124:{value['position_seq']}:0"
+        expected_id = f"{value['source_system']}:S20261124RT1:{value['position_seq']}:0"
         assert value["message_id"] == expected_id
         assert re.fullmatch(r"[0-9A-F]+/[0-9A-F]{8}", value["source_position"])
         assert message.labels[0]["kind"] == (
@@ -685,11 +686,15 @@ class FakeProducer:
         self.config = config
         self.pending: list[tuple[str, bytes, bytes, Any]] = []
         self.delivered: list[tuple[str, bytes, bytes]] = []
+        self.headers: list[Any] = []
         self.produced = 0
         FakeProducer.instances.append(self)
 
-    def produce(self, topic: str, key: bytes, value: bytes, on_delivery: Any) -> None:
+    def produce(
+        self, topic: str, key: bytes, value: bytes, on_delivery: Any, headers: Any = None
+    ) -> None:
         self.pending.append((topic, key, value, on_delivery))
+        self.headers.append(headers)
 
     def poll(self, timeout: float = 0) -> int:
         served = 0
@@ -725,7 +730,7 @@ def test_publishes_to_raw_topics_and_writes_acknowledged_labels(
     kafka = KafkaSettings(bootstrap_servers="fake:9092", topic_prefix="t1.")
     labels_path = tmp_path / "labels.jsonl"
     reports: list[PublishReport] = []
-    producer = SimulatorProducer(kafka, registry, RegionSimulator(3, anomaly_rate=0.0),
+    producer = SimulatorProducer(kafka, registry, RegionSimulator(3, anomaly_rate=0.0, run_id="r1"),
                                  labels_path, now_ms=stepping_clock())
     report = producer.run(3_000, progress=reports.append)
     fake = fake_producer.instances[0]
@@ -741,11 +746,17 @@ def test_publishes_to_raw_topics_and_writes_acknowledged_labels(
     assert len(lines) == report.labels_written
     assert sum(1 for line in lines if not line["duplicate_delivery"]) == report.total_records
     # The published bytes are what the simulator generated, for the same seed and clock.
-    expected = list(RegionSimulator(3, anomaly_rate=0.0).messages(3_000, stepping_clock()))
+    expected = list(
+        RegionSimulator(3, anomaly_rate=0.0, run_id="r1").messages(3_000, stepping_clock())
+    )
     assert [key for _, key, _ in fake.delivered] == [m.key for m in expected]
     assert [line["event_id"] for line in lines] == [
         label["event_id"] for m in expected for label in m.labels
     ]
+    # The run is named in the report, on every label line and on every record.
+    assert report.run_id == producer.run_id == "r1"
+    assert {line["run_id"] for line in lines} == {"r1"}
+    assert all(headers == [("medstream-run", b"r1")] for headers in fake.headers)
 
 
 def test_anomaly_labels_are_written_after_the_acknowledgement_of_their_last_record(
@@ -840,14 +851,49 @@ def test_source_ids_differ_between_seeds_so_runs_never_collide() -> None:
     def source_refs(seed: int) -> set[str]:
         return {
             label["source_ref"]
-            for message in RegionSimulator(seed).messages(2_000, stepping_clock())
+            for message in RegionSimulator(seed, run_id="r1").messages(2_000, stepping_clock())
             for label in message.labels
             if not label["source_ref"].startswith("undecodable")
         }
 
     first, again, other = source_refs(1), source_refs(1), source_refs(2)
-    assert first == again  # deterministic per seed
+    assert first == again  # deterministic per seed and run
     assert first and not first & other
+
+
+def event_ids(messages: list[SimulatedMessage]) -> set[str]:
+    return {label["event_id"] for m in messages for label in m.labels if label["event_id"]}
+
+
+def test_a_second_run_of_the_same_seed_sends_the_same_content_under_new_ids() -> None:
+    first = generate(seed=7, events=2_000, run_id="a1")
+    second = generate(seed=7, events=2_000, run_id="b2")
+    # Disjoint event ids: a second run never reuses an id for other content.
+    assert len(event_ids(first)) > 1_500 and not event_ids(first) & event_ids(second)
+    # Same content: the same patients, values and times, in the same order.
+    assert [m.key for m in first] == [m.key for m in second]
+    def content(m: SimulatedMessage, run_id: str) -> Any:
+        text = json.dumps(without_times(m)[:3], default=str).replace(f"R{run_id}", "R*")
+        outcomes = [{k: v for k, v in label.items() if k not in ("event_id", "source_ref")}
+                    for label in m.labels]
+        return json.loads(text), outcomes
+
+    assert [content(m, "a1") for m in first] == [content(m, "b2") for m in second]
+
+
+def test_each_simulator_gets_its_own_run_id_by_default() -> None:
+    first, second = RegionSimulator(7), RegionSimulator(7)
+    assert first.run_id != second.run_id and len(first.run_id) == 8
+    assert first.id_tag == f"S7R{first.run_id}"
+    with pytest.raises(ValueError, match="run_id"):
+        RegionSimulator(7, run_id="has space")
+
+
+def test_duplicate_deliveries_repeat_their_original_ids_within_a_run() -> None:
+    messages = generate(seed=7, events=3_000, run_id="a1")
+    originals = event_ids([m for m in messages if not m.labels[0]["duplicate_delivery"]])
+    duplicates = event_ids([m for m in messages if m.labels[0]["duplicate_delivery"]])
+    assert duplicates and duplicates <= originals
 
 
 

@@ -170,7 +170,7 @@ def test_every_anomaly_kind_appears_with_well_formed_labels(anomalous: Run) -> N
             assert subject.startswith(label["organisation_id"] + "-") and subject not in devices
             assert len(label["event_ids"]) == 1
         elif rule.startswith("claims."):
-            assert re.fullmatch(r"P00\d:P00\dCS7-\d{9}\|1", subject)
+            assert re.fullmatch(r"P00\d:P00\dCS7R[0-9a-f]{8}-\d{9}\|1", subject)
         else:
             assert rule == "syndromic.ili"
             assert subject in ("yunxi-urban|ili", "mingsha-county|ili")
