@@ -54,7 +54,7 @@ from streams.alert_lifecycle import (
 )
 from streams.claim_rules import ClaimDetector, load_claim_rules
 from streams.feed_rules import DEFAULT_FEED_RULES_PATH, FeedDetector, load_feed_rules
-from streams.findings import Cleared, Finding, KeyValueState
+from streams.findings import Cleared, Finding, KeyValueState, StagedWrites
 from streams.model import epoch_ms
 from streams.mpi import (
     DEFAULT_MPI_RULES_PATH,
@@ -173,36 +173,15 @@ class _RecordView:
         return self._overlay.items()
 
 
-class BufferedRecordView(_RecordView):
+class BufferedRecordView(StagedWrites):
     """Writes of one record, kept until :meth:`flush` (still inside that record's processing)."""
 
-    _DELETED: Final = object()
-
     def __init__(self, overlay: TickOverlay) -> None:
-        super().__init__(overlay)
-        self._pending: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any | None:
-        if key in self._pending:
-            value = self._pending[key]
-            return None if value is self._DELETED else value
-        return self._overlay.get(key)
-
-    def put(self, key: str, value: Any) -> None:
-        self._pending[key] = value
-
-    def delete(self, key: str) -> None:
-        self._pending[key] = self._DELETED
+        super().__init__(_RecordView(overlay))
 
     def flush(self) -> None:
         """Write every changed key to the table (call before the record's processing ends)."""
-        table_view = _RecordView(self._overlay)
-        for key, value in self._pending.items():
-            if value is self._DELETED:
-                table_view.delete(key)
-            else:
-                table_view.put(key, value)
-        self._pending.clear()
+        self.commit()
 
 
 class _TickView(_RecordView):

@@ -101,3 +101,50 @@ class DictState:
     def items(self) -> Iterator[tuple[str, Any]]:
         """A snapshot of every (key, value), safe to iterate while the state changes."""
         return iter(list(self.values.items()))
+
+
+class StagedWrites:
+    """A :class:`KeyValueState` whose writes reach the underlying state only at :meth:`commit`.
+
+    A record whose processing fails half-way must leave no trace in rule state (a quality
+    duplicate key, a suppression entry), or its replay would be judged against itself.
+    """
+
+    _DELETED: Final = object()
+
+    def __init__(self, state: KeyValueState) -> None:
+        self._state = state
+        self._pending: dict[str, Any] = {}
+
+    def get(self, key: str) -> Any | None:
+        """The value staged or stored under ``key``, or None."""
+        if key in self._pending:
+            value = self._pending[key]
+            return None if value is self._DELETED else value
+        return self._state.get(key)
+
+    def put(self, key: str, value: Any) -> None:
+        """Stage ``value`` under ``key``."""
+        self._pending[key] = value
+
+    def delete(self, key: str) -> None:
+        """Stage forgetting ``key``."""
+        self._pending[key] = self._DELETED
+
+    def items(self) -> Iterator[tuple[str, Any]]:
+        """Every (key, value) as it would be after :meth:`commit`."""
+        for key, value in list(self._pending.items()):
+            if value is not self._DELETED:
+                yield key, value
+        for key, value in self._state.items():
+            if key not in self._pending:
+                yield key, value
+
+    def commit(self) -> None:
+        """Write every staged change to the underlying state."""
+        for key, value in self._pending.items():
+            if value is self._DELETED:
+                self._state.delete(key)
+            else:
+                self._state.put(key, value)
+        self._pending.clear()
