@@ -427,6 +427,8 @@ class AcceptedClaim:
     claim_id: str
     record: dict[str, Any]
     lines: list[int]
+    #: The header and the claim's source lines, for a dead letter if publishing refuses it.
+    original: bytes = b""
 
     @property
     def partition_key(self) -> str:
@@ -717,7 +719,10 @@ def parse_batch(data: bytes, rules: BatchRules) -> ParsedBatch:
             )
         else:
             batch.accepted.append(
-                AcceptedClaim(payer_id, claim_id, _claim_record(rows, rules), lines)
+                AcceptedClaim(
+                    payer_id, claim_id, _claim_record(rows, rules), lines,
+                    _original(header_text, physical, rows),
+                )
             )
     if unidentified:
         errors = [e for r in unidentified for e in r.errors]
@@ -1244,7 +1249,7 @@ class ClaimsProducer(Collector[ClaimsConfig]):
                 RejectedClaim(
                     claim.payer_id, claim.claim_id, claim.lines,
                     [LineError(claim.lines[0], field, why)],
-                    claim.record["organisation_id"], b"",
+                    claim.record["organisation_id"], claim.original,
                 )
             )
 

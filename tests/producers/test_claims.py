@@ -666,6 +666,9 @@ def test_claim_too_large_for_a_kafka_record_is_rejected_and_the_rest_published(
     [dead] = consume(kafka, [DLQ], 1)
     assert dead.value["dlq_id"] == rejected["dead_letter_id"]
     assert dead.key == b"P001:HUGE-1"
+    # The sender's own lines (header and the claim's rows), cut to what a dead letter holds.
+    huge_lines = HEADER + "".join(row("HUGE-1", n + 1, item=item) for n in range(8000))
+    assert dead.value["original_value"] == huge_lines.encode()[:MAX_DEAD_LETTER_BYTES]
 
 
 @pytest.mark.integration
