@@ -78,7 +78,7 @@ IDENTITY_CACHE_SIZE = 200_000
 
 #: Failures that are not the record's fault and must not be dead-lettered: the process
 #: cannot go on (memory), or a service it depends on is unreachable (the schema registry
-#: answers over HTTP: connection errors are OSError, as are requests' exceptions). They
+#: client raises serde.RegistryUnavailable, a ConnectionError; sockets raise OSError). They
 #: raise, the worker exits non-zero and restarts from the committed offset, and the record
 #: is processed again once the service is back. Anything else raised while one record is
 #: handled is a bug that this record's content triggers, and it would trigger it again on
