@@ -89,7 +89,7 @@ NOT_THE_RECORDS_FAULT: Final = (MemoryError, OSError)
 def internal_error_reason(exc: Exception) -> str:
     """Where a bug struck, without its message: the type and the innermost function.
 
-    Exception messages often repeat the value at fault (``KeyError: 'Wang Fang'``), so the
+    Exception messages often repeat the value at fault (``KeyError: 'TESTPATIENT'``), so the
     reason, which is stored and shown to operators, never carries them.
     """
     frames = traceback.extract_tb(exc.__traceback__)
