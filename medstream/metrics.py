@@ -20,6 +20,12 @@ RECORDS_OUT = Counter(
 DEAD_LETTERS = Counter(
     "medstream_dead_letters", "Records dead-lettered, by stage and reason", ["stage", "reason_code"]
 )
+INTERNAL_ERRORS = Counter(
+    "medstream_internal_errors",
+    "Records a stage could not process because of a bug (each dead-lettered as "
+    "internal_error instead of crashing the worker), by stage",
+    ["stage"],
+)
 AUDIT_REFUSED = Counter(
     "medstream_audit_refused",
     "Audit records the sink refused to store (dead-lettered): no authentication code, or a "

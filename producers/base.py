@@ -300,6 +300,7 @@ class RawPublisher:
         received_ms: int | None = None,
         record_index: int | None = None,
         record_count: int | None = None,
+        refusal: str | None = None,
     ) -> str:
         """Publish a dead letter for input this collector could not accept; returns its id.
 
@@ -308,6 +309,8 @@ class RawPublisher:
         again (a resend after a lost answer, a retried batch) gets the same id and collapses
         downstream. Values over :data:`MAX_DEAD_LETTER_BYTES` keep their first part only,
         and a long reason is cut, so a dead letter always fits in a Kafka record.
+        ``refusal`` is for a refusal whose input is not kept (too large, too fast): what
+        tells it from another one (sender, receive time), as the empty value cannot.
         """
         now_ms = wall_clock_ms()
         received = received_ms if received_ms is not None else now_ms
@@ -315,6 +318,8 @@ class RawPublisher:
         fingerprint.update(reason_code.encode())
         fingerprint.update(b"\0")
         fingerprint.update(original_value)
+        if refusal is not None:
+            fingerprint.update(b"\0" + refusal.encode())
         sequence = int.from_bytes(fingerprint.digest(), "big") >> 1  # a non-negative long
         origin = f"collector/{self.collector}"
         dlq_id = dead_letter_id(STAGE, origin, 0, sequence, record_index, 0)

@@ -427,6 +427,8 @@ class AcceptedClaim:
     claim_id: str
     record: dict[str, Any]
     lines: list[int]
+    #: The header and the claim's source lines, for a dead letter if publishing refuses it.
+    original: bytes = b""
 
     @property
     def partition_key(self) -> str:
@@ -717,7 +719,10 @@ def parse_batch(data: bytes, rules: BatchRules) -> ParsedBatch:
             )
         else:
             batch.accepted.append(
-                AcceptedClaim(payer_id, claim_id, _claim_record(rows, rules), lines)
+                AcceptedClaim(
+                    payer_id, claim_id, _claim_record(rows, rules), lines,
+                    _original(header_text, physical, rows),
+                )
             )
     if unidentified:
         errors = [e for r in unidentified for e in r.errors]
@@ -1244,7 +1249,7 @@ class ClaimsProducer(Collector[ClaimsConfig]):
                 RejectedClaim(
                     claim.payer_id, claim.claim_id, claim.lines,
                     [LineError(claim.lines[0], field, why)],
-                    claim.record["organisation_id"], b"",
+                    claim.record["organisation_id"], claim.original,
                 )
             )
 
@@ -1373,13 +1378,16 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         received_ms = wall_clock_ms()
         payer_id = self._authenticate(request)
         if payer_id is None:
+            # Counted, never dead-lettered: the sender is unknown, and writing what it
+            # sends would let anyone fill the dead-letter topic.
+            self.metrics.failed("unauthorized").inc()
             log.warning("%s: upload from %s refused: no valid token", config.name, request.remote)
             return _error(
                 401, "a valid bearer token is required",
                 {"WWW-Authenticate": 'Bearer realm="medstream-claims"'},
             )
         if request.content_length is not None and request.content_length > limit:
-            return _too_large(limit)
+            return await self._too_large(payer_id, request.content_length, received_ms)
         if self._uploads >= config.upload.max_concurrent_uploads:
             # Each upload buffers its whole file and its parsed claims: bound the memory.
             return _error(
@@ -1393,6 +1401,38 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         finally:
             self._uploads -= 1
 
+    async def _too_large(self, payer_id: str, size: int | None, received_ms: int) -> web.Response:
+        """413, and a dead letter of the refusal (payer, size; never the oversized body).
+
+        The payer is authenticated, so the refusal is recorded for reconcile and operators;
+        the body is not kept: it is over the limit that bounds what the collector stores.
+        """
+        assert self.config.upload is not None and self._publisher is not None
+        limit = self.config.upload.max_upload_bytes
+        self.metrics.failed("payload_too_large").inc()
+        sent = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        answer: dict[str, Any] = {
+            "error": f"the upload is larger than {limit} bytes; split the batch"
+        }
+        try:
+            async with self._slots(1):
+                answer["dead_letter_id"] = await self._publisher.dead_letter(
+                    "payload_too_large",
+                    f"upload of {sent} from payer {payer_id} refused with 413: larger than "
+                    f"upload.max_upload_bytes ({limit}); the body is not kept",
+                    b"",
+                    organisation_id=self.config.organisation_id,
+                    original_key=payer_id.encode(),
+                    received_ms=received_ms,
+                    refusal=f"{payer_id}@{received_ms}:{sent}",
+                )
+        except DeliveryFailed:
+            log.error("%s: the dead letter of a refused upload was not delivered",
+                      self.config.name)
+        response = web.json_response(answer, status=413)
+        response.force_close()
+        return response
+
     async def _take_upload(
         self, request: web.Request, payer_id: str, received_ms: int
     ) -> web.Response:
@@ -1402,7 +1442,7 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         try:
             file_name, data = await _read_upload(request, limit)
         except _UploadTooLarge:
-            return _too_large(limit)
+            return await self._too_large(payer_id, None, received_ms)
         except _BadUpload as exc:
             return _error(400, str(exc))
         batch = Batch(file_name, data, "upload", received_ms, uploaded_by=payer_id)
@@ -1446,12 +1486,6 @@ class _BadUpload(Exception):
 
 def _error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
     return web.json_response({"error": message}, status=status, headers=headers)
-
-
-def _too_large(limit: int) -> web.Response:
-    response = _error(413, f"the upload is larger than {limit} bytes; split the batch")
-    response.force_close()
-    return response
 
 
 async def _read_limited(read: Any, limit: int) -> bytes:

@@ -895,6 +895,8 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         self.http_port: int | None = None
         self._topics = self._topic_patterns()
         self._buckets: dict[str, TokenBucket] = {}
+        #: Devices whose last HTTP packet was refused with 429 (one dead letter per episode).
+        self._http_rate_limited: set[str] = set()
         self._verified: dict[str, bytes] = {}  # device_id -> sha256 of its verified token
         self._pending: dict[str, asyncio.Future[bool]] = {}
         self._mqtt_tasks: set[asyncio.Task[None]] = set()
@@ -1049,8 +1051,12 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         device_id: str | None,
         received_ms: int,
         wait: bool,
+        refusal: str | None = None,
     ) -> str | None:
-        """Publish a dead letter; its id, or None when there is no capacity or it failed."""
+        """Publish a dead letter; its id, or None when there is no capacity or it failed.
+
+        ``refusal`` tells apart refusals whose payload is not kept (see Publisher.dead_letter).
+        """
         assert self._publisher is not None
         if not await self._reserve(wait):
             return None
@@ -1062,6 +1068,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 organisation_id=organisation_id,
                 original_key=device_id.encode() if device_id else None,
                 received_ms=received_ms,
+                refusal=refusal,
             )
         except DeliveryFailed:
             return None
@@ -1157,6 +1164,8 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         )
         attempt.source = source
         if source is None:
+            # Counted, never dead-lettered: the sender is unknown, and writing what it
+            # sends would let anyone fill the dead-letter topic.
             self.metrics.failed("unauthorized").inc()
             return web.json_response(
                 {"error": "unauthorized", "message": "a registered device's token is needed"},
@@ -1165,24 +1174,16 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
             )
         wait_s = self._bucket(source.device_id).take()
         if wait_s > 0:
-            self.metrics.failed("rate_limited").inc()
-            return web.json_response(
-                {"error": "rate_limited", "message": "this device sends faster than allowed"},
-                status=429,
-                headers={"Retry-After": str(max(1, math.ceil(wait_s)))},
+            return await self._http_rate_limited_answer(
+                source, request.content_length, wait_s, received
             )
-        too_large = web.json_response(
-            {"error": "payload_too_large", "message": f"at most {http.max_body_bytes} bytes"},
-            status=413,
-        )
+        self._http_rate_limited.discard(source.device_id)
         if request.content_length is not None and request.content_length > http.max_body_bytes:
-            self.metrics.failed("payload_too_large").inc()
-            return too_large
+            return await self._http_too_large_answer(source, request.content_length, received)
         try:
             body = await request.read()
         except web.HTTPRequestEntityTooLarge:
-            self.metrics.failed("payload_too_large").inc()
-            return too_large
+            return await self._http_too_large_answer(source, None, received)
         attempt.body = body
         self.metrics.read.inc()
         try:
@@ -1226,6 +1227,66 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
             )
         message = "collector busy" if outcome == "busy" else "broker did not acknowledge"
         return web.json_response({"error": outcome, "message": message}, status=503, headers=retry)
+
+    async def _http_too_large_answer(
+        self, source: PacketSource, size: int | None, received: int
+    ) -> Any:
+        """413, and a dead letter of the refusal (device, size; never the oversized body).
+
+        The device is authenticated, so the refusal is recorded for reconcile and operators;
+        the body is not kept: it is over the limit that bounds what the collector stores.
+        """
+        from aiohttp import web
+
+        assert self.config.http is not None
+        limit = self.config.http.max_body_bytes
+        self.metrics.failed("payload_too_large").inc()
+        sent = f"{size} bytes" if size is not None else f"more than {limit} bytes"
+        reason = (
+            f"HTTP packet of {sent} refused with 413: larger than http.max_body_bytes "
+            f"({limit}); the body is not kept"
+        )
+        dlq_id = await self._dead_letter(
+            "payload_too_large", reason, b"", source.organisation_id, source.device_id,
+            received, wait=False, refusal=f"{source.device_id}@{received}:{sent}",
+        )
+        return web.json_response(
+            {"error": "payload_too_large", "message": f"at most {limit} bytes",
+             "dlq_id": dlq_id},
+            status=413,
+        )
+
+    async def _http_rate_limited_answer(
+        self, source: PacketSource, size: int | None, wait_s: float, received: int
+    ) -> Any:
+        """429, and a dead letter when a device starts being refused.
+
+        The device is told to retry (Retry-After), so each refused packet is not lost; one
+        dead letter per episode (until a packet of the device is let through again) tells
+        operators and reconcile that it was held back, while a device that keeps sending
+        too fast cannot fill the dead-letter topic at the rate the limit exists to cap.
+        """
+        from aiohttp import web
+
+        self.metrics.failed("rate_limited").inc()
+        answer: dict[str, Any] = {
+            "error": "rate_limited", "message": "this device sends faster than allowed",
+        }
+        if source.device_id not in self._http_rate_limited:
+            self._http_rate_limited.add(source.device_id)
+            rate = self.config.per_device_rate
+            sent = f"{size} bytes" if size is not None else "a body of unknown length"
+            answer["dlq_id"] = await self._dead_letter(
+                "rate_limited",
+                f"HTTP packets refused with 429 from this one ({sent}) on: the device sends "
+                f"faster than per_device_rate ({rate.packets_per_s:g} packets/s, burst "
+                f"{rate.burst}); it was told to retry, and the bodies are not kept",
+                b"", source.organisation_id, source.device_id, received, wait=False,
+                refusal=f"{source.device_id}@{received}",
+            )
+        return web.json_response(
+            answer, status=429, headers={"Retry-After": str(max(1, math.ceil(wait_s)))}
+        )
 
     # -- MQTT ----------------------------------------------------------------------------------
 

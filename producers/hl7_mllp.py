@@ -54,7 +54,14 @@ from producers.base import (
     run_async,
     wall_clock_ms,
 )
-from schemas.hl7_fields import hl7_field, hl7_field_text, hl7_time
+from schemas.hl7_fields import (
+    Hl7FieldProblem,
+    hl7_field,
+    hl7_field_text,
+    hl7_time,
+    message_clock,
+    read_adt_visit,
+)
 from schemas.numbers import ambiguity, describe_value, is_readable_number
 
 log = logging.getLogger("medstream.collector.mllp")
@@ -533,6 +540,17 @@ def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:
         unreadable = _unreadable_observation(message, organisation_id)
         if unreadable is not None:
             return unreadable
+    elif code == "ADT":
+        # The visit is read as the normalise stage reads it: AA then a dead letter
+        # downstream would leave the sender believing the visit was delivered.
+        message_time, default_tz = message_clock(header.component(7, 1))
+        try:
+            read_adt_visit(trigger, message, message_time, default_tz)
+        except Hl7FieldProblem as problem:
+            return Rejected(
+                "AE", "invalid_record", problem.reason, problem.code, problem.location,
+                organisation_id,
+            )
     body = segments.split("\r", 1)[1] if "\r" in segments else ""
     mrn = _medical_record_number(message)
     return Accepted(

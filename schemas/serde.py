@@ -99,6 +99,14 @@ class SerializationError(ValueError):
         super().__init__(f"{where}: {reason}")
 
 
+class RegistryUnavailable(ConnectionError):
+    """The schema registry could not be asked (unreachable, or it answered with an error of
+    its own): not the record's fault, so the record must not be dead-lettered for it.
+
+    A ConnectionError, hence an OSError: what the stages let through to restart the worker.
+    """
+
+
 @dataclass(frozen=True)
 class SchemaVersion:
     """One version of one record schema, as listed in the manifest."""
@@ -197,9 +205,14 @@ class ConfluentRegistry:
         if cached is None:
             try:
                 registered = self._client.get_schema(schema_id)
-            except Exception as exc:  # the registry's own error types; an unknown id is bad input
-                raise SerializationError(
-                    "?", f"schema id {schema_id} not in the registry: {exc}"
+            except Exception as exc:  # the registry client's and its HTTP library's errors
+                if getattr(exc, "http_status_code", None) == 404:  # an unknown id: bad input
+                    raise SerializationError(
+                        "?", f"schema id {schema_id} not in the registry: {exc}"
+                    ) from exc
+                raise RegistryUnavailable(
+                    f"the schema registry could not be asked for schema id {schema_id} "
+                    f"({type(exc).__name__}: {exc}); check SCHEMA_REGISTRY_URL"
                 ) from exc
             if registered.schema_str is None:
                 raise SerializationError("?", f"schema id {schema_id} has no schema text")

@@ -178,36 +178,15 @@ class _RecordView:
         return self._overlay.items()
 
 
-class BufferedRecordView(_RecordView):
+class BufferedRecordView(StagedState):
     """Writes of one record, kept until :meth:`flush` (still inside that record's processing)."""
 
-    _DELETED: Final = object()
-
     def __init__(self, overlay: TickOverlay) -> None:
-        super().__init__(overlay)
-        self._pending: dict[str, Any] = {}
-
-    def get(self, key: str) -> Any | None:
-        if key in self._pending:
-            value = self._pending[key]
-            return None if value is self._DELETED else value
-        return self._overlay.get(key)
-
-    def put(self, key: str, value: Any) -> None:
-        self._pending[key] = value
-
-    def delete(self, key: str) -> None:
-        self._pending[key] = self._DELETED
+        super().__init__(_RecordView(overlay))
 
     def flush(self) -> None:
         """Write every changed key to the table (call before the record's processing ends)."""
-        table_view = _RecordView(self._overlay)
-        for key, value in self._pending.items():
-            if value is self._DELETED:
-                table_view.delete(key)
-            else:
-                table_view.put(key, value)
-        self._pending.clear()
+        self.commit()
 
 
 class _TickView(_RecordView):

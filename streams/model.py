@@ -20,7 +20,8 @@ SUBJECT_BY_KIND: Final[dict[str, str]] = NORM_SUBJECT_BY_KIND
 
 #: The bounded set of reason codes a rejection may carry (the dead-letter reason_code).
 REASON_CODES: Final[frozenset[str]] = frozenset(
-    {"undecodable", "invalid_message", "invalid_record", "unmapped_table", "quality_error"}
+    {"undecodable", "invalid_message", "invalid_record", "unmapped_table", "quality_error",
+     "internal_error"}
 )
 
 _EPOCH_DATE: Final = date(1970, 1, 1)

@@ -22,6 +22,13 @@ import hl7.containers
 import hl7.util
 from hl7.exceptions import ParseException
 
+from schemas.hl7_fields import (
+    ENCOUNTER_CLASS,
+    AdtVisit,
+    Hl7FieldProblem,
+    message_clock,
+    read_adt_visit,
+)
 from schemas.hl7_fields import hl7_field as _field
 from schemas.hl7_fields import hl7_field_text as _field_text
 from schemas.hl7_fields import hl7_time as _hl7_time
@@ -51,7 +58,7 @@ _TABLE_NAME: Final = re.compile(r"[A-Za-z_][A-Za-z0-9_.]{0,63}")
 _MESSAGE_TYPE: Final = re.compile(r"[A-Z]{3}(?:\^[A-Z]\d{2})?")
 _SEGMENT_BREAKS: Final = re.compile(r"[\r\n]+")
 
-_ENCOUNTER_CLASS: Final = {"I": "inpatient", "O": "outpatient", "E": "emergency"}
+_ENCOUNTER_CLASS: Final = ENCOUNTER_CLASS
 _DIAGNOSIS_TYPE: Final = {"A": "admission", "D": "discharge", "O": "other"}
 _SEX: Final = frozenset({"M", "F", "U"})
 # SPM-24 specimen condition (HL7 table 0493, plus the CLT spelling some LIS use).
@@ -547,8 +554,6 @@ HL7_MESSAGE_TYPES: Final = (
 # ADT trigger event -> encounter op: admit/register create the visit, the rest update it.
 _ADT_OP: Final = {"A01": "c", "A04": "c", "A02": "u", "A03": "u", "A08": "u"}
 # Triggers whose message is itself the admission: the event time stands in for PV1-44.
-_ADT_ADMITS: Final = frozenset({"A01", "A04"})
-_PATIENT_CLASS: Final = re.compile(r"[A-Z]{1,2}")
 
 
 _COMMA_NUMBER: Final = re.compile(r"\d*,\d+")
@@ -816,27 +821,6 @@ def _lab_results(
 # --- HL7 v2 ADT: admission, transfer, discharge, update -> Encounter -------------------------
 
 
-def _hl7_field_time(segment: hl7.Segment, name: str, field: int, msg: _Hl7Message) -> int | None:
-    """An optional timestamp field in epoch ms; a present but unreadable one is invalid."""
-    text = _field(segment, field)
-    if not text:
-        return None
-    moment = _hl7_time(text, msg.default_tz)
-    if moment is None:
-        raise _Invalid(f"{name}-{field} is not an HL7 timestamp (value is {_value_class(text)})")
-    return epoch_ms(moment)
-
-
-def _adt_event_time(evn: hl7.Segment | None, msg: _Hl7Message) -> int | None:
-    """When the ADT event happened: EVN-6 (occurred), EVN-2 (recorded), else MSH-7."""
-    if evn is not None:
-        for field in (6, 2):
-            moment = _hl7_field_time(evn, "EVN", field, msg)
-            if moment is not None:
-                return moment
-    return epoch_ms(msg.message_time) if msg.message_time is not None else None
-
-
 def _birth_year(pid: hl7.Segment | None) -> int | None:
     # Only the year is kept; an unreadable birth date does not make the visit unusable.
     text = _field(pid, 7) if pid is not None else ""
@@ -851,18 +835,15 @@ def _administrative_sex(pid: hl7.Segment | None) -> str | None:
     return code if code in _SEX else "U"  # O, A, N (HL7 table 0001) have no own class here
 
 
-def _deceased_time(
-    pid: hl7.Segment, pv1: hl7.Segment, discharge_time: int | None, msg: _Hl7Message
-) -> int | None:
+def _deceased_time(pid: hl7.Segment, pv1: hl7.Segment, visit: AdtVisit) -> int | None:
     """PID-29 death date/time; else the discharge time when PID-30 says Y or PV1-36 is 20.
 
     HL7 table 0112 code 20 is "Expired": the visit ended with the patient's death.
     """
-    death_time = _hl7_field_time(pid, "PID", 29, msg)
-    if death_time is not None:
-        return death_time
-    if _field(pid, 30).upper() == "Y" or _field(pv1, 36) == "20":
-        return discharge_time
+    if visit.death_time is not None:
+        return epoch_ms(visit.death_time)
+    if (_field(pid, 30).upper() == "Y" or _field(pv1, 36) == "20") and visit.discharge_time:
+        return epoch_ms(visit.discharge_time)
     return None
 
 
@@ -877,47 +858,16 @@ def _adt_encounter(
     now_ms: int,
 ) -> NormalisedEvent:
     """ADT^A01/A02/A03/A04/A08 -> one Encounter state whose version is the message time."""
-    message_type = f"ADT^{trigger}"
-    first: dict[str, hl7.Segment] = {}
-    for segment in segments:
-        name = str(segment[0]) if len(segment) else ""
-        first.setdefault(name, segment)
-    pid, pv1, evn = first.get("PID"), first.get("PV1"), first.get("EVN")
-    if pid is None:
-        raise _Invalid(f"{message_type} message has no PID segment")
-    if pv1 is None:
-        raise _Invalid(f"{message_type} message has no PV1 segment")
+    try:
+        visit = read_adt_visit(trigger, segments, msg.message_time, msg.default_tz)
+    except Hl7FieldProblem as exc:
+        raise _Invalid(exc.reason) from None
+    pid, pv1 = visit.pid, visit.pv1
     organisation_id = msg.organisation_id
-
-    # PV1-19 visit number; PID-18 account number when the sender keys visits by account.
-    visit_no = _field(pv1, 19) or _field(pid, 18)
-    if not visit_no:
-        raise _Invalid("no visit number: PV1-19 visit number and PID-18 account number are empty")
-    patient_class = _field(pv1, 2).upper()
-    if patient_class not in _ENCOUNTER_CLASS:
-        shown = patient_class if _PATIENT_CLASS.fullmatch(patient_class) else "empty"
-        if patient_class and shown == "empty":
-            shown = _value_class(patient_class)
-        choices = ", ".join(sorted(_ENCOUNTER_CLASS))
-        raise _Invalid(f"PV1-2 patient class is not one of {choices} (value is {shown})")
-    department_local = _field(pv1, 3) or _field(pv1, 10)
-    if not department_local:
-        raise _Invalid(
-            "no department: PV1-3 assigned location and PV1-10 hospital service are empty"
-        )
-
-    event_time = _adt_event_time(evn, msg)
-    admit_time = _hl7_field_time(pv1, "PV1", 44, msg)
-    if admit_time is None:
-        if trigger not in _ADT_ADMITS or event_time is None:
-            # An update without the admission time would overwrite the stored one.
-            raise _Invalid(f"PV1-44 admit date/time is empty ({message_type} needs it)")
-        admit_time = event_time
-    discharge_time = _hl7_field_time(pv1, "PV1", 45, msg)
-    if discharge_time is None and trigger == "A03":
-        discharge_time = event_time
-        if discharge_time is None:
-            raise _Invalid("ADT^A03 without a discharge time: PV1-45, EVN and MSH-7 are empty")
+    visit_no = visit.visit_no
+    department_local = visit.department_local
+    admit_time = epoch_ms(visit.admit_time)
+    discharge_time = epoch_ms(visit.discharge_time) if visit.discharge_time else None
     # Later messages about the same visit must win: the message time orders them.
     version = (
         epoch_ms(msg.message_time)
@@ -947,7 +897,7 @@ def _adt_encounter(
         op=_ADT_OP[trigger],
         is_deleted=False,
         version=version,
-        encounter_class=_ENCOUNTER_CLASS[patient_class],
+        encounter_class=visit.encounter_class,
         department_code=department_code,
         department_local=department_local,
         admit_time=admit_time,
@@ -955,7 +905,7 @@ def _adt_encounter(
         birth_year=_birth_year(pid),
         sex=_administrative_sex(pid),
         mapping_status="mapped" if department_code is not None else "unmapped",
-        deceased_time=_deceased_time(pid, pv1, discharge_time, msg),
+        deceased_time=_deceased_time(pid, pv1, visit),
     )
     return NormalisedEvent("encounter", person_key or encounter_key, value)
 
@@ -1016,11 +966,8 @@ def normalise_hl7_message(
         return reject_message("MSH-10 message control id is empty")
 
     message_time_text = _field(msh, 7)
-    message_time = _hl7_time(message_time_text, UTC) if message_time_text else None
     # Times without an offset are in the sender's zone, i.e. the zone of MSH-7 (else UTC).
-    default_tz: timezone = UTC
-    if message_time is not None and isinstance(message_time.tzinfo, timezone):
-        default_tz = message_time.tzinfo
+    message_time, default_tz = message_clock(message_time_text)
     msg = _Hl7Message(
         organisation_id=organisation_id,
         control_id=control_id,

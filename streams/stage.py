@@ -10,15 +10,23 @@ that owns the patient, and no second pass over norm.lab_result is needed.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
 import time
+import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any, Final
 
-from medstream.metrics import CRITICAL_UNREADABLE, DEAD_LETTERS, QUALITY_ISSUES, UNMAPPED_CODES
+from medstream.metrics import (
+    CRITICAL_UNREADABLE,
+    DEAD_LETTERS,
+    INTERNAL_ERRORS,
+    QUALITY_ISSUES,
+    UNMAPPED_CODES,
+)
 from medstream.settings import (
     DLQ_TOPIC,
     FACT_TOPICS,
@@ -47,7 +55,7 @@ from streams.deidentify import (
 from streams.detect import LifecycleInputs
 from streams.detect import Output as Output
 from streams.device_rules import DeviceDetector, load_device_rules
-from streams.findings import DictState, KeyValueState
+from streams.findings import DictState, KeyValueState, StagedState
 from streams.identity import (
     PatientIdentity,
     has_demographics,
@@ -64,8 +72,32 @@ from streams.rules_file import rule_file
 from streams.terminology import Terminology, TerminologySource
 
 STAGE = "normalise"
+log = logging.getLogger(__name__)
 #: Patient records whose last identity observation the stage remembers (to skip repeats).
 IDENTITY_CACHE_SIZE = 200_000
+
+#: Failures that are not the record's fault and must not be dead-lettered: the process
+#: cannot go on (memory), or a service it depends on is unreachable (the schema registry
+#: client raises serde.RegistryUnavailable, a ConnectionError; sockets raise OSError). They
+#: raise, the worker exits non-zero and restarts from the committed offset, and the record
+#: is processed again once the service is back. Anything else raised while one record is
+#: handled is a bug that this record's content triggers, and it would trigger it again on
+#: every re-read: that record is dead-lettered (``internal_error``) so the partition moves on.
+NOT_THE_RECORDS_FAULT: Final = (MemoryError, OSError)
+
+
+def internal_error_reason(exc: Exception) -> str:
+    """Where a bug struck, without its message: the type and the innermost function.
+
+    Exception messages often repeat the value at fault (``KeyError: 'TESTPATIENT'``), so the
+    reason, which is stored and shown to operators, never carries them.
+    """
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = f" in {Path(frames[-1].filename).name}:{frames[-1].name}" if frames else ""
+    return (
+        f"internal error: {type(exc).__name__}{where}; the record was not processed "
+        "(a bug: report it with this dead letter's id, then replay the record)"
+    )
 
 
 def unmapped_local_codes(
@@ -149,6 +181,19 @@ class SuppressionState:
         """A dict-backed state for tests and the benchmark baseline."""
         store: dict[str, list[Any]] = {}
         return cls(store.get, store.__setitem__)
+
+    def staged(self) -> tuple[SuppressionState, Callable[[], None]]:
+        """A view whose alerts are remembered here only when the returned commit is called."""
+        pending: dict[str, list[Any]] = {}
+
+        def get(key: str) -> Sequence[Any] | None:
+            return pending[key] if key in pending else self._get(key)
+
+        def commit() -> None:
+            for key, value in pending.items():
+                self._put(key, value)
+
+        return SuppressionState(get, pending.__setitem__), commit
 
     def last_alert(self, key: str) -> tuple[int, str] | None:
         """(event time ms, triggering event id) of the last alert for the key, if any."""
@@ -280,6 +325,7 @@ class NormaliseStage:
         self.encode_feed_activity = serde.AvroSerializer(registry, serde.FEED_ACTIVITY)
         self.unmapped_topic = kafka.topic(FACT_TOPICS["terminology_unmapped"])
         self.encode_unmapped = serde.AvroSerializer(registry, serde.UNMAPPED_CODE)
+        self._internal_errors_logged: set[tuple[str, str]] = set()
 
     def handle(
         self,
@@ -294,17 +340,80 @@ class NormaliseStage:
     ) -> list[Output]:
         """Every output of one raw record; never raises for bad input (it is dead-lettered).
 
+        A record that triggers a bug is dead-lettered whole (``internal_error``, partial
+        outputs dropped) so it cannot crash the worker on every re-read; only failures that
+        are not the record's fault (``NOT_THE_RECORDS_FAULT``) raise.
+
         Each event is checked against the data quality rules: every broken rule becomes a
         quality issue; an event with an error-severity issue is unusable and dead-lettered
         (reason_code ``quality_error``) instead of stored, one with warnings is stored.
         """
         now_ms = now_ms if now_ms is not None else int(time.time() * 1000)
+        # State changes are staged, so a record that fails half-way leaves none behind.
+        staged_quality = StagedState(
+            quality_state if quality_state is not None else self.local_quality_state
+        )
+        staged_devices = StagedState(
+            device_state if device_state is not None else self.local_device_state
+        )
+        staged_suppression, commit_suppression = suppression.staged()
+        try:
+            outputs = self._handle(
+                source_kind, ctx, key, value, now_ms,
+                (staged_suppression, staged_quality, staged_devices),
+            )
+        except NOT_THE_RECORDS_FAULT:
+            raise
+        except Exception as exc:
+            # One record's bug must not stop the partition (see NOT_THE_RECORDS_FAULT): its
+            # partial outputs are dropped and the whole raw record is dead-lettered.
+            return [self._internal_error(exc, source_kind, ctx, key, value, now_ms)]
+        staged_quality.commit()
+        staged_devices.commit()
+        commit_suppression()
+        return outputs
+
+    def _internal_error(
+        self,
+        exc: Exception,
+        source_kind: str,
+        ctx: RawContext,
+        key: bytes | None,
+        value: bytes | None,
+        now_ms: int,
+    ) -> Output:
+        reason = internal_error_reason(exc)
+        INTERNAL_ERRORS.labels(STAGE).inc()
+        site = (type(exc).__name__, reason)
+        if site not in self._internal_errors_logged:
+            # The traceback names files, lines and code, never the exception's message or
+            # the record (either may carry patient data); logged once per kind of bug.
+            self._internal_errors_logged.add(site)
+            log.error(
+                "%s at %s[%d]@%d; traceback (message withheld):\n%s",
+                reason, ctx.topic, ctx.partition, ctx.offset,
+                "".join(traceback.format_tb(exc.__traceback__)),
+            )
+        else:
+            log.error("%s at %s[%d]@%d", reason, ctx.topic, ctx.partition, ctx.offset)
+        rejected = RecordRejected(None, None, "internal_error", reason)
+        return self._dead_letter(ctx, key, value, rejected, source_kind, now_ms)
+
+    def _handle(
+        self,
+        source_kind: str,
+        ctx: RawContext,
+        key: bytes | None,
+        value: bytes | None,
+        now_ms: int,
+        state: tuple[SuppressionState, KeyValueState, KeyValueState],
+    ) -> list[Output]:
+        suppression, quality_state, device_state = state
         if self._terminology_source is not None:
             self.terminology = self._terminology_source.current()
         if self._critical_source is not None:
             self.critical_rules = self._critical_source.current()
         quality = self._quality_checker()
-        quality_state = quality_state if quality_state is not None else self.local_quality_state
         try:
             raw = self.decoders[source_kind](value)
         except serde.SerializationError as exc:
@@ -355,9 +464,7 @@ class NormaliseStage:
                 outputs.extend(self._unmapped_codes(outcome))
                 if outcome.kind == "observation":
                     found = self._device_detector().observe(
-                        outcome.value,
-                        device_state if device_state is not None else self.local_device_state,
-                        now_ms,
+                        outcome.value, device_state, now_ms
                     )
                     outputs.extend(self.lifecycle_inputs.outputs(found, now_ms, outcome.value))
                 if raises_critical_alerts(outcome):
@@ -494,7 +601,7 @@ class NormaliseStage:
         return self._quality
 
     def _event(self, event: NormalisedEvent) -> Output:
-        # Our own output not matching our own schema is a bug: it raises and the worker crashes.
+        # Our own output not matching our own schema is a bug: handle() dead-letters the record.
         encoded = self.encoders[event.kind](event.value)
         return Output(self.norm_topics[event.kind], event.key.encode(), encoded)
 

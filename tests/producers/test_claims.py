@@ -666,6 +666,9 @@ def test_claim_too_large_for_a_kafka_record_is_rejected_and_the_rest_published(
     [dead] = consume(kafka, [DLQ], 1)
     assert dead.value["dlq_id"] == rejected["dead_letter_id"]
     assert dead.key == b"P001:HUGE-1"
+    # The sender's own lines (header and the claim's rows), cut to what a dead letter holds.
+    huge_lines = HEADER + "".join(row("HUGE-1", n + 1, item=item) for n in range(8000))
+    assert dead.value["original_value"] == huge_lines.encode()[:MAX_DEAD_LETTER_BYTES]
 
 
 @pytest.mark.integration
@@ -789,21 +792,27 @@ def test_http_upload_accepts_recognises_duplicates_and_refuses(
             {"line": 2, "field": "payer_id",
              "reason": "differs from the payer that uploaded the file"}
         ]
+        unauthorized = collector.metrics.failed("unauthorized")
+        refused_before = unauthorized._value.get()
         status, body = asyncio.run(post(port, content, token=None))
         assert status == 401 and "bearer token" in body["error"]
         status, _ = asyncio.run(post(port, content, token="wrong-token"))
         assert status == 401
+        # Counted, but nothing of an unauthenticated sender is written anywhere.
+        assert unauthorized._value.get() - refused_before == 2
         big = HEADER.encode() + row("BIG", 1).encode() * 60
         assert len(big) > 4096
         status, body = asyncio.run(post(port, big))
         assert status == 413 and "4096" in body["error"]
+        too_large_ids = [body["dead_letter_id"]]
 
         async def chunks() -> Any:  # no Content-Length: the limit applies while reading
             for start in range(0, len(big), 512):
                 yield big[start : start + 512]
 
-        status, _ = asyncio.run(post(port, chunks()))
+        status, body = asyncio.run(post(port, chunks()))
         assert status == 413
+        too_large_ids.append(body["dead_letter_id"])
         status, body = asyncio.run(post(port, content, query=""))
         assert status == 400 and "file_name" in body["error"]
     published = consume(kafka, [CLAIM], 2, timeout_s=10, settle_s=1.0)
@@ -812,8 +821,16 @@ def test_http_upload_accepts_recognises_duplicates_and_refuses(
         == [2, 1]
     assert sorted(p.name.split(".")[0] for p in receipts(drop)) == ["again", "upload", "upload"]
     assert (drop / "processed" / "upload.csv").read_bytes() == content
-    dead = consume(kafka, [DLQ], 1)
-    assert [d.key for d in dead] == [b"P001:UP-3"]
+    dead = {d.value["dlq_id"]: d for d in consume(kafka, [DLQ], 3)}
+    assert len(dead) == 3
+    refusals = [dead.pop(dlq_id) for dlq_id in too_large_ids]
+    assert [d.key for d in dead.values()] == [b"P001:UP-3"]
+    # The 413 refusals of an authenticated payer are recorded, without the body.
+    assert [(d.value["reason_code"], d.value["original_key"], d.value["original_value"])
+            for d in refusals] == [("payload_too_large", b"P001", b"")] * 2
+    assert f"upload of {len(big)} bytes from payer P001" in refusals[0].value["reason"]
+    assert "more than 4096 bytes" in refusals[1].value["reason"]
+    assert all("upload.max_upload_bytes (4096)" in d.value["reason"] for d in refusals)
 
 
 @pytest.mark.integration

@@ -710,7 +710,7 @@ def test_http_oversize_body_is_413_and_a_fast_device_gets_429(
     kafka_factory: Callable[..., KafkaSettings], tmp_path: Path
 ) -> None:
     kafka = kafka_factory()
-    config = make_config(tmp_path, per_device_rate={"packets_per_s": 0.5, "burst": 2})
+    config = make_config(tmp_path, per_device_rate={"packets_per_s": 0.05, "burst": 2})
     collector = DeviceProducer(config, kafka, ManifestRegistry())
     now = int(time.time() * 1000)
     huge = json_packet("MON-A-0001", "big-1", now)
@@ -719,20 +719,38 @@ def test_http_oversize_body_is_413_and_a_fast_device_gets_429(
     with running(collector):
         port = collector.http_port
         assert port is not None
-        status, _, answer = post(port, "MON-A-0001", huge, TOKENS["MON-A-0001"])
-        assert (status, answer["error"]) == (413, "payload_too_large")
+        status, _, too_large = post(port, "MON-A-0001", huge, TOKENS["MON-A-0001"])
+        assert (status, too_large["error"]) == (413, "payload_too_large")
         status, _, _ = post(port, "MON-A-0001", json_packet("MON-A-0001", "r-1", now),
                             TOKENS["MON-A-0001"])
         assert status == 202  # the burst of 2 is used up by the two requests so far
         status, headers, answer = post(port, "MON-A-0001", json_packet("MON-A-0001", "r-2", now),
                                        TOKENS["MON-A-0001"])
-        assert (status, answer["error"]) == (429, "rate_limited")
+        assert (status, answer.get("error")) == (429, "rate_limited"), (status, answer)
         assert int(headers["Retry-After"]) >= 1
+        # Refused again in the same episode: answered, but no second dead letter.
+        status, _, again = post(port, "MON-A-0001", json_packet("MON-A-0001", "r-2", now),
+                                TOKENS["MON-A-0001"])
+        assert status == 429 and "dlq_id" not in again
         status, _, _ = post(port, "MON-B-0001", json_packet("MON-B-0001", "r-3", now),
                             TOKENS["MON-B-0001"])
         assert status == 202  # the limit is per device
         packets = published_packets(kafka, 2)
+        dead = consume(kafka, [DLQ], 2)
     assert set(packets) == {"r-1", "r-3"}
+    by_id = {d.value["dlq_id"]: d.value for d in dead}
+    assert set(by_id) == {too_large["dlq_id"], answer["dlq_id"]}
+    oversize, limited = by_id[too_large["dlq_id"]], by_id[answer["dlq_id"]]
+    # A record of each refusal of an authenticated device, without the body.
+    assert (oversize["reason_code"], oversize["original_key"]) == (
+        "payload_too_large", b"MON-A-0001"
+    )
+    assert f"{len(json.dumps(huge))} bytes" in oversize["reason"]
+    assert "http.max_body_bytes (4096)" in oversize["reason"]
+    assert (limited["reason_code"], limited["original_key"]) == ("rate_limited", b"MON-A-0001")
+    assert "per_device_rate (0.05 packets/s, burst 2)" in limited["reason"]
+    assert oversize["original_value"] == b"" and limited["original_value"] == b""
+    assert oversize["organisation_id"] == limited["organisation_id"] == "H001"
 
 
 @pytest.mark.integration

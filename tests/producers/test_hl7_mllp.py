@@ -986,3 +986,18 @@ def test_check_reports_a_port_in_use(tmp_path: Path) -> None:
         )
         with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}"):
             collector.check()
+
+
+def test_an_adt_the_stage_would_refuse_is_answered_ae_with_the_field() -> None:
+    """ADT visits are read as the normalise stage reads them: no AA, then a dead letter."""
+    verdict = inspect_message(adt("A03", "ADT-0003"), config())
+    assert isinstance(verdict, Rejected)
+    assert (verdict.ack_code, verdict.reason_code) == ("AE", "invalid_record")
+    assert verdict.reason == "PV1-44 admit date/time is empty (ADT^A03 needs it)"
+    assert (verdict.error_code, verdict.location) == ("101", "PV1^1^44")
+    wrong_class = inspect_message(adt("A08", "ADT-0008").replace("|I|", "|X|"), config())
+    assert isinstance(wrong_class, Rejected)
+    assert wrong_class.reason == "PV1-2 patient class is not one of E, I, O (value is X)"
+    assert (wrong_class.error_code, wrong_class.location) == ("103", "PV1^1^2")
+    # An admission needs no PV1-44: the message itself is the admission.
+    assert isinstance(inspect_message(adt("A01", "ADT-0001"), config()), Accepted)

@@ -43,7 +43,14 @@ from tests.properties.pipeline import encoder, round_trip, stage_outcomes
 from tests.properties.strategies import bounded, mutated, random_text
 
 HL7_DELIMITERS = b"|^~\\&\r\n"
-SAMPLES = [oru().encode(), adt().encode(), adt("A03", "ADT-0003").encode()]
+#: A discharge with its admit (PV1-44) and discharge (PV1-45) times: valid, so mutations
+#: explore what the collector accepts as well as what it refuses.
+DISCHARGE = adt("A03", "ADT-0004").replace(
+    "||V-0001", "||V-0001" + "|" * 25 + "20261101080000+0800|20261103081400+0800"
+)
+SAMPLES = [
+    oru().encode(), adt().encode(), adt("A03", "ADT-0003").encode(), DISCHARGE.encode(),
+]
 NOW_MS = 1_793_700_000_000
 
 
@@ -141,6 +148,9 @@ def assert_ack(ack: str, code: str, rejected: Rejected | None) -> None:
 # which then could not be parsed (no readable MSA: the sender never learnt why).
 @example(raw=oru().replace("|^~\\&|", "|^^~\\&|", 1).encode())
 @example(raw=oru().replace("|^~\\&|", "|^MSH|^~\\&|", 1).encode())
+# Bug: an ADT^A03 without PV1-44 was answered AA, then refused by the stage.
+@example(raw=adt("A03", "ADT-0003").encode())
+@example(raw=adt("A08", "ADT-0008").replace("|I|", "|X|").encode())
 def test_every_frame_is_accepted_well_formed_or_refused_with_a_reason(raw: bytes) -> None:
     verdict, text = decide(raw)
     header = read_header(text) if text is not None else None
@@ -164,11 +174,9 @@ def test_every_frame_is_accepted_well_formed_or_refused_with_a_reason(raw: bytes
     assert_ack(ack, "AA", None)
     outcomes = stage_outcomes("hl7_lab", decoded)
     assert outcomes, "an acknowledged message must give the stage something to store or refuse"
-    if verdict.message_type == "ORU^R01":
-        # The collector reads OBX fields as the stage does (ADT semantics, such as the admit
-        # time an A03 needs, are checked only by the stage).
-        refused = [o for o in outcomes if isinstance(o, RecordRejected)]
-        assert not refused, f"acknowledged AA, then refused by the stage: {refused}"
+    # The collector reads OBX fields and ADT visits as the stage does (schemas.hl7_fields).
+    refused = [o for o in outcomes if isinstance(o, RecordRejected)]
+    assert not refused, f"acknowledged AA, then refused by the stage: {refused}"
 
 
 @bounded(200)

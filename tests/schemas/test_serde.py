@@ -162,3 +162,18 @@ def test_direct_identifiers_exist_only_in_raw_and_dead_letter_contracts() -> Non
     raw_hl7 = serde.field_sensitivity(REGISTRY.latest(serde.RAW_HL7_MESSAGE).definition)
     assert raw_hl7["payload"] == "direct_identifier"
     assert serde.field_sensitivity(REGISTRY.latest(serde.LAB_RESULT).definition)["person_key"] == "pseudonym"
+
+
+def test_an_unknown_schema_id_is_bad_input_but_an_unreachable_registry_is_not() -> None:
+    """A record naming an id the registry does not hold is the record's fault (dead letter);
+    a registry that cannot be asked is not, and must not turn records into dead letters."""
+    from medstream.runtime import free_port
+
+    known = serde.ConfluentRegistry(f"mock://{uuid.uuid4().hex}")
+    with pytest.raises(serde.SerializationError, match="schema id 424242 not in the registry"):
+        known.by_id(424_242)
+    unreachable = serde.ConfluentRegistry(f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(serde.RegistryUnavailable, match="schema id 424242") as raised:
+        unreachable.by_id(424_242)
+    assert not isinstance(raised.value, serde.SerializationError)
+    assert isinstance(raised.value, OSError)  # what the stages treat as not the record's fault

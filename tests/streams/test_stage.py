@@ -339,3 +339,70 @@ def unreadable_count(rule_id: str) -> float:
         "medstream_critical_values_unreadable_total", {"rule_id": rule_id}
     )
     return value or 0.0
+
+
+def test_a_bug_on_one_record_dead_letters_that_record_and_the_next_is_processed(
+    stage: NormaliseStage, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A poison pill: a record that makes the code fail is dead-lettered, not a worker crash."""
+    from streams import stage as stage_module
+
+    real_normalise = stage_module.normalise
+
+    def normalise_with_a_fake_bug(source_kind: str, raw: dict[str, Any], *args: Any) -> Any:
+        # A fake of a bug, not of a dependency: it fails on one record only, after the
+        # first outcome, so partial outputs exist and must be discarded.
+        for outcome in real_normalise(source_kind, raw, *args):
+            yield outcome
+            if raw["message_control_id"] == "BUG-1":
+                raise KeyError(f"{PATIENT_SURNAME} 6.9")  # the message may carry values
+
+    monkeypatch.setattr(stage_module, "normalise", normalise_with_a_fake_bug)
+    errors_before = internal_error_count()
+    state = SuppressionState.in_memory()
+    poisoned = encoded_hl7(potassium("6.9", 5), "BUG-1")
+    outputs = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 2, 40, NOW_MS), b"k", poisoned, state, NOW_MS
+    )
+    assert [o.topic for o in outputs] == ["t.dlq"]
+    dead = decode(outputs[0])
+    assert (dead["stage"], dead["reason_code"]) == ("normalise", "internal_error")
+    assert dead["original_value"] == poisoned and dead["record_index"] is None
+    assert (dead["original_topic"], dead["original_offset"]) == ("t.raw.hl7_lab", 40)
+    assert "KeyError" in dead["reason"] and "normalise_with_a_fake_bug" in dead["reason"]
+    assert PATIENT_SURNAME not in dead["reason"] and "6.9" not in dead["reason"]
+    assert internal_error_count() == errors_before + 1
+    # The next record of the partition is processed as usual, and the failed record left
+    # no state behind: its critical value did not suppress this one's alert.
+    following = stage.handle(
+        "hl7_lab", RawContext("t.raw.hl7_lab", 2, 41, NOW_MS), b"k",
+        encoded_hl7(potassium("6.8", 6), "OK-2"), state, NOW_MS,
+    )
+    assert [o.topic for o in following] == ["t.norm.lab_result", "t.alerts.lifecycle"]
+    assert decode(following[0])["value"] == 6.8
+
+
+def test_an_unreachable_schema_registry_is_not_dead_lettered(
+    terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    """Infrastructure failures are not the record's fault: they raise, and the worker restarts."""
+
+    class UnreachableRegistry(serde.ManifestRegistry):
+        """A fake of a registry that cannot be reached (the real one is not run in unit tests)."""
+
+        def by_id(self, schema_id: int) -> serde.SchemaVersion:
+            raise serde.RegistryUnavailable("the schema registry could not be asked (ConnectError)")
+
+    rules = load_critical_value_rules(DEFAULT_CRITICAL_RULES_PATH)
+    unreachable = NormaliseStage(KAFKA, UnreachableRegistry(), terminology, pseudonymiser, rules)
+    with pytest.raises(serde.RegistryUnavailable):
+        unreachable.handle(
+            "hl7_lab", RawContext("t.raw.hl7_lab", 0, 1, NOW_MS), b"k",
+            encoded_hl7(potassium("4.1", 6), "OK-3"), SuppressionState.in_memory(), NOW_MS,
+        )
+
+
+def internal_error_count() -> float:
+    return prometheus_client.REGISTRY.get_sample_value(
+        "medstream_internal_errors_total", {"stage": "normalise"}
+    ) or 0.0
