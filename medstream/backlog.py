@@ -51,17 +51,26 @@ class BacklogUnknown(RuntimeError):
 
 @dataclass(frozen=True)
 class ConsumerGroup:
-    """A consumer group of the pipeline and the topics whose records it must finish."""
+    """A consumer group of the pipeline and the topics whose records it must finish:
+    ``required`` always, the rest of ``topics`` once the group reads them (its members are
+    assigned them, or it committed on them)."""
 
     group_id: str
     topics: tuple[str, ...]
+    required: tuple[str, ...] | None = None  # None: every topic
+
+    def reading(self, active: set[str]) -> ConsumerGroup:
+        """This group limited to the topics it must finish, given those it reads now."""
+        required = set(self.topics if self.required is None else self.required)
+        topics = tuple(t for t in self.topics if t in required or t in active)
+        return ConsumerGroup(self.group_id, topics)
 
 
 def pipeline_groups(
     kafka: KafkaSettings, streams_group: str, sink_group: str
 ) -> list[ConsumerGroup]:
     """The stream workers' group (the Faust application id) and the sink's group, each with
-    the contract topics it reads."""
+    the contract topics it may read (the workers read only some norm.* topics)."""
     raw = [kafka.topic(t) for t in RAW_TOPICS.values()]
     norm = [kafka.topic(t) for t in NORM_TOPICS.values()]
     internal = [
@@ -70,7 +79,7 @@ def pipeline_groups(
     ]
     stored = [kafka.topic(t) for t in (ALERTS_TOPIC, DLQ_TOPIC, *FACT_TOPICS.values())]
     return [
-        ConsumerGroup(streams_group, tuple([*raw, *norm, *internal])),
+        ConsumerGroup(streams_group, tuple([*raw, *norm, *internal]), tuple(raw)),
         ConsumerGroup(sink_group, tuple([*raw, *norm, *stored])),
     ]
 
@@ -182,6 +191,13 @@ def measure_backlog(
             group.group_id: _committed(kafka, group.group_id, partitions, timeout_s)
             for group in groups
         }
+        groups = [
+            group.reading(
+                _assigned_topics(admin, group.group_id, timeout_s)
+                | {t for (t, _), offset in committed[group.group_id].items() if offset >= 0}
+            )
+            for group in groups
+        ]
     except KafkaException as exc:
         raise BacklogUnknown(f"the broker did not say what is left ({exc})") from exc
     positions = group_positions(groups, latest, earliest, committed)
@@ -213,6 +229,18 @@ def _offsets(
         request_timeout=timeout_s,
     )
     return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
+
+
+def _assigned_topics(admin: AdminClient, group_id: str, timeout_s: float) -> set[str]:
+    """The topics the group's members are assigned now (none when it has no members)."""
+    future = admin.describe_consumer_groups([group_id], request_timeout=timeout_s)[group_id]
+    description = future.result()
+    return {
+        tp.topic
+        for member in description.members
+        if member.assignment is not None
+        for tp in member.assignment.topic_partitions
+    }
 
 
 def _committed(

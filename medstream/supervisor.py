@@ -873,7 +873,7 @@ class Supervisor:
         else:
             kept = "tansu keeps them in memory only: they are LOST as it stops now"
         return (
-            f"{backlog.total:,} accepted records are NOT stored ({backlog.parts()}; by topic: "
+            f"{backlog.total:,} accepted records NOT stored ({backlog.parts()}; by topic: "
             f"{topics}); {kept}"
         )
 

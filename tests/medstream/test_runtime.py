@@ -86,6 +86,13 @@ def test_the_backlog_is_what_the_furthest_behind_group_of_each_partition_has_lef
     assert Backlog({("p.raw.x", 0): 1_234}, "p.").parts() == "raw 1,234, norm 0, alerts 0"
 
 
+def test_a_group_counts_the_topics_it_may_read_only_once_it_reads_them() -> None:
+    workers = ConsumerGroup("workers", ("raw.a", "norm.x", "norm.y", "mpi"), ("raw.a",))
+    assert workers.reading(set()).topics == ("raw.a",)
+    assert workers.reading({"norm.y", "mpi", "changelog"}).topics == ("raw.a", "norm.y", "mpi")
+    assert ConsumerGroup("sink", ("raw.a", "alerts")).reading(set()).topics == ("raw.a", "alerts")
+
+
 @pytest.mark.integration
 def test_the_backlog_of_a_broker_counts_records_not_commit_markers(
     kafka_factory: Callable[..., KafkaSettings],
