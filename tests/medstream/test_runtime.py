@@ -20,7 +20,7 @@ from medstream.backlog import (
     measure_backlog,
     pipeline_groups,
 )
-from medstream.runtime import TansuBroker, RuntimeState, contract_topics, ensure_topics
+from medstream.runtime import RuntimeState, TansuBroker, contract_topics, ensure_topics
 from medstream.settings import KafkaSettings, RuntimeSettings
 from medstream.supervisor import (
     HEALTHY_RUN_S,
@@ -31,7 +31,8 @@ from medstream.supervisor import (
 from tests.waiting import wait_for
 
 
-def test_a_dead_component_is_restarted_after_a_doubling_pause_and_given_up_after_quick_failures() -> None:
+def test_a_dead_component_is_restarted_after_doubling_pauses_and_given_up_after_quick_failures(
+) -> None:
     policy = RestartPolicy()
     policy.started(0.0, restart=False)
     now, pauses = 10.0, []
@@ -56,7 +57,8 @@ def test_a_component_that_ran_well_starts_its_pauses_afresh() -> None:
 
 
 def test_the_status_line_names_only_components_that_were_restarted() -> None:
-    assert restarts_summary({"streams-0": 2, "sink": 1, "console": 0}) == " | restarts sink=1 streams-0=2"
+    summary = restarts_summary({"streams-0": 2, "sink": 1, "console": 0})
+    assert summary == " | restarts sink=1 streams-0=2"
     assert restarts_summary({"sink": 0}) == ""
 
 
