@@ -353,6 +353,7 @@ class Supervisor:
                 raise ComponentFailed(str(exc)) from exc
             bootstrap = self.broker.bootstrap_servers
             broker_kind = self.broker.kind
+            COMPONENT_RESTARTS.labels("broker")  # shown at 0 until it dies
             self.out(describe_broker(self.broker))
         kafka = self.kafka.model_copy(
             update={"bootstrap_servers": bootstrap, "broker_kind": broker_kind}
