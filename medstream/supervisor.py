@@ -286,6 +286,7 @@ class Supervisor:
         self._clickhouse_url = ""
         self._broker_restart = RestartPolicy()
         self._broker_lost_records = False  # a memory-only broker died during this run
+        self._running = False  # every component started (a stop then drains first)
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: stop at the next tick (draining); a second signal stops at once."""
@@ -430,6 +431,7 @@ class Supervisor:
                 Child("simulator", simulate, free_port(), expected_exit=True), env
             )
         self._write_state()
+        self._running = True
         self.out(
             f"running: {len(self.children)} processes; metrics at "
             + ", ".join(f"{c.name}={c.metrics_url}" for c in self.children)
@@ -573,6 +575,8 @@ class Supervisor:
         the sink from their groups' committed offsets, so nothing accepted is lost; the
         console reloads its alerts from ClickHouse. One that keeps failing soon after its
         start is given up (reported as died: `up` stops, draining what it can)."""
+        if not self._env:
+            return  # still starting: a component that dies now fails the start
         now = time.monotonic()
         for child in self.children:
             if not child.restartable or not self._died(child):
@@ -891,7 +895,9 @@ class Supervisor:
             return 1 if child.name.startswith("streams") else 2
 
         killed = self._stop_all([c for c in self.children if stage(c) == 0])
-        if self._client_kafka is not None and not self._stop_now.is_set():
+        if self._running and self._stop_now.is_set():
+            self.out("second stop request: stopping without draining")
+        elif self._running:
             self._drain()
         killed += self._stop_all([c for c in self.children if stage(c) == 1])
         killed += self._stop_all([c for c in self.children if stage(c) == 2])

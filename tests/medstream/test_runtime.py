@@ -229,3 +229,42 @@ def test_children_die_with_a_killed_parent(tmp_path: Path, kind: str) -> None:
         time.sleep(0.1)
     gone = not os.path.exists(f"/proc/{tansu}") or open(f"/proc/{tansu}/stat").read().split()[2] == "Z"
     assert gone, f"the {kind} broker outlived its killed parent"
+
+
+@pytest.mark.integration
+def test_a_dead_tansu_broker_is_restarted_empty_on_its_port_and_the_loss_is_said(
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    from medstream.settings import ClickHouseSettings, StreamSettings
+    from medstream.supervisor import Supervisor
+
+    said: list[str] = []
+    runtime = RuntimeSettings(data_dir=tmp_path)
+    supervisor = Supervisor(
+        KafkaSettings(), ClickHouseSettings(), runtime, StreamSettings(), out=said.append
+    )
+    broker = TansuBroker(log_path=tmp_path / "broker.log").start()
+    supervisor.broker = broker
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, broker_kind="tansu")
+    supervisor._client_kafka = kafka
+    try:
+        ensure_topics(kafka)
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGKILL)
+        broker.process.wait(timeout=10)
+        supervisor._tend_broker()  # plans the restart
+        assert "are LOST (tansu keeps them in memory only)" in said[-1]
+        assert "restarting it empty in 1s" in said[-1]
+        wait_for(lambda: (supervisor._tend_broker(), broker.alive())[1], 10, "the restart")
+        assert said[-1] == f"the embedded broker runs again on {kafka.bootstrap_servers}"
+        assert supervisor.restart_counts() == {"broker": 1}
+        # Empty, on the same address, with every topic created again.
+        topics = AdminClient(kafka.librdkafka()).list_topics(timeout=10).topics
+        assert set(contract_topics(kafka)) <= set(topics)
+        state = RuntimeState.read(runtime)
+        assert state is not None and state.pids["broker"] == broker.process.pid
+        assert supervisor._broker_lost_records  # `up` will exit non-zero
+    finally:
+        broker.stop()
