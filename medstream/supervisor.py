@@ -322,7 +322,14 @@ class Supervisor:
             self.out(f"created a random key, {path} (owner-only): back it up with the data")
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
-        port = serve_metrics(self.metrics_port, self.runtime.metrics_host)
+        try:
+            port = serve_metrics(self.metrics_port, self.runtime.metrics_host)
+        except OSError as exc:
+            self.out(
+                f"error: `up` cannot serve its metrics on port {self.metrics_port} "
+                f"({exc.strerror}); choose another with --metrics-port (0 = a free one)"
+            )
+            return 2
         self.metrics_url = f"http://127.0.0.1:{port}/metrics"
         try:
             code = self._run(events, rate, seed, labels, exit_when_done, done_timeout_s)
