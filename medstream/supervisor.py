@@ -929,7 +929,10 @@ class Supervisor:
         if unstored is not None:
             self.out(f"stopped with {unstored}")
         if failed or killed:
-            names = sorted({*(c.name for c in failed), *killed})
+            names = sorted(
+                {*(f"{c.name} (exit code {c.process.returncode})" for c in failed if c.process),
+                 *(f"{name} (killed)" for name in killed)}
+            )
             self.out("stopped; components that failed: " + ", ".join(names))
             return False
         if unstored is not None or self._broker_lost_records:
