@@ -785,12 +785,14 @@ class Supervisor:
             self.children.append(child)
         return child
 
-    def _stop_child(self, child: Child, timeout_s: float) -> bool:
-        """SIGTERM, wait, SIGKILL after ``timeout_s``; False when it had to be killed."""
+    def _stop_child(self, child: Child, timeout_s: float, signalled: bool = False) -> bool:
+        """SIGTERM (unless ``signalled`` already: a second one cuts a component's own
+        shutdown short), wait, SIGKILL after ``timeout_s``; False when it had to be killed."""
         process = child.process
         if process is None or process.poll() is not None:
             return True
-        process.send_signal(signal.SIGTERM)
+        if not signalled:
+            process.send_signal(signal.SIGTERM)
         try:
             process.wait(timeout=timeout_s)
         except subprocess.TimeoutExpired:
@@ -812,7 +814,7 @@ class Supervisor:
             timeout = STOP_TIMEOUT_S.get(child.name.split("-")[0], 30.0)
             if self._stop_now.is_set():
                 timeout = min(timeout, STOP_NOW_TIMEOUT_S)
-            if not self._stop_child(child, timeout):
+            if not self._stop_child(child, timeout, signalled=True):
                 killed.append(child.name)
         return killed
 
