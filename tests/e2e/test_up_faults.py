@@ -21,9 +21,11 @@ from pathlib import Path
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
+from medstream.backlog import measure_backlog, pipeline_groups
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult
 from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.reconcile import check_labels, read_labels
+from medstream.settings import KafkaSettings
 from tests.e2e.test_pipeline import env_for, medstream
 from tests.waiting import require_kafka, wait_for
 
@@ -201,6 +203,21 @@ def test_a_stop_that_cannot_drain_says_what_is_left_and_the_next_up_stores_it(
     wait_for(stored_once, 120, "the backlog stored by the next run", interval_s=1.0)
     truth = check_labels(query, "medstream", ground)
     assert truth.stored_events == truth.expected_events > 500 and truth.duplicated_events == 0
+    kafka = KafkaSettings(bootstrap_servers=str(again.state()["bootstrap_servers"]),
+                          broker_kind="kafka")
+    groups = pipeline_groups(kafka, "medstream-streams", "medstream-sink")
+    try:
+        wait_for(lambda: measure_backlog(kafka, groups).total == 0, 30,
+                 "every group to commit what it finished", interval_s=1.0)
+    except AssertionError:
+        sink_only = pipeline_groups(kafka, "medstream-streams", "medstream-sink")[1:]
+        if measure_backlog(kafka, sink_only).total == 0:
+            # Everything is stored and the sink committed it; the workers' group did not
+            # commit past records it processed after a restart (Faust's offset tracking;
+            # issue 16 items 1 and 5, stream worker recovery), so a stop reports them.
+            left = measure_backlog(kafka, groups).by_topic()
+            pytest.xfail(f"stream workers' commits stalled after restart: {left}")
+        raise
     os.killpg(again.process.pid, signal.SIGTERM)
     assert again.wait(timeout_s=180) == 0, again.output[-3000:]
     assert "stopped cleanly" in again.output
