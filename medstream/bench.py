@@ -153,8 +153,8 @@ def _idle_run(
                 time.sleep(0.2)
             time.sleep(5)  # let start-up work (group joins, table recovery) finish
             pids = {c.name: c.process.pid for c in supervisor.children if c.process}
-            if supervisor.broker is not None:
-                pids["broker"] = supervisor.broker.process.pid  # type: ignore[attr-defined]
+            if supervisor.broker is not None and supervisor.broker.process is not None:
+                pids["broker"] = supervisor.broker.process.pid
             before = {name: cpu_seconds(pid) for name, pid in pids.items()}
             time.sleep(idle_s)
             after = {name: cpu_seconds(pid) for name, pid in pids.items()}

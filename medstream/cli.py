@@ -194,15 +194,34 @@ def up(
     console: Annotated[
         bool, typer.Option("--console/--no-console", help="serve the live alert console")
     ] = True,
+    metrics_port: Annotated[
+        int,
+        typer.Option(
+            help="serve `up`'s own /metrics (component restarts) on this port (0 = a free "
+            "port; runtime.json names it)"
+        ),
+    ] = 0,
+    drain_timeout: Annotated[
+        float | None,
+        typer.Option(
+            min=0,
+            help="on Ctrl-C/SIGTERM, seconds to let the workers and the sink store what was "
+            "accepted before stopping them (default MEDSTREAM_DRAIN_TIMEOUT_S, 120)",
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline: broker, topics, ClickHouse, stream workers, sink, collectors
-    and (by default when no collector is configured) the simulator."""
+    and (by default when no collector is configured) the simulator. A component that dies
+    is restarted; a stop drains the topics first and exits non-zero if anything accepted
+    is left unstored (a second Ctrl-C stops at once)."""
     from medstream.supervisor import CollectorSpec, Supervisor
 
     streams = StreamSettings()
     if workers is not None:
         streams = streams.model_copy(update={"workers": workers})
     runtime = RuntimeSettings()
+    if drain_timeout is not None:
+        runtime = runtime.model_copy(update={"drain_timeout_s": drain_timeout})
     try:
         collectors = [
             CollectorSpec.read(path) for path in [*runtime.collector_paths(), *(collector or [])]
@@ -225,6 +244,7 @@ def up(
     supervisor = Supervisor(
         KafkaSettings(), ClickHouseSettings(), runtime, streams, collectors=collectors,
         simulate=simulate, console=ConsoleSettings() if console else None,
+        metrics_port=metrics_port,
     )
     raise typer.Exit(supervisor.run(events, rate, seed, labels, exit_when_done))
 
@@ -1472,11 +1492,13 @@ def console_command(
                 "the embedded engine, a running `medstream up` (--query-url)"
             )
 
-        token = _query_token(runtime)
+        _query_token(runtime)  # unreadable now: say so at once
 
         def run(
             sql: str, extra: dict[str, Any] | None, max_rows: int, timeout_s: int
         ) -> QueryResult:
+            # Read per query: a sink that `up` restarted serves with a new token.
+            token = read_query_token(runtime.query_token_file)
             return query_via_gateway(url, sql, timeout_s, max_rows, extra, token=token)
 
     _start_metrics(metrics_port)

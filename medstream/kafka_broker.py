@@ -442,6 +442,15 @@ class KafkaNode:
                 self.process.wait()
         self._unlock()
 
+    def restart(self, timeout_s: float = 60) -> None:
+        """Start the node again after its process died, on the same data directory and
+        ports: its topics and committed offsets are as it left them, and clients reconnect
+        by themselves."""
+        if self.alive():
+            raise EmbeddedRuntimeError("Apache Kafka is still running: stop it before a restart")
+        self._unlock()  # the dead node's lock is still held by this process: take it anew
+        self.start(timeout_s)
+
     def _unlock(self) -> None:
         if self._lock_handle is not None:
             self._lock_handle.close()

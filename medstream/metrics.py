@@ -136,6 +136,13 @@ COLLECTOR_SOURCE_LAG = Gauge(
     ["collector"],
 )
 
+COMPONENT_RESTARTS = Counter(
+    "medstream_component_restarts",
+    "Components `medstream up` started again after they died (stream workers, the sink, "
+    "collectors, the console, the embedded broker), by component name",
+    ["component"],
+)
+
 
 READY = Gauge(
     "medstream_ready",

@@ -19,7 +19,7 @@ import sys
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -187,6 +187,12 @@ class TansuBroker:
         """True while the broker process runs."""
         return self.process is not None and self.process.poll() is None
 
+    def restart(self) -> None:
+        """Start an empty broker on the same port after this one died (what it held is
+        gone; the new one has a new cluster id)."""
+        self.stop()
+        self.start()
+
     def stop(self) -> None:
         """Terminate the broker (everything it held is gone)."""
         if self.process is not None and self.process.poll() is None:
@@ -210,7 +216,12 @@ class Broker(Protocol):
     @property
     def log_path(self) -> Path | None: ...
 
+    @property
+    def process(self) -> subprocess.Popen[bytes] | None: ...
+
     def alive(self) -> bool: ...
+
+    def restart(self) -> None: ...
 
     def stop(self) -> None: ...
 
@@ -359,6 +370,9 @@ class RuntimeState:
     console_url: str | None = None
     #: Files written before Apache Kafka was embedded name no broker: theirs was tansu.
     broker_kind: str = "tansu"
+    #: Process id of every component (``broker`` for the embedded broker); `up` rewrites
+    #: the file when it restarts one.
+    pids: dict[str, int] = field(default_factory=dict)
 
     def write(self, path: Path) -> None:
         """Write atomically."""

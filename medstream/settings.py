@@ -374,6 +374,12 @@ class RuntimeSettings(BaseSettings):
         default=0, description="first /metrics port (0 = pick free ports)"
     )
     status_interval_s: float = Field(default=5.0, description="seconds between status lines")
+    drain_timeout_s: float = Field(
+        default=120.0,
+        ge=0,
+        description="on a graceful stop, how long `up` lets the workers and the sink store "
+        "what the broker accepted before it stops them (and reports what is left)",
+    )
     metrics_host: str = Field(
         default="127.0.0.1",
         description="address every /metrics endpoint listens on (0.0.0.0 in containers)",

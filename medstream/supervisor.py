@@ -1,4 +1,5 @@
-"""`medstream up`: start every component as its own process, print live status, stop cleanly.
+"""`medstream up`: start every component as its own process, print live status, restart
+what dies, and on a stop let the pipeline store what it accepted before it ends.
 
 Process layout (each a separate OS process): the embedded broker (Apache Kafka, or tansu
 without Java; embedded mode only), one
@@ -7,6 +8,12 @@ is also the one process that opens the embedded ClickHouse engine (chdb allows a
 process per engine path), so it serves the read-only query endpoint that `medstream sql`,
 `medstream reconcile` and the console use while the pipeline runs. The supervisor itself
 opens no engine.
+
+A component that dies (a stream worker, the sink, a collector, the console, the embedded
+broker) is started again after a growing pause; the broker is never stopped because a
+component died. A graceful stop stops the producers first, waits (bounded) until the
+workers' and the sink's consumer groups have committed every accepted record, and exits
+non-zero, saying how much and where, when something is still unstored.
 """
 
 from __future__ import annotations
@@ -30,8 +37,10 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from medstream.access import ALL_ORGANISATIONS, UserStore
 from medstream.audit import AuditError, AuditTrail
+from medstream.backlog import Backlog, BacklogUnknown, measure_backlog, pipeline_groups
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult
 from medstream.keys import AUDIT_KEY, SecretRefused, ensure_data_dir_secrets, resolve_secret
+from medstream.metrics import COMPONENT_RESTARTS, serve_metrics
 from medstream.query_endpoint import query_via_gateway, read_query_token
 from medstream.runtime import (
     Broker,
@@ -52,9 +61,50 @@ from medstream.settings import (
     ConsoleSettings,
     KafkaSettings,
     RuntimeSettings,
+    SinkSettings,
     StreamSettings,
     clickhouse_url,
 )
+
+# A component that exits is restarted after a pause that doubles (1 s .. 60 s); after this
+# many restarts in a row, each following a run shorter than HEALTHY_RUN_S, it is reported
+# as failed and `up` stops (draining what it can).
+MAX_QUICK_RESTARTS = 8
+HEALTHY_RUN_S = 300.0
+LONGEST_PAUSE_S = 60.0
+
+
+@dataclass
+class RestartPolicy:
+    """When a component that died is started again: after a pause growing 1 s .. 60 s with
+    each quick failure in a row, never again after MAX_QUICK_RESTARTS of them."""
+
+    quick: int = 0  # restarts in a row, each after a run shorter than HEALTHY_RUN_S
+    total: int = 0  # restarts in this run of `up`, for the status line and the metric
+    due_at: float | None = None
+    started_at: float = 0.0
+
+    def schedule(self, now: float) -> float | None:
+        """Plan the next start after a death at ``now``; the pause, or None to give up."""
+        if now - self.started_at > HEALTHY_RUN_S:
+            self.quick = 0  # it ran well for a while: a fresh failure
+        if self.quick >= MAX_QUICK_RESTARTS:
+            return None
+        pause = min(LONGEST_PAUSE_S, 2.0**self.quick)
+        self.due_at = now + pause
+        return pause
+
+    def due(self, now: float) -> bool:
+        """True when a planned start is due."""
+        return self.due_at is not None and now >= self.due_at
+
+    def started(self, now: float, restart: bool) -> None:
+        """Record a start (``restart``: after a death, counted)."""
+        self.started_at = now
+        self.due_at = None
+        if restart:
+            self.quick += 1
+            self.total += 1
 
 
 @dataclass
@@ -66,10 +116,10 @@ class Child:
     metrics_port: int
     process: subprocess.Popen[bytes] | None = None
     expected_exit: bool = False  # the simulator may finish on its own
-    restartable: bool = False  # collectors resume from their committed source position
-    restarts: int = 0  # consecutive restarts after short runs
-    restart_at: float | None = None
-    started_at: float = 0.0
+    # Collectors resume from their committed source position, workers and the sink from
+    # their committed offsets: all but the simulator are started again when they die.
+    restartable: bool = False
+    restart: RestartPolicy = field(default_factory=RestartPolicy)
     last_values: dict[str, float] = field(default_factory=dict)
 
     @property
@@ -173,16 +223,22 @@ def status_line(previous: Snapshot, current: Snapshot) -> str:
     )
 
 
+def restarts_summary(restarts: dict[str, int]) -> str:
+    """`` | restarts streams-0=2 sink=1`` for the status line; empty when none."""
+    done = [f"{name}={count}" for name, count in sorted(restarts.items()) if count]
+    return f" | restarts {' '.join(done)}" if done else ""
+
+
 # How long each component may take to stop: the simulator flushes its producer for up to
 # 60 s, the sink drains for up to 20 s and then stores what it read.
-# A collector that exits is restarted; after this many restarts in a row, each following a
-# run shorter than HEALTHY_RUN_S, it is reported as failed and `up` stops.
-MAX_QUICK_RESTARTS = 8
-HEALTHY_RUN_S = 300.0
 #: With --exit-when-done, the stored counts (events, alerts, dead letters) must hold still
 #: this long before the run counts as drained.
 DRAIN_QUIET_S = 3.0
 STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 75.0, "streams": 30.0, "sink": 60.0}
+#: After a second stop request each component gets at most this long.
+STOP_NOW_TIMEOUT_S = 10.0
+#: How often the supervisor looks at its components (status lines come less often).
+TICK_S = 0.5
 
 
 class ComponentFailed(RuntimeError):
@@ -203,8 +259,11 @@ class Supervisor:
         collectors: list[CollectorSpec] | None = None,
         simulate: bool = True,
         console: ConsoleSettings | None = None,
+        metrics_port: int = 0,
     ) -> None:
         self.kafka = kafka
+        self.metrics_port = metrics_port
+        self.metrics_url: str | None = None
         self.console = console
         self.console_url: str | None = None
         self.collectors = collectors or []
@@ -221,9 +280,18 @@ class Supervisor:
         self._env: dict[str, str] = {}
         self.query_url: str | None = None
         self._stop = threading.Event()
+        self._stop_now = threading.Event()
+        #: The Kafka settings the components use (the embedded broker's address), once set.
+        self._client_kafka: KafkaSettings | None = None
+        self._clickhouse_url = ""
+        self._broker_restart = RestartPolicy()
+        self._broker_lost_records = False  # a memory-only broker died during this run
+        self._running = False  # every component started (a stop then drains first)
 
     def request_stop(self, *_: object) -> None:
-        """Signal handler: stop at the next status tick."""
+        """Signal handler: stop at the next tick (draining); a second signal stops at once."""
+        if self._stop.is_set():
+            self._stop_now.set()
         self._stop.set()
 
     def run(
@@ -255,6 +323,15 @@ class Supervisor:
         signal.signal(signal.SIGINT, self.request_stop)
         signal.signal(signal.SIGTERM, self.request_stop)
         try:
+            port = serve_metrics(self.metrics_port, self.runtime.metrics_host)
+        except OSError as exc:
+            self.out(
+                f"error: `up` cannot serve its metrics on port {self.metrics_port} "
+                f"({exc.strerror}); choose another with --metrics-port (0 = a free one)"
+            )
+            return 2
+        self.metrics_url = f"http://127.0.0.1:{port}/metrics"
+        try:
             code = self._run(events, rate, seed, labels, exit_when_done, done_timeout_s)
         except ComponentFailed as exc:
             self.out(f"error: {exc}")
@@ -284,6 +361,7 @@ class Supervisor:
                 raise ComponentFailed(str(exc)) from exc
             bootstrap = self.broker.bootstrap_servers
             broker_kind = self.broker.kind
+            COMPONENT_RESTARTS.labels("broker")  # shown at 0 until it dies
             self.out(describe_broker(self.broker))
         kafka = self.kafka.model_copy(
             update={"bootstrap_servers": bootstrap, "broker_kind": broker_kind}
@@ -295,8 +373,10 @@ class Supervisor:
         if self.streams.exactly_once:
             self.out("stream processing: exactly_once (Kafka transactions, read_committed)")
         created = ensure_topics(kafka)
+        self._client_kafka = kafka
         self.out(f"topics ready ({len(created)} created)")
         ch_url = clickhouse_url(self.clickhouse, self.runtime)
+        self._clickhouse_url = ch_url
         env = {
             **os.environ,
             "KAFKA_BOOTSTRAP_SERVERS": bootstrap,
@@ -306,9 +386,13 @@ class Supervisor:
             "MEDSTREAM_DATA_DIR": str(data_dir.resolve()),
             "PYTHONUNBUFFERED": "1",
         }
+        # A restarted sink serves on the same port (and writes a new token): the address in
+        # runtime.json and the console's --query-url stay right.
         query_port = free_port()
         sink = self._start(
-            Child("sink", ["sink", "--query-port", str(query_port)], free_port()), env
+            Child("sink", ["sink", "--query-port", str(query_port)], free_port(),
+                  restartable=True),
+            env,
         )
         try:
             if not wait_for_port(query_port, 120, sink.process, cancelled=self._stop.is_set):
@@ -320,7 +404,9 @@ class Supervisor:
         self.out(f"ClickHouse {ch_url} migrated; query endpoint {self.query_url}")
         self._restore_alerts(kafka)
         for index in range(self.streams.workers):
-            self._start(Child(f"streams-{index}", ["streams"], free_port()), env)
+            self._start(
+                Child(f"streams-{index}", ["streams"], free_port(), restartable=True), env
+            )
         if not self._wait_ready(1 + self.streams.workers, timeout_s=120):
             return 0  # stopped while starting
         self._env = env
@@ -351,27 +437,22 @@ class Supervisor:
             simulator = self._start(
                 Child("simulator", simulate, free_port(), expected_exit=True), env
             )
-        RuntimeState(
-            os.getpid(),
-            bootstrap,
-            self.query_url,
-            {c.name: c.metrics_url for c in self.children},
-            ch_url,
-            self.console_url,
-            broker_kind,
-        ).write(self.runtime.runtime_file)
+        self._write_state()
+        self._running = True
         self.out(
             f"running: {len(self.children)} processes; metrics at "
             + ", ".join(f"{c.name}={c.metrics_url}" for c in self.children)
+            + f", up={self.metrics_url}"
         )
         self.out("press Ctrl-C to stop")
         previous = scrape(self.children)
         done_deadline: float | None = None
-        while not self._stop.wait(self.runtime.status_interval_s):
-            current = scrape(self.children)
-            self.out(status_line(previous, current))
-            previous = current
-            self._restart_collectors()
+        next_status = time.monotonic() + self.runtime.status_interval_s
+        # A short tick: a component that died is started again on time, not only at the next
+        # status line.
+        while not self._stop.wait(min(TICK_S, self.runtime.status_interval_s)):
+            self._tend_broker()
+            self._restart_dead()
             died = [c for c in self.children if self._died(c) and not c.restartable]
             if died:
                 for child in died:
@@ -379,9 +460,12 @@ class Supervisor:
                     log = self.runtime.data_dir / f"{child.name}.log"
                     self.out(f"{child.name} died with exit code {code}; see {log}")
                 return 1
-            if self.broker is not None and not self.broker.alive():
-                self.out(f"the embedded broker died; see {self.broker.log_path}")
-                return 1
+            if time.monotonic() < next_status:
+                continue
+            next_status = time.monotonic() + self.runtime.status_interval_s
+            current = scrape(self.children)
+            self.out(status_line(previous, current) + restarts_summary(self.restart_counts()))
+            previous = current
             if (
                 exit_when_done
                 and simulator is not None
@@ -485,10 +569,21 @@ class Supervisor:
         self.out(f"alert console: {self.console_url}")
         return True
 
-    def _restart_collectors(self) -> None:
-        """A collector (or the console) that died is restarted after a growing pause
-        (1 s .. 60 s): a collector resumes from the source position it last committed, so
-        nothing it read is lost; the console reloads its alerts from ClickHouse."""
+    def restart_counts(self) -> dict[str, int]:
+        """Restarts in this run of `up`, by component (``broker`` for the embedded broker)."""
+        counts = {child.name: child.restart.total for child in self.children}
+        if self.broker is not None:
+            counts["broker"] = self._broker_restart.total
+        return counts
+
+    def _restart_dead(self) -> None:
+        """A component that died is started again after a growing pause (1 s .. 60 s): a
+        collector resumes from the source position it last committed, a stream worker and
+        the sink from their groups' committed offsets, so nothing accepted is lost; the
+        console reloads its alerts from ClickHouse. One that keeps failing soon after its
+        start is given up (reported as died: `up` stops, draining what it can)."""
+        if not self._env:
+            return  # still starting: a component that dies now fails the start
         now = time.monotonic()
         for child in self.children:
             if not child.restartable or not self._died(child):
@@ -496,28 +591,104 @@ class Supervisor:
             if child.process is not None and child.process.returncode == 2:
                 child.restartable = False  # a configuration error: restarting cannot fix it
                 continue
-            if child.restart_at is None:
-                if now - child.started_at > HEALTHY_RUN_S:
-                    child.restarts = 0  # it ran well for a while: a fresh failure
-                if child.restarts >= MAX_QUICK_RESTARTS:
-                    child.restartable = False  # reported as died: `up` stops, exit 1
+            if child.restart.due_at is None:
+                pause = child.restart.schedule(now)
+                if pause is None:
+                    child.restartable = False
                     self.out(
-                        f"{child.name} failed {child.restarts + 1} times in a row within "
+                        f"{child.name} failed {child.restart.quick + 1} times in a row within "
                         f"{HEALTHY_RUN_S:.0f}s of starting; giving up"
                     )
                     continue
-                pause = min(60.0, 2.0**child.restarts)
-                child.restart_at = now + pause
                 code = child.process.returncode if child.process else None
                 log = self.runtime.data_dir / f"{child.name}.log"
                 self.out(
                     f"{child.name} exited with code {code}; restarting it in {pause:.0f}s "
                     f"(see {log})"
                 )
-            elif now >= child.restart_at:
-                child.restarts += 1
-                child.restart_at = None
-                self._start(child, self._env)
+            elif child.restart.due(now):
+                self._start(child, self._env, restart=True)
+                COMPONENT_RESTARTS.labels(child.name).inc()
+                self.out(f"{child.name} restarted (restart {child.restart.total})")
+                self._write_state()
+
+    def _tend_broker(self) -> None:
+        """Start the embedded broker again when it died (never stop it for a component).
+
+        Apache Kafka comes back on the same data directory and port, with everything it
+        had; the clients reconnect by themselves. tansu keeps records in memory only: what
+        it had accepted and was not yet stored is lost, said plainly, and `up` exits
+        non-zero at the end; the workers and the sink start afresh on the empty broker.
+        """
+        broker = self.broker
+        if broker is None or broker.alive():
+            return
+        now = time.monotonic()
+        if self._broker_restart.due_at is None:
+            code = broker.process.returncode if broker.process is not None else None
+            pause = self._broker_restart.schedule(now)
+            if pause is None:
+                raise ComponentFailed(
+                    f"the embedded broker failed {MAX_QUICK_RESTARTS + 1} times in a row; "
+                    f"giving up (see {broker.log_path})"
+                )
+            if broker.kind == "tansu":
+                self._broker_lost_records = True
+                self.out(
+                    f"the embedded tansu broker died (exit code {code}): the records it had "
+                    "accepted and the sink had not stored yet are LOST (tansu keeps them in "
+                    f"memory only); restarting it empty in {pause:.0f}s (see {broker.log_path})"
+                )
+            else:
+                self.out(
+                    f"the embedded Apache Kafka broker died (exit code {code}); restarting it "
+                    f"on the same data directory and port in {pause:.0f}s (its data is kept; "
+                    f"see {broker.log_path})"
+                )
+            return
+        if not self._broker_restart.due(now):
+            return
+        try:
+            broker.restart()
+        except EmbeddedRuntimeError as exc:
+            self.out(f"the embedded broker did not start again ({exc})")
+            self._broker_restart.started(now, restart=True)  # counts as a quick failure
+            return
+        self._broker_restart.started(now, restart=True)
+        COMPONENT_RESTARTS.labels("broker").inc()
+        self.out(f"the embedded broker runs again on {broker.bootstrap_servers}")
+        if broker.kind == "tansu" and self._client_kafka is not None:
+            ensure_topics(self._client_kafka)
+            # They read from a cluster that no longer exists: start them on the new one.
+            for child in self.children:
+                if child.name == "sink" or child.name.startswith("streams-"):
+                    self._stop_child(child, timeout_s=10.0)
+                    self._start(child, self._env)
+        self._write_state()
+
+    def _write_state(self) -> None:
+        """Publish endpoints and process ids for commands beside `up` (and after a restart)."""
+        pids = {
+            c.name: c.process.pid
+            for c in self.children
+            if c.process is not None and c.process.poll() is None
+        }
+        if self.broker is not None and self.broker.process is not None:
+            pids["broker"] = self.broker.process.pid
+        assert self._client_kafka is not None
+        metrics = {c.name: c.metrics_url for c in self.children}
+        if self.metrics_url is not None:
+            metrics["up"] = self.metrics_url
+        RuntimeState(
+            os.getpid(),
+            self._client_kafka.bootstrap_servers,
+            self.query_url,
+            metrics,
+            self._clickhouse_url,
+            self.console_url,
+            self._client_kafka.broker_kind,
+            pids,
+        ).write(self.runtime.runtime_file)
 
     def _drained(self, since: datetime) -> tuple[bool, str] | None:
         """After the simulator finished: the reconcile verdict once nothing is in flight."""
@@ -593,9 +764,10 @@ class Supervisor:
             return False
         return not (child.expected_exit and code == 0)
 
-    def _start(self, child: Child, env: dict[str, str]) -> Child:
+    def _start(self, child: Child, env: dict[str, str], restart: bool = False) -> Child:
         log_path = self.runtime.data_dir / f"{child.name}.log"
-        child.started_at = time.monotonic()
+        child.restart.started(time.monotonic(), restart)
+        COMPONENT_RESTARTS.labels(child.name)  # every component shows, at 0 until it dies
         with log_path.open("ab") as log:  # the child keeps its own copy of the descriptor
             child.process = subprocess.Popen(
                 [
@@ -613,33 +785,132 @@ class Supervisor:
             self.children.append(child)
         return child
 
-    def _shutdown(self) -> bool:
-        """Stop producers, then stream workers, then the sink (it drains), then Kafka.
-
-        Returns False when a component failed or had to be killed.
-        """
-        killed = []
-        order = sorted(
-            self.children,
-            key=lambda c: (
-                0
-                if c.name in ("simulator", "console") or c.name.startswith("collector-")
-                else (1 if c.name.startswith("streams") else 2)
-            ),
-        )
-        for child in order:
-            process = child.process
-            if process is None or process.poll() is not None:
-                continue
+    def _stop_child(self, child: Child, timeout_s: float, signalled: bool = False) -> bool:
+        """SIGTERM (unless ``signalled`` already: a second one cuts a component's own
+        shutdown short), wait, SIGKILL after ``timeout_s``; False when it had to be killed."""
+        process = child.process
+        if process is None or process.poll() is not None:
+            return True
+        if not signalled:
             process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            self.out(f"{child.name} did not stop within {timeout_s:.0f}s; killing it")
+            process.kill()
+            process.wait()
+            return False
+        return True
+
+    def _stop_all(self, children: list[Child]) -> list[str]:
+        """Stop these children together (none is restarted any more); the names of those
+        that had to be killed."""
+        for child in children:
+            child.restartable = False
+            if child.process is not None and child.process.poll() is None:
+                child.process.send_signal(signal.SIGTERM)
+        killed = []
+        for child in children:
             timeout = STOP_TIMEOUT_S.get(child.name.split("-")[0], 30.0)
-            try:
-                process.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.out(f"{child.name} did not stop within {timeout:.0f}s; killing it")
-                process.kill()
-                process.wait()
+            if self._stop_now.is_set():
+                timeout = min(timeout, STOP_NOW_TIMEOUT_S)
+            if not self._stop_child(child, timeout, signalled=True):
                 killed.append(child.name)
+        return killed
+
+    def _drain(self) -> None:
+        """Keep the workers and the sink running (restarting them if they die) until their
+        groups have committed every record in their topics, the drain timeout is up, or a
+        second stop request came; a progress line every status interval."""
+        kafka = self._client_kafka
+        assert kafka is not None
+        groups = pipeline_groups(kafka, self.streams.app_id, SinkSettings().group_id)
+        timeout_s = self.runtime.drain_timeout_s
+        started = time.monotonic()
+        next_line = started
+        while True:
+            try:
+                backlog: Backlog | None = measure_backlog(kafka, groups, timeout_s=5.0)
+            except BacklogUnknown as exc:
+                backlog, unknown = None, str(exc)
+            if backlog is not None and backlog.total == 0:
+                if time.monotonic() - started > 1.0:
+                    self.out("drained: every accepted record is stored")
+                return
+            left = (
+                f"{backlog.total:,} records still to store ({backlog.parts()})"
+                if backlog is not None
+                else f"unknown records still to store ({unknown})"
+            )
+            now = time.monotonic()
+            if self._stop_now.is_set():
+                self.out(f"second stop request: not waiting for {left}")
+                return
+            if now - started >= timeout_s:
+                self.out(
+                    f"drain timeout ({timeout_s:.0f}s, MEDSTREAM_DRAIN_TIMEOUT_S or "
+                    f"--drain-timeout) reached with {left}"
+                )
+                return
+            if now >= next_line:
+                self.out(f"draining: {left} ... {now - started:.0f}s of {timeout_s:.0f}s")
+                next_line = now + self.runtime.status_interval_s
+            try:
+                self._tend_broker()
+            except ComponentFailed as exc:
+                self.out(f"error: {exc}")
+                return
+            self._restart_dead()
+            self._stop_now.wait(TICK_S)
+
+    def _left_unstored(self) -> str | None:
+        """After the workers and the sink stopped: what the broker accepted and the pipeline
+        did not store, and where it is now; None when nothing."""
+        if self._client_kafka is None:
+            return None  # no broker, no topics: nothing was accepted
+        kafka = self._client_kafka
+        groups = pipeline_groups(kafka, self.streams.app_id, SinkSettings().group_id)
+        try:
+            backlog = measure_backlog(kafka, groups, timeout_s=10.0)
+        except BacklogUnknown as exc:
+            return f"what is left unstored cannot be told: {exc}"
+        if backlog.total == 0:
+            return None
+        topics = ", ".join(f"{topic} {count:,}" for topic, count in backlog.by_topic().items())
+        if self.broker is None:
+            kept = f"they stay in the topics on {kafka.bootstrap_servers}: the next run stores them"
+        elif self.broker.kind == "kafka":
+            kept = (
+                f"Apache Kafka keeps them under {self.runtime.data_dir / 'kafka'}: the next "
+                "`medstream up` on this data directory stores them"
+            )
+        else:
+            kept = "tansu keeps them in memory only: they are LOST as it stops now"
+        return (
+            f"{backlog.total:,} accepted records NOT stored ({backlog.parts()}; by topic: "
+            f"{topics}); {kept}"
+        )
+
+    def _shutdown(self) -> bool:
+        """Stop the producers; drain the topics into ClickHouse (bounded); stop the stream
+        workers, then the sink, then say what is left unstored; then stop Kafka.
+
+        Returns False when a component failed or had to be killed, or when something
+        accepted is not stored.
+        """
+        def stage(child: Child) -> int:
+            if child.name in ("simulator", "console") or child.name.startswith("collector-"):
+                return 0
+            return 1 if child.name.startswith("streams") else 2
+
+        killed = self._stop_all([c for c in self.children if stage(c) == 0])
+        if self._running and self._stop_now.is_set():
+            self.out("second stop request: stopping without draining")
+        elif self._running:
+            self._drain()
+        killed += self._stop_all([c for c in self.children if stage(c) == 1])
+        killed += self._stop_all([c for c in self.children if stage(c) == 2])
+        unstored = self._left_unstored()
         if self.broker is not None:
             self.broker.stop()
         try:
@@ -652,9 +923,21 @@ class Supervisor:
             for c in self.children
             if self._died(c) and c.process and c.process.returncode not in (0, -15)
         ]
+        if self._broker_lost_records:
+            self.out(
+                "the embedded tansu broker died during this run: the records it had accepted "
+                "and that were not yet stored were lost"
+            )
+        if unstored is not None:
+            self.out(f"stopped with {unstored}")
         if failed or killed:
-            names = sorted({*(c.name for c in failed), *killed})
+            names = sorted(
+                {*(f"{c.name} (exit code {c.process.returncode})" for c in failed if c.process),
+                 *(f"{name} (killed)" for name in killed)}
+            )
             self.out("stopped; components that failed: " + ", ".join(names))
+            return False
+        if unstored is not None or self._broker_lost_records:
             return False
         self.out("stopped cleanly")
         return True

@@ -328,7 +328,9 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
         "topic": {*topics, *tables},
         "table": tables,
         "reason_code": set(REASON_CODES),
-        "component": {"streams", "sink"},
+        # medstream_ready's components, and the process names of `up`'s restart counter.
+        "component": {"streams", "sink", "simulator", "console", "broker",
+                      *(f"streams-{n}" for n in range(8))},
         "action": {"opened", "updated", "acknowledged", "escalated", "resolved",
                    "link", "merge", "unmerge", "review"},
         "event_kind": set(EVENT_KINDS),
@@ -359,4 +361,5 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
                         assert value in allowed[label], (family.name, label, value)
                     seen += 1
     assert seen > 20
+    assert "up" in endpoints  # `up`'s own endpoint (component restarts) is scraped too
 

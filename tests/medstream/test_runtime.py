@@ -1,4 +1,5 @@
-"""Integration tests of the embedded runtime: broker process, topics, runtime state, failures."""
+"""Tests of the embedded runtime: broker process, topics, runtime state, failures (integration),
+and of how `up` restarts what dies and accounts for what is left unstored (unit)."""
 
 from __future__ import annotations
 
@@ -9,15 +10,131 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient
 
-from medstream.runtime import TansuBroker, RuntimeState, contract_topics, ensure_topics
+from medstream.backlog import (
+    Backlog,
+    ConsumerGroup,
+    backlog_from_offsets,
+    measure_backlog,
+    pipeline_groups,
+)
+from medstream.runtime import RuntimeState, TansuBroker, contract_topics, ensure_topics
 from medstream.settings import KafkaSettings, RuntimeSettings
+from medstream.supervisor import (
+    HEALTHY_RUN_S,
+    MAX_QUICK_RESTARTS,
+    RestartPolicy,
+    restarts_summary,
+)
 from tests.waiting import wait_for
 
-pytestmark = pytest.mark.integration
+
+def test_a_dead_component_is_restarted_after_doubling_pauses_and_given_up_after_quick_failures(
+) -> None:
+    policy = RestartPolicy()
+    policy.started(0.0, restart=False)
+    now, pauses = 10.0, []
+    while (pause := policy.schedule(now)) is not None:
+        pauses.append(pause)
+        assert not policy.due(now + pause - 0.01) and policy.due(now + pause)
+        now += pause
+        policy.started(now, restart=True)
+        now += 5.0  # it dies again soon after each start
+    assert pauses == [1, 2, 4, 8, 16, 32, 60, 60][:MAX_QUICK_RESTARTS]
+    assert policy.total == policy.quick == MAX_QUICK_RESTARTS
 
 
+def test_a_component_that_ran_well_starts_its_pauses_afresh() -> None:
+    policy = RestartPolicy()
+    policy.started(0.0, restart=False)
+    for _ in range(3):
+        policy.schedule(1.0)
+        policy.started(1.0, restart=True)
+    assert policy.schedule(1.0 + HEALTHY_RUN_S + 1) == 1.0  # a fresh failure
+    assert policy.quick == 0 and policy.total == 3
+
+
+def test_the_status_line_names_only_components_that_were_restarted() -> None:
+    summary = restarts_summary({"streams-0": 2, "sink": 1, "console": 0})
+    assert summary == " | restarts sink=1 streams-0=2"
+    assert restarts_summary({"sink": 0}) == ""
+
+
+def test_the_backlog_is_what_the_furthest_behind_group_of_each_partition_has_left() -> None:
+    groups = [
+        ConsumerGroup("workers", ("raw.lab", "norm.lab")),
+        ConsumerGroup("sink", ("raw.lab", "norm.lab", "alerts", "dlq")),
+    ]
+    latest = {("raw.lab", 0): 100, ("raw.lab", 1): 50, ("norm.lab", 0): 40, ("alerts", 0): 7,
+              ("dlq", 0): 3, ("other.topic", 0): 999}
+    earliest = {("raw.lab", 1): 10}
+    committed = {
+        "workers": {("raw.lab", 0): 100, ("norm.lab", 0): 40},  # raw.lab/1: never committed
+        "sink": {("raw.lab", 0): 60, ("raw.lab", 1): 50, ("norm.lab", 0): 25, ("alerts", 0): 7},
+    }
+    backlog = backlog_from_offsets(groups, earliest, latest, committed)
+    assert dict(backlog.by_partition) == {
+        ("raw.lab", 0): 40,  # the sink's raw ledger is 40 behind, the workers none
+        ("raw.lab", 1): 40,  # the workers start at the earliest offset, 10
+        ("norm.lab", 0): 15,
+        ("alerts", 0): 0,
+        ("dlq", 0): 3,  # nothing committed, from offset 0
+    }
+    assert backlog.total == 98
+    assert backlog.by_topic() == {"raw.lab": 80, "norm.lab": 15, "dlq": 3}
+    assert backlog.parts() == "raw 80, norm 15, alerts 0, other 3"
+    assert Backlog({("p.raw.x", 0): 1_234}, "p.").parts() == "raw 1,234, norm 0, alerts 0"
+
+
+def test_a_group_counts_the_topics_it_may_read_only_once_it_reads_them() -> None:
+    workers = ConsumerGroup("workers", ("raw.a", "norm.x", "norm.y", "mpi"), ("raw.a",))
+    assert workers.reading(set()).topics == ("raw.a",)
+    assert workers.reading({"norm.y", "mpi", "changelog"}).topics == ("raw.a", "norm.y", "mpi")
+    assert ConsumerGroup("sink", ("raw.a", "alerts")).reading(set()).topics == ("raw.a", "alerts")
+
+
+@pytest.mark.integration
+def test_the_backlog_of_a_broker_counts_records_not_commit_markers(
+    kafka_factory: Callable[..., KafkaSettings],
+) -> None:
+    kafka = kafka_factory()
+    raw, alerts = kafka.topic("raw.hl7_lab"), kafka.topic("alerts")
+    plain = Producer(kafka.librdkafka())
+    for index in range(30):
+        plain.produce(raw, value=b"x", partition=index % 2)
+    assert plain.flush(30) == 0
+    # Three transactions of two records: the topic ends in a commit marker no one commits.
+    transactional = Producer(kafka.librdkafka(**{"transactional.id": f"{kafka.topic_prefix}tx"}))
+    transactional.init_transactions(30)
+    for _ in range(3):
+        transactional.begin_transaction()
+        transactional.produce(alerts, value=b"a", partition=0)
+        transactional.produce(alerts, value=b"b", partition=0)
+        transactional.commit_transaction(30)
+    groups = pipeline_groups(kafka, f"{kafka.topic_prefix}workers", f"{kafka.topic_prefix}sink")
+    before = measure_backlog(kafka, groups)
+    assert before.by_topic() == {raw: 30, alerts: 6}
+    assert before.by_category()["raw"] == 30 and before.by_category()["alerts"] == 6
+
+    def commit(group: str, offsets: list[TopicPartition]) -> None:
+        consumer = Consumer(kafka.librdkafka(**{"group.id": group}))
+        consumer.commit(offsets=offsets, asynchronous=False)
+        consumer.close()
+
+    # The workers finished partition 0 of the raw topic; the sink stored 10 of its 15 and
+    # every alert (the offset after the last record, before the last commit marker).
+    commit(f"{kafka.topic_prefix}workers", [TopicPartition(raw, 0, 15)])
+    commit(f"{kafka.topic_prefix}sink", [TopicPartition(raw, 0, 10), TopicPartition(alerts, 0, 8)])
+    after = measure_backlog(kafka, groups)
+    assert after.by_topic() == {raw: 20} and after.total == 20  # 5 of partition 0, all of 1
+    commit(f"{kafka.topic_prefix}workers", [TopicPartition(raw, 1, 15)])
+    commit(f"{kafka.topic_prefix}sink", [TopicPartition(raw, 0, 15), TopicPartition(raw, 1, 15)])
+    assert measure_backlog(kafka, groups).total == 0
+
+
+@pytest.mark.integration
 def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable[..., KafkaSettings]) -> None:
     kafka = kafka_factory()  # the factory already created them
     assert ensure_topics(kafka) == []
@@ -40,6 +157,7 @@ def test_ensure_topics_creates_every_contract_topic_once(kafka_factory: Callable
     assert wanted[kafka.topic("quality.issues")] == wanted[kafka.topic("norm.encounter")]
 
 
+@pytest.mark.integration
 def test_embedded_broker_starts_and_stops(tmp_path: Path) -> None:
     broker = TansuBroker(log_path=tmp_path / "broker.log").start()
     try:
@@ -61,6 +179,7 @@ def test_runtime_state_is_only_read_while_its_process_lives(tmp_path: Path) -> N
     assert RuntimeState.read(runtime) is None
 
 
+@pytest.mark.integration
 def test_up_exits_non_zero_with_a_clear_reason_when_a_component_cannot_start(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
     env.update(MEDSTREAM_DATA_DIR=str(tmp_path), CLICKHOUSE_URL="ftp://nowhere.invalid/")
@@ -74,6 +193,7 @@ def test_up_exits_non_zero_with_a_clear_reason_when_a_component_cannot_start(tmp
     assert not (tmp_path / "runtime.json").exists()
 
 
+@pytest.mark.integration
 @pytest.mark.parametrize("kind", ["tansu", "kafka"])
 def test_children_die_with_a_killed_parent(tmp_path: Path, kind: str) -> None:
     import re
@@ -109,3 +229,42 @@ def test_children_die_with_a_killed_parent(tmp_path: Path, kind: str) -> None:
         time.sleep(0.1)
     gone = not os.path.exists(f"/proc/{tansu}") or open(f"/proc/{tansu}/stat").read().split()[2] == "Z"
     assert gone, f"the {kind} broker outlived its killed parent"
+
+
+@pytest.mark.integration
+def test_a_dead_tansu_broker_is_restarted_empty_on_its_port_and_the_loss_is_said(
+    tmp_path: Path,
+) -> None:
+    import signal
+
+    from medstream.settings import ClickHouseSettings, StreamSettings
+    from medstream.supervisor import Supervisor
+
+    said: list[str] = []
+    runtime = RuntimeSettings(data_dir=tmp_path)
+    supervisor = Supervisor(
+        KafkaSettings(), ClickHouseSettings(), runtime, StreamSettings(), out=said.append
+    )
+    broker = TansuBroker(log_path=tmp_path / "broker.log").start()
+    supervisor.broker = broker
+    kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, broker_kind="tansu")
+    supervisor._client_kafka = kafka
+    try:
+        ensure_topics(kafka)
+        assert broker.process is not None
+        broker.process.send_signal(signal.SIGKILL)
+        broker.process.wait(timeout=10)
+        supervisor._tend_broker()  # plans the restart
+        assert "are LOST (tansu keeps them in memory only)" in said[-1]
+        assert "restarting it empty in 1s" in said[-1]
+        wait_for(lambda: (supervisor._tend_broker(), broker.alive())[1], 10, "the restart")
+        assert said[-1] == f"the embedded broker runs again on {kafka.bootstrap_servers}"
+        assert supervisor.restart_counts() == {"broker": 1}
+        # Empty, on the same address, with every topic created again.
+        topics = AdminClient(kafka.librdkafka()).list_topics(timeout=10).topics
+        assert set(contract_topics(kafka)) <= set(topics)
+        state = RuntimeState.read(runtime)
+        assert state is not None and state.pids["broker"] == broker.process.pid
+        assert supervisor._broker_lost_records  # `up` will exit non-zero
+    finally:
+        broker.stop()
