@@ -643,6 +643,7 @@ def _apply(result: TrialResult, measured: dict[str, Any]) -> None:
 def measure_store(
     query: Callable[[str], Any], database: str, labels: list[dict[str, Any]],
     sender_system: str | None = None, acked: list[str] | None = None,
+    counter_files: list[Path] | None = None,
 ) -> dict[str, Any]:
     """The trial's counts from the store: the label check, critical alerts missing and
     duplicated apart, the label-free reconcile's gaps, the p99 event-to-alert delay and,
@@ -667,7 +668,12 @@ def measure_store(
         "WHERE action = 'opened' AND rule_id LIKE 'critical_value.%'"
     ).rows[0]
     now = datetime.now(tz=UTC)
-    report = reconcile(query, database, now - timedelta(days=7), now + timedelta(minutes=1))
+    # The broker has stopped with `up`: the publishers' own counters are the count of what
+    # entered that does not come from the sink.
+    report = reconcile(
+        query, database, now - timedelta(days=7), now + timedelta(minutes=1),
+        counter_files=counter_files or (),
+    )
     measured: dict[str, Any] = {
         "labels": {**check.__dict__, "missing_events": len(check.missing_events)},
         "alerts_expected": len(expected),
@@ -697,6 +703,7 @@ def measure_main(argv: list[str]) -> int:
     the counts of the engine under MEDSTREAM_DATA_DIR as JSON (the harness's own process
     cannot open one engine after another)."""
     from medstream.clickhouse import PROOF_MAX_ROWS, open_clickhouse, run_read_only
+    from medstream.published import published_files
     from medstream.reconcile import read_labels
     from medstream.settings import ClickHouseSettings, RuntimeSettings
 
@@ -714,6 +721,7 @@ def measure_main(argv: list[str]) -> int:
         measured = measure_store(
             lambda sql: run_read_only(client, sql, ch.database, 300, PROOF_MAX_ROWS),
             ch.database, labels, sender_system, acked,
+            published_files(runtime.data_dir),
         )
     finally:
         client.close()

@@ -692,6 +692,7 @@ class Supervisor:
 
     def _drained(self, since: datetime) -> tuple[bool, str] | None:
         """After the simulator finished: the reconcile verdict once nothing is in flight."""
+        from medstream.published import published_files
         from medstream.reconcile import reconcile
 
         assert self.query_url is not None
@@ -703,7 +704,12 @@ class Supervisor:
             return query_via_gateway(url, sql, max_rows=PROOF_MAX_ROWS, token=token)
 
         try:
-            report = reconcile(query, self.clickhouse.database, since, datetime.now(tz=UTC))
+            # The publishers' own counters: what they had acknowledged must be in the ledger
+            # before the run counts as drained, whatever the sink has seen.
+            report = reconcile(
+                query, self.clickhouse.database, since, datetime.now(tz=UTC),
+                counter_files=published_files(self.runtime.data_dir),
+            )
             totals = query(
                 f"SELECT (SELECT count() FROM {self.clickhouse.database}.alert), "
                 f"(SELECT count() FROM {self.clickhouse.database}.dead_letter)"

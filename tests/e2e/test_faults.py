@@ -21,23 +21,13 @@ from tests.waiting import require_kafka
 
 pytestmark = pytest.mark.e2e
 
-TODAY_UP_STOPS = (
-    "issue 16 items 2/3: `up` stops the whole pipeline when a worker or the sink dies "
-    "instead of restarting it; the lead removes this mark once those fixes are merged"
-)
-
-TODAY_STOP = (
-    "issue 16 item 3: a stop under backlog can exit 0 (`stopped cleanly`) with acknowledged "
-    "records unstored; the lead removes this mark once that fix is merged"
-)
-
 
 @pytest.mark.parametrize(
     ("kind", "seed"),
     [
-        pytest.param("worker", 11, marks=pytest.mark.xfail(reason=TODAY_UP_STOPS, strict=False)),
-        pytest.param("sink", 12, marks=pytest.mark.xfail(reason=TODAY_UP_STOPS, strict=False)),
-        pytest.param("graceful", 13, marks=pytest.mark.xfail(reason=TODAY_STOP, strict=False)),
+        ("worker", 11),
+        ("sink", 12),
+        ("graceful", 13),
     ],
 )
 def test_one_fault_loses_nothing_and_the_table_says_so(
