@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -92,12 +93,22 @@ def component_name(command: list[str]) -> str | None:
     return None
 
 
-def component_pids(up_pid: int, runtime_file: Path) -> dict[str, int]:
-    """Process ids of `up`'s components by name (``streams-0``, ``sink``, ``broker`` ...).
+@dataclass(frozen=True)
+class ChildProcess:
+    """One process `up` started: a pid and its start time name it even after the pid is
+    reused by another process."""
 
-    The runtime state's ``pids`` (name -> pid) when `up` writes one; without it (or for
-    what it leaves out) the children of `up` found in /proc by their command lines."""
-    found: dict[str, int] = {}
+    pid: int
+    started: int  # clock ticks after boot, /proc/<pid>/stat field 22
+
+
+def component_pids(up_pid: int, runtime_file: Path) -> dict[str, ChildProcess]:
+    """`up`'s components by name (``streams-0``, ``sink``, ``broker`` ...): its live
+    children found in /proc by their command lines.
+
+    The runtime state's ``pids`` (name -> pid) only name them: a pid there that is not a
+    current child of `up` (a component restarting, a stale file) is ignored."""
+    scanned: dict[int, str] = {}
     counters: dict[str, int] = {}
     for pid, command in sorted(child_processes(up_pid).items()):
         name = component_name(command)
@@ -106,17 +117,18 @@ def component_pids(up_pid: int, runtime_file: Path) -> dict[str, int]:
         if name in ("streams", "collector"):
             counters[name] = counters.get(name, -1) + 1
             name = f"{name}-{counters[name]}"
-        found[name] = pid
+        scanned[pid] = name
     try:
         state = json.loads(runtime_file.read_text())
-    except (OSError, ValueError):
-        state = {}
-    pids = state.get("pids") if isinstance(state, dict) else None
-    if isinstance(pids, dict):
-        alive = {str(n): int(p) for n, p in pids.items() if _alive(int(p))}
-        # The state's names win; /proc fills in what it lacks (the broker, say).
-        by_pid = {pid: name for name, pid in alive.items()}
-        found = {**{n: p for n, p in found.items() if p not in by_pid}, **alive}
+        hints = {int(pid): str(name) for name, pid in state["pids"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        hints = {}
+    found: dict[str, ChildProcess] = {}
+    # The state's names first, then /proc's for the children it does not name.
+    for pid in sorted(scanned, key=lambda pid: pid not in hints):
+        started = start_time(pid)
+        if started is not None:
+            found.setdefault(hints.get(pid, scanned[pid]), ChildProcess(pid, started))
     return found
 
 
@@ -130,11 +142,32 @@ def start_time(pid: int) -> int | None:
     return None if fields[0] == "Z" else int(fields[19])
 
 
-def _alive(pid: int) -> bool:
+def parent_pid(pid: int) -> int | None:
+    """The parent of a live process (``PPid`` in /proc/<pid>/status), None when it is gone."""
     try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, PermissionError):
+        status = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    found = re.search(r"^PPid:\s*(\d+)$", status, re.MULTILINE)
+    return int(found[1]) if found else None
+
+
+def kill_child(parent: int, process: ChildProcess) -> bool:
+    """SIGKILL ``process`` only while it is a child of ``parent`` started at the recorded
+    time; False (nothing sent) otherwise. A pidfd holds the process from the check to the
+    signal, so a pid reused meanwhile by another process is never hit."""
+    try:
+        pidfd = os.pidfd_open(process.pid)
+    except ProcessLookupError:
         return False
+    try:
+        if parent_pid(process.pid) != parent or start_time(process.pid) != process.started:
+            return False
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return False
+    finally:
+        os.close(pidfd)
     return True
 
 
@@ -245,6 +278,7 @@ class DrainWatch:
 
     def _store_state(self) -> tuple[object, ...] | None:
         from medstream.clickhouse import PROOF_MAX_ROWS, QueryError
+        from medstream.published import published_files
         from medstream.query_endpoint import query_via_gateway, read_query_token
         from medstream.reconcile import reconcile
 
@@ -261,14 +295,18 @@ class DrainWatch:
                 return query_via_gateway(url, sql, 60, PROOF_MAX_ROWS, token=token)
 
             now = datetime.now(tz=UTC)
-            report = reconcile(query, "medstream", now - timedelta(days=1), now)
+            # The publishers' own counters too, as `up` --exit-when-done holds them.
+            report = reconcile(
+                query, "medstream", now - timedelta(days=1), now,
+                counter_files=published_files(self.data_dir),
+            )
             totals = query(
                 "SELECT (SELECT count() FROM medstream.alert_history), "
                 "(SELECT count() FROM medstream.dead_letter), "
                 "(SELECT count() FROM medstream.lineage)"
             ).rows[0]
-        except (OSError, ValueError, KeyError, TypeError, QueryError):
-            return None
+        except (OSError, ValueError, KeyError, TypeError, QueryError, sqlite3.Error):
+            return None  # a counter file being written, or the gateway busy: ask again
         seen = sum(s.published_messages for s in report.sources)
         settled = report.ok and seen >= published
         return (settled, seen, tuple(sorted(report.stored_events.items())), *totals)
@@ -446,6 +484,7 @@ class _Run:
         if kind == "cluster-broker":
             node = self.cluster.nodes[self.trial.target % len(self.cluster.nodes)]
             node.kill()
+            self.result.killed.append(f"cluster broker {node.node_id}")
             self.note(f"killed cluster broker {node.node_id} with SIGKILL")
             time.sleep(self.trial.restart_after_s)  # the outage lasts this long on purpose
             node.start(timeout_s=120)
@@ -464,9 +503,15 @@ class _Run:
             )
             return
         for name in targets:
-            os.kill(pids[name], signal.SIGKILL)
+            if not kill_child(self.up.pid, pids[name]):
+                self.result.error = (
+                    f"{name} (pid {pids[name].pid}) ended or was replaced before the kill: "
+                    "not killed"
+                )
+                return
+            self.result.killed.append(name)
         self.note(
-            "killed " + ", ".join(f"{name} (pid {pids[name]})" for name in targets)
+            "killed " + ", ".join(f"{name} (pid {pids[name].pid})" for name in targets)
             + " with SIGKILL"
         )
 
@@ -498,15 +543,17 @@ class _Run:
             verdict = watch.verdict()
             if verdict == "drained":
                 self.note("drained (every published record accounted for, store quiet)")
-                return
-            if verdict == "stalled":
+            elif verdict == "stalled":
                 self.note(f"stalled: the store did not change for {STALL_S:.0f}s with gaps")
-                return
-            if time.monotonic() > deadline:
+            elif time.monotonic() > deadline:
+                verdict = "timed out"
                 self.note("timed out waiting for the run to drain")
+            if verdict is not None:
+                self.result.drain = verdict
                 return
             time.sleep(1.0)
         code = self.up.returncode if self.up is not None else None
+        self.result.drain = "exited"
         self.note(f"`up` exited by itself with code {code}")
 
     def stop_up(self, already_signalled: bool = False) -> None:
@@ -532,7 +579,11 @@ class _Run:
         self.result.restarts_seen = count_restarts(text)
         acked: list[str] | None = None
         if self.sender is not None:
-            acked = self.sender.acked
+            self.sender.stop.set()
+            self.sender.done.wait(timeout=15)  # a send in progress times out after 10 s
+            acked = list(self.sender.acked)
+            answered = len(acked) + len(self.sender.rejected)
+            self.result.sender_finished = answered >= self.sender.messages
             self.note(
                 f"sender: {len(acked)} AA, {len(self.sender.rejected)} AE/AR, "
                 f"{self.sender.resends} resends"

@@ -35,6 +35,15 @@ BROKER_RESTART_S = (1.0, 3.0)
 #: The graceful stop happens under a backlog: its run publishes this many times faster
 #: than the others (the same events, so it lasts this many times less).
 GRACEFUL_RATE_FACTOR = 4
+#: Kinds whose fault is a SIGKILL, and those of them `up` must answer with a restart of
+#: each killed component (a cluster node is started again by the harness itself).
+KILL_KINDS: tuple[FaultKind, ...] = (
+    "worker", "sink", "worker+sink", "collector", "broker", "cluster-broker"
+)
+RESTARTED_KINDS: tuple[FaultKind, ...] = ("worker", "sink", "worker+sink", "collector", "broker")
+#: How a watched run may end and still pass: drained, or `up` ended by itself (its exit
+#: code is judged on its own).
+DRAIN_ENDINGS = ("drained", "exited")
 
 
 @dataclass(frozen=True)
@@ -139,6 +148,13 @@ class TrialResult(FaultCounts):
     unstored_at_stop: int | None = None
     #: Label-free reconcile: the gaps it named (it should see every loss the labels see).
     reconcile_gaps: list[str] = field(default_factory=list)
+    #: How waiting for the drain ended: ``drained``, ``exited`` (`up` ended by itself),
+    #: ``stalled`` or ``timed out``; None when it was never watched.
+    drain: str | None = None
+    #: collector only: the resending sender got an answer to every message.
+    sender_finished: bool | None = None
+    #: The components the fault killed with SIGKILL, by name.
+    killed: list[str] = field(default_factory=list)
     #: What happened, in order: the fault, restarts, how the run ended.
     notes: list[str] = field(default_factory=list)
     #: The trial could not be run or measured (then its counts prove nothing).
@@ -147,16 +163,48 @@ class TrialResult(FaultCounts):
 
     @property
     def ok(self) -> bool:
-        """Nothing lost, doubled, missing or wrongly dead-lettered, and measured at all."""
-        return (
-            self.error is None
-            and self.lost == 0
-            and self.duplicated == 0
-            and self.alerts_missing == 0
-            and self.alerts_duplicated == 0
-            and self.dead_letters_found == self.dead_letters_expected
-            and not self.stop_hid_unstored
-        )
+        """Measured, and none of :attr:`problems`."""
+        return not self.problems
+
+    @property
+    def problems(self) -> list[str]:
+        """Why this trial failed, one reason each (empty: it passed)."""
+        if self.error is not None:
+            return [f"not measured: {self.error}"]
+        return [
+            reason for reason, failed in (
+                (f"{self.lost} lost", self.lost > 0),
+                (f"{self.duplicated} duplicated", self.duplicated > 0),
+                (f"{self.alerts_missing} critical alerts missing", self.alerts_missing > 0),
+                (f"{self.alerts_duplicated} critical alerts duplicated",
+                 self.alerts_duplicated > 0),
+                (f"dead letters {self.dead_letters_found} of {self.dead_letters_expected}",
+                 self.dead_letters_found != self.dead_letters_expected),
+                ("the graceful stop exited 0 with acknowledged records unstored",
+                 self.stop_hid_unstored),
+                ("the graceful stop never happened",
+                 self.kind == "graceful" and self.unstored_at_stop is None),
+                (f"the run did not drain ({self.drain or 'never watched'})",
+                 self.drain not in DRAIN_ENDINGS),
+                ("the resending sender never finished", self.sender_finished is False),
+                (f"`up` ended with exit code {self.up_exit_code}", self.up_exit_code != 0),
+                ("no component was killed", self.kind in KILL_KINDS and not self.killed),
+                (f"{self.restarts_seen} restarts for {len(self.killed)} killed",
+                 self.kind in RESTARTED_KINDS and self.restarts_seen < len(self.killed)),
+                ("reconcile named no gap for the loss", self.reconcile_missed),
+                ("reconcile named gaps with nothing lost", self.reconcile_false_alarm),
+            ) if failed
+        ]
+
+    @property
+    def reconcile_missed(self) -> bool:
+        """The trial lost events but the label-free reconcile named no gap."""
+        return self.lost > 0 and not self.reconcile_gaps
+
+    @property
+    def reconcile_false_alarm(self) -> bool:
+        """The label-free reconcile named gaps although nothing was lost."""
+        return self.lost == 0 and bool(self.reconcile_gaps)
 
     @property
     def stop_hid_unstored(self) -> bool:
@@ -180,12 +228,14 @@ class TrialResult(FaultCounts):
                     f"; the stop left {self.unstored_at_stop} unstored and exited "
                     f"{self.stop_exit_code}" + (" (NOT REPORTED)" if self.stop_hid_unstored else "")
                 )
-        state = "ok" if self.ok else "FAILED"
+        state = "ok" if self.ok else "FAILED" + (
+            "" if self.error is not None else " (" + "; ".join(self.problems) + ")"
+        )
         return f"{self.kind} #{self.number}: {verdict} in {self.wall_s:.0f}s: {state}"
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form."""
-        return {**asdict(self), "ok": self.ok}
+        return {**asdict(self), "ok": self.ok, "problems": self.problems}
 
 
 @dataclass
@@ -196,6 +246,9 @@ class KindSummary(FaultCounts):
     trials: int = 0
     failed: int = 0
     reconcile_gaps: int = 0
+    #: Trials that lost something without a reconcile gap, and the reverse.
+    reconcile_missed: int = 0
+    false_alarms: int = 0
     alert_p99_ms: float | None = None
 
 
@@ -208,6 +261,8 @@ def summarise(results: Sequence[TrialResult]) -> list[KindSummary]:
         total.failed += 0 if result.ok else 1
         total.add(result)
         total.reconcile_gaps += len(result.reconcile_gaps)
+        total.reconcile_missed += int(result.reconcile_missed)
+        total.false_alarms += int(result.reconcile_false_alarm)
         if result.alert_p99_ms is not None:
             total.alert_p99_ms = max(total.alert_p99_ms or 0.0, result.alert_p99_ms)
     return list(by_kind.values())
@@ -216,7 +271,7 @@ def summarise(results: Sequence[TrialResult]) -> list[KindSummary]:
 TABLE_COLUMNS = (
     "kind", "trials", "failed", "events", "lost", "duplicated", "alerts missing",
     "alerts duplicated", "dead letters exp/found", "restarts seen", "reconcile gaps",
-    "p99 critical alert", "wall time",
+    "reconcile missed", "false alarms", "p99 critical alert", "wall time",
 )
 
 
@@ -227,7 +282,7 @@ def render_table(summaries: Sequence[KindSummary]) -> str:
             s.kind, str(s.trials), str(s.failed), str(s.events), str(s.lost),
             str(s.duplicated), str(s.alerts_missing), str(s.alerts_duplicated),
             f"{s.dead_letters_expected}/{s.dead_letters_found}", str(s.restarts_seen),
-            str(s.reconcile_gaps),
+            str(s.reconcile_gaps), str(s.reconcile_missed), str(s.false_alarms),
             "n/a" if s.alert_p99_ms is None else f"{s.alert_p99_ms / 1000:.1f} s",
             f"{s.wall_s:.0f} s",
         ]
@@ -243,8 +298,8 @@ def render_table(summaries: Sequence[KindSummary]) -> str:
 
 
 def exit_code(results: Sequence[TrialResult]) -> int:
-    """0 when every trial lost, doubled and missed nothing; 1 otherwise (also when a trial
-    could not be measured, or none ran)."""
+    """0 when every trial passed (see :attr:`TrialResult.problems`); 1 otherwise (also when
+    a trial could not be measured, or none ran)."""
     return 0 if results and all(r.ok for r in results) else 1
 
 

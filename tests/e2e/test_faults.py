@@ -55,6 +55,11 @@ def test_one_fault_loses_nothing_and_the_table_says_so(
     assert (trial["lost"], trial["duplicated"]) == (0, 0), output[-3000:]
     assert (trial["alerts_missing"], trial["alerts_duplicated"]) == (0, 0), output[-3000:]
     assert trial["dead_letters_found"] == trial["dead_letters_expected"], output[-3000:]
+    # Every rule of a passing trial: drained, `up` ended with 0, the fault answered, and
+    # the label-free reconcile named no gap (nothing was lost).
+    assert trial["problems"] == [] and trial["ok"], output[-3000:]
+    assert trial["drain"] in ("drained", "exited") and trial["up_exit_code"] == 0, trial["notes"]
+    assert trial["reconcile_gaps"] == [], trial["reconcile_gaps"]
     assert done.returncode == 0, output[-3000:]
     assert f"[1/1] {kind} #1: {trial['events']} events, 0 lost, 0 duplicated" in done.stdout
     # The table: one row for the kind, nothing lost, and the same counts as the JSON.
@@ -65,8 +70,9 @@ def test_one_fault_loses_nothing_and_the_table_says_so(
     ]
     assert row[:8] == [kind, "1", "0", str(trial["events"]), "0", "0", "0", "0"], row
     assert row[8] == f"{trial['dead_letters_expected']}/{trial['dead_letters_found']}"
+    assert row[11:13] == ["0", "0"], row  # reconcile missed no loss, raised no false alarm
     if kind == "graceful":
         assert any("starting it again" in note for note in trial["notes"]), trial["notes"]
     else:
         assert any("with SIGKILL" in note for note in trial["notes"]), trial["notes"]
-        assert trial["restarts_seen"] >= 1, output[-3000:]
+        assert trial["restarts_seen"] >= len(trial["killed"]) >= 1, output[-3000:]

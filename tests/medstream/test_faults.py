@@ -4,11 +4,24 @@ the exit code (no processes; the trials themselves run in tests/e2e/test_faults.
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from medstream.fault_trial import component_name, component_pids, count_restarts, start_time
+from medstream.fault_trial import (
+    ChildProcess,
+    component_name,
+    component_pids,
+    count_restarts,
+    kill_child,
+    parent_pid,
+    start_time,
+)
 from medstream.faults import (
     GRACEFUL_RATE_FACTOR,
     KINDS,
@@ -62,10 +75,17 @@ def test_kinds_are_parsed_in_suite_order_and_unknown_ones_are_named() -> None:
 
 
 def result(kind: str = "worker", number: int = 1, **counts: object) -> TrialResult:
+    """A trial that passed (its fault delivered and answered, drained, `up` ended with 0),
+    with ``counts`` changed."""
     base = TrialResult(kind, number, seed=number, fault_after_s=3.0)  # type: ignore[arg-type]
     base.events, base.alerts_expected = 1000, 4
     base.dead_letters_expected = base.dead_letters_found = 30
     base.wall_s = 60.0
+    base.drain, base.up_exit_code = "drained", 0
+    if kind == "graceful":
+        base.stop_exit_code, base.unstored_at_stop = 0, 0
+    else:
+        base.killed, base.restarts_seen = ["x"], 1
     for name, value in counts.items():
         setattr(base, name, value)
     return base
@@ -86,8 +106,52 @@ def test_a_trial_fails_on_any_loss_duplicate_missing_alert_dead_letter_or_no_mea
     assert "left 12 unstored and exited 0 (NOT REPORTED)" in result(
         "graceful", stop_exit_code=0, unstored_at_stop=12
     ).summary()
-    # The label-free reconcile's gaps are shown, the labels decide.
-    assert result(reconcile_gaps=["hl7_lab: 3 of 90 raw messages ..."]).ok
+    assert not result("graceful", stop_exit_code=None, unstored_at_stop=None).ok
+
+
+def test_a_drain_that_timed_out_or_stalled_fails_the_trial() -> None:
+    assert result(drain="exited").ok  # `up` --exit-when-done ended by itself: its code judges
+    for drain in ("timed out", "stalled", None):
+        failed = result(drain=drain)
+        assert failed.problems == [f"the run did not drain ({drain or 'never watched'})"]
+
+
+def test_a_resending_sender_that_never_finished_fails_the_trial() -> None:
+    assert result("collector", sender_finished=True).ok
+    assert result("collector", sender_finished=False).problems == [
+        "the resending sender never finished"
+    ]
+
+
+def test_up_ending_with_a_nonzero_code_fails_the_trial() -> None:
+    assert result(up_exit_code=1).problems == ["`up` ended with exit code 1"]
+    assert result(up_exit_code=-9).problems == ["`up` ended with exit code -9"]
+    assert result("graceful", up_exit_code=1).problems == ["`up` ended with exit code 1"]
+
+
+def test_a_kill_without_a_restart_fails_the_trial() -> None:
+    assert result("worker", killed=["streams-0"], restarts_seen=0).problems == [
+        "0 restarts for 1 killed"
+    ]
+    assert not result("worker+sink", killed=["streams-1", "sink"], restarts_seen=1).ok
+    assert result("worker+sink", killed=["streams-1", "sink"], restarts_seen=2).ok
+    assert result("collector", killed=[], restarts_seen=0).problems == [
+        "no component was killed"
+    ]
+    # The harness starts a killed cluster node again itself: `up` restarts nothing.
+    assert result("cluster-broker", killed=["cluster broker 1"], restarts_seen=0).ok
+
+
+def test_reconcile_missing_a_loss_or_naming_a_gap_with_none_fails_the_trial() -> None:
+    gap = ["hl7_lab: 3 of 90 raw messages ..."]
+    assert result(lost=3, reconcile_gaps=gap).problems == ["3 lost"]
+    missed = result(lost=3)
+    assert missed.reconcile_missed and not missed.reconcile_false_alarm
+    assert missed.problems == ["3 lost", "reconcile named no gap for the loss"]
+    alarm = result(reconcile_gaps=gap)
+    assert alarm.reconcile_false_alarm and not alarm.reconcile_missed
+    assert alarm.problems == ["reconcile named gaps with nothing lost"]
+    assert alarm.summary().endswith("FAILED (reconcile named gaps with nothing lost)")
 
 
 def test_exit_code_is_nonzero_when_any_trial_failed_or_none_ran() -> None:
@@ -104,6 +168,7 @@ def test_results_add_up_per_kind_in_suite_order() -> None:
                reconcile_gaps=["a", "b"], dead_letters_found=28, restarts_seen=2),
         result("sink", 2),
     ]
+    results.append(result("sink", 3, reconcile_gaps=["c"]))
     worker, sink = summarise(results)
     assert (worker.kind, worker.trials, worker.failed) == ("worker", 2, 1)
     assert (worker.events, worker.lost, worker.duplicated) == (2000, 0, 3)
@@ -112,7 +177,9 @@ def test_results_add_up_per_kind_in_suite_order() -> None:
     )
     assert (worker.restarts_seen, worker.reconcile_gaps, worker.alert_p99_ms) == (3, 2, 15800.0)
     assert worker.wall_s == 120.0
-    assert (sink.kind, sink.failed, sink.lost, sink.alert_p99_ms) == ("sink", 1, 5, 900.0)
+    assert (sink.kind, sink.failed, sink.lost, sink.alert_p99_ms) == ("sink", 2, 5, 900.0)
+    # sink 1 lost 5 with no gap named; sink 3 named a gap with nothing lost.
+    assert (sink.reconcile_missed, sink.false_alarms, worker.reconcile_missed) == (1, 1, 0)
 
 
 def test_the_table_has_one_aligned_row_per_kind() -> None:
@@ -121,8 +188,10 @@ def test_the_table_has_one_aligned_row_per_kind() -> None:
     assert len(lines) == 4 and len({len(line) for line in lines}) == 1
     cells = [[cell.strip() for cell in line.strip("|").split("|")] for line in lines]
     assert cells[0][:5] == ["kind", "trials", "failed", "events", "lost"]
+    assert cells[0][10:13] == ["reconcile gaps", "reconcile missed", "false alarms"]
     assert cells[2] == [
-        "worker", "1", "1", "1000", "442", "0", "0", "0", "30/30", "0", "0", "n/a", "60 s"
+        "worker", "1", "1", "1000", "442", "0", "0", "0", "30/30", "1", "0", "1", "0", "n/a",
+        "60 s",
     ]
     assert cells[3][0] == "graceful" and cells[3][2] == "0"
 
@@ -137,6 +206,7 @@ def test_the_json_holds_settings_summaries_and_every_trial(tmp_path: Path) -> No
     assert [(t["kind"], t["ok"], t["lost"]) for t in body["trials"]] == [
         ("worker", True, 0), ("sink", False, 2)
     ]
+    assert body["trials"][1]["problems"] == ["2 lost", "reconcile named no gap for the loss"]
     assert body["trials"][0]["notes"] == ["killed streams-0 (pid 10) with SIGKILL"]
 
 
@@ -153,7 +223,8 @@ def test_the_suite_prints_progress_and_the_log_of_each_failed_trial() -> None:
     assert [r.kind for r in results] == ["worker", "sink"]
     assert lines[0].startswith("[1/2] worker #1: seed ")
     assert lines[1].startswith("[1/2] worker #1: 1000 events, 0 lost") and lines[1].endswith(": ok")
-    assert "4 lost" in lines[3] and lines[3].endswith("FAILED")
+    assert "4 lost" in lines[3]
+    assert lines[3].endswith("FAILED (4 lost; reconcile named no gap for the loss)")
     assert lines[4] == "[2/2] logs of the failed trial: /tmp/x/sink-1/up.log"
 
 
@@ -170,20 +241,80 @@ def test_components_are_named_from_their_command_lines() -> None:
     assert component_name(["/bin/sh", "-c", "true"]) is None
 
 
-def test_the_runtime_state_pids_name_components_when_up_writes_them(tmp_path: Path) -> None:
-    import os
+#: A stand-in for `up`: it starts two children whose command lines read like `up`'s stream
+#: worker and sink (they only sleep), prints their pids and waits for its stdin to close.
+FAKE_UP = """
+import subprocess, sys
+sleeper = [sys.executable, "-c", "import time; time.sleep(300)", "-m", "medstream"]
+children = [subprocess.Popen([*sleeper, "streams"]), subprocess.Popen([*sleeper, "sink"])]
+print(*(child.pid for child in children), flush=True)
+sys.stdin.read()
+for child in children:
+    child.kill()
+    child.wait()
+"""
 
+
+@pytest.fixture
+def fake_up() -> Iterator[tuple[subprocess.Popen[str], int, int]]:
+    """A dedicated parent process (never this test process: other tests' brokers may be its
+    children) with a fake stream worker and sink; yields it and the two pids."""
+    parent = subprocess.Popen(
+        [sys.executable, "-c", FAKE_UP], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    assert parent.stdout is not None and parent.stdin is not None
+    try:
+        streams, sink = (int(pid) for pid in parent.stdout.readline().split())
+        yield parent, streams, sink
+    finally:
+        parent.stdin.close()
+        parent.wait(timeout=30)
+
+
+def test_components_are_the_current_children_of_up_named_by_the_runtime_state(
+    tmp_path: Path, fake_up: tuple[subprocess.Popen[str], int, int]
+) -> None:
+    parent, streams, sink = fake_up
     state = tmp_path / "runtime.json"
-    state.write_text(json.dumps({"pid": 1, "pids": {"streams-0": os.getpid()}}))
-    # This test process has no medstream children: only the state's names are found.
-    assert component_pids(os.getpid(), state) == {"streams-0": os.getpid()}
-    state.write_text(json.dumps({"pid": 1}))  # today's state file: no pids field
-    assert component_pids(os.getpid(), state) == {}
+    expected = {
+        "streams-0": ChildProcess(streams, start_time(streams)),  # type: ignore[arg-type]
+        "sink": ChildProcess(sink, start_time(sink)),  # type: ignore[arg-type]
+    }
+    assert component_pids(parent.pid, state) == expected  # no state file: /proc alone
+    # The state names a child; its pids that are not current children of `up` (this test
+    # process, pid 1) are only stale hints and never chosen.
+    state.write_text(json.dumps({
+        "pid": parent.pid, "pids": {"streams-1": streams, "sink": os.getpid(), "broker": 1}
+    }))
+    assert component_pids(parent.pid, state) == {
+        "streams-1": expected["streams-0"], "sink": expected["sink"]
+    }
+
+
+def test_only_a_current_child_with_the_recorded_start_time_is_killed(
+    tmp_path: Path, fake_up: tuple[subprocess.Popen[str], int, int]
+) -> None:
+    parent, streams, sink = fake_up
+    chosen = component_pids(parent.pid, tmp_path / "runtime.json")
+    assert parent_pid(sink) == parent.pid and parent_pid(os.getpid()) == os.getppid()
+    # Another process now holding the pid (a different start time): refused.
+    reused = ChildProcess(sink, chosen["sink"].started + 1)
+    assert not kill_child(parent.pid, reused)
+    # A process that is not a child of `up` (this test process): refused.
+    assert not kill_child(parent.pid, ChildProcess(os.getpid(), start_time(os.getpid()) or 0))
+    # The right process under another parent: refused.
+    assert not kill_child(os.getpid(), chosen["sink"])
+    assert start_time(sink) == chosen["sink"].started  # all three left it running
+    assert kill_child(parent.pid, chosen["sink"])
+    deadline = time.monotonic() + 10
+    while start_time(sink) is not None and time.monotonic() < deadline:
+        time.sleep(0.05)  # SIGKILL is delivered asynchronously
+    assert start_time(sink) is None  # killed (a zombie until its parent reaps it)
+    assert start_time(streams) == chosen["streams-0"].started  # its sibling untouched
+    assert not kill_child(parent.pid, chosen["sink"])  # gone: nothing to kill
 
 
 def test_a_process_is_known_by_its_pid_and_start_time() -> None:
-    import os
-
     assert start_time(os.getpid()) == start_time(os.getpid()) is not None
     beyond = int(Path("/proc/sys/kernel/pid_max").read_text()) + 1  # no process has it
     assert start_time(beyond) is None
