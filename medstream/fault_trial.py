@@ -10,7 +10,6 @@ simulator's labels and the HL7 messages the collector acknowledged with AA.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
@@ -152,16 +151,18 @@ def parent_pid(pid: int) -> int | None:
     return int(found[1]) if found else None
 
 
-def kill_child(parent: int, process: ChildProcess) -> bool:
-    """SIGKILL ``process`` only while it is a child of ``parent`` started at the recorded
-    time; False (nothing sent) otherwise. A pidfd holds the process from the check to the
-    signal, so a pid reused meanwhile by another process is never hit."""
+def kill_child(parent: int | None, process: ChildProcess) -> bool:
+    """SIGKILL ``process`` only while it is a child of ``parent`` (any parent: None)
+    started at the recorded time; False (nothing sent) otherwise. A pidfd holds the
+    process from the check to the signal, so a pid reused meanwhile is never hit."""
     try:
         pidfd = os.pidfd_open(process.pid)
     except ProcessLookupError:
         return False
     try:
-        if parent_pid(process.pid) != parent or start_time(process.pid) != process.started:
+        if start_time(process.pid) != process.started or parent not in (
+            None, parent_pid(process.pid)
+        ):
             return False
         signal.pidfd_send_signal(pidfd, signal.SIGKILL)
     except ProcessLookupError:
@@ -634,17 +635,16 @@ class _Run:
         kernel); kill the ones still there after ``timeout_s``."""
         deadline = time.monotonic() + timeout_s
 
-        def ours() -> list[int]:  # still the same processes (not a reused pid)
+        def ours() -> list[ChildProcess]:  # still the same processes (not a reused pid)
             return [
-                pid for pid, started in self.seen_pids.items()
+                ChildProcess(pid, started) for pid, started in self.seen_pids.items()
                 if started is not None and start_time(pid) == started
             ]
 
         while ours() and time.monotonic() < deadline:
             time.sleep(0.2)
-        for pid in ours():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
+        for process in ours():  # orphans of a killed `up`: their parent is gone
+            kill_child(None, process)
         self.seen_pids.clear()
 
 

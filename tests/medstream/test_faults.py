@@ -312,6 +312,9 @@ def test_only_a_current_child_with_the_recorded_start_time_is_killed(
     assert start_time(sink) is None  # killed (a zombie until its parent reaps it)
     assert start_time(streams) == chosen["streams-0"].started  # its sibling untouched
     assert not kill_child(parent.pid, chosen["sink"])  # gone: nothing to kill
+    # An orphan of a killed `up` is killed whoever its parent, but only with its start time.
+    assert not kill_child(None, ChildProcess(streams, chosen["streams-0"].started + 1))
+    assert kill_child(None, chosen["streams-0"])
 
 
 def test_a_process_is_known_by_its_pid_and_start_time() -> None:
