@@ -79,18 +79,22 @@ class InternalErrors:
 
 
 def surviving_tick(
-    errors: InternalErrors, tick: Callable[[], Awaitable[None]]
-) -> Callable[[], Awaitable[None]]:
-    """``tick`` for a Faust timer: a bug it raises is counted and logged, and the worker goes
-    on (the timer calls it again at its next interval); NOT_THE_RECORDS_FAULT raises."""
+    errors: InternalErrors,
+) -> Callable[[Callable[[], Awaitable[None]]], Callable[[], Awaitable[None]]]:
+    """A decorator of Faust timer bodies: a bug a tick raises is counted and logged, and the
+    worker goes on (the timer calls it again at its next interval); NOT_THE_RECORDS_FAULT
+    raises."""
 
-    @functools.wraps(tick)
-    async def guarded() -> None:
-        try:
-            await tick()
-        except NOT_THE_RECORDS_FAULT:
-            raise
-        except Exception as exc:
-            errors.tick_failed(exc, tick.__name__)
+    def decorate(tick: Callable[[], Awaitable[None]]) -> Callable[[], Awaitable[None]]:
+        @functools.wraps(tick)
+        async def guarded() -> None:
+            try:
+                await tick()
+            except NOT_THE_RECORDS_FAULT:
+                raise
+            except Exception as exc:
+                errors.tick_failed(exc, tick.__name__)
 
-    return guarded
+        return guarded
+
+    return decorate

@@ -17,6 +17,7 @@ import pytest
 from medstream.settings import KafkaSettings
 from schemas import serde
 from streams.alert_lifecycle import AlertLifecycle
+from streams.app import create_app
 from streams.detect import (
     DetectStage,
     FeedWatchStage,
@@ -34,10 +35,11 @@ from streams.model import RawContext
 from streams.mpi import PatientIndex
 from streams.news2 import News2Detector
 from streams.pseudonym import Pseudonymiser
-from streams.stage import FeedActivityCounter
+from streams.stage import FeedActivityCounter, NormaliseStage
 from streams.syndromic import SyndromicDetector
 from streams.terminology import Terminology
 
+from .test_app import _settings as app_settings
 from .test_detect import lineage, observation
 from .test_identity import stage as normalise_stage
 from .test_identity import two_hospital_identities
@@ -254,7 +256,7 @@ def test_a_tick_that_raises_is_counted_and_the_next_tick_runs() -> None:
             raise FakeBug("a value")
 
     errors = InternalErrors("detect_tick_test")
-    guarded = surviving_tick(errors, detect_tick)
+    guarded = surviving_tick(errors)(detect_tick)
     asyncio.run(guarded())
     asyncio.run(guarded())
     assert ticks == ["ran", "ran"]
@@ -267,5 +269,41 @@ def test_a_tick_whose_service_is_unreachable_still_raises() -> None:
         raise ConnectionError("broker unreachable")
 
     with pytest.raises(ConnectionError):
-        asyncio.run(surviving_tick(InternalErrors("tick_test"), lifecycle_tick)())
+        asyncio.run(surviving_tick(InternalErrors("tick_test"))(lifecycle_tick)())
 
+
+
+@pytest.mark.parametrize(
+    ("timer", "owner", "method", "stage"),
+    [
+        ("device_tick", NormaliseStage, "device_tick", "normalise"),
+        ("detect_tick", DetectStage, "tick", "detect"),
+        ("lifecycle_tick", LifecycleInputs, "tick", "lifecycle"),
+        ("send_feed_activity", NormaliseStage, "feed_activity_outputs", "normalise"),
+        ("feed_tick", FeedWatchStage, "tick", "feed_watch"),
+        ("syndromic_tick", SyndromicStage, "tick", "syndromic"),
+    ],
+)
+def test_every_timer_of_the_worker_survives_a_tick_that_raises(
+    monkeypatch: pytest.MonkeyPatch, timer: str, owner: type, method: str, stage: str
+) -> None:
+    def tick_with_a_fake_bug(*args: Any, **kwargs: Any) -> Any:
+        raise FakeBug("a value")
+
+    monkeypatch.setattr(owner, method, tick_with_a_fake_bug)
+    worker = create_app(
+        KafkaSettings(bootstrap_servers="127.0.0.1:1", topic_prefix="x."), app_settings(),
+        REGISTRY,
+    )
+    # Faust keeps each timer as a loop around the function it decorated: what that loop
+    # calls is the guard (old code: the timer's own body, which raised through the loop).
+    [task] = [task for task in worker._app_tasks if task.__name__ == timer]
+    chain = [task]
+    while hasattr(chain[-1], "__wrapped__"):
+        chain.append(chain[-1].__wrapped__)
+    body = chain[-2]
+    assert "faust" not in body.__code__.co_filename, f"{timer} runs its body unguarded"
+    before = internal_error_count(stage)
+    asyncio.run(body())
+    asyncio.run(body())
+    assert internal_error_count(stage) == before + 2
