@@ -79,6 +79,7 @@ from streams.detect import (
     TickOverlay,
 )
 from streams.findings import DictState, KeyValueState
+from streams.internal_errors import surviving_tick
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
 from streams.recovery import CheckedTableManager, tansu_log_ends
@@ -469,12 +470,7 @@ def create_app(
             async for event in records(stream):
                 message = event.message
                 started = time.perf_counter()
-                ctx = RawContext(
-                    message.topic,
-                    message.partition,
-                    message.offset,
-                    int(message.timestamp * 1000),
-                )
+                ctx = RawContext.of(message)
                 labelled(RECORDS_IN, STAGE, message.topic).inc()
                 # Quality state is kept per partition, so a partition's keys are pruned
                 # together and a revoked partition's keys simply age out.
@@ -524,7 +520,11 @@ def create_app(
                 # Keys are scoped to the partition (a claim item's price window, say, is
                 # read and written by one partition only, so its changelog stays right).
                 state = PartitionState(detect_state.in_record(), message.partition)
-                await publish(detect.handle(kind, message.value, state, now_ms))
+                await publish(
+                    detect.handle(
+                        kind, message.value, state, now_ms, RawContext.of(message), message.key
+                    )
+                )
 
         agent.__name__ = f"detect_{kind}"
         return agent
@@ -544,11 +544,13 @@ def create_app(
     watching_since = {"ms": int(time.time() * 1000)}
 
     @app.timer(DEVICE_TICK_S)
+    @surviving_tick(stage.internal_errors)
     async def device_tick() -> None:
         now_ms = int(time.time() * 1000)
         await publish(stage.device_tick(device_state.in_tick(), now_ms, watching_since["ms"]))
 
     @app.timer(DETECT_TICK_S)
+    @surviving_tick(detect.guard.internal_errors)
     async def detect_tick() -> None:
         now_ms = int(time.time() * 1000)
         for partition in range(kafka.norm_partitions):
@@ -579,9 +581,15 @@ def create_app(
             now_ms = int(time.time() * 1000)
             labelled(RECORDS_IN, "lifecycle", event.message.topic).inc()
             state = PartitionState(lifecycle_table, event.message.partition)
-            await publish(lifecycle.handle(event.message.value, state, now_ms))
+            await publish(
+                lifecycle.handle(
+                    event.message.value, state, now_ms, RawContext.of(event.message),
+                    event.message.key,
+                )
+            )
 
     @app.timer(LIFECYCLE_TICK_S, on_leader=True)
+    @surviving_tick(lifecycle.guard.internal_errors)
     async def lifecycle_tick() -> None:
         tick = lifecycle.inputs.tick(int(time.time() * 1000))
         for partition in range(kafka.norm_partitions):
@@ -605,15 +613,15 @@ def create_app(
             labelled(RECORDS_IN, "mpi", event.message.topic).inc()
             now_ms = int(time.time() * 1000)
             message = event.message
-            source = RawContext(
-                message.topic, message.partition, message.offset, int(message.timestamp * 1000)
-            )
             await publish(
-                patient_index.handle(message.value, index_state, now_ms, source, message.key)
+                patient_index.handle(
+                    message.value, index_state, now_ms, RawContext.of(message), message.key
+                )
             )
 
     # -- feeds: every worker's per-minute counts -> one watcher of every feed ---------------
     @app.timer(FEED_ACTIVITY_S)
+    @surviving_tick(stage.internal_errors)
     async def send_feed_activity() -> None:
         await publish(stage.feed_activity_outputs())
 
@@ -629,9 +637,15 @@ def create_app(
         async for event in records(stream):
             now_ms = int(time.time() * 1000)
             state = feed_state.in_record()
-            await publish(feed_watch.handle(event.message.value, state, now_ms))
+            await publish(
+                feed_watch.handle(
+                    event.message.value, state, now_ms, RawContext.of(event.message),
+                    event.message.key,
+                )
+            )
 
     @app.timer(FEED_TICK_S)
+    @surviving_tick(feed_watch.guard.internal_errors)
     async def feed_tick() -> None:
         now_ms = int(time.time() * 1000)
         await publish(feed_watch.tick(feed_state.in_tick(), now_ms, watching_since["ms"]))
@@ -650,9 +664,15 @@ def create_app(
         async for event in records(stream):
             now_ms = int(time.time() * 1000)
             state = syndromic_state.in_record()
-            await publish(syndromic.handle(event.message.value, state, now_ms))
+            await publish(
+                syndromic.handle(
+                    event.message.value, state, now_ms, RawContext.of(event.message),
+                    event.message.key,
+                )
+            )
 
     @app.timer(DETECT_TICK_S)
+    @surviving_tick(syndromic.guard.internal_errors)
     async def syndromic_tick() -> None:
         await publish(syndromic.tick(syndromic_state.in_tick(), int(time.time() * 1000)))
 

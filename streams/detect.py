@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final
@@ -57,6 +57,7 @@ from streams.alert_lifecycle import (
 from streams.claim_rules import ClaimDetector, load_claim_rules
 from streams.feed_rules import DEFAULT_FEED_RULES_PATH, FeedDetector, load_feed_rules
 from streams.findings import Cleared, Finding, KeyValueState, StagedState
+from streams.internal_errors import NOT_THE_RECORDS_FAULT, InternalErrors
 from streams.model import RawContext, RecordRejected, epoch_ms
 from streams.mpi import (
     DEFAULT_MPI_RULES_PATH,
@@ -352,6 +353,92 @@ class LifecycleInputs:
         ]
 
 
+#: Where a record came from when its caller did not say (direct calls in tools and tests).
+UNKNOWN_SOURCE: Final = RawContext("", -1, -1, 0)
+
+
+class RecordGuard:
+    """Processes one record of a stage so that a bug it triggers cannot stop the partition.
+
+    The handler gets a :class:`StagedState` over the stage's state: what it wrote reaches
+    the state only when it returns. When it raises (other than NOT_THE_RECORDS_FAULT), its
+    outputs and writes are dropped and the whole record is dead-lettered as
+    ``internal_error`` with its original key, bytes and position, so the next record is
+    processed as usual instead of the worker crashing on this one at every re-read.
+    """
+
+    def __init__(self, stage: str, kafka: KafkaSettings, registry: serde.SchemaRegistry) -> None:
+        self.stage = stage
+        self.dlq_topic = kafka.topic(DLQ_TOPIC)
+        self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
+        self.internal_errors = InternalErrors(stage)
+
+    def run(
+        self,
+        handler: Callable[[KeyValueState], list[Output]],
+        state: KeyValueState,
+        value: bytes | None,
+        now_ms: int,
+        source: RawContext | None,
+        key: bytes | None,
+        refusals: tuple[type[Exception], ...] = (),
+    ) -> list[Output]:
+        """``handler``'s outputs for one record, or the record's one internal_error dead letter.
+
+        ``refusals`` are the stage's own reasons to refuse a record: they raise to the caller
+        (which dead-letters the record with its own reason code), the writes dropped too.
+        """
+        raised: tuple[type[Exception], ...] = (*NOT_THE_RECORDS_FAULT, *refusals)
+        staged = StagedState(state)
+        try:
+            outputs = handler(staged)
+        except raised:
+            raise
+        except Exception as exc:
+            source = source or UNKNOWN_SOURCE
+            rejected = self.internal_errors.rejected(exc, source)
+            return [self.dead_letter(source, key, value, rejected, now_ms)]
+        staged.commit()
+        return outputs
+
+    def dead_letter(
+        self,
+        source: RawContext,
+        key: bytes | None,
+        value: bytes | None,
+        rejected: RecordRejected,
+        now_ms: int,
+    ) -> Output:
+        """The dead letter of one whole record of this stage (counted by reason)."""
+        record = dead_letter_record(self.stage, source, key, value or b"", rejected, None, now_ms)
+        DEAD_LETTERS.labels(self.stage, rejected.reason_code).inc()
+        return Output(self.dlq_topic, key, self.encode_dead_letter(record))
+
+
+class GuardedStage:
+    """A stage over one topic whose every record is processed under a :class:`RecordGuard`."""
+
+    guard: RecordGuard
+
+    def handle(
+        self,
+        value: bytes | None,
+        state: KeyValueState,
+        now_ms: int,
+        source: RawContext | None = None,
+        key: bytes | None = None,
+    ) -> list[Output]:
+        """The outputs of one record (``source``: its position); a record that triggers a
+        bug is dead-lettered as ``internal_error`` and none of its state writes are kept."""
+        return self.guard.run(
+            lambda staged: self.process(value, staged, now_ms), state, value, now_ms, source, key
+        )
+
+    def process(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+        """The outputs of one record (unguarded; called by :meth:`handle`)."""
+        raise NotImplementedError
+
+
 def _reloading(name: str, path: Path | str, loader: Any) -> ReloadingFile[Any]:
     return ReloadingFile(name, path, loader)
 
@@ -385,6 +472,7 @@ class DetectStage:
             "syndromic-forward", rule_file("syndromic.yaml", rules_dir), load_syndromic_rules
         )
         self.syndromic_topic = kafka.topic(SYNDROMIC_TOPIC)
+        self.guard = RecordGuard("detect", kafka, registry)
 
     def _detectors(self) -> tuple[News2Detector, ClaimDetector]:
         news2_rules = self.news2_rules.current()
@@ -396,13 +484,27 @@ class DetectStage:
         return self._news2, self._claims
 
     def handle(
+        self,
+        kind: str,
+        value: bytes | None,
+        state: KeyValueState,
+        now_ms: int,
+        source: RawContext | None = None,
+        key: bytes | None = None,
+    ) -> list[Output]:
+        """Lifecycle inputs caused by one normalised event (``source``: its position).
+
+        Norm records are our own output: one that does not decode, like any other bug the
+        record triggers, dead-letters it as ``internal_error`` (:class:`RecordGuard`).
+        """
+        return self.guard.run(
+            lambda staged: self._handle(kind, value, staged, now_ms), state, value, now_ms,
+            source, key,
+        )
+
+    def _handle(
         self, kind: str, value: bytes | None, state: KeyValueState, now_ms: int
     ) -> list[Output]:
-        """Lifecycle inputs caused by one normalised event.
-
-        Norm records are our own output: one that does not decode is a bug, so it raises
-        and the worker stops (and shows in metrics) instead of skipping it.
-        """
         event = self.decoders[kind](value)
         news2, claims = self._detectors()
         outcomes: list[Finding | Cleared] = []
@@ -428,7 +530,7 @@ class DetectStage:
         return self.inputs.outputs(outcomes, now_ms)
 
 
-class LifecycleStage:
+class LifecycleStage(GuardedStage):
     """Applies lifecycle inputs to the alert state machine and emits Alert snapshots."""
 
     def __init__(
@@ -445,6 +547,7 @@ class LifecycleStage:
         self.outcomes_topic = kafka.topic(ACTION_OUTCOMES_TOPIC)
         self.rules = _reloading("alert_lifecycle", rules_path, load_alert_lifecycle_rules)
         self._lifecycle = AlertLifecycle(self.rules.current())
+        self.guard = RecordGuard("lifecycle", kafka, registry)
 
     def _machine(self) -> AlertLifecycle:
         rules = self.rules.current()
@@ -452,7 +555,7 @@ class LifecycleStage:
             self._lifecycle = AlertLifecycle(rules)
         return self._lifecycle
 
-    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+    def process(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
         """Alert snapshots caused by one lifecycle input.
 
         An operator action also yields its outcome on ``alerts.outcomes``: applied, or
@@ -652,8 +755,7 @@ class PatientIndexStage:
         self.decode = serde.AvroDeserializer(registry, serde.IDENTITY_OBSERVATION)
         self.encode_link = serde.AvroSerializer(registry, serde.PERSON_LINK)
         self.links_topic = kafka.topic(FACT_TOPICS["person_link"])
-        self.dlq_topic = kafka.topic(DLQ_TOPIC)
-        self.encode_dead_letter = serde.AvroSerializer(registry, serde.DEAD_LETTER)
+        self.guard = RecordGuard(MPI_STAGE, kafka, registry)
         self.rules = _reloading("mpi", rules_path, load_mpi_rules)
         self._key = index_key
         self._index = PatientIndex(self.rules.current(), index_key)
@@ -685,8 +787,8 @@ class PatientIndexStage:
             observation = self.decode(value)
         except serde.SerializationError as exc:
             return [self._dead_letter(source, key, value, now_ms, "invalid_observation", exc)]
-        staged = StagedState(state)
-        try:
+
+        def place(staged: KeyValueState) -> list[Output]:
             if observation.get("command") == "unmerge":
                 reason = f"split by {observation.get('actor') or 'a steward'}: " + (
                     observation.get("reason") or "no reason given"
@@ -696,14 +798,21 @@ class PatientIndexStage:
                 )
             else:
                 links = self._patient_index().observe(observation, staged, now_ms)
+            return [self._link(link) for link in links]
+
+        # Nothing of a refused record is applied (the guard stages its writes); any other
+        # exception is a bug and dead-letters the observation as internal_error.
+        try:
+            return self.guard.run(
+                place, state, value, now_ms, source, key,
+                refusals=(IdentityObservationError, KeyError, TypeError, ValueError),
+            )
         except IdentityObservationError as exc:
             return [self._dead_letter(source, key, value, now_ms, "invalid_observation", exc)]
         except (KeyError, TypeError, ValueError) as exc:
             # Index state that lacks what the observation refers to (e.g. a changelog batch
-            # lost on recovery): nothing of this record is applied (StagedState).
+            # lost on recovery).
             return [self._dead_letter(source, key, value, now_ms, "index_state", exc)]
-        staged.commit()
-        return [self._link(link) for link in links]
 
     def _dead_letter(
         self,
@@ -719,10 +828,8 @@ class PatientIndexStage:
         reason += str(error.args[0]) if isinstance(error, KeyError) and error.args else str(error)
         log.error("%s[%d]@%d: %s", source.topic, source.partition, source.offset, reason)
         IDENTITY_REFUSED.labels(reason_code).inc()
-        DEAD_LETTERS.labels(MPI_STAGE, reason_code).inc()
         rejected = RecordRejected(None, None, reason_code, reason)
-        record = dead_letter_record(MPI_STAGE, source, key, value or b"", rejected, None, now_ms)
-        return Output(self.dlq_topic, key, self.encode_dead_letter(record))
+        return self.guard.dead_letter(source, key, value, rejected, now_ms)
 
     def unmerge(
         self, record_key: str, state: KeyValueState, now_ms: int, reason: str
@@ -753,7 +860,7 @@ class PatientIndexStage:
         return Output(self.links_topic, link.record_key.encode(), self.encode_link(record))
 
 
-class FeedWatchStage:
+class FeedWatchStage(GuardedStage):
     """Feed silence and dead-letter/unmapped spikes from the workers' feed activity summaries.
 
     Runs on the single-partition ``detect.feed_activity`` topic: one owner sums every
@@ -770,6 +877,7 @@ class FeedWatchStage:
         self.inputs = LifecycleInputs(kafka, registry)
         self.rules = _reloading("feeds", rules_path, load_feed_rules)
         self._detector = FeedDetector(self.rules.current())
+        self.guard = RecordGuard("feed_watch", kafka, registry)
 
     def _feeds(self) -> FeedDetector:
         rules = self.rules.current()
@@ -777,7 +885,7 @@ class FeedWatchStage:
             self._detector = FeedDetector(rules)
         return self._detector
 
-    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+    def process(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
         """Lifecycle inputs caused by one worker's summary of one feed and minute."""
         activity = self.decode(value)
         return self.inputs.outputs(self._feeds().observe_activity(activity, state, now_ms), now_ms)
@@ -790,7 +898,7 @@ class FeedWatchStage:
         )
 
 
-class SyndromicStage:
+class SyndromicStage(GuardedStage):
     """Syndromic surveillance over the diagnoses the detect stage forwards (one partition)."""
 
     def __init__(
@@ -803,6 +911,7 @@ class SyndromicStage:
         self.inputs = LifecycleInputs(kafka, registry)
         self.rules = _reloading("syndromic", rules_path, load_syndromic_rules)
         self._detector = SyndromicDetector(self.rules.current())
+        self.guard = RecordGuard("syndromic", kafka, registry)
 
     def _syndromic(self) -> SyndromicDetector:
         rules = self.rules.current()
@@ -810,7 +919,7 @@ class SyndromicStage:
             self._detector = SyndromicDetector(rules)
         return self._detector
 
-    def handle(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
+    def process(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
         """Lifecycle inputs caused by one forwarded diagnosis (when an hour closes)."""
         event = self.decode(value)
         return self.inputs.outputs(self._syndromic().observe(event, state, now_ms), now_ms, event)

@@ -38,6 +38,13 @@ class RawContext:
     offset: int
     timestamp_ms: int
 
+    @classmethod
+    def of(cls, message: Any) -> RawContext:
+        """The position of a consumed Kafka message (Faust's, timestamp in seconds)."""
+        return cls(
+            message.topic, message.partition, message.offset, int(message.timestamp * 1000)
+        )
+
 
 @dataclass(frozen=True, slots=True)
 class NormalisedEvent:

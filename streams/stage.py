@@ -13,7 +13,6 @@ import hashlib
 import logging
 import os
 import time
-import traceback
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from functools import lru_cache
@@ -23,7 +22,6 @@ from typing import Any, Final
 from medstream.metrics import (
     CRITICAL_UNREADABLE,
     DEAD_LETTERS,
-    INTERNAL_ERRORS,
     QUALITY_ISSUES,
     UNMAPPED_CODES,
 )
@@ -62,6 +60,7 @@ from streams.identity import (
     known_identifiers,
     patient_identities,
 )
+from streams.internal_errors import NOT_THE_RECORDS_FAULT, InternalErrors
 from streams.model import NormalisedEvent, RawContext, RecordRejected
 from streams.mpi import IdentityTokeniser
 from streams.normalise import dead_letter_record, normalise, raises_critical_alerts
@@ -75,30 +74,6 @@ STAGE = "normalise"
 log = logging.getLogger(__name__)
 #: Patient records whose last identity observation the stage remembers (to skip repeats).
 IDENTITY_CACHE_SIZE = 200_000
-
-#: Failures that are not the record's fault and must not be dead-lettered: the process
-#: cannot go on (memory), or a service it depends on is unreachable (the schema registry
-#: client raises serde.RegistryUnavailable, a ConnectionError; sockets raise OSError). They
-#: raise, the worker exits non-zero and restarts from the committed offset, and the record
-#: is processed again once the service is back. Anything else raised while one record is
-#: handled is a bug that this record's content triggers, and it would trigger it again on
-#: every re-read: that record is dead-lettered (``internal_error``) so the partition moves on.
-NOT_THE_RECORDS_FAULT: Final = (MemoryError, OSError)
-
-
-def internal_error_reason(exc: Exception) -> str:
-    """Where a bug struck, without its message: the type and the innermost function.
-
-    Exception messages often repeat the value at fault (``KeyError: 'TESTPATIENT'``), so the
-    reason, which is stored and shown to operators, never carries them.
-    """
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = f" in {Path(frames[-1].filename).name}:{frames[-1].name}" if frames else ""
-    return (
-        f"internal error: {type(exc).__name__}{where}; the record was not processed "
-        "(a bug: report it with this dead letter's id, then replay the record)"
-    )
-
 
 def unmapped_local_codes(
     kind: str, event: dict[str, Any], terminology: Terminology
@@ -325,7 +300,7 @@ class NormaliseStage:
         self.encode_feed_activity = serde.AvroSerializer(registry, serde.FEED_ACTIVITY)
         self.unmapped_topic = kafka.topic(FACT_TOPICS["terminology_unmapped"])
         self.encode_unmapped = serde.AvroSerializer(registry, serde.UNMAPPED_CODE)
-        self._internal_errors_logged: set[tuple[str, str]] = set()
+        self.internal_errors = InternalErrors(STAGE)
 
     def handle(
         self,
@@ -367,37 +342,12 @@ class NormaliseStage:
         except Exception as exc:
             # One record's bug must not stop the partition (see NOT_THE_RECORDS_FAULT): its
             # partial outputs are dropped and the whole raw record is dead-lettered.
-            return [self._internal_error(exc, source_kind, ctx, key, value, now_ms)]
+            rejected = self.internal_errors.rejected(exc, ctx)
+            return [self._dead_letter(ctx, key, value, rejected, source_kind, now_ms)]
         staged_quality.commit()
         staged_devices.commit()
         commit_suppression()
         return outputs
-
-    def _internal_error(
-        self,
-        exc: Exception,
-        source_kind: str,
-        ctx: RawContext,
-        key: bytes | None,
-        value: bytes | None,
-        now_ms: int,
-    ) -> Output:
-        reason = internal_error_reason(exc)
-        INTERNAL_ERRORS.labels(STAGE).inc()
-        site = (type(exc).__name__, reason)
-        if site not in self._internal_errors_logged:
-            # The traceback names files, lines and code, never the exception's message or
-            # the record (either may carry patient data); logged once per kind of bug.
-            self._internal_errors_logged.add(site)
-            log.error(
-                "%s at %s[%d]@%d; traceback (message withheld):\n%s",
-                reason, ctx.topic, ctx.partition, ctx.offset,
-                "".join(traceback.format_tb(exc.__traceback__)),
-            )
-        else:
-            log.error("%s at %s[%d]@%d", reason, ctx.topic, ctx.partition, ctx.offset)
-        rejected = RecordRejected(None, None, "internal_error", reason)
-        return self._dead_letter(ctx, key, value, rejected, source_kind, now_ms)
 
     def _handle(
         self,
