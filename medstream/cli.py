@@ -755,6 +755,13 @@ def reconcile_command(
             help="also hold the raw topics' offsets on the broker against the ledger",
         ),
     ] = True,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="exit 1 also when the sink has not read records yet (a lag); without it "
+            "they are reported as 'not read yet' and only a loss or an unverified range fails",
+        ),
+    ] = False,
 ) -> None:
     """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps.
 
@@ -792,7 +799,12 @@ def reconcile_command(
             )
     except QueryError as exc:
         _fail(str(exc))
-    ok = report.ok and (label_check is None or label_check.ok)
+    except ValueError as exc:  # a labels file naming a table that is not medstream's
+        _fail(str(exc), 2)
+    ok = (
+        (report.settled if strict else report.ok)
+        and (label_check is None or label_check.ok)
+    )
     if as_json:
         body = report.as_dict()
         if label_check is not None:

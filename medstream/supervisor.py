@@ -727,7 +727,7 @@ class Supervisor:
             self.out(f"reconcile not possible right now ({exc}); retrying")
             return None
         published = sum(s.published_messages for s in report.sources)
-        if not report.ok or published < self._published_messages():
+        if not report.settled or published < self._published_messages():
             self._last_drain_state = None
             return None  # still in flight: try again at the next tick
         # Alerts and dead letters are not in the lineage proof: done only once nothing

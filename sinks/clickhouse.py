@@ -33,6 +33,7 @@ from medstream.metrics import (
     AUDIT_REFUSED,
     DEAD_LETTERS,
     END_TO_END_SECONDS,
+    HEADERS_REFUSED,
     OFFSET_GAPS,
     READY,
     RECORDS_IN,
@@ -100,12 +101,23 @@ LEDGER_COLUMNS = [
 ]
 
 
+#: What a collector or run header must look like to be stored: collector names
+#: ([a-z0-9][a-z0-9_-]{0,62}) and run ids (eight hex digits) fit; anything else a raw-topic
+#: writer put there is not trusted as provenance.
+PROVENANCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def _header(message: Message, wanted: str) -> str:
-    """A raw record's header as text, e.g. its collector or run ('' when it has none)."""
+    """A raw record's provenance header as text, e.g. its collector or run ('' when it has
+    none, or when it is not a name: then counted in HEADERS_REFUSED)."""
     headers: Any = message.headers() or ()
     for name, value in headers:
-        if name == wanted and isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
+        if name == wanted and isinstance(value, bytes) and value:
+            text = value.decode("utf-8", "replace")
+            if PROVENANCE_NAME.fullmatch(text):
+                return text
+            HEADERS_REFUSED.labels(wanted).inc()
+            return ""
     return ""
 
 

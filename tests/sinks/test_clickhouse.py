@@ -558,22 +558,56 @@ def test_a_drain_that_stalls_on_slow_inserts_still_reads_everything(
 
 
 
+def _ledger_of_raw_records(
+    kafka: KafkaSettings, clickhouse: Client, database: str, group: str,
+    headers: list[list[tuple[str, bytes]]], columns: str,
+) -> list[tuple[object, ...]]:
+    """Raw records with these headers, stored by a sink: their ledger rows (``columns``)."""
+    topic = kafka.topic(RAW_TOPICS["emr_cdc"])
+    producer = Producer(kafka.producer_config())
+    for index, record_headers in enumerate(headers):
+        producer.produce(topic, key=b"a", value=b"row-%d" % index, headers=record_headers)
+    assert producer.flush(30) == 0
+    with running(make_sink(kafka, clickhouse, database, group)):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger")
+                 == len(headers))
+    return list(clickhouse.query(
+        f"SELECT source_offset, {columns} FROM {database}.raw_ledger ORDER BY 1"
+    ).result_rows)
+
+
 def test_raw_ledger_names_the_collector_from_the_record_header(
     kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
 ) -> None:
-    kafka = kafka_factory()
-    topic = kafka.topic(RAW_TOPICS["emr_cdc"])
-    producer = Producer(kafka.producer_config())
-    producer.produce(topic, key=b"a", value=b"row-1", headers=[("medstream-collector", b"his-pg")])
-    producer.produce(topic, key=b"a", value=b"row-2", headers=[("other", b"x")])
-    producer.produce(topic, key=b"a", value=b"row-3")
-    assert producer.flush(30) == 0
-    with running(make_sink(kafka, clickhouse, database, "sink-ledger")):
-        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == 3)
-    rows = clickhouse.query(
-        f"SELECT source_offset, collector, source_kind FROM {database}.raw_ledger ORDER BY 1"
-    ).result_rows
+    rows = _ledger_of_raw_records(
+        kafka_factory(), clickhouse, database, "sink-ledger",
+        [[("medstream-collector", b"his-pg")], [("other", b"x")], []], "collector, source_kind",
+    )
     assert rows == [(0, "his-pg", "emr_cdc"), (1, "", "emr_cdc"), (2, "", "emr_cdc")]
+
+
+def test_provenance_headers_that_are_not_names_are_stored_empty_and_counted(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    from medstream.metrics import HEADERS_REFUSED
+
+    def refused(header: str) -> float:
+        return float(HEADERS_REFUSED.labels(header)._value.get())  # type: ignore[attr-defined]
+
+    before = refused("medstream-run"), refused("medstream-collector")
+    forged = [
+        [("medstream-collector", b"his-pg"), ("medstream-run", b"a1b2c3d4")],
+        [("medstream-collector", b"x" * 65), ("medstream-run", b"r1' OR '1'='1")],
+        [("medstream-collector", b"his pg"), ("medstream-run", "r\u00e9".encode())],
+        [("medstream-collector", b""), ("medstream-run", b"ok.run_1-2")],
+    ]
+    rows = _ledger_of_raw_records(
+        kafka_factory(), clickhouse, database, "sink-headers", forged, "collector, run_id"
+    )
+    assert rows == [(0, "his-pg", "a1b2c3d4"), (1, "", ""), (2, "", ""), (3, "", "ok.run_1-2")]
+    # An empty header is no header: only the three that were not names are counted.
+    after = refused("medstream-run"), refused("medstream-collector")
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
 
 
 def test_an_alert_is_stored_without_waiting_for_the_batch_age(
