@@ -214,6 +214,12 @@ class TableWriter:
         return [record[name] for name in self.columns]
 
 
+#: How long a stop may take past its drain time: committing what was stored and leaving
+#: the group. A broker that does not answer (gone with the `up` that started it) gets no
+#: longer: the offsets stay uncommitted and the next run reads those records again.
+STOP_AFTER_DRAIN_S = 10.0
+
+
 class ClickHouseSink:
     """Consumes norm.*, alerts, dlq and raw.*; writes them to ClickHouse exactly once per key."""
 
@@ -275,6 +281,11 @@ class ClickHouseSink:
     def topics(self) -> list[str]:
         """Every topic the sink reads."""
         return sorted([*self.writers, *self.raw_kind_by_topic])
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called (or the sink is crashing)."""
+        return self._stop.is_set()
 
     def stop(self, drain_s: float = 20.0) -> None:
         """Finish: consume until idle (at most ``drain_s``), store, commit, return.
@@ -652,11 +663,17 @@ class ClickHouseSink:
                     asynchronous=False,
                 )
             except KafkaException as exc:
-                if exc.args[0].code() not in MEMBERSHIP_ERRORS:
+                stopping = self._stop.is_set()
+                if exc.args[0].code() not in MEMBERSHIP_ERRORS and not stopping:
                     raise
                 # The rows are stored; the offsets stay behind and the records are read
-                # again by whoever owns the partitions now, collapsing on their keys.
-                log.warning("commit refused after a rebalance (%s); records will be re-read", exc)
+                # again by whoever owns the partitions now (or by the next run, when the
+                # broker is gone as this sink stops), collapsing on their keys.
+                log.warning(
+                    "commit %s (%s); the records will be read again",
+                    "not possible while stopping" if stopping else "refused after a rebalance",
+                    exc,
+                )
 
     def _store(self, pending: PendingFlush) -> None:
         """Insert every table of a flush; retry with backoff until ClickHouse accepts or stop."""
