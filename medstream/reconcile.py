@@ -501,7 +501,7 @@ def _check_broker(
     group's committed offsets per (topic, partition) (empty without ``sink_group``)."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    from medstream.offsets import committed_offsets
+    from medstream.offsets import ReadUnfinished, committed_offsets
 
     consumer = Consumer(
         kafka.consumer_config(
@@ -518,8 +518,9 @@ def _check_broker(
                 partitions.extend(
                     TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)
                 )
-        spans = _offsets_in_range(
-            consumer, partitions, report.since, report.until, by_offsets=not kafka.tansu
+        spans = (
+            _whole_logs(kafka, consumer, partitions) if kafka.tansu
+            else _offsets_in_range(consumer, partitions, report.since, report.until)
         )
         committed = (
             committed_offsets(
@@ -555,13 +556,6 @@ def _check_broker(
                             counts.pending += b - a + 1
                         else:
                             counts.missing += b - a + 1
-            if end == OPEN_END:
-                counts.end_offset = max(
-                    [first, *(high + 1 for _, high in held), *(
-                        r.last_offset + 1 for r in report.missing_ranges
-                        if r.evidence == "broker" and (r.topic, r.partition) == (topic, partition)
-                    )]
-                )
         report.broker_cluster = cluster
         report.gaps.extend(f"unverified: {line}" for line in reread.unchecked)
         report.independent.append(
@@ -573,28 +567,35 @@ def _check_broker(
     except KafkaException as exc:
         report.independent.append(f"broker: not checked, the broker did not answer ({exc})")
         return {}
+    except ReadUnfinished as exc:
+        report.gaps.append(f"unverified: broker offsets not checked: {exc}")
+        return {}
     finally:
         consumer.close()
 
 
-#: The end of a partition whose high watermark cannot be trusted (tansu counts produce
-#: batches there, not records): the log is read to its end instead.
-OPEN_END = 2**62
+def _whole_logs(
+    kafka: KafkaSettings, consumer: Any, partitions: list[Any]
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """On tansu, whose lookups by timestamp are not record offsets: per partition its whole
+    log [low watermark, true end) (the end read from the log, see
+    :func:`medstream.offsets.tansu_log_ends`); records outside the range are left out as
+    they are re-read. ReadUnfinished when the end of a log cannot be read."""
+    from medstream.offsets import tansu_log_ends
+
+    lows, reported = {}, {}
+    for tp in partitions:
+        key = (tp.topic, tp.partition)
+        lows[key], reported[key] = consumer.get_watermark_offsets(tp, timeout=10)
+    ends = tansu_log_ends(kafka, reported, 10)
+    return {key: (lows[key], max(ends[key], lows[key])) for key in lows}
 
 
 def _offsets_in_range(
-    consumer: Any, partitions: list[Any], since: datetime, until: datetime, by_offsets: bool
+    consumer: Any, partitions: list[Any], since: datetime, until: datetime
 ) -> dict[tuple[str, int], tuple[int, int]]:
-    """Per partition the offsets [first, end) of records timestamped in [since, until).
-
-    Without ``by_offsets`` (tansu: its high watermark and its lookups by timestamp are not
-    record offsets) the span is [0, OPEN_END): the log is re-read past the ledger to its end
-    and records outside the range are left out as they are read.
-    """
+    """Per partition the offsets [first, end) of records timestamped in [since, until)."""
     from confluent_kafka import TopicPartition
-
-    if not by_offsets:
-        return {(tp.topic, tp.partition): (0, OPEN_END) for tp in partitions}
 
     def at(moment: datetime) -> dict[tuple[str, int], int]:
         ms = int(moment.timestamp() * 1000)
@@ -641,8 +642,7 @@ class Reread:
             f"the re-read budget of {MAX_RECHECKED:,} records is used up"
             if self.budget <= 0 else f"the re-read time of {REREAD_TIMEOUT_S:.0f}s is used up"
         )
-        end = "the end of the log" if high >= OPEN_END - 1 else str(high)
-        self.unchecked.append(f"{topic}[{partition}] offsets {low}..{end} not checked: {why}")
+        self.unchecked.append(f"{topic}[{partition}] offsets {low}..{high} not checked: {why}")
         return True
 
     def records(self, topic: str, partition: int, low: int, high: int) -> list[tuple[int, int]]:
