@@ -13,16 +13,17 @@ import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-from confluent_kafka import (
-    OFFSET_INVALID,
-    Consumer,
-    IsolationLevel,
-    KafkaError,
-    KafkaException,
-    TopicPartition,
-)
+from confluent_kafka import OFFSET_INVALID, KafkaException
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
+from medstream.offsets import (
+    Partition,
+    ReadUnfinished,
+    committed_offsets,
+    count_records,
+    list_offsets,
+    log_ends,
+)
 from medstream.settings import (
     ALERTS_TOPIC,
     DLQ_TOPIC,
@@ -41,9 +42,6 @@ from medstream.settings import (
 EXACT_COUNT_MAX = 500
 #: The categories the progress line names, in data-flow order.
 CATEGORIES = ("raw", "norm", "alerts", "other")
-
-Partition = tuple[str, int]
-
 
 class BacklogUnknown(RuntimeError):
     """The broker could not be asked (it is down or does not answer in time)."""
@@ -169,66 +167,53 @@ def backlog_from_offsets(
 def measure_backlog(
     kafka: KafkaSettings, groups: list[ConsumerGroup], timeout_s: float = 10.0
 ) -> Backlog:
-    """Ask the broker what every group still has to finish; BacklogUnknown when it cannot.
+    """Ask the broker what every group still has to finish, within about ``timeout_s`` in
+    all; BacklogUnknown when it cannot (the broker does not answer, or a partition could
+    not be read to its end in time: never a guess).
 
     Small gaps are counted by reading them (read_committed): commit markers and aborted
-    records are not records anyone has to store. On tansu, whose end offsets under-count
-    (by up to a produce batch), every partition is read from its position to its end.
+    records are not records anyone has to store. On tansu, whose reported end offsets
+    under-count (by up to a produce batch), the true ends are read from the log first.
     """
+    deadline = time.monotonic() + timeout_s
+
+    def left() -> float:
+        return max(0.5, deadline - time.monotonic())
+
     admin = AdminClient(kafka.librdkafka())
     wanted = {topic for group in groups for topic in group.topics}
     try:
-        metadata = admin.list_topics(timeout=timeout_s)
+        metadata = admin.list_topics(timeout=left())
         partitions = [
             (name, index)
             for name, topic in metadata.topics.items()
             if name in wanted and topic.error is None
             for index in topic.partitions
         ]
-        latest = _offsets(admin, partitions, OffsetSpec.latest(), timeout_s)
-        earliest = _offsets(admin, partitions, OffsetSpec.earliest(), timeout_s)
+        latest = log_ends(kafka, admin, partitions, left())
+        earliest = list_offsets(admin, partitions, OffsetSpec.earliest(), left())
         committed = {
-            group.group_id: _committed(kafka, group.group_id, partitions, timeout_s)
+            group.group_id: committed_offsets(kafka, group.group_id, partitions, left())
             for group in groups
         }
         groups = [
             group.reading(
-                _assigned_topics(admin, group.group_id, timeout_s)
-                | {t for (t, _), offset in committed[group.group_id].items() if offset >= 0}
+                _assigned_topics(admin, group.group_id, left())
+                | {t for t, _ in committed[group.group_id]}
             )
             for group in groups
         ]
+        positions = group_positions(groups, latest, earliest, committed)
+        backlog = backlog_from_offsets(groups, earliest, latest, committed, kafka.topic_prefix)
+        to_read = {
+            p: positions[p] for p, n in backlog.by_partition.items() if 0 < n <= EXACT_COUNT_MAX
+        }
+        counted = count_records(kafka, to_read, latest, left())
     except KafkaException as exc:
         raise BacklogUnknown(f"the broker did not say what is left ({exc})") from exc
-    positions = group_positions(groups, latest, earliest, committed)
-    backlog = backlog_from_offsets(groups, earliest, latest, committed, kafka.topic_prefix)
-    if kafka.tansu:
-        to_read = dict(positions)
-    else:
-        to_read = {
-            p: positions[p]
-            for p, n in backlog.by_partition.items()
-            if 0 < n <= EXACT_COUNT_MAX
-        }
-    if not to_read:
-        return backlog
-    counted = _count_records(
-        kafka, to_read, None if kafka.tansu else latest, backlog.by_partition, timeout_s
-    )
+    except ReadUnfinished as exc:
+        raise BacklogUnknown(str(exc)) from exc
     return Backlog({**backlog.by_partition, **counted}, kafka.topic_prefix)
-
-
-def _offsets(
-    admin: AdminClient, partitions: list[Partition], spec: OffsetSpec, timeout_s: float
-) -> dict[Partition, int]:
-    if not partitions:
-        return {}
-    futures = admin.list_offsets(
-        {TopicPartition(topic, index): spec for topic, index in partitions},
-        isolation_level=IsolationLevel.READ_COMMITTED,
-        request_timeout=timeout_s,
-    )
-    return {(tp.topic, tp.partition): f.result().offset for tp, f in futures.items()}
 
 
 def _assigned_topics(admin: AdminClient, group_id: str, timeout_s: float) -> set[str]:
@@ -241,62 +226,3 @@ def _assigned_topics(admin: AdminClient, group_id: str, timeout_s: float) -> set
         if member.assignment is not None
         for tp in member.assignment.topic_partitions
     }
-
-
-def _committed(
-    kafka: KafkaSettings, group_id: str, partitions: list[Partition], timeout_s: float
-) -> dict[Partition, int]:
-    """The group's committed offsets (OffsetFetch; the asking consumer never joins it)."""
-    consumer = Consumer(kafka.librdkafka(**{"group.id": group_id, "enable.auto.commit": False}))
-    try:
-        answer = consumer.committed(
-            [TopicPartition(topic, index) for topic, index in partitions], timeout=timeout_s
-        )
-    finally:
-        consumer.close()
-    return {(tp.topic, tp.partition): tp.offset for tp in answer if tp.error is None}
-
-
-def _count_records(
-    kafka: KafkaSettings,
-    starts: Mapping[Partition, int],
-    ends: Mapping[Partition, int] | None,
-    fallback: Mapping[Partition, int],
-    timeout_s: float,
-) -> dict[Partition, int]:
-    """Read each partition from ``starts`` to ``ends`` (None: to the end the fetch finds)
-    and count its records; one not read to its end in time counts at least ``fallback``."""
-    consumer = Consumer(
-        kafka.librdkafka(
-            **{
-                "group.id": "medstream-backlog-probe",  # never commits, never subscribes
-                "enable.auto.commit": False,
-                "enable.partition.eof": True,
-                "isolation.level": "read_committed",
-            }
-        )
-    )
-    counts = dict.fromkeys(starts, 0)
-    open_partitions = set(starts)
-    try:
-        consumer.assign([TopicPartition(t, p, start) for (t, p), start in starts.items()])
-        deadline = time.monotonic() + timeout_s
-        while open_partitions and time.monotonic() < deadline:
-            for message in consumer.consume(num_messages=1000, timeout=0.2):
-                topic, index, offset = message.topic(), message.partition(), message.offset()
-                error = message.error()
-                if topic is None or index is None or (
-                    error is not None and error.code() != KafkaError._PARTITION_EOF
-                ):
-                    continue
-                partition = (topic, index)
-                end = ends[partition] if ends is not None else None
-                if error is None and offset is not None and (end is None or offset < end):
-                    counts[partition] += 1
-                if error is not None or (end is not None and (offset or 0) >= end - 1):
-                    open_partitions.discard(partition)
-    finally:
-        consumer.close()
-    for partition in open_partitions:
-        counts[partition] = max(counts[partition], fallback.get(partition, 0))
-    return counts

@@ -350,6 +350,23 @@ def _prepare_database(client: Any, ch: ClickHouseSettings) -> tuple[list[str], i
     return applied, fields, refresh_analyst_views(client, ch.database, ch.cluster)
 
 
+#: How long a stopping sink reads on until its topics are idle (`up` stops the producers
+#: first); `up` gives it STOP_TIMEOUT_S["sink"] (60 s) in all.
+SINK_STOP_DRAIN_S = 20.0
+
+
+def _stuck_sink_exit() -> None:
+    """The sink's stop took longer than its drain time and STOP_AFTER_DRAIN_S: exit now."""
+    from sinks.clickhouse import STOP_AFTER_DRAIN_S
+
+    logging.getLogger("medstream.sink").error(
+        "the sink did not stop within %.0fs (is the broker gone?): exiting; records whose "
+        "offsets were not committed are read again by the next run",
+        SINK_STOP_DRAIN_S + STOP_AFTER_DRAIN_S,
+    )
+    os._exit(1)
+
+
 @app.command()
 def sink(
     metrics_port: MetricsPort = 0,
@@ -357,7 +374,7 @@ def sink(
 ) -> None:
     """Run the ClickHouse sink (norm.*, alerts, dlq and the raw ledger)."""
     from schemas.serde import registry_from_url
-    from sinks.clickhouse import ClickHouseSink, SinkFailed, SinkKeys
+    from sinks.clickhouse import STOP_AFTER_DRAIN_S, ClickHouseSink, SinkFailed, SinkKeys
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     kafka = _kafka_for_client()
@@ -385,8 +402,19 @@ def sink(
         kafka, SinkSettings(), client, ch.database, registry_from_url(RegistrySettings().url), lock,
         keys=keys,
     )
-    signal.signal(signal.SIGTERM, lambda *_: writer.stop())
-    signal.signal(signal.SIGINT, lambda *_: writer.stop())
+    def stop_sink(*_: object) -> None:
+        first = not writer.stopping
+        writer.stop(SINK_STOP_DRAIN_S)
+        if first:
+            # An orphaned sink (die_with_parent: its `up` and the broker are gone) must not
+            # wait on a dead broker for ever: what it stored is stored, the offsets it could
+            # not commit are read again by the next run (the inserts are idempotent).
+            watchdog = threading.Timer(SINK_STOP_DRAIN_S + STOP_AFTER_DRAIN_S, _stuck_sink_exit)
+            watchdog.daemon = True
+            watchdog.start()
+
+    signal.signal(signal.SIGTERM, stop_sink)
+    signal.signal(signal.SIGINT, stop_sink)
     try:
         writer.run()
     except SinkFailed as exc:
@@ -755,6 +783,13 @@ def reconcile_command(
             help="also hold the raw topics' offsets on the broker against the ledger",
         ),
     ] = True,
+    strict: Annotated[
+        bool,
+        typer.Option(
+            help="exit 1 also when the sink has not read records yet (a lag); without it "
+            "they are reported as 'not read yet' and only a loss or an unverified range fails",
+        ),
+    ] = False,
 ) -> None:
     """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps.
 
@@ -792,7 +827,12 @@ def reconcile_command(
             )
     except QueryError as exc:
         _fail(str(exc))
-    ok = report.ok and (label_check is None or label_check.ok)
+    except ValueError as exc:  # a labels file naming a table that is not medstream's
+        _fail(str(exc), 2)
+    ok = (
+        (report.settled if strict else report.ok)
+        and (label_check is None or label_check.ok)
+    )
     if as_json:
         body = report.as_dict()
         if label_check is not None:

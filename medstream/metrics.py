@@ -32,6 +32,12 @@ AUDIT_REFUSED = Counter(
     "wrong one (forged, altered, or written with another audit key)",
     ["reason"],
 )
+HEADERS_REFUSED = Counter(
+    "medstream_sink_headers_refused",
+    "Raw records whose collector or run header the sink stored as '' because it was not a "
+    "name ([A-Za-z0-9_.-]{1,64}): written by something that is not a medstream publisher",
+    ["header"],
+)
 ALERTS = Counter("medstream_alerts", "Alerts raised, by rule", ["rule_id"])
 FINDINGS = Counter(
     "medstream_findings", "Rule findings handed to the alert lifecycle, by rule", ["rule_id"]

@@ -26,6 +26,7 @@ a conflict (two different records under one id); they are counted with example i
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -52,8 +53,10 @@ RANGES_IN_TEXT = 20
 MAX_RANGES_LISTED = 1000
 CONFLICT_EXAMPLES = 10
 #: Offsets missing from the ledger are re-read from the broker up to this many in total, to
-#: tell records from transaction markers; beyond it they are counted as offsets.
+#: tell records from transaction markers; ranges beyond it are named as unverified.
 MAX_RECHECKED = 500_000
+#: The most time the broker check spends re-reading; ranges left then are unverified.
+REREAD_TIMEOUT_S = 120.0
 #: Where each part of the report comes from (printed, and given in --json).
 EVIDENCE = {
     "sources": "the sink's own view: raw_ledger (what the sink read from the raw topics) "
@@ -173,6 +176,8 @@ class ReconcileReport:
     broker: list[BrokerCounts] = field(default_factory=list)
     published: list[PublishedCounts] = field(default_factory=list)
     missing_ranges: list[MissingRange] = field(default_factory=list)
+    #: What the sink has not read yet (a lag, not a loss): lines; ``ok`` does not look at it.
+    not_read_yet: list[str] = field(default_factory=list)
     conflicts: int = 0
     conflict_examples: list[str] = field(default_factory=list)
     #: What was checked independently of the sink, or why it could not be.
@@ -180,8 +185,19 @@ class ReconcileReport:
 
     @property
     def ok(self) -> bool:
-        """True when nothing is unaccounted for."""
+        """True when nothing is unaccounted for: records the sink has not read yet are not
+        a gap (they are in :attr:`not_read_yet`), offsets that could not be checked are."""
         return not self.gaps
+
+    @property
+    def pending_records(self) -> int:
+        """Records on the broker past the sink group's committed offset (a lag)."""
+        return sum(r.records for r in self.missing_ranges if r.pending)
+
+    @property
+    def settled(self) -> bool:
+        """``ok`` and nothing left for the sink to read: every accepted record is in."""
+        return self.ok and self.pending_records == 0
 
     def as_dict(self) -> dict[str, Any]:
         """JSON-ready form; ``evidence`` says where each part comes from."""
@@ -203,6 +219,7 @@ class ReconcileReport:
             "missing_ranges_total": len(self.missing_ranges),
             "conflicts": {"count": self.conflicts, "example_event_ids": self.conflict_examples},
             "gaps": self.gaps,
+            "not_read_yet": self.not_read_yet,
         }
 
     def render(self) -> str:
@@ -259,6 +276,9 @@ class ReconcileReport:
         lines.extend(f"independent check: {note}" for note in self.independent)
         lines.append(f"conflicting event ids (same id, other content, not an update): "
                      f"{self.conflicts}")
+        if self.not_read_yet:
+            lines.append("NOT READ YET by the sink (a lag, not a loss; --strict counts it):")
+            lines.extend(f"  - {line}" for line in self.not_read_yet)
         if self.gaps:
             lines.append("GAPS:")
             lines.extend(f"  - {gap}" for gap in self.gaps)
@@ -481,7 +501,13 @@ def _check_broker(
     group's committed offsets per (topic, partition) (empty without ``sink_group``)."""
     from confluent_kafka import Consumer, KafkaException, TopicPartition
 
-    consumer = Consumer(kafka.consumer_config(f"medstream-reconcile-{id(report)}"))
+    from medstream.offsets import ReadUnfinished, committed_offsets
+
+    consumer = Consumer(
+        kafka.consumer_config(
+            f"medstream-reconcile-{id(report)}", **{"enable.partition.eof": True}
+        )
+    )
     try:
         metadata = consumer.list_topics(timeout=10)
         cluster = metadata.cluster_id or ""
@@ -492,10 +518,16 @@ def _check_broker(
                 partitions.extend(
                     TopicPartition(topic, p) for p in sorted(metadata.topics[topic].partitions)
                 )
-        spans = _offsets_in_range(
-            consumer, partitions, report.since, report.until, by_offsets=not kafka.tansu
+        spans = (
+            _whole_logs(kafka, consumer, partitions) if kafka.tansu
+            else _offsets_in_range(consumer, partitions, report.since, report.until)
         )
-        committed = _committed(kafka, sink_group, partitions)
+        committed = (
+            committed_offsets(
+                kafka, sink_group, [(tp.topic, tp.partition) for tp in partitions], 10
+            )
+            if sink_group is not None else {}
+        )
         islands = _ledger_islands(
             query, database,
             {(cluster, t, p): (first, end - 1) for (t, p), (first, end) in spans.items()
@@ -524,45 +556,46 @@ def _check_broker(
                             counts.pending += b - a + 1
                         else:
                             counts.missing += b - a + 1
-            if end == OPEN_END:
-                counts.end_offset = max(
-                    [first, *(high + 1 for _, high in held), *(
-                        r.last_offset + 1 for r in report.missing_ranges
-                        if r.evidence == "broker" and (r.topic, r.partition) == (topic, partition)
-                    )]
-                )
         report.broker_cluster = cluster
+        report.gaps.extend(f"unverified: {line}" for line in reread.unchecked)
         report.independent.append(
             f"broker: offsets of {len(partitions)} raw partitions in cluster {cluster} checked"
-            + (f"; {reread.unverified} offsets past the re-read budget counted as records"
-               if reread.unverified else "")
+            + (f"; {len(reread.unchecked)} range(s) could not be checked (unverified)"
+               if reread.unchecked else "")
         )
         return committed
     except KafkaException as exc:
         report.independent.append(f"broker: not checked, the broker did not answer ({exc})")
         return {}
+    except ReadUnfinished as exc:
+        report.gaps.append(f"unverified: broker offsets not checked: {exc}")
+        return {}
     finally:
         consumer.close()
 
 
-#: The end of a partition whose high watermark cannot be trusted (tansu counts produce
-#: batches there, not records): the log is read to its end instead.
-OPEN_END = 2**62
+def _whole_logs(
+    kafka: KafkaSettings, consumer: Any, partitions: list[Any]
+) -> dict[tuple[str, int], tuple[int, int]]:
+    """On tansu, whose lookups by timestamp are not record offsets: per partition its whole
+    log [low watermark, true end) (the end read from the log, see
+    :func:`medstream.offsets.tansu_log_ends`); records outside the range are left out as
+    they are re-read. ReadUnfinished when the end of a log cannot be read."""
+    from medstream.offsets import tansu_log_ends
+
+    lows, reported = {}, {}
+    for tp in partitions:
+        key = (tp.topic, tp.partition)
+        lows[key], reported[key] = consumer.get_watermark_offsets(tp, timeout=10)
+    ends = tansu_log_ends(kafka, reported, 10)
+    return {key: (lows[key], max(ends[key], lows[key])) for key in lows}
 
 
 def _offsets_in_range(
-    consumer: Any, partitions: list[Any], since: datetime, until: datetime, by_offsets: bool
+    consumer: Any, partitions: list[Any], since: datetime, until: datetime
 ) -> dict[tuple[str, int], tuple[int, int]]:
-    """Per partition the offsets [first, end) of records timestamped in [since, until).
-
-    Without ``by_offsets`` (tansu: its high watermark and its lookups by timestamp are not
-    record offsets) the span is [0, OPEN_END): the log is re-read past the ledger to its end
-    and records outside the range are left out as they are read.
-    """
+    """Per partition the offsets [first, end) of records timestamped in [since, until)."""
     from confluent_kafka import TopicPartition
-
-    if not by_offsets:
-        return {(tp.topic, tp.partition): (0, OPEN_END) for tp in partitions}
 
     def at(moment: datetime) -> dict[tuple[str, int], int]:
         ms = int(moment.timestamp() * 1000)
@@ -583,73 +616,66 @@ def _offsets_in_range(
     return spans
 
 
-def _committed(
-    kafka: KafkaSettings, group: str | None, partitions: list[Any]
-) -> dict[tuple[str, int], int]:
-    """The sink group's committed offsets (asked without joining the group)."""
-    from confluent_kafka import Consumer
-
-    if group is None or not partitions:
-        return {}
-    consumer = Consumer(kafka.consumer_config(group))
-    try:
-        return {
-            (tp.topic, tp.partition): tp.offset
-            for tp in consumer.committed(partitions, timeout=10)
-            if tp.offset >= 0
-        }
-    finally:
-        consumer.close()
-
-
 class Reread:
     """Re-reads offsets missing from the ledger to find which hold records in the window
     (read_committed: transaction markers and aborted records are skipped).
 
-    At most MAX_RECHECKED records are read in all; past that, the offsets of a bounded range
-    are taken as records (counted in ``unverified``).
+    A range is read up to the record past its end or to the end of the log (the broker's
+    end-of-partition event), never to a quiet moment. At most MAX_RECHECKED records are
+    read and REREAD_TIMEOUT_S spent in all; ranges left unread then are named in
+    ``unchecked`` (they make the reconciliation fail as unverified).
     """
 
-    END_WAIT_S = 2.0  # a read that brings nothing for this long is at the log's end
-
     def __init__(self, consumer: Any, since: datetime, until: datetime) -> None:
-        self.consumer = consumer
+        self.consumer = consumer  # with enable.partition.eof
         self.since_ms = int(since.timestamp() * 1000)
         self.until_ms = int(until.timestamp() * 1000)
         self.budget = MAX_RECHECKED
-        self.unverified = 0
+        self.deadline = time.monotonic() + REREAD_TIMEOUT_S
+        self.unchecked: list[str] = []
+
+    def _exhausted(self, topic: str, partition: int, low: int, high: int) -> bool:
+        """True (and the range named as unchecked) once the budget or the time is used up."""
+        if self.budget > 0 and time.monotonic() < self.deadline:
+            return False
+        why = (
+            f"the re-read budget of {MAX_RECHECKED:,} records is used up"
+            if self.budget <= 0 else f"the re-read time of {REREAD_TIMEOUT_S:.0f}s is used up"
+        )
+        self.unchecked.append(f"{topic}[{partition}] offsets {low}..{high} not checked: {why}")
+        return True
 
     def records(self, topic: str, partition: int, low: int, high: int) -> list[tuple[int, int]]:
         """The runs of offsets in [low, high] that hold records timestamped in the window."""
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import KafkaError, TopicPartition
 
-        if self.budget <= 0:
-            if high == OPEN_END - 1:
-                return []  # nothing bounds it: cannot be counted without reading
-            self.unverified += high - low + 1
-            return [(low, high)]
-        self.consumer.assign([TopicPartition(topic, partition, low)])
         runs: list[tuple[int, int]] = []
-        position = low
-        while position <= high and self.budget > 0:
-            batch = self.consumer.consume(num_messages=1000, timeout=self.END_WAIT_S)
-            if not batch:
-                break  # the end of the log (or it was truncated)
-            for message in batch:
-                if message.error() is not None:
-                    continue
-                offset = message.offset()
-                position = max(position, offset + 1)
-                self.budget -= 1
-                if offset > high:
+        position, at_end = low, False
+        self.consumer.assign([TopicPartition(topic, partition, low)])
+        try:
+            while position <= high and not at_end:
+                if self._exhausted(topic, partition, position, high):
                     break
-                if not self.since_ms <= message.timestamp()[1] < self.until_ms:
-                    continue
-                if runs and runs[-1][1] == offset - 1:
-                    runs[-1] = (runs[-1][0], offset)
-                else:
-                    runs.append((offset, offset))
-        self.consumer.unassign()
+                for message in self.consumer.consume(num_messages=1000, timeout=0.2):
+                    error = message.error()
+                    if error is not None:
+                        at_end = at_end or error.code() == KafkaError._PARTITION_EOF
+                        continue
+                    offset = message.offset()
+                    if offset < position:
+                        continue
+                    position = offset + 1
+                    self.budget -= 1
+                    if offset > high:
+                        break
+                    if not self.since_ms <= message.timestamp()[1] < self.until_ms:
+                        continue
+                    if runs and runs[-1][1] == offset - 1:
+                        runs[-1] = (runs[-1][0], offset)
+                    else:
+                        runs.append((offset, offset))
+        finally:
+            self.consumer.unassign()
         return runs
 
 
@@ -705,20 +731,24 @@ def _check_published(
 
 
 def _name_missing_ranges(report: ReconcileReport) -> None:
-    """One gap per source of evidence with its count, then the ranges (bounded)."""
+    """One line per source of evidence with its count, then the ranges (bounded): ranges the
+    sink went past are gaps, ranges it has not read yet are said apart (not a gap)."""
     totals: dict[tuple[str, bool], int] = {}
     for r in report.missing_ranges:
         totals[(r.evidence, r.pending)] = totals.get((r.evidence, r.pending), 0) + r.records
-    for (evidence, pending), records in sorted(totals.items()):
-        what = "are not in the ledger yet (the sink has not read them)" if pending else (
-            "never reached the ledger")
-        report.gaps.append(f"{evidence}: {records} records {what}")
-    for r in report.missing_ranges[:RANGES_IN_TEXT]:
-        report.gaps.append(f"  {r.describe()}")
-    if len(report.missing_ranges) > RANGES_IN_TEXT:
-        report.gaps.append(
-            f"  ... and {len(report.missing_ranges) - RANGES_IN_TEXT} more ranges (see --json)"
-        )
+    for pending, lines in ((False, report.gaps), (True, report.not_read_yet)):
+        ranges = [r for r in report.missing_ranges if r.pending == pending]
+        for (evidence, is_pending), records in sorted(totals.items()):
+            if is_pending == pending:
+                lines.append(
+                    f"{evidence}: not read yet: {records} records (the sink has not read them)"
+                    if pending else f"{evidence}: {records} records never reached the ledger"
+                )
+        lines.extend(f"  {r.describe()}" for r in ranges[:RANGES_IN_TEXT])
+        if len(ranges) > RANGES_IN_TEXT:
+            lines.append(
+                f"  ... and {len(ranges) - RANGES_IN_TEXT} more ranges (see --json)"
+            )
 
 
 def _collector_counts(
@@ -800,6 +830,19 @@ def label_event_ids(labels: list[dict[str, Any]]) -> set[str]:
     return ids
 
 
+def _stored_table(label: dict[str, Any]) -> str:
+    """The table a label's ``kind`` names, checked against the tables medstream stores
+    events in (the name goes into SQL); ValueError naming the label otherwise."""
+    kind = label.get("kind")
+    if kind not in (*EVENT_TABLES, *STATE_TABLES):
+        raise ValueError(
+            f"labels file: event {str(label.get('event_id'))[:64]!r} has kind "
+            f"{str(kind)[:64]!r}, not a table medstream stores events in "
+            f"({', '.join((*EVENT_TABLES, *STATE_TABLES))}): is it a simulator labels file?"
+        )
+    return str(kind)
+
+
 def check_labels(
     query: Querier, database: str, labels: list[dict[str, Any]], since: datetime | None = None
 ) -> LabelCheck:
@@ -817,7 +860,7 @@ def check_labels(
     expected_by_table: dict[str, set[str]] = {}
     for label in firsts:
         if label["expect"] == "stored":
-            expected_by_table.setdefault(label["kind"], set()).add(label["event_id"])
+            expected_by_table.setdefault(_stored_table(label), set()).add(label["event_id"])
     missing: list[str] = []
     stored = duplicated = 0
     for table, expected_ids in expected_by_table.items():

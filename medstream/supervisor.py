@@ -18,6 +18,7 @@ non-zero, saying how much and where, when something is still unstored.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import secrets
@@ -37,7 +38,13 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from medstream.access import ALL_ORGANISATIONS, UserStore
 from medstream.audit import AuditError, AuditTrail
-from medstream.backlog import Backlog, BacklogUnknown, measure_backlog, pipeline_groups
+from medstream.backlog import (
+    Backlog,
+    BacklogUnknown,
+    ConsumerGroup,
+    measure_backlog,
+    pipeline_groups,
+)
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult
 from medstream.keys import AUDIT_KEY, SecretRefused, ensure_data_dir_secrets, resolve_secret
 from medstream.metrics import COMPONENT_RESTARTS, serve_metrics
@@ -281,6 +288,7 @@ class Supervisor:
         self.query_url: str | None = None
         self._stop = threading.Event()
         self._stop_now = threading.Event()
+        self._stop_now_at = 0.0  # when the second stop request came (monotonic)
         #: The Kafka settings the components use (the embedded broker's address), once set.
         self._client_kafka: KafkaSettings | None = None
         self._clickhouse_url = ""
@@ -290,7 +298,8 @@ class Supervisor:
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: stop at the next tick (draining); a second signal stops at once."""
-        if self._stop.is_set():
+        if self._stop.is_set() and not self._stop_now.is_set():
+            self._stop_now_at = time.monotonic()
             self._stop_now.set()
         self._stop.set()
 
@@ -718,7 +727,7 @@ class Supervisor:
             self.out(f"reconcile not possible right now ({exc}); retrying")
             return None
         published = sum(s.published_messages for s in report.sources)
-        if not report.ok or published < self._published_messages():
+        if not report.settled or published < self._published_messages():
             self._last_drain_state = None
             return None  # still in flight: try again at the next tick
         # Alerts and dead letters are not in the lineage proof: done only once nothing
@@ -793,19 +802,30 @@ class Supervisor:
 
     def _stop_child(self, child: Child, timeout_s: float, signalled: bool = False) -> bool:
         """SIGTERM (unless ``signalled`` already: a second one cuts a component's own
-        shutdown short), wait, SIGKILL after ``timeout_s``; False when it had to be killed."""
+        shutdown short), wait, SIGKILL after ``timeout_s``, or STOP_NOW_TIMEOUT_S after a
+        second stop request; False when it had to be killed."""
         process = child.process
         if process is None or process.poll() is not None:
             return True
         if not signalled:
             process.send_signal(signal.SIGTERM)
-        try:
-            process.wait(timeout=timeout_s)
-        except subprocess.TimeoutExpired:
-            self.out(f"{child.name} did not stop within {timeout_s:.0f}s; killing it")
-            process.kill()
-            process.wait()
-            return False
+        signalled_at = time.monotonic()
+        deadline = signalled_at + timeout_s
+        while process.poll() is None:
+            if self._stop_now.is_set():  # waited in short slices so that this is seen
+                deadline = min(deadline, max(self._stop_now_at, signalled_at) + STOP_NOW_TIMEOUT_S)
+            now = time.monotonic()
+            if now >= deadline:
+                limit = (
+                    f"{STOP_NOW_TIMEOUT_S:.0f}s of the second stop request"
+                    if self._stop_now.is_set() else f"{timeout_s:.0f}s"
+                )
+                self.out(f"{child.name} did not stop within {limit}; killing it")
+                process.kill()
+                process.wait()
+                return False
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=min(TICK_S, deadline - now))
         return True
 
     def _stop_all(self, children: list[Child]) -> list[str]:
@@ -818,8 +838,6 @@ class Supervisor:
         killed = []
         for child in children:
             timeout = STOP_TIMEOUT_S.get(child.name.split("-")[0], 30.0)
-            if self._stop_now.is_set():
-                timeout = min(timeout, STOP_NOW_TIMEOUT_S)
             if not self._stop_child(child, timeout, signalled=True):
                 killed.append(child.name)
         return killed
@@ -836,7 +854,7 @@ class Supervisor:
         next_line = started
         while True:
             try:
-                backlog: Backlog | None = measure_backlog(kafka, groups, timeout_s=5.0)
+                backlog: Backlog | None = self._measure_unless_stopped_now(groups)
             except BacklogUnknown as exc:
                 backlog, unknown = None, str(exc)
             if backlog is not None and backlog.total == 0:
@@ -869,6 +887,28 @@ class Supervisor:
             self._restart_dead()
             self._stop_now.wait(TICK_S)
 
+    def _measure_unless_stopped_now(self, groups: list[ConsumerGroup]) -> Backlog:
+        """measure_backlog (at most 5 s) in a thread a second stop request does not wait for."""
+        assert self._client_kafka is not None
+        kafka = self._client_kafka
+        answer: list[Backlog | BacklogUnknown] = []
+
+        def measure() -> None:
+            try:
+                answer.append(measure_backlog(kafka, groups, timeout_s=5.0))
+            except BacklogUnknown as exc:
+                answer.append(exc)
+
+        worker = threading.Thread(target=measure, name="backlog", daemon=True)
+        worker.start()
+        while worker.is_alive() and not self._stop_now.is_set():
+            worker.join(TICK_S)
+        if not answer:
+            raise BacklogUnknown("not measured: a second stop request came")
+        if isinstance(answer[0], BacklogUnknown):
+            raise answer[0]
+        return answer[0]
+
     def _left_unstored(self) -> str | None:
         """After the workers and the sink stopped: what the broker accepted and the pipeline
         did not store, and where it is now; None when nothing."""
@@ -877,7 +917,9 @@ class Supervisor:
         kafka = self._client_kafka
         groups = pipeline_groups(kafka, self.streams.app_id, SinkSettings().group_id)
         try:
-            backlog = measure_backlog(kafka, groups, timeout_s=10.0)
+            # Bounded by the second stop request's limit too: what is left is still said.
+            timeout_s = STOP_NOW_TIMEOUT_S if self._stop_now.is_set() else 10.0
+            backlog = measure_backlog(kafka, groups, timeout_s=timeout_s)
         except BacklogUnknown as exc:
             return f"what is left unstored cannot be told: {exc}"
         if backlog.total == 0:

@@ -33,6 +33,7 @@ from medstream.metrics import (
     AUDIT_REFUSED,
     DEAD_LETTERS,
     END_TO_END_SECONDS,
+    HEADERS_REFUSED,
     OFFSET_GAPS,
     READY,
     RECORDS_IN,
@@ -100,12 +101,23 @@ LEDGER_COLUMNS = [
 ]
 
 
+#: What a collector or run header must look like to be stored: collector names
+#: ([a-z0-9][a-z0-9_-]{0,62}) and run ids (eight hex digits) fit; anything else a raw-topic
+#: writer put there is not trusted as provenance.
+PROVENANCE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
 def _header(message: Message, wanted: str) -> str:
-    """A raw record's header as text, e.g. its collector or run ('' when it has none)."""
+    """A raw record's provenance header as text, e.g. its collector or run ('' when it has
+    none, or when it is not a name: then counted in HEADERS_REFUSED)."""
     headers: Any = message.headers() or ()
     for name, value in headers:
-        if name == wanted and isinstance(value, bytes):
-            return value.decode("utf-8", "replace")
+        if name == wanted and isinstance(value, bytes) and value:
+            text = value.decode("utf-8", "replace")
+            if PROVENANCE_NAME.fullmatch(text):
+                return text
+            HEADERS_REFUSED.labels(wanted).inc()
+            return ""
     return ""
 
 
@@ -202,6 +214,12 @@ class TableWriter:
         return [record[name] for name in self.columns]
 
 
+#: How long a stop may take past its drain time: committing what was stored and leaving
+#: the group. A broker that does not answer (gone with the `up` that started it) gets no
+#: longer: the offsets stay uncommitted and the next run reads those records again.
+STOP_AFTER_DRAIN_S = 10.0
+
+
 class ClickHouseSink:
     """Consumes norm.*, alerts, dlq and raw.*; writes them to ClickHouse exactly once per key."""
 
@@ -263,6 +281,11 @@ class ClickHouseSink:
     def topics(self) -> list[str]:
         """Every topic the sink reads."""
         return sorted([*self.writers, *self.raw_kind_by_topic])
+
+    @property
+    def stopping(self) -> bool:
+        """True once stop() was called (or the sink is crashing)."""
+        return self._stop.is_set()
 
     def stop(self, drain_s: float = 20.0) -> None:
         """Finish: consume until idle (at most ``drain_s``), store, commit, return.
@@ -640,11 +663,17 @@ class ClickHouseSink:
                     asynchronous=False,
                 )
             except KafkaException as exc:
-                if exc.args[0].code() not in MEMBERSHIP_ERRORS:
+                stopping = self._stop.is_set()
+                if exc.args[0].code() not in MEMBERSHIP_ERRORS and not stopping:
                     raise
                 # The rows are stored; the offsets stay behind and the records are read
-                # again by whoever owns the partitions now, collapsing on their keys.
-                log.warning("commit refused after a rebalance (%s); records will be re-read", exc)
+                # again by whoever owns the partitions now (or by the next run, when the
+                # broker is gone as this sink stops), collapsing on their keys.
+                log.warning(
+                    "commit %s (%s); the records will be read again",
+                    "not possible while stopping" if stopping else "refused after a rebalance",
+                    exc,
+                )
 
     def _store(self, pending: PendingFlush) -> None:
         """Insert every table of a flush; retry with backoff until ClickHouse accepts or stop."""

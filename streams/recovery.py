@@ -27,8 +27,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any
 
-from aiokafka import AIOKafkaConsumer
-from aiokafka.structs import TopicPartition
 from faust.tables import TableManager
 from faust.tables.recovery import Recovery
 from faust.types import TP
@@ -43,36 +41,25 @@ TANSU_END_PROBE_S = 10.0
 
 async def tansu_log_ends(bootstrap_servers: list[str], reported: Mapping[TP, int]) -> dict[TP, int]:
     """The true end offsets (last offset + 1) of partitions whose tansu-reported ends are
-    ``reported``: the last batch is fetched from its first offset (reported end - 1)."""
-    ends = dict(reported)
-    wanted = {tp: end for tp, end in reported.items() if end and end > 0}
-    if not wanted:
-        return ends
-    probe = AIOKafkaConsumer(
-        bootstrap_servers=bootstrap_servers, enable_auto_commit=False, fetch_max_wait_ms=20
-    )
-    await probe.start()
+    ``reported`` (:func:`medstream.offsets.tansu_log_ends`, read off the event loop); the
+    reported ends, with a warning, when the last batches cannot be read in time."""
+    from medstream.offsets import ReadUnfinished
+    from medstream.offsets import tansu_log_ends as read_true_ends
+    from medstream.settings import KafkaSettings
+
+    kafka = KafkaSettings(bootstrap_servers=",".join(bootstrap_servers), broker_kind="tansu")
+    by_partition = {(tp.topic, tp.partition): end for tp, end in reported.items()}
     try:
-        probe.assign([TopicPartition(tp.topic, tp.partition) for tp in wanted])
-        for tp, end in wanted.items():
-            probe.seek(TopicPartition(tp.topic, tp.partition), end - 1)
-        pending = set(wanted)
-        deadline = asyncio.get_running_loop().time() + TANSU_END_PROBE_S
-        while pending and asyncio.get_running_loop().time() < deadline:
-            for partition, records in (await probe.getmany(timeout_ms=200)).items():
-                tp = TP(partition.topic, partition.partition)
-                if records:
-                    ends[tp] = max(ends[tp], records[-1].offset + 1)
-                    pending.discard(tp)
-        if pending:
-            log.warning(
-                "could not read the last batch of %s within %.0f s: table recovery uses "
-                "tansu's reported end offsets (they miss up to one batch)",
-                sorted(f"{tp.topic}[{tp.partition}]" for tp in pending), TANSU_END_PROBE_S,
-            )
-    finally:
-        await probe.stop()
-    return ends
+        ends = await asyncio.get_running_loop().run_in_executor(
+            None, read_true_ends, kafka, by_partition, TANSU_END_PROBE_S
+        )
+    except ReadUnfinished as exc:
+        log.warning(
+            "%s: table recovery uses tansu's reported end offsets (they miss up to one batch)",
+            exc,
+        )
+        return dict(reported)
+    return {tp: ends[(tp.topic, tp.partition)] for tp in reported}
 
 
 class CheckedRecovery(Recovery):

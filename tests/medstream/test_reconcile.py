@@ -240,6 +240,10 @@ def test_reconcile_names_the_offset_ranges_that_never_reached_the_ledger(
     assert f"offsets 5..16 of {lab}[0] never reached the ledger (12 records; publisher simulator run r1)" in text
     assert "broker: 12 records never reached the ledger" in report.gaps
     assert "are not in the ledger yet" in text
+    # Not read yet is a lag, said apart: it alone would not fail the reconciliation.
+    assert report.pending_records == 3 and not report.settled
+    assert report.not_read_yet[0] == "broker: not read yet: 3 records (the sink has not read them)"
+    assert not any("not read yet" in gap for gap in report.gaps)
     body = report.as_dict()
     assert set(body["evidence"]) >= {"sources", "broker", "published", "conflicts"}
     assert body["missing_ranges_total"] == 3
@@ -296,3 +300,64 @@ def test_labels_of_one_run_are_checked_against_that_run_only(clickhouse: Client,
     # Run b's own check still sees its false alert.
     other = check_labels(querier(clickhouse, database), database, labels("b"), T0 - timedelta(hours=1))
     assert (other.found_dead_letters, other.found_alerts, other.unexpected_alerts) == (1, 1, 1)
+
+
+def test_records_the_sink_has_not_read_yet_are_a_lag_not_a_gap(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    kafka = kafka_factory()
+    lab = kafka.topic(RAW_TOPICS["hl7_lab"])
+    produce(kafka, [(lab, b"one-partition", b"early-%d" % i) for i in range(4)])
+    with running(make_sink(kafka, clickhouse, database, "sink-lag")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == 4,
+                 what="the ledger")
+    _sink_view_consistent(clickhouse, database)
+    produce(kafka, [(lab, b"one-partition", b"late-%d" % i) for i in range(5)])  # the sink lags
+    now = datetime.now(tz=UTC)
+    report = reconcile(querier(clickhouse, database), database, now - timedelta(hours=1),
+                       now + timedelta(minutes=5), kafka=kafka, sink_group="sink-lag")
+    assert report.ok, report.gaps
+    assert (report.pending_records, report.settled) == (5, False)
+    assert report.not_read_yet[0] == "broker: not read yet: 5 records (the sink has not read them)"
+    assert sum(b.in_ledger for b in report.broker) == 4
+    assert "NOT READ YET by the sink" in report.render()
+    assert report.as_dict()["ok"] is True
+
+
+def test_offsets_the_re_read_could_not_reach_are_unverified_and_fail_the_reconciliation(
+    tansu_kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import medstream.reconcile as reconcile_module
+
+    kafka = tansu_kafka_factory()
+    lab = kafka.topic(RAW_TOPICS["hl7_lab"])
+    now = datetime.now(tz=UTC)
+    # Records from before the window: read past (on tansu the whole log is re-read),
+    # never counted; with a budget of 5 the rest of the log cannot be checked.
+    earlier = int((now - timedelta(hours=3)).timestamp() * 1000)
+    producer = Producer(kafka.producer_config())
+    for index in range(40):
+        producer.produce(lab, value=b"old-%d" % index, partition=index % 2, timestamp=earlier)
+    assert producer.flush(30) == 0
+    monkeypatch.setattr(reconcile_module, "MAX_RECHECKED", 5)
+    report = reconcile(querier(clickhouse, database), database, now - timedelta(hours=1),
+                       now + timedelta(minutes=5), kafka=kafka)
+    assert not report.ok
+    assert any(
+        gap.startswith(f"unverified: {lab}[") and gap.endswith(
+            "..19 not checked: the re-read budget of 5 records is used up")
+        for gap in report.gaps
+    ), report.gaps
+    assert report.missing_ranges == []
+
+
+def test_a_labels_kind_that_is_not_a_stored_table_is_refused_before_any_query() -> None:
+    def query(sql: str) -> QueryResult:
+        raise AssertionError(f"queried despite a bad labels file: {sql}")
+
+    labels = [{"run_id": "r1", "event_id": "e1", "kind": "lab_result FINAL; SELECT 1 --",
+               "expect": "stored", "duplicate_delivery": False}]
+    with pytest.raises(ValueError, match=r"has kind 'lab_result FINAL; SELECT 1 --', not a table "
+                                         r"medstream stores events in \(lab_result, observation"):
+        check_labels(query, "db", labels)

@@ -21,11 +21,13 @@ from medstream.backlog import (
     pipeline_groups,
 )
 from medstream.runtime import RuntimeState, TansuBroker, contract_topics, ensure_topics
-from medstream.settings import KafkaSettings, RuntimeSettings
+from medstream.settings import ClickHouseSettings, KafkaSettings, RuntimeSettings, StreamSettings
 from medstream.supervisor import (
     HEALTHY_RUN_S,
     MAX_QUICK_RESTARTS,
+    Child,
     RestartPolicy,
+    Supervisor,
     restarts_summary,
 )
 from tests.waiting import wait_for
@@ -268,3 +270,90 @@ def test_a_dead_tansu_broker_is_restarted_empty_on_its_port_and_the_loss_is_said
         assert supervisor._broker_lost_records  # `up` will exit non-zero
     finally:
         broker.stop()
+
+
+def _stubborn_child(name: str) -> Child:
+    """A real child process that ignores SIGTERM (a component stuck in its shutdown)."""
+    process = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, sys, time\n"
+         "signal.signal(signal.SIGTERM, signal.SIG_IGN)\n"
+         "print('ready', flush=True)\n"
+         "time.sleep(600)\n"],
+        stdout=subprocess.PIPE, text=True,
+    )
+    assert process.stdout is not None and process.stdout.readline() == "ready\n"
+    return Child(name, [], 0, process=process)
+
+
+def test_a_second_stop_request_kills_components_stuck_in_their_shutdown_within_the_stop_now_limit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+    import time
+
+    import medstream.supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "STOP_NOW_TIMEOUT_S", 1.0)
+    lines: list[str] = []
+    supervisor = Supervisor(
+        KafkaSettings(), ClickHouseSettings(), RuntimeSettings(data_dir=tmp_path),
+        StreamSettings(), out=lines.append,
+    )
+    children = [_stubborn_child("simulator"), _stubborn_child("collector-a")]
+    supervisor.request_stop()  # the first request: a graceful stop (75 s each)
+    second = threading.Timer(1.0, supervisor.request_stop)
+    second.start()
+    started = time.monotonic()
+    killed = supervisor._stop_all(children)
+    took = time.monotonic() - started
+    second.join()
+    assert killed == ["simulator", "collector-a"]
+    assert all(c.process is not None and c.process.returncode == -9 for c in children)
+    # 1 s until the second request, then at most STOP_NOW_TIMEOUT_S (1 s) for both together.
+    assert 1.9 < took < 4.0, took
+    assert lines == [
+        "simulator did not stop within 1s of the second stop request; killing it",
+        "collector-a did not stop within 1s of the second stop request; killing it",
+    ]
+
+
+@pytest.mark.integration
+def test_on_tansu_the_backlog_counts_the_whole_last_batch_past_the_reported_end(
+    tansu_kafka_factory: Callable[..., KafkaSettings],
+) -> None:
+    from confluent_kafka.admin import OffsetSpec
+
+    from medstream.offsets import list_offsets, log_ends
+
+    kafka = tansu_kafka_factory()
+    raw = kafka.topic("raw.hl7_lab")
+    batched = Producer(kafka.librdkafka(**{"linger.ms": 500, "batch.num.messages": 1000}))
+    for _ in range(40):
+        batched.produce(raw, value=b"x", partition=0)
+    assert batched.flush(30) == 0
+    admin = AdminClient(kafka.librdkafka())
+    reported = list_offsets(admin, [(raw, 0)], OffsetSpec.latest(), 10)[(raw, 0)]
+    assert reported < 40  # tansu: the first offset of the last batch + 1
+    assert log_ends(kafka, admin, [(raw, 0)], 10) == {(raw, 0): 40}
+    groups = pipeline_groups(kafka, f"{kafka.topic_prefix}workers", f"{kafka.topic_prefix}sink")
+    assert measure_backlog(kafka, groups).by_topic() == {raw: 40}
+    consumer = Consumer(kafka.librdkafka(**{"group.id": f"{kafka.topic_prefix}sink"}))
+    consumer.commit(offsets=[TopicPartition(raw, 0, 39)], asynchronous=False)
+    consumer.close()
+    consumer = Consumer(kafka.librdkafka(**{"group.id": f"{kafka.topic_prefix}workers"}))
+    consumer.commit(offsets=[TopicPartition(raw, 0, 40)], asynchronous=False)
+    consumer.close()
+    assert measure_backlog(kafka, groups).by_topic() == {raw: 1}  # one record of the batch
+
+
+@pytest.mark.integration
+def test_a_partition_not_read_to_its_end_in_time_is_an_error_never_a_count(
+    kafka_factory: Callable[..., KafkaSettings],
+) -> None:
+    from medstream.offsets import ReadUnfinished, count_records
+
+    kafka = kafka_factory()
+    absent = (kafka.topic("never-created"), 0)  # no end-of-partition ever comes
+    with pytest.raises(ReadUnfinished, match=r"never-created\[0\] not read to the end within 1s"):
+        count_records(kafka, {absent: 0}, {absent: 10}, timeout_s=1.0)

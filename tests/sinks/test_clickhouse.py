@@ -7,6 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -24,7 +25,12 @@ from medstream.settings import (
 )
 from schemas import serde
 from schemas.identity import alert_id, dead_letter_id, event_id
-from sinks.clickhouse import DEAD_LETTER_PURPOSE, ClickHouseSink, SinkKeys
+from sinks.clickhouse import (
+    DEAD_LETTER_PURPOSE,
+    STOP_AFTER_DRAIN_S,
+    ClickHouseSink,
+    SinkKeys,
+)
 from tests.waiting import wait_for
 
 pytestmark = pytest.mark.integration
@@ -558,22 +564,56 @@ def test_a_drain_that_stalls_on_slow_inserts_still_reads_everything(
 
 
 
+def _ledger_of_raw_records(
+    kafka: KafkaSettings, clickhouse: Client, database: str, group: str,
+    headers: list[list[tuple[str, bytes]]], columns: str,
+) -> list[tuple[object, ...]]:
+    """Raw records with these headers, stored by a sink: their ledger rows (``columns``)."""
+    topic = kafka.topic(RAW_TOPICS["emr_cdc"])
+    producer = Producer(kafka.producer_config())
+    for index, record_headers in enumerate(headers):
+        producer.produce(topic, key=b"a", value=b"row-%d" % index, headers=record_headers)
+    assert producer.flush(30) == 0
+    with running(make_sink(kafka, clickhouse, database, group)):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger")
+                 == len(headers))
+    return list(clickhouse.query(
+        f"SELECT source_offset, {columns} FROM {database}.raw_ledger ORDER BY 1"
+    ).result_rows)
+
+
 def test_raw_ledger_names_the_collector_from_the_record_header(
     kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
 ) -> None:
-    kafka = kafka_factory()
-    topic = kafka.topic(RAW_TOPICS["emr_cdc"])
-    producer = Producer(kafka.producer_config())
-    producer.produce(topic, key=b"a", value=b"row-1", headers=[("medstream-collector", b"his-pg")])
-    producer.produce(topic, key=b"a", value=b"row-2", headers=[("other", b"x")])
-    producer.produce(topic, key=b"a", value=b"row-3")
-    assert producer.flush(30) == 0
-    with running(make_sink(kafka, clickhouse, database, "sink-ledger")):
-        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == 3)
-    rows = clickhouse.query(
-        f"SELECT source_offset, collector, source_kind FROM {database}.raw_ledger ORDER BY 1"
-    ).result_rows
+    rows = _ledger_of_raw_records(
+        kafka_factory(), clickhouse, database, "sink-ledger",
+        [[("medstream-collector", b"his-pg")], [("other", b"x")], []], "collector, source_kind",
+    )
     assert rows == [(0, "his-pg", "emr_cdc"), (1, "", "emr_cdc"), (2, "", "emr_cdc")]
+
+
+def test_provenance_headers_that_are_not_names_are_stored_empty_and_counted(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    from medstream.metrics import HEADERS_REFUSED
+
+    def refused(header: str) -> float:
+        return float(HEADERS_REFUSED.labels(header)._value.get())  # type: ignore[attr-defined]
+
+    before = refused("medstream-run"), refused("medstream-collector")
+    forged = [
+        [("medstream-collector", b"his-pg"), ("medstream-run", b"a1b2c3d4")],
+        [("medstream-collector", b"x" * 65), ("medstream-run", b"r1' OR '1'='1")],
+        [("medstream-collector", b"his pg"), ("medstream-run", "r\u00e9".encode())],
+        [("medstream-collector", b""), ("medstream-run", b"ok.run_1-2")],
+    ]
+    rows = _ledger_of_raw_records(
+        kafka_factory(), clickhouse, database, "sink-headers", forged, "collector, run_id"
+    )
+    assert rows == [(0, "his-pg", "a1b2c3d4"), (1, "", ""), (2, "", ""), (3, "", "ok.run_1-2")]
+    # An empty header is no header: only the three that were not names are counted.
+    after = refused("medstream-run"), refused("medstream-collector")
+    assert (after[0] - before[0], after[1] - before[1]) == (2, 2)
 
 
 def test_an_alert_is_stored_without_waiting_for_the_batch_age(
@@ -600,3 +640,100 @@ def test_an_alert_is_stored_without_waiting_for_the_batch_age(
         wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.alert_history") == 1,
                  5, "the alert stored")
         assert time.monotonic() - sent < 3
+
+
+def test_a_sink_whose_broker_died_stops_within_its_drain_time_keeping_what_it_read(
+    clickhouse: Client, database: str, tmp_path: Path
+) -> None:
+    """An orphaned sink (its `up` and broker gone) is sent SIGTERM: it must not retry the
+    dead broker for ever. What it read is stored; offsets it cannot commit are read again
+    by the next run (the inserts are idempotent)."""
+    from medstream.runtime import TansuBroker, ensure_topics
+
+    broker = TansuBroker(log_path=tmp_path / "broker.log").start()
+    try:
+        kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, broker_kind="tansu",
+                              topic_prefix="orphan.", raw_partitions=1, norm_partitions=1)
+        ensure_topics(kafka)
+        # Batches wait for their age (a minute): read, held, neither stored nor committed.
+        sink = ClickHouseSink(
+            kafka, SinkSettings(group_id="sink-orphan", batch_max_ms=60_000), clickhouse,
+            database, REGISTRY, keys=KEYS,
+        )
+        finished = threading.Event()
+        thread = threading.Thread(target=lambda: (sink.run(), finished.set()), daemon=True)
+        thread.start()
+        raw = kafka.topic(RAW_TOPICS["emr_cdc"])
+        produce(kafka, [(raw, b"k", b"row-%d" % i) for i in range(5)])
+        wait_for(lambda: sum(b.rows for b in list(sink._batches.values())) == 5, what="reading")
+    finally:
+        broker.stop()
+    started = time.monotonic()
+    sink.stop(drain_s=3.0)
+    thread.join(timeout=180)
+    took = time.monotonic() - started
+    assert finished.is_set() and took < 3.0 + STOP_AFTER_DRAIN_S + 2.0, took
+    assert count(clickhouse, f"SELECT count() FROM {database}.raw_ledger") == 5
+    assert sink.left_unstored is False
+
+
+def test_an_orphaned_sink_process_exits_on_sigterm_when_its_broker_is_gone(tmp_path: Path) -> None:
+    """`medstream sink` as `up` starts it; its broker is killed, then it gets the SIGTERM
+    that die_with_parent sends when `up` dies: it exits within its stop time."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import urllib.request
+
+    from medstream.cli import SINK_STOP_DRAIN_S
+    from medstream.runtime import TansuBroker, ensure_topics, free_port
+
+    broker = TansuBroker(log_path=tmp_path / "broker.log").start()
+    metrics = free_port()
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("MEDSTREAM_", "KAFKA_", "CLICKHOUSE_"))}
+    env.update(MEDSTREAM_DATA_DIR=str(tmp_path), KAFKA_BOOTSTRAP_SERVERS=broker.bootstrap_servers,
+               MEDSTREAM_KAFKA_BROKER_KIND="tansu", MEDSTREAM_SINK_BATCH_MAX_MS="60000",
+               MEDSTREAM_SINK_DEAD_LETTER_SECRET=KEYS.dead_letter_secret.decode(),
+               MEDSTREAM_AUDIT_KEY=KEYS.audit_key.decode())
+    log = (tmp_path / "sink.log").open("wb")
+    sink = subprocess.Popen(
+        [sys.executable, "-m", "medstream", "sink", "--metrics-port", str(metrics)],
+        env=env, stdout=log, stderr=subprocess.STDOUT,
+    )
+    try:
+        try:
+            kafka = KafkaSettings(bootstrap_servers=broker.bootstrap_servers, broker_kind="tansu")
+            ensure_topics(kafka)
+
+            def sink_says(line: str) -> bool:
+                try:
+                    url = f"http://127.0.0.1:{metrics}/metrics"
+                    with urllib.request.urlopen(url, timeout=2) as answer:
+                        return line in answer.read().decode()
+                except OSError:
+                    return False
+
+            wait_for(lambda: sink_says('medstream_ready{component="sink"} 1.0')
+                     or sink.poll() is not None, timeout_s=120, what="the sink's partitions")
+            raw = kafka.topic(RAW_TOPICS["emr_cdc"])
+            produce(kafka, [(raw, b"k", b"row-%d" % i) for i in range(5)])
+            wait_for(lambda: sink_says(
+                f'medstream_records_in_total{{stage="sink",topic="{raw}"}} 5.0'
+            ), what="the sink reading")
+        finally:
+            broker.stop()
+        started = time.monotonic()
+        sink.send_signal(signal.SIGTERM)
+        code = sink.wait(timeout=SINK_STOP_DRAIN_S + STOP_AFTER_DRAIN_S + 10)
+    finally:
+        if sink.poll() is None:
+            sink.kill()
+            sink.wait()
+        log.close()
+    took = time.monotonic() - started
+    output = (tmp_path / "sink.log").read_text()
+    assert code == 0, output[-3000:]
+    assert took < SINK_STOP_DRAIN_S + STOP_AFTER_DRAIN_S, took
+    assert "the records will be read again" in output
