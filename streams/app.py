@@ -208,19 +208,19 @@ class ShortFetchConsumer(Consumer):
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
-        """Seek to the committed offsets; under exactly_once with the stream partitions
-        paused until then.
+        """Seek to the committed offsets with the stream partitions paused until then.
 
-        Faust resumes them just before this seek, and aiokafka's positions come from the
-        committed offsets it fetched when it joined, possibly before the previous owner's
-        last transaction was complete: records read from there would be processed twice.
-        This seek comes after the new transactional producers started, which completes or
-        aborts the previous owner's transactions.
+        Faust resumes them just before this seek, which reads their committed offsets one
+        round trip at a time and then sets its own committed and read offsets to what it
+        read. Records fetched meanwhile were processed, acknowledged and committed, and the
+        seek then set Faust's committed offset back below them: Faust commits only from an
+        acknowledged offset right after its committed one, so that partition's group
+        offset never moved again (a drain that never completed after a restart).
+        Under exactly_once, aiokafka's positions also come from the committed offsets it
+        fetched when it joined, possibly before the previous owner's last transaction was
+        complete: records read from there would be processed twice. This seek comes after
+        the new transactional producers started, which completes or aborts those.
         """
-        gate = getattr(self.app, "transaction_gate", None)
-        if gate is None:
-            await super().perform_seek()
-            return
         # Faust resumed them just before: paused again before any of their records reaches
         # an agent (Faust's getmany checks this very set before it hands a record over).
         resumed = set(self._get_active_partitions())
@@ -228,12 +228,14 @@ class ShortFetchConsumer(Consumer):
         await super().perform_seek()
         # Resumed only after a seek that completed: one cancelled by a new rebalance or
         # failed leaves them paused for the recovery that follows.
-        assignment = self.assignment()
-        gate.sought({
-            tp: offset
-            for tp, offset in self._committed_offset.items()
-            if tp in assignment and offset is not None
-        })
+        gate = getattr(self.app, "transaction_gate", None)
+        if gate is not None:
+            assignment = self.assignment()
+            gate.sought({
+                tp: offset
+                for tp, offset in self._committed_offset.items()
+                if tp in assignment and offset is not None
+            })
         self.resume_partitions(resumed)
 
 

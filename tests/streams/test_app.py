@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from faust.types import TP
 
 from medstream.settings import KafkaSettings, StreamSettings
 from schemas import serde
@@ -176,3 +177,34 @@ def test_kafka_security_settings_reach_faust_and_librdkafka() -> None:
         streams_app.broker_credentials(
             KafkaSettings(bootstrap_servers="k:9093", security_protocol="TLS")
         )
+
+
+def test_no_stream_record_reaches_an_agent_while_the_worker_seeks_to_its_committed_offsets(
+) -> None:
+    # Faust resumes the stream partitions just before it reads their committed offsets one by
+    # one (a broker round trip each): records fetched meanwhile were processed, acknowledged
+    # and committed, and then the seek set Faust's committed offset back to the one it had
+    # read earlier. Faust commits only from an acknowledged offset right after its committed
+    # one, so the group's offset on that partition never moved again (seen as a drain that
+    # never completed after a restart: raw.device 31 records behind, everything stored).
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    consumer = streams_app.create_app(kafka, _settings(), serde.ManifestRegistry()).consumer
+    stream_partitions = {TP("raw.device", partition) for partition in range(4)}
+    consumer.resume_partitions(stream_partitions)  # as Faust does before its seek
+    active_while_reading: list[set[TP]] = []
+
+    async def committed_offsets_from_the_broker() -> dict[TP, int]:
+        """Stands in for aiokafka's seek_to_committed (a round trip to the group coordinator)."""
+        active_while_reading.append(set(consumer._get_active_partitions()))
+        return {tp: 10 + tp.partition for tp in stream_partitions}
+
+    consumer.seek_to_committed = committed_offsets_from_the_broker  # type: ignore[method-assign]
+    asyncio.run(consumer.perform_seek())
+    assert active_while_reading == [set()]
+    assert consumer._get_active_partitions() == stream_partitions
+    assert {tp: consumer._committed_offset[tp] for tp in stream_partitions} == {
+        TP("raw.device", partition): 10 + partition for partition in range(4)
+    }
+    assert {tp: consumer._read_offset[tp] for tp in stream_partitions} == {
+        TP("raw.device", partition): 10 + partition for partition in range(4)
+    }
