@@ -34,6 +34,7 @@ from typing import Any, cast
 
 import faust
 from aiokafka.errors import ProducerFenced
+from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import (
     AIOKafkaConsumerThread,
@@ -42,6 +43,7 @@ from faust.transport.drivers.aiokafka import (
     Transport,
     server_list,
 )
+from faust.types import TP
 from mode import BaseSignalT, CrashingSupervisor
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
@@ -208,19 +210,20 @@ class ShortFetchConsumer(Consumer):
         await super().on_partitions_assigned(assigned, generation_id)
 
     async def perform_seek(self) -> None:
-        """Seek to the committed offsets with the stream partitions paused until then.
+        """Seek to the committed offsets; under exactly_once with the stream partitions
+        paused until then.
 
-        Faust resumes them just before this seek, which reads their committed offsets one
-        round trip at a time and then sets its own committed and read offsets to what it
-        read. Records fetched meanwhile were processed, acknowledged and committed, and the
-        seek then set Faust's committed offset back below them: Faust commits only from an
-        acknowledged offset right after its committed one, so that partition's group
-        offset never moved again (a drain that never completed after a restart).
-        Under exactly_once, aiokafka's positions also come from the committed offsets it
-        fetched when it joined, possibly before the previous owner's last transaction was
-        complete: records read from there would be processed twice. This seek comes after
-        the new transactional producers started, which completes or aborts those.
+        Faust resumes them just before this seek, and aiokafka's positions come from the
+        committed offsets it fetched when it joined, possibly before the previous owner's
+        last transaction was complete: records read from there would be processed twice.
+        This seek comes after the new transactional producers started, which completes or
+        aborts the previous owner's transactions. At-least-once, records flow during the
+        seek (pausing them there made Faust drop part of a fetched batch for good).
         """
+        gate = getattr(self.app, "transaction_gate", None)
+        if gate is None:
+            await self._seek_keeping_own_commits()
+            return
         # Faust resumed them just before: paused again before any of their records reaches
         # an agent (Faust's getmany checks this very set before it hands a record over).
         resumed = set(self._get_active_partitions())
@@ -228,15 +231,37 @@ class ShortFetchConsumer(Consumer):
         await super().perform_seek()
         # Resumed only after a seek that completed: one cancelled by a new rebalance or
         # failed leaves them paused for the recovery that follows.
-        gate = getattr(self.app, "transaction_gate", None)
-        if gate is not None:
-            assignment = self.assignment()
-            gate.sought({
-                tp: offset
-                for tp, offset in self._committed_offset.items()
-                if tp in assignment and offset is not None
-            })
+        assignment = self.assignment()
+        gate.sought({
+            tp: offset
+            for tp, offset in self._committed_offset.items()
+            if tp in assignment and offset is not None
+        })
         self.resume_partitions(resumed)
+
+    async def _seek_keeping_own_commits(self) -> None:
+        """Faust's seek to the committed offsets, except that an offset this worker itself
+        committed while the seek read them (one round trip per partition, records flowing)
+        is kept instead of the older one read.
+
+        Faust sets its committed offset to what it read and commits only from an
+        acknowledged offset right after that one: set back below records it had processed
+        and committed meanwhile, a partition's group offset never moved again (a drain that
+        never completed after a restart: raw.device 31 records behind, everything stored).
+        """
+        read = await self.seek_to_committed()
+        committed: dict[TP, int | None] = {}
+        for partition, offset in read.items():
+            tp = ensure_TP(partition)
+            own = self._committed_offset.get(tp)
+            committed[tp] = offset if own is None or offset is None else max(own, offset)
+        self._read_offset.update(
+            {tp: offset if offset is not None and offset >= 0 else None
+             for tp, offset in committed.items()}
+        )
+        self._committed_offset.update(
+            {tp: offset or None for tp, offset in committed.items() if offset is not None}
+        )
 
 
 class IdempotentProducer(Producer):
