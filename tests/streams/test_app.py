@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+from faust.types import TP
 
 from medstream.settings import KafkaSettings, StreamSettings
 from schemas import serde
@@ -176,3 +177,32 @@ def test_kafka_security_settings_reach_faust_and_librdkafka() -> None:
         streams_app.broker_credentials(
             KafkaSettings(bootstrap_servers="k:9093", security_protocol="TLS")
         )
+
+
+
+def test_a_seek_to_the_committed_offsets_keeps_what_the_worker_committed_meanwhile() -> None:
+    # Faust resumes the stream partitions before it reads their committed offsets one by one
+    # (a broker round trip each): records fetched meanwhile were processed, acknowledged and
+    # committed, and the seek then set Faust's committed offset back to the older one it had
+    # read. Faust commits only from an acknowledged offset right after its committed one, so
+    # the group's offset on that partition never moved again (a drain that never completed
+    # after a restart: raw.device 31 records behind, everything stored).
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    consumer = streams_app.create_app(kafka, _settings(), serde.ManifestRegistry()).consumer
+    moved, quiet = TP("raw.device", 0), TP("raw.device", 1)
+
+    async def committed_offsets_read_before_a_commit() -> dict[TP, int]:
+        """Stands in for aiokafka's seek_to_committed (a round trip to the group coordinator);
+        the worker commits records 10-14 of one partition while it runs."""
+        consumer._committed_offset[moved] = 15
+        return {moved: 10, quiet: 7}
+
+    consumer.seek_to_committed = committed_offsets_read_before_a_commit  # type: ignore[method-assign]
+    asyncio.run(consumer.perform_seek())
+    assert (consumer._committed_offset[moved], consumer._committed_offset[quiet]) == (15, 7)
+    assert (consumer._read_offset[moved], consumer._read_offset[quiet]) == (15, 7)
+    # Records 15-17 processed after it are committed (Faust's own rule): the offset moves on.
+    for offset in (15, 16, 17):
+        consumer._acked[moved].append(offset)
+        consumer._acked_index[moved].add(offset)
+    assert consumer._filter_committable_offsets([moved]) == {moved: 18}
