@@ -427,8 +427,9 @@ class RawPublisher:
         return str(self._producer.list_topics(timeout=10).cluster_id or "")
 
     def in_queue(self) -> int:
-        """Records produced but not yet acknowledged or failed."""
-        return len(self._producer)
+        """Records produced but not yet acknowledged or failed, or whose count is not
+        written yet (their results are still held)."""
+        return len(self._producer) + len(self._unsettled)
 
 
 class AsyncPublisher:
