@@ -173,8 +173,9 @@ class PublishedLedger:
     is for a publisher with nothing to act on (the simulator). ``cluster_id`` is asked at
     the first write, and again after any partition's offsets went backwards (a restarted
     broker, e.g. tansu, which keeps its log in memory, is a new cluster starting at 0):
-    offsets are only unique within one cluster. A failed write keeps everything pending,
-    is logged and counted, and is tried again at the next flush.
+    offsets are only unique within one cluster. A failed write is rolled back, keeps
+    everything pending, is logged and counted, and is tried again at the first flush
+    :data:`FLUSH_INTERVAL_S` later.
     """
 
     def __init__(
@@ -206,6 +207,7 @@ class PublishedLedger:
         self._last_flush = clock()
         self._last_prune = clock()
         self._last_failure_log: float | None = None
+        self._retry_at: float | None = None
         self._failures = labelled(PUBLISHED_COUNTER_FAILURES, publisher)
         self._db = _open_private(path)
         self._db.execute(
@@ -251,6 +253,8 @@ class PublishedLedger:
         with self._lock:
             if not self._pending:
                 return True
+            if self._retry_at is not None and self._clock() < self._retry_at:
+                return False  # the last write just failed: try again a little later
             rows = [*self._closed, *((t, p, list(self._open[(t, p)])) for t, p in self._dirty)]
             try:
                 clusters = self._clusters_of({span[4] for _, _, span in rows})
@@ -271,6 +275,7 @@ class PublishedLedger:
                 self._failed(exc)
                 return False
             self._closed, self._dirty, self._pending = [], set(), 0
+            self._retry_at = None
             self._last_flush = self._clock()
             if self._last_flush - self._last_prune >= PRUNE_INTERVAL_S:
                 self._last_prune = self._last_flush
@@ -289,6 +294,7 @@ class PublishedLedger:
             self._db.execute("ROLLBACK")
         self._failures.inc()
         now = self._clock()
+        self._retry_at = now + FLUSH_INTERVAL_S
         if self._last_failure_log is None or now - self._last_failure_log >= FAILURE_LOG_INTERVAL_S:
             self._last_failure_log = now
             log.error(

@@ -44,6 +44,7 @@ from medstream.metrics import (
     labelled,
 )
 from medstream.published import (
+    FLUSH_INTERVAL_S,
     PUBLISHED_FILE,
     PublishedLedger,
     new_run_id,
@@ -405,9 +406,14 @@ class RawPublisher:
 
     def flush(self, timeout: float = 30.0) -> int:
         """Wait for every record in flight; returns how many are still unacknowledged
-        (including acknowledged ones whose count could not be written yet)."""
+        (including acknowledged ones whose count could not be written within ``timeout``)."""
+        deadline = time.monotonic() + timeout
         left = int(self._producer.flush(timeout))
-        return left + self._settle()
+        unsettled = self._settle()
+        while unsettled and time.monotonic() < deadline:  # the counter write is retried
+            self._producer.poll(min(FLUSH_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            unsettled = self._settle()
+        return left + unsettled
 
     def _settle(self) -> int:
         """Write the counts of the records acknowledged since the last call, then hand their

@@ -125,7 +125,8 @@ def test_a_failed_write_is_rolled_back_counted_and_retried_with_nothing_lost(
 ) -> None:
     monkeypatch.setattr(published, "BUSY_TIMEOUT_S", 0.05)
     path = tmp_path / "collectors" / "lis" / PUBLISHED_FILE
-    ledger = PublishedLedger(path, "collector-lis", "p1", lambda: "c")
+    clock = [0.0]
+    ledger = PublishedLedger(path, "collector-lis", "p1", lambda: "c", clock=lambda: clock[0])
     failures = labelled(PUBLISHED_COUNTER_FAILURES, "collector-lis")
     before = failures._value.get()
     blocker = sqlite3.connect(path, isolation_level=None)
@@ -134,7 +135,9 @@ def test_a_failed_write_is_rolled_back_counted_and_retried_with_nothing_lost(
         ledger.acknowledged("raw.hl7_lab", 0, offset, 1_000)
     with caplog.at_level(logging.ERROR, logger="medstream.published"):
         assert ledger.flush() is False
-        assert ledger.flush() is False
+        assert ledger.flush() is False  # not tried again at once ...
+        clock[0] += FLUSH_INTERVAL_S
+        assert ledger.flush() is False  # ... but a little later
     assert failures._value.get() - before == 2
     assert [r.message for r in caplog.records if r.levelno == logging.ERROR] == [
         f"collector-lis: writing the published counter {path} failed (database is locked); "
@@ -144,6 +147,7 @@ def test_a_failed_write_is_rolled_back_counted_and_retried_with_nothing_lost(
     blocker.execute("ROLLBACK")
     blocker.close()
     ledger.acknowledged("raw.hl7_lab", 0, 3, 1_001)
+    clock[0] += FLUSH_INTERVAL_S
     assert ledger.flush() is True  # no "transaction within a transaction": rolled back
     ledger.close()
     assert _spans(path) == [("c", "p1", 0, 3)]

@@ -193,7 +193,7 @@ def test_while_the_counter_cannot_be_written_no_position_is_released_then_all_ar
     for n in range(3):
         publisher.publish(f"k{n}", _LAB_RECORD, acks.track())
         acks.mark(n)
-    assert publisher.flush(10) == 3  # acknowledged by Kafka, but not counted on disk yet
+    assert publisher.flush(1) == 3  # acknowledged by Kafka, but not counted on disk yet
     assert publisher.in_queue() == 3  # so a snapshot is not taken as done (postgres_cdc)
     assert acks.committable() is None and acks.failure is None
     assert failures._value.get() > before
