@@ -8,11 +8,14 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
+from clickhouse_connect.driver.client import Client
 
 from medstream import published
+from medstream.clickhouse import run_read_only
 from medstream.metrics import PUBLISHED_COUNTER_FAILURES, labelled
 from medstream.published import (
     FLUSH_INTERVAL_S,
@@ -221,3 +224,34 @@ def test_a_collector_s_publisher_counts_what_the_broker_acknowledged(
     assert acked.kafka_cluster == publisher.cluster_id() != ""
     raw = consume(kafka, [raw_topic("hl7_lab")], 5)
     assert all(r.headers[RUN_HEADER] == b"p7" for r in raw)  # the run travels with each record
+
+
+@pytest.mark.integration
+def test_up_s_drain_check_goes_on_without_a_damaged_counter_file(
+    clickhouse: Client, database: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The query gateway is replaced by the same read-only query on the engine directly:
+    the gateway's HTTP layer plays no part in what is tested here."""
+    from medstream import supervisor
+    from medstream.settings import ClickHouseSettings, RuntimeSettings, StreamSettings
+
+    damaged = tmp_path / "published" / "simulator.sqlite"
+    damaged.parent.mkdir()
+    damaged.write_bytes(b"not a database " * 100)
+    monkeypatch.setattr(
+        supervisor, "query_via_gateway",
+        lambda url, sql, max_rows, token: run_read_only(clickhouse, sql, database, max_rows),
+    )
+    monkeypatch.setattr(supervisor, "read_query_token", lambda path: "token")
+    lines: list[str] = []
+    up = supervisor.Supervisor(
+        KafkaSettings(), ClickHouseSettings(database=database), RuntimeSettings(data_dir=tmp_path),
+        StreamSettings(), out=lines.append,
+    )
+    up.query_url = "http://127.0.0.1:1/query"
+    since = datetime.now(tz=UTC) - timedelta(minutes=5)
+    assert up._drained(since) is None  # nothing published yet: not drained, and no crash
+    assert up._drained(since) is None
+    assert len(lines) == 1 and lines[0].startswith(
+        "warning: the publishers' counter files cannot be read (file is not a database)"
+    ), lines
