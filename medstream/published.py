@@ -3,11 +3,17 @@ of the sink and of the broker for `medstream reconcile`.
 
 Every publisher of raw records (each edge collector, the simulator) records the position of
 each acknowledged record in one SQLite file per publisher (the simulator's under the data
-directory, a collector's beside its positions, see :func:`published_files`):
-contiguous acknowledged offsets of one partition form one range row, written in one
-transaction per delivery batch. The file survives a broker that forgets everything (tansu
-keeps its log in memory), so reconcile can still say how many acknowledged records, and
-which offsets, never reached the sink's ledger.
+directory, a collector's beside its positions): contiguous acknowledged offsets of one
+partition form one range row, keyed by run, cluster and position and only ever extended,
+written synchronously in one transaction per delivery batch. The file survives a broker
+that forgets everything (tansu keeps its log in memory), so reconcile can still say how
+many acknowledged records, and which offsets, never reached the sink's ledger.
+
+Finding the files: every collector lists its counter file's absolute path in
+``DATA_DIR/published/collectors.txt`` when it starts (:func:`register_counter_file`), so
+:func:`published_files` finds one kept in a custom ``state_dir`` too; the default places are
+also searched. Files are created 0600 whatever the umask; ranges older than
+:data:`RETENTION_DAYS` are pruned when a publisher opens the file and hourly after that.
 """
 
 from __future__ import annotations
