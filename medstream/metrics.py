@@ -136,6 +136,12 @@ COLLECTOR_FAILED = Counter(
     "Source units a collector rejected (dead-lettered) or could not deliver, by reason",
     ["collector", "reason_code"],
 )
+PUBLISHED_COUNTER_FAILURES = Counter(
+    "medstream_published_counter_write_failures",
+    "Failed writes of a publisher's own acknowledgement counter (medstream.published); the "
+    "acknowledgements stay pending and their source positions uncommitted",
+    ["publisher"],
+)
 COLLECTOR_SOURCE_LAG = Gauge(
     "medstream_collector_source_lag_seconds",
     "Age of the newest source change a collector has read (now - source commit/send time)",

@@ -23,6 +23,7 @@ import json
 import os
 import secrets
 import signal
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -717,7 +718,10 @@ class Supervisor:
             # before the run counts as drained, whatever the sink has seen.
             report = reconcile(
                 query, self.clickhouse.database, since, datetime.now(tz=UTC),
-                counter_files=published_files(self.runtime.data_dir),
+                counter_files=(
+                    [] if getattr(self, "_counters_unreadable", False)
+                    else published_files(self.runtime.data_dir)
+                ),
             )
             totals = query(
                 f"SELECT (SELECT count() FROM {self.clickhouse.database}.alert), "
@@ -725,6 +729,13 @@ class Supervisor:
             ).rows[0]
         except (QueryError, OSError) as exc:  # a busy or restarting gateway: ask again
             self.out(f"reconcile not possible right now ({exc}); retrying")
+            return None
+        except sqlite3.Error as exc:  # a damaged counter file: drain without the counters
+            self.out(
+                f"warning: the publishers' counter files cannot be read ({exc}); the drain "
+                f"check goes on without them (see `medstream reconcile` for which file)"
+            )
+            self._counters_unreadable = True
             return None
         published = sum(s.published_messages for s in report.sources)
         if not report.settled or published < self._published_messages():

@@ -43,7 +43,13 @@ from medstream.metrics import (
     RECORDS_OUT,
     labelled,
 )
-from medstream.published import PUBLISHED_FILE, PublishedLedger, new_run_id
+from medstream.published import (
+    FLUSH_INTERVAL_S,
+    PUBLISHED_FILE,
+    PublishedLedger,
+    new_run_id,
+    register_counter_file,
+)
 from medstream.settings import DLQ_TOPIC, RAW_TOPICS, KafkaSettings, RuntimeSettings
 from schemas.identity import dead_letter_id
 from schemas.serde import (
@@ -228,7 +234,12 @@ class RawPublisher:
 
     Delivery callbacks run inside :meth:`poll` / :meth:`flush`, on the calling thread.
     With a ``ledger`` every acknowledged raw record's position is also counted on disk
-    (see :mod:`medstream.published`), a count `medstream reconcile` holds against the sink's.
+    (see :mod:`medstream.published`), a count `medstream reconcile` holds against the sink's:
+    a raw record's ``on_result`` is then called only after its count is written
+    (synchronously, once per poll that delivered something), so no source position is
+    committed and no sender answered for a record a crash could leave uncounted. While the
+    counter cannot be written those results wait (and :meth:`flush` counts them as not
+    acknowledged); each poll tries again.
     """
 
     def __init__(
@@ -251,6 +262,8 @@ class RawPublisher:
         self._serialize = AvroSerializer(registry, RAW_SUBJECT_BY_KIND[source_kind])
         self._serialize_dead_letter = AvroSerializer(registry, DEAD_LETTER)
         self.ledger = ledger
+        # Results of acknowledged raw records, held until the ledger has them on disk.
+        self._unsettled: list[tuple[Callable[[Any], None], Any]] = []
         self._headers: list[tuple[str, str | bytes | None]] = [
             (COLLECTOR_HEADER, collector.encode())
         ]
@@ -284,7 +297,10 @@ class RawPublisher:
             else:
                 labelled(COLLECTOR_FAILED, self.collector, "delivery_failed").inc()
                 log.error("%s: delivery to %s failed: %s", self.collector, self.topic, error)
-            on_result(error)
+            if self.ledger is None:
+                on_result(error)
+            else:
+                self._unsettled.append((on_result, error))
 
         self._produce(self.topic, key, value, delivered)
 
@@ -385,24 +401,41 @@ class RawPublisher:
     def poll(self, timeout: float = 0.0) -> int:
         """Serve delivery callbacks (waits up to ``timeout`` for one)."""
         served = int(self._producer.poll(timeout))
-        if self.ledger is not None:
-            self.ledger.flush_due()
+        self._settle()
         return served
 
     def flush(self, timeout: float = 30.0) -> int:
-        """Wait for every record in flight; returns how many are still unacknowledged."""
+        """Wait for every record in flight; returns how many are still unacknowledged
+        (including acknowledged ones whose count could not be written within ``timeout``)."""
+        deadline = time.monotonic() + timeout
         left = int(self._producer.flush(timeout))
-        if self.ledger is not None:
-            self.ledger.flush()
-        return left
+        unsettled = self._settle()
+        while unsettled and time.monotonic() < deadline:  # the counter write is retried
+            self._producer.poll(min(FLUSH_INTERVAL_S, max(0.0, deadline - time.monotonic())))
+            unsettled = self._settle()
+        return left + unsettled
+
+    def _settle(self) -> int:
+        """Write the counts of the records acknowledged since the last call, then hand their
+        results on; returns how many results still wait for a successful write."""
+        if not self._unsettled:
+            return 0
+        assert self.ledger is not None
+        if not self.ledger.flush():  # logged and counted by the ledger; retried next poll
+            return len(self._unsettled)
+        settled, self._unsettled = self._unsettled, []
+        for on_result, error in settled:
+            on_result(error)
+        return 0
 
     def cluster_id(self) -> str:
         """The id of the Kafka cluster this publisher writes to (asks the broker)."""
         return str(self._producer.list_topics(timeout=10).cluster_id or "")
 
     def in_queue(self) -> int:
-        """Records produced but not yet acknowledged or failed."""
-        return len(self._producer)
+        """Records produced but not yet acknowledged or failed, or whose count is not
+        written yet (their results are still held)."""
+        return len(self._producer) + len(self._unsettled)
 
 
 class AsyncPublisher:
@@ -672,17 +705,20 @@ class Collector(ABC, Generic[C]):
         self.metrics = CollectorMetrics(config.name)
         self.publisher = RawPublisher(
             kafka, registry, self.source_kind, config.name, producer=producer,
-            ledger=self._published_ledger(),
+            ledger=self._published_ledger(runtime.data_dir),
         )
 
-    def _published_ledger(self) -> PublishedLedger:
+    def _published_ledger(self, data_dir: Path) -> PublishedLedger:
         """This process's count of acknowledged raw records (one run per process start),
-        beside the collector's positions."""
+        beside the collector's positions, listed in the data directory's index so that
+        `medstream reconcile` finds it whatever the state directory."""
         publisher = f"collector-{self.config.name}"
-        return PublishedLedger(
-            self.state_dir / PUBLISHED_FILE, publisher, new_run_id(),
-            lambda: self.publisher.cluster_id(),
+        path = self.state_dir / PUBLISHED_FILE
+        ledger = PublishedLedger(
+            path, publisher, new_run_id(), lambda: self.publisher.cluster_id()
         )
+        register_counter_file(data_dir, path)
+        return ledger
 
     @abstractmethod
     def run(self, stop: threading.Event) -> None:

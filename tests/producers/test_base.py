@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 from pathlib import Path
 
 import pytest
 
+from medstream import published
+from medstream.metrics import PUBLISHED_COUNTER_FAILURES, labelled
+from medstream.published import PublishedLedger, published_files, read_published
+from medstream.settings import KafkaSettings, RuntimeSettings
 from producers import collector_class
 from producers.base import (
     COLLECTOR_HEADER,
+    Collector,
     CollectorConfig,
     CollectorState,
     ConfigError,
@@ -133,6 +139,90 @@ def test_publisher_sends_raw_records_and_dead_letters_with_collector_header(kafk
     assert dead[0].value["original_topic"] == "collector/lab-test"
     assert dead[0].value["reason_code"] == "not_hl7"
     assert dead[0].value["original_value"] == b"garbage"
+
+
+_LAB_RECORD = {
+    "message_control_id": "C1", "organisation_id": "H001", "source_system": "LIS",
+    "message_type": "ORU^R01", "received_time": 1_700_000_000_000, "payload": "MSH|",
+}
+
+
+def _counted(path: Path) -> int:
+    return sum(r.records for r in read_published([path]))
+
+
+@pytest.mark.integration
+def test_an_acknowledgement_is_acted_on_only_once_its_count_is_on_disk(
+    kafka_factory, tmp_path: Path
+) -> None:
+    path = tmp_path / "published.sqlite"
+    publisher: RawPublisher
+    ledger = PublishedLedger(path, "collector-lab", "p1", lambda: publisher.cluster_id())
+    publisher = RawPublisher(kafka_factory(), ManifestRegistry(), "hl7_lab", "lab", ledger=ledger)
+    on_disk_when_settled: list[int] = []
+    for n in range(20):
+        # What a collector does on an ack (commit a position, answer the sender) happens
+        # only when the counter on disk, read by another connection, already holds it.
+        publisher.publish(f"k{n}", _LAB_RECORD, lambda error: on_disk_when_settled.append(
+            _counted(path)
+        ))
+    assert publisher.flush(10) == 0
+    assert len(on_disk_when_settled) == 20
+    assert all(
+        counted >= settled
+        for settled, counted in enumerate(on_disk_when_settled, start=1)
+    ), on_disk_when_settled
+
+
+@pytest.mark.integration
+def test_while_the_counter_cannot_be_written_no_position_is_released_then_all_are(
+    kafka_factory, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(published, "BUSY_TIMEOUT_S", 0.05)
+    path = tmp_path / "published.sqlite"
+    publisher: RawPublisher
+    ledger = PublishedLedger(path, "collector-locked", "p1", lambda: publisher.cluster_id())
+    publisher = RawPublisher(
+        kafka_factory(), ManifestRegistry(), "hl7_lab", "locked", ledger=ledger
+    )
+    failures = labelled(PUBLISHED_COUNTER_FAILURES, "collector-locked")
+    before = failures._value.get()
+    blocker = sqlite3.connect(path, isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    acks: OrderedAcks[int] = OrderedAcks()
+    for n in range(3):
+        publisher.publish(f"k{n}", _LAB_RECORD, acks.track())
+        acks.mark(n)
+    assert publisher.flush(1) == 3  # acknowledged by Kafka, but not counted on disk yet
+    assert publisher.in_queue() == 3  # so a snapshot is not taken as done (postgres_cdc)
+    assert acks.committable() is None and acks.failure is None
+    assert failures._value.get() > before
+    blocker.execute("ROLLBACK")
+    blocker.close()
+    assert publisher.flush(10) == 0
+    assert acks.committable() == 2
+    assert _counted(path) == 3
+
+
+class _Idle(Collector[CollectorConfig]):
+    kind = "idle"
+    source_kind = "hl7_lab"
+    config_model = CollectorConfig
+
+    def run(self, stop: threading.Event) -> None:
+        """Nothing to collect."""
+
+
+def test_a_collector_with_its_own_state_dir_is_found_by_reconcile(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    config = CollectorConfig(
+        kind="idle", name="lab-own-dir", organisation_id="H001", source_system="LIS",
+        state_dir=tmp_path / "custom",
+    )
+    kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
+    collector = _Idle(config, kafka, ManifestRegistry(), RuntimeSettings(data_dir=data_dir))
+    collector.publisher.ledger.close()
+    assert published_files(data_dir) == [tmp_path / "custom" / "published.sqlite"]
 
 
 class _PollRaises:
