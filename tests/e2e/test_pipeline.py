@@ -344,6 +344,7 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
     }
     # Rule ids come from the rules files: a family prefix and a name, never data values.
     rule_id = re.compile(r"(critical_value|news2|device|claims|feed|syndromic)\.[a-z0-9_.]+")
+    publisher = re.compile(r"simulator|collector-[a-z0-9][a-z0-9_-]{0,62}")
     seen = 0
     for url in endpoints.values():
         with urllib.request.urlopen(url, timeout=5) as response:
@@ -357,6 +358,8 @@ def assert_metric_labels_are_bounded(endpoints: dict[str, str]) -> None:
                         continue
                     if label == "rule_id":
                         assert rule_id.fullmatch(value), (family.name, value)
+                    elif label == "publisher":  # the simulator or a collector's config name
+                        assert publisher.fullmatch(value), (family.name, value)
                     else:
                         assert value in allowed[label], (family.name, label, value)
                     seen += 1
