@@ -21,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -415,7 +416,7 @@ class RecordGuard:
         return Output(self.dlq_topic, key, self.encode_dead_letter(record))
 
 
-class GuardedStage:
+class GuardedStage(ABC):
     """A stage over one topic whose every record is processed under a :class:`RecordGuard`."""
 
     guard: RecordGuard
@@ -434,9 +435,9 @@ class GuardedStage:
             lambda staged: self.process(value, staged, now_ms), state, value, now_ms, source, key
         )
 
+    @abstractmethod
     def process(self, value: bytes | None, state: KeyValueState, now_ms: int) -> list[Output]:
         """The outputs of one record (unguarded; called by :meth:`handle`)."""
-        raise NotImplementedError
 
 
 def _reloading(name: str, path: Path | str, loader: Any) -> ReloadingFile[Any]:
