@@ -31,8 +31,10 @@ services:
 # MariaDB and Mosquitto; a small tier on tansu) and end-to-end. The services are installed
 # and started first, and the Kafka jars fetched.
 # The unit and integration tiers run on TEST_WORKERS processes (pytest-xdist: each has its
-# own broker and engine); the end-to-end tier runs whole pipelines, one at a time. Both
-# tiers always run; the target fails when either did.
+# own broker and engine); the end-to-end tier runs whole pipelines, also on TEST_WORKERS
+# processes (each pipeline has its own data directory, broker and ports; most of an e2e
+# test is waiting, not computing), handed out by work stealing so the long ones do not
+# queue behind each other. Both tiers always run; the target fails when either did.
 TEST_WORKERS ?= 2
 PYTEST := MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 test: $(STAMP) services kafka
@@ -40,7 +42,7 @@ test: $(STAMP) services kafka
 	echo "== unit and integration tiers ($(TEST_WORKERS) workers)"; \
 	$(PYTEST) -m "not e2e" -n $(TEST_WORKERS) --durations=10 || status=1; \
 	echo "== end-to-end tier"; \
-	$(PYTEST) -m e2e --durations=15 || status=1; \
+	$(PYTEST) -m e2e -n $(TEST_WORKERS) --dist worksteal --durations=15 || status=1; \
 	exit $$status
 
 bench: $(STAMP)
