@@ -1201,19 +1201,53 @@ def faults_command(
     keep: Annotated[
         bool, typer.Option(help="keep the data directories of failed trials (logs are kept always)")
     ] = False,
+    merge: Annotated[
+        list[Path] | None,
+        typer.Option(
+            help="run nothing: add up the trials of earlier --json files (repeatable), e.g. "
+            "the kinds of a long run split over several sittings, and print their table"
+        ),
+    ] = None,
 ) -> None:
     """kill -9 trials against `medstream up` (a worker, the sink, both, an MLLP collector,
     the broker, one broker of a three-node cluster) and a graceful stop under backlog, each
-    counted against ground truth; a table of the losses; exit 1 on any loss or duplicate."""
+    counted against ground truth; a table of the losses; exit 1 on any loss or duplicate.
+    With --json the results are written after every trial, so a run cut short keeps them."""
     from medstream.faults import (
         exit_code,
         parse_kinds,
+        read_suites,
         render_table,
         run_faults,
         suite_json,
         summarise,
         write_json,
     )
+
+    if merge:
+        try:
+            results, merged = read_suites(merge)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+        for setting in merged:
+            planned = int(setting.get("trials", 0)) * len(setting.get("kinds", []))
+            short = (
+                f" (STOPPED EARLY: {setting['trials_run']} of {planned} planned)"
+                if setting["trials_run"] < planned else ""
+            )
+            typer.echo(
+                f"{setting['file']}: {setting['trials_run']} trials of "
+                f"{', '.join(setting.get('kinds', []))}, {setting.get('events')} events at "
+                f"{setting.get('rate')}/s, broker {setting.get('broker')}, seed "
+                f"{setting.get('seed')}{short}"
+            )
+        if not results:
+            _fail("the merged files hold no trial", 1)
+        typer.echo(render_table(summarise(results)))
+        if json_path is not None:
+            write_json(json_path, suite_json(results, {"merged": merged}))
+            typer.echo(f"results written to {json_path}")
+        raise typer.Exit(exit_code(results))
 
     if broker not in ("kafka", "tansu"):
         _fail(f"--broker must be kafka or tansu, not {broker!r}", 2)
@@ -1223,14 +1257,21 @@ def faults_command(
         _fail(str(exc), 2)
     if seed is None:
         seed = secrets.randbelow(1_000_000)
-    results = run_faults(chosen, trials, events, rate, seed, broker, workers, keep, typer.echo)
+    settings = {
+        "trials": trials, "kinds": chosen, "events": events, "rate": rate, "seed": seed,
+        "broker": broker, "workers": workers,
+    }
+
+    def save(so_far: list[Any]) -> None:
+        if json_path is not None:
+            write_json(json_path, suite_json(so_far, settings))
+
+    results = run_faults(
+        chosen, trials, events, rate, seed, broker, workers, keep, typer.echo, save
+    )
     typer.echo(render_table(summarise(results)))
     if json_path is not None:
-        settings = {
-            "trials": trials, "kinds": chosen, "events": events, "rate": rate, "seed": seed,
-            "broker": broker, "workers": workers,
-        }
-        write_json(json_path, suite_json(results, settings))
+        save(results)
         typer.echo(f"results written to {json_path}")
     code = exit_code(results)
     if code:

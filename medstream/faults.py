@@ -237,6 +237,18 @@ class TrialResult(FaultCounts):
         """JSON-ready form."""
         return {**asdict(self), "ok": self.ok, "problems": self.problems}
 
+    @classmethod
+    def from_dict(cls, body: dict[str, Any]) -> TrialResult:
+        """Back from :meth:`as_dict` (``ok`` and ``problems`` are judged again, not read)."""
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(body) - known - {"ok", "problems"})
+        if unknown or body.get("kind") not in KINDS:
+            raise ValueError(
+                f"not a fault trial: kind {body.get('kind')!r}"
+                + (f", unknown fields {', '.join(unknown)}" if unknown else "")
+            )
+        return cls(**{k: v for k, v in body.items() if k in known})
+
 
 @dataclass
 class KindSummary(FaultCounts):
@@ -315,12 +327,37 @@ def suite_json(
     }
 
 
+def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str, Any]]]:
+    """The trials and settings of suite JSON files (``medstream faults --merge``), e.g. the
+    kinds of a long run split over several sittings. ValueError names a file that is not
+    one, or one that stopped early (fewer trials than planned: then it is said, not hidden).
+    """
+    results: list[TrialResult] = []
+    settings: list[dict[str, Any]] = []
+    for path in paths:
+        try:
+            with open(path, encoding="utf-8") as handle:
+                body = json.load(handle)
+            trials = [TrialResult.from_dict(trial) for trial in body["trials"]]
+            setting = dict(body["settings"])
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{path}: not a fault suite result ({exc})") from exc
+        setting["file"] = str(path)
+        setting["trials_run"] = len(trials)
+        results.extend(trials)
+        settings.append(setting)
+    return results, settings
+
+
 def run_suite(
     planned: Sequence[Trial],
     run_trial: Callable[[Trial], TrialResult],
     out: Callable[[str], None] = print,
+    on_result: Callable[[list[TrialResult]], None] | None = None,
 ) -> list[TrialResult]:
-    """Run the planned trials one after another, a progress line before and after each."""
+    """Run the planned trials one after another, a progress line before and after each;
+    ``on_result`` gets the results so far after every trial (the suite's JSON is written
+    then, so a run cut short keeps what it measured)."""
     results = []
     for index, trial in enumerate(planned, 1):
         out(
@@ -329,6 +366,8 @@ def run_suite(
         )
         result = run_trial(trial)
         results.append(result)
+        if on_result is not None:
+            on_result(results)
         out(f"[{index}/{len(planned)}] {result.summary()}")
         if not result.ok and result.log_path:
             out(f"[{index}/{len(planned)}] logs of the failed trial: {result.log_path}")
@@ -351,6 +390,7 @@ def run_faults(
     workers: int,
     keep: bool,
     out: Callable[[str], None] = print,
+    on_result: Callable[[list[TrialResult]], None] | None = None,
 ) -> list[TrialResult]:
     """Plan and run the suite; the kinds tansu cannot run are left out with a note."""
     import shutil
@@ -372,7 +412,7 @@ def run_faults(
         f"{events} events at {rate:.0f}/s, {workers} workers, broker {broker}, seed {seed}; "
         f"trials under {workdir}"
     )
-    results = run_suite(planned, runner.run, out)
+    results = run_suite(planned, runner.run, out, on_result)
     if not any(workdir.iterdir()):
         shutil.rmtree(workdir, ignore_errors=True)
     elif not keep:

@@ -69,8 +69,10 @@ EVIDENCE = {
     "are not counted",
     "published": "the publishers' own counters (one file per simulator or collector, "
     "written on every broker acknowledgement; independent of the sink and the broker)",
-    "conflicts": "lineage content fingerprints: one event id stored with different "
-    "content that its source did not declare an update",
+    "conflicts": "lineage content fingerprints, each stored copy against the one before it: "
+    "one event id stored with different content that its source did not declare an update",
+    "foreign_updates": "lineage senders: a declared update from another sending system than "
+    "the copy it replaced",
 }
 
 
@@ -180,6 +182,9 @@ class ReconcileReport:
     not_read_yet: list[str] = field(default_factory=list)
     conflicts: int = 0
     conflict_examples: list[str] = field(default_factory=list)
+    #: Declared updates from another sending system than the copy they replaced.
+    foreign_updates: int = 0
+    foreign_update_examples: list[str] = field(default_factory=list)
     #: What was checked independently of the sink, or why it could not be.
     independent: list[str] = field(default_factory=list)
 
@@ -218,6 +223,9 @@ class ReconcileReport:
             "missing_ranges": [asdict(r) for r in self.missing_ranges[:MAX_RANGES_LISTED]],
             "missing_ranges_total": len(self.missing_ranges),
             "conflicts": {"count": self.conflicts, "example_event_ids": self.conflict_examples},
+            "foreign_updates": {
+                "count": self.foreign_updates, "example_event_ids": self.foreign_update_examples
+            },
             "gaps": self.gaps,
             "not_read_yet": self.not_read_yet,
         }
@@ -276,6 +284,8 @@ class ReconcileReport:
         lines.extend(f"independent check: {note}" for note in self.independent)
         lines.append(f"conflicting event ids (same id, other content, not an update): "
                      f"{self.conflicts}")
+        lines.append(f"updates from another sending system than the copy they replaced: "
+                     f"{self.foreign_updates}")
         if self.not_read_yet:
             lines.append("NOT READ YET by the sink (a lag, not a loss; --strict counts it):")
             lines.extend(f"  - {line}" for line in self.not_read_yet)
@@ -402,24 +412,52 @@ def reconcile(
 
 def _find_conflicts(query: Querier, database: str, lineage_where: str, report: ReconcileReport
                     ) -> None:
-    """Event ids stored with more than one content fingerprint, none declared an update."""
+    """Each stored copy of an event judged against the copy before it (in arrival order):
+    a conflict is other content that the source did not declare an update; a foreign
+    update is a declared update (OBX-11 C/D, CDC u/d) from another sending system than the
+    copy it replaced. One declared correction does not excuse any later copy."""
     rows = query(
         f"""
-        SELECT event_id FROM {database}.lineage
-        WHERE startsWith(outcome, 'stored:') AND content_hash != ''
-          AND event_id IN (SELECT event_id FROM {database}.lineage
-                           WHERE startsWith(outcome, 'stored:') AND {lineage_where})
+        SELECT event_id,
+               countIf(changed AND declared_update = 0) AS undeclared,
+               countIf(changed AND declared_update = 1 AND sender != ''
+                       AND previous_sender != '' AND sender != previous_sender) AS foreign
+        FROM (
+            SELECT event_id, declared_update, sender,
+                   content_hash != lagInFrame(content_hash, 1, content_hash) OVER copies
+                       AS changed,
+                   lagInFrame(sender, 1, sender) OVER copies AS previous_sender
+            FROM {database}.lineage
+            WHERE startsWith(outcome, 'stored:') AND content_hash != ''
+              AND event_id IN (SELECT event_id FROM {database}.lineage
+                               WHERE startsWith(outcome, 'stored:') AND {lineage_where})
+            WINDOW copies AS (PARTITION BY event_id
+                              ORDER BY ingest_time, kafka_cluster, source_topic,
+                                       source_partition, source_offset
+                              ROWS BETWEEN UNBOUNDED PRECEDING AND CURRENT ROW)
+        )
         GROUP BY event_id
-        HAVING uniqExact(content_hash) > 1 AND max(declared_update) = 0
+        HAVING undeclared > 0 OR foreign > 0
         ORDER BY event_id"""
     ).rows
-    report.conflicts = len(rows)
-    report.conflict_examples = [str(row[0]) for row in rows[:CONFLICT_EXAMPLES]]
-    if rows:
+    conflicting = [str(row[0]) for row in rows if int(row[1])]
+    foreign = [str(row[0]) for row in rows if int(row[2])]
+    report.conflicts = len(conflicting)
+    report.conflict_examples = conflicting[:CONFLICT_EXAMPLES]
+    report.foreign_updates = len(foreign)
+    report.foreign_update_examples = foreign[:CONFLICT_EXAMPLES]
+    if conflicting:
         report.gaps.append(
-            f"conflicts: {len(rows)} event ids were stored again with different content that "
-            "the source did not declare an update (the later copy replaced the earlier); "
-            f"e.g. {', '.join(report.conflict_examples)}"
+            f"conflicts: {len(conflicting)} event ids were stored again with different "
+            "content that the source did not declare an update (the later copy replaced the "
+            f"earlier); e.g. {', '.join(report.conflict_examples)}"
+        )
+    if foreign:
+        report.gaps.append(
+            f"foreign updates: {len(foreign)} event ids were replaced by a declared update "
+            "(HL7 result status C/D, CDC update/delete) from another sending system than the "
+            f"copy it replaced; check with the senders; e.g. "
+            f"{', '.join(report.foreign_update_examples)}"
         )
 
 

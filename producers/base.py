@@ -26,6 +26,8 @@ import time
 from abc import ABC, abstractmethod
 from collections import deque
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, ClassVar, Generic, TypeVar
 
@@ -317,6 +319,7 @@ class RawPublisher:
         record_index: int | None = None,
         record_count: int | None = None,
         refusal: str | None = None,
+        count_failure: bool = True,
     ) -> str:
         """Publish a dead letter for input this collector could not accept; returns its id.
 
@@ -327,6 +330,8 @@ class RawPublisher:
         and a long reason is cut, so a dead letter always fits in a Kafka record.
         ``refusal`` is for a refusal whose input is not kept (too large, too fast): what
         tells it from another one (sender, receive time), as the empty value cannot.
+        ``count_failure`` False: the input it stands for was counted as failed already (a
+        summary of held refusals, see :class:`RefusalBudget`).
         """
         now_ms = wall_clock_ms()
         received = received_ms if received_ms is not None else now_ms
@@ -364,7 +369,8 @@ class RawPublisher:
                 "failed_time": now_ms,
             }
         )
-        labelled(COLLECTOR_FAILED, self.collector, reason_code).inc()
+        if count_failure:
+            labelled(COLLECTOR_FAILED, self.collector, reason_code).inc()
         labelled(DEAD_LETTERS, STAGE, reason_code).inc()
 
         def delivered(error: Any, _message: Any) -> None:
@@ -657,6 +663,110 @@ def snapshot_row_ref(key: bytes, row: Mapping[str, object]) -> str:
     """
     text = repr(sorted((str(column), repr(value)) for column, value in row.items()))
     return hashlib.blake2b(text.encode(), key=key, digest_size=16).hexdigest()
+
+
+@dataclass
+class HeldRefusals:
+    """Refusals of one sender and reason in one window that were counted, not dead-lettered
+    one by one; dead-lettered together as one summary once the window has closed."""
+
+    sender: str
+    reason_code: str
+    organisation_id: str | None
+    window_start_ms: int
+    dead_lettered: int = 0  # in full, each its own dead letter
+    held: int = 0
+    first_held_ms: int = 0
+    last_held_ms: int = 0
+
+    def summary_reason(self, in_full: int, window_s: float) -> str:
+        """The readable reason of the summary dead letter (no payload, no identifiers)."""
+        first = datetime.fromtimestamp(self.first_held_ms / 1000, UTC).isoformat()
+        last = datetime.fromtimestamp(self.last_held_ms / 1000, UTC).isoformat()
+        return (
+            f"{self.held} more refusals ({self.reason_code}) of this sender between {first} "
+            f"and {last}, after the {self.dead_lettered} dead-lettered one by one: at most "
+            f"{in_full} per sender and reason every {window_s:g} s are; these were refused "
+            "and counted, their payloads are not kept"
+        )
+
+
+class RefusalBudget:
+    """How many refusals of one sender are dead-lettered one by one.
+
+    A sender the collector knows but refuses (too fast, too large) must not fill the
+    dead-letter topic at the rate it sends: per sender and reason, the first ``in_full``
+    refusals of each ``window_s`` are dead-lettered as usual; later ones in that window are
+    counted (the caller's metrics count every refusal), and :meth:`due` hands out one
+    :class:`HeldRefusals` per sender, reason and window once it has closed (all of them when
+    the collector stops), for the collector to dead-letter as one summary without payload.
+    """
+
+    IN_FULL = 20
+    WINDOW_S = 60.0
+
+    def __init__(self, in_full: int = IN_FULL, window_s: float = WINDOW_S) -> None:
+        self.in_full = in_full
+        self.window_s = window_s
+        self._windows: dict[tuple[str, str], HeldRefusals] = {}
+        self._closed: list[HeldRefusals] = []
+
+    def admit(
+        self, sender: str, reason_code: str, now_ms: int, organisation_id: str | None = None
+    ) -> bool:
+        """True: dead-letter this refusal as usual. False: it is held (counted only)."""
+        key = (sender, reason_code)
+        window = self._windows.get(key)
+        if window is None or now_ms >= window.window_start_ms + self.window_s * 1000:
+            if window is not None and window.held:
+                self._closed.append(window)
+            window = self._windows[key] = HeldRefusals(
+                sender, reason_code, organisation_id, now_ms
+            )
+        if window.dead_lettered < self.in_full:
+            window.dead_lettered += 1
+            return True
+        if not window.held:
+            window.first_held_ms = now_ms
+        window.held += 1
+        window.last_held_ms = now_ms
+        return False
+
+    def due(self, now_ms: int, final: bool = False) -> list[HeldRefusals]:
+        """The held refusals of every closed window (``final``: of every window), each once."""
+        for key, window in list(self._windows.items()):
+            if final or now_ms >= window.window_start_ms + self.window_s * 1000:
+                del self._windows[key]
+                if window.held:
+                    self._closed.append(window)
+        closed, self._closed = self._closed, []
+        return closed
+
+    async def dead_letter_due(
+        self, publisher: AsyncPublisher, collector: str, default_organisation: str | None,
+        final: bool = False,
+    ) -> int:
+        """Dead-letter the summary of each closed window (``final``: of every window, when
+        the collector stops); returns how many summaries were written. One that cannot be
+        delivered is logged with its count (the refusals stay counted in the metrics)."""
+        written = 0
+        for held in self.due(wall_clock_ms(), final):
+            try:
+                await publisher.dead_letter(
+                    held.reason_code,
+                    held.summary_reason(self.in_full, self.window_s),
+                    b"",
+                    organisation_id=held.organisation_id or default_organisation,
+                    original_key=held.sender.encode(),
+                    received_ms=held.first_held_ms,
+                    refusal=f"{held.sender}@{held.first_held_ms}-{held.last_held_ms}:{held.held}",
+                    count_failure=False,
+                )
+                written += 1
+            except DeliveryFailed:
+                log.error("%s: the summary of %d held refusals (%s) was not delivered",
+                          collector, held.held, held.reason_code)
+        return written
 
 
 # --- the collector base class -------------------------------------------------------------

@@ -103,6 +103,7 @@ from producers.base import (
     ConfigError,
     DeliveryFailed,
     RecordTooLarge,
+    RefusalBudget,
     SourceUnavailable,
     run_async,
     wall_clock_ms,
@@ -914,6 +915,8 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         self._state: CollectorState | None = None
         self._busy: dict[str, asyncio.Event] = {}
         self._uploads = 0  # uploads being read or processed now
+        #: Bounds the dead letters a payer's refused uploads make (413).
+        self._refusals = RefusalBudget()
         self._observed: dict[str, tuple[int, int]] = {}  # name -> (size, mtime_ns) last poll
         self._retry_after: dict[str, float] = {}
         self._tokens = {
@@ -985,11 +988,17 @@ class ClaimsProducer(Collector[ClaimsConfig]):
                 deadline = time.monotonic() + config.poll_interval_s
                 while not stop.is_set() and time.monotonic() < deadline:
                     await asyncio.sleep(min(0.05, config.poll_interval_s))
+                await self._refusals.dead_letter_due(
+                    self._publisher, config.name, config.organisation_id
+                )
         finally:
             self.metrics.ready.set(0)
             self.watching.clear()
             if runner is not None:
                 await runner.cleanup()  # lets uploads in progress finish
+            await self._refusals.dead_letter_due(
+                self._publisher, config.name, config.organisation_id, final=True
+            )
             unacknowledged = await self._publisher.close()
             if unacknowledged:
                 log.error("%s: %d records unacknowledged at shutdown", config.name, unacknowledged)
@@ -1414,6 +1423,12 @@ class ClaimsProducer(Collector[ClaimsConfig]):
         answer: dict[str, Any] = {
             "error": f"the upload is larger than {limit} bytes; split the batch"
         }
+        if not self._refusals.admit(payer_id, "payload_too_large", received_ms):
+            # Counted; summarised in one dead letter when the budget's window closes.
+            answer["dead_letter_id"] = None
+            response = web.json_response(answer, status=413)
+            response.force_close()
+            return response
         try:
             async with self._slots(1):
                 answer["dead_letter_id"] = await self._publisher.dead_letter(
@@ -1425,6 +1440,7 @@ class ClaimsProducer(Collector[ClaimsConfig]):
                     original_key=payer_id.encode(),
                     received_ms=received_ms,
                     refusal=f"{payer_id}@{received_ms}:{sent}",
+                    count_failure=False,  # counted above, with the refusals not kept
                 )
         except DeliveryFailed:
             log.error("%s: the dead letter of a refused upload was not delivered",

@@ -21,8 +21,11 @@ packet the gateway accepted is never lost when it dies. In-flight packets are bo
 answers 503 (all devices) or 429 (one device above its rate) with Retry-After, MQTT stops
 acknowledging, so the broker stops sending (MQTT 5 receive maximum). MQTT has no 429: a
 device above its rate has the excess packets dead-lettered (``rate_limited``) rather than
-throttled, which would hold receive-maximum slots every device shares. A packet seen again
-(same device and packet id, within ``dedup_window_s``) is acknowledged, not republished.
+throttled, which would hold receive-maximum slots every device shares; beyond a budget
+per device (:class:`producers.base.RefusalBudget`) refusals are counted and summarised in
+one dead letter per window instead, so a flooding device cannot fill the dead-letter topic.
+A packet seen again (same device and packet id, within ``dedup_window_s``) is acknowledged,
+not republished.
 Invalid payloads get a 400 naming the field and, like invalid MQTT messages, a dead letter;
 a packet that fails unexpectedly is dead-lettered too (``internal_error``, HTTP 500).
 """
@@ -72,6 +75,7 @@ from producers.base import (
     ConfigError,
     DeliveryFailed,
     RecordTooLarge,
+    RefusalBudget,
     SourceUnavailable,
     run_async,
     wall_clock_ms,
@@ -897,6 +901,8 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         self._buckets: dict[str, TokenBucket] = {}
         #: Devices whose last HTTP packet was refused with 429 (one dead letter per episode).
         self._http_rate_limited: set[str] = set()
+        #: Bounds the dead letters a known device's refusals make (MQTT too fast, too large).
+        self._refusals = RefusalBudget()
         self._verified: dict[str, bytes] = {}  # device_id -> sha256 of its verified token
         self._pending: dict[str, asyncio.Future[bool]] = {}
         self._mqtt_tasks: set[asyncio.Task[None]] = set()
@@ -962,6 +968,9 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 await runner.cleanup()  # stops accepting, waits for requests in flight
             if client is not None:
                 await self._stop_mqtt(client)
+            await self._refusals.dead_letter_due(
+                self._publisher, self.config.name, self.config.organisation_id, final=True
+            )
             unacknowledged = await self._publisher.close()
             if unacknowledged:
                 log.error("%s: %d records unacknowledged at exit", self.config.name, unacknowledged)
@@ -969,7 +978,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
             self.listening.clear()
 
     async def _serve_until(self, stop: threading.Event) -> None:
-        next_prune = 0.0
+        next_prune = next_summary = 0.0
         while not stop.is_set():
             await asyncio.sleep(0.1)
             if self._fatal is not None:
@@ -980,6 +989,12 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 ) from self._fatal
             if self._newest_sent_ms is not None:
                 self.metrics.source_lag.set((wall_clock_ms() - self._newest_sent_ms) / 1000)
+            if time.monotonic() >= next_summary:
+                next_summary = time.monotonic() + 1
+                assert self._publisher is not None
+                await self._refusals.dead_letter_due(
+                    self._publisher, self.config.name, self.config.organisation_id
+                )
             if time.monotonic() >= next_prune:
                 next_prune = time.monotonic() + 60
                 cutoff = wall_clock_ms() - self.config.dedup_window_s * 1000
@@ -1052,6 +1067,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         received_ms: int,
         wait: bool,
         refusal: str | None = None,
+        count_failure: bool = True,
     ) -> str | None:
         """Publish a dead letter; its id, or None when there is no capacity or it failed.
 
@@ -1069,6 +1085,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 original_key=device_id.encode() if device_id else None,
                 received_ms=received_ms,
                 refusal=refusal,
+                count_failure=count_failure,
             )
         except DeliveryFailed:
             return None
@@ -1246,10 +1263,15 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
             f"HTTP packet of {sent} refused with 413: larger than http.max_body_bytes "
             f"({limit}); the body is not kept"
         )
-        dlq_id = await self._dead_letter(
-            "payload_too_large", reason, b"", source.organisation_id, source.device_id,
-            received, wait=False, refusal=f"{source.device_id}@{received}:{sent}",
-        )
+        dlq_id = None
+        if self._refusals.admit(
+            source.device_id, "payload_too_large", received, source.organisation_id
+        ):
+            dlq_id = await self._dead_letter(
+                "payload_too_large", reason, b"", source.organisation_id, source.device_id,
+                received, wait=False, refusal=f"{source.device_id}@{received}:{sent}",
+                count_failure=False,  # counted above, with the refusals not kept
+            )
         return web.json_response(
             {"error": "payload_too_large", "message": f"at most {limit} bytes",
              "dlq_id": dlq_id},
@@ -1272,8 +1294,12 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         answer: dict[str, Any] = {
             "error": "rate_limited", "message": "this device sends faster than allowed",
         }
-        if source.device_id not in self._http_rate_limited:
-            self._http_rate_limited.add(source.device_id)
+        new_episode = source.device_id not in self._http_rate_limited
+        self._http_rate_limited.add(source.device_id)
+        # One dead letter per episode, and episodes within the refusal budget too.
+        if new_episode and self._refusals.admit(
+            source.device_id, "rate_limited", received, source.organisation_id
+        ):
             rate = self.config.per_device_rate
             sent = f"{size} bytes" if size is not None else "a body of unknown length"
             answer["dlq_id"] = await self._dead_letter(
@@ -1282,7 +1308,7 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
                 f"faster than per_device_rate ({rate.packets_per_s:g} packets/s, burst "
                 f"{rate.burst}); it was told to retry, and the bodies are not kept",
                 b"", source.organisation_id, source.device_id, received, wait=False,
-                refusal=f"{source.device_id}@{received}",
+                refusal=f"{source.device_id}@{received}", count_failure=False,
             )
         return web.json_response(
             answer, status=429, headers={"Retry-After": str(max(1, math.ceil(wait_s)))}
@@ -1454,7 +1480,13 @@ class DeviceProducer(Collector[DeviceCollectorConfig]):
         if self._bucket(source.device_id).take() > 0:
             # MQTT has no 429. Throttling here would hold one of the broker's shared
             # receive-maximum slots and stall every other device, so the excess packet is
-            # dead-lettered (and acknowledged once the dead letter is durable).
+            # dead-lettered (and acknowledged once the dead letter is durable); beyond the
+            # refusal budget it is only counted, and summarised in one dead letter.
+            if not self._refusals.admit(
+                source.device_id, "rate_limited", received, source.organisation_id
+            ):
+                self.metrics.failed("rate_limited").inc()
+                return True
             rate = self.config.per_device_rate
             return await self._mqtt_dead_letter(
                 "rate_limited",

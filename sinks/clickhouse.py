@@ -82,6 +82,7 @@ LINEAGE_COLUMNS = [
     "outcome",
     "content_hash",
     "declared_update",
+    "sender",
     "ingest_time",
 ]
 # The clinical outputs: their stored rows are observed in END_TO_END_SECONDS.
@@ -133,6 +134,8 @@ NOT_CONTENT = frozenset({
 # update, correction or withdrawal of an earlier one.
 UPDATE_OPS = frozenset({"u", "d"})
 UPDATE_RESULT_STATUSES = frozenset({"C", "D"})
+#: The sending system kept per stored copy (lineage.sender) is cut to this many characters.
+SENDER_MAX_CHARS = 64
 
 
 def content_hash(record: dict[str, Any]) -> str:
@@ -546,6 +549,7 @@ class ClickHouseSink:
                 outcome,
                 "",
                 0,
+                "",
                 record["ingest_time"],
             ]
         else:
@@ -560,6 +564,7 @@ class ClickHouseSink:
                 outcome,
                 content_hash(record),
                 int(declared_update(record)),
+                str(record.get("source_system") or "")[:SENDER_MAX_CHARS],
                 record["ingest_time"],
             ]
         self._rows.setdefault("lineage", []).append(row)

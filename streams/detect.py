@@ -389,17 +389,20 @@ class RecordGuard:
         ``refusals`` are the stage's own reasons to refuse a record: they raise to the caller
         (which dead-letters the record with its own reason code), the writes dropped too.
         """
-        raised: tuple[type[Exception], ...] = (*NOT_THE_RECORDS_FAULT, *refusals)
         staged = StagedState(state)
         try:
             outputs = handler(staged)
-        except raised:
+        except refusals:
+            self.internal_errors.succeeded()  # the stage's own verdict on this record
+            raise
+        except NOT_THE_RECORDS_FAULT:
             raise
         except Exception as exc:
             source = source or UNKNOWN_SOURCE
             rejected = self.internal_errors.rejected(exc, source)
             return [self.dead_letter(source, key, value, rejected, now_ms)]
         staged.commit()
+        self.internal_errors.succeeded()
         return outputs
 
     def dead_letter(

@@ -6,6 +6,13 @@ dead-lettered whole (reason_code ``internal_error``) with its partial outputs an
 state dropped, and the next record is processed normally. A timer tick has no record to
 dead-letter: its failure is logged and counted, and the next tick runs as usual. Failures
 that are not the record's fault (:data:`NOT_THE_RECORDS_FAULT`) raise in both cases.
+
+A breaker stops this from hiding a broken worker: :data:`STORM_LIMIT` records in a row
+failing that way are not one record's bug but a bug every record hits (or a dependency
+failing in a way not listed below), which would otherwise dead-letter the whole stream and
+every critical alert in it. Then :class:`InternalErrorStorm` is raised instead, the record
+that tripped it is not dead-lettered (nor committed), and the worker stops with a non-zero
+exit code for its supervisor (`up`, systemd, Kubernetes) to restart and report.
 """
 
 from __future__ import annotations
@@ -30,6 +37,12 @@ log = logging.getLogger("medstream.streams.internal_errors")
 #: handled is a bug that this record's content triggers, and it would trigger it again on
 #: every re-read: that record is dead-lettered (``internal_error``) so the partition moves on.
 NOT_THE_RECORDS_FAULT: Final = (MemoryError, OSError)
+#: Records in a row that may fail with an internal error before the worker stops.
+STORM_LIMIT: Final = 20
+
+
+class InternalErrorStorm(RuntimeError):
+    """Too many records in a row failed with an internal error: the worker must stop."""
 
 
 def internal_error_reason(exc: Exception) -> str:
@@ -49,15 +62,38 @@ def internal_error_reason(exc: Exception) -> str:
 class InternalErrors:
     """Counts and logs the bugs one stage hits (the traceback once per site of a bug)."""
 
-    def __init__(self, stage: str) -> None:
+    def __init__(self, stage: str, storm_limit: int = STORM_LIMIT) -> None:
         self.stage = stage
+        self.storm_limit = storm_limit
+        #: Records in a row that failed with an internal error (0 after any success).
+        self.in_a_row = 0
         self._logged: set[str] = set()
 
     def rejected(self, exc: Exception, source: RawContext) -> RecordRejected:
-        """The rejection of a whole record whose processing raised ``exc`` (counted, logged)."""
+        """The rejection of a whole record whose processing raised ``exc`` (counted, logged).
+
+        Raises :class:`InternalErrorStorm` instead when this is the ``storm_limit``-th record
+        in a row: that record is then not dead-lettered and the worker stops.
+        """
         reason = internal_error_reason(exc)
-        self._report(reason, exc, f"at {source.topic}[{source.partition}]@{source.offset}")
+        where = f"at {source.topic}[{source.partition}]@{source.offset}"
+        self._report(reason, exc, where)
+        self.in_a_row += 1
+        if self.in_a_row >= self.storm_limit:
+            log.critical(
+                "%s: %d records in a row failed with an internal error (the last %s); this "
+                "is not one record's bug: stopping the worker instead of dead-lettering the "
+                "whole stream (the record is not committed and is read again after the fix)",
+                self.stage, self.in_a_row, where,
+            )
+            raise InternalErrorStorm(
+                f"{self.stage}: {self.in_a_row} records in a row failed ({reason})"
+            ) from exc
         return RecordRejected(None, None, "internal_error", reason)
+
+    def succeeded(self) -> None:
+        """A record was processed: the breaker's count starts again."""
+        self.in_a_row = 0
 
     def tick_failed(self, exc: Exception, timer: str) -> None:
         """Count and log a timer tick that raised ``exc`` (the next tick runs as usual)."""

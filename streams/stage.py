@@ -347,6 +347,7 @@ class NormaliseStage:
         staged_quality.commit()
         staged_devices.commit()
         commit_suppression()
+        self.internal_errors.succeeded()
         return outputs
 
     def _handle(

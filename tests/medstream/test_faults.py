@@ -30,6 +30,7 @@ from medstream.faults import (
     kill_window,
     parse_kinds,
     plan_trials,
+    read_suites,
     render_table,
     run_suite,
     suite_json,
@@ -208,6 +209,63 @@ def test_the_json_holds_settings_summaries_and_every_trial(tmp_path: Path) -> No
     ]
     assert body["trials"][1]["problems"] == ["2 lost", "reconcile named no gap for the loss"]
     assert body["trials"][0]["notes"] == ["killed streams-0 (pid 10) with SIGKILL"]
+
+
+def test_the_json_is_written_after_every_trial_and_read_back_the_same(tmp_path: Path) -> None:
+    plan = plan_trials(["worker", "sink"], 2, 3, 30.0, 2)
+    path = tmp_path / "faults.json"
+    seen: list[int] = []
+
+    def save(so_far: list[TrialResult]) -> None:
+        write_json(path, suite_json(so_far, {"trials": 2, "kinds": ["worker", "sink"]}))
+        seen.append(len(json.loads(path.read_text())["trials"]))
+
+    def run(trial: object) -> TrialResult:
+        return result(plan[len(seen)].kind, lost=len(seen), reconcile_gaps=["g"] * len(seen))
+
+    results = run_suite(plan, run, lambda line: None, save)
+    assert seen == [1, 2, 3, 4]  # a run cut short keeps every trial measured before
+    again, settings = read_suites([path])
+    assert [r.as_dict() for r in again] == [r.as_dict() for r in results]
+    assert settings == [{"trials": 2, "kinds": ["worker", "sink"], "file": str(path),
+                         "trials_run": 4}]
+
+
+def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) -> None:
+    first, second = tmp_path / "a.json", tmp_path / "b.json"
+    common = {"events": 8000, "rate": 400.0, "broker": "kafka", "seed": 1, "workers": 2}
+    write_json(first, suite_json([result(), result()],
+                                 {"trials": 2, "kinds": ["worker"], **common}))
+    write_json(second, suite_json([result("sink", lost=3)],
+                                  {"trials": 2, "kinds": ["sink"], **common}))
+    merged = subprocess.run(
+        [sys.executable, "-m", "medstream", "faults", "--merge", str(first),
+         "--merge", str(second), "--json", str(tmp_path / "all.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert merged.returncode == 1, merged.stdout + merged.stderr  # the sink trial lost 3
+    assert f"{first}: 2 trials of worker, 8000 events at 400.0/s, broker kafka, seed 1\n" in (
+        merged.stdout
+    )
+    assert f"{second}: 1 trials of sink" in merged.stdout
+    assert "(STOPPED EARLY: 1 of 2 planned)" in merged.stdout
+    rows = [line for line in merged.stdout.splitlines() if line.startswith("| worker ")
+            or line.startswith("| sink ")]
+    assert [row.split("|")[2:6] for row in rows] == [
+        [" 2      ", " 0      ", " 2000   ", " 0    "],
+        [" 1      ", " 1      ", " 1000   ", " 3    "],
+    ]
+    body = json.loads((tmp_path / "all.json").read_text())
+    assert [t["kind"] for t in body["trials"]] == ["worker", "worker", "sink"]
+    assert [s["file"] for s in body["settings"]["merged"]] == [str(first), str(second)]
+
+    (tmp_path / "bad.json").write_text('{"trials": [{"kind": "meteor"}], "settings": {}}')
+    bad = subprocess.run(
+        [sys.executable, "-m", "medstream", "faults", "--merge", str(tmp_path / "bad.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert bad.returncode == 2 and "not a fault suite result" in bad.stderr
+    assert "'meteor'" in bad.stderr
 
 
 def test_the_suite_prints_progress_and_the_log_of_each_failed_trial() -> None:

@@ -21,6 +21,7 @@ from producers.base import (
     ConfigError,
     OrderedAcks,
     RawPublisher,
+    RefusalBudget,
     load_config,
 )
 from schemas.serde import ManifestRegistry
@@ -289,3 +290,32 @@ def test_snapshot_row_ids_are_stable_keyed_and_content_addressed(tmp_path: Path)
     assert snapshot_row_ref(key, {**row, "admit": "2026-11-01"}) != same  # content does
     assert snapshot_row_ref(b"another key" * 3, row) != same  # keyed: not guessable
     assert "SYNTH-MRN-1" not in same and len(same) == 32
+
+
+def test_the_refusal_budget_dead_letters_the_first_and_summarises_the_rest() -> None:
+    budget = RefusalBudget(in_full=2, window_s=10.0)
+    t0 = 1_800_000_000_000
+    admitted = [budget.admit("DEV-1", "rate_limited", t0 + i, "H001") for i in range(5)]
+    assert admitted == [True, True, False, False, False]
+    # Another sender, or another reason of the same sender, has its own budget.
+    assert budget.admit("DEV-2", "rate_limited", t0) and budget.admit("DEV-1", "too_large", t0)
+    assert budget.due(t0 + 9_999) == []  # the window is still open
+    [held] = budget.due(t0 + 10_000)
+    assert (held.sender, held.reason_code, held.organisation_id) == (
+        "DEV-1", "rate_limited", "H001"
+    )
+    assert (held.dead_lettered, held.held, held.first_held_ms, held.last_held_ms) == (
+        2, 3, t0 + 2, t0 + 4
+    )
+    reason = held.summary_reason(2, 10.0)
+    assert reason.startswith("3 more refusals (rate_limited) of this sender between ")
+    assert "at most 2 per sender and reason every 10 s" in reason and "DEV-1" not in reason
+    assert budget.due(t0 + 20_000) == []  # handed out once
+    # A new window admits again; a window closed by the next refusal is handed out too.
+    for i in range(4):
+        budget.admit("DEV-1", "rate_limited", t0 + 30_000 + i)
+    assert budget.admit("DEV-1", "rate_limited", t0 + 45_000)
+    assert [h.held for h in budget.due(t0 + 45_001)] == [2]
+    budget.admit("DEV-1", "rate_limited", t0 + 45_002)
+    budget.admit("DEV-1", "rate_limited", t0 + 45_003)
+    assert [h.held for h in budget.due(t0 + 45_004, final=True)] == [1]  # on stop: all

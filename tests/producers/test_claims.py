@@ -29,6 +29,7 @@ from producers.base import (
     MAX_REASON_CHARS,
     AsyncPublisher,
     CollectorState,
+    RefusalBudget,
     SourceUnavailable,
     load_config,
 )
@@ -831,6 +832,37 @@ def test_http_upload_accepts_recognises_duplicates_and_refuses(
     assert f"upload of {len(big)} bytes from payer P001" in refusals[0].value["reason"]
     assert "more than 4096 bytes" in refusals[1].value["reason"]
     assert all("upload.max_upload_bytes (4096)" in d.value["reason"] for d in refusals)
+
+
+@pytest.mark.integration
+def test_a_payer_sending_oversized_uploads_cannot_fill_the_dead_letter_topic(
+    kafka_factory: Any, tmp_path: Path
+) -> None:
+    # Review finding L15: each 413 of an authenticated payer was one more dead letter.
+    kafka = kafka_factory()
+    drop = tmp_path / "drop"
+    collector = make_collector(
+        kafka, drop, watch=False, upload={"host": "127.0.0.1", "port": 0, "max_upload_bytes": 4096}
+    )
+    collector._refusals = RefusalBudget(in_full=2, window_s=600.0)
+    big = HEADER.encode() + row("BIG", 1).encode() * 60
+    refused = collector.metrics.failed("payload_too_large")
+    before = refused._value.get()
+    with Running(collector):
+        port = collector.port
+        assert port
+        answers = [asyncio.run(post(port, big)) for _ in range(7)]
+    assert [status for status, _ in answers] == [413] * 7
+    ids = [body["dead_letter_id"] for _, body in answers]
+    assert all(ids[:2]) and ids[2:] == [None] * 5
+    assert refused._value.get() - before == 7
+    dead = {d.value["dlq_id"]: d.value for d in consume(kafka, [DLQ], 3, settle_s=2.0)}
+    assert len(dead) == 3 and set(ids[:2]) < set(dead)
+    [summary] = [d for dlq_id, d in dead.items() if dlq_id not in ids]
+    assert (summary["reason_code"], summary["original_key"], summary["original_value"]) == (
+        "payload_too_large", b"P001", b""
+    )
+    assert summary["reason"].startswith("5 more refusals (payload_too_large) of this sender")
 
 
 @pytest.mark.integration

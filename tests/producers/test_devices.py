@@ -37,6 +37,7 @@ from producers.base import (
     MAX_RECORD_BYTES,
     CollectorState,
     ConfigError,
+    RefusalBudget,
     SourceUnavailable,
     load_config,
 )
@@ -1217,6 +1218,41 @@ def test_http_poison_packets_get_json_answers_and_dead_letters(
     assert dead[failed["dlq_id"]]["reason_code"] == "internal_error"
     assert dead[failed["dlq_id"]]["original_value"] == b'{"explode": 1}'
     assert dead[large["dlq_id"]]["reason_code"] == "record_too_large"
+
+
+@pytest.mark.integration
+def test_a_flooding_device_cannot_fill_the_dead_letter_topic(
+    kafka_factory: Callable[..., KafkaSettings],
+    tmp_path: Path,
+    mosquitto: Callable[[DeviceCollectorConfig], int],
+) -> None:
+    # Review finding L15: every MQTT packet over the device's rate was dead-lettered with
+    # its payload, so one device could fill the topic at the rate the limit exists to cap.
+    kafka = kafka_factory()
+    config = mqtt_config(tmp_path, per_device_rate={"packets_per_s": 0.01, "burst": 1})
+    port = mosquitto(config)
+    rate_limited = labelled(COLLECTOR_FAILED, config.name, "rate_limited")
+    before = rate_limited._value.get()
+    topic = "devices/wearable-w/WB-0001/telemetry"
+    now = int(time.time() * 1000)
+    collector = DeviceProducer(config, kafka, ManifestRegistry())
+    collector._refusals = RefusalBudget(in_full=2, window_s=600.0)
+    with running(collector):
+        for n in range(9):  # one in the burst, then eight over the rate
+            packet = json.dumps(json_packet("WB-0001", f"fl-{n}", now)).encode()
+            assert mqtt_publish(port, "WB-0001", TOKENS["WB-0001"], topic, packet) == "ok"
+        assert set(published_packets(kafka, 1)) == {"fl-0"}
+        wait_for(lambda: rate_limited._value.get() - before == 8, 20, "eight refusals counted")
+        wait_for(lambda: not collector._mqtt_tasks, 10, "every message to be settled")
+    # Stopped: the window's held refusals were summarised in one dead letter.
+    dead = [d.value for d in consume(kafka, [DLQ], 3, timeout_s=20, settle_s=2.0)]
+    assert len(dead) == 3
+    full = [d for d in dead if d["original_value"]]
+    assert sorted(json.loads(d["original_value"])["packet_id"] for d in full) == ["fl-1", "fl-2"]
+    [summary] = [d for d in dead if not d["original_value"]]
+    assert (summary["reason_code"], summary["original_key"]) == ("rate_limited", b"WB-0001")
+    assert summary["reason"].startswith("6 more refusals (rate_limited) of this sender")
+    assert rate_limited._value.get() - before == 8  # each refusal once, the summary not again
 
 
 @pytest.mark.integration

@@ -77,3 +77,49 @@ def test_a_conflicting_re_send_is_kept_as_evidence_and_reported(
     assert any(gap.startswith("conflicts: 1 event ids") for gap in report.gaps)
     assert report.as_dict()["conflicts"] == {"count": 1, "example_event_ids": [same["event_id"]]}
     assert "conflicting event ids (same id, other content, not an update): 1" in report.render()
+
+
+def test_each_copy_is_judged_against_the_one_before_and_foreign_updates_are_reported(
+    kafka_factory: Callable[..., KafkaSettings], clickhouse: Client, database: str
+) -> None:
+    # Review finding M11: one copy declared a correction (OBX-11=C), after which every
+    # later copy of that id passed as an update; and a correction from any sender that
+    # reached the listener replaced a result without a word.
+    kafka = kafka_factory()
+    encode = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    topic = kafka.topic(NORM_TOPICS["lab_result"])
+    first = lab_result(0, 300)
+    corrected = {**first, "source_offset": 301, "value": 4.4, "result_status": "C"}
+    then_silently_changed = {**first, "source_offset": 302, "value": 6.9, "result_status": "F"}
+    other = lab_result(0, 310)
+    foreign_correction = {**other, "source_offset": 311, "value": 2.1, "result_status": "C",
+                          "source_system": "ELSEWHERE"}
+    own = lab_result(0, 320)
+    own_correction = {**own, "source_offset": 321, "value": 5.0, "result_status": "C"}
+    records = [first, corrected, then_silently_changed, other, foreign_correction, own,
+               own_correction, {**own_correction, "source_offset": 322}]  # a redelivery
+    produce(kafka, [(topic, b"pk", encode(r)) for r in records])
+
+    with running(make_sink(kafka, clickhouse, database, "sink-copy-by-copy")):
+        wait_for(lambda: count(clickhouse, f"SELECT count() FROM {database}.lineage") == 8,
+                 what="lineage")
+    assert sorted(clickhouse.query(
+        f"SELECT source_offset, sender FROM {database}.lineage ORDER BY source_offset"
+    ).result_rows) == [(300, "LIS"), (301, "LIS"), (302, "LIS"), (310, "LIS"),
+                       (311, "ELSEWHERE"), (320, "LIS"), (321, "LIS"), (322, "LIS")]
+
+    def query(sql: str) -> QueryResult:
+        return run_read_only(clickhouse, sql, database, max_rows=PROOF_MAX_ROWS)
+
+    now = datetime.fromtimestamp(first["ingest_time"] / 1000, UTC)
+    report = reconcile(query, database, now - timedelta(hours=1), now + timedelta(hours=1))
+    assert (report.conflicts, report.conflict_examples) == (1, [first["event_id"]])
+    assert (report.foreign_updates, report.foreign_update_examples) == (1, [other["event_id"]])
+    assert any(gap.startswith("foreign updates: 1 event ids") for gap in report.gaps)
+    assert not report.ok
+    assert report.as_dict()["foreign_updates"] == {
+        "count": 1, "example_event_ids": [other["event_id"]]
+    }
+    assert "updates from another sending system than the copy they replaced: 1" in (
+        report.render()
+    )

@@ -30,12 +30,17 @@ from streams.detect import (
 )
 from streams.feed_rules import FeedDetector
 from streams.findings import DictState, Finding, KeyValueState
-from streams.internal_errors import InternalErrors, surviving_tick
+from streams.internal_errors import (
+    STORM_LIMIT,
+    InternalErrors,
+    InternalErrorStorm,
+    surviving_tick,
+)
 from streams.model import RawContext
 from streams.mpi import PatientIndex
 from streams.news2 import News2Detector
 from streams.pseudonym import Pseudonymiser
-from streams.stage import FeedActivityCounter, NormaliseStage
+from streams.stage import FeedActivityCounter, NormaliseStage, SuppressionState
 from streams.syndromic import SyndromicDetector
 from streams.terminology import Terminology
 
@@ -43,6 +48,7 @@ from .test_app import _settings as app_settings
 from .test_detect import lineage, observation
 from .test_identity import stage as normalise_stage
 from .test_identity import two_hospital_identities
+from .test_stage import encoded_hl7, potassium
 
 REGISTRY = serde.ManifestRegistry()
 KAFKA = KafkaSettings(bootstrap_servers="unused:9092", topic_prefix="t.")
@@ -307,3 +313,53 @@ def test_every_timer_of_the_worker_survives_a_tick_that_raises(
     asyncio.run(body())
     asyncio.run(body())
     assert internal_error_count(stage) == before + 2
+
+
+def test_a_bug_every_record_hits_stops_the_worker_instead_of_dead_lettering_the_stream(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Review finding L14: the catch-all dead-lettered every record (and every critical
+    # alert in them) when a bug hit all of them. STORM_LIMIT in a row now stop the worker.
+    with_a_fake_bug(monkeypatch, News2Detector, "observe", lambda e: e["event_id"] != "FINE")
+    detect = DetectStage(KAFKA, REGISTRY)
+    assert detect.guard.internal_errors.storm_limit == STORM_LIMIT == 20
+    state = DictState()
+
+    def handle(offset: int, event: str) -> list[Output]:
+        at = RawContext("t.norm.observation", 1, offset, T0)
+        return detect.handle("observation", observation(event, "9279-1", 26, "/min", offset),
+                             state, T0, at, b"k")
+
+    for offset in range(STORM_LIMIT - 1):
+        assert [o.topic for o in handle(offset, f"BUG-{offset}")] == ["t.dlq"]
+    assert [o.topic for o in handle(100, "FINE") if o.topic == "t.dlq"] == []  # count restarts
+    for offset in range(200, 200 + STORM_LIMIT - 1):
+        assert [o.topic for o in handle(offset, f"BUG-{offset}")] == ["t.dlq"]
+    before = internal_error_count("detect")
+    with pytest.raises(InternalErrorStorm, match="detect: 20 records in a row failed"):
+        handle(300, "BUG-300")  # not dead-lettered: uncommitted, read again after the fix
+    assert internal_error_count("detect") == before + 1
+    assert "written-before-the-bug" not in state.values
+
+
+def test_the_normalise_breaker_counts_only_records_in_a_row(
+    monkeypatch: pytest.MonkeyPatch, terminology: Terminology, pseudonymiser: Pseudonymiser
+) -> None:
+    from streams import stage as stage_module
+
+    def always_broken(*args: Any) -> Any:
+        raise FakeBug("TESTPATIENT")
+
+    normalise = normalise_stage(terminology, pseudonymiser)
+    normalise.internal_errors = InternalErrors("normalise", storm_limit=3)
+    monkeypatch.setattr(stage_module, "normalise", always_broken)
+    outcomes = []
+    for offset in range(3):
+        try:
+            normalise.handle("hl7_lab", RawContext("t.raw.hl7_lab", 0, offset, T0), b"k",
+                             encoded_hl7(potassium("4.1", offset), f"OK-{offset}"),
+                             SuppressionState.in_memory(), T0)
+            outcomes.append("dead-lettered")
+        except InternalErrorStorm:
+            outcomes.append("stopped")
+    assert outcomes == ["dead-lettered", "dead-lettered", "stopped"]
