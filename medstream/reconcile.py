@@ -26,6 +26,7 @@ a conflict (two different records under one id); they are counted with example i
 from __future__ import annotations
 
 import json
+import sqlite3
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
@@ -185,6 +186,8 @@ class ReconcileReport:
     #: Declared updates from another sending system than the copy they replaced.
     foreign_updates: int = 0
     foreign_update_examples: list[str] = field(default_factory=list)
+    #: Publishers' counter files that could not be read (each also a gap).
+    unreadable_counters: list[str] = field(default_factory=list)
     #: What was checked independently of the sink, or why it could not be.
     independent: list[str] = field(default_factory=list)
 
@@ -730,9 +733,16 @@ def _check_published(
         return
     since_ms = int(report.since.timestamp() * 1000)
     until_ms = int(report.until.timestamp() * 1000)
-    ranges: list[AckedRange] = [
-        r for r in read_published(paths) if r.first_ms < until_ms and r.last_ms >= since_ms
-    ]
+    ranges: list[AckedRange] = []
+    for path in paths:
+        try:
+            ranges.extend(read_published([path], since_ms, until_ms))
+        except sqlite3.Error as exc:
+            report.unreadable_counters.append(str(path))
+            report.gaps.append(
+                f"publishers' counter {path} could not be read ({type(exc).__name__}: {exc}): "
+                "what that publisher had acknowledged is not checked"
+            )
     bounds: dict[Partition, tuple[int, int]] = {}
     for r in ranges:
         key = (r.kafka_cluster, r.topic, r.partition)

@@ -23,7 +23,6 @@ import json
 import os
 import secrets
 import signal
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -730,10 +729,11 @@ class Supervisor:
         except (QueryError, OSError) as exc:  # a busy or restarting gateway: ask again
             self.out(f"reconcile not possible right now ({exc}); retrying")
             return None
-        except sqlite3.Error as exc:  # a damaged counter file: drain without the counters
+        if report.unreadable_counters:  # a damaged counter file: drain without the counters
             self.out(
-                f"warning: the publishers' counter files cannot be read ({exc}); the drain "
-                f"check goes on without them (see `medstream reconcile` for which file)"
+                "warning: the publishers' counter files cannot be read "
+                f"({', '.join(report.unreadable_counters)}); the drain check goes on "
+                "without them (`medstream reconcile` reports it as a gap)"
             )
             self._counters_unreadable = True
             return None

@@ -253,5 +253,6 @@ def test_up_s_drain_check_goes_on_without_a_damaged_counter_file(
     assert up._drained(since) is None  # nothing published yet: not drained, and no crash
     assert up._drained(since) is None
     assert len(lines) == 1 and lines[0].startswith(
-        "warning: the publishers' counter files cannot be read (file is not a database)"
+        f"warning: the publishers' counter files cannot be read ({damaged}); the drain "
+        "check goes on without them"
     ), lines

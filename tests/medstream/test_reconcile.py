@@ -254,6 +254,16 @@ def test_reconcile_names_the_offset_ranges_that_never_reached_the_ledger(
     assert [(p.acknowledged, p.missing) for p in counted_only.published] == [(published.total_messages, 12)]
     assert "publisher simulator run r1: 12 records never reached the ledger" in counted_only.gaps
 
+    # A damaged counter file is a gap in the proof, said with its path; the others count.
+    damaged = tmp_path / "published" / "collector-lis.sqlite"
+    damaged.write_bytes(b"not a database" * 100)
+    with_damage = reconcile(query, database, since, until, counter_files=[counters, damaged])
+    assert [(p.acknowledged, p.missing) for p in with_damage.published] == [
+        (published.total_messages, 12)
+    ]
+    assert any(gap.startswith(f"publishers' counter {damaged} could not be read (DatabaseError")
+               for gap in with_damage.gaps)
+
 
 # --- the ground truth of one run, with another run in the same database ---------------------
 
