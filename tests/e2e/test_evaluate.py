@@ -19,6 +19,7 @@ from tests.medstream.test_simulator_feeds import short_feed_rules
 pytestmark = pytest.mark.e2e
 
 
+@pytest.mark.alone
 def test_rules_find_the_injected_anomalies_and_no_identifier_is_stored_or_logged(
     tmp_path: Path,
 ) -> None:

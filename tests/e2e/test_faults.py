@@ -22,11 +22,12 @@ from tests.waiting import require_kafka
 pytestmark = pytest.mark.e2e
 
 
+# A worker and the sink killed alone are tests/e2e/test_up_faults.py's; here the harness is
+# proven on both killed at once and on a graceful stop under backlog.
 @pytest.mark.parametrize(
     ("kind", "seed"),
     [
-        ("worker", 11),
-        ("sink", 12),
+        ("worker+sink", 11),
         ("graceful", 13),
     ],
 )

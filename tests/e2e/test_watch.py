@@ -40,6 +40,7 @@ def worklist(data_dir: Path) -> list[dict[str, object]]:
     return json.loads(result.stdout)
 
 
+@pytest.mark.alone
 def test_staff_acknowledge_and_resolve_alerts_and_stewards_see_the_worklist(
     tmp_path: Path,
 ) -> None:
