@@ -140,7 +140,9 @@ def test_the_healthy_worker_survives_when_the_other_is_killed_and_restarted(
     labels = tmp_path / "labels.jsonl"
     healthy, victim = pipeline.worker(), pipeline.worker()
     simulator = pipeline.start(
-        "simulate", "--events", "1500", "--rate", "150", "--seed", "16",
+        # 20 s of records: the kill must come mid-run also when the workers are slow to
+        # join (a loaded machine), else the test proves nothing and says so.
+        "simulate", "--events", "3000", "--rate", "150", "--seed", "16",
         "--labels", str(labels),
     )
     # Killed while records flow: the healthy worker takes over its partitions and reads
