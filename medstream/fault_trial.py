@@ -309,7 +309,7 @@ class DrainWatch:
         except (OSError, ValueError, KeyError, TypeError, QueryError, sqlite3.Error):
             return None  # a counter file being written, or the gateway busy: ask again
         seen = sum(s.published_messages for s in report.sources)
-        settled = report.settled and seen >= published
+        settled = report.drained and seen >= published
         return (settled, seen, tuple(sorted(report.stored_events.items())), *totals)
 
 

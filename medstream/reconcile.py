@@ -186,6 +186,9 @@ class ReconcileReport:
     #: Declared updates from another sending system than the copy they replaced.
     foreign_updates: int = 0
     foreign_update_examples: list[str] = field(default_factory=list)
+    #: Records dead-lettered because processing them hit a bug (reason_code
+    #: internal_error), per stage: none of their rules ran, so alerts may be missing.
+    internal_errors: dict[str, int] = field(default_factory=dict)
     #: Publishers' counter files that could not be read (each also a gap).
     unreadable_counters: list[str] = field(default_factory=list)
     #: What was checked independently of the sink, or why it could not be.
@@ -193,9 +196,16 @@ class ReconcileReport:
 
     @property
     def ok(self) -> bool:
-        """True when nothing is unaccounted for: records the sink has not read yet are not
-        a gap (they are in :attr:`not_read_yet`), offsets that could not be checked are."""
-        return not self.gaps
+        """True when nothing is unaccounted for and no record met a bug: records the sink
+        has not read yet are not a gap (they are in :attr:`not_read_yet`), offsets that
+        could not be checked are, and so are :attr:`internal_errors`."""
+        return not self.gaps and not self.internal_errors
+
+    @property
+    def drained(self) -> bool:
+        """Every accepted record has its outcome and nothing is left to read (records a bug
+        dead-lettered have theirs: a pipeline can drain and still not be :attr:`ok`)."""
+        return not self.gaps and self.pending_records == 0
 
     @property
     def pending_records(self) -> int:
@@ -226,6 +236,7 @@ class ReconcileReport:
             "missing_ranges": [asdict(r) for r in self.missing_ranges[:MAX_RANGES_LISTED]],
             "missing_ranges_total": len(self.missing_ranges),
             "conflicts": {"count": self.conflicts, "example_event_ids": self.conflict_examples},
+            "internal_errors": self.internal_errors,
             "foreign_updates": {
                 "count": self.foreign_updates, "example_event_ids": self.foreign_update_examples
             },
@@ -292,6 +303,16 @@ class ReconcileReport:
         if self.not_read_yet:
             lines.append("NOT READ YET by the sink (a lag, not a loss; --strict counts it):")
             lines.extend(f"  - {line}" for line in self.not_read_yet)
+        if self.internal_errors:
+            by_stage = ", ".join(f"{stage} {n}" for stage, n in self.internal_errors.items())
+            lines.append(
+                f"INTERNAL ERRORS: {sum(self.internal_errors.values())} records were "
+                f"dead-lettered because processing them hit a bug ({by_stage}; reason_code "
+                "internal_error): none of their rules ran, so alerts may be missing. The "
+                "worker log has the traceback; the dead_letter table lists them (reason_code "
+                "= 'internal_error'), `medstream dlq show DLQ_ID --raw` gives each one's "
+                "original bytes to publish again after the fix"
+            )
         if self.gaps:
             lines.append("GAPS:")
             lines.extend(f"  - {gap}" for gap in self.gaps)
@@ -404,6 +425,14 @@ def reconcile(
             f"sink: {sink_dlq} normalised records could not be decoded and were dead-lettered "
             "at the sink (see dead_letter where stage = 'sink')"
         )
+    report.internal_errors = {
+        str(stage): int(n)
+        for stage, n in query(
+            f"SELECT stage, count() FROM {database}.dead_letter FINAL "
+            f"WHERE reason_code = 'internal_error' AND {lineage_where} GROUP BY stage "
+            "ORDER BY stage"
+        ).rows
+    }
     _find_conflicts(query, database, lineage_where, report)
     committed: dict[tuple[str, int], int] = {}
     if kafka is not None:

@@ -738,7 +738,7 @@ class Supervisor:
             self._counters_unreadable = True
             return None
         published = sum(s.published_messages for s in report.sources)
-        if not report.settled or published < self._published_messages():
+        if not report.drained or published < self._published_messages():
             self._last_drain_state = None
             return None  # still in flight: try again at the next tick
         # Alerts and dead letters are not in the lineage proof: done only once nothing
@@ -753,7 +753,7 @@ class Supervisor:
             return None
         if self.on_drained is not None:
             self.on_drained(query)
-        return True, report.render()
+        return report.ok, report.render()
 
     def _wait_ready(self, components: int, timeout_s: float) -> bool:
         """Hold the producers back until the sink and every worker have their partitions.

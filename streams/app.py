@@ -22,13 +22,14 @@ each record's outputs, table writes and offset in one transaction (streams.trans
 from __future__ import annotations
 
 import asyncio
+import functools
 import hashlib
 import hmac
 import logging
 import os
 import ssl
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -81,7 +82,7 @@ from streams.detect import (
     TickOverlay,
 )
 from streams.findings import DictState, KeyValueState
-from streams.internal_errors import surviving_tick
+from streams.internal_errors import InternalErrorStorm, surviving_tick
 from streams.model import RawContext
 from streams.pseudonym import Pseudonymiser
 from streams.recovery import CheckedTableManager, tansu_log_ends
@@ -93,6 +94,8 @@ from streams.transactions import TransactionGate, current_transactional_id, hold
 
 DEFAULT_FETCH_WAIT_MS = 20
 EXIT_DELIVERY_FAILED = 70
+#: Exit code of a worker stopped by too many internal errors in a row (stops_on_storm).
+EXIT_INTERNAL_ERROR_STORM = 71
 #: Seconds between timer ticks of the rule families and of the alert lifecycle.
 DETECT_TICK_S = 30.0
 LIFECYCLE_TICK_S = 15.0
@@ -116,6 +119,29 @@ def exit_on_failed_delivery(delivery: asyncio.Future[Any]) -> None:
     if delivery.cancelled() or error is not None:
         log.critical("an output record could not be delivered (%s); exiting", error)
         os._exit(EXIT_DELIVERY_FAILED)
+
+
+def stops_on_storm(agent: Callable[[faust.StreamT], Awaitable[None]]
+                   ) -> Callable[[faust.StreamT], Awaitable[None]]:
+    """An agent body that ends the process at once on InternalErrorStorm.
+
+    Raising would let Faust stop gracefully, and a graceful stop acknowledges and commits
+    the record the agent was on: the record that tripped the breaker would be lost. Ending
+    the process here commits nothing more (Faust commits an offset only after the producer
+    flushed the outputs before it), so after the fix the worker reads that record again.
+    """
+
+    @functools.wraps(agent)
+    async def guarded(stream: faust.StreamT) -> None:
+        try:
+            await agent(stream)
+        except InternalErrorStorm as exc:
+            log.critical("%s; the worker exits now (code %d) without committing that record",
+                         exc, EXIT_INTERNAL_ERROR_STORM)
+            logging.shutdown()
+            os._exit(EXIT_INTERNAL_ERROR_STORM)
+
+    return guarded
 
 
 class KeptOnResumeFlowControl(FlowControlEvent):
@@ -530,7 +556,9 @@ def create_app(
             value_serializer="raw",
             partitions=kafka.raw_partitions,
         )
-        app.agent(raw_topic, name=f"normalise_{source_kind}")(normalise_agent(source_kind))
+        app.agent(raw_topic, name=f"normalise_{source_kind}")(
+            stops_on_storm(normalise_agent(source_kind))
+        )
 
     # -- detect: per-patient rule families over the normalised events -----------------------
     detect = DetectStage(kafka, registry, rules_dir)
@@ -563,7 +591,7 @@ def create_app(
             value_serializer="raw",
             partitions=kafka.norm_partitions,
         )
-        app.agent(norm_topic, name=f"detect_{kind}")(detect_agent(kind))
+        app.agent(norm_topic, name=f"detect_{kind}")(stops_on_storm(detect_agent(kind)))
 
     # When this worker last started watching (its last rebalance): silences are measured
     # from here at the earliest, since state kept across a restart remembers devices and
@@ -603,6 +631,7 @@ def create_app(
     )
 
     @app.agent(lifecycle_topic, name="alert_lifecycle")
+    @stops_on_storm
     async def alert_lifecycle(stream: faust.StreamT) -> None:
         async for event in records(stream):
             now_ms = int(time.time() * 1000)
@@ -635,6 +664,7 @@ def create_app(
     )
 
     @app.agent(identity_topic, name="patient_index")
+    @stops_on_storm
     async def patient_index_agent(stream: faust.StreamT) -> None:
         async for event in records(stream):
             labelled(RECORDS_IN, "mpi", event.message.topic).inc()
@@ -660,6 +690,7 @@ def create_app(
     )
 
     @app.agent(feed_topic, name="feed_watch")
+    @stops_on_storm
     async def feed_watch_agent(stream: faust.StreamT) -> None:
         async for event in records(stream):
             now_ms = int(time.time() * 1000)
@@ -687,6 +718,7 @@ def create_app(
     )
 
     @app.agent(syndromic_topic, name="syndromic")
+    @stops_on_storm
     async def syndromic_agent(stream: faust.StreamT) -> None:
         async for event in records(stream):
             now_ms = int(time.time() * 1000)

@@ -393,7 +393,8 @@ class RecordGuard:
         try:
             outputs = handler(staged)
         except refusals:
-            self.internal_errors.succeeded()  # the stage's own verdict on this record
+            # The stage's own verdict on this record: not a bug.
+            self.internal_errors.succeeded((source or UNKNOWN_SOURCE).topic)
             raise
         except NOT_THE_RECORDS_FAULT:
             raise
@@ -402,7 +403,7 @@ class RecordGuard:
             rejected = self.internal_errors.rejected(exc, source)
             return [self.dead_letter(source, key, value, rejected, now_ms)]
         staged.commit()
-        self.internal_errors.succeeded()
+        self.internal_errors.succeeded((source or UNKNOWN_SOURCE).topic)
         return outputs
 
     def dead_letter(

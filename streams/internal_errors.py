@@ -7,12 +7,14 @@ state dropped, and the next record is processed normally. A timer tick has no re
 dead-letter: its failure is logged and counted, and the next tick runs as usual. Failures
 that are not the record's fault (:data:`NOT_THE_RECORDS_FAULT`) raise in both cases.
 
-A breaker stops this from hiding a broken worker: :data:`STORM_LIMIT` records in a row
-failing that way are not one record's bug but a bug every record hits (or a dependency
-failing in a way not listed below), which would otherwise dead-letter the whole stream and
-every critical alert in it. Then :class:`InternalErrorStorm` is raised instead, the record
-that tripped it is not dead-lettered (nor committed), and the worker stops with a non-zero
-exit code for its supervisor (`up`, systemd, Kubernetes) to restart and report.
+A breaker stops this from hiding a broken worker: :data:`STORM_LIMIT` records in a row of
+one topic failing that way are not one record's bug but a bug every record of that feed
+hits (or a dependency failing in a way not listed below), which would otherwise
+dead-letter the whole feed and every critical alert in it. Then :class:`InternalErrorStorm`
+is raised instead and the record that tripped it is not dead-lettered; the worker's agents
+(streams.app.stops_on_storm) end the process at once, before Faust acknowledges or commits
+that record, with a non-zero exit code for its supervisor (`up`, systemd, Kubernetes) to
+restart and report. After the fix the record is read again from the committed offset.
 """
 
 from __future__ import annotations
@@ -65,8 +67,9 @@ class InternalErrors:
     def __init__(self, stage: str, storm_limit: int = STORM_LIMIT) -> None:
         self.stage = stage
         self.storm_limit = storm_limit
-        #: Records in a row that failed with an internal error (0 after any success).
-        self.in_a_row = 0
+        #: Per topic: records in a row that failed with an internal error (a success of
+        #: that topic starts it again; another feed's successes do not hide a broken one).
+        self.in_a_row: dict[str, int] = {}
         self._logged: set[str] = set()
 
     def rejected(self, exc: Exception, source: RawContext) -> RecordRejected:
@@ -78,22 +81,23 @@ class InternalErrors:
         reason = internal_error_reason(exc)
         where = f"at {source.topic}[{source.partition}]@{source.offset}"
         self._report(reason, exc, where)
-        self.in_a_row += 1
-        if self.in_a_row >= self.storm_limit:
+        in_a_row = self.in_a_row[source.topic] = self.in_a_row.get(source.topic, 0) + 1
+        if in_a_row >= self.storm_limit:
             log.critical(
-                "%s: %d records in a row failed with an internal error (the last %s); this "
-                "is not one record's bug: stopping the worker instead of dead-lettering the "
-                "whole stream (the record is not committed and is read again after the fix)",
-                self.stage, self.in_a_row, where,
+                "%s: %d records in a row of %s failed with an internal error (the last %s); "
+                "this is not one record's bug: stopping the worker instead of dead-lettering "
+                "the whole feed (this record is not committed and is read again after the fix)",
+                self.stage, in_a_row, source.topic, where,
             )
             raise InternalErrorStorm(
-                f"{self.stage}: {self.in_a_row} records in a row failed ({reason})"
+                f"{self.stage}: {in_a_row} records in a row of {source.topic} failed ({reason})"
             ) from exc
         return RecordRejected(None, None, "internal_error", reason)
 
-    def succeeded(self) -> None:
-        """A record was processed: the breaker's count starts again."""
-        self.in_a_row = 0
+    def succeeded(self, topic: str) -> None:
+        """A record of ``topic`` was processed: the breaker's count of it starts again."""
+        if self.in_a_row.get(topic):
+            self.in_a_row[topic] = 0
 
     def tick_failed(self, exc: Exception, timer: str) -> None:
         """Count and log a timer tick that raised ``exc`` (the next tick runs as usual)."""

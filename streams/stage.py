@@ -347,7 +347,7 @@ class NormaliseStage:
         staged_quality.commit()
         staged_devices.commit()
         commit_suppression()
-        self.internal_errors.succeeded()
+        self.internal_errors.succeeded(ctx.topic)
         return outputs
 
     def _handle(

@@ -86,6 +86,32 @@ def test_reconcile_reports_no_gap_when_everything_is_accounted(clickhouse: Clien
     assert "no gap" in report.render()
 
 
+def test_records_a_bug_dead_lettered_fail_the_reconciliation_but_not_the_drain(
+    clickhouse: Client, database: str
+) -> None:
+    # Second review H2: internal_error dead letters counted as accounted for, so a feed a
+    # bug dead-lettered whole passed as "no gap", and `up` said it stopped cleanly.
+    clickhouse.insert(f"{database}.raw_ledger", [["c1", "hl7_lab", "raw.hl7_lab", 0, 5, T0, 80]],
+                      column_names=LEDGER)
+    clickhouse.insert(f"{database}.lineage",
+                      [["c1", "raw.hl7_lab", 0, 5, -1, -1, "d5", "dead_letter", T0]],
+                      column_names=LINEAGE)
+    clickhouse.insert(f"{database}.dead_letter", [
+        ["d5", "normalise", "internal_error", "internal error: ValueError in normalise.py:x",
+         "hl7_lab", "raw.hl7_lab", 0, 5, b"?", T0, T0],
+    ], column_names=["dlq_id", "stage", "reason_code", "reason", "source_kind",
+                     "original_topic", "original_partition", "original_offset",
+                     "original_value", "ingest_time", "failed_time"])
+    report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1),
+                       T0 + timedelta(hours=1))
+    assert report.gaps == [] and report.drained  # every record has its outcome ...
+    assert not report.ok and report.internal_errors == {"normalise": 1}  # ... one is a bug's
+    assert report.as_dict()["ok"] is False
+    assert report.as_dict()["internal_errors"] == {"normalise": 1}
+    assert "INTERNAL ERRORS: 1 records were dead-lettered because processing them hit a bug " \
+           "(normalise 1; reason_code internal_error)" in report.render()
+
+
 def test_labels_check_finds_missing_and_duplicate_alerts(clickhouse: Client, database: str) -> None:
     rows = [lab_row("e1"), lab_row("e1"), lab_row("e2")]  # e1 written twice: collapses under FINAL
     clickhouse.insert(f"{database}.lab_result", [list(r.values()) for r in rows], column_names=list(rows[0]))

@@ -336,7 +336,7 @@ def test_a_bug_every_record_hits_stops_the_worker_instead_of_dead_lettering_the_
     for offset in range(200, 200 + STORM_LIMIT - 1):
         assert [o.topic for o in handle(offset, f"BUG-{offset}")] == ["t.dlq"]
     before = internal_error_count("detect")
-    with pytest.raises(InternalErrorStorm, match="detect: 20 records in a row failed"):
+    with pytest.raises(InternalErrorStorm, match="detect: 20 records in a row of t.norm"):
         handle(300, "BUG-300")  # not dead-lettered: uncommitted, read again after the fix
     assert internal_error_count("detect") == before + 1
     assert "written-before-the-bug" not in state.values
@@ -363,3 +363,29 @@ def test_the_normalise_breaker_counts_only_records_in_a_row(
         except InternalErrorStorm:
             outcomes.append("stopped")
     assert outcomes == ["dead-lettered", "dead-lettered", "stopped"]
+
+
+def test_another_feed_s_successes_do_not_hide_a_feed_every_record_of_which_fails(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Second review H2: one count for every topic, reset by any success, so a bug hitting
+    # every record of one feed never stopped the worker while other feeds went on.
+    with_a_fake_bug(monkeypatch, News2Detector, "observe", lambda e: e["event_id"] != "FINE")
+    detect = DetectStage(KAFKA, REGISTRY)
+    state = DictState()
+    broken, fine = RawContext("t.norm.observation", 0, 0, T0), RawContext("t.norm.lab", 0, 0, T0)
+
+    def succeed_elsewhere() -> None:
+        # The stage's count, as another feed's processed record leaves it.
+        detect.guard.internal_errors.succeeded(fine.topic)
+
+    for offset in range(STORM_LIMIT - 1):
+        at = RawContext(broken.topic, 0, offset, T0)
+        outputs = detect.handle("observation", observation(f"BUG-{offset}", "9279-1", 26,
+                                                           "/min", offset), state, T0, at, b"k")
+        assert [o.topic for o in outputs] == ["t.dlq"]
+        succeed_elsewhere()
+    assert detect.guard.internal_errors.in_a_row == {broken.topic: STORM_LIMIT - 1}
+    with pytest.raises(InternalErrorStorm, match="records in a row of t.norm.observation"):
+        detect.handle("observation", observation("BUG-99", "9279-1", 26, "/min", 99), state,
+                      T0, RawContext(broken.topic, 0, 99, T0), b"k")
