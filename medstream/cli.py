@@ -1107,22 +1107,30 @@ def dlq_show(
     dlq_id: Annotated[str, typer.Argument(help="the dead letter's id")],
     raw: Annotated[bool, typer.Option(help="write the original bytes to stdout as is")] = False,
 ) -> None:
-    """Unseal one dead letter's original record (needs the sink's dead-letter secret)."""
+    """Unseal one dead letter's original record (needs the sink's dead-letter secret).
+    The original may hold patient data: each opening is recorded in the audit log first
+    (action dead_letter_open), and nothing is shown when it cannot be recorded."""
+    from medstream.audit import AuditError, local_actor
     from medstream.sealing import SealingError, derive_key, unseal
     from sinks.clickhouse import DEAD_LETTER_PURPOSE
 
     database = ClickHouseSettings().database
-    try:
-        with _querier(PROOF_MAX_ROWS) as run:
+    with _query_and_audit(PROOF_MAX_ROWS) as (run, trail):
+        try:
             rows = run(
                 f"SELECT stage, reason_code, reason, original_topic, original_partition, "
                 f"original_offset, hex(original_value) FROM {database}.dead_letter FINAL "
                 f"WHERE dlq_id = {sql_string(dlq_id)}"
             ).rows
-    except QueryError as exc:
-        _fail(str(exc))
-    if not rows:
-        _fail(f"no dead letter {dlq_id}")
+        except QueryError as exc:
+            _fail(str(exc))
+        if not rows:
+            _fail(f"no dead letter {dlq_id}")
+        try:
+            trail.record(actor=local_actor(), actor_role="operator", channel="cli",
+                         action="dead_letter_open", outcome="ok", target=dlq_id, rows=1)
+        except AuditError as exc:
+            _fail(f"{exc}: the dead letter is not opened")
     stage, reason_code, reason, topic, partition, offset, sealed = rows[0]
     try:
         key = derive_key(_dead_letter_secret(), DEAD_LETTER_PURPOSE)
@@ -1465,7 +1473,8 @@ def audit_command(
     action: Annotated[
         str | None,
         typer.Option(help="only this action: sign_in, sign_in_failed, sign_out, query, "
-                     "alert_acknowledge, alert_resolve, config_change"),
+                     "alert_acknowledge, alert_resolve, config_change, request_refused, "
+                     "audit_read, dead_letter_open"),
     ] = None,
     limit: Annotated[int, typer.Option(help="newest events to show")] = 100,
     as_json: Annotated[bool, typer.Option("--json", help="JSON instead of a table")] = False,

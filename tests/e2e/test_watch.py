@@ -145,6 +145,14 @@ def test_staff_acknowledge_and_resolve_alerts_and_stewards_see_the_worklist(
         shown = run(data_dir, "dlq", "show", str(letter["dlq_id"]))
         assert shown.returncode == 0, shown.stderr
         assert "normalise /" in shown.stdout and "bytes:" in shown.stdout
+        # Opening it may show patient data: it is in the audit log (recorded before).
+        wait_for(
+            lambda: sql(
+                data_dir, "SELECT count() AS n FROM medstream.audit_log WHERE action = "
+                f"'dead_letter_open' AND target = '{letter['dlq_id']}' AND channel = 'cli'"
+            )[0]["n"] == 1,
+            60, "the dead letter's opening in the audit log",
+        )
 
     finally:
         os.killpg(up.pid, signal.SIGINT)

@@ -74,3 +74,52 @@ def test_users_governed_sql_grants_and_the_audit_log(tmp_path: Path) -> None:
     assert changes[0]["actor"].startswith("local:")
     bad = run(data, "audit", "--action", "delete_everything")
     assert bad.returncode == 1 and "unknown action" in bad.stderr
+
+
+#: Seeds one sealed dead letter into the engine of MEDSTREAM_DATA_DIR (its own process: one
+#: process per engine directory), sealed as the sink seals them.
+SEED_DEAD_LETTER = """
+from datetime import UTC, datetime
+from medstream.cli import _dead_letter_secret
+from medstream.keys import ensure_data_dir_secrets
+from medstream.clickhouse import migrate, open_clickhouse
+from medstream.sealing import derive_key, seal
+from medstream.settings import ClickHouseSettings, RuntimeSettings
+from sinks.clickhouse import DEAD_LETTER_PURPOSE
+
+ch, runtime = ClickHouseSettings(), RuntimeSettings()
+ensure_data_dir_secrets(runtime.data_dir)
+client = open_clickhouse(ch, runtime)
+migrate(client, ch.database, ch.cluster)
+key = derive_key(_dead_letter_secret(), DEAD_LETTER_PURPOSE)
+now = datetime.now(tz=UTC)
+client.insert(f"{ch.database}.dead_letter", [[
+    "dl-1", "normalise", "invalid_payload", "MSH-9 missing", "hl7_lab", "raw.hl7_lab", 0, 7,
+    seal(b"MSH|^~\\\\&|SYNTHETIC", key, b"dl-1"), now, now,
+]], column_names=["dlq_id", "stage", "reason_code", "reason", "source_kind", "original_topic",
+                  "original_partition", "original_offset", "original_value", "ingest_time",
+                  "failed_time"])
+client.close()
+"""
+
+
+def test_opening_a_dead_letter_is_audited_before_it_is_shown(tmp_path: Path) -> None:
+    import sys
+
+    data = tmp_path / "data"
+    assert run(data, "migrate").returncode == 0
+    seeded = subprocess.run([sys.executable, "-c", SEED_DEAD_LETTER], env=env_for(data),
+                            capture_output=True, text=True, timeout=120)
+    assert seeded.returncode == 0, seeded.stderr
+    shown = run(data, "dlq", "show", "dl-1")
+    assert shown.returncode == 0, shown.stderr
+    assert "normalise / invalid_payload: MSH-9 missing" in shown.stdout
+    assert "MSH|^~\\&|SYNTHETIC" in shown.stdout
+    audited = run(data, "audit", "--action", "dead_letter_open", "--json")
+    assert audited.returncode == 0, audited.stderr
+    [event] = json.loads(audited.stdout)
+    assert (event["action"], event["outcome"], event["target"], event["channel"]) == (
+        "dead_letter_open", "ok", "dl-1", "cli"
+    )
+    missing = run(data, "dlq", "show", "no-such-letter")
+    assert missing.returncode == 1 and "no dead letter no-such-letter" in missing.stderr
