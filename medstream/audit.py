@@ -40,6 +40,7 @@ log = logging.getLogger("medstream.audit")
 ACTIONS: Final = (
     "sign_in", "sign_in_failed", "sign_out", "query", "alert_acknowledge", "alert_resolve",
     "config_change", "request_refused", "audit_read", "dead_letter_open",
+    "dead_letter_replay",
 )
 #: ``requested`` is an alert action recorded before it is sent (fail closed); the row of its
 #: real outcome follows: ok, refused, failed (not sent) or unconfirmed (sent, no answer in

@@ -1145,6 +1145,90 @@ def dlq_show(
     typer.echo(original.decode("utf-8", errors="backslashreplace"))
 
 
+@dlq_app.command("replay")
+def dlq_replay(
+    dlq_ids: Annotated[
+        list[str] | None, typer.Argument(help="dead letters to replay (or select with options)")
+    ] = None,
+    stage: Annotated[
+        str | None, typer.Option(help="only this stage's: normalise, detect, lifecycle, mpi, ...")
+    ] = None,
+    reason_code: Annotated[
+        str | None, typer.Option(help="only this reason: internal_error, index_state, ...")
+    ] = None,
+    since: Annotated[
+        str | None, typer.Option(help="only dead letters newer than this: 30m, 2h, 7d, ISO time")
+    ] = None,
+    limit: Annotated[int, typer.Option(help="at most this many, oldest first", min=1)] = 1000,
+    yes: Annotated[bool, typer.Option("--yes", help="publish them (else only say which)")] = False,
+) -> None:
+    """Publish dead letters' original records again to the topics they came from, after the
+    bug is fixed or the state repaired (header medstream-replay: the dead letter's id).
+    Without --yes it only lists what it would replay. Each replay is audited first."""
+    from confluent_kafka import Producer
+
+    from medstream.audit import AuditError, local_actor
+    from medstream.dead_letters import plan_replay, replay
+    from medstream.sealing import SealingError
+
+    if not (dlq_ids or stage or reason_code):
+        _fail("say which dead letters: DLQ_ID ..., --stage or --reason-code", 2)
+    database = ClickHouseSettings().database
+    since_at = _since(since) if since else None
+    with _query_and_audit(PROOF_MAX_ROWS) as (run, trail):
+        try:
+            plan = plan_replay(run, database, dlq_ids or (), stage, reason_code, since_at, limit)
+        except QueryError as exc:
+            _fail(str(exc))
+        for dlq_id, why in plan.refused.items():
+            typer.echo(f"not replayed: {dlq_id}: {why}", err=True)
+        if not plan.letters:
+            _fail("no dead letter to replay", 1)
+        stages = ", ".join(f"{name} {n}" for name, n in plan.by_stage().items())
+        if not yes:
+            typer.echo(f"would replay {len(plan.letters)} dead letters ({stages}); nothing "
+                       "was published: add --yes to publish them")
+            return
+        actor, target = local_actor(), f"{len(plan.letters)} dead letters ({stages})"
+        try:
+            trail.record(actor=actor, actor_role="operator", channel="cli",
+                         action="dead_letter_replay", outcome="requested", target=target,
+                         detail=" ".join(d for d, *_ in plan.letters))
+        except AuditError as exc:
+            _fail(f"{exc}: nothing was replayed")
+        producer = Producer(_kafka_for_client().producer_config())
+        failures: list[str] = []
+
+        def delivered(error: Any, _message: Any) -> None:
+            if error is not None:
+                failures.append(str(error))
+
+        def produce(topic: str, key: bytes | None, value: bytes,
+                    headers: list[tuple[str, str | bytes | None]]) -> None:
+            producer.produce(topic, key=key, value=value, headers=list(headers),
+                             on_delivery=delivered)
+            producer.poll(0)
+
+        def progress(done: int, total: int) -> None:
+            if done % 500 == 0 or done == total:
+                typer.echo(f"replayed {done} of {total}")
+
+        try:
+            sent = replay(run, database, plan, _dead_letter_secret(), produce, progress)
+        except (SealingError, ValueError) as exc:
+            failures.append(f"cannot unseal: {exc}")
+            sent = 0
+        unsent = producer.flush(60)
+        outcome = "failed" if failures or unsent else "ok"
+        _record(trail, actor, "operator", "dead_letter_replay", outcome, target=target,
+                rows=sent - unsent, detail="; ".join(failures[:5]))
+    if failures or unsent:
+        _fail(f"{len(failures) + unsent} of {len(plan.letters)} dead letters were not "
+              f"published again ({'; '.join(failures[:3]) or 'no broker acknowledgement'})")
+    typer.echo(f"published {sent} original records again ({stages}); each is processed like "
+               "a new record (the same event ids: nothing is stored twice)")
+
+
 @app.command()
 def bench(
     events: Annotated[int, typer.Option(help="clinical records per run")] = 30000,

@@ -309,9 +309,8 @@ class ReconcileReport:
                 f"INTERNAL ERRORS: {sum(self.internal_errors.values())} records were "
                 f"dead-lettered because processing them hit a bug ({by_stage}; reason_code "
                 "internal_error): none of their rules ran, so alerts may be missing. The "
-                "worker log has the traceback; the dead_letter table lists them (reason_code "
-                "= 'internal_error'), `medstream dlq show DLQ_ID --raw` gives each one's "
-                "original bytes to publish again after the fix"
+                "worker log has the traceback; after the fix, `medstream dlq replay "
+                "--reason-code internal_error` publishes them again"
             )
         if self.gaps:
             lines.append("GAPS:")

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -93,12 +95,20 @@ client = open_clickhouse(ch, runtime)
 migrate(client, ch.database, ch.cluster)
 key = derive_key(_dead_letter_secret(), DEAD_LETTER_PURPOSE)
 now = datetime.now(tz=UTC)
-client.insert(f"{ch.database}.dead_letter", [[
-    "dl-1", "normalise", "invalid_payload", "MSH-9 missing", "hl7_lab", "raw.hl7_lab", 0, 7,
-    seal(b"MSH|^~\\\\&|SYNTHETIC", key, b"dl-1"), now, now,
-]], column_names=["dlq_id", "stage", "reason_code", "reason", "source_kind", "original_topic",
-                  "original_partition", "original_offset", "original_value", "ingest_time",
-                  "failed_time"])
+rows = [
+    ["dl-1", "normalise", "invalid_payload", "MSH-9 missing", "hl7_lab", "raw.hl7_lab", 0, 7,
+     None, seal(b"MSH|^~\\\\&|SYNTHETIC", key, b"dl-1"), now, now],
+    ["dl-2", "normalise", "internal_error", "internal error: KeyError", "hl7_lab", TOPIC, 1, 8,
+     seal(b"pk-2", key, b"dl-2|key"), seal(b"original two", key, b"dl-2"), now, now],
+    ["dl-3", "mpi", "internal_error", "internal error: KeyError", None, TOPIC, 0, 9,
+     None, seal(b"original three", key, b"dl-3"), now, now],
+    ["dl-4", "producer", "internal_error", "internal error: KeyError", "hl7_lab",
+     "collector/lis", 0, 5, None, seal(b"refused", key, b"dl-4"), now, now],
+]
+client.insert(f"{ch.database}.dead_letter", rows, column_names=[
+    "dlq_id", "stage", "reason_code", "reason", "source_kind", "original_topic",
+    "original_partition", "original_offset", "original_key", "original_value", "ingest_time",
+    "failed_time"])
 client.close()
 """
 
@@ -108,8 +118,10 @@ def test_opening_a_dead_letter_is_audited_before_it_is_shown(tmp_path: Path) -> 
 
     data = tmp_path / "data"
     assert run(data, "migrate").returncode == 0
-    seeded = subprocess.run([sys.executable, "-c", SEED_DEAD_LETTER], env=env_for(data),
-                            capture_output=True, text=True, timeout=120)
+    seeded = subprocess.run(
+        [sys.executable, "-c", "TOPIC = 'unused'\n" + SEED_DEAD_LETTER], env=env_for(data),
+        capture_output=True, text=True, timeout=120,
+    )
     assert seeded.returncode == 0, seeded.stderr
     shown = run(data, "dlq", "show", "dl-1")
     assert shown.returncode == 0, shown.stderr
@@ -123,3 +135,64 @@ def test_opening_a_dead_letter_is_audited_before_it_is_shown(tmp_path: Path) -> 
     )
     missing = run(data, "dlq", "show", "no-such-letter")
     assert missing.returncode == 1 and "no dead letter no-such-letter" in missing.stderr
+
+
+def test_dead_letters_are_replayed_to_their_topics_after_a_dry_run_and_audited(
+    tmp_path: Path, kafka_factory: Any
+) -> None:
+    import sys
+
+    from confluent_kafka import OFFSET_BEGINNING, Consumer, TopicPartition
+
+    from tests.kafka_helpers import consume
+
+    def read_back(expected: int, wait_s: float) -> list[tuple[Any, ...]]:
+        """The topic's records as they are (the sealed originals here are not Avro)."""
+        consumer = Consumer(kafka.consumer_config("replay-read"))
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING)
+                         for p in range(kafka.raw_partitions)])
+        found: list[tuple[Any, ...]] = []
+        deadline = time.monotonic() + wait_s
+        while time.monotonic() < deadline and len(found) < expected:
+            message = consumer.poll(0.2)
+            if message is not None and message.error() is None:
+                found.append((message.key(), message.value(),
+                              dict(message.headers() or [])["medstream-replay"]))
+        consumer.close()
+        return sorted(found, key=lambda record: record[2])  # by dead letter id
+
+    kafka = kafka_factory()
+    topic = kafka.topic("raw.hl7_lab")
+    data = tmp_path / "data"
+    env = {"KAFKA_BOOTSTRAP_SERVERS": kafka.bootstrap_servers,
+           "MEDSTREAM_KAFKA_BROKER_KIND": kafka.broker_kind,
+           "MEDSTREAM_KAFKA_TOPIC_PREFIX": kafka.topic_prefix}
+    assert run(data, "migrate").returncode == 0
+    seeded = subprocess.run(
+        [sys.executable, "-c", f"TOPIC = {topic!r}\n" + SEED_DEAD_LETTER],
+        env=env_for(data), capture_output=True, text=True, timeout=120,
+    )
+    assert seeded.returncode == 0, seeded.stderr
+    unsaid = run(data, "dlq", "replay", **env)
+    assert unsaid.returncode == 2 and "say which dead letters" in unsaid.stderr
+    dry = run(data, "dlq", "replay", "--reason-code", "internal_error", **env)
+    assert dry.returncode == 0, dry.stderr
+    assert "would replay 2 dead letters (mpi 1, normalise 1); nothing was published" in dry.stdout
+    assert "not replayed: dl-4: a collector's refusal never reached a topic" in dry.stderr
+    assert read_back(1, 3) == []
+
+    done = run(data, "dlq", "replay", "--reason-code", "internal_error", "--yes", **env)
+    assert done.returncode == 0, done.stderr
+    assert "published 2 original records again (mpi 1, normalise 1)" in done.stdout
+    assert read_back(2, 30) == [
+        (b"pk-2", b"original two", b"dl-2"), (None, b"original three", b"dl-3"),
+    ]
+    # With a configured broker the audit events go to its audit topic (a sink stores them).
+    audited = consume(kafka, ["audit"], 2)
+    events = sorted((e.value["outcome"], e.value["target"]) for e in audited
+                    if e.value["action"] == "dead_letter_replay")
+    assert events == [("ok", "2 dead letters (mpi 1, normalise 1)"),
+                      ("requested", "2 dead letters (mpi 1, normalise 1)")]
+    unknown = run(data, "dlq", "replay", "no-such-letter", "--yes", **env)
+    assert unknown.returncode == 1
+    assert "not replayed: no-such-letter: no such dead letter" in unknown.stderr
