@@ -15,6 +15,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 #: What a trial does to the running pipeline.
@@ -348,11 +349,22 @@ def suite_json(
 def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str, Any]]]:
     """The trials and settings of suite JSON files (``medstream faults --merge``), e.g. the
     kinds of a long run split over several sittings. ValueError names a file that is not
-    one, or one that stopped early (fewer trials than planned: then it is said, not hidden).
+    one, a file given twice, and files holding the same trials (each would count twice); a
+    file that stopped early (fewer trials than planned) is said in its settings, not hidden.
     """
     results: list[TrialResult] = []
     settings: list[dict[str, Any]] = []
+    files: dict[Path, str] = {}  # resolved -> as given
+    #: (kind, number, trial seed) -> (suite seed or None when unknown, file) of each file.
+    trials_seen: dict[tuple[str, int, int], list[tuple[Any, str]]] = {}
     for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in files:
+            raise ValueError(
+                f"{path}: given twice (also as {files[resolved]}): its trials would count "
+                "twice; name each file once"
+            )
+        files[resolved] = str(path)
         try:
             with open(path, encoding="utf-8") as handle:
                 body = json.load(handle)
@@ -360,11 +372,38 @@ def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str,
             setting = dict(body["settings"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a fault suite result ({exc})") from exc
+        _refuse_trials_seen(trials, setting.get("seed"), str(path), trials_seen)
         setting["file"] = str(path)
         setting["trials_run"] = len(trials)
         results.extend(trials)
         settings.append(setting)
     return results, settings
+
+
+def _refuse_trials_seen(
+    trials: Sequence[TrialResult], suite_seed: Any, file: str,
+    seen: dict[tuple[str, int, int], list[tuple[Any, str]]],
+) -> None:
+    """ValueError when an earlier file holds one of ``trials`` (same kind, number and seed
+    under the same suite seed, or an unknown one: a merged file's); else remember them."""
+    repeated: dict[str, list[str]] = {}
+    for trial in trials:
+        key = (trial.kind, trial.number, trial.seed)
+        for other_seed, other_file in seen.get(key, []):
+            if None in (other_seed, suite_seed) or other_seed == suite_seed:
+                repeated.setdefault(other_file, []).append(
+                    f"{trial.kind} #{trial.number} (seed {trial.seed})"
+                )
+    if repeated:
+        other_file, names = next(iter(repeated.items()))
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(
+            f"{file} and {other_file} hold the same trials ({shown}, suite seed "
+            f"{suite_seed if suite_seed is not None else 'unknown'}): each would count twice; "
+            "merge every run once"
+        )
+    for trial in trials:
+        seen.setdefault((trial.kind, trial.number, trial.seed), []).append((suite_seed, file))
 
 
 def run_suite(
@@ -413,7 +452,6 @@ def run_faults(
     """Plan and run the suite; the kinds tansu cannot run are left out with a note."""
     import shutil
     import tempfile
-    from pathlib import Path
 
     from medstream.fault_trial import TrialRunner
 

@@ -256,7 +256,7 @@ def test_the_json_is_written_after_every_trial_and_read_back_the_same(tmp_path: 
 def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     common = {"events": 8000, "rate": 400.0, "broker": "kafka", "seed": 1, "workers": 2}
-    write_json(first, suite_json([result(), result()],
+    write_json(first, suite_json([result("worker", 1), result("worker", 2)],
                                  {"trials": 2, "kinds": ["worker"], **common}))
     write_json(second, suite_json([result("sink", lost=3)],
                                   {"trials": 2, "kinds": ["sink"], **common}))
@@ -280,6 +280,28 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
     body = json.loads((tmp_path / "all.json").read_text())
     assert [t["kind"] for t in body["trials"]] == ["worker", "worker", "sink"]
     assert [s["file"] for s in body["settings"]["merged"]] == [str(first), str(second)]
+
+    def merge(*paths: Path) -> subprocess.CompletedProcess[str]:
+        arguments = [argument for path in paths for argument in ("--merge", str(path))]
+        return subprocess.run([sys.executable, "-m", "medstream", "faults", *arguments],
+                              capture_output=True, text=True, timeout=120)
+
+    # One file named twice (spelled differently): refused, nothing counted twice.
+    (tmp_path / "sub").mkdir()
+    twice = merge(first, second, tmp_path / "sub" / ".." / "a.json")
+    assert (twice.returncode, twice.stdout) == (2, ""), twice.stdout + twice.stderr
+    assert f"{tmp_path / 'sub' / '..' / 'a.json'}: given twice (also as {first})" in twice.stderr
+    # The same trials in another file (a copy; or the merged file and one it was made of).
+    copy = tmp_path / "copy.json"
+    copy.write_text(first.read_text())
+    copied = merge(first, copy)
+    assert copied.returncode == 2 and copied.stdout == "", copied.stdout + copied.stderr
+    assert (f"{copy} and {first} hold the same trials (worker #1 (seed 1), worker #2 (seed 2), "
+            "suite seed 1): each would count twice") in copied.stderr
+    remerged = merge(tmp_path / "all.json", second)
+    assert remerged.returncode == 2, remerged.stdout + remerged.stderr
+    assert (f"{second} and {tmp_path / 'all.json'} hold the same trials (sink #1 (seed 1), "
+            "suite seed 1)") in remerged.stderr
 
     (tmp_path / "bad.json").write_text('{"trials": [{"kind": "meteor"}], "settings": {}}')
     bad = subprocess.run(
