@@ -796,6 +796,10 @@ def reconcile_command(
 ) -> None:
     """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps.
 
+    Also exit 1 when --labels finds the ground truth not met, and with --strict when the sink
+    has not read everything yet; the JSON's "ok" and "failures" and the last line of the
+    text ("ok" or "FAILED: ...") say the same as the exit code.
+
     Besides the sink's own ledger and lineage, what entered is counted independently: from
     the broker's raw-topic offsets (while it holds them) and from the simulator's and
     collectors' own counters under the data directory; every offset range that never
