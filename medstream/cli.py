@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import asdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, Any, NoReturn, cast
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn, cast
 
 import typer
 
@@ -52,6 +52,9 @@ from medstream.settings import (
     clickhouse_url,
     environment_variables,
 )
+
+if TYPE_CHECKING:
+    from medstream.reconcile import LabelCheck
 
 app = typer.Typer(
     add_completion=False,
@@ -793,6 +796,10 @@ def reconcile_command(
 ) -> None:
     """Count per source and stage (published, normalised, dead-lettered, stored); exit 1 on gaps.
 
+    Also exit 1 when --labels finds the ground truth not met, and with --strict when the sink
+    has not read everything yet; the JSON's "ok" and "failures" and the last line of the
+    text ("ok" or "FAILED: ...") say the same as the exit code.
+
     Besides the sink's own ledger and lineage, what entered is counted independently: from
     the broker's raw-topic offsets (while it holds them) and from the simulator's and
     collectors' own counters under the data directory; every offset range that never
@@ -829,16 +836,24 @@ def reconcile_command(
         _fail(str(exc))
     except ValueError as exc:  # a labels file naming a table that is not medstream's
         _fail(str(exc), 2)
-    ok = (
-        (report.settled if strict else report.ok)
-        and (label_check is None or label_check.ok)
-    )
+    label_failures = [] if label_check is None else _label_failures(label_check)
+    failures = [
+        *([f"{len(report.gaps)} gap(s) in the pipeline's own counts"] if report.gaps else []),
+        *(
+            [f"--strict: {report.pending_records:,} records not read yet by the sink"]
+            if strict and report.ok and not report.settled else []
+        ),
+        *(f"ground truth: {failure}" for failure in label_failures),
+    ]
+    ok = not failures  # the exit code, the JSON's "ok" and the last line all say this
     if as_json:
-        body = report.as_dict()
+        body = {**report.as_dict(), "ok": ok, "strict": strict, "failures": failures}
         if label_check is not None:
             body["labels"] = {
                 **label_check.__dict__,
                 "missing_events": label_check.missing_events[:20],
+                "ok": label_check.ok,
+                "failures": label_failures,
             }
         typer.echo(json.dumps(body, default=str, indent=2))
     else:
@@ -853,7 +868,28 @@ def reconcile_command(
                 f"{label_check.found_alerts}/{label_check.expected_alerts} "
                 f"({label_check.unexpected_alerts} unexpected)"
             )
+        typer.echo("FAILED: " + "; ".join(failures) if failures else "ok")
     raise typer.Exit(0 if ok else 1)
+
+
+def _label_failures(check: LabelCheck) -> list[str]:
+    """What the ground-truth check found wrong, one line each (empty: it passed)."""
+    missing = check.missing_events
+    return [
+        failure for failure, failed in (
+            (f"{len(missing):,} of {check.expected_events:,} labelled events not stored "
+             f"(e.g. {', '.join(missing[:3])})", bool(missing)),
+            (f"{check.duplicated_events:,} events stored more than once",
+             check.duplicated_events > 0),
+            (f"dead letters {check.found_dead_letters:,} found, "
+             f"{check.expected_dead_letters:,} expected",
+             check.found_dead_letters != check.expected_dead_letters),
+            (f"{check.found_alerts:,} of {check.expected_alerts:,} expected critical alerts "
+             "raised once", check.found_alerts != check.expected_alerts),
+            (f"{check.unexpected_alerts:,} critical alerts the labels do not expect (or raised "
+             "twice)", check.unexpected_alerts > 0),
+        ) if failed
+    ]
 
 
 @app.command("evaluate")

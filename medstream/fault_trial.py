@@ -27,7 +27,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from medstream.faults import GRACEFUL_RATE_FACTOR, Trial, TrialResult
+from medstream.faults import GRACEFUL_DRAIN_TIMEOUT_S, GRACEFUL_RATE_FACTOR, Trial, TrialResult
 
 Out = Callable[[str], None]
 #: The store must hold still this long, with nothing unaccounted, for a run to be drained.
@@ -384,6 +384,8 @@ class _Run:
             "--seed", str(trial.seed), "--labels", str(self.labels),
             "--workers", str(self.runner.workers),
         ]
+        if kind == "graceful":  # the stop must leave part of its backlog to the restart
+            args += ["--drain-timeout", str(GRACEFUL_DRAIN_TIMEOUT_S)]
         if kind == "cluster-broker":
             from medstream.kafka_broker import KafkaCluster
 
@@ -493,7 +495,9 @@ class _Run:
             return
         if kind == "graceful":
             self.up.send_signal(signal.SIGTERM)
-            self.note("sent SIGTERM to `up` under backlog")
+            self.note(
+                f"sent SIGTERM to `up` (drain timeout {GRACEFUL_DRAIN_TIMEOUT_S:g}s) under backlog"
+            )
             self.stop_up(already_signalled=True)
             self.restart_on_same_data()
             return

@@ -15,6 +15,7 @@ import json
 import random
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 from typing import Any, Literal
 
 #: What a trial does to the running pipeline.
@@ -33,8 +34,15 @@ KILL_WINDOW_S = (2.0, 18.0)
 #: A killed broker of the three-node cluster is started again after this many seconds.
 BROKER_RESTART_S = (1.0, 3.0)
 #: The graceful stop happens under a backlog: its run publishes this many times faster
-#: than the others (the same events, so it lasts this many times less).
+#: than the others (the same events, so it lasts this many times less) ...
 GRACEFUL_RATE_FACTOR = 4
+#: ... the stop comes 1-3 s after the broker acknowledged the run's first record (the
+#: workers are still joining or behind a publisher at that rate; later, a pipeline that
+#: keeps up would leave no backlog) ...
+GRACEFUL_WINDOW_S = (1.0, 3.0)
+#: ... and `up` is given this --drain-timeout, so the stop leaves part of the backlog in the
+#: topics: it must say so with a non-zero exit code, and the restart must store it once.
+GRACEFUL_DRAIN_TIMEOUT_S = 1.0
 #: Kinds whose fault is a SIGKILL, and those of them `up` must answer with a restart of
 #: each killed component (a cluster node is started again by the harness itself).
 KILL_KINDS: tuple[FaultKind, ...] = (
@@ -72,6 +80,14 @@ def kill_window(run_s: float) -> tuple[float, float]:
     return round(0.1 * run_s, 3), round(0.7 * run_s, 3)
 
 
+def graceful_window(run_s: float) -> tuple[float, float]:
+    """When the graceful stop may come in a suite whose other runs last ``run_s`` seconds:
+    :data:`GRACEFUL_WINDOW_S`, but not after seven tenths of its own (faster) run while that
+    is longer than the lower bound (the stop must come while the simulator still publishes)."""
+    low, high = GRACEFUL_WINDOW_S
+    return low, round(max(low, min(high, 0.7 * run_s / GRACEFUL_RATE_FACTOR)), 3)
+
+
 def plan_trials(
     kinds: Sequence[FaultKind], trials: int, seed: int, run_s: float, workers: int
 ) -> list[Trial]:
@@ -80,7 +96,7 @@ def plan_trials(
     rng = random.Random(seed)
     planned = []
     for kind in kinds:
-        low, high = kill_window(run_s / GRACEFUL_RATE_FACTOR if kind == "graceful" else run_s)
+        low, high = graceful_window(run_s) if kind == "graceful" else kill_window(run_s)
         for number in range(1, trials + 1):
             planned.append(
                 Trial(
@@ -143,7 +159,8 @@ class TrialResult(FaultCounts):
     alert_p99_ms: float | None = None
     up_exit_code: int | None = None
     #: graceful only: how the stop under backlog ended, and what it left unstored (a stop
-    #: that leaves acknowledged records unstored must say so with a non-zero exit code).
+    #: that leaves acknowledged records unstored must say so with a non-zero exit code; one
+    #: that left nothing came with no backlog and tested nothing).
     stop_exit_code: int | None = None
     unstored_at_stop: int | None = None
     #: Label-free reconcile: the gaps it named (it should see every loss the labels see).
@@ -184,6 +201,8 @@ class TrialResult(FaultCounts):
                  self.stop_hid_unstored),
                 ("the graceful stop never happened",
                  self.kind == "graceful" and self.unstored_at_stop is None),
+                ("the stop came with no backlog: nothing was tested",
+                 self.kind == "graceful" and self.unstored_at_stop == 0),
                 (f"the run did not drain ({self.drain or 'never watched'})",
                  self.drain not in DRAIN_ENDINGS),
                 ("the resending sender never finished", self.sender_finished is False),
@@ -330,11 +349,22 @@ def suite_json(
 def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str, Any]]]:
     """The trials and settings of suite JSON files (``medstream faults --merge``), e.g. the
     kinds of a long run split over several sittings. ValueError names a file that is not
-    one, or one that stopped early (fewer trials than planned: then it is said, not hidden).
+    one, a file given twice, and files holding the same trials (each would count twice); a
+    file that stopped early (fewer trials than planned) is said in its settings, not hidden.
     """
     results: list[TrialResult] = []
     settings: list[dict[str, Any]] = []
+    files: dict[Path, str] = {}  # resolved -> as given
+    #: (kind, number, trial seed) -> (suite seed or None when unknown, file) of each file.
+    trials_seen: dict[tuple[str, int, int], list[tuple[Any, str]]] = {}
     for path in paths:
+        resolved = Path(path).resolve()
+        if resolved in files:
+            raise ValueError(
+                f"{path}: given twice (also as {files[resolved]}): its trials would count "
+                "twice; name each file once"
+            )
+        files[resolved] = str(path)
         try:
             with open(path, encoding="utf-8") as handle:
                 body = json.load(handle)
@@ -342,11 +372,38 @@ def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str,
             setting = dict(body["settings"])
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a fault suite result ({exc})") from exc
+        _refuse_trials_seen(trials, setting.get("seed"), str(path), trials_seen)
         setting["file"] = str(path)
         setting["trials_run"] = len(trials)
         results.extend(trials)
         settings.append(setting)
     return results, settings
+
+
+def _refuse_trials_seen(
+    trials: Sequence[TrialResult], suite_seed: Any, file: str,
+    seen: dict[tuple[str, int, int], list[tuple[Any, str]]],
+) -> None:
+    """ValueError when an earlier file holds one of ``trials`` (same kind, number and seed
+    under the same suite seed, or an unknown one: a merged file's); else remember them."""
+    repeated: dict[str, list[str]] = {}
+    for trial in trials:
+        key = (trial.kind, trial.number, trial.seed)
+        for other_seed, other_file in seen.get(key, []):
+            if None in (other_seed, suite_seed) or other_seed == suite_seed:
+                repeated.setdefault(other_file, []).append(
+                    f"{trial.kind} #{trial.number} (seed {trial.seed})"
+                )
+    if repeated:
+        other_file, names = next(iter(repeated.items()))
+        shown = ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")
+        raise ValueError(
+            f"{file} and {other_file} hold the same trials ({shown}, suite seed "
+            f"{suite_seed if suite_seed is not None else 'unknown'}): each would count twice; "
+            "merge every run once"
+        )
+    for trial in trials:
+        seen.setdefault((trial.kind, trial.number, trial.seed), []).append((suite_seed, file))
 
 
 def run_suite(
@@ -395,7 +452,6 @@ def run_faults(
     """Plan and run the suite; the kinds tansu cannot run are left out with a note."""
     import shutil
     import tempfile
-    from pathlib import Path
 
     from medstream.fault_trial import TrialRunner
 

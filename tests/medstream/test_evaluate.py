@@ -4,17 +4,14 @@ alert_history are matched to simulator labels and scored per rule."""
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
-from typer.testing import CliRunner
 
-from medstream import cli
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, run_read_only
 from medstream.evaluate import (
     LabelsError,
@@ -26,6 +23,7 @@ from medstream.evaluate import (
     percentile,
     score,
 )
+from tests.cli_helpers import cli_on_database
 
 pytestmark = pytest.mark.integration
 T0 = datetime(2026, 11, 20, 8, 0, tzinfo=UTC)
@@ -239,20 +237,8 @@ def test_labels_file_errors_name_the_line(tmp_path: Path) -> None:
 def run_cli(
     clickhouse: Client, database: str, monkeypatch: pytest.MonkeyPatch
 ) -> Callable[..., Any]:
-    """Invoke `medstream evaluate` in-process on the test's database (chdb allows one engine
-    per process, so the command's querier is pointed at the test's client)."""
-
-    @contextmanager
-    def test_querier(max_rows: int) -> Iterator[Callable[[str], QueryResult]]:
-        yield lambda sql: run_read_only(clickhouse, sql, database, max_rows=max_rows)
-
-    monkeypatch.setattr(cli, "_querier", test_querier)
-    monkeypatch.setenv("MEDSTREAM_CLICKHOUSE_DATABASE", database)
-
-    def invoke(*args: str) -> Any:
-        return CliRunner().invoke(cli.app, ["evaluate", *args])
-
-    return invoke
+    """Invoke `medstream evaluate` in-process on the test's database."""
+    return cli_on_database(clickhouse, database, monkeypatch, "evaluate")
 
 
 def test_cli_exit_codes_and_table(

@@ -27,6 +27,7 @@ from medstream.faults import (
     KINDS,
     TrialResult,
     exit_code,
+    graceful_window,
     kill_window,
     parse_kinds,
     plan_trials,
@@ -45,6 +46,17 @@ def test_the_kill_window_is_2_to_18_seconds_and_scales_down_for_short_runs() -> 
     assert kill_window(10.0) == (1.0, 7.0)
 
 
+def test_the_graceful_stop_comes_1_to_3_seconds_in_while_its_faster_run_still_publishes() -> None:
+    assert GRACEFUL_RATE_FACTOR == 4
+    assert graceful_window(8000 / 400) == (1.0, 3.0)  # a 5 s run at 1,600/s: 1-3 s
+    assert graceful_window(4000 / 400) == (1.0, 1.75)  # a 2.5 s run: at most 0.7 of it
+    # A run shorter than the lower bound: at 1 s (the make-test run of 1,500 records at
+    # 300/s publishes at 1,200/s for 1.25 s); never earlier, when nothing is behind yet.
+    assert graceful_window(1500 / 300) == (1.0, 1.0)
+    plan = plan_trials(["graceful"], 3, 13, 1500 / 300, 2)
+    assert [t.fault_after_s for t in plan] == [1.0, 1.0, 1.0]
+
+
 def test_the_same_seed_plans_the_same_trials_and_faults_fall_in_the_window() -> None:
     plan = plan_trials(["worker", "sink", "cluster-broker", "graceful"], 5, 7, 50.0, 2)
     assert plan == plan_trials(["worker", "sink", "cluster-broker", "graceful"], 5, 7, 50.0, 2)
@@ -55,10 +67,9 @@ def test_the_same_seed_plans_the_same_trials_and_faults_fall_in_the_window() -> 
     assert [t.name for t in plan if t.number == 1] == [
         "worker-1", "sink-1", "cluster-broker-1", "graceful-1"
     ]
-    low, high = kill_window(50.0 / GRACEFUL_RATE_FACTOR)
     for trial in plan:
         if trial.kind == "graceful":
-            assert low <= trial.fault_after_s <= high
+            assert 1.0 <= trial.fault_after_s <= 3.0
         else:
             assert 2.0 <= trial.fault_after_s <= 18.0
         if trial.kind == "cluster-broker":
@@ -83,8 +94,8 @@ def result(kind: str = "worker", number: int = 1, **counts: object) -> TrialResu
     base.dead_letters_expected = base.dead_letters_found = 30
     base.wall_s = 60.0
     base.drain, base.up_exit_code = "drained", 0
-    if kind == "graceful":
-        base.stop_exit_code, base.unstored_at_stop = 0, 0
+    if kind == "graceful":  # the stop left a backlog and said so
+        base.stop_exit_code, base.unstored_at_stop = 1, 12
     else:
         base.killed, base.restarts_seen = ["x"], 1
     for name, value in counts.items():
@@ -103,11 +114,22 @@ def test_a_trial_fails_on_any_loss_duplicate_missing_alert_dead_letter_or_no_mea
     # A graceful stop that left acknowledged records unstored must not exit 0.
     assert not result("graceful", stop_exit_code=0, unstored_at_stop=12).ok
     assert result("graceful", stop_exit_code=1, unstored_at_stop=12).ok
-    assert result("graceful", stop_exit_code=0, unstored_at_stop=0).ok
     assert "left 12 unstored and exited 0 (NOT REPORTED)" in result(
         "graceful", stop_exit_code=0, unstored_at_stop=12
     ).summary()
     assert not result("graceful", stop_exit_code=None, unstored_at_stop=None).ok
+
+
+def test_a_graceful_stop_that_left_no_backlog_tested_nothing_and_fails() -> None:
+    for code in (0, 1):
+        empty = result("graceful", stop_exit_code=code, unstored_at_stop=0)
+        assert empty.problems == ["the stop came with no backlog: nothing was tested"]
+        assert empty.summary().endswith(
+            "FAILED (the stop came with no backlog: nothing was tested)"
+        )
+    assert exit_code([result(), result("graceful", unstored_at_stop=0)]) == 1
+    # The other kinds never measure a stop: no such problem.
+    assert result("worker", unstored_at_stop=0).ok
 
 
 def test_a_drain_that_timed_out_or_stalled_fails_the_trial() -> None:
@@ -234,7 +256,7 @@ def test_the_json_is_written_after_every_trial_and_read_back_the_same(tmp_path: 
 def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) -> None:
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     common = {"events": 8000, "rate": 400.0, "broker": "kafka", "seed": 1, "workers": 2}
-    write_json(first, suite_json([result(), result()],
+    write_json(first, suite_json([result("worker", 1), result("worker", 2)],
                                  {"trials": 2, "kinds": ["worker"], **common}))
     write_json(second, suite_json([result("sink", lost=3)],
                                   {"trials": 2, "kinds": ["sink"], **common}))
@@ -258,6 +280,28 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
     body = json.loads((tmp_path / "all.json").read_text())
     assert [t["kind"] for t in body["trials"]] == ["worker", "worker", "sink"]
     assert [s["file"] for s in body["settings"]["merged"]] == [str(first), str(second)]
+
+    def merge(*paths: Path) -> subprocess.CompletedProcess[str]:
+        arguments = [argument for path in paths for argument in ("--merge", str(path))]
+        return subprocess.run([sys.executable, "-m", "medstream", "faults", *arguments],
+                              capture_output=True, text=True, timeout=120)
+
+    # One file named twice (spelled differently): refused, nothing counted twice.
+    (tmp_path / "sub").mkdir()
+    twice = merge(first, second, tmp_path / "sub" / ".." / "a.json")
+    assert (twice.returncode, twice.stdout) == (2, ""), twice.stdout + twice.stderr
+    assert f"{tmp_path / 'sub' / '..' / 'a.json'}: given twice (also as {first})" in twice.stderr
+    # The same trials in another file (a copy; or the merged file and one it was made of).
+    copy = tmp_path / "copy.json"
+    copy.write_text(first.read_text())
+    copied = merge(first, copy)
+    assert copied.returncode == 2 and copied.stdout == "", copied.stdout + copied.stderr
+    assert (f"{copy} and {first} hold the same trials (worker #1 (seed 1), worker #2 (seed 2), "
+            "suite seed 1): each would count twice") in copied.stderr
+    remerged = merge(tmp_path / "all.json", second)
+    assert remerged.returncode == 2, remerged.stdout + remerged.stderr
+    assert (f"{second} and {tmp_path / 'all.json'} hold the same trials (sink #1 (seed 1), "
+            "suite seed 1)") in remerged.stderr
 
     (tmp_path / "bad.json").write_text('{"trials": [{"kind": "meteor"}], "settings": {}}')
     bad = subprocess.run(

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 
+from medstream import cli
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, run_read_only
 from medstream.reconcile import check_labels, reconcile
 from medstream.settings import RAW_TOPICS, KafkaSettings
 from medstream.simulator import RegionSimulator, SimulatorProducer
 from schemas import serde
+from tests.cli_helpers import cli_on_database
 from tests.sinks.test_clickhouse import count, make_sink, produce, running
 from tests.waiting import wait_for
 
@@ -397,3 +401,111 @@ def test_a_labels_kind_that_is_not_a_stored_table_is_refused_before_any_query() 
     with pytest.raises(ValueError, match=r"has kind 'lab_result FINAL; SELECT 1 --', not a table "
                                          r"medstream stores events in \(lab_result, observation"):
         check_labels(query, "db", labels)
+
+
+# --- the command: its exit code, its JSON's "ok" and its last line agree ------------------
+
+
+@pytest.fixture
+def run_reconcile(
+    clickhouse: Client, database: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> Callable[..., Any]:
+    """Invoke `medstream reconcile` in-process on the test's database; no `up` runs."""
+    monkeypatch.setenv("MEDSTREAM_DATA_DIR", str(tmp_path / "data"))
+    return cli_on_database(clickhouse, database, monkeypatch, "reconcile")
+
+
+def test_failed_labels_make_the_json_not_ok_and_the_exit_code_1(
+    run_reconcile: Callable[..., Any], clickhouse: Client, database: str, tmp_path: Path
+) -> None:
+    # The pipeline's own counts hold (one device packet, dead-lettered); the labels expect
+    # two lab results and one of them is not stored.
+    clickhouse.insert(f"{database}.raw_ledger", [["c1", "device", "raw.device", 0, 5, T0, 80]],
+                      column_names=LEDGER)
+    clickhouse.insert(f"{database}.lineage",
+                      [["c1", "raw.device", 0, 5, -1, -1, "d", "dead_letter", T0]],
+                      column_names=LINEAGE)
+    stored = lab_row("e1")
+    clickhouse.insert(f"{database}.lab_result", [list(stored.values())], column_names=list(stored))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(
+        json.dumps({"event_id": e, "kind": "lab_result", "expect": "stored", "critical_rule": None,
+                    "duplicate_delivery": False}) + "\n" for e in ("e1", "e2")))
+    window = ["--since", (T0 - timedelta(hours=1)).isoformat(),
+              "--until", (T0 + timedelta(hours=1)).isoformat(), "--no-broker"]
+    missing = "ground truth: 1 of 2 labelled events not stored (e.g. e2)"
+
+    as_json = run_reconcile(*window, "--labels", str(labels), "--json")
+    assert as_json.exit_code == 1, as_json.output
+    body = json.loads(as_json.stdout)
+    assert (body["ok"], body["gaps"], body["strict"]) == (False, [], False)
+    assert body["failures"] == [missing]
+    assert (body["labels"]["ok"], body["labels"]["missing_events"]) == (False, ["e2"])
+    assert body["labels"]["failures"] == [missing.removeprefix("ground truth: ")]
+    text = run_reconcile(*window, "--labels", str(labels))
+    assert text.exit_code == 1
+    assert "no gap: every published record is stored or dead-lettered" in text.stdout
+    assert text.stdout.splitlines()[-1] == f"FAILED: {missing}"
+
+    labels.write_text(labels.read_text().splitlines()[0] + "\n")  # e1 only: it is stored
+    passed = run_reconcile(*window, "--labels", str(labels), "--json")
+    assert passed.exit_code == 0, passed.output
+    body = json.loads(passed.stdout)
+    assert (body["ok"], body["failures"], body["labels"]["ok"], body["labels"]["failures"]) == (
+        True, [], True, []
+    )
+    text = run_reconcile(*window, "--labels", str(labels))
+    assert text.exit_code == 0 and text.stdout.splitlines()[-1] == "ok"
+
+
+def test_strict_fails_on_records_the_sink_has_not_read_and_passes_once_they_are_in(
+    run_reconcile: Callable[..., Any], kafka_factory: Callable[..., KafkaSettings],
+    clickhouse: Client, database: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    kafka = kafka_factory()
+    monkeypatch.setattr(cli, "_reachable_kafka", lambda: kafka)
+    group = f"{kafka.topic_prefix}sink"
+    monkeypatch.setenv("MEDSTREAM_SINK_GROUP_ID", group)
+    device = kafka.topic(RAW_TOPICS["device"])
+    produce(kafka, [(device, b"one-partition", b"packet-%d" % i) for i in range(3)])
+    # The sink group has committed offset 0 everywhere: all three are a lag, not a loss.
+    consumer = Consumer(kafka.consumer_config(group))
+    try:
+        partitions = consumer.list_topics(device, timeout=30).topics[device].partitions
+        consumer.commit(offsets=[TopicPartition(device, p, 0) for p in partitions],
+                        asynchronous=False)
+    finally:
+        consumer.close()
+
+    lenient = run_reconcile("--json")
+    assert lenient.exit_code == 0, lenient.output
+    body = json.loads(lenient.stdout)
+    assert (body["ok"], body["gaps"], body["failures"]) == (True, [], [])
+    assert body["not_read_yet"][0] == "broker: not read yet: 3 records (the sink has not read them)"
+    strict = run_reconcile("--strict", "--json")
+    assert strict.exit_code == 1, strict.output
+    body = json.loads(strict.stdout)
+    assert (body["ok"], body["strict"], body["gaps"]) == (False, True, [])
+    assert body["failures"] == ["--strict: 3 records not read yet by the sink"]
+    text = run_reconcile("--strict")
+    assert text.exit_code == 1
+    assert text.stdout.splitlines()[-1] == "FAILED: --strict: 3 records not read yet by the sink"
+
+    # The sink stored them (each dead-lettered): settled, so --strict passes too.
+    [partition] = [b["partition"] for b in body["broker"]["partitions"]
+                   if b["topic"] == device and b["pending"]]
+    cluster, now = body["broker"]["kafka_cluster"], datetime.now(tz=UTC)
+    offsets = range(3)
+    clickhouse.insert(f"{database}.raw_ledger",
+                      [[cluster, "device", device, partition, o, now, 8] for o in offsets],
+                      column_names=LEDGER)
+    clickhouse.insert(f"{database}.lineage",
+                      [[cluster, device, partition, o, -1, -1, f"d{o}", "dead_letter", now]
+                       for o in offsets],
+                      column_names=LINEAGE)
+    settled = run_reconcile("--strict", "--json")
+    assert settled.exit_code == 0, settled.output
+    body = json.loads(settled.stdout)
+    assert (body["ok"], body["failures"], body["not_read_yet"]) == (True, [], [])
+    text = run_reconcile("--strict")
+    assert text.exit_code == 0 and text.stdout.splitlines()[-1] == "ok"
