@@ -15,10 +15,13 @@ message is being delivered), and answers with an ACK only once the outcome is du
   connection is then closed).
 
 Every AE and AR is also published to the dead-letter topic with a reason, after which the
-ACK is sent. A message whose (MSH-3, MSH-4, MSH-10) was acknowledged before (kept in
-:class:`CollectorState` for ``duplicate_window_days``) is answered AA again without being
-published twice. Payloads and patient identifiers never reach the log: it names control
-ids, message types, reason codes and peers only.
+ACK is sent. A message is known by its sender as the rest of the pipeline knows it (MSH-3
+component 1, the organisation MSH-4 maps to) and MSH-10, see :func:`duplicate_key`: one
+acknowledged before (kept in :class:`CollectorState` for ``duplicate_window_days``) is
+answered AA again without being published twice, and the same key with other content is
+answered AE ``duplicate_control_id`` ("LIS-A^x" correcting what LIS-A sent included).
+Payloads and patient identifiers never reach the log: it names control ids, message types,
+reason codes and peers only.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import asyncio
 import codecs
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import socket
@@ -97,7 +101,10 @@ _CHARSETS: Final = {
 _DEFAULT_FIELD_SEPARATOR: Final = "|"
 _DEFAULT_ENCODING_CHARACTERS: Final = "^~\\&"
 _SHOWN_CODE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ^._-]{0,39}")
-_DUPLICATES: Final = "mllp.acked"
+# Acknowledged messages by duplicate_key(); "mllp.acked" held the keys of versions that
+# took MSH-3 and MSH-4 as sent: moved here at start (see legacy_duplicate_key).
+_DUPLICATES: Final = "mllp.acknowledged"
+_LEGACY_DUPLICATES: Final = "mllp.acked"
 # HL7 table 0357, message error condition codes used in ERR-3.
 _HL7_ERRORS: Final = {
     "100": "Segment sequence error",
@@ -553,15 +560,49 @@ def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:
             )
     body = segments.split("\r", 1)[1] if "\r" in segments else ""
     mrn = _medical_record_number(message)
+    sending_application = header.component(3, 1) or config.source_system
     return Accepted(
         control_id=control_id,
         message_type=message_type,
-        sending_application=header.component(3, 1) or config.source_system,
+        sending_application=sending_application,
         organisation_id=organisation_id,
-        duplicate_key="\x1f".join((header.get(3), header.get(4), control_id)),
+        duplicate_key=duplicate_key(sending_application, organisation_id, control_id),
         content_digest=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
         partition_key=f"{organisation_id}:{mrn or control_id}",
     )
+
+
+def duplicate_key(sending_application: str, organisation_id: str, control_id: str) -> str:
+    """The key an acknowledged message is remembered by: the sender as the pipeline knows
+    it (MSH-3 component 1, the organisation MSH-4 maps to) and MSH-10. Event ids downstream
+    are made of the organisation and the control id, and reconcile tells senders apart by
+    MSH-3 component 1, so "LIS-A^x" resending CTL-1 is the LIS-A that sent it."""
+    return json.dumps([sending_application, organisation_id, control_id], ensure_ascii=False)
+
+
+def legacy_duplicate_key(key: str, config: MllpConfig) -> str | None:
+    """The :func:`duplicate_key` of a key stored by an older version (MSH-3, MSH-4 as sent
+    and MSH-10, joined by US), None for a facility no longer configured (its messages are
+    refused now). The delimiters were not stored: "^" and "~" are assumed, as nearly every
+    sender uses them; a key read wrongly only misses resends of its message, which are
+    then published again and collapse downstream (same event ids, same content)."""
+    parts = key.split("\x1f")
+    if len(parts) < 3:
+        return None
+    # MSH-10 may hold a US itself; MSH-3 and MSH-4 are taken from the left as written.
+    application, facility, control_id = parts[0], parts[1], "\x1f".join(parts[2:])
+
+    def component_1(field: str) -> str:
+        return field.split("~")[0].split("^")[0].strip()
+
+    organisation_id = config.organisation_id
+    if config.facilities is not None:
+        mapped = config.facilities.get(component_1(facility))
+        if mapped is None:
+            return None
+        organisation_id = mapped
+    application = component_1(application) or config.source_system
+    return duplicate_key(application, organisation_id, control_id)
 
 
 def message_encoding(frame: bytes, default: str) -> str:
@@ -716,6 +757,7 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         self._state = CollectorState(self.state_dir / "state.sqlite")
         self._publisher = AsyncPublisher(self.publisher, max_in_flight=config.max_connections * 2)
         self._publisher.start()
+        await self._move_legacy_duplicates()
         await self._forget_old_duplicates()
         server = await asyncio.start_server(
             self._serve_connection, config.host, config.port, limit=_READ_CHUNK * 2
@@ -747,6 +789,21 @@ class Hl7MllpProducer(Collector[MllpConfig]):
             self._state.close()
             self.listening.clear()
             log.info("%s: stopped", config.name)
+
+    async def _move_legacy_duplicates(self) -> None:
+        """Carry the control ids an older version acknowledged over to today's key, so a
+        resend spelt otherwise (e.g. "LIS-A^x") is recognised across an upgrade too."""
+        assert self._state is not None
+        config = self.config
+        moved = await asyncio.to_thread(
+            self._state.rekey,
+            _LEGACY_DUPLICATES,
+            _DUPLICATES,
+            lambda key: legacy_duplicate_key(key, config),
+        )
+        if moved:
+            log.info("%s: carried %d acknowledged control ids over to the sender key",
+                     config.name, moved)
 
     async def _forget_old_duplicates(self) -> None:
         assert self._state is not None
