@@ -15,7 +15,12 @@ message is being delivered), and answers with an ACK only once the outcome is du
   connection is then closed).
 
 Every AE and AR is also published to the dead-letter topic with a reason, after which the
-ACK is sent. A message is known by its sender as the rest of the pipeline knows it (MSH-3
+ACK is sent. MLLP has no authentication, so the dead letters a peer can cause are bounded
+(:class:`producers.base.RefusalBudget`, per peer host and reason): the first 20 refusals
+of a minute are dead-lettered one by one; later ones are answered the same, counted
+(``medstream_collector_records_failed_total``) and summarised in one dead letter without
+payload per peer, reason and minute (also when the collector stops). Accepted messages are
+never held back. A message is known by its sender as the rest of the pipeline knows it (MSH-3
 component 1, the organisation MSH-4 maps to) and MSH-10, see :func:`duplicate_key`: one
 acknowledged before (kept in :class:`CollectorState` for ``duplicate_window_days``) is
 answered AA again without being published twice, and the same key with other content is
@@ -55,6 +60,7 @@ from producers.base import (
     ConfigError,
     DeliveryFailed,
     RecordTooLarge,
+    RefusalBudget,
     run_async,
     wall_clock_ms,
 )
@@ -283,6 +289,13 @@ class MllpFramer:
                 self._skip_cr = True
             self._frame_complete()
         return events, dropped
+
+
+def peer_host(peer: Any) -> str:
+    """The host of a connection's peer address (its port changes with every connection)."""
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return str(peer)
 
 
 def mllp_wrap(message: bytes) -> bytes:
@@ -727,6 +740,8 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         self._waiting_for_input: set[asyncio.Task[Any]] = set()
         self._connections: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        # MLLP has no authentication: refusals are budgeted per peer host.
+        self._refusals = RefusalBudget()
 
     def check(self) -> list[str]:
         """The listening address must be free to bind."""
@@ -755,8 +770,10 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         """The asyncio body of :meth:`run` (usable directly in a running loop)."""
         config = self.config
         self._state = CollectorState(self.state_dir / "state.sqlite")
-        self._publisher = AsyncPublisher(self.publisher, max_in_flight=config.max_connections * 2)
-        self._publisher.start()
+        publisher = self._publisher = AsyncPublisher(
+            self.publisher, max_in_flight=config.max_connections * 2
+        )
+        publisher.start()
         await self._move_legacy_duplicates()
         await self._forget_old_duplicates()
         server = await asyncio.start_server(
@@ -766,10 +783,15 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         log.info("%s: listening for MLLP on %s:%d", config.name, config.host, self.port)
         self.metrics.ready.set(1)
         self.listening.set()
-        last_prune = time.monotonic()
+        last_prune = next_summary = time.monotonic()
         try:
             while not stop.is_set():
                 await asyncio.sleep(0.1)
+                if time.monotonic() >= next_summary:
+                    next_summary = time.monotonic() + 1
+                    await self._refusals.dead_letter_due(
+                        publisher, config.name, config.organisation_id
+                    )
                 if time.monotonic() - last_prune > _PRUNE_EVERY_S:
                     last_prune = time.monotonic()
                     await self._forget_old_duplicates()
@@ -783,7 +805,10 @@ class Hl7MllpProducer(Collector[MllpConfig]):
             if self._connections:
                 await asyncio.wait(list(self._connections), timeout=30.0)
             await server.wait_closed()
-            unacknowledged = await self._publisher.close()
+            await self._refusals.dead_letter_due(
+                publisher, config.name, config.organisation_id, final=True
+            )
+            unacknowledged = await publisher.close()
             if unacknowledged:
                 log.error("%s: %d records unacknowledged at shutdown", config.name, unacknowledged)
             self._state.close()
@@ -1008,9 +1033,28 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         header: Header | None,
         encoding: str,
     ) -> bytes | None:
-        """Dead-letter a rejected frame, then its AE/AR (None: the dead letter failed)."""
+        """Dead-letter a rejected frame, then its AE/AR (None: the dead letter failed).
+
+        Beyond the peer's refusal budget (per host and reason, see :class:`RefusalBudget`)
+        the frame is answered the same but only counted: one summary dead letter without
+        payload stands for it, so an unauthenticated peer cannot fill the dead-letter topic.
+        """
         config = self.config
         control = header.get(10).strip() if header else ""
+        if not self._refusals.admit(
+            peer_host(peer), verdict.reason_code, received_ms, verdict.organisation_id
+        ):
+            self.metrics.failed(verdict.reason_code).inc()
+            log.debug(
+                "%s: %s for message %s from %s: %s (over the refusal budget: counted, "
+                "summarised later)",
+                config.name,
+                verdict.ack_code,
+                control or "(no control id)",
+                peer,
+                verdict.reason_code,
+            )
+            return self._encode_ack(verdict.ack_code, header, received_ms, verdict, encoding)
         try:
             dlq_id = await self._dead_letter(verdict, raw, received_ms)
         except DeliveryFailed as exc:

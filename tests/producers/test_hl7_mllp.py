@@ -29,6 +29,7 @@ from producers.base import (
     MAX_RECORD_BYTES,
     CollectorState,
     ConfigError,
+    RefusalBudget,
     load_config,
 )
 from producers.hl7_mllp import (
@@ -797,6 +798,69 @@ def test_control_ids_acknowledged_by_an_older_version_stay_known(
         )
     finally:
         state.close()
+
+
+@pytest.mark.integration
+def test_a_flood_of_garbage_from_one_peer_is_answered_but_dead_lettered_within_budget(
+    serve: Callable[..., Running],
+) -> None:
+    """Review finding M1: 300 distinct non-HL7 frames gave 300 dead letters with their
+    payloads. Per peer host and reason, the first ``in_full`` refusals are dead-lettered;
+    the rest are answered AR the same, counted, and summarised in one dead letter."""
+    running = serve()
+    running.collector._refusals = RefusalBudget(in_full=3, window_s=600.0)
+    not_hl7 = labelled(COLLECTOR_FAILED, "lab-mllp", "not_hl7")
+    before = not_hl7._value.get()
+    frames = [f"NOT HL7 {i:03d} ".encode() * 2000 for i in range(30)]  # 26 KB each
+    answers = []
+    # Two connections of one host: a reconnect does not renew the budget.
+    for half in (frames[:15], frames[15:]):
+        client = Client(running.port)
+        for frame in half:
+            client.send(frame)
+            answers.append(client.ack())
+        client.close()
+    assert [msa(a)[1:4] for a in answers] == [
+        ["AR", "", "frame does not start with an MSH segment"]
+    ] * 30
+    assert not_hl7._value.get() == before + 30
+    accepted = Client(running.port)  # an accepted message is never held back
+    accepted.send(oru("LAB-7501"))
+    assert msa(accepted.ack())[1:3] == ["AA", "LAB-7501"]
+    accepted.close()
+    [published] = raw_records(running.kafka, 1)
+    assert published.value["message_control_id"] == "LAB-7501"
+    running.close()  # the summary of the open window is written at stop
+    dead = dead_letters(running.kafka, 4)
+    assert len(dead) == 4
+    in_full = [d for d in dead if d.value["original_value"]]
+    assert sorted(d.value["original_value"] for d in in_full) == frames[:3]
+    [summary] = [d for d in dead if not d.value["original_value"]]
+    assert summary.value["reason_code"] == "not_hl7"
+    assert summary.value["original_key"] == b"127.0.0.1"
+    assert summary.value["organisation_id"] == "H001"
+    assert summary.value["reason"].startswith("27 more refusals (not_hl7) of this sender ")
+    assert not_hl7._value.get() == before + 30  # the summary is not counted again
+
+
+@pytest.mark.integration
+def test_held_refusals_are_summarised_once_their_window_closes(
+    serve: Callable[..., Running],
+) -> None:
+    running = serve()
+    running.collector._refusals = RefusalBudget(in_full=2, window_s=5.0)
+    client = Client(running.port)
+    for i in range(5):
+        client.send(f"garbage {i}".encode())
+        assert msa(client.ack())[1] == "AR"
+    client.close()
+    # Written by the running collector, not only at stop.
+    dead = dead_letters(running.kafka, 3)
+    assert sorted(d.value["original_value"] for d in dead) == [b"", b"garbage 0", b"garbage 1"]
+    [summary] = [d for d in dead if not d.value["original_value"]]
+    assert summary.value["reason"].startswith("3 more refusals (not_hl7) of this sender ")
+    running.close()
+    assert len(dead_letters(running.kafka, 3, timeout_s=3)) == 3
 
 
 @pytest.mark.integration
