@@ -597,8 +597,10 @@ def legacy_duplicate_key(key: str, config: MllpConfig) -> str | None:
     """The :func:`duplicate_key` of a key stored by an older version (MSH-3, MSH-4 as sent
     and MSH-10, joined by US), None for a facility no longer configured (its messages are
     refused now). The delimiters were not stored: "^" and "~" are assumed, as nearly every
-    sender uses them; a key read wrongly only misses resends of its message, which are
-    then published again and collapse downstream (same event ids, same content)."""
+    sender uses them. A key read wrongly misses resends of its message (published again,
+    they collapse downstream: same event ids, same content); should it equal another
+    sender's key, that sender's other message under the same MSH-10 is answered AE, which
+    the sender hears, for at most ``duplicate_window_days``."""
     parts = key.split("\x1f")
     if len(parts) < 3:
         return None
