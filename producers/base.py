@@ -639,6 +639,38 @@ class CollectorState:
             )
         return int(cursor.rowcount)
 
+    def rekey(
+        self, old_namespace: str, new_namespace: str, new_key: Callable[[str], str | None]
+    ) -> int:
+        """Move the keys of ``old_namespace`` to ``new_namespace`` under ``new_key(key)``
+        (None: dropped), keeping value and first-seen time, in one transaction; when two
+        keys become one, the first seen wins. Returns how many keys were moved."""
+        moved = 0
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT key, value, first_seen_ms FROM seen WHERE namespace = ? "
+                "ORDER BY first_seen_ms",
+                (old_namespace,),
+            ).fetchall()
+            if not rows:
+                return 0
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                for key, value, first_seen_ms in rows:
+                    renamed = new_key(str(key))
+                    if renamed is not None:
+                        moved += self._db.execute(
+                            "INSERT OR IGNORE INTO seen (namespace, key, value, first_seen_ms) "
+                            "VALUES (?, ?, ?, ?)",
+                            (new_namespace, renamed, value, first_seen_ms),
+                        ).rowcount
+                self._db.execute("DELETE FROM seen WHERE namespace = ?", (old_namespace,))
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        return moved
+
     def secret(self, name: str) -> bytes:
         """A random 32-byte key, created on first use and kept: for keyed hashes that must
         be stable across runs without revealing what they hash (e.g. a patient number)."""

@@ -15,10 +15,18 @@ message is being delivered), and answers with an ACK only once the outcome is du
   connection is then closed).
 
 Every AE and AR is also published to the dead-letter topic with a reason, after which the
-ACK is sent. A message whose (MSH-3, MSH-4, MSH-10) was acknowledged before (kept in
-:class:`CollectorState` for ``duplicate_window_days``) is answered AA again without being
-published twice. Payloads and patient identifiers never reach the log: it names control
-ids, message types, reason codes and peers only.
+ACK is sent. MLLP has no authentication, so the dead letters a peer can cause are bounded
+(:class:`producers.base.RefusalBudget`, per peer host and reason): the first 20 refusals
+of a minute are dead-lettered one by one; later ones are answered the same, counted
+(``medstream_collector_records_failed_total``) and summarised in one dead letter without
+payload per peer, reason and minute (also when the collector stops). Accepted messages are
+never held back. A message is known by its sender as the rest of the pipeline knows it (MSH-3
+component 1, the organisation MSH-4 maps to) and MSH-10, see :func:`duplicate_key`: one
+acknowledged before (kept in :class:`CollectorState` for ``duplicate_window_days``) is
+answered AA again without being published twice, and the same key with other content is
+answered AE ``duplicate_control_id`` ("LIS-A^x" correcting what LIS-A sent included).
+Payloads and patient identifiers never reach the log: it names control ids, message types,
+reason codes and peers only.
 """
 
 from __future__ import annotations
@@ -27,6 +35,7 @@ import asyncio
 import codecs
 import contextlib
 import hashlib
+import json
 import logging
 import re
 import socket
@@ -51,6 +60,7 @@ from producers.base import (
     ConfigError,
     DeliveryFailed,
     RecordTooLarge,
+    RefusalBudget,
     run_async,
     wall_clock_ms,
 )
@@ -97,7 +107,10 @@ _CHARSETS: Final = {
 _DEFAULT_FIELD_SEPARATOR: Final = "|"
 _DEFAULT_ENCODING_CHARACTERS: Final = "^~\\&"
 _SHOWN_CODE: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9 ^._-]{0,39}")
-_DUPLICATES: Final = "mllp.acked"
+# Acknowledged messages by duplicate_key(); "mllp.acked" held the keys of versions that
+# took MSH-3 and MSH-4 as sent: moved here at start (see legacy_duplicate_key).
+_DUPLICATES: Final = "mllp.acknowledged"
+_LEGACY_DUPLICATES: Final = "mllp.acked"
 # HL7 table 0357, message error condition codes used in ERR-3.
 _HL7_ERRORS: Final = {
     "100": "Segment sequence error",
@@ -276,6 +289,13 @@ class MllpFramer:
                 self._skip_cr = True
             self._frame_complete()
         return events, dropped
+
+
+def peer_host(peer: Any) -> str:
+    """The host of a connection's peer address (its port changes with every connection)."""
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return str(peer)
 
 
 def mllp_wrap(message: bytes) -> bytes:
@@ -553,15 +573,51 @@ def inspect_message(text: str, config: MllpConfig) -> Accepted | Rejected:
             )
     body = segments.split("\r", 1)[1] if "\r" in segments else ""
     mrn = _medical_record_number(message)
+    sending_application = header.component(3, 1) or config.source_system
     return Accepted(
         control_id=control_id,
         message_type=message_type,
-        sending_application=header.component(3, 1) or config.source_system,
+        sending_application=sending_application,
         organisation_id=organisation_id,
-        duplicate_key="\x1f".join((header.get(3), header.get(4), control_id)),
+        duplicate_key=duplicate_key(sending_application, organisation_id, control_id),
         content_digest=hashlib.sha256(body.encode("utf-8", "surrogatepass")).hexdigest(),
         partition_key=f"{organisation_id}:{mrn or control_id}",
     )
+
+
+def duplicate_key(sending_application: str, organisation_id: str, control_id: str) -> str:
+    """The key an acknowledged message is remembered by: the sender as the pipeline knows
+    it (MSH-3 component 1, the organisation MSH-4 maps to) and MSH-10. Event ids downstream
+    are made of the organisation and the control id, and reconcile tells senders apart by
+    MSH-3 component 1, so "LIS-A^x" resending CTL-1 is the LIS-A that sent it."""
+    return json.dumps([sending_application, organisation_id, control_id], ensure_ascii=False)
+
+
+def legacy_duplicate_key(key: str, config: MllpConfig) -> str | None:
+    """The :func:`duplicate_key` of a key stored by an older version (MSH-3, MSH-4 as sent
+    and MSH-10, joined by US), None for a facility no longer configured (its messages are
+    refused now). The delimiters were not stored: "^" and "~" are assumed, as nearly every
+    sender uses them. A key read wrongly misses resends of its message (published again,
+    they collapse downstream: same event ids, same content); should it equal another
+    sender's key, that sender's other message under the same MSH-10 is answered AE, which
+    the sender hears, for at most ``duplicate_window_days``."""
+    parts = key.split("\x1f")
+    if len(parts) < 3:
+        return None
+    # MSH-10 may hold a US itself; MSH-3 and MSH-4 are taken from the left as written.
+    application, facility, control_id = parts[0], parts[1], "\x1f".join(parts[2:])
+
+    def component_1(field: str) -> str:
+        return field.split("~")[0].split("^")[0].strip()
+
+    organisation_id = config.organisation_id
+    if config.facilities is not None:
+        mapped = config.facilities.get(component_1(facility))
+        if mapped is None:
+            return None
+        organisation_id = mapped
+    application = component_1(application) or config.source_system
+    return duplicate_key(application, organisation_id, control_id)
 
 
 def message_encoding(frame: bytes, default: str) -> str:
@@ -686,6 +742,8 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         self._waiting_for_input: set[asyncio.Task[Any]] = set()
         self._connections: set[asyncio.Task[Any]] = set()
         self._stopping = False
+        # MLLP has no authentication: refusals are budgeted per peer host.
+        self._refusals = RefusalBudget()
 
     def check(self) -> list[str]:
         """The listening address must be free to bind."""
@@ -714,8 +772,11 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         """The asyncio body of :meth:`run` (usable directly in a running loop)."""
         config = self.config
         self._state = CollectorState(self.state_dir / "state.sqlite")
-        self._publisher = AsyncPublisher(self.publisher, max_in_flight=config.max_connections * 2)
-        self._publisher.start()
+        publisher = self._publisher = AsyncPublisher(
+            self.publisher, max_in_flight=config.max_connections * 2
+        )
+        publisher.start()
+        await self._move_legacy_duplicates()
         await self._forget_old_duplicates()
         server = await asyncio.start_server(
             self._serve_connection, config.host, config.port, limit=_READ_CHUNK * 2
@@ -724,10 +785,15 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         log.info("%s: listening for MLLP on %s:%d", config.name, config.host, self.port)
         self.metrics.ready.set(1)
         self.listening.set()
-        last_prune = time.monotonic()
+        last_prune = next_summary = time.monotonic()
         try:
             while not stop.is_set():
                 await asyncio.sleep(0.1)
+                if time.monotonic() >= next_summary:
+                    next_summary = time.monotonic() + 1
+                    await self._refusals.dead_letter_due(
+                        publisher, config.name, config.organisation_id
+                    )
                 if time.monotonic() - last_prune > _PRUNE_EVERY_S:
                     last_prune = time.monotonic()
                     await self._forget_old_duplicates()
@@ -741,12 +807,30 @@ class Hl7MllpProducer(Collector[MllpConfig]):
             if self._connections:
                 await asyncio.wait(list(self._connections), timeout=30.0)
             await server.wait_closed()
-            unacknowledged = await self._publisher.close()
+            await self._refusals.dead_letter_due(
+                publisher, config.name, config.organisation_id, final=True
+            )
+            unacknowledged = await publisher.close()
             if unacknowledged:
                 log.error("%s: %d records unacknowledged at shutdown", config.name, unacknowledged)
             self._state.close()
             self.listening.clear()
             log.info("%s: stopped", config.name)
+
+    async def _move_legacy_duplicates(self) -> None:
+        """Carry the control ids an older version acknowledged over to today's key, so a
+        resend spelt otherwise (e.g. "LIS-A^x") is recognised across an upgrade too."""
+        assert self._state is not None
+        config = self.config
+        moved = await asyncio.to_thread(
+            self._state.rekey,
+            _LEGACY_DUPLICATES,
+            _DUPLICATES,
+            lambda key: legacy_duplicate_key(key, config),
+        )
+        if moved:
+            log.info("%s: carried %d acknowledged control ids over to the sender key",
+                     config.name, moved)
 
     async def _forget_old_duplicates(self) -> None:
         assert self._state is not None
@@ -951,9 +1035,28 @@ class Hl7MllpProducer(Collector[MllpConfig]):
         header: Header | None,
         encoding: str,
     ) -> bytes | None:
-        """Dead-letter a rejected frame, then its AE/AR (None: the dead letter failed)."""
+        """Dead-letter a rejected frame, then its AE/AR (None: the dead letter failed).
+
+        Beyond the peer's refusal budget (per host and reason, see :class:`RefusalBudget`)
+        the frame is answered the same but only counted: one summary dead letter without
+        payload stands for it, so an unauthenticated peer cannot fill the dead-letter topic.
+        """
         config = self.config
         control = header.get(10).strip() if header else ""
+        if not self._refusals.admit(
+            peer_host(peer), verdict.reason_code, received_ms, verdict.organisation_id
+        ):
+            self.metrics.failed(verdict.reason_code).inc()
+            log.debug(
+                "%s: %s for message %s from %s: %s (over the refusal budget: counted, "
+                "summarised later)",
+                config.name,
+                verdict.ack_code,
+                control or "(no control id)",
+                peer,
+                verdict.reason_code,
+            )
+            return self._encode_ack(verdict.ack_code, header, received_ms, verdict, encoding)
         try:
             dlq_id = await self._dead_letter(verdict, raw, received_ms)
         except DeliveryFailed as exc:

@@ -11,22 +11,25 @@ import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
+from clickhouse_connect.driver.client import Client as ClickHouseClient
 from confluent_kafka import Producer
 from pydantic import ValidationError
 
 from medstream.metrics import COLLECTOR_FAILED, COLLECTOR_READ, READY, labelled
 from medstream.runtime import free_port
-from medstream.settings import KafkaSettings
+from medstream.settings import NORM_TOPICS, KafkaSettings
 from producers import collector_class
 from producers.base import (
     MAX_DEAD_LETTER_BYTES,
     MAX_RECORD_BYTES,
     CollectorState,
     ConfigError,
+    RefusalBudget,
     load_config,
 )
 from producers.hl7_mllp import (
@@ -39,11 +42,14 @@ from producers.hl7_mllp import (
     Oversize,
     Rejected,
     build_ack,
+    duplicate_key,
     inspect_message,
+    legacy_duplicate_key,
     message_encoding,
     mllp_wrap,
     read_header,
 )
+from schemas import serde
 from schemas.serde import COLLECTOR_HEADER, ManifestRegistry
 from tests.kafka_helpers import DLQ, Published, consume, raw_topic
 
@@ -183,8 +189,41 @@ def test_accepted_message_keeps_its_lineage() -> None:
     assert verdict.message_type == "ORU^R01"
     assert verdict.sending_application == "LIS"
     assert verdict.organisation_id == "H001"
-    assert verdict.duplicate_key == "LIS\x1fFAC1\x1fLAB-7"
+    assert verdict.duplicate_key == duplicate_key("LIS", "H001", "LAB-7")
     assert verdict.partition_key == f"H001:{MRN}"
+
+
+def lab(application: str, control_id: str, value: str, status: str,
+        facility: str = "LAB-EAST") -> str:
+    """An ORU^R01 with one potassium result from ``application`` at ``facility``."""
+    return (
+        oru(control_id, facility=facility)
+        .replace("|LIS|", f"|{application}|", 1)
+        .replace("||4.1|mmol/L|3.5-5.3|N|||F", f"||{value}|mmol/L|3.5-5.3|N|||{status}")
+    )
+
+
+def test_the_duplicate_key_is_the_sender_the_pipeline_sees() -> None:
+    """Review finding H3: the key took MSH-3 and MSH-4 as sent, so "LIS-A^x" was another
+    sender than "LIS-A" to the collector but the same one (component 1) downstream."""
+    mapped = config(facilities={"LAB-EAST": "H001", "LAB-NORTH": "H001", "LAB-WEST": "H002"})
+
+    def key(text: str) -> str:
+        verdict = inspect_message(text, mapped)
+        assert isinstance(verdict, Accepted), verdict
+        return verdict.duplicate_key
+
+    plain = key(lab("LIS-A", "CTL-1", "4.1", "F"))
+    assert plain == duplicate_key("LIS-A", "H001", "CTL-1")
+    assert key(lab("LIS-A^x", "CTL-1", "7.9", "C")) == plain
+    assert key(lab(" LIS-A ^x~LIS-Z", "CTL-1", "4.1", "F")) == plain
+    assert key(lab("LIS-A", "CTL-1", "4.1", "F", facility="LAB-EAST^x")) == plain
+    # Two facilities of one organisation: one event id downstream, so one key.
+    assert key(lab("LIS-A", "CTL-1", "4.1", "F", facility="LAB-NORTH")) == plain
+    assert key(lab("LIS-A", "CTL-1", "4.1", "F", facility="LAB-WEST")) != plain
+    assert key(lab("EVIL", "CTL-1", "4.1", "F")) != plain
+    # No MSH-3: the configured source_system is the sender, as in the raw record.
+    assert key(lab("", "CTL-1", "4.1", "F")) == duplicate_key("lis-mllp", "H001", "CTL-1")
 
 
 @pytest.mark.parametrize(
@@ -247,7 +286,8 @@ def test_an_observation_the_pipeline_would_reject_is_answered_ae(
     obx: str, expected: tuple[str, str, str]
 ) -> None:
     """Issue 15: such a message was answered AA, then dead-lettered downstream unseen."""
-    rejected = inspect_message(oru().replace("OBX|1|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3|N|||F", obx), config())
+    potassium = "OBX|1|NM|K^Potassium^L||4.1|mmol/L|3.5-5.3|N|||F"
+    rejected = inspect_message(oru().replace(potassium, obx), config())
     assert isinstance(rejected, Rejected)
     assert (rejected.ack_code, rejected.reason_code) == ("AE", "invalid_record")
     assert (rejected.error_code, rejected.location, rejected.reason) == expected
@@ -584,7 +624,7 @@ def test_facility_map(serve: Callable[..., Running]) -> None:
 def test_duplicate_resend_is_acknowledged_and_published_once(
     serve: Callable[..., Running],
 ) -> None:
-    running = serve()
+    running = serve(facilities={"FAC1": "H001", "FAC2": "H002"})
     first = Client(running.port)
     first.send(oru("LAB-5001"))
     assert msa(first.ack())[1] == "AA"
@@ -600,7 +640,7 @@ def test_duplicate_resend_is_acknowledged_and_published_once(
     reused = second.ack()
     assert msa(reused)[1] == "AE"
     assert "205^Duplicate key identifier^HL70357" in err(reused)
-    # The same control id from another sending facility is another message.
+    # The same control id from a facility of another organisation is another message.
     second.send(oru("LAB-5001", facility="FAC2"))
     assert msa(second.ack())[1] == "AA"
     second.close()
@@ -608,6 +648,219 @@ def test_duplicate_resend_is_acknowledged_and_published_once(
     assert sorted(r.value["payload"].split("|")[3] for r in records) == ["FAC1", "FAC2"]
     [dead] = dead_letters(running.kafka, 1)
     assert dead.value["reason_code"] == "duplicate_control_id"
+
+
+@pytest.mark.integration
+def test_a_correction_under_another_spelling_of_the_sender_is_refused(
+    serve: Callable[..., Running], clickhouse: ClickHouseClient, database: str
+) -> None:
+    """Review finding H3, the reviewer's repro: resends of acknowledged control ids with a
+    correction (OBX-11 C) and another value, the sender spelt "LIS-A^x" or the facility
+    "LAB-EAST^x", were answered AA and replaced the stored results without a report. They
+    are the same sender downstream, so they are refused AE; another sender (EVIL) is a
+    message of its own: published, and reconcile names it a foreign update."""
+    from medstream.clickhouse import PROOF_MAX_ROWS, QueryResult, run_read_only
+    from medstream.reconcile import reconcile
+    from streams.model import NormalisedEvent, RawContext
+    from streams.normalise import normalise
+    from streams.pseudonym import Pseudonymiser
+    from streams.terminology import load_terminology
+    from tests.sinks.test_clickhouse import REGISTRY, make_sink, produce, running
+    from tests.waiting import wait_for
+
+    running_collector = serve(facilities={"LAB-EAST": "H001"})
+    client = Client(running_collector.port)
+    originals = [
+        lab("LIS-A", "CTL-1", "4.1", "F"),
+        lab("LIS-B", "CTL-2", "4.0", "F"),
+        lab("LIS-C", "CTL-3", "4.2", "F"),
+    ]
+    for text in originals:
+        client.send(text)
+        assert msa(client.ack())[1] == "AA"
+    failed = labelled(COLLECTOR_FAILED, "lab-mllp", "duplicate_control_id")
+    failed_before = failed._value.get()
+    same_sender = [
+        lab("LIS-A^x", "CTL-1", "7.9", "C"),
+        lab("LIS-C", "CTL-3", "8.1", "C", facility="LAB-EAST^x"),
+    ]
+    answers = []
+    for text in same_sender:
+        client.send(text)
+        answers.append(client.ack())
+    assert [msa(a)[1:3] for a in answers] == [["AE", "CTL-1"], ["AE", "CTL-3"]]
+    assert all("205^Duplicate key identifier^HL70357" in err(a) for a in answers)
+    assert failed._value.get() == failed_before + 2
+    client.send(lab("LIS-A^x", "CTL-1", "4.1", "F"))  # a plain resend, spelt otherwise
+    assert msa(client.ack())[1:3] == ["AA", "CTL-1"]
+    foreign = lab("EVIL", "CTL-2", "8.0", "C")
+    client.send(foreign)
+    assert msa(client.ack())[1:3] == ["AA", "CTL-2"]
+    client.close()
+    dead = dead_letters(running_collector.kafka, 2)
+    assert sorted(d.value["original_value"] for d in dead) == sorted(
+        t.encode() for t in same_sender
+    )
+    assert {d.value["reason_code"] for d in dead} == {"duplicate_control_id"}
+    records = raw_records(running_collector.kafka, 4)
+    assert sorted((r.value["source_system"], r.value["message_control_id"]) for r in records) == [
+        ("EVIL", "CTL-2"), ("LIS-A", "CTL-1"), ("LIS-B", "CTL-2"), ("LIS-C", "CTL-3")
+    ]
+
+    # What the stored results and reconcile say: each raw record normalised as the worker
+    # does, then stored by the real sink.
+    kafka = running_collector.kafka
+    terminology = load_terminology()
+    pseudonymiser = Pseudonymiser(b"test-only-pseudonym-key-0123456789")
+    encode = serde.AvroSerializer(REGISTRY, serde.LAB_RESULT)
+    events: list[tuple[str, bytes | None, bytes]] = []
+    for record in sorted(records, key=lambda r: (r.partition, r.offset)):
+        received = record.value["received_time"]
+        ctx = RawContext(record.topic, record.partition, record.offset, received)
+        for outcome in normalise("hl7_lab", record.value, ctx, terminology, pseudonymiser,
+                                 received):
+            assert isinstance(outcome, NormalisedEvent) and outcome.kind == "lab_result"
+            events.append((kafka.topic(NORM_TOPICS["lab_result"]), outcome.key.encode(),
+                           encode(outcome.value)))
+    assert len(events) == 4
+    produce(kafka, events)
+    with running(make_sink(kafka, clickhouse, database, "sink-mllp-h3")):
+        wait_for(lambda: int(clickhouse.query(
+            f"SELECT count() FROM {database}.lineage WHERE outcome = 'stored:lab_result'"
+        ).result_rows[0][0]) == 4, what="the four results in lineage")
+        # The two refusals reached the dead-letter table too (the sink reads the topic).
+        wait_for(lambda: int(clickhouse.query(
+            f"SELECT count() FROM {database}.dead_letter WHERE reason_code = "
+            "'duplicate_control_id'").result_rows[0][0]) == 2, what="the two dead letters")
+    stored = clickhouse.query(
+        f"SELECT source_ref, value, result_status FROM {database}.lab_result FINAL "
+        "ORDER BY source_ref"
+    ).result_rows
+    assert stored == [("CTL-1", 4.1, "F"), ("CTL-2", 8.0, "C"), ("CTL-3", 4.2, "F")]
+
+    def query(sql: str) -> QueryResult:
+        return run_read_only(clickhouse, sql, database, max_rows=PROOF_MAX_ROWS)
+
+    now = datetime.now(UTC)
+    report = reconcile(query, database, now - timedelta(hours=1), now + timedelta(hours=1))
+    [foreign_id] = report.foreign_update_examples
+    assert (report.foreign_updates, report.conflicts) == (1, 0)
+    assert foreign_id == clickhouse.query(
+        f"SELECT event_id FROM {database}.lineage WHERE sender = 'EVIL'"
+    ).result_rows[0][0]
+
+
+def test_keys_of_older_versions_are_read_as_the_sender_key() -> None:
+    mapped = config(facilities={"LAB-EAST": "H001"})
+    assert legacy_duplicate_key("LIS-A^x\x1fLAB-EAST^y\x1fCTL-1", mapped) == duplicate_key(
+        "LIS-A", "H001", "CTL-1"
+    )
+    assert legacy_duplicate_key("\x1fLAB-EAST\x1fCTL-1", mapped) == duplicate_key(
+        "lis-mllp", "H001", "CTL-1"
+    )
+    assert legacy_duplicate_key("LIS-A\x1fLAB-GONE\x1fCTL-1", mapped) is None
+    assert legacy_duplicate_key("not a key", mapped) is None
+    assert legacy_duplicate_key("LIS-A\x1fANY\x1fCTL-1", config()) == duplicate_key(
+        "LIS-A", "H001", "CTL-1"
+    )
+
+
+@pytest.mark.integration
+def test_control_ids_acknowledged_by_an_older_version_stay_known(
+    serve: Callable[..., Running], tmp_path: Path
+) -> None:
+    """A state file of a version that keyed MSH-3 and MSH-4 as sent: its control ids are
+    carried over at start, so neither a plain resend nor a changed one spelt otherwise
+    is published."""
+    original = lab("LIS-A", "CTL-1", "4.1", "F")
+    accepted = inspect_message(original, config(facilities={"LAB-EAST": "H001"}))
+    assert isinstance(accepted, Accepted)
+    old = CollectorState(tmp_path / "state" / "state.sqlite")
+    old.remember("mllp.acked", "LIS-A\x1fLAB-EAST\x1fCTL-1", accepted.content_digest)
+    old.remember("mllp.acked", "LIS-A^x\x1fLAB-EAST\x1fCTL-1", "another digest")  # later
+    old.close()
+    running = serve(facilities={"LAB-EAST": "H001"})
+    client = Client(running.port)
+    client.send(original)
+    assert msa(client.ack())[1:3] == ["AA", "CTL-1"]
+    client.send(lab("LIS-A^x", "CTL-1", "7.9", "C"))
+    assert msa(client.ack())[1:3] == ["AE", "CTL-1"]
+    client.close()
+    assert raw_records(running.kafka, 0, timeout_s=2) == []
+    [dead] = dead_letters(running.kafka, 1)
+    assert dead.value["reason_code"] == "duplicate_control_id"
+    running.close()
+    state = CollectorState(tmp_path / "state" / "state.sqlite")
+    try:
+        assert state.seen("mllp.acked", "LIS-A\x1fLAB-EAST\x1fCTL-1") is None
+        assert state.seen("mllp.acknowledged", duplicate_key("LIS-A", "H001", "CTL-1")) == (
+            accepted.content_digest
+        )
+    finally:
+        state.close()
+
+
+@pytest.mark.integration
+def test_a_flood_of_garbage_from_one_peer_is_answered_but_dead_lettered_within_budget(
+    serve: Callable[..., Running],
+) -> None:
+    """Review finding M1: 300 distinct non-HL7 frames gave 300 dead letters with their
+    payloads. Per peer host and reason, the first ``in_full`` refusals are dead-lettered;
+    the rest are answered AR the same, counted, and summarised in one dead letter."""
+    running = serve()
+    running.collector._refusals = RefusalBudget(in_full=3, window_s=600.0)
+    not_hl7 = labelled(COLLECTOR_FAILED, "lab-mllp", "not_hl7")
+    before = not_hl7._value.get()
+    frames = [f"NOT HL7 {i:03d} ".encode() * 2000 for i in range(30)]  # 26 KB each
+    answers = []
+    # Two connections of one host: a reconnect does not renew the budget.
+    for half in (frames[:15], frames[15:]):
+        client = Client(running.port)
+        for frame in half:
+            client.send(frame)
+            answers.append(client.ack())
+        client.close()
+    assert [msa(a)[1:4] for a in answers] == [
+        ["AR", "", "frame does not start with an MSH segment"]
+    ] * 30
+    assert not_hl7._value.get() == before + 30
+    accepted = Client(running.port)  # an accepted message is never held back
+    accepted.send(oru("LAB-7501"))
+    assert msa(accepted.ack())[1:3] == ["AA", "LAB-7501"]
+    accepted.close()
+    [published] = raw_records(running.kafka, 1)
+    assert published.value["message_control_id"] == "LAB-7501"
+    running.close()  # the summary of the open window is written at stop
+    dead = dead_letters(running.kafka, 4)
+    assert len(dead) == 4
+    in_full = [d for d in dead if d.value["original_value"]]
+    assert sorted(d.value["original_value"] for d in in_full) == frames[:3]
+    [summary] = [d for d in dead if not d.value["original_value"]]
+    assert summary.value["reason_code"] == "not_hl7"
+    assert summary.value["original_key"] == b"127.0.0.1"
+    assert summary.value["organisation_id"] == "H001"
+    assert summary.value["reason"].startswith("27 more refusals (not_hl7) of this sender ")
+    assert not_hl7._value.get() == before + 30  # the summary is not counted again
+
+
+@pytest.mark.integration
+def test_held_refusals_are_summarised_once_their_window_closes(
+    serve: Callable[..., Running],
+) -> None:
+    running = serve()
+    running.collector._refusals = RefusalBudget(in_full=2, window_s=5.0)
+    client = Client(running.port)
+    for i in range(5):
+        client.send(f"garbage {i}".encode())
+        assert msa(client.ack())[1] == "AR"
+    client.close()
+    # Written by the running collector, not only at stop.
+    dead = dead_letters(running.kafka, 3)
+    assert sorted(d.value["original_value"] for d in dead) == [b"", b"garbage 0", b"garbage 1"]
+    [summary] = [d for d in dead if not d.value["original_value"]]
+    assert summary.value["reason"].startswith("3 more refusals (not_hl7) of this sender ")
+    running.close()
+    assert len(dead_letters(running.kafka, 3, timeout_s=3)) == 3
 
 
 @pytest.mark.integration
