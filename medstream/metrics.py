@@ -177,12 +177,14 @@ def partition_lag(high_watermark: int, next_offset: int | None, committed: int |
 class PartitionPosition:
     """Where a component stands in one partition it holds, for the lag gauge: the high
     watermark (None until the broker told it), the next offset after the last record read
-    since the assignment, and the committed offset."""
+    since the assignment, the committed offset, and how many records it read that are not
+    processed yet (a stream worker's in-memory buffers hold thousands)."""
 
     topic: str
     high_watermark: int | None
     next_offset: int | None = None
     committed: int | None = None
+    unprocessed: int = 0
 
 
 def topic_lags(positions: Iterable[PartitionPosition]) -> dict[str, int]:
@@ -196,6 +198,7 @@ def topic_lags(positions: Iterable[PartitionPosition]) -> dict[str, int]:
             unknown.add(position.topic)
             continue
         behind = partition_lag(high, position.next_offset, position.committed)
+        behind += position.unprocessed
         lags[position.topic] = lags.get(position.topic, 0) + behind
     return {topic: lag for topic, lag in lags.items() if topic not in unknown}
 

@@ -287,8 +287,9 @@ def _reports_lag(name: str) -> bool:
 def lag_summary(current: Snapshot, raw_topics: frozenset[str]) -> str:
     """``lag N`` summed over the stream workers and the sink, or ``lag ?`` with the reason
     when it is not known: a worker or the sink not running, not scraped since its start or
-    without its partitions, or no worker reporting the lag of a raw topic (a topic with a
-    partition of unknown high watermark is not reported). Never a sum of what happens to be
+    without its partitions, or no worker reporting the lag of a raw topic (a worker leaves
+    out a topic with a partition of unknown high watermark; the sink's lag on the raw topics
+    it reads for its ledger does not stand in for it). Never a sum of what happens to be
     there."""
     readings = {name: r for name, r in current.children.items() if _reports_lag(name)}
     unknown = [
@@ -296,9 +297,10 @@ def lag_summary(current: Snapshot, raw_topics: frozenset[str]) -> str:
         for name, reading in sorted(readings.items())
         if reading.state != "running" or reading.values.get("ready", 0.0) < 1
     ]
+    # The workers' own reports only: the sink reads the raw topics too (for its ledger).
     reported = {
-        key.removeprefix("lag:") for reading in readings.values() for key in reading.values
-        if key.startswith("lag:")
+        key.removeprefix("lag:") for name, reading in readings.items()
+        if name.startswith("streams-") for key in reading.values if key.startswith("lag:")
     }
     if not unknown and raw_topics - reported:
         unknown.append(f"no lag reported for {', '.join(sorted(raw_topics - reported))}")

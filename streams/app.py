@@ -730,10 +730,11 @@ def create_app(
 
     @app.timer(LAG_REPORT_S)
     async def report_lag() -> None:
-        # Lag = high watermark - next offset to process: after the last record read since
-        # the assignment, else the committed offset Faust sought to (from the broker at the
-        # assignment, updated at each commit), so a restarted worker with nothing new to
-        # read reports 0 rather than the whole partition. On tansu the watermark
+        # Lag = high watermark - next offset to read (after the last record read since the
+        # assignment, else the committed offset Faust sought to: from the broker at the
+        # assignment, updated at each commit) + records read but not processed yet. So a
+        # restarted worker with nothing new to read reports 0 rather than the whole
+        # partition, and one with its buffers full does not report 0. On tansu the watermark
         # under-counts by up to one produce batch: a lower bound there. A topic with a
         # partition whose watermark is unknown is not reported (unknown is not 0).
         consumer = cast(ShortFetchConsumer, app.consumer)
@@ -752,11 +753,17 @@ def create_app(
                           len(unknown), exc)
         read_offsets = app.monitor.tp_read_offsets
         committed = consumer._committed_offset
+        # Read means handed to the agents' buffers: what is still there is not processed.
+        unprocessed: dict[TP, int] = {}
+        for message in list(consumer._unacked_messages):
+            if message.offset >= (committed.get(message.tp) or 0):
+                unprocessed[message.tp] = unprocessed.get(message.tp, 0) + 1
         positions = []
         for tp, high in highs.items():
             read = read_offsets.get(tp)
             positions.append(PartitionPosition(
-                tp.topic, high, None if read is None else read + 1, committed.get(tp)
+                tp.topic, high, None if read is None else read + 1, committed.get(tp),
+                unprocessed.get(tp, 0),
             ))
         report_consumer_lag(STAGE, topic_lags(positions), lag_topics)
 

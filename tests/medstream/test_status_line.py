@@ -147,6 +147,15 @@ def test_lag_is_unknown_while_a_worker_has_no_partitions_or_a_raw_topic_is_unrep
         "sink": reading(),
     })
     assert lag_summary(partial, RAW) == "lag ? (no lag reported for raw.hl7_lab)"
+    # The sink reads the raw topics too (its ledger): its lag there is not the workers'. Seen
+    # in `up` as `lag 0` while a restarted worker had reported nothing yet.
+    only_the_sink = Snapshot(0.0, children={
+        "streams-0": reading(),
+        "sink": reading(**{"lag:raw.device": 0.0, "lag:raw.hl7_lab": 0.0}),
+    })
+    assert lag_summary(only_the_sink, RAW) == (
+        "lag ? (no lag reported for raw.device, raw.hl7_lab)"
+    )
 
 
 def test_a_dead_worker_shows_lag_unknown_in_the_status_line_not_its_last_report(

@@ -40,6 +40,14 @@ def test_a_topic_is_reported_only_when_every_partition_s_high_watermark_is_known
     assert topic_lags(positions) == {"t.raw.a": 800 + 20, "t.raw.d": 0}
 
 
+def test_records_read_but_not_processed_yet_count_as_behind() -> None:
+    # Read to the end into the agents' buffers, 1,100 of them not processed: the old report
+    # said 0 while a restarted worker worked through its buffers.
+    read_to_end = PartitionPosition("t.raw.a", 2220, next_offset=2220, committed=1120,
+                                    unprocessed=1100)
+    assert topic_lags([read_to_end]) == {"t.raw.a": 1100}
+
+
 def test_topics_no_longer_held_leave_the_gauge() -> None:
     stage = f"test-{uuid.uuid4().hex[:6]}"
     reported: set[str] = set()
