@@ -74,7 +74,8 @@ def read_query_token(path: Path) -> str:
         raise QueryTokenMissing(
             f"the query endpoint's token {path} does not exist: no sink serves queries "
             "right now (stopped, or restarting: a started sink writes a new token); try "
-            "again once `medstream up` shows the sink running"
+            "again once `medstream up` shows the sink running, with the MEDSTREAM_DATA_DIR "
+            "it runs on"
         ) from None
     except OSError as exc:
         raise QueryError(
