@@ -6,6 +6,8 @@ a patient, device or message identifier.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+from dataclasses import dataclass
 from functools import cache
 from typing import Any
 
@@ -169,6 +171,36 @@ def partition_lag(high_watermark: int, next_offset: int | None, committed: int |
     (then a partition processed to its end has lag 0, not its whole length)."""
     start = max(offset for offset in (next_offset, committed, 0) if offset is not None)
     return max(0, high_watermark - start)
+
+
+@dataclass(frozen=True)
+class PartitionPosition:
+    """Where a component stands in one partition it holds, for the lag gauge: the high
+    watermark (None until the broker told it), the next offset after the last record read
+    since the assignment, the committed offset, and how many records it read that are not
+    processed yet (a stream worker's in-memory buffers hold thousands)."""
+
+    topic: str
+    high_watermark: int | None
+    next_offset: int | None = None
+    committed: int | None = None
+    unprocessed: int = 0
+
+
+def topic_lags(positions: Iterable[PartitionPosition]) -> dict[str, int]:
+    """Lag per topic summed over the partitions held; a topic of which one partition's high
+    watermark is not known yet is left out (unknown, never counted as 0 behind)."""
+    lags: dict[str, int] = {}
+    unknown: set[str] = set()
+    for position in positions:
+        high = position.high_watermark
+        if high is None or high < 0:  # aiokafka: None until fetched; -1 for "no offset"
+            unknown.add(position.topic)
+            continue
+        behind = partition_lag(high, position.next_offset, position.committed)
+        behind += position.unprocessed
+        lags[position.topic] = lags.get(position.topic, 0) + behind
+    return {topic: lag for topic, lag in lags.items() if topic not in unknown}
 
 
 def report_consumer_lag(stage: str, lag_by_topic: dict[str, int], reported: set[str]) -> None:

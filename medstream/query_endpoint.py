@@ -60,10 +60,23 @@ def write_query_token(path: Path) -> str:
     return token
 
 
+class QueryTokenMissing(QueryError):
+    """No query token: no sink serves queries now (the exiting sink removes its token, a
+    started one writes a new one), as while `medstream up` restarts the sink."""
+
+
 def read_query_token(path: Path) -> str:
-    """The token of the running query endpoint; QueryError when it cannot be read."""
+    """The token of the running query endpoint; QueryTokenMissing when there is none (no
+    sink serving), QueryError when it exists but cannot be read."""
     try:
         return path.read_text().strip()
+    except FileNotFoundError:
+        raise QueryTokenMissing(
+            f"the query endpoint's token {path} does not exist: no sink serves queries "
+            "right now (stopped, or restarting: a started sink writes a new token); try "
+            "again once `medstream up` shows the sink running, with the MEDSTREAM_DATA_DIR "
+            "it runs on"
+        ) from None
     except OSError as exc:
         raise QueryError(
             f"the query endpoint's token {path} cannot be read ({exc.strerror}): run this "

@@ -48,7 +48,7 @@ from medstream.backlog import (
 from medstream.clickhouse import PROOF_MAX_ROWS, QueryError, QueryResult
 from medstream.keys import AUDIT_KEY, SecretRefused, ensure_data_dir_secrets, resolve_secret
 from medstream.metrics import COMPONENT_RESTARTS, serve_metrics
-from medstream.query_endpoint import query_via_gateway, read_query_token
+from medstream.query_endpoint import QueryTokenMissing, query_via_gateway, read_query_token
 from medstream.runtime import (
     Broker,
     EmbeddedRuntimeError,
@@ -63,6 +63,7 @@ from medstream.runtime import (
     wait_for_port,
 )
 from medstream.settings import (
+    RAW_TOPICS,
     AuditSettings,
     ClickHouseSettings,
     ConsoleSettings,
@@ -127,20 +128,54 @@ class Child:
     # their committed offsets: all but the simulator are started again when they die.
     restartable: bool = False
     restart: RestartPolicy = field(default_factory=RestartPolicy)
+    #: The last values scraped, and the start (monotonic) of the process that reported them.
     last_values: dict[str, float] = field(default_factory=dict)
+    values_from: float | None = None
+    #: Counter totals of its earlier processes (a restarted process counts from 0 again).
+    earlier_counts: dict[str, float] = field(default_factory=dict)
+    #: The simulator's report: once it exited, its count of acknowledged messages replaces
+    #: the last scrape, which missed what it published after it.
+    final_report: Path | None = None
 
     @property
     def metrics_url(self) -> str:
         """Its /metrics endpoint."""
         return f"http://127.0.0.1:{self.metrics_port}/metrics"
 
+    def state(self) -> str:
+        """running (its values come from the running process), starting (not scraped since
+        it started), restarting (died, started again soon), finished (the simulator) or
+        down."""
+        process = self.process
+        if process is None:
+            return "starting"
+        if process.poll() is None:
+            return "running" if self.values_from == self.restart.started_at else "starting"
+        if self.expected_exit and process.returncode == 0:
+            return "finished"
+        return "restarting" if self.restartable else "down"
+
+
+@dataclass(frozen=True)
+class ChildReading:
+    """What one component had reported at a snapshot."""
+
+    state: str  # Child.state()
+    #: Counters as totals over its restarts; gauges (lag, ready) as its process reports them.
+    values: dict[str, float]
+    #: Start (monotonic) of the process that reported them, None before any report.
+    since: float | None = None
+    #: Counter totals of its processes before that one.
+    earlier: dict[str, float] = field(default_factory=dict)
+
 
 @dataclass
 class Snapshot:
-    """Counter values scraped from every child at one moment."""
+    """Counter values scraped from every child at one moment (summed in ``values``)."""
 
     at: float
     values: dict[str, float] = field(default_factory=dict)
+    children: dict[str, ChildReading] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -174,57 +209,141 @@ class CollectorSpec:
 
 
 def scrape(children: list[Child]) -> Snapshot:
-    """Sum the counters the status line shows across children (a finished one keeps its last)."""
+    """Read every child's counters (a finished one keeps its last; the simulator's final
+    count comes from its report) and sum them."""
     snapshot = Snapshot(time.monotonic())
     for child in children:
         if child.process is not None and child.process.poll() is None:
             try:
                 with urllib.request.urlopen(child.metrics_url, timeout=1) as response:
-                    child.last_values = _status_values(response.read().decode())
+                    values = _status_values(response.read().decode())
             except OSError:  # a status line only: the last values stand until the next scrape
                 pass
-        for key, value in child.last_values.items():
+            else:
+                if child.values_from != child.restart.started_at:  # a new process: from 0
+                    for key, value in child.last_values.items():
+                        if _is_counter(key):
+                            child.earlier_counts[key] = child.earlier_counts.get(key, 0.0) + value
+                child.last_values = values
+                child.values_from = child.restart.started_at
+        elif child.final_report is not None and child.state() == "finished":
+            messages = _reported_messages(child.final_report)
+            if messages is not None:
+                child.last_values["out:simulator"] = float(messages)
+        values = {
+            key: value + (child.earlier_counts.get(key, 0.0) if _is_counter(key) else 0.0)
+            for key, value in child.last_values.items()
+        }
+        for key, value in child.earlier_counts.items():
+            values.setdefault(key, value)
+        snapshot.children[child.name] = ChildReading(
+            child.state(), values, child.values_from, dict(child.earlier_counts)
+        )
+        for key, value in values.items():
             snapshot.values[key] = snapshot.values.get(key, 0.0) + value
     return snapshot
+
+
+def _is_counter(key: str) -> bool:
+    """Counters add up over a component's restarts; gauges (lag, ready) do not."""
+    return not key.startswith(("lag:", "ready"))
+
+
+def _reported_messages(report: Path) -> int | None:
+    """The messages the simulator's report says the broker acknowledged; None until written."""
+    try:
+        return int(json.loads(report.read_text())["messages"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
 
 
 def _status_values(text: str) -> dict[str, float]:
     values: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
-            for sample in family.samples:
-                stage = sample.labels.get("stage", "")
-                key = None
-                if sample.name == "medstream_records_out_total":
-                    key = f"out:{stage}"
-                elif sample.name == "medstream_records_in_total":
-                    key = f"in:{stage}"
-                elif sample.name == "medstream_dead_letters_total":
-                    key = "dlq"
-                elif sample.name == "medstream_alerts_total":
-                    key = "alerts"
-                elif sample.name == "medstream_consumer_lag":
-                    key = "lag"
-                elif sample.name == "medstream_ready":
-                    key = "ready"
-                if key is not None:
-                    values[key] = values.get(key, 0.0) + sample.value
+        for sample in family.samples:
+            stage = sample.labels.get("stage", "")
+            key = None
+            if sample.name == "medstream_records_out_total":
+                key = f"out:{stage}"
+            elif sample.name == "medstream_records_in_total":
+                key = f"in:{stage}"
+            elif sample.name == "medstream_dead_letters_total":
+                key = "dlq"
+            elif sample.name == "medstream_alerts_total":
+                key = "alerts"
+            elif sample.name == "medstream_consumer_lag":
+                key = f"lag:{sample.labels.get('topic', '')}"
+            elif sample.name == "medstream_ready":
+                key = "ready"
+            if key is not None:
+                values[key] = values.get(key, 0.0) + sample.value
     return values
 
 
-def status_line(previous: Snapshot, current: Snapshot) -> str:
-    """One line: events/s per stage, lag, dead letters, alerts."""
-    elapsed = max(current.at - previous.at, 1e-6)
+def _reports_lag(name: str) -> bool:
+    return name == "sink" or name.startswith("streams-")
 
-    def rate(key: str) -> float:
-        return (current.values.get(key, 0.0) - previous.values.get(key, 0.0)) / elapsed
+
+def lag_summary(current: Snapshot, raw_topics: frozenset[str]) -> str:
+    """``lag N`` summed over the stream workers and the sink, or ``lag ?`` with the reason
+    when it is not known: a worker or the sink not running, not scraped since its start or
+    without its partitions, or no worker reporting the lag of a raw topic (a worker leaves
+    out a topic with a partition of unknown high watermark; the sink's lag on the raw topics
+    it reads for its ledger does not stand in for it). Never a sum of what happens to be
+    there."""
+    readings = {name: r for name, r in current.children.items() if _reports_lag(name)}
+    unknown = [
+        f"{name} {reading.state if reading.state != 'running' else 'not ready'}"
+        for name, reading in sorted(readings.items())
+        if reading.state != "running" or reading.values.get("ready", 0.0) < 1
+    ]
+    # The workers' own reports only: the sink reads the raw topics too (for its ledger).
+    reported = {
+        key.removeprefix("lag:") for name, reading in readings.items()
+        if name.startswith("streams-") for key in reading.values if key.startswith("lag:")
+    }
+    if not unknown and raw_topics - reported:
+        unknown.append(f"no lag reported for {', '.join(sorted(raw_topics - reported))}")
+    if unknown:
+        return f"lag ? ({'; '.join(unknown)})"
+    total = sum(
+        value for reading in readings.values()
+        for key, value in reading.values.items() if key.startswith("lag:")
+    )
+    return f"lag {total:.0f}"
+
+
+def rate(previous: Snapshot, current: Snapshot, key: str) -> float:
+    """Per second between two snapshots, summed over components; for one restarted in
+    between (its counters started again at 0) its rate since the restart, never negative."""
+    elapsed = max(current.at - previous.at, 1e-6)
+    total = 0.0
+    for name, reading in current.children.items():
+        now = reading.values.get(key, 0.0)
+        before = previous.children.get(name)
+        if before is not None and before.since == reading.since:
+            total += max(0.0, now - before.values.get(key, 0.0)) / elapsed
+        elif reading.since is not None:
+            since_start = now - reading.earlier.get(key, 0.0)
+            total += since_start / max(current.at - reading.since, 1e-6)
+    return total
+
+
+def status_line(
+    previous: Snapshot, current: Snapshot, raw_topics: frozenset[str] = frozenset()
+) -> str:
+    """One line: events/s per stage, lag, dead letters, alerts, published."""
+
+    def per_s(key: str) -> float:
+        return rate(previous, current, key)
 
     v = current.values
     return (
         f"[{datetime.now().strftime('%H:%M:%S')}] "
-        f"simulator {rate('out:simulator'):7.0f} msg/s | "
-        f"collectors {rate('out:collector'):6.0f} msg/s | "
-        f"normalise {rate('in:normalise'):6.0f} msg/s -> {rate('out:normalise'):7.0f} rec/s | "
-        f"sink {rate('out:sink'):7.0f} rows/s | lag {v.get('lag', 0):.0f} | "
+        f"simulator {per_s('out:simulator'):7.0f} msg/s | "
+        f"collectors {per_s('out:collector'):6.0f} msg/s | "
+        f"normalise {per_s('in:normalise'):6.0f} msg/s -> {per_s('out:normalise'):7.0f} rec/s | "
+        f"sink {per_s('out:sink'):7.0f} rows/s | {lag_summary(current, raw_topics)} | "
         f"dead letters {v.get('dlq', 0):.0f} | alerts {v.get('alerts', 0):.0f} | "
         f"published {v.get('out:simulator', 0) + v.get('out:collector', 0):.0f}"
     )
@@ -444,7 +563,9 @@ class Supervisor:
             if labels is not None:
                 simulate += ["--labels", str(labels.resolve())]
             simulator = self._start(
-                Child("simulator", simulate, free_port(), expected_exit=True), env
+                Child("simulator", simulate, free_port(), expected_exit=True,
+                      final_report=data_dir / "simulator-report.json"),
+                env,
             )
         self._write_state()
         self._running = True
@@ -454,6 +575,7 @@ class Supervisor:
             + f", up={self.metrics_url}"
         )
         self.out("press Ctrl-C to stop")
+        raw_topics = frozenset(kafka.topic(name) for name in RAW_TOPICS.values())
         previous = scrape(self.children)
         done_deadline: float | None = None
         next_status = time.monotonic() + self.runtime.status_interval_s
@@ -473,7 +595,10 @@ class Supervisor:
                 continue
             next_status = time.monotonic() + self.runtime.status_interval_s
             current = scrape(self.children)
-            self.out(status_line(previous, current) + restarts_summary(self.restart_counts()))
+            self.out(
+                status_line(previous, current, raw_topics)
+                + restarts_summary(self.restart_counts())
+            )
             previous = current
             if (
                 exit_when_done
@@ -726,6 +851,9 @@ class Supervisor:
                 f"SELECT (SELECT count() FROM {self.clickhouse.database}.alert), "
                 f"(SELECT count() FROM {self.clickhouse.database}.dead_letter)"
             ).rows[0]
+        except QueryTokenMissing:  # the exiting sink removed it, the new one has not written it
+            self.out("reconcile not possible right now: the sink is restarting; retrying")
+            return None
         except (QueryError, OSError) as exc:  # a busy or restarting gateway: ask again
             self.out(f"reconcile not possible right now ({exc}); retrying")
             return None
@@ -776,11 +904,8 @@ class Supervisor:
 
     def _published_messages(self) -> int:
         """Messages the finished simulator reported as acknowledged by the broker."""
-        report_path = self.runtime.data_dir / "simulator-report.json"
-        try:
-            return int(json.loads(report_path.read_text())["messages"])
-        except (OSError, ValueError, KeyError):
-            return 1  # no report yet: at least one message must have been seen
+        messages = _reported_messages(self.runtime.data_dir / "simulator-report.json")
+        return 1 if messages is None else messages  # no report yet: at least one message
 
     def _died(self, child: Child) -> bool:
         if child.process is None:

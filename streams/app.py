@@ -34,7 +34,8 @@ from pathlib import Path
 from typing import Any, cast
 
 import faust
-from aiokafka.errors import ProducerFenced
+from aiokafka.errors import KafkaError, ProducerFenced
+from faust.exceptions import ConsumerNotStarted
 from faust.transport.consumer import ensure_TP
 from faust.transport.drivers import TRANSPORTS
 from faust.transport.drivers.aiokafka import (
@@ -56,9 +57,10 @@ from medstream.metrics import (
     READY,
     RECORDS_IN,
     RECORDS_OUT,
+    PartitionPosition,
     labelled,
-    partition_lag,
     report_consumer_lag,
+    topic_lags,
 )
 from medstream.settings import (
     FEED_ACTIVITY_TOPIC,
@@ -105,6 +107,8 @@ DEVICE_TICK_S = 5.0
 FEED_ACTIVITY_S = 5.0
 FEED_TICK_S = 15.0
 QUALITY_PRUNE_S = 60.0
+#: How often a worker reports its consumer lag (cheap: the watermarks of fetch responses).
+LAG_REPORT_S = 1.0
 log = logging.getLogger("medstream.streams")
 
 
@@ -200,6 +204,16 @@ class ShortFetchConsumerThread(AIOKafkaConsumerThread):
             return ends
         transport = cast(Transport, self.transport)
         return await tansu_log_ends(server_list(transport.url, transport.default_port), ends)
+
+
+def fetched_high_watermark(consumer: Consumer, tp: TP) -> int | None:
+    """The high watermark (under transactions the last stable offset) of the last fetch
+    response for ``tp``; None while none came since the assignment, or when ``tp`` was
+    revoked meanwhile (the consumer runs in a thread of its own)."""
+    try:
+        return consumer.highwater(tp)
+    except AssertionError:  # aiokafka asserts the partition is still assigned
+        return None
 
 
 class ShortFetchConsumer(Consumer):
@@ -746,25 +760,44 @@ def create_app(
 
     lag_topics: set[str] = set()
 
-    @app.timer(5.0)
+    @app.timer(LAG_REPORT_S)
     async def report_lag() -> None:
-        # Lag = high watermark - next offset to process: after the last record read since
-        # the assignment, else the committed offset Faust sought to (from the broker at the
-        # assignment, updated at each commit), so a restarted worker with nothing new to
-        # read reports 0 rather than the whole partition. On tansu the watermark
-        # under-counts by up to one produce batch: a lower bound there.
-        read_offsets = app.monitor.tp_read_offsets
-        committed = cast(ShortFetchConsumer, app.consumer)._committed_offset
-        lag_by_topic: dict[str, int] = {}
-        for tp in app.consumer.assignment():
-            if tp.topic in raw_topic_names:
-                read = read_offsets.get(tp)
-                lag_by_topic[tp.topic] = lag_by_topic.get(tp.topic, 0) + partition_lag(
-                    app.consumer.highwater(tp) or 0,
-                    None if read is None else read + 1,
-                    committed.get(tp),
+        # Lag = high watermark - next offset to read (after the last record read since the
+        # assignment, else the committed offset Faust sought to: from the broker at the
+        # assignment, updated at each commit) + records read but not processed yet. So a
+        # restarted worker with nothing new to read reports 0 rather than the whole
+        # partition, and one with its buffers full does not report 0. On tansu the watermark
+        # under-counts by up to one produce batch: a lower bound there. A topic with a
+        # partition whose watermark is unknown is not reported (unknown is not 0).
+        consumer = cast(ShortFetchConsumer, app.consumer)
+        held = [tp for tp in consumer.assignment() if tp.topic in raw_topic_names]
+        highs = {tp: fetched_high_watermark(consumer, tp) for tp in held}
+        unknown = [tp for tp, high in highs.items() if high is None or high < 0]
+        if unknown:
+            # Not fetched yet since the assignment: asked of the broker, so that a worker
+            # that was just assigned reports its lag at once rather than after a fetch.
+            try:
+                highs.update(
+                    await asyncio.wait_for(consumer.highwaters(*unknown), LAG_REPORT_S * 5)
                 )
-        report_consumer_lag(STAGE, lag_by_topic, lag_topics)
+            except (KafkaError, ConsumerNotStarted, OSError, TimeoutError) as exc:
+                log.debug("high watermarks of %d partitions not known yet: %s",
+                          len(unknown), exc)
+        read_offsets = app.monitor.tp_read_offsets
+        committed = consumer._committed_offset
+        # Read means handed to the agents' buffers: what is still there is not processed.
+        unprocessed: dict[TP, int] = {}
+        for message in list(consumer._unacked_messages):
+            if message.offset >= (committed.get(message.tp) or 0):
+                unprocessed[message.tp] = unprocessed.get(message.tp, 0) + 1
+        positions = []
+        for tp, high in highs.items():
+            read = read_offsets.get(tp)
+            positions.append(PartitionPosition(
+                tp.topic, high, None if read is None else read + 1, committed.get(tp),
+                unprocessed.get(tp, 0),
+            ))
+        report_consumer_lag(STAGE, topic_lags(positions), lag_topics)
 
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

@@ -1,5 +1,6 @@
 """The consumer-lag gauge: records behind the high watermark, from the committed offset while
-nothing was read since an assignment, and topics no longer held leave the gauge."""
+nothing was read since an assignment; a topic with a partition of unknown high watermark is
+not reported (never as 0), and topics no longer held leave the gauge."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import uuid
 
 from prometheus_client import REGISTRY
 
-from medstream.metrics import partition_lag, report_consumer_lag
+from medstream.metrics import PartitionPosition, partition_lag, report_consumer_lag, topic_lags
 
 
 def test_lag_counts_from_the_last_record_read() -> None:
@@ -23,6 +24,28 @@ def test_a_partition_read_to_its_end_before_a_restart_has_no_lag() -> None:
     assert partition_lag(2220, next_offset=None, committed=None) == 2220
     # A stale read offset from an earlier assignment never outweighs the committed one.
     assert partition_lag(2220, next_offset=100, committed=2220) == 0
+
+
+def test_a_topic_is_reported_only_when_every_partition_s_high_watermark_is_known() -> None:
+    positions = [
+        PartitionPosition("t.raw.a", 900, next_offset=None, committed=100),
+        PartitionPosition("t.raw.a", 500, next_offset=480, committed=400),
+        # Just assigned, nothing fetched yet: the old report took its watermark for 0, so a
+        # fresh worker with 1,109 records to read reported `lag 0`.
+        PartitionPosition("t.raw.b", None, next_offset=None, committed=0),
+        PartitionPosition("t.raw.b", 300, next_offset=None, committed=0),
+        PartitionPosition("t.raw.c", -1, next_offset=None, committed=None),  # no offset known
+        PartitionPosition("t.raw.d", 0, next_offset=None, committed=None),  # empty: known 0
+    ]
+    assert topic_lags(positions) == {"t.raw.a": 800 + 20, "t.raw.d": 0}
+
+
+def test_records_read_but_not_processed_yet_count_as_behind() -> None:
+    # Read to the end into the agents' buffers, 1,100 of them not processed: the old report
+    # said 0 while a restarted worker worked through its buffers.
+    read_to_end = PartitionPosition("t.raw.a", 2220, next_offset=2220, committed=1120,
+                                    unprocessed=1100)
+    assert topic_lags([read_to_end]) == {"t.raw.a": 1100}
 
 
 def test_topics_no_longer_held_leave_the_gauge() -> None:
