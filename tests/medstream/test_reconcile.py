@@ -62,6 +62,15 @@ def lab_row(event_id: str) -> dict[str, object]:
             "mapping_status": "mapped"}
 
 
+def one_record_dead_lettered(client: Client, database: str, kind: str, dlq_id: str) -> None:
+    """The sink's view of one raw record (offset 5 of raw.KIND) that was dead-lettered."""
+    client.insert(f"{database}.raw_ledger", [["c1", kind, f"raw.{kind}", 0, 5, T0, 80]],
+                  column_names=LEDGER)
+    client.insert(f"{database}.lineage",
+                  [["c1", f"raw.{kind}", 0, 5, -1, -1, dlq_id, "dead_letter", T0]],
+                  column_names=LINEAGE)
+
+
 def test_reconcile_counts_per_source_and_names_the_gap(clickhouse: Client, database: str) -> None:
     seed(clickhouse, database)
     rows = [lab_row(e) for e in ("e1", "e3", "e5")]
@@ -95,11 +104,7 @@ def test_records_a_bug_dead_lettered_fail_the_reconciliation_but_not_the_drain(
 ) -> None:
     # Second review H2: internal_error dead letters counted as accounted for, so a feed a
     # bug dead-lettered whole passed as "no gap", and `up` said it stopped cleanly.
-    clickhouse.insert(f"{database}.raw_ledger", [["c1", "hl7_lab", "raw.hl7_lab", 0, 5, T0, 80]],
-                      column_names=LEDGER)
-    clickhouse.insert(f"{database}.lineage",
-                      [["c1", "raw.hl7_lab", 0, 5, -1, -1, "d5", "dead_letter", T0]],
-                      column_names=LINEAGE)
+    one_record_dead_lettered(clickhouse, database, "hl7_lab", "d5")
     clickhouse.insert(f"{database}.dead_letter", [
         ["d5", "normalise", "internal_error", "internal error: ValueError in normalise.py:x",
          "hl7_lab", "raw.hl7_lab", 0, 5, b"?", T0, T0],
@@ -420,11 +425,7 @@ def test_failed_labels_make_the_json_not_ok_and_the_exit_code_1(
 ) -> None:
     # The pipeline's own counts hold (one device packet, dead-lettered); the labels expect
     # two lab results and one of them is not stored.
-    clickhouse.insert(f"{database}.raw_ledger", [["c1", "device", "raw.device", 0, 5, T0, 80]],
-                      column_names=LEDGER)
-    clickhouse.insert(f"{database}.lineage",
-                      [["c1", "raw.device", 0, 5, -1, -1, "d", "dead_letter", T0]],
-                      column_names=LINEAGE)
+    one_record_dead_lettered(clickhouse, database, "device", "d")
     stored = lab_row("e1")
     clickhouse.insert(f"{database}.lab_result", [list(stored.values())], column_names=list(stored))
     labels = tmp_path / "labels.jsonl"
