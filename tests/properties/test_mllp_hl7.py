@@ -20,6 +20,7 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from medstream.settings import KafkaSettings
+from producers.base import RefusalBudget
 from producers.hl7_mllp import (
     END_BLOCK,
     START_BLOCK,
@@ -200,6 +201,9 @@ def listener(kafka_factory: Callable[..., KafkaSettings], tmp_path: Path) -> Ite
     collector = Hl7MllpProducer(
         config(state_dir=tmp_path / "state", max_message_bytes=4096), kafka, ManifestRegistry()
     )
+    # Every refusal of these examples is dead-lettered one by one: the examples all come
+    # from one peer, beyond the default budget per peer (tested in test_hl7_mllp.py).
+    collector._refusals = RefusalBudget(in_full=100_000)
     running = Running(collector, kafka)
     yield running
     running.close()
