@@ -17,7 +17,6 @@ import pytest
 pytestmark = pytest.mark.e2e
 
 
-@pytest.mark.alone
 def test_bench_measures_baseline_and_pipeline_and_reconciles(tmp_path: Path) -> None:
     figures_path = tmp_path / "bench.json"
     env = {

@@ -127,7 +127,8 @@ def test_a_bug_every_record_hits_stops_the_worker_and_loses_nothing(
     assert "20 records in a row of" in log and "without committing that record" in log
 
     fixed = pipeline.worker()  # the bug fixed: the same topics, group and offsets
-    records = consume(kafka, [DLQ_TOPIC, ALERTS_TOPIC], 19 + 7, timeout_s=180, settle_s=3.0)
+    records = consume(kafka, [DLQ_TOPIC, ALERTS_TOPIC], len(subjects), timeout_s=180,
+                      settle_s=3.0)
     assert fixed.poll() is None, f"the worker died: {pipeline.log_path.read_text()[-3000:]}"
     dead = [r.value for r in records if r.topic == kafka.topic(DLQ_TOPIC)]
     opened = {
@@ -138,6 +139,11 @@ def test_a_bug_every_record_hits_stops_the_worker_and_loses_nothing(
     # and every later record were processed by the fixed worker. The process ended before
     # Faust committed the dead-lettered ones too, so the fixed worker may have processed
     # those again (at least once): each has its dead letter, its alert, or both.
-    assert sorted(d["original_offset"] for d in dead) == list(range(19))
+    # Dead letters still in the producer's buffer when the process ended were not sent
+    # either: those records too were read again. Each of the first 19 has its dead letter,
+    # its alert or both; none from offset 19 on was dead-lettered.
+    dead_offsets = {d["original_offset"] for d in dead}
+    assert dead_offsets <= set(range(19)) and len(dead_offsets) == len(dead)
     assert {d["reason_code"] for d in dead} == {"internal_error"}
     assert set(subjects[19:]) <= opened <= set(subjects)
+    assert all(n in dead_offsets or f"BUG|{n}" in opened for n in range(19))
