@@ -30,21 +30,23 @@ services:
 # The whole test suite: unit, integration (real Apache Kafka + chdb + the local PostgreSQL,
 # MariaDB and Mosquitto; a small tier on tansu) and end-to-end. The services are installed
 # and started first, and the Kafka jars fetched.
-# The unit and integration tiers run on TEST_WORKERS processes (pytest-xdist: each has its
-# own broker and engine); the end-to-end tier runs whole pipelines, also on TEST_WORKERS
-# processes (each pipeline has its own data directory, broker and ports; most of an e2e
-# test is waiting, not computing), handed out by work stealing so the long ones do not
-# queue behind each other, except the tests marked `alone` (their verdict depends on
-# timing: alert precision, device silence, confirmations, speed), which run one at a time
-# after them. Every tier always runs; the target fails when any did.
-TEST_WORKERS ?= 2
+# The unit and integration tiers run on UNIT_WORKERS processes (pytest-xdist: each has its
+# own broker and engine; 3 on 2 cores, as much of it waits on brokers and sockets: 6.2 min
+# against 7.5 with 2); the end-to-end tier runs whole pipelines on E2E_WORKERS processes
+# (each pipeline has its own data directory, broker and ports; most of an e2e test is
+# waiting), handed out by work stealing so the long ones do not queue behind each other,
+# except the tests marked `alone` (their verdict depends on timing: alert precision, device
+# silence, confirmations), which run one at a time after them. Every tier always runs; the
+# target fails when any did.
+UNIT_WORKERS ?= 3
+E2E_WORKERS ?= 2
 PYTEST := MEDSTREAM_REQUIRE_SOURCES=1 $(BIN)/python -m pytest -q -p no:cacheprovider
 test: $(STAMP) services kafka
 	@status=0; \
-	echo "== unit and integration tiers ($(TEST_WORKERS) workers)"; \
-	$(PYTEST) -m "not e2e" -n $(TEST_WORKERS) --durations=10 || status=1; \
+	echo "== unit and integration tiers ($(UNIT_WORKERS) workers)"; \
+	$(PYTEST) -m "not e2e" -n $(UNIT_WORKERS) --durations=10 || status=1; \
 	echo "== end-to-end tier"; \
-	$(PYTEST) -m "e2e and not alone" -n $(TEST_WORKERS) --dist worksteal --durations=15 || status=1; \
+	$(PYTEST) -m "e2e and not alone" -n $(E2E_WORKERS) --dist worksteal --durations=15 || status=1; \
 	echo "== end-to-end tests that run alone"; \
 	$(PYTEST) -m "e2e and alone" --durations=5 || status=1; \
 	exit $$status
