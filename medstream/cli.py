@@ -434,11 +434,13 @@ def sink(
 @app.command()
 def streams(metrics_port: MetricsPort = 0) -> None:
     """Run one Faust stream worker (normalise + critical values)."""
-    from faust.worker import Worker
+    # Until the worker installs its own handler: SIGUSR2 stops its timers (`up` sends it
+    # before its last drain), it must never end a worker still starting.
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
     from medstream.audit import AuditTrail, BackgroundAudit, config_change_recorder
     from schemas.serde import registry_from_url
-    from streams.app import create_app
+    from streams.app import StreamsWorker, create_app
     from streams.reloading import on_reload
 
     kafka = _kafka_for_client()
@@ -453,7 +455,7 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     worker_name = f"medstream-streams@{socket.gethostname()}:{os.getpid()}"
     on_reload(config_change_recorder(audit, worker_name))
     _start_metrics(metrics_port)
-    worker = Worker(faust_app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
+    worker = StreamsWorker(faust_app, loglevel="WARNING", quiet=True, redirect_stdouts=False)
     try:
         worker.execute_from_commandline()
     finally:

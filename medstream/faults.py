@@ -375,9 +375,16 @@ def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str,
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a fault suite result ({exc})") from exc
         _refuse_trials_seen(trials, setting.get("seed"), str(path), trials_seen)
+        results.extend(trials)
+        if "merged" in setting:
+            # A merge of earlier files: the settings of each (their seeds and sizes).
+            settings.extend(
+                {**inner, "file": f"{inner.get('file')} (via {path})"}
+                for inner in setting["merged"]
+            )
+            continue
         setting["file"] = str(path)
         setting["trials_run"] = len(trials)
-        results.extend(trials)
         settings.append(setting)
     return results, settings
 

@@ -116,6 +116,12 @@ CONSUMER_LAG = Gauge(
     "assignment); tansu under-counts by up to one produce batch",
     ["stage", "topic"],
 )
+STALLED_PARTITIONS = Counter(
+    "medstream_stalled_partitions",
+    "Held partitions found with records to read that nothing read for a while, then read "
+    "again from their committed offset (streams.stall_watch), by stage and topic",
+    ["stage", "topic"],
+)
 TABLE_STATE_REPLAYS = Counter(
     "medstream_table_state_replays",
     "Changelog partitions a stream worker replayed from the start because it had read them "

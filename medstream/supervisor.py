@@ -365,6 +365,8 @@ STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 75.0, "streams": 30.0, "sink":
 STOP_NOW_TIMEOUT_S = 10.0
 #: How often the supervisor looks at its components (status lines come less often).
 TICK_S = 0.5
+#: Seconds a timer tick under way has to publish after the workers' timers were stopped.
+TIMERS_SETTLE_S = 2.0
 
 
 class ComponentFailed(RuntimeError):
@@ -1023,6 +1025,22 @@ class Supervisor:
             self._restart_dead()
             self._stop_now.wait(TICK_S)
 
+    def _stop_timers(self, workers: list[Child]) -> bool:
+        """Ask the running stream workers to stop making timer output (SIGUSR2: device
+        silence, escalations, feed watch) and give a tick under way TIMERS_SETTLE_S to
+        publish, so that the drain after it leaves nothing they made for the alert
+        lifecycle unread; False when no worker runs or a second stop request came."""
+        # Only those scraped since they started: their SIGUSR2 is handled (`medstream
+        # streams` ignores it from its start; by default it would end the process).
+        running = [c for c in workers if c.state() == "running"]
+        if not running or self._stop_now.is_set():
+            return False
+        for child in running:
+            assert child.process is not None
+            child.process.send_signal(signal.SIGUSR2)
+        self._stop_now.wait(TIMERS_SETTLE_S)
+        return not self._stop_now.is_set()
+
     def _measure_unless_stopped_now(self, groups: list[ConsumerGroup]) -> Backlog:
         """measure_backlog (at most 5 s) in a thread a second stop request does not wait for."""
         assert self._client_kafka is not None
@@ -1092,6 +1110,8 @@ class Supervisor:
             self.out("second stop request: stopping without draining")
         elif self._running:
             self._drain()
+            if self._stop_timers([c for c in self.children if stage(c) == 1]):
+                self._drain()
         killed += self._stop_all([c for c in self.children if stage(c) == 1])
         killed += self._stop_all([c for c in self.children if stage(c) == 2])
         unstored = self._left_unstored()

@@ -28,6 +28,7 @@ import hmac
 import logging
 import os
 import ssl
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from pathlib import Path
@@ -46,6 +47,7 @@ from faust.transport.drivers.aiokafka import (
     server_list,
 )
 from faust.types import TP
+from faust.worker import Worker
 from mode import BaseSignalT, CrashingSupervisor
 from mode.utils.objects import cached_property
 from mode.utils.queues import FlowControlEvent
@@ -57,6 +59,7 @@ from medstream.metrics import (
     READY,
     RECORDS_IN,
     RECORDS_OUT,
+    STALLED_PARTITIONS,
     PartitionPosition,
     labelled,
     report_consumer_lag,
@@ -91,6 +94,7 @@ from streams.recovery import CheckedTableManager, tansu_log_ends
 from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
+from streams.stall_watch import HeldPartition, StallWatch, faust_state, unstick
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
 from streams.transactions import TransactionGate, current_transactional_id, hold_changelog
 
@@ -98,6 +102,8 @@ DEFAULT_FETCH_WAIT_MS = 20
 EXIT_DELIVERY_FAILED = 70
 #: Exit code of a worker stopped by too many internal errors in a row (stops_on_storm).
 EXIT_INTERNAL_ERROR_STORM = 71
+#: A partition stalled under exactly_once (streams.stall_watch): read again after a restart.
+EXIT_STALLED = 72
 #: Seconds between timer ticks of the rule families and of the alert lifecycle.
 DETECT_TICK_S = 30.0
 LIFECYCLE_TICK_S = 15.0
@@ -146,6 +152,38 @@ def stops_on_storm(agent: Callable[[faust.StreamT], Awaitable[None]]
             os._exit(EXIT_INTERNAL_ERROR_STORM)
 
     return guarded
+
+
+#: Set when the worker was asked to stop making timer output (SIGUSR2, :class:`StreamsWorker`).
+TIMERS_STOPPED = threading.Event()
+
+
+def until_timers_stopped(
+    tick: Callable[[], Awaitable[None]]
+) -> Callable[[], Awaitable[None]]:
+    """A timer body that does nothing once :data:`TIMERS_STOPPED` is set.
+
+    `up` stops the workers' timers before its last drain: device silence, escalations
+    and feed-watch findings a tick made after the drain measured nothing left were never
+    read by the alert lifecycle before the workers stopped (181 records left on
+    alerts.lifecycle, exit 1, in one of a few `up --exit-when-done` runs).
+    """
+    @functools.wraps(tick)
+    async def body() -> None:
+        if not TIMERS_STOPPED.is_set():
+            await tick()
+
+    return body
+
+
+class StreamsWorker(Worker):
+    """Faust's worker, whose SIGUSR2 stops the timers that make output (mode's enters a
+    debugger); SIGTERM still stops the worker."""
+
+    def _on_sigusr2(self) -> None:
+        if not TIMERS_STOPPED.is_set():
+            log.warning("asked to stop making timer output (SIGUSR2): timers stopped")
+        TIMERS_STOPPED.set()
 
 
 class KeptOnResumeFlowControl(FlowControlEvent):
@@ -613,12 +651,14 @@ def create_app(
     watching_since = {"ms": int(time.time() * 1000)}
 
     @app.timer(DEVICE_TICK_S)
+    @until_timers_stopped
     @surviving_tick(stage.internal_errors)
     async def device_tick() -> None:
         now_ms = int(time.time() * 1000)
         await publish(stage.device_tick(device_state.in_tick(), now_ms, watching_since["ms"]))
 
     @app.timer(DETECT_TICK_S)
+    @until_timers_stopped
     @surviving_tick(detect.guard.internal_errors)
     async def detect_tick() -> None:
         now_ms = int(time.time() * 1000)
@@ -659,6 +699,7 @@ def create_app(
             )
 
     @app.timer(LIFECYCLE_TICK_S, on_leader=True)
+    @until_timers_stopped
     @surviving_tick(lifecycle.guard.internal_errors)
     async def lifecycle_tick() -> None:
         tick = lifecycle.inputs.tick(int(time.time() * 1000))
@@ -692,6 +733,7 @@ def create_app(
 
     # -- feeds: every worker's per-minute counts -> one watcher of every feed ---------------
     @app.timer(FEED_ACTIVITY_S)
+    @until_timers_stopped
     @surviving_tick(stage.internal_errors)
     async def send_feed_activity() -> None:
         await publish(stage.feed_activity_outputs())
@@ -717,6 +759,7 @@ def create_app(
             )
 
     @app.timer(FEED_TICK_S)
+    @until_timers_stopped
     @surviving_tick(feed_watch.guard.internal_errors)
     async def feed_tick() -> None:
         now_ms = int(time.time() * 1000)
@@ -745,6 +788,7 @@ def create_app(
             )
 
     @app.timer(DETECT_TICK_S)
+    @until_timers_stopped
     @surviving_tick(syndromic.guard.internal_errors)
     async def syndromic_tick() -> None:
         await publish(syndromic.tick(syndromic_state.in_tick(), int(time.time() * 1000)))
@@ -798,6 +842,41 @@ def create_app(
                 unprocessed.get(tp, 0),
             ))
         report_consumer_lag(STAGE, topic_lags(positions), lag_topics)
+
+    stall_watch = StallWatch()
+
+    @app.timer(LAG_REPORT_S)
+    async def watch_stalls() -> None:
+        # A held partition with records to read that nothing reads (streams.stall_watch).
+        consumer = cast(ShortFetchConsumer, app.consumer)
+        changelogs = app.tables.changelog_topics
+        read_offsets = app.monitor.tp_read_offsets
+        committed = consumer._committed_offset
+        unprocessed: dict[TP, int] = {}
+        for message in list(consumer._unacked_messages):
+            unprocessed[message.tp] = unprocessed.get(message.tp, 0) + 1
+        held = [
+            HeldPartition(tp, fetched_high_watermark(consumer, tp), read_offsets.get(tp),
+                          committed.get(tp), unprocessed.get(tp, 0))
+            for tp in consumer.assignment() if tp.topic not in changelogs
+        ]
+        busy = bool(app.rebalancing or getattr(app, "in_recovery", False))
+        for partition, stalled_s in stall_watch.stalled(held, busy):
+            labelled(STALLED_PARTITIONS, STAGE, partition.tp.topic).inc()
+            if app.transaction_gate is not None:
+                # The gate's bookkeeping assumes one seek per assignment: a restart reads
+                # the partition again from its committed offset.
+                log.critical("%s[%d] stalled with %d records to read (%s); exiting (code %d) "
+                             "to read it again from its committed offset",
+                             partition.tp.topic, partition.tp.partition, partition.to_read,
+                             faust_state(consumer, partition.tp), EXIT_STALLED)
+                logging.shutdown()
+                os._exit(EXIT_STALLED)
+            resume_from = partition.committed
+            if resume_from is None:
+                earliest = await consumer.earliest_offsets(partition.tp)
+                resume_from = earliest.get(partition.tp) or 0
+            await unstick(consumer, partition, stalled_s, resume_from)
 
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

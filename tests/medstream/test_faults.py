@@ -298,6 +298,18 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
     assert copied.returncode == 2 and copied.stdout == "", copied.stdout + copied.stderr
     assert (f"{copy} and {first} hold the same trials (worker #1 (seed 1), worker #2 (seed 2), "
             "suite seed 1): each would count twice") in copied.stderr
+    # A merged file merged again (with a new sitting): each original run is named with
+    # its own settings (they printed "None events at None/s").
+    third = tmp_path / "third.json"
+    write_json(third, suite_json(
+        [result("sink", number=2)], {"trials": 1, "kinds": ["sink"], "events": 500,
+                                             "rate": 50.0, "seed": 3, "broker": "tansu"}))
+    again = merge(tmp_path / "all.json", third)
+    assert again.returncode == 1, again.stdout + again.stderr
+    assert (f"{first} (via {tmp_path / 'all.json'}): 2 trials of worker, 8000 events at 400.0/s"
+            in again.stdout), again.stdout
+    assert f"{third}: 1 trials of sink, 500 events at 50.0/s, broker tansu, seed 3" in again.stdout
+    assert "None" not in again.stdout
     remerged = merge(tmp_path / "all.json", second)
     assert remerged.returncode == 2, remerged.stdout + remerged.stderr
     assert (f"{second} and {tmp_path / 'all.json'} hold the same trials (sink #1 (seed 1), "

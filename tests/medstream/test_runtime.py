@@ -357,3 +357,51 @@ def test_a_partition_not_read_to_its_end_in_time_is_an_error_never_a_count(
     absent = (kafka.topic("never-created"), 0)  # no end-of-partition ever comes
     with pytest.raises(ReadUnfinished, match=r"never-created\[0\] not read to the end within 1s"):
         count_records(kafka, {absent: 0}, {absent: 10}, timeout_s=1.0)
+
+
+def test_before_its_last_drain_up_stops_the_timers_of_the_workers_that_handle_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Timer output made after the drain measured nothing left (device silence findings
+    # for every device once the simulator stopped) was never read by the alert lifecycle:
+    # 181 records left on alerts.lifecycle and exit 1 in one `up --exit-when-done` run.
+    import medstream.supervisor as supervisor_module
+
+    monkeypatch.setattr(supervisor_module, "TIMERS_SETTLE_S", 0.1)
+    supervisor = Supervisor(
+        KafkaSettings(), ClickHouseSettings(), RuntimeSettings(data_dir=tmp_path),
+        StreamSettings(), out=lambda line: None,
+    )
+    told = tmp_path / "told"
+
+    def worker(name: str, scraped: bool) -> Child:
+        process = subprocess.Popen(
+            [sys.executable, "-c",
+             "import pathlib, signal, sys, time\n"
+             f"signal.signal(signal.SIGUSR2, lambda *a: pathlib.Path({str(told)!r}, "
+             f"{name!r}).touch())\n"
+             "print('ready', flush=True)\n"
+             "time.sleep(600)\n"],
+            stdout=subprocess.PIPE, text=True,
+        )
+        assert process.stdout is not None and process.stdout.readline() == "ready\n"
+        child = Child(name, [], 0, process=process)
+        child.restart.started_at = 1.0
+        child.values_from = 1.0 if scraped else None
+        return child
+
+    told.mkdir()
+    ready, starting = worker("streams-0", scraped=True), worker("streams-1", scraped=False)
+    try:
+        assert supervisor._stop_timers([ready, starting]) is True
+        wait_for(lambda: (told / "streams-0").exists(), 5, "the signal to arrive")
+        # One not scraped since it started may still be starting: SIGUSR2's default action
+        # would end it, so it is not sent.
+        assert sorted(p.name for p in told.iterdir()) == ["streams-0"]
+        assert ready.process is not None and ready.process.poll() is None
+        assert supervisor._stop_timers([starting]) is False
+    finally:
+        for child in (ready, starting):
+            assert child.process is not None
+            child.process.kill()
+            child.process.wait()

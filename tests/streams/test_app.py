@@ -206,3 +206,20 @@ def test_a_seek_to_the_committed_offsets_keeps_what_the_worker_committed_meanwhi
         consumer._acked[moved].append(offset)
         consumer._acked_index[moved].add(offset)
     assert consumer._filter_committable_offsets([moved]) == {moved: 18}
+
+
+def test_sigusr2_stops_the_timers_that_make_output_and_nothing_else() -> None:
+    ticks: list[str] = []
+
+    @streams_app.until_timers_stopped
+    async def device_tick() -> None:
+        ticks.append("tick")
+
+    worker = streams_app.StreamsWorker.__new__(streams_app.StreamsWorker)
+    try:
+        asyncio.run(device_tick())
+        worker._on_sigusr2()
+        asyncio.run(device_tick())
+        assert ticks == ["tick"]
+    finally:
+        streams_app.TIMERS_STOPPED.clear()
