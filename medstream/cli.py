@@ -437,11 +437,14 @@ def streams(metrics_port: MetricsPort = 0) -> None:
     # Until the worker installs its own handler: SIGUSR2 stops its timers (`up` sends it
     # before its last drain), it must never end a worker still starting.
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-
     from medstream.audit import AuditTrail, BackgroundAudit, config_change_recorder
+    from medstream.settings import TIMERS_STOPPED_ENV
     from schemas.serde import registry_from_url
-    from streams.app import StreamsWorker, create_app
+    from streams.app import TIMERS_STOPPED, StreamsWorker, create_app
     from streams.reloading import on_reload
+
+    if os.environ.get(TIMERS_STOPPED_ENV) == "1":  # started by `up` during its stop
+        TIMERS_STOPPED.set()
 
     kafka = _kafka_for_client()
     registry = registry_from_url(RegistrySettings().url)

@@ -372,6 +372,11 @@ def read_suites(paths: Sequence[Any]) -> tuple[list[TrialResult], list[dict[str,
                 body = json.load(handle)
             trials = [TrialResult.from_dict(trial) for trial in body["trials"]]
             setting = dict(body["settings"])
+            if "merged" in setting and not all(
+                isinstance(inner, dict) and "trials_run" in inner and "file" in inner
+                for inner in setting["merged"]
+            ):
+                raise ValueError("its merged settings name no file and trial count")
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{path}: not a fault suite result ({exc})") from exc
         _refuse_trials_seen(trials, setting.get("seed"), str(path), trials_seen)

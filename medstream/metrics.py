@@ -118,8 +118,9 @@ CONSUMER_LAG = Gauge(
 )
 STALLED_PARTITIONS = Counter(
     "medstream_stalled_partitions",
-    "Held partitions found with records to read that nothing read for a while, then read "
-    "again from their committed offset (streams.stall_watch), by stage and topic",
+    "Partitions a stream worker held but did not finish for 20 s (records not fetched, or a "
+    "committed offset stuck behind records fetched), then read again from their committed "
+    "offset (streams.stall_watch); stage is streams",
     ["stage", "topic"],
 )
 TABLE_STATE_REPLAYS = Counter(

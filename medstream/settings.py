@@ -57,6 +57,10 @@ BrokerKind = Literal["kafka", "tansu"]
 TANSU_CLUSTER_PREFIX = "medstream-"
 
 
+#: Set by `up` for stream workers it starts after it stopped the workers' timers (its stop):
+#: they start with their timers stopped (streams.app.TIMERS_STOPPED).
+TIMERS_STOPPED_ENV = "MEDSTREAM_STREAMS_TIMERS_STOPPED"
+
 class KafkaSettings(BaseSettings):
     """How to reach Kafka; empty bootstrap servers means "start the embedded broker"."""
 

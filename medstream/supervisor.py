@@ -64,6 +64,7 @@ from medstream.runtime import (
 )
 from medstream.settings import (
     RAW_TOPICS,
+    TIMERS_STOPPED_ENV,
     AuditSettings,
     ClickHouseSettings,
     ConsoleSettings,
@@ -416,6 +417,7 @@ class Supervisor:
         self._broker_restart = RestartPolicy()
         self._broker_lost_records = False  # a memory-only broker died during this run
         self._running = False  # every component started (a stop then drains first)
+        self._timers_told: set[int] = set()  # pids of workers sent SIGUSR2
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: stop at the next tick (draining); a second signal stops at once."""
@@ -980,10 +982,12 @@ class Supervisor:
                 killed.append(child.name)
         return killed
 
-    def _drain(self) -> None:
+    def _drain(self, deadline: float, quiet: bool = False) -> bool:
         """Keep the workers and the sink running (restarting them if they die) until their
-        groups have committed every record in their topics, the drain timeout is up, or a
-        second stop request came; a progress line every status interval."""
+        groups have committed every record in their topics, the drain deadline (one for
+        the whole stop) is up, or a second stop request came; a progress line every status
+        interval. True when drained. ``quiet``: no "drained" line (said once already);
+        workers that became ready meanwhile are told to stop their timers."""
         kafka = self._client_kafka
         assert kafka is not None
         groups = pipeline_groups(kafka, self.streams.app_id, SinkSettings().group_id)
@@ -991,14 +995,17 @@ class Supervisor:
         started = time.monotonic()
         next_line = started
         while True:
+            if quiet:
+                self._tell_timers_stopped([c for c in self.children
+                                           if c.name.startswith("streams")])
             try:
                 backlog: Backlog | None = self._measure_unless_stopped_now(groups)
             except BacklogUnknown as exc:
                 backlog, unknown = None, str(exc)
             if backlog is not None and backlog.total == 0:
-                if time.monotonic() - started > 1.0:
+                if time.monotonic() - started > 1.0 and not quiet:
                     self.out("drained: every accepted record is stored")
-                return
+                return True
             left = (
                 f"{backlog.total:,} records still to store ({backlog.parts()})"
                 if backlog is not None
@@ -1007,25 +1014,33 @@ class Supervisor:
             now = time.monotonic()
             if self._stop_now.is_set():
                 self.out(f"second stop request: not waiting for {left}")
-                return
-            if now - started >= timeout_s:
+                return False
+            if now >= deadline:
                 self.out(
                     f"drain timeout ({timeout_s:.0f}s, MEDSTREAM_DRAIN_TIMEOUT_S or "
                     f"--drain-timeout) reached with {left}"
                 )
-                return
+                return False
             if now >= next_line:
-                self.out(f"draining: {left} ... {now - started:.0f}s of {timeout_s:.0f}s")
+                spent = timeout_s - (deadline - now)
+                self.out(f"draining: {left} ... {spent:.0f}s of {timeout_s:.0f}s")
                 next_line = now + self.runtime.status_interval_s
             try:
                 self._tend_broker()
             except ComponentFailed as exc:
                 self.out(f"error: {exc}")
-                return
+                return False
             self._restart_dead()
             self._stop_now.wait(TICK_S)
 
     def _stop_timers(self, workers: list[Child]) -> bool:
+        """See :meth:`_tell_timers_stopped`; from now on a worker started or restarted
+        starts with its timers stopped (MEDSTREAM_STREAMS_TIMERS_STOPPED)."""
+        if self._env:
+            self._env[TIMERS_STOPPED_ENV] = "1"
+        return self._tell_timers_stopped(workers)
+
+    def _tell_timers_stopped(self, workers: list[Child]) -> bool:
         """Ask the running stream workers to stop making timer output (SIGUSR2: device
         silence, escalations, feed watch) and give a tick under way TIMERS_SETTLE_S to
         publish, so that the drain after it leaves nothing they made for the alert
@@ -1035,10 +1050,15 @@ class Supervisor:
         running = [c for c in workers if c.state() == "running"]
         if not running or self._stop_now.is_set():
             return False
+        told = []
         for child in running:
             assert child.process is not None
-            child.process.send_signal(signal.SIGUSR2)
-        self._stop_now.wait(TIMERS_SETTLE_S)
+            if child.process.pid not in self._timers_told:
+                child.process.send_signal(signal.SIGUSR2)
+                self._timers_told.add(child.process.pid)
+                told.append(child)
+        if told:
+            self._stop_now.wait(TIMERS_SETTLE_S)
         return not self._stop_now.is_set()
 
     def _measure_unless_stopped_now(self, groups: list[ConsumerGroup]) -> Backlog:
@@ -1109,9 +1129,11 @@ class Supervisor:
         if self._running and self._stop_now.is_set():
             self.out("second stop request: stopping without draining")
         elif self._running:
-            self._drain()
-            if self._stop_timers([c for c in self.children if stage(c) == 1]):
-                self._drain()
+            deadline = time.monotonic() + self.runtime.drain_timeout_s
+            if self._drain(deadline) and self._stop_timers(
+                [c for c in self.children if stage(c) == 1]
+            ):
+                self._drain(deadline, quiet=True)
         killed += self._stop_all([c for c in self.children if stage(c) == 1])
         killed += self._stop_all([c for c in self.children if stage(c) == 2])
         unstored = self._left_unstored()

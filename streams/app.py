@@ -59,7 +59,6 @@ from medstream.metrics import (
     READY,
     RECORDS_IN,
     RECORDS_OUT,
-    STALLED_PARTITIONS,
     PartitionPosition,
     labelled,
     report_consumer_lag,
@@ -94,7 +93,7 @@ from streams.recovery import CheckedTableManager, tansu_log_ends
 from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
-from streams.stall_watch import HeldPartition, StallWatch, faust_state, unstick
+from streams.stall_watch import StallWatch, watch_and_unstick
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
 from streams.transactions import TransactionGate, current_transactional_id, hold_changelog
 
@@ -102,8 +101,6 @@ DEFAULT_FETCH_WAIT_MS = 20
 EXIT_DELIVERY_FAILED = 70
 #: Exit code of a worker stopped by too many internal errors in a row (stops_on_storm).
 EXIT_INTERNAL_ERROR_STORM = 71
-#: A partition stalled under exactly_once (streams.stall_watch): read again after a restart.
-EXIT_STALLED = 72
 #: Seconds between timer ticks of the rule families and of the alert lifecycle.
 DETECT_TICK_S = 30.0
 LIFECYCLE_TICK_S = 15.0
@@ -154,7 +151,8 @@ def stops_on_storm(agent: Callable[[faust.StreamT], Awaitable[None]]
     return guarded
 
 
-#: Set when the worker was asked to stop making timer output (SIGUSR2, :class:`StreamsWorker`).
+#: Set when the worker was asked to stop making timer output (SIGUSR2, :class:`StreamsWorker`,
+#: or started with TIMERS_STOPPED_ENV=1 by `up` during its stop).
 TIMERS_STOPPED = threading.Event()
 
 
@@ -212,6 +210,10 @@ class StreamsApp(faust.App):
     tansu_watermarks: bool = False
     #: Set under exactly_once: records and commits take turns (streams.transactions).
     transaction_gate: TransactionGate | None = None
+    #: Topics whose every offset is a record (the raw topics: collectors and the simulator
+    #: write them without transactions): a jump in what Faust delivers there is records
+    #: it dropped, never a gap to acknowledge.
+    contiguous_topics: frozenset[str] = frozenset()
 
     @cached_property
     def flow_control(self) -> FlowControlEvent:
@@ -255,10 +257,73 @@ def fetched_high_watermark(consumer: Consumer, tp: TP) -> int | None:
 
 
 class ShortFetchConsumer(Consumer):
-    """Faust consumer using :class:`ShortFetchConsumerThread`."""
+    """Faust consumer using :class:`ShortFetchConsumerThread`; at least once, it never
+    commits past a record of a contiguous topic that no agent acknowledged, and it
+    records only commits the broker took."""
 
     def _new_consumer_thread(self) -> ShortFetchConsumerThread:
         return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
+
+    def _guards_contiguous(self, tp: TP) -> bool:
+        return (getattr(self.app, "transaction_gate", None) is None
+                and tp.topic in getattr(self.app, "contiguous_topics", ()))
+
+    async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
+        """Faust takes a jump in the offsets it delivers for a gap (transaction markers,
+        compaction) and acknowledges the skipped offsets. On a contiguous topic they are
+        records it dropped (its read offset was ahead of the fetch position after a
+        rebalance): acknowledged, the commit went past 4 records no agent processed. They
+        stay unacknowledged here; the stall watch reads them again (streams.stall_watch)."""
+        if not self._guards_contiguous(tp):
+            await super()._add_gap(tp, offset_from, offset_to)
+            return
+        # After a rebalance Faust sets its read offset back behind records it delivered
+        # already: a jump over those is no loss. Said only for offsets no agent has.
+        committed = self._committed_offset.get(tp) or 0
+        in_hand = {m.offset for m in list(self._unacked_messages) if m.tp == tp}
+        missing = [o for o in range(max(offset_from, committed), offset_to)
+                   if o not in self._acked_index[tp] and o not in in_hand]
+        if missing:
+            log.warning("%s[%d]: Faust jumped over %d records (%d-%d) no agent has "
+                        "processed; not acknowledging them: the stall watch reads them again",
+                        tp.topic, tp.partition, len(missing), missing[0], missing[-1])
+
+    def _new_offset(self, tp: TP) -> int | None:
+        """Faust's next offset to commit, except that on a contiguous topic the lowest
+        acknowledged offset must be the committed one (Faust lets one record through: it
+        reads its committed offset as the last one processed, not as the next)."""
+        acked = self._acked.get(tp)
+        committed = self._committed_offset.get(tp)
+        if acked and committed is not None and self._guards_contiguous(tp):
+            gap = self._gap.get(tp)
+            if min(acked) > committed and not (gap and gap.overlaps(committed)):
+                return None
+        return cast(int | None, super()._new_offset(tp))
+
+    async def _commit_offsets(
+        self, offsets: Mapping[TP, int], start_new_transaction: bool = True
+    ) -> bool:
+        """Faust's commit, except that a commit the broker refused ("already rebalanced")
+        is not recorded as done: Faust's committed offset would stand above the group's,
+        and the seek after the rebalance would skip the records in between."""
+        before = {tp: self._committed_offset.get(tp) for tp in offsets}
+        committed = await super()._commit_offsets(offsets, start_new_transaction)
+        if committed or getattr(self.app, "transaction_gate", None) is not None:
+            return committed
+        assignment = self.assignment()
+        for tp, offset in offsets.items():
+            previous = before[tp]
+            if previous is None or tp not in assignment:
+                self._committed_offset.pop(tp, None)
+                continue
+            self._committed_offset[tp] = previous
+            if self._guards_contiguous(tp):
+                # Acknowledged again (Faust took them off its list), so the next commit
+                # covers them; elsewhere the hole is read again by the stall watch.
+                again = [o for o in range(previous, offset) if o not in self._acked_index[tp]]
+                self._acked[tp].extend(again)
+                self._acked_index[tp].update(again)
+        return committed
 
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Commit; under exactly_once by the gate, which knows which offsets each open
@@ -333,14 +398,25 @@ class ShortFetchConsumer(Consumer):
         for partition, offset in read.items():
             tp = ensure_TP(partition)
             own = self._committed_offset.get(tp)
-            committed[tp] = offset if own is None or offset is None else max(own, offset)
+            committed[tp] = (
+                offset if own is None else own if offset is None else max(own, offset)
+            )
+        never = [tp for tp, offset in committed.items()
+                 if offset is None and self._guards_contiguous(tp)]
+        if never:
+            # Never committed: reading starts at the log start (auto_offset_reset
+            # earliest), which is then the offset the first acknowledgement must be.
+            committed.update(await self.earliest_offsets(*never))
         self._read_offset.update(
-            {tp: offset if offset is not None and offset >= 0 else None
+            {tp: offset if offset is not None and offset >= 0 and tp not in never else None
              for tp, offset in committed.items()}
         )
-        self._committed_offset.update(
-            {tp: offset or None for tp, offset in committed.items() if offset is not None}
-        )
+        # Faust keeps 0 as None (its committed offset reads as the last one processed);
+        # a contiguous topic's strict commit needs the 0 (streams.stall_watch).
+        self._committed_offset.update({
+            tp: offset if offset or self._guards_contiguous(tp) else None
+            for tp, offset in committed.items() if offset is not None
+        })
 
 
 class IdempotentProducer(Producer):
@@ -516,10 +592,9 @@ def create_app(
     app.fetch_wait_max_ms = kafka.fetch_wait
     app.idempotent_producer = not kafka.tansu
     app.tansu_watermarks = kafka.tansu
+    app.contiguous_topics = frozenset(kafka.topic(name) for name in RAW_TOPICS.values())
     if settings.exactly_once:
-        app.transaction_gate = TransactionGate(
-            app, frozenset(kafka.topic(name) for name in RAW_TOPICS.values())
-        )
+        app.transaction_gate = TransactionGate(app, app.contiguous_topics)
     gate = app.transaction_gate
 
     async def records(stream: faust.StreamT) -> AsyncIterator[faust.EventT]:
@@ -843,40 +918,16 @@ def create_app(
             ))
         report_consumer_lag(STAGE, topic_lags(positions), lag_topics)
 
-    stall_watch = StallWatch()
+    stall_watch = StallWatch(holes=app.transaction_gate is None)
 
     @app.timer(LAG_REPORT_S)
     async def watch_stalls() -> None:
-        # A held partition with records to read that nothing reads (streams.stall_watch).
-        consumer = cast(ShortFetchConsumer, app.consumer)
-        changelogs = app.tables.changelog_topics
-        read_offsets = app.monitor.tp_read_offsets
-        committed = consumer._committed_offset
-        unprocessed: dict[TP, int] = {}
-        for message in list(consumer._unacked_messages):
-            unprocessed[message.tp] = unprocessed.get(message.tp, 0) + 1
-        held = [
-            HeldPartition(tp, fetched_high_watermark(consumer, tp), read_offsets.get(tp),
-                          committed.get(tp), unprocessed.get(tp, 0))
-            for tp in consumer.assignment() if tp.topic not in changelogs
-        ]
-        busy = bool(app.rebalancing or getattr(app, "in_recovery", False))
-        for partition, stalled_s in stall_watch.stalled(held, busy):
-            labelled(STALLED_PARTITIONS, STAGE, partition.tp.topic).inc()
-            if app.transaction_gate is not None:
-                # The gate's bookkeeping assumes one seek per assignment: a restart reads
-                # the partition again from its committed offset.
-                log.critical("%s[%d] stalled with %d records to read (%s); exiting (code %d) "
-                             "to read it again from its committed offset",
-                             partition.tp.topic, partition.tp.partition, partition.to_read,
-                             faust_state(consumer, partition.tp), EXIT_STALLED)
-                logging.shutdown()
-                os._exit(EXIT_STALLED)
-            resume_from = partition.committed
-            if resume_from is None:
-                earliest = await consumer.earliest_offsets(partition.tp)
-                resume_from = earliest.get(partition.tp) or 0
-            await unstick(consumer, partition, stalled_s, resume_from)
+        # Partitions held but left behind (streams.stall_watch); never ends the worker.
+        try:
+            await watch_and_unstick(app, stall_watch)
+        except Exception as exc:
+            log.warning("the stall watch failed (%r); it looks again in %.0fs",
+                        exc, LAG_REPORT_S)
 
     for noisy in ("aiokafka", "faust", "mode"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

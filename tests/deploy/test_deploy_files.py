@@ -107,7 +107,7 @@ def test_prometheus_configuration_and_rules_pass_promtool_and_their_unit_tests()
         capture_output=True, text=True,
     )
     assert config.returncode == 0, config.stdout + config.stderr
-    assert "SUCCESS: 19 rules found" in config.stdout
+    assert "SUCCESS: 20 rules found" in config.stdout
     tests = subprocess.run([promtool, "test", "rules", "medstream.rules.test.yml"],
                            cwd=DEPLOY / "prometheus" / "tests", capture_output=True, text=True)
     assert tests.returncode == 0, tests.stdout + tests.stderr

@@ -190,17 +190,31 @@ def test_a_seek_to_the_committed_offsets_keeps_what_the_worker_committed_meanwhi
     kafka = KafkaSettings(bootstrap_servers="127.0.0.1:1")
     consumer = streams_app.create_app(kafka, _settings(), serde.ManifestRegistry()).consumer
     moved, quiet = TP("raw.device", 0), TP("raw.device", 1)
+    # Never committed at the broker when the seek read it: one the worker committed
+    # meanwhile (its first records), one nobody ever committed.
+    first, fresh = TP("raw.device", 2), TP("raw.device", 3)
 
-    async def committed_offsets_read_before_a_commit() -> dict[TP, int]:
+    async def committed_offsets_read_before_a_commit() -> dict[TP, int | None]:
         """Stands in for aiokafka's seek_to_committed (a round trip to the group coordinator);
-        the worker commits records 10-14 of one partition while it runs."""
+        the worker commits records 10-14 of one partition and 0-4 of another while it runs."""
         consumer._committed_offset[moved] = 15
-        return {moved: 10, quiet: 7}
+        consumer._committed_offset[first] = 5
+        return {moved: 10, quiet: 7, first: None, fresh: None}
+
+    async def log_starts(*tps: TP) -> dict[TP, int]:
+        """Stands in for a ListOffsets request (the earliest offsets)."""
+        return dict.fromkeys(tps, 0)
 
     consumer.seek_to_committed = committed_offsets_read_before_a_commit  # type: ignore[method-assign]
+    consumer.earliest_offsets = log_starts  # type: ignore[method-assign]
     asyncio.run(consumer.perform_seek())
     assert (consumer._committed_offset[moved], consumer._committed_offset[quiet]) == (15, 7)
     assert (consumer._read_offset[moved], consumer._read_offset[quiet]) == (15, 7)
+    # Its own commit stands (it was set back to nothing, and then to the log start, where
+    # the commit waited for records it had processed already: a partition stalled 20 s).
+    assert (consumer._committed_offset[first], consumer._read_offset[first]) == (5, 5)
+    # Nobody's: reading starts at the log start, the first acknowledgement must be there.
+    assert (consumer._committed_offset[fresh], consumer._read_offset[fresh]) == (0, None)
     # Records 15-17 processed after it are committed (Faust's own rule): the offset moves on.
     for offset in (15, 16, 17):
         consumer._acked[moved].append(offset)
