@@ -284,8 +284,9 @@ class ShortFetchConsumer(Consumer):
         missing = [o for o in range(max(offset_from, committed), offset_to)
                    if o not in self._acked_index[tp] and o not in in_hand]
         if missing:
-            log.warning("%s[%d]: Faust jumped over %d records (%d-%d) no agent has "
-                        "processed; not acknowledging them: the stall watch reads them again",
+            log.warning("%s[%d]: Faust jumped over %d records (%d-%d) not acknowledged "
+                        "nor in an agent's hands; not acknowledging them: if no agent "
+                        "processes them, the stall watch reads them again",
                         tp.topic, tp.partition, len(missing), missing[0], missing[-1])
 
     def _new_offset(self, tp: TP) -> int | None:
@@ -303,27 +304,34 @@ class ShortFetchConsumer(Consumer):
     async def _commit_offsets(
         self, offsets: Mapping[TP, int], start_new_transaction: bool = True
     ) -> bool:
-        """Faust's commit, except that a commit the broker refused ("already rebalanced")
-        is not recorded as done: Faust's committed offset would stand above the group's,
-        and the seek after the rebalance would skip the records in between."""
-        before = {tp: self._committed_offset.get(tp) for tp in offsets}
-        committed = await super()._commit_offsets(offsets, start_new_transaction)
-        if committed or getattr(self.app, "transaction_gate", None) is not None:
-            return committed
+        """Faust's commit (at least once: flush the outputs, then commit), except that a
+        commit the broker refused ("already rebalanced") is not recorded as done: Faust
+        records it anyway, so its committed offset stood above the group's and the seek
+        after the rebalance skipped the records in between."""
+        if getattr(self.app, "transaction_gate", None) is not None or self.in_transaction:
+            return cast(bool, await super()._commit_offsets(offsets, start_new_transaction))
         assignment = self.assignment()
-        for tp, offset in offsets.items():
+        committable = {tp: offset for tp, offset in offsets.items() if tp in assignment}
+        if not committable:
+            return False  # revoked meanwhile: their next owner processes them again
+        before = {tp: self._committed_offset.get(tp) for tp in committable}
+        await self.app.producer.flush()
+        if await self._commit(committable):
+            self.app.tables.on_commit(committable)
+            self._committed_offset.update(committable)
+            self.app.monitor.on_tp_commit(committable)
+            return True
+        for tp, offset in committable.items():
             previous = before[tp]
-            if previous is None or tp not in assignment:
-                self._committed_offset.pop(tp, None)
-                continue
-            self._committed_offset[tp] = previous
-            if self._guards_contiguous(tp):
-                # Acknowledged again (Faust took them off its list), so the next commit
-                # covers them; elsewhere the hole is read again by the stall watch.
+            if (previous is not None and self._committed_offset.get(tp) == previous
+                    and self._guards_contiguous(tp)):
+                # Faust took them off its acknowledged list for this commit: put back,
+                # so the next commit covers them (elsewhere the stall watch reads the
+                # hole again). Not after a seek meanwhile: that one stands.
                 again = [o for o in range(previous, offset) if o not in self._acked_index[tp]]
                 self._acked[tp].extend(again)
                 self._acked_index[tp].update(again)
-        return committed
+        return False
 
     async def force_commit(self, topics: Any = None, start_new_transaction: bool = True) -> bool:
         """Commit; under exactly_once by the gate, which knows which offsets each open
@@ -393,20 +401,23 @@ class ShortFetchConsumer(Consumer):
         and committed meanwhile, a partition's group offset never moved again (a drain that
         never completed after a restart: raw.device 31 records behind, everything stored).
         """
-        read = await self.seek_to_committed()
+        read = {ensure_TP(tp): offset for tp, offset in (await self.seek_to_committed()).items()}
+        # Never committed at the broker: reading starts at the log start (auto_offset_reset
+        # earliest), which is then the offset the first acknowledgement must be. Asked
+        # before this worker's own commits are read, so none made meanwhile is undone.
+        unknown = [tp for tp, offset in read.items()
+                   if offset is None and self._guards_contiguous(tp)]
+        log_starts = dict(await self.earliest_offsets(*unknown)) if unknown else {}
         committed: dict[TP, int | None] = {}
-        for partition, offset in read.items():
-            tp = ensure_TP(partition)
+        never: set[TP] = set()
+        for tp, offset in read.items():
             own = self._committed_offset.get(tp)
+            if own is None and offset is None and tp in log_starts:
+                never.add(tp)
+                offset = log_starts[tp]
             committed[tp] = (
                 offset if own is None else own if offset is None else max(own, offset)
             )
-        never = [tp for tp, offset in committed.items()
-                 if offset is None and self._guards_contiguous(tp)]
-        if never:
-            # Never committed: reading starts at the log start (auto_offset_reset
-            # earliest), which is then the offset the first acknowledgement must be.
-            committed.update(await self.earliest_offsets(*never))
         self._read_offset.update(
             {tp: offset if offset is not None and offset >= 0 and tp not in never else None
              for tp, offset in committed.items()}

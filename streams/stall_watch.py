@@ -1,25 +1,28 @@
 """A worker's watch over the partitions it holds but does not finish.
 
 Faust can leave a partition behind without any error (seen in a worker-kill fault trial,
-from the broker's own logs): after a rebalance its read offset was past records it had
-never handed to an agent (they were in a stream queue cleared at the revoke), so it
-dropped them as "already read" when they were fetched again. On one partition the hole
-in its acknowledgements then held the commit back for good (73 records behind, the worker
+from the broker's own logs): after the rebalance its read offset was past records it had
+never handed to an agent (they were in a stream queue cleared at the revoke), so it dropped
+them as "already read" when they were fetched again. On one partition the hole in its
+acknowledgements then held the commit back for good (73 records behind, the worker
 reporting lag 0); on another the jump was taken for a gap and acknowledged, so the commit
 went past 4 records no agent had processed (lost). :class:`streams.app.ShortFetchConsumer`
-no longer acknowledges such jumps; this watch finds the partitions left behind either way:
+no longer acknowledges such jumps on raw topics; this watch finds partitions left behind:
 
-- records to fetch (the high watermark past the fetch position) that nothing fetches, or
-- at least once: records fetched past the committed offset while nothing of the topic is
-  in an agent's hands or queue (a hole the commit cannot pass),
+- a commit held back by a hole (records acknowledged past the committed offset, which has
+  not moved), whatever the traffic;
+- records fetched past the committed offset with nothing acknowledged after it, or
+  records to fetch (the high watermark past the fetch position) that nothing fetches,
+  once nothing of the topic is in an agent's hands or queue,
 
-with neither position moving for ``STALL_AFTER_S`` and no rebalance or recovery under way.
-It says so (a WARNING with Faust's state for the partition, a metric) and, at least once,
-reads the partition again from its committed offset (what was processed comes again and is
-collapsed by event id downstream). A hole that is still there after that is not records
-(transaction markers of an earlier exactly_once run, compaction, retention): it is accepted
-as a gap, logged and counted. Under exactly_once the transaction gate refuses any offset
-jump itself (the worker stops and reads again), so the watch only warns there.
+for ``STALL_AFTER_S``, with no rebalance or table recovery under way. It says so (a
+WARNING with Faust's state for the partition, a metric) and, at least once, reads the
+partition again from its committed offset (what was processed comes again and is collapsed
+by event id downstream). A hole is accepted as a gap only where it holds no records: on a
+raw topic (every offset a record) only what the broker's retention deleted, said as a
+loss; elsewhere what reading again did not fill (transaction markers of an earlier
+exactly_once run, compaction). Under exactly_once the transaction gate stops the worker on
+a jump in a raw partition, and the watch only warns.
 """
 
 from __future__ import annotations
@@ -55,6 +58,11 @@ class HeldPartition:
     committed: int | None
     #: Records of its topic in an agent's hands or queue (the agent has work: not stalled).
     topic_busy: bool = False
+    #: The lowest offset agents acknowledged that Faust has not committed yet (None: none).
+    lowest_acked: int | None = None
+    #: A record of this partition below ``lowest_acked`` is in an agent's hands, or a commit
+    #: is under way: the commit is not held by a hole.
+    settling: bool = False
 
     @property
     def to_fetch(self) -> int:
@@ -69,6 +77,15 @@ class HeldPartition:
         if self.position is None or self.committed is None:
             return 0
         return max(0, self.position - self.committed)
+
+    @property
+    def held_back(self) -> bool:
+        """Records were acknowledged past a hole at the committed offset: the commit cannot
+        move whatever the traffic (Faust commits from the committed offset on only)."""
+        return (
+            self.committed is not None and self.lowest_acked is not None
+            and self.lowest_acked > self.committed and not self.settling
+        )
 
 
 @dataclass(frozen=True)
@@ -85,8 +102,7 @@ class Stall:
 
 @dataclass
 class _Seen:
-    position: int | None
-    committed: int | None
+    state: tuple[str, int | None, int | None]
     since: float
     repeats: int = 0
 
@@ -105,38 +121,52 @@ class StallWatch:
     _seen: dict[TP, _Seen] = field(default_factory=dict)
     #: (tp, committed, position) of holes accepted as gaps: not reported again.
     accepted: set[tuple[TP, int | None, int | None]] = field(default_factory=set)
+    #: (tp, committed, position) of partitions read again: a hole found again at the same
+    #: place after that holds no records.
+    sought: set[tuple[TP, int | None, int | None]] = field(default_factory=set)
 
     def stalled(self, held: Iterable[HeldPartition], busy: bool) -> list[Stall]:
         """The partitions stalled for at least ``after_s``.
 
+        Three kinds, each with what counts as progress:
+        - a hole holding the commit back (acknowledged records past the committed offset):
+          the committed offset, whatever the traffic;
+        - a hole at the end (fetched past the committed offset, nothing acknowledged
+          after it) and records to fetch that are not fetched: the fetch position and the
+          committed offset, only while nothing of the topic is in an agent's hands or
+          queue (else the agent is slow, not stalled).
         ``busy`` (a rebalance or a table recovery under way) restarts every clock: Faust
-        pauses partitions then on purpose. A partition whose position or committed offset
-        moved, with nothing left to do, or of a topic with records in an agent's hands or
-        queue, restarts its own. A partition reported stalled restarts it too (reported
-        once a period) and counts a repeat while its positions stay the same.
+        pauses partitions then on purpose. A partition reported stalled restarts its clock
+        (reported once a period) and counts a repeat while it stays the same.
         """
         now = self.clock()
         current: dict[TP, _Seen] = {}
         stalls: list[Stall] = []
         for partition in held:
-            seen = self._seen.get(partition.tp)
-            positions = (partition.position, partition.committed)
-            moved = seen is None or (seen.position, seen.committed) != positions
-            hole = (
-                self.holes and partition.unfinished > 0
-                and (partition.tp, partition.committed, partition.position) not in self.accepted
+            tp = partition.tp
+            accepted = (tp, partition.committed, partition.position) in self.accepted
+            held_back = self.holes and partition.held_back
+            trailing = (
+                self.holes and not held_back and partition.lowest_acked is None
+                and partition.unfinished > 0 and not accepted and not partition.topic_busy
             )
-            idle = partition.to_fetch == 0 and not hole
-            if busy or idle or partition.topic_busy or seen is None:
-                current[partition.tp] = _Seen(*positions, now)
+            unfetched = partition.to_fetch > 0 and not partition.topic_busy
+            if busy or not (held_back or trailing or unfetched):
                 continue
-            if moved:
-                current[partition.tp] = _Seen(*positions, now)
+            # What must not move for it to be a stall.
+            state = (
+                ("held back", partition.committed, None) if held_back
+                else ("stuck", partition.committed, partition.position)
+            )
+            seen = self._seen.get(tp)
+            if seen is None or seen.state != state:
+                current[tp] = _Seen(state, now)
                 continue
             if now - seen.since >= self.after_s:
-                stalls.append(Stall(partition, now - seen.since, hole, seen.repeats + 1))
-                seen = _Seen(*positions, now, seen.repeats + 1)
-            current[partition.tp] = seen
+                stalls.append(Stall(partition, now - seen.since, held_back or trailing,
+                                    seen.repeats + 1))
+                seen = _Seen(state, now, seen.repeats + 1)
+            current[tp] = seen
         self._seen = current
         return stalls
 
@@ -192,14 +222,24 @@ def held_partitions(app: Any) -> list[HeldPartition]:
     positions = fetch_positions(consumer, tps)
     committed = consumer._committed_offset
     busy = busy_topics(app)
+    committing = consumer._commit_fut is not None
+    in_hand: dict[TP, list[int]] = {}
+    for message in list(consumer._unacked_messages):
+        if not message.acked:
+            in_hand.setdefault(message.tp, []).append(message.offset)
     held = []
     for tp in tps:
         try:
             high = consumer.highwater(tp)
         except AssertionError:  # revoked meanwhile (the consumer runs in its own thread)
             continue
+        acked = consumer._acked.get(tp)
+        lowest = min(acked) if acked else None
+        settling = committing or (
+            lowest is not None and any(o < lowest for o in in_hand.get(tp, ()))
+        )
         held.append(HeldPartition(tp, high, positions.get(tp), committed.get(tp),
-                                  tp.topic in busy))
+                                  tp.topic in busy, lowest, settling))
     return held
 
 
@@ -210,30 +250,45 @@ def rebalancing(app: Any) -> bool:
 
 async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
     """One look over the held partitions; each stalled one is reported and, at least once,
-    read again from its committed offset, or its hole accepted as a gap when reading it
-    again did not fill it."""
+    read again from its committed offset. A hole is accepted as a gap only where it holds
+    no records: on a raw topic only what retention deleted (said as a loss), elsewhere
+    what reading again from the committed offset did not fill."""
     for stall in watch.stalled(held_partitions(app), rebalancing(app)):
         partition = stall.partition
         tp = partition.tp
         consumer = app.consumer
-        what = (
-            f"{partition.unfinished} offsets fetched past its committed offset "
-            f"{partition.committed} not finished" if stall.hole
-            else f"{partition.to_fetch} records to fetch not fetched"
-        )
+        if partition.held_back:
+            what = (f"the commit held at {partition.committed} by a hole (records "
+                    f"acknowledged from {partition.lowest_acked})")
+        elif stall.hole:
+            what = (f"{partition.unfinished} offsets fetched past its committed offset "
+                    f"{partition.committed} not finished")
+        else:
+            what = f"{partition.to_fetch} records to fetch not fetched"
         described = (f"{tp.topic}[{tp.partition}] stalled: {what} for {stall.for_s:.0f}s "
                      f"(fetch position {partition.position}, high watermark "
                      f"{partition.high_watermark}, {faust_state(consumer, tp)})")
         labelled(STALLED_PARTITIONS, "streams", tp.topic).inc()
         if app.transaction_gate is not None:
-            log.warning("%s; under exactly_once the transaction gate stops the worker on a "
-                        "jump, so nothing is sought here", described)
+            log.warning("%s; under exactly_once nothing is sought here (the transaction gate "
+                        "stops the worker on a jump in a raw partition)", described)
             continue
         if rebalancing(app) or tp not in consumer.assignment():
             continue  # a rebalance began since the look: it seeks every partition anyway
-        if stall.hole and stall.repeats >= 2 and partition.committed is not None:
-            accept_gap(consumer, watch, partition, described)
-            continue
+        place = (tp, partition.committed, partition.position)
+        if stall.hole and partition.committed is not None:
+            if tp.topic in app.contiguous_topics:
+                start = (await consumer.earliest_offsets(tp)).get(tp)
+                if start is not None and start > partition.committed:
+                    accept_gap(consumer, watch, partition, described, start,
+                               "deleted by the broker's retention before any agent "
+                               "processed them: LOST", lost=True)
+                    continue
+            elif place in watch.sought:
+                accept_gap(consumer, watch, partition, described, None,
+                           "reading it again did not fill them: no records there "
+                           "(transaction markers, compaction or retention)")
+                continue
         resume_from = partition.committed if partition.committed is not None else (
             partition.position)
         if resume_from is None:
@@ -242,22 +297,26 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
             continue
         log.warning("%s; reading it again from offset %d", described, resume_from)
         await consumer.seek_wait({tp: resume_from})  # in the consumer's thread
+        watch.sought.add(place)
+        if rebalancing(app) or tp not in consumer.assignment():
+            continue  # the rebalance resumes it after its recovery
         consumer._buffered_partitions.discard(tp)
         consumer.resume_partitions({tp})
 
 
 def accept_gap(consumer: Any, watch: StallWatch, partition: HeldPartition,
-               described: str) -> None:
-    """A hole still there after it was read again holds no records (transaction markers
-    of an earlier run, compaction, retention): acknowledged as a gap so the commit moves
-    on, logged and counted (medstream_offset_gaps)."""
+               described: str, end: int | None, why: str, lost: bool = False) -> None:
+    """Acknowledge the hole from the committed offset to ``end`` (exclusive; None: to the
+    lowest acknowledged offset, else the fetch position) as a gap so the commit moves on;
+    logged and counted (medstream_offset_gaps)."""
     tp, committed = partition.tp, partition.committed
-    assert committed is not None and partition.position is not None
-    acked = consumer._acked.get(tp) or []
-    end = min(acked) if acked else partition.position  # exclusive
-    log.warning("%s; reading it again did not fill offsets %d-%d: accepted as a gap "
-                "(no records there: transaction markers, compaction or retention)",
-                described, committed, end - 1)
+    assert committed is not None
+    if end is None:
+        acked = consumer._acked.get(tp) or []
+        end = min(acked) if acked else partition.position
+    assert end is not None
+    (log.error if lost else log.warning)(
+        "%s; offsets %d-%d %s; accepted as a gap", described, committed, end - 1, why)
     labelled(OFFSET_GAPS, "streams", tp.topic).inc()
     if end > committed:
         consumer._gap[tp].addi(committed, end)
