@@ -42,6 +42,9 @@ log = logging.getLogger(__name__)
 #: Longer than a commit interval and than any pause Faust makes on purpose outside
 #: rebalances (a full buffer drains in well under a second), short against a drain timeout.
 STALL_AFTER_S = 20.0
+#: A rebalance with its table recovery takes seconds to tens of seconds here; one under way
+#: for longer is a worker stuck in it (every partition paused).
+REBALANCE_STUCK_S = 120.0
 
 
 @dataclass(frozen=True)
@@ -124,6 +127,25 @@ class StallWatch:
     #: (tp, committed, position) of partitions read again: a hole found again at the same
     #: place after that holds no records.
     sought: set[tuple[TP, int | None, int | None]] = field(default_factory=set)
+    #: Since when a rebalance or recovery has been under way (None: none is).
+    busy_since: float | None = None
+    busy_reported: float | None = None
+
+    def stuck_rebalancing(self, busy: bool) -> float | None:
+        """Seconds a rebalance or table recovery has been under way, once it is longer
+        than REBALANCE_STUCK_S (then once a period); None otherwise. Every partition stays
+        paused meanwhile, and the stall checks are off."""
+        now = self.clock()
+        if not busy:
+            self.busy_since = self.busy_reported = None
+            return None
+        if self.busy_since is None:
+            self.busy_since = now
+        last = self.busy_reported if self.busy_reported is not None else self.busy_since
+        if now - last >= REBALANCE_STUCK_S:
+            self.busy_reported = now
+            return now - self.busy_since
+        return None
 
     def stalled(self, held: Iterable[HeldPartition], busy: bool) -> list[Stall]:
         """The partitions stalled for at least ``after_s``.
@@ -253,7 +275,15 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
     read again from its committed offset. A hole is accepted as a gap only where it holds
     no records: on a raw topic only what retention deleted (said as a loss), elsewhere
     what reading again from the committed offset did not fill."""
-    for stall in watch.stalled(held_partitions(app), rebalancing(app)):
+    busy = rebalancing(app)
+    stuck_s = watch.stuck_rebalancing(busy)
+    if stuck_s is not None:
+        recovery = app.tables.recovery
+        log.warning("a rebalance or table recovery has been under way for %.0fs: every "
+                    "partition this worker holds stays paused (changelog records still to "
+                    "recover: %s)", stuck_s,
+                    recovery.active_remaining_total() if recovery.need_recovery() else 0)
+    for stall in watch.stalled(held_partitions(app), busy):
         partition = stall.partition
         tp = partition.tp
         consumer = app.consumer

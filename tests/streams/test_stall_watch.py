@@ -18,7 +18,13 @@ from faust.types import TP
 from medstream.settings import KafkaSettings, StreamSettings
 from schemas import serde
 from streams import app as streams_app
-from streams.stall_watch import STALL_AFTER_S, HeldPartition, StallWatch, watch_and_unstick
+from streams.stall_watch import (
+    REBALANCE_STUCK_S,
+    STALL_AFTER_S,
+    HeldPartition,
+    StallWatch,
+    watch_and_unstick,
+)
 
 TEST_KEY = "test-only-pseudonym-key-0123456789abcdef"
 RAW, NORM = TP("raw.hl7_lab", 2), TP("norm.lab_result", 1)
@@ -342,3 +348,21 @@ def test_a_refused_commit_does_not_undo_a_seek_made_meanwhile() -> None:
     consumer, _ = _refused_commit(seek)
     assert consumer._committed_offset[RAW] == 160
     assert not consumer._acked[RAW]  # nothing put back below the seek's offset
+
+
+def test_a_rebalance_that_never_ends_is_said_once_a_period() -> None:
+    clock = Clock()
+    watch = StallWatch(clock=clock)
+    assert watch.stuck_rebalancing(busy=True) is None
+    clock.now += REBALANCE_STUCK_S - 1
+    assert watch.stuck_rebalancing(busy=True) is None
+    clock.now += 1
+    assert watch.stuck_rebalancing(busy=True) == REBALANCE_STUCK_S
+    clock.now += 10
+    assert watch.stuck_rebalancing(busy=True) is None
+    clock.now += REBALANCE_STUCK_S
+    assert watch.stuck_rebalancing(busy=True) == REBALANCE_STUCK_S * 2 + 10
+    # Over: the next one is timed afresh.
+    assert watch.stuck_rebalancing(busy=False) is None
+    clock.now += REBALANCE_STUCK_S
+    assert watch.stuck_rebalancing(busy=True) is None
