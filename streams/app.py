@@ -27,6 +27,7 @@ import hashlib
 import hmac
 import logging
 import os
+import signal
 import ssl
 import threading
 import time
@@ -182,6 +183,14 @@ class StreamsWorker(Worker):
         if not TIMERS_STOPPED.is_set():
             log.warning("asked to stop making timer output (SIGUSR2): timers stopped")
         TIMERS_STOPPED.set()
+
+    def _shutdown_loop(self) -> None:
+        try:
+            super()._shutdown_loop()
+        finally:
+            # Closing the loop resets its signal handlers to the default, which for SIGUSR2
+            # ends the process (signal 12) before `medstream streams` drains its audit.
+            signal.signal(signal.SIGUSR2, signal.SIG_IGN)
 
 
 class KeptOnResumeFlowControl(FlowControlEvent):

@@ -237,3 +237,23 @@ def test_sigusr2_stops_the_timers_that_make_output_and_nothing_else() -> None:
         assert ticks == ["tick"]
     finally:
         streams_app.TIMERS_STOPPED.clear()
+
+
+def test_a_worker_whose_loop_closed_ignores_sigusr2(monkeypatch: pytest.MonkeyPatch) -> None:
+    import signal
+
+    from faust.worker import Worker
+
+    def close_the_loop(self: object) -> None:
+        """Stands in for mode's shutdown: closing the loop resets its handlers."""
+        signal.signal(signal.SIGUSR2, signal.SIG_DFL)
+
+    monkeypatch.setattr(Worker, "_shutdown_loop", close_the_loop)
+    previous = signal.getsignal(signal.SIGUSR2)
+    try:
+        worker = streams_app.StreamsWorker.__new__(streams_app.StreamsWorker)
+        worker._shutdown_loop()
+        # The default would end the process (signal 12) before its audit is drained.
+        assert signal.getsignal(signal.SIGUSR2) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGUSR2, previous)
