@@ -225,10 +225,10 @@ def fetch_positions(consumer: Any, tps: Iterable[TP]) -> dict[TP, int | None]:
     return positions
 
 
-def busy_topics(app: Any) -> set[str]:
-    """Topics with records in an agent's hands (taken, not acknowledged) or queue."""
-    busy = {message.tp.topic for message in list(app.consumer._unacked_messages)
-            if not message.acked}
+def busy_topics(app: Any, in_hand: Iterable[TP]) -> set[str]:
+    """Topics with records in an agent's hands (``in_hand``: partitions with records taken,
+    not acknowledged) or queue."""
+    busy = {tp.topic for tp in in_hand}
     for topic, channels in list(app.topics._topic_name_index.items()):
         if any(getattr(channel, "_queue", None) is not None and channel._queue.qsize()
                for channel in list(channels)):
@@ -243,12 +243,12 @@ def held_partitions(app: Any) -> list[HeldPartition]:
     tps = [tp for tp in consumer.assignment() if tp.topic not in changelogs]
     positions = fetch_positions(consumer, tps)
     committed = consumer._committed_offset
-    busy = busy_topics(app)
     committing = consumer._commit_fut is not None
     in_hand: dict[TP, list[int]] = {}
     for message in list(consumer._unacked_messages):
         if not message.acked:
             in_hand.setdefault(message.tp, []).append(message.offset)
+    busy = busy_topics(app, in_hand)
     held = []
     for tp in tps:
         try:
