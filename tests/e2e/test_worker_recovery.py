@@ -89,6 +89,17 @@ class Pipeline:
         worker.send_signal(signal.SIGKILL)
         assert worker.wait(timeout=30) == -signal.SIGKILL
 
+    def warnings(self) -> list[str]:
+        """Lines of the components' log at WARNING level or above, without the routine ones
+        of every rebalance and burst (heartbeats during a rebalance, a full producer buffer)."""
+        self.log.flush()
+        routine = ("Heartbeat failed", "producer buffer full")
+        return [
+            line for line in self.log_path.read_text().splitlines()
+            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)
+            and not any(text in line for text in routine)
+        ]
+
     def crashes(self) -> list[str]:
         """Lines of the components' log naming a crash of a worker or its table recovery."""
         self.log.flush()
@@ -168,7 +179,16 @@ def test_the_healthy_worker_survives_when_the_other_is_killed_and_restarted(
         found = outcomes(kafka, len(expected_events) + expected_letters)
         return expected_events <= found[0] and len(found[1]) >= expected_letters
 
-    wait_for(everything_out, 180, "every record's outcome", 2.0)
+    try:
+        wait_for(everything_out, 180, "every record's outcome", 2.0)
+    except AssertionError:
+        missing = expected_events - found[0]
+        by_topic = {topic: sum(1 for t, _ in missing if t == topic) for topic, _ in missing}
+        raise AssertionError(
+            f"{len(missing)} of {len(expected_events)} events {by_topic} and "
+            f"{expected_letters - len(found[1])} of {expected_letters} dead letters never came "
+            f"out after 180 s; the workers' warnings:\n" + "\n".join(pipeline.warnings()[-40:])
+        ) from None
     # Quiet now: the next rebalances find changelogs without new writes since the last
     # recovery read them, where the end offset tansu reports stopped the worker before.
     for _ in range(2):
