@@ -845,6 +845,10 @@ def reconcile_command(
     failures = [
         *([f"{len(report.gaps)} gap(s) in the pipeline's own counts"] if report.gaps else []),
         *(
+            [f"{sum(report.internal_errors.values()):,} records dead-lettered as internal "
+             "errors (a bug met them)"] if report.internal_errors else []
+        ),
+        *(
             [f"--strict: {report.pending_records:,} records not read yet by the sink"]
             if strict and report.ok and not report.settled else []
         ),
@@ -1347,11 +1351,14 @@ def faults_command(
     counted against ground truth; a table of the losses; exit 1 on any loss or duplicate.
     With --json the results are written after every trial, so a run cut short keeps them."""
     from medstream.faults import (
+        code_version,
+        describe_code,
         exit_code,
         parse_kinds,
         read_suites,
         render_table,
         run_faults,
+        runnable_kinds,
         suite_json,
         summarise,
         write_json,
@@ -1372,8 +1379,13 @@ def faults_command(
                 f"{setting['file']}: {setting['trials_run']} trials of "
                 f"{', '.join(setting.get('kinds', []))}, {setting.get('events')} events at "
                 f"{setting.get('rate')}/s, broker {setting.get('broker')}, seed "
-                f"{setting.get('seed')}{short}"
+                f"{setting.get('seed')}, {describe_code(setting.get('code'))}{short}"
             )
+        codes = {describe_code(setting.get("code")) for setting in merged}
+        if len(codes) > 1:
+            typer.echo(f"NOTE: these runs ran on {len(codes)} code versions "
+                       f"({', '.join(sorted(codes))}): the table adds up trials of different "
+                       "code")
         if not results:
             _fail("the merged files hold no trial", 1)
         typer.echo(render_table(summarise(results)))
@@ -1385,14 +1397,16 @@ def faults_command(
     if broker not in ("kafka", "tansu"):
         _fail(f"--broker must be kafka or tansu, not {broker!r}", 2)
     try:
-        chosen = parse_kinds(kinds)
+        chosen = runnable_kinds(parse_kinds(kinds), broker, typer.echo)
     except ValueError as exc:
         _fail(str(exc), 2)
+    if not chosen:
+        _fail(f"no fault kind of {kinds!r} runs on {broker}", 2)
     if seed is None:
         seed = secrets.randbelow(1_000_000)
     settings = {
         "trials": trials, "kinds": chosen, "events": events, "rate": rate, "seed": seed,
-        "broker": broker, "workers": workers,
+        "broker": broker, "workers": workers, "code": code_version(),
     }
 
     def save(so_far: list[Any]) -> None:

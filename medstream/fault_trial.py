@@ -39,15 +39,31 @@ STALL_S = 60.0
 #: `up` restarts them): "... restarting it in 2s". Status lines ("[12:00:00] ...") may carry
 #: running totals of restarts, and "X restarted (restart 2)" follows an announcement: neither
 #: is counted.
-RESTART_LINE = re.compile(r"^(?!\[).*\brestarting\b", re.IGNORECASE | re.MULTILINE)
+#: `up`'s confirmations that a component runs again (not its "restarting it in" notices,
+#: which come before a restart that may never happen, nor status lines).
+RESTARTED_LINE = re.compile(
+    r"(?P<name>\b[\w.-]+) restarted \(restart \d+\)|(?P<broker>the embedded broker runs again)"
+)
+#: A terminal control sequence (cursor shown or hidden by a progress display).
+ANSI_ESCAPE = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+#: How long a stop of `up` may take before the harness kills it (its drain is bounded by
+#: --drain-timeout, each component's stop by its own timeout).
+STOP_WAIT_S = 300.0
+#: What `up`'s stop says when accepted records are left unstored (or cannot be counted).
+STOP_SAID_UNSTORED = ("accepted records NOT stored", "what is left unstored cannot be told")
 #: The MSH-3 of the resending HL7 sender: its messages are found by it in lab_result.
 SENDER_SYSTEM = "FAULTS-LIS"
 COMPONENT_ARGS = {"streams": "streams", "sink": "sink", "collect": "collector"}
 
 
-def count_restarts(output: str) -> int:
-    """Restarts `up` announced in its output."""
-    return sum(1 for _ in RESTART_LINE.finditer(output))
+def restarted_components(output: str) -> list[str]:
+    """The components `up` confirmed it started again, one entry per restart, in order
+    (``broker`` for the embedded broker)."""
+    plain = ANSI_ESCAPE.sub("", output)
+    return [
+        "broker" if match.group("broker") else match.group("name")
+        for match in RESTARTED_LINE.finditer(plain)
+    ]
 
 
 def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
@@ -498,7 +514,7 @@ class _Run:
             self.note(
                 f"sent SIGTERM to `up` (drain timeout {GRACEFUL_DRAIN_TIMEOUT_S:g}s) under backlog"
             )
-            self.stop_up(already_signalled=True)
+            self.result.stop_hung = not self.stop_up(already_signalled=True)
             self.restart_on_same_data()
             return
         missing = [name for name in targets if name not in pids]
@@ -524,12 +540,16 @@ class _Run:
         """The graceful kind's second half: `up` again on the same data, no new input."""
         assert self.up is not None
         code = self.up.returncode
-        tail = (self.directory / "up.log").read_text(errors="replace")[-2000:]
-        said = "stopped cleanly" if "stopped cleanly" in tail else "did not say `stopped cleanly`"
+        output = (self.directory / "up.log").read_text(errors="replace")
+        said = "stopped cleanly" if "stopped cleanly" in output[-2000:] else (
+            "said what it left unstored" if any(text in output for text in STOP_SAID_UNSTORED)
+            else "did not say `stopped cleanly` nor what it left unstored"
+        )
         measured = self._measure_store()
         if measured is None:
             return
         self.result.stop_exit_code = code
+        self.result.stop_said_unstored = any(text in output for text in STOP_SAID_UNSTORED)
         self.result.unstored_at_stop = measured["labels"]["missing_events"]
         self.note(
             f"`up` stopped with exit code {code} ({said}) leaving "
@@ -561,27 +581,33 @@ class _Run:
         self.result.drain = "exited"
         self.note(f"`up` exited by itself with code {code}")
 
-    def stop_up(self, already_signalled: bool = False) -> None:
-        """SIGTERM `up` (it stops its components in order) and wait; SIGKILL if it hangs."""
+    def stop_up(self, already_signalled: bool = False) -> bool:
+        """SIGTERM `up` (it stops its components in order) and wait; SIGKILL if it hangs
+        (then False)."""
         if self.up is None:
-            return
+            return True
         if self.up.poll() is None and not already_signalled:
             self.up.send_signal(signal.SIGTERM)
+        stopped = True
         try:
-            self.up.wait(timeout=300)
+            self.up.wait(timeout=STOP_WAIT_S)
         except subprocess.TimeoutExpired:
-            self.note("`up` did not stop within 300s: killed")
+            self.note(f"`up` did not stop within {STOP_WAIT_S:.0f}s: killed")
             self.up.kill()
             self.up.wait()
+            stopped = False
         self.result.up_exit_code = self.up.returncode
         self._wait_components_gone()
+        return stopped
 
     def measure(self) -> None:
         """Count the store against ground truth once the trial's `up` is gone."""
         if self.result.error is not None and not self.data_dir.exists():
             return
         text = "".join(p.read_text(errors="replace") for p in self.logs if p.exists())
-        self.result.restarts_seen = count_restarts(text)
+        restarted = restarted_components(text)
+        self.result.restarts_seen = len(restarted)
+        self.result.restarted = sorted(set(restarted))
         acked: list[str] | None = None
         if self.sender is not None:
             self.sender.stop.set()

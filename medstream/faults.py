@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import random
+import subprocess
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -25,9 +26,14 @@ FaultKind = Literal[
 KINDS: tuple[FaultKind, ...] = (
     "worker", "sink", "worker+sink", "collector", "broker", "cluster-broker", "graceful"
 )
-#: Kinds that need Apache Kafka: tansu keeps nothing across its own restart, and a
-#: cluster of it is not what medstream supports.
-KAFKA_ONLY: tuple[FaultKind, ...] = ("broker", "cluster-broker")
+#: Kinds that need Apache Kafka, and why: tansu keeps nothing across its own restart or
+#: a stop (the graceful kind stops with a backlog on purpose, for the next start to store
+#: it), and a cluster of it is not what medstream supports.
+KAFKA_ONLY: dict[FaultKind, str] = {
+    "broker": "tansu keeps nothing across its restart",
+    "cluster-broker": "medstream runs no tansu cluster",
+    "graceful": "tansu keeps nothing across a stop: the backlog it leaves is lost",
+}
 #: The moment of the fault, seconds after the simulator started, for a run that lasts at
 #: least KILL_WINDOW_S[1] seconds; shorter runs scale it down (see :func:`kill_window`).
 KILL_WINDOW_S = (2.0, 18.0)
@@ -165,6 +171,14 @@ class TrialResult(FaultCounts):
     #: that left nothing came with no backlog and tested nothing).
     stop_exit_code: int | None = None
     unstored_at_stop: int | None = None
+    #: graceful only: the stop did not end within the harness's wait and was SIGKILLed.
+    stop_hung: bool = False
+    #: graceful only: the stop's output said what it left unstored (None: not known, a
+    #: result written before this was recorded).
+    stop_said_unstored: bool | None = None
+    #: The killed components whose restart `up` confirmed (None: not known, a result
+    #: written before this was recorded; then only their count is checked).
+    restarted: list[str] | None = None
     #: Label-free reconcile: the gaps it named (it should see every loss the labels see).
     reconcile_gaps: list[str] = field(default_factory=list)
     #: How waiting for the drain ended: ``drained``, ``exited`` (`up` ended by itself),
@@ -199,8 +213,10 @@ class TrialResult(FaultCounts):
                  self.alerts_duplicated > 0),
                 (f"dead letters {self.dead_letters_found} of {self.dead_letters_expected}",
                  self.dead_letters_found != self.dead_letters_expected),
-                ("the graceful stop exited 0 with acknowledged records unstored",
-                 self.stop_hid_unstored),
+                (f"the graceful stop left acknowledged records unstored without saying so "
+                 f"(exit code {self.stop_exit_code})", self.stop_hid_unstored),
+                ("the graceful stop hung and was killed",
+                 self.kind == "graceful" and self.stop_hung),
                 ("the graceful stop never happened",
                  self.kind == "graceful" and self.unstored_at_stop is None),
                 ("the stop came with no backlog: nothing was tested",
@@ -211,7 +227,10 @@ class TrialResult(FaultCounts):
                 (f"`up` ended with exit code {self.up_exit_code}", self.up_exit_code != 0),
                 ("no component was killed", self.kind in KILL_KINDS and not self.killed),
                 (f"{self.restarts_seen} restarts for {len(self.killed)} killed",
-                 self.kind in RESTARTED_KINDS and self.restarts_seen < len(self.killed)),
+                 self.kind in RESTARTED_KINDS and self.restarted is None
+                 and self.restarts_seen < len(self.killed)),
+                (f"never restarted: {', '.join(self.not_restarted)}",
+                 self.kind in RESTARTED_KINDS and bool(self.not_restarted)),
                 ("reconcile named no gap for the loss", self.reconcile_missed),
                 ("reconcile named gaps with nothing lost", self.reconcile_false_alarm),
             ) if failed
@@ -229,8 +248,18 @@ class TrialResult(FaultCounts):
 
     @property
     def stop_hid_unstored(self) -> bool:
-        """A graceful stop exited 0 although acknowledged records were still unstored."""
-        return self.stop_exit_code == 0 and bool(self.unstored_at_stop)
+        """A graceful stop left acknowledged records unstored and did not say so: it
+        exited 0 (or its code is unknown), or its output did not say what it left."""
+        return bool(self.unstored_at_stop) and (
+            self.stop_exit_code in (0, None) or self.stop_said_unstored is False
+        )
+
+    @property
+    def not_restarted(self) -> list[str]:
+        """The killed components `up` did not confirm restarting (empty when unknown)."""
+        if self.restarted is None:
+            return []
+        return [name for name in self.killed if name not in self.restarted]
 
     def summary(self) -> str:
         """One progress line for people."""
@@ -400,6 +429,12 @@ def _refuse_trials_seen(
 ) -> None:
     """ValueError when an earlier file holds one of ``trials`` (same kind, number and seed
     under the same suite seed, or an unknown one: a merged file's); else remember them."""
+    keys = [(trial.kind, trial.number, trial.seed) for trial in trials]
+    twice = sorted({key for key in keys if keys.count(key) > 1})
+    if twice:
+        shown = ", ".join(f"{kind} #{number} (seed {seed})" for kind, number, seed in twice[:5])
+        raise ValueError(f"{file} holds the same trials more than once ({shown}): each would "
+                         "count twice")
     repeated: dict[str, list[str]] = {}
     for trial in trials:
         key = (trial.kind, trial.number, trial.seed)
@@ -418,6 +453,42 @@ def _refuse_trials_seen(
         )
     for trial in trials:
         seen.setdefault((trial.kind, trial.number, trial.seed), []).append((suite_seed, file))
+
+
+def code_version() -> dict[str, Any]:
+    """The commit of the code that runs the suite and whether it had uncommitted changes
+    (recorded with the results, so a merge of runs on different code says so); unknown
+    outside a git checkout."""
+    root = Path(__file__).resolve().parent.parent
+    try:
+        commit = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"],
+                                capture_output=True, text=True, timeout=10, check=True)
+        status = subprocess.run(["git", "-C", str(root), "status", "--porcelain",
+                                 "--untracked-files=no"],
+                                capture_output=True, text=True, timeout=10, check=True)
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit.stdout.strip(), "dirty": bool(status.stdout.strip())}
+
+
+def describe_code(code: dict[str, Any] | None) -> str:
+    """A run's code version for people."""
+    if not code or not code.get("commit"):
+        return "code unknown"
+    return f"code {code['commit'][:10]}" + (" with uncommitted changes" if code.get("dirty")
+                                            else "")
+
+
+def runnable_kinds(
+    kinds: Sequence[FaultKind], broker: str, out: Callable[[str], None] = print
+) -> list[FaultKind]:
+    """``kinds`` without those the broker cannot run (said, with why)."""
+    if broker != "tansu":
+        return list(kinds)
+    for kind in kinds:
+        if kind in KAFKA_ONLY:
+            out(f"on tansu: {kind} left out ({KAFKA_ONLY[kind]}; it needs Apache Kafka)")
+    return [kind for kind in kinds if kind not in KAFKA_ONLY]
 
 
 def run_suite(
@@ -469,11 +540,7 @@ def run_faults(
 
     from medstream.fault_trial import TrialRunner
 
-    if broker == "tansu":
-        skipped = [kind for kind in kinds if kind in KAFKA_ONLY]
-        if skipped:
-            out(f"on tansu: {', '.join(skipped)} left out (they need Apache Kafka)")
-        kinds = [kind for kind in kinds if kind not in KAFKA_ONLY]
+    kinds = runnable_kinds(kinds, broker, out)
     workdir = Path(tempfile.mkdtemp(prefix="medstream-faults-"))
     runner = TrialRunner(workdir, events, rate, workers=workers, broker=broker, keep=keep, out=out)
     planned = plan_trials(kinds, trials, seed, runner.run_s, workers)

@@ -170,6 +170,11 @@ READY = Gauge(
     "1 once the component has joined its consumer group and has its partitions",
     ["component"],
 )
+TIMERS_QUIET = Gauge(
+    "medstream_timers_stopped",
+    "1 once a stream worker was asked to stop making timer output (by `up` before its last "
+    "drain) and no tick is under way",
+)
 
 
 def partition_lag(high_watermark: int, next_offset: int | None, committed: int | None) -> int:

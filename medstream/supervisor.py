@@ -247,7 +247,7 @@ def scrape(children: list[Child]) -> Snapshot:
 
 def _is_counter(key: str) -> bool:
     """Counters add up over a component's restarts; gauges (lag, ready) do not."""
-    return not key.startswith(("lag:", "ready"))
+    return not key.startswith(("lag:", "ready", "timers_stopped"))
 
 
 def _reported_messages(report: Path) -> int | None:
@@ -276,6 +276,8 @@ def _status_values(text: str) -> dict[str, float]:
                 key = f"lag:{sample.labels.get('topic', '')}"
             elif sample.name == "medstream_ready":
                 key = "ready"
+            elif sample.name == "medstream_timers_stopped":
+                key = "timers_stopped"
             if key is not None:
                 values[key] = values.get(key, 0.0) + sample.value
     return values
@@ -366,8 +368,12 @@ STOP_TIMEOUT_S = {"simulator": 75.0, "collector": 75.0, "streams": 30.0, "sink":
 STOP_NOW_TIMEOUT_S = 10.0
 #: How often the supervisor looks at its components (status lines come less often).
 TICK_S = 0.5
-#: Seconds a timer tick under way has to publish after the workers' timers were stopped.
-TIMERS_SETTLE_S = 2.0
+#: How long `up` asks the stream workers to confirm their timers stopped (a tick under way
+#: finishes well within it), how often it asks, and how long what the last ticks published
+#: then has to reach the broker (beyond the producer's linger).
+TIMERS_CONFIRM_S = 10.0
+TIMERS_POLL_S = 0.5
+TIMERS_SETTLE_S = 1.0
 
 
 class ComponentFailed(RuntimeError):
@@ -417,7 +423,6 @@ class Supervisor:
         self._broker_restart = RestartPolicy()
         self._broker_lost_records = False  # a memory-only broker died during this run
         self._running = False  # every component started (a stop then drains first)
-        self._timers_told: set[int] = set()  # pids of workers sent SIGUSR2
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: stop at the next tick (draining); a second signal stops at once."""
@@ -1042,24 +1047,39 @@ class Supervisor:
 
     def _tell_timers_stopped(self, workers: list[Child]) -> bool:
         """Ask the running stream workers to stop making timer output (SIGUSR2: device
-        silence, escalations, feed watch) and give a tick under way TIMERS_SETTLE_S to
-        publish, so that the drain after it leaves nothing they made for the alert
-        lifecycle unread; False when no worker runs or a second stop request came."""
+        silence, escalations, feed watch) until each confirms it (medstream_timers_stopped
+        1: stopped, no tick under way; the signal is sent again meanwhile, as one sent
+        before a worker's handler was installed is lost), at most TIMERS_CONFIRM_S, then
+        give what the last ticks published TIMERS_SETTLE_S to reach the broker, so that the
+        drain after it leaves nothing they made for the alert lifecycle unread; False when
+        no worker runs or a second stop request came."""
         # Only those scraped since they started: their SIGUSR2 is handled (`medstream
         # streams` ignores it from its start; by default it would end the process).
-        running = [c for c in workers if c.state() == "running"]
-        if not running or self._stop_now.is_set():
+        pending = [c for c in workers if c.state() == "running"]
+        if not pending or self._stop_now.is_set():
             return False
-        told = []
-        for child in running:
-            assert child.process is not None
-            if child.process.pid not in self._timers_told:
+        deadline = time.monotonic() + TIMERS_CONFIRM_S
+        while True:
+            for child in pending:
+                assert child.process is not None
                 child.process.send_signal(signal.SIGUSR2)
-                self._timers_told.add(child.process.pid)
-                told.append(child)
-        if told:
-            self._stop_now.wait(TIMERS_SETTLE_S)
-        return not self._stop_now.is_set()
+            if self._stop_now.wait(TIMERS_POLL_S):
+                return False
+            scrape(pending)
+            pending = [
+                c for c in pending
+                if c.state() == "running" and c.last_values.get("timers_stopped") != 1.0
+            ]
+            if not pending:
+                break
+            if time.monotonic() >= deadline:
+                self.out(
+                    f"{', '.join(c.name for c in pending)} did not confirm within "
+                    f"{TIMERS_CONFIRM_S:.0f}s that their timers stopped: what they make from "
+                    "now on may be left for the next run"
+                )
+                break
+        return not self._stop_now.wait(TIMERS_SETTLE_S)
 
     def _measure_unless_stopped_now(self, groups: list[ConsumerGroup]) -> Backlog:
         """measure_backlog (at most 5 s) in a thread a second stop request does not wait for."""

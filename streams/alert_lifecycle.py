@@ -312,6 +312,7 @@ class AlertLifecycle:
             "last_update_ms": now_ms,
             "pending_update": False,
             "fingerprints": [fingerprint],
+            "opened_by": fingerprint,
         }
         state.put(_ALERT_PREFIX + alert_id, alert)
         state.put(subject_key, alert_id)
@@ -339,7 +340,14 @@ class AlertLifecycle:
         now_ms: int,
     ) -> list[AlertTransition]:
         if fingerprint in alert["fingerprints"]:
-            return []  # the same finding again (reprocessing): already counted
+            # The same finding again (reprocessing): already counted. If it is the one that
+            # opened the alert, the "opened" output may not have reached the broker before a
+            # kill (the state did, through the changelog): it is sent again, with the same
+            # transition id (collapsed downstream), while the alert is still open.
+            if alert.get("opened_by") == fingerprint and alert["status"] == OPEN:
+                return [self._transition(alert, "opened", SYSTEM_ACTOR, None,
+                                         alert["opened_ms"], "")]
+            return []
         alert["fingerprints"] = [*alert["fingerprints"], fingerprint][-_MAX_FINGERPRINTS:]
         alert["occurrences"] += 1
         alert["last_event_time_ms"] = max(alert["last_event_time_ms"], finding.event_time_ms)

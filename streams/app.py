@@ -60,6 +60,7 @@ from medstream.metrics import (
     READY,
     RECORDS_IN,
     RECORDS_OUT,
+    TIMERS_QUIET,
     PartitionPosition,
     labelled,
     report_consumer_lag,
@@ -94,7 +95,7 @@ from streams.recovery import CheckedTableManager, tansu_log_ends
 from streams.reloading import ReloadingFile
 from streams.rules_file import rule_file
 from streams.stage import STAGE, NormaliseStage, SuppressionState
-from streams.stall_watch import StallWatch, watch_and_unstick
+from streams.stall_watch import StallWatch, records_counter, watch_and_unstick
 from streams.terminology import DEFAULT_TERMINOLOGY_PATH, TerminologySource
 from streams.transactions import TransactionGate, current_transactional_id, hold_changelog
 
@@ -155,6 +156,13 @@ def stops_on_storm(agent: Callable[[faust.StreamT], Awaitable[None]]
 #: Set when the worker was asked to stop making timer output (SIGUSR2, :class:`StreamsWorker`,
 #: or started with TIMERS_STOPPED_ENV=1 by `up` during its stop).
 TIMERS_STOPPED = threading.Event()
+#: Timer ticks under way (started before TIMERS_STOPPED was set, not finished yet).
+_TICKS_UNDER_WAY: list[int] = [0]
+# `up` waits for this before its last drain (a signal sent before the worker's handler was
+# installed is lost: `up` sends it again until the worker confirms).
+TIMERS_QUIET.set_function(
+    lambda: 1.0 if TIMERS_STOPPED.is_set() and not _TICKS_UNDER_WAY[0] else 0.0
+)
 
 
 def until_timers_stopped(
@@ -169,8 +177,13 @@ def until_timers_stopped(
     """
     @functools.wraps(tick)
     async def body() -> None:
-        if not TIMERS_STOPPED.is_set():
+        if TIMERS_STOPPED.is_set():
+            return
+        _TICKS_UNDER_WAY[0] += 1
+        try:
             await tick()
+        finally:
+            _TICKS_UNDER_WAY[0] -= 1
 
     return body
 
@@ -241,6 +254,37 @@ class ShortFetchConsumerThread(AIOKafkaConsumerThread):
         consumer._fetch_max_wait_ms = getattr(self.app, "fetch_wait_max_ms", DEFAULT_FETCH_WAIT_MS)
         return consumer
 
+    async def _fetch_records(
+        self, consumer: Any, active_partitions: Any, timeout: float | None = None,
+        max_records: int | None = None,
+    ) -> Any:
+        """Faust's fetch (in the consumer's thread), except that records Faust would drop
+        are put back. Faust hands aiokafka its live set of active partitions: a fetch under
+        way at a revoke resumes at the next assignment with that set emptied, which aiokafka
+        reads as every partition, so it handed out the changelogs' records too and moved
+        its positions past them; Faust then dropped them (its flow stopped, the generation
+        changed) and only stream partitions were sought back. A table recovery that had
+        sought its changelogs already then waited for those records until the next
+        rebalance (3 minutes of a worker's partitions paused in a CI run: a kept
+        changelog's 1,329 records never read). Here aiokafka gets a copy of the set, none
+        when it is empty, and records fetched across a rebalance or with the flow stopped
+        are sought back to."""
+        wanted = frozenset(active_partitions or ())
+        if not wanted:
+            return {}
+        generation = self.app.consumer_generation_id
+        records = await super()._fetch_records(
+            consumer, set(wanted), timeout=timeout, max_records=max_records
+        )
+        if records and (self.app.consumer_generation_id != generation
+                        or not self.consumer.flow_active):
+            assigned = consumer.assignment()
+            for tp, batch in records.items():
+                if batch and tp in assigned:
+                    consumer.seek(tp, batch[0].offset)
+            return {}
+        return records
+
     async def _highwaters(self, partitions: Any) -> Any:
         # Under transactions Faust reads the last stable offset from the consumer's cache,
         # empty until a partition was first fetched: table recovery then took a changelog
@@ -267,44 +311,59 @@ def fetched_high_watermark(consumer: Consumer, tp: TP) -> int | None:
 
 class ShortFetchConsumer(Consumer):
     """Faust consumer using :class:`ShortFetchConsumerThread`; at least once, it never
-    commits past a record of a contiguous topic that no agent acknowledged, and it
+    commits past a record of a topic an agent reads that no agent acknowledged, and it
     records only commits the broker took."""
+
+    #: The partitions of the commit under way (at least once), for the stall watch.
+    committing: frozenset[TP] = frozenset()
 
     def _new_consumer_thread(self) -> ShortFetchConsumerThread:
         return ShortFetchConsumerThread(self, loop=self.loop, beacon=self.beacon)
 
-    def _guards_contiguous(self, tp: TP) -> bool:
+    def _guarded(self, tp: TP) -> bool:
+        """At least once, every topic an agent reads is guarded: this app's own producers
+        and the collectors write them without transactions, so every offset is a record
+        (markers of an earlier exactly_once run are told apart by the stall watch, which
+        reads such a hole before accepting it). Changelogs are read by table recovery, not
+        acknowledged, and compacted."""
         return (getattr(self.app, "transaction_gate", None) is None
-                and tp.topic in getattr(self.app, "contiguous_topics", ()))
+                and tp.topic not in self.app.tables.changelog_topics)
 
     async def _add_gap(self, tp: TP, offset_from: int, offset_to: int) -> None:
         """Faust takes a jump in the offsets it delivers for a gap (transaction markers,
-        compaction) and acknowledges the skipped offsets. On a contiguous topic they are
-        records it dropped (its read offset was ahead of the fetch position after a
-        rebalance): acknowledged, the commit went past 4 records no agent processed. They
-        stay unacknowledged here; the stall watch reads them again (streams.stall_watch)."""
-        if not self._guards_contiguous(tp):
+        compaction) and acknowledges the skipped offsets. On a guarded topic they are records
+        it dropped (its read offset was ahead of the fetch position after a rebalance):
+        acknowledged, the commit went past 4 records no agent processed. They stay
+        unacknowledged here; the stall watch reads them again and accepts a gap only where
+        a read of the range finds no record (streams.stall_watch)."""
+        if not self._guarded(tp):
             await super()._add_gap(tp, offset_from, offset_to)
             return
         # After a rebalance Faust sets its read offset back behind records it delivered
-        # already: a jump over those is no loss. Said only for offsets no agent has.
+        # already: a jump over those is no loss. Said only for offsets no agent has
+        # (transaction markers of an earlier exactly_once run are said too: rare).
         committed = self._committed_offset.get(tp) or 0
         in_hand = {m.offset for m in list(self._unacked_messages) if m.tp == tp}
         missing = [o for o in range(max(offset_from, committed), offset_to)
                    if o not in self._acked_index[tp] and o not in in_hand]
         if missing:
-            log.warning("%s[%d]: Faust jumped over %d records (%d-%d) not acknowledged "
-                        "nor in an agent's hands; not acknowledging them: if no agent "
-                        "processes them, the stall watch reads them again",
+            log.warning("%s[%d]: Faust jumped over %d offsets (%d-%d) not acknowledged "
+                        "nor in an agent's hands; not acknowledging them: if they hold "
+                        "records no agent processes, the stall watch reads them again",
                         tp.topic, tp.partition, len(missing), missing[0], missing[-1])
 
     def _new_offset(self, tp: TP) -> int | None:
-        """Faust's next offset to commit, except that on a contiguous topic the lowest
+        """Faust's next offset to commit, except that on a guarded topic the lowest
         acknowledged offset must be the committed one (Faust lets one record through: it
-        reads its committed offset as the last one processed, not as the next)."""
+        reads its committed offset as the last one processed, not as the next), and
+        nothing is committed while the committed offset is unknown (from the revoke until
+        the seek after the assignment has read it; Faust then commits the first run of
+        acknowledgements wherever it starts, past records no agent processed)."""
         acked = self._acked.get(tp)
-        committed = self._committed_offset.get(tp)
-        if acked and committed is not None and self._guards_contiguous(tp):
+        if acked and self._guarded(tp):
+            committed = self._committed_offset.get(tp)
+            if committed is None:
+                return None
             gap = self._gap.get(tp)
             if min(acked) > committed and not (gap and gap.overlaps(committed)):
                 return None
@@ -324,8 +383,13 @@ class ShortFetchConsumer(Consumer):
         if not committable:
             return False  # revoked meanwhile: their next owner processes them again
         before = {tp: self._committed_offset.get(tp) for tp in committable}
-        await self.app.producer.flush()
-        if await self._commit(committable):
+        self.committing = frozenset(committable)
+        try:
+            await self.app.producer.flush()
+            taken = await self._commit(committable)
+        finally:
+            self.committing = frozenset()
+        if taken:
             self.app.tables.on_commit(committable)
             self._committed_offset.update(committable)
             self.app.monitor.on_tp_commit(committable)
@@ -333,7 +397,7 @@ class ShortFetchConsumer(Consumer):
         for tp, offset in committable.items():
             previous = before[tp]
             if (previous is not None and self._committed_offset.get(tp) == previous
-                    and self._guards_contiguous(tp)):
+                    and self._guarded(tp)):
                 # Faust took them off its acknowledged list for this commit: put back,
                 # so the next commit covers them (elsewhere the stall watch reads the
                 # hole again). Not after a seek meanwhile: that one stands.
@@ -415,7 +479,7 @@ class ShortFetchConsumer(Consumer):
         # earliest), which is then the offset the first acknowledgement must be. Asked
         # before this worker's own commits are read, so none made meanwhile is undone.
         unknown = [tp for tp, offset in read.items()
-                   if offset is None and self._guards_contiguous(tp)]
+                   if offset is None and self._guarded(tp)]
         log_starts = dict(await self.earliest_offsets(*unknown)) if unknown else {}
         committed: dict[TP, int | None] = {}
         never: set[TP] = set()
@@ -432,9 +496,9 @@ class ShortFetchConsumer(Consumer):
              for tp, offset in committed.items()}
         )
         # Faust keeps 0 as None (its committed offset reads as the last one processed);
-        # a contiguous topic's strict commit needs the 0 (streams.stall_watch).
+        # a guarded topic's strict commit needs the 0 (streams.stall_watch).
         self._committed_offset.update({
-            tp: offset if offset or self._guards_contiguous(tp) else None
+            tp: offset if offset or self._guarded(tp) else None
             for tp, offset in committed.items() if offset is not None
         })
 
@@ -938,7 +1002,8 @@ def create_app(
             ))
         report_consumer_lag(STAGE, topic_lags(positions), lag_topics)
 
-    stall_watch = StallWatch(holes=app.transaction_gate is None)
+    stall_watch = StallWatch(holes=app.transaction_gate is None,
+                             count_records=records_counter(kafka))
 
     @app.timer(LAG_REPORT_S)
     async def watch_stalls() -> None:

@@ -6,11 +6,13 @@ never handed to an agent (they were in a stream queue cleared at the revoke), so
 them as "already read" when they were fetched again. On one partition the hole in its
 acknowledgements then held the commit back for good (73 records behind, the worker
 reporting lag 0); on another the jump was taken for a gap and acknowledged, so the commit
-went past 4 records no agent had processed (lost). :class:`streams.app.ShortFetchConsumer`
-no longer acknowledges such jumps on raw topics; this watch finds partitions left behind:
+went past 4 records no agent had processed (lost). At least once,
+:class:`streams.app.ShortFetchConsumer` no longer acknowledges such jumps on any topic an
+agent reads, nor commits while a committed offset is unknown; this watch finds partitions
+left behind:
 
 - a commit held back by a hole (records acknowledged past the committed offset, which has
-  not moved), whatever the traffic;
+  not moved, or no committed offset known), whatever the traffic;
 - records fetched past the committed offset with nothing acknowledged after it, or
   records to fetch (the high watermark past the fetch position) that nothing fetches,
   once nothing of the topic is in an agent's hands or queue,
@@ -18,30 +20,40 @@ no longer acknowledges such jumps on raw topics; this watch finds partitions lef
 for ``STALL_AFTER_S``, with no rebalance or table recovery under way. It says so (a
 WARNING with Faust's state for the partition, a metric) and, at least once, reads the
 partition again from its committed offset (what was processed comes again and is collapsed
-by event id downstream). A hole is accepted as a gap only where it holds no records: on a
-raw topic (every offset a record) only what the broker's retention deleted, said as a
-loss; elsewhere what reading again did not fill (transaction markers of an earlier
-exactly_once run, compaction). Under exactly_once the transaction gate stops the worker on
-a jump in a raw partition, and the watch only warns.
+by event id downstream). A hole is accepted as a gap only where it holds no records: what
+the broker's retention deleted (said as a loss), or, found again at the same committed
+offset after reading it again, a range that a read of its own (read_committed, apart from
+the worker) finds empty (transaction markers of an earlier exactly_once run). Under
+exactly_once the transaction gate stops the worker on a jump in a raw partition, and the
+watch only warns.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from confluent_kafka import KafkaException
 from faust.types import TP
 
 from medstream.metrics import OFFSET_GAPS, STALLED_PARTITIONS, labelled
+from medstream.offsets import ReadUnfinished, count_records
+from medstream.settings import KafkaSettings
 
 log = logging.getLogger(__name__)
 
 #: Longer than a commit interval and than any pause Faust makes on purpose outside
 #: rebalances (a full buffer drains in well under a second), short against a drain timeout.
 STALL_AFTER_S = 20.0
+#: How long the read of a hole's range (before it is accepted as a gap) may take.
+VERIFY_TIMEOUT_S = 30.0
+#: A changelog partition stranded (fetched past its end, not read by recovery) this long
+#: is read again: recovery reads a changelog in well under a second per thousand records.
+RECOVERY_STALL_S = 10.0
 #: A rebalance with its table recovery takes seconds to tens of seconds here; one under way
 #: for longer is a worker stuck in it (every partition paused).
 REBALANCE_STUCK_S = 120.0
@@ -64,7 +76,7 @@ class HeldPartition:
     #: The lowest offset agents acknowledged that Faust has not committed yet (None: none).
     lowest_acked: int | None = None
     #: A record of this partition below ``lowest_acked`` is in an agent's hands, or a commit
-    #: is under way: the commit is not held by a hole.
+    #: of this partition is under way: at this moment the commit is not held by a hole.
     settling: bool = False
 
     @property
@@ -83,12 +95,27 @@ class HeldPartition:
 
     @property
     def held_back(self) -> bool:
-        """Records were acknowledged past a hole at the committed offset: the commit cannot
-        move whatever the traffic (Faust commits from the committed offset on only)."""
-        return (
-            self.committed is not None and self.lowest_acked is not None
-            and self.lowest_acked > self.committed and not self.settling
+        """Records were acknowledged past a hole at the committed offset, or while the
+        committed offset is unknown (the seek after an assignment did not complete): the
+        commit cannot move whatever the traffic (it moves from the committed offset on
+        only). ``settling`` says whether that is so at this very moment."""
+        return self.lowest_acked is not None and (
+            self.committed is None or self.lowest_acked > self.committed
         )
+
+
+@dataclass(frozen=True)
+class Stranded:
+    """A changelog partition table recovery still needs that the consumer has fetched past
+    its last offset: its records were handed out and dropped, and recovery waits for them
+    until the next rebalance (the worker's stream partitions paused meanwhile)."""
+
+    tp: TP
+    #: The last offset recovery read (-1: none) and the partition's last offset.
+    read: int
+    last: int
+    #: aiokafka's fetch position (past ``last``).
+    position: int
 
 
 @dataclass(frozen=True)
@@ -124,12 +151,35 @@ class StallWatch:
     _seen: dict[TP, _Seen] = field(default_factory=dict)
     #: (tp, committed, position) of holes accepted as gaps: not reported again.
     accepted: set[tuple[TP, int | None, int | None]] = field(default_factory=set)
-    #: (tp, committed, position) of partitions read again: a hole found again at the same
-    #: place after that holds no records.
-    sought: set[tuple[TP, int | None, int | None]] = field(default_factory=set)
+    #: (tp, committed offset) of partitions read again: a hole found again at the same
+    #: committed offset is read by ``count_records`` before it is accepted as a gap.
+    sought: set[tuple[TP, int | None]] = field(default_factory=set)
+    #: The records (read_committed) at offsets [low, end) of a partition, read apart from
+    #: the worker; None when they could not be read. None: no hole is ever accepted
+    #: unless retention deleted it.
+    count_records: Callable[[TP, int, int], Awaitable[int | None]] | None = None
     #: Since when a rebalance or recovery has been under way (None: none is).
     busy_since: float | None = None
     busy_reported: float | None = None
+    #: Changelog partitions found stranded: (read to, fetch position) and since when.
+    _stranded: dict[TP, tuple[tuple[int, int], float]] = field(default_factory=dict)
+
+    def stranded_for_long(self, stranded: Iterable[Stranded]) -> list[Stranded]:
+        """The changelog partitions stranded at the same place for RECOVERY_STALL_S (each
+        reported once a period)."""
+        now = self.clock()
+        current: dict[TP, tuple[tuple[int, int], float]] = {}
+        found = []
+        for partition in stranded:
+            place = (partition.read, partition.position)
+            seen = self._stranded.get(partition.tp)
+            since = seen[1] if seen is not None and seen[0] == place else now
+            if now - since >= RECOVERY_STALL_S:
+                found.append(partition)
+                since = now
+            current[partition.tp] = (place, since)
+        self._stranded = current
+        return found
 
     def stuck_rebalancing(self, busy: bool) -> float | None:
         """Seconds a rebalance or table recovery has been under way, once it is longer
@@ -151,8 +201,11 @@ class StallWatch:
         """The partitions stalled for at least ``after_s``.
 
         Three kinds, each with what counts as progress:
-        - a hole holding the commit back (acknowledged records past the committed offset):
-          the committed offset, whatever the traffic;
+        - a hole holding the commit back (acknowledged records past the committed offset,
+          or no committed offset known): the committed offset, whatever the traffic; a
+          look where it is ``settling`` (a commit of it under way, a record below in an
+          agent's hands) is not reported but keeps its clock (commits of other partitions
+          every second would otherwise restart it for good);
         - a hole at the end (fetched past the committed offset, nothing acknowledged
           after it) and records to fetch that are not fetched: the fetch position and the
           committed offset, only while nothing of the topic is in an agent's hands or
@@ -167,7 +220,7 @@ class StallWatch:
         for partition in held:
             tp = partition.tp
             accepted = (tp, partition.committed, partition.position) in self.accepted
-            held_back = self.holes and partition.held_back
+            held_back = self.holes and partition.held_back and not accepted
             trailing = (
                 self.holes and not held_back and partition.lowest_acked is None
                 and partition.unfinished > 0 and not accepted and not partition.topic_busy
@@ -184,13 +237,32 @@ class StallWatch:
             if seen is None or seen.state != state:
                 current[tp] = _Seen(state, now)
                 continue
-            if now - seen.since >= self.after_s:
+            if now - seen.since >= self.after_s and not (held_back and partition.settling):
                 stalls.append(Stall(partition, now - seen.since, held_back or trailing,
                                     seen.repeats + 1))
                 seen = _Seen(state, now, seen.repeats + 1)
             current[tp] = seen
         self._seen = current
         return stalls
+
+
+def records_counter(kafka: KafkaSettings) -> Callable[[TP, int, int], Awaitable[int | None]]:
+    """StallWatch.count_records on the broker: a consumer of its own (no group, no commit,
+    read_committed) reads the partition from ``low`` to its end in a thread and counts the
+    records below ``end``; None (said) when it could not within VERIFY_TIMEOUT_S."""
+    async def count(tp: TP, low: int, end: int) -> int | None:
+        partition = (tp.topic, tp.partition)
+        try:
+            counts = await asyncio.to_thread(
+                count_records, kafka, {partition: low}, {partition: end}, VERIFY_TIMEOUT_S
+            )
+        except (ReadUnfinished, KafkaException) as exc:
+            log.warning("%s[%d]: offsets %d-%d could not be read to check for records: %s",
+                        tp.topic, tp.partition, low, end - 1, exc)
+            return None
+        return counts[partition]
+
+    return count
 
 
 def faust_state(consumer: object, tp: TP) -> str:
@@ -243,7 +315,7 @@ def held_partitions(app: Any) -> list[HeldPartition]:
     tps = [tp for tp in consumer.assignment() if tp.topic not in changelogs]
     positions = fetch_positions(consumer, tps)
     committed = consumer._committed_offset
-    committing = consumer._commit_fut is not None
+    committing: frozenset[TP] = getattr(consumer, "committing", frozenset())
     in_hand: dict[TP, list[int]] = {}
     for message in list(consumer._unacked_messages):
         if not message.acked:
@@ -257,12 +329,31 @@ def held_partitions(app: Any) -> list[HeldPartition]:
             continue
         acked = consumer._acked.get(tp)
         lowest = min(acked) if acked else None
-        settling = committing or (
+        settling = tp in committing or (
             lowest is not None and any(o < lowest for o in in_hand.get(tp, ()))
         )
         held.append(HeldPartition(tp, high, positions.get(tp), committed.get(tp),
                                   tp.topic in busy, lowest, settling))
     return held
+
+
+def stranded_changelogs(app: Any) -> list[Stranded]:
+    """The changelog partitions table recovery still needs whose fetch position is past
+    their last offset. A fetch under way at a revoke resumes at the next assignment with
+    Faust's set of partitions emptied, which aiokafka reads as every partition: it hands
+    out the changelogs' records, Faust drops them (its flow is stopped), and only stream
+    partitions are sought back (:class:`streams.app.ShortFetchConsumerThread` puts such
+    records back; this finds what slips past it)."""
+    recovery = app.tables.recovery
+    needed = [tp for tp, left in recovery.active_remaining().items() if left > 0]
+    positions = fetch_positions(app.consumer, needed)
+    stranded = []
+    for tp in needed:
+        last, read, position = (recovery.active_highwaters.get(tp),
+                                recovery.active_offsets.get(tp), positions.get(tp))
+        if last is not None and read is not None and position is not None and position > last:
+            stranded.append(Stranded(tp, read, last, position))
+    return stranded
 
 
 def rebalancing(app: Any) -> bool:
@@ -276,13 +367,25 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
     no records: on a raw topic only what retention deleted (said as a loss), elsewhere
     what reading again from the committed offset did not fill."""
     busy = rebalancing(app)
+    recovery = app.tables.recovery
+    stranded = stranded_changelogs(app) if recovery.need_recovery() else []
+    for strand in watch.stranded_for_long(stranded):
+        tp = strand.tp
+        log.warning("table recovery: %s[%d] fetched to %d, past its last offset %d, but read "
+                    "only to %d for %.0fs (its records were handed out and dropped across a "
+                    "rebalance); reading it again from %d", tp.topic, tp.partition,
+                    strand.position, strand.last, strand.read, RECOVERY_STALL_S,
+                    max(strand.read, 0))
+        labelled(STALLED_PARTITIONS, "streams", tp.topic).inc()
+        await app.consumer.seek_wait({tp: max(strand.read, 0)})
     stuck_s = watch.stuck_rebalancing(busy)
     if stuck_s is not None:
-        recovery = app.tables.recovery
         log.warning("a rebalance or table recovery has been under way for %.0fs: every "
                     "partition this worker holds stays paused (changelog records still to "
-                    "recover: %s)", stuck_s,
-                    recovery.active_remaining_total() if recovery.need_recovery() else 0)
+                    "recover: %s%s)", stuck_s,
+                    recovery.active_remaining_total() if recovery.need_recovery() else 0,
+                    "".join(f"; {p.tp.topic}[{p.tp.partition}] read to {p.read} of {p.last}, "
+                            f"fetched to {p.position}" for p in stranded))
     for stall in watch.stalled(held_partitions(app), busy):
         partition = stall.partition
         tp = partition.tp
@@ -305,46 +408,61 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
             continue
         if rebalancing(app) or tp not in consumer.assignment():
             continue  # a rebalance began since the look: it seeks every partition anyway
-        place = (tp, partition.committed, partition.position)
-        if stall.hole and partition.committed is not None:
-            if tp.topic in app.contiguous_topics:
-                start = (await consumer.earliest_offsets(tp)).get(tp)
-                if start is not None and start > partition.committed:
-                    accept_gap(consumer, watch, partition, described, start,
-                               "deleted by the broker's retention before any agent "
-                               "processed them: LOST", lost=True)
-                    continue
-            elif place in watch.sought:
-                accept_gap(consumer, watch, partition, described, None,
-                           "reading it again did not fill them: no records there "
-                           "(transaction markers, compaction or retention)")
+        committed = partition.committed
+        if partition.held_back and committed is None:
+            # The seek after the assignment did not complete (nothing commits then).
+            log.warning("%s; its committed offset is unknown: every partition is sought "
+                        "to its committed offset again", described)
+            await consumer.perform_seek()
+            continue
+        if stall.hole and committed is not None:
+            start = (await consumer.earliest_offsets(tp)).get(tp)
+            if start is not None and start > committed:
+                accept_gap(consumer, watch, partition, described, start,
+                           "deleted by the broker's retention before any agent "
+                           "processed them: LOST", lost=True)
                 continue
-        resume_from = partition.committed if partition.committed is not None else (
-            partition.position)
+            if (tp, committed) in watch.sought:
+                end = hole_end(consumer, partition)
+                records = (None if watch.count_records is None
+                           else await watch.count_records(tp, committed, end))
+                if records == 0:
+                    accept_gap(consumer, watch, partition, described, end,
+                               "hold no record (a read of them found none: transaction "
+                               "markers of an earlier exactly_once run)")
+                    continue
+                described += (f"; offsets {committed}-{end - 1} could not be read to check "
+                              "them" if records is None
+                              else f"; offsets {committed}-{end - 1} hold {records} records")
+        resume_from = committed if committed is not None else partition.position
         if resume_from is None:
             log.warning("%s; no committed offset nor fetch position to read it again from",
                         described)
             continue
         log.warning("%s; reading it again from offset %d", described, resume_from)
         await consumer.seek_wait({tp: resume_from})  # in the consumer's thread
-        watch.sought.add(place)
+        watch.sought.add((tp, committed))
         if rebalancing(app) or tp not in consumer.assignment():
             continue  # the rebalance resumes it after its recovery
         consumer._buffered_partitions.discard(tp)
         consumer.resume_partitions({tp})
 
 
+def hole_end(consumer: Any, partition: HeldPartition) -> int:
+    """Where a hole from the committed offset ends (exclusive): the lowest acknowledged
+    offset, else the fetch position."""
+    acked = consumer._acked.get(partition.tp) or []
+    end = min(acked) if acked else partition.position
+    assert end is not None
+    return int(end)
+
+
 def accept_gap(consumer: Any, watch: StallWatch, partition: HeldPartition,
-               described: str, end: int | None, why: str, lost: bool = False) -> None:
-    """Acknowledge the hole from the committed offset to ``end`` (exclusive; None: to the
-    lowest acknowledged offset, else the fetch position) as a gap so the commit moves on;
-    logged and counted (medstream_offset_gaps)."""
+               described: str, end: int, why: str, lost: bool = False) -> None:
+    """Acknowledge the hole from the committed offset to ``end`` (exclusive) as a gap so
+    the commit moves on; logged and counted (medstream_offset_gaps)."""
     tp, committed = partition.tp, partition.committed
     assert committed is not None
-    if end is None:
-        acked = consumer._acked.get(tp) or []
-        end = min(acked) if acked else partition.position
-    assert end is not None
     (log.error if lost else log.warning)(
         "%s; offsets %d-%d %s; accepted as a gap", described, committed, end - 1, why)
     labelled(OFFSET_GAPS, "streams", tp.topic).inc()

@@ -15,8 +15,9 @@ import itertools
 import os
 import uuid
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Generator, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from clickhouse_connect.driver.client import Client
@@ -112,3 +113,37 @@ def database(clickhouse: Client) -> str:
     name = f"test_{next(_counter)}_{uuid.uuid4().hex[:8]}"
     migrate(clickhouse, name)
     return name
+
+
+#: Where the logs of a failed end-to-end test are copied: pytest keeps only its last three
+#: base directories, and a failure seen in CI was gone 40 minutes later.
+FAILED_LOGS = Path(os.environ.get("MEDSTREAM_FAILED_TEST_LOGS", "/tmp/medstream-failed-tests"))
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, Any, None]:
+    """After a failed e2e test, its logs (``*.log`` under its tmp_path) are copied to
+    FAILED_LOGS/<test>-<time>/ and the place is added to the report."""
+    outcome = yield
+    report = outcome.get_result()
+    if report.when != "call" or not report.failed or item.get_closest_marker("e2e") is None:
+        return
+    tmp_path = getattr(item, "funcargs", {}).get("tmp_path")
+    if not isinstance(tmp_path, Path) or not tmp_path.exists():
+        return
+    import re
+    import shutil
+    import time
+
+    name = re.sub(r"[^\w.-]+", "_", item.name)[:80]
+    target = FAILED_LOGS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
+    copied = 0
+    for log in tmp_path.rglob("*.log"):
+        destination = target / log.relative_to(tmp_path)
+        destination.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(log, destination)
+        copied += 1
+    if copied:
+        report.sections.append(("failed test logs", f"{copied} logs copied to {target}"))

@@ -57,6 +57,7 @@ def test_one_fault_loses_nothing_and_the_table_says_so(
         # in the topics, it said so with a non-zero exit code, and the restart stored them.
         assert 0 < trial["unstored_at_stop"] <= trial["events"], trial["notes"]
         assert trial["stop_exit_code"] not in (0, None), trial["notes"]
+        assert trial["stop_said_unstored"] is True and trial["stop_hung"] is False, trial["notes"]
     else:
         assert trial["events"] > 1000 and trial["dead_letters_expected"] > 0, output[-3000:]
         assert trial["alerts_expected"] > 0, output[-3000:]
@@ -84,3 +85,4 @@ def test_one_fault_loses_nothing_and_the_table_says_so(
     else:
         assert any("with SIGKILL" in note for note in trial["notes"]), trial["notes"]
         assert trial["restarts_seen"] >= len(trial["killed"]) >= 1, output[-3000:]
+        assert set(trial["killed"]) <= set(trial["restarted"]), trial["notes"]

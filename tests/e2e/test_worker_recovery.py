@@ -90,15 +90,20 @@ class Pipeline:
         assert worker.wait(timeout=30) == -signal.SIGKILL
 
     def warnings(self) -> list[str]:
-        """Lines of the components' log at WARNING level or above, without the routine ones
-        of every rebalance and burst (heartbeats during a rebalance, a full producer buffer)."""
+        """The kinds of line of the components' log at WARNING level or above (numbers
+        aside), each once with how often it came, without the routine ones of every
+        rebalance and burst (heartbeats during a rebalance, a full producer buffer): one
+        warning of the stall watch is not drowned by a recovery's repeated ones."""
         self.log.flush()
         routine = ("Heartbeat failed", "producer buffer full")
-        return [
-            line for line in self.log_path.read_text().splitlines()
-            if re.search(r"\b(WARNING|ERROR|CRITICAL)\b", line)
-            and not any(text in line for text in routine)
-        ]
+        kinds: dict[str, list[Any]] = {}
+        for line in self.log_path.read_text().splitlines():
+            level = re.search(r"\[(WARNING|ERROR|CRITICAL)\]\s*", line)
+            if level is None or any(text in line for text in routine):
+                continue
+            text = f"[{level.group(1)}] {line[level.end():]}"
+            kinds.setdefault(re.sub(r"\d+(?:\.\d+)?", "N", text), [text, 0])[1] += 1
+        return [f"{count}x {first}" for first, count in kinds.values()]
 
     def crashes(self) -> list[str]:
         """Lines of the components' log naming a crash of a worker or its table recovery."""
@@ -187,7 +192,7 @@ def test_the_healthy_worker_survives_when_the_other_is_killed_and_restarted(
         raise AssertionError(
             f"{len(missing)} of {len(expected_events)} events {by_topic} and "
             f"{expected_letters - len(found[1])} of {expected_letters} dead letters never came "
-            f"out after 180 s; the workers' warnings:\n" + "\n".join(pipeline.warnings()[-40:])
+            f"out after 180 s; the workers' warnings:\n" + "\n".join(pipeline.warnings()[:60])
         ) from None
     # Quiet now: the next rebalances find changelogs without new writes since the last
     # recovery read them, where the end offset tansu reports stopped the worker before.

@@ -17,7 +17,7 @@ from medstream.fault_trial import (
     ChildProcess,
     component_name,
     component_pids,
-    count_restarts,
+    restarted_components,
     kill_child,
     parent_pid,
     start_time,
@@ -118,6 +118,15 @@ def test_a_trial_fails_on_any_loss_duplicate_missing_alert_dead_letter_or_no_mea
         "graceful", stop_exit_code=0, unstored_at_stop=12
     ).summary()
     assert not result("graceful", stop_exit_code=None, unstored_at_stop=None).ok
+    # A stop that ended non-zero without saying what it left (a crash), or that hung and
+    # was killed, is no bounded stop that says so.
+    assert result("graceful", stop_exit_code=1, unstored_at_stop=12,
+                  stop_said_unstored=False).problems == [
+        "the graceful stop left acknowledged records unstored without saying so (exit code 1)"]
+    assert result("graceful", stop_exit_code=1, unstored_at_stop=12,
+                  stop_said_unstored=True).ok
+    assert result("graceful", stop_exit_code=-9, unstored_at_stop=12, stop_said_unstored=True,
+                  stop_hung=True).problems == ["the graceful stop hung and was killed"]
 
 
 def test_a_graceful_stop_that_left_no_backlog_tested_nothing_and_fails() -> None:
@@ -163,6 +172,11 @@ def test_a_kill_without_a_restart_fails_the_trial() -> None:
     ]
     # The harness starts a killed cluster node again itself: `up` restarts nothing.
     assert result("cluster-broker", killed=["cluster broker 1"], restarts_seen=0).ok
+    # By name: another component's restart is not the killed one's.
+    assert result("worker", killed=["streams-0"], restarts_seen=1,
+                  restarted=["sink"]).problems == ["never restarted: streams-0"]
+    assert result("worker", killed=["streams-0"], restarts_seen=2,
+                  restarted=["streams-0"]).ok
 
 
 def test_reconcile_missing_a_loss_or_naming_a_gap_with_none_fails_the_trial() -> None:
@@ -243,7 +257,9 @@ def test_the_json_is_written_after_every_trial_and_read_back_the_same(tmp_path: 
         seen.append(len(json.loads(path.read_text())["trials"]))
 
     def run(trial: object) -> TrialResult:
-        return result(plan[len(seen)].kind, lost=len(seen), reconcile_gaps=["g"] * len(seen))
+        planned = plan[len(seen)]
+        return result(planned.kind, planned.number, lost=len(seen),
+                      reconcile_gaps=["g"] * len(seen))
 
     results = run_suite(plan, run, lambda line: None, save)
     assert seen == [1, 2, 3, 4]  # a run cut short keeps every trial measured before
@@ -257,20 +273,24 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
     first, second = tmp_path / "a.json", tmp_path / "b.json"
     common = {"events": 8000, "rate": 400.0, "broker": "kafka", "seed": 1, "workers": 2}
     write_json(first, suite_json([result("worker", 1), result("worker", 2)],
-                                 {"trials": 2, "kinds": ["worker"], **common}))
+                                 {"trials": 2, "kinds": ["worker"], **common,
+                                  "code": {"commit": "a" * 40, "dirty": False}}))
     write_json(second, suite_json([result("sink", lost=3)],
-                                  {"trials": 2, "kinds": ["sink"], **common}))
+                                  {"trials": 2, "kinds": ["sink"], **common,
+                                   "code": {"commit": "b" * 40, "dirty": True}}))
     merged = subprocess.run(
         [sys.executable, "-m", "medstream", "faults", "--merge", str(first),
          "--merge", str(second), "--json", str(tmp_path / "all.json")],
         capture_output=True, text=True, timeout=120,
     )
     assert merged.returncode == 1, merged.stdout + merged.stderr  # the sink trial lost 3
-    assert f"{first}: 2 trials of worker, 8000 events at 400.0/s, broker kafka, seed 1\n" in (
-        merged.stdout
-    )
-    assert f"{second}: 1 trials of sink" in merged.stdout
-    assert "(STOPPED EARLY: 1 of 2 planned)" in merged.stdout
+    assert (f"{first}: 2 trials of worker, 8000 events at 400.0/s, broker kafka, seed 1, "
+            "code aaaaaaaaaa\n") in merged.stdout
+    assert (f"{second}: 1 trials of sink, 8000 events at 400.0/s, broker kafka, seed 1, code "
+            "bbbbbbbbbb with uncommitted changes (STOPPED EARLY: 1 of 2 planned)") in merged.stdout
+    # Runs on different code are added up, and said to be.
+    assert ("NOTE: these runs ran on 2 code versions (code aaaaaaaaaa, code bbbbbbbbbb with "
+            "uncommitted changes): the table adds up trials of different code") in merged.stdout
     rows = [line for line in merged.stdout.splitlines() if line.startswith("| worker ")
             or line.startswith("| sink ")]
     assert [row.split("|")[2:6] for row in rows] == [
@@ -298,6 +318,14 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
     assert copied.returncode == 2 and copied.stdout == "", copied.stdout + copied.stderr
     assert (f"{copy} and {first} hold the same trials (worker #1 (seed 1), worker #2 (seed 2), "
             "suite seed 1): each would count twice") in copied.stderr
+    # One file holding a trial twice.
+    doubled = tmp_path / "doubled.json"
+    write_json(doubled, suite_json([result("worker", 1), result("worker", 1)],
+                                   {"trials": 2, "kinds": ["worker"], **common}))
+    inner = merge(doubled)
+    assert inner.returncode == 2 and inner.stdout == "", inner.stdout + inner.stderr
+    assert (f"{doubled} holds the same trials more than once (worker #1 (seed 1)): each would "
+            "count twice") in inner.stderr
     # A merged file merged again (with a new sitting): each original run is named with
     # its own settings (they printed "None events at None/s").
     third = tmp_path / "third.json"
@@ -308,7 +336,8 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
     assert again.returncode == 1, again.stdout + again.stderr
     assert (f"{first} (via {tmp_path / 'all.json'}): 2 trials of worker, 8000 events at 400.0/s"
             in again.stdout), again.stdout
-    assert f"{third}: 1 trials of sink, 500 events at 50.0/s, broker tansu, seed 3" in again.stdout
+    assert (f"{third}: 1 trials of sink, 500 events at 50.0/s, broker tansu, seed 3, code "
+            "unknown") in again.stdout
     assert "None" not in again.stdout
     remerged = merge(tmp_path / "all.json", second)
     assert remerged.returncode == 2, remerged.stdout + remerged.stderr
@@ -437,7 +466,7 @@ def test_a_process_is_known_by_its_pid_and_start_time() -> None:
     assert start_time(beyond) is None
 
 
-def test_restarts_are_counted_from_up_announcements_not_status_lines() -> None:
+def test_restarts_are_counted_from_up_s_confirmations_not_notices_nor_status_lines() -> None:
     output = "\n".join([
         "running: 5 processes; metrics at sink=http://127.0.0.1:1/metrics",
         "[10:00:01] simulator 300 msg/s | sink 280 rows/s | restarts 0",
@@ -448,8 +477,12 @@ def test_restarts_are_counted_from_up_announcements_not_status_lines() -> None:
         "the embedded Apache Kafka broker died (exit code -9); restarting it in 1s",
         "[10:00:03] simulator 300 msg/s | sink 280 rows/s | restarts streams-0=1 sink=1",
     ])
-    assert count_restarts(output) == 3
-    assert count_restarts("stopped cleanly") == 0
+    # Confirmed restarts only: a "restarting it in" notice may never be followed by one.
+    assert restarted_components(output) == ["streams-0"]
+    assert restarted_components(output + "\nthe embedded broker runs again on 127.0.0.1:9\n"
+                                "\x1b[?25lcollector-faults-lis restarted (restart 2)") == [
+        "streams-0", "broker", "collector-faults-lis"]
+    assert restarted_components("stopped cleanly") == []
 
 
 def test_measured_counts_and_the_senders_acknowledged_messages_add_up_in_a_result() -> None:
@@ -472,3 +505,38 @@ def test_measured_counts_and_the_senders_acknowledged_messages_add_up_in_a_resul
     assert trial.alert_p99_ms == 2300.0 and len(trial.reconcile_gaps) == 1
     assert trial.notes == ["AA-acknowledged HL7 messages: 75, lost 2, duplicated 1"]
     assert not trial.ok
+
+
+def test_on_tansu_the_kinds_it_cannot_run_are_left_out_with_why(tmp_path: Path) -> None:
+    from medstream.faults import runnable_kinds
+
+    said: list[str] = []
+    assert runnable_kinds(["worker", "broker", "graceful"], "tansu", said.append) == ["worker"]
+    assert said == [
+        "on tansu: broker left out (tansu keeps nothing across its restart; it needs Apache "
+        "Kafka)",
+        "on tansu: graceful left out (tansu keeps nothing across a stop: the backlog it leaves "
+        "is lost; it needs Apache Kafka)",
+    ]
+    assert runnable_kinds(["graceful"], "kafka", said.append) == ["graceful"] and len(said) == 2
+    # Nothing left to run: refused before anything starts (the settings record the kinds
+    # planned, so a merge does not call a complete tansu run "stopped early").
+    done = subprocess.run(
+        [sys.executable, "-m", "medstream", "faults", "--kinds", "graceful,broker", "--broker",
+         "tansu", "--json", str(tmp_path / "none.json")],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "no fault kind of 'graceful,broker' runs on tansu" in done.stderr
+    assert not (tmp_path / "none.json").exists()
+
+
+def test_the_code_a_suite_ran_on_is_recorded() -> None:
+    from medstream.faults import code_version, describe_code
+
+    code = code_version()
+    head = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent, check=True).stdout.strip()
+    assert code["commit"] == head and isinstance(code["dirty"], bool)
+    assert describe_code(code).startswith(f"code {head[:10]}")
+    assert describe_code(None) == "code unknown"

@@ -99,11 +99,8 @@ def test_reconcile_reports_no_gap_when_everything_is_accounted(clickhouse: Clien
     assert "no gap" in report.render()
 
 
-def test_records_a_bug_dead_lettered_fail_the_reconciliation_but_not_the_drain(
-    clickhouse: Client, database: str
-) -> None:
-    # Second review H2: internal_error dead letters counted as accounted for, so a feed a
-    # bug dead-lettered whole passed as "no gap", and `up` said it stopped cleanly.
+def dead_lettered_by_a_bug(clickhouse: Client, database: str) -> None:
+    """One raw hl7_lab record whose outcome is a dead letter of reason internal_error."""
     one_record_dead_lettered(clickhouse, database, "hl7_lab", "d5")
     clickhouse.insert(f"{database}.dead_letter", [
         ["d5", "normalise", "internal_error", "internal error: ValueError in normalise.py:x",
@@ -111,6 +108,14 @@ def test_records_a_bug_dead_lettered_fail_the_reconciliation_but_not_the_drain(
     ], column_names=["dlq_id", "stage", "reason_code", "reason", "source_kind",
                      "original_topic", "original_partition", "original_offset",
                      "original_value", "ingest_time", "failed_time"])
+
+
+def test_records_a_bug_dead_lettered_fail_the_reconciliation_but_not_the_drain(
+    clickhouse: Client, database: str
+) -> None:
+    # Second review H2: internal_error dead letters counted as accounted for, so a feed a
+    # bug dead-lettered whole passed as "no gap", and `up` said it stopped cleanly.
+    dead_lettered_by_a_bug(clickhouse, database)
     report = reconcile(querier(clickhouse, database), database, T0 - timedelta(hours=1),
                        T0 + timedelta(hours=1))
     assert report.gaps == [] and report.drained  # every record has its outcome ...
@@ -457,6 +462,23 @@ def test_failed_labels_make_the_json_not_ok_and_the_exit_code_1(
     )
     text = run_reconcile(*window, "--labels", str(labels))
     assert text.exit_code == 0 and text.stdout.splitlines()[-1] == "ok"
+
+
+def test_the_command_fails_on_records_a_bug_dead_lettered(
+    run_reconcile: Callable[..., Any], clickhouse: Client, database: str
+) -> None:
+    # Review 5 M2: the report was not ok but the command said "ok" and exited 0.
+    dead_lettered_by_a_bug(clickhouse, database)
+    window = ["--since", (T0 - timedelta(hours=1)).isoformat(),
+              "--until", (T0 + timedelta(hours=1)).isoformat(), "--no-broker"]
+    failure = "1 records dead-lettered as internal errors (a bug met them)"
+    text = run_reconcile(*window)
+    assert text.exit_code == 1, text.output
+    assert "INTERNAL ERRORS: 1 records were dead-lettered" in text.stdout
+    assert text.stdout.splitlines()[-1] == f"FAILED: {failure}"
+    body = json.loads(run_reconcile(*window, "--json").stdout)
+    assert (body["ok"], body["failures"], body["internal_errors"]) == (
+        False, [failure], {"normalise": 1})
 
 
 def test_strict_fails_on_records_the_sink_has_not_read_and_passes_once_they_are_in(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,7 +21,7 @@ from medstream.backlog import (
     measure_backlog,
     pipeline_groups,
 )
-from medstream.runtime import RuntimeState, TansuBroker, contract_topics, ensure_topics
+from medstream.runtime import RuntimeState, TansuBroker, contract_topics, ensure_topics, free_port
 from medstream.settings import ClickHouseSettings, KafkaSettings, RuntimeSettings, StreamSettings
 from medstream.supervisor import (
     HEALTHY_RUN_S,
@@ -368,40 +369,67 @@ def test_before_its_last_drain_up_stops_the_timers_of_the_workers_that_handle_it
     import medstream.supervisor as supervisor_module
 
     monkeypatch.setattr(supervisor_module, "TIMERS_SETTLE_S", 0.1)
+    monkeypatch.setattr(supervisor_module, "TIMERS_CONFIRM_S", 4.0)
+    said: list[str] = []
     supervisor = Supervisor(
         KafkaSettings(), ClickHouseSettings(), RuntimeSettings(data_dir=tmp_path),
-        StreamSettings(), out=lambda line: None,
+        StreamSettings(), out=said.append,
     )
     told = tmp_path / "told"
 
-    def worker(name: str, scraped: bool) -> Child:
+    def worker(name: str, scraped: bool, lost: int = 0) -> Child:
+        """A process standing in for a worker: /metrics says medstream_timers_stopped 1
+        once it handled a SIGUSR2; the first ``lost`` signals are lost (sent before its
+        handler was installed)."""
+        port = free_port()
         process = subprocess.Popen(
             [sys.executable, "-c",
-             "import pathlib, signal, sys, time\n"
-             f"signal.signal(signal.SIGUSR2, lambda *a: pathlib.Path({str(told)!r}, "
-             f"{name!r}).touch())\n"
+             "import http.server, pathlib, signal, threading, time\n"
+             f"seen = [0]; lost = {lost}\n"
+             "def handled(*a):\n"
+             "    seen[0] += 1\n"
+             f"    pathlib.Path({str(told)!r}, {name!r} + str(seen[0])).touch()\n"
+             "signal.signal(signal.SIGUSR2, handled)\n"
+             "class Metrics(http.server.BaseHTTPRequestHandler):\n"
+             "    def do_GET(self):\n"
+             "        body = f'medstream_timers_stopped {int(seen[0] > lost)}\\n'.encode()\n"
+             "        self.send_response(200); self.end_headers(); self.wfile.write(body)\n"
+             "    def log_message(self, *a): pass\n"
+             f"server = http.server.HTTPServer(('127.0.0.1', {port}), Metrics)\n"
+             "threading.Thread(target=server.serve_forever, daemon=True).start()\n"
              "print('ready', flush=True)\n"
              "time.sleep(600)\n"],
             stdout=subprocess.PIPE, text=True,
         )
         assert process.stdout is not None and process.stdout.readline() == "ready\n"
-        child = Child(name, [], 0, process=process)
+        child = Child(name, [], port, process=process)
         child.restart.started_at = 1.0
         child.values_from = 1.0 if scraped else None
         return child
 
     told.mkdir()
-    ready, starting = worker("streams-0", scraped=True), worker("streams-1", scraped=False)
+    ready = worker("streams-0", scraped=True, lost=1)
+    starting = worker("streams-1", scraped=False)
+    deaf = worker("streams-2", scraped=True, lost=1000)
     try:
         assert supervisor._stop_timers([ready, starting]) is True
-        wait_for(lambda: (told / "streams-0").exists(), 5, "the signal to arrive")
+        # The first signal was lost: sent again until it confirmed.
+        assert (told / "streams-01").exists() and (told / "streams-02").exists()
+        assert ready.last_values["timers_stopped"] == 1.0
         # One not scraped since it started may still be starting: SIGUSR2's default action
         # would end it, so it is not sent.
-        assert sorted(p.name for p in told.iterdir()) == ["streams-0"]
+        assert not any(p.name.startswith("streams-1") for p in told.iterdir())
         assert ready.process is not None and ready.process.poll() is None
+        assert said == []
         assert supervisor._stop_timers([starting]) is False
+        # One that never confirms is said, and the stop goes on.
+        began = time.monotonic()
+        assert supervisor._stop_timers([deaf]) is True
+        assert 4.0 <= time.monotonic() - began < 10.0
+        assert said == ["streams-2 did not confirm within 4s that their timers stopped: what "
+                        "they make from now on may be left for the next run"]
     finally:
-        for child in (ready, starting):
+        for child in (ready, starting, deaf):
             assert child.process is not None
             child.process.kill()
             child.process.wait()

@@ -190,6 +190,29 @@ def test_repeats_update_the_open_alert_throttled(lifecycle: AlertLifecycle) -> N
     assert transitions[0].last_event_time_ms == T0 + 15 * MINUTE
 
 
+def test_the_finding_that_opened_an_alert_reprocessed_sends_its_opened_again(
+    lifecycle: AlertLifecycle,
+) -> None:
+    # Review 5 M3: a kill after the alert's state reached the changelog but before its
+    # "opened" reached the broker; recovery restores the open alert, the uncommitted
+    # finding comes again, and was taken for a repeat: the critical alert never opened.
+    state = DictState()
+    first = finding("e1")
+    [opened_row] = lifecycle.on_finding(first, state, T0)
+    later = finding("e2", event_time_ms=T0 + 4 * MINUTE)
+    assert lifecycle.on_finding(later, state, T0 + 5 * MINUTE) == []
+    [again] = lifecycle.on_finding(first, state, T0 + 6 * MINUTE)
+    # The same transition (id, time): collapsed downstream if the first one was stored.
+    assert (again.transition_id, again.action, again.time_ms) == (
+        opened_row.transition_id, "opened", T0)
+    assert stored(state, opened_row.alert_id)["occurrences"] == 2  # not counted again
+    # Another finding reprocessed is no opening: nothing.
+    assert lifecycle.on_finding(later, state, T0 + 7 * MINUTE) == []
+    # Once acknowledged, the opening is history: not sent again.
+    lifecycle.acknowledge(opened_row.alert_id, "nurse-7", None, state, T0 + 8 * MINUTE)
+    assert lifecycle.on_finding(first, state, T0 + 9 * MINUTE) == []
+
+
 def test_tick_flushes_a_pending_update(lifecycle: AlertLifecycle) -> None:
     state = DictState()
     alert_id = opened(lifecycle, state, finding("e1", severity="low"))
@@ -283,7 +306,10 @@ def test_silence_findings_without_events_get_stable_ids(lifecycle: AlertLifecycl
     assert silent.triggering_event_ids == ()
     alert_id = opened(lifecycle, state, silent)
     assert alert_id == lifecycle_alert_id("feed.stopped", "H001|his-db", f"time:{T0 - 5 * MINUTE}")
-    assert lifecycle.on_finding(silent, state, T0 + MINUTE) == []  # the same silence again
+    # The same silence again (reprocessed): its "opened" sent again with the same id.
+    [again] = lifecycle.on_finding(silent, state, T0 + MINUTE)
+    assert (again.action, again.alert_id, again.time_ms) == ("opened", alert_id, T0)
+    assert stored(state, alert_id)["occurrences"] == 1
 
 
 # --- reopening and retention ----------------------------------------------------------------

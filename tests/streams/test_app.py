@@ -239,6 +239,38 @@ def test_sigusr2_stops_the_timers_that_make_output_and_nothing_else() -> None:
         streams_app.TIMERS_STOPPED.clear()
 
 
+def test_the_worker_confirms_its_timers_stopped_once_no_tick_is_under_way() -> None:
+    # `up` waits for medstream_timers_stopped 1 before its last drain: a tick started
+    # before the signal may still publish.
+    from prometheus_client import REGISTRY
+
+    def confirmed() -> float | None:
+        return REGISTRY.get_sample_value("medstream_timers_stopped")
+
+    async def run() -> list[float | None]:
+        seen = []
+        release = asyncio.Event()
+
+        @streams_app.until_timers_stopped
+        async def slow_tick() -> None:
+            await release.wait()
+
+        tick = asyncio.ensure_future(slow_tick())
+        await asyncio.sleep(0)
+        seen.append(confirmed())  # not asked yet
+        streams_app.StreamsWorker.__new__(streams_app.StreamsWorker)._on_sigusr2()
+        seen.append(confirmed())  # asked, a tick under way
+        release.set()
+        await tick
+        seen.append(confirmed())
+        return seen
+
+    try:
+        assert asyncio.run(run()) == [0.0, 0.0, 1.0]
+    finally:
+        streams_app.TIMERS_STOPPED.clear()
+
+
 def test_a_worker_whose_loop_closed_ignores_sigusr2(monkeypatch: pytest.MonkeyPatch) -> None:
     import signal
 

@@ -147,9 +147,9 @@ def test_a_jump_on_a_raw_topic_is_never_acknowledged_and_holds_the_commit(
     with caplog.at_level(logging.WARNING, "medstream.streams"):
         asyncio.run(consumer._add_gap(p3, 154, 158))
     assert [r.getMessage() for r in caplog.records] == [
-        "raw.hl7_lab[3]: Faust jumped over 4 records (154-157) not acknowledged nor in an "
-        "agent's hands; not acknowledging them: if no agent processes them, the stall watch "
-        "reads them again"
+        "raw.hl7_lab[3]: Faust jumped over 4 offsets (154-157) not acknowledged nor in an "
+        "agent's hands; not acknowledging them: if they hold records no agent processes, the "
+        "stall watch reads them again"
     ]
     _ack(consumer, p3, 158, 159)
     assert not consumer._gap[p3]
@@ -166,10 +166,33 @@ def test_a_jump_on_a_raw_topic_is_never_acknowledged_and_holds_the_commit(
     assert consumer._new_offset(RAW) is None
     _ack(consumer, RAW, 151)
     assert consumer._new_offset(RAW) == 153
-    # A topic that may hold transaction markers keeps Faust's gaps.
+    # So does every topic an agent reads (the detect agents read norm.*): this app writes
+    # them without transactions.
     consumer._committed_offset[norm] = 10
     asyncio.run(consumer._add_gap(norm, 11, 13))
-    assert consumer._gap[norm]
+    _ack(consumer, norm, 13)
+    assert not consumer._gap[norm] and consumer._new_offset(norm) is None
+    # A changelog (compacted, read by table recovery) keeps Faust's gaps.
+    changelog = TP(sorted(consumer.app.tables.changelog_topics)[0], 0)
+    consumer._committed_offset[changelog] = 10
+    asyncio.run(consumer._add_gap(changelog, 11, 13))
+    assert consumer._gap[changelog]
+
+
+def test_nothing_is_committed_while_the_committed_offset_is_unknown() -> None:
+    # From the revoke until the seek after the assignment has read the committed offsets,
+    # records flow and Faust's commit timer runs: it committed the first run of
+    # acknowledgements wherever it started (review 5's probe: 170 over a hole at 151-158).
+    consumer = _consumer()
+    _ack(consumer, RAW, *range(159, 170))
+    assert RAW not in consumer._committed_offset
+    assert consumer._new_offset(RAW) is None
+    assert consumer._filter_committable_offsets([RAW]) == {}
+    # Once the seek set it, the commit moves from there on only.
+    consumer._committed_offset[RAW] = 151
+    assert consumer._new_offset(RAW) is None
+    _ack(consumer, RAW, *range(151, 159))
+    assert consumer._new_offset(RAW) == 170
 
 
 class Worker:
@@ -235,31 +258,77 @@ def test_a_raw_partition_held_back_is_read_again_and_a_hole_is_only_accepted_if_
     assert deleted._new_offset(RAW) == 224
 
 
-def test_a_hole_elsewhere_is_accepted_as_a_gap_only_after_reading_it_again() -> None:
-    worker = Worker({NORM: 501})
-    consumer = worker.consumer
-    consumer._committed_offset[NORM] = 500
+def test_a_hole_is_accepted_as_a_gap_only_where_a_read_of_it_finds_no_record() -> None:
     # Fetched to 501, nothing acknowledged after 500: a trailing transaction marker of an
-    # earlier exactly_once run. positions come from aiokafka's thread: stood in for.
+    # earlier exactly_once run, or a record Faust dropped. positions come from aiokafka's
+    # thread: stood in for.
     from streams import stall_watch
     positions = stall_watch.fetch_positions
     stall_watch.fetch_positions = lambda consumer, tps: dict.fromkeys(tps, 501)  # type: ignore[assignment]
     try:
-        clock = Clock()
-        watch = StallWatch(clock=clock)
-        worker.look(watch, clock)
-        assert worker.sought == [{NORM: 500}] and not consumer._gap[NORM]
-        clock.now += STALL_AFTER_S
-        asyncio.run(watch_and_unstick(worker.app, watch))
-        assert worker.sought == [{NORM: 500}]  # accepted, not read again
-        assert (NORM, 500, 501) in watch.accepted and consumer._gap[NORM]
-        clock.now += STALL_AFTER_S * 2
-        asyncio.run(watch_and_unstick(worker.app, watch))
-        assert worker.sought == [{NORM: 500}]  # and not reported again
+        for found, accepted in ((1, False), (None, False), (0, True)):
+            worker = Worker({NORM: 501})
+            consumer = worker.consumer
+            consumer._committed_offset[NORM] = 500
+            asked: list[tuple[TP, int, int]] = []
+
+            async def count_records(tp: TP, low: int, end: int, found: int | None = found,
+                                    asked: list[tuple[TP, int, int]] = asked) -> int | None:
+                """Stands in for the read of the range apart from the worker."""
+                asked.append((tp, low, end))
+                return found
+
+            clock = Clock()
+            watch = StallWatch(clock=clock, count_records=count_records)
+            worker.look(watch, clock)
+            # Read again first, whatever it holds.
+            assert worker.sought == [{NORM: 500}] and not consumer._gap[NORM] and asked == []
+            clock.now += STALL_AFTER_S
+            asyncio.run(watch_and_unstick(worker.app, watch))
+            assert asked == [(NORM, 500, 501)]
+            if not accepted:
+                # A record there (the re-read was undone by a delivery under way), or the
+                # range could not be read: read again, never accepted.
+                assert worker.sought == [{NORM: 500}, {NORM: 500}] and not consumer._gap[NORM]
+                continue
+            assert worker.sought == [{NORM: 500}]
+            assert (NORM, 500, 501) in watch.accepted and consumer._gap[NORM]
+            clock.now += STALL_AFTER_S * 2
+            asyncio.run(watch_and_unstick(worker.app, watch))
+            assert worker.sought == [{NORM: 500}] and len(asked) == 1  # not reported again
     finally:
         stall_watch.fetch_positions = positions  # type: ignore[assignment]
 
 
+def test_a_partition_whose_committed_offset_is_unknown_is_sought_again() -> None:
+    # The seek after the assignment did not complete (it timed out): nothing commits.
+    worker = Worker({RAW: 224})
+    consumer = worker.consumer
+    _ack(consumer, RAW, *range(159, 224))
+    seeks: list[bool] = []
+
+    async def perform_seek() -> None:
+        """Stands in for the seek to the committed offsets (round trips to the group)."""
+        seeks.append(True)
+
+    consumer.perform_seek = perform_seek
+    clock = Clock()
+    worker.look(StallWatch(clock=clock), clock)
+    assert seeks == [True] and worker.sought == []
+
+
+def test_a_hole_is_found_though_other_partitions_commit_at_most_looks() -> None:
+    # A commit of another partition under way at a look restarted the hole's clock, so
+    # under traffic it was never reported (review 5's probe: 0 reports in 10 minutes). A
+    # look where the partition itself is settling is not reported but keeps its clock.
+    clock = Clock()
+    watch = StallWatch(clock=clock)
+    reports = []
+    for look in range(60):
+        settling = look % 2 == 0
+        reports += watch.stalled([_held(lowest_acked=159, settling=settling)], busy=False)
+        clock.now += 1
+    assert [round(s.for_s) for s in reports] == [21, 20]
 def test_fetch_positions_are_read_from_aiokafka_s_own_state() -> None:
     from aiokafka import AIOKafkaConsumer, TopicPartition
 
@@ -366,3 +435,159 @@ def test_a_rebalance_that_never_ends_is_said_once_a_period() -> None:
     assert watch.stuck_rebalancing(busy=False) is None
     clock.now += REBALANCE_STUCK_S
     assert watch.stuck_rebalancing(busy=True) is None
+
+
+@pytest.mark.integration
+def test_the_read_of_a_hole_counts_records_not_transaction_markers_nor_aborted_records(
+    kafka_factory: Callable[..., KafkaSettings],
+) -> None:
+    from confluent_kafka import Producer
+
+    from streams.stall_watch import records_counter
+
+    kafka = kafka_factory()
+    norm = kafka.topic("norm.lab_result")
+    producer = Producer(kafka.producer_config(**{"transactional.id": f"{kafka.topic_prefix}tx"}))
+    producer.init_transactions(30)
+    # 0-1 records, 2 their commit marker; 3 aborted, 4 its abort marker; 5 a record.
+    producer.begin_transaction()
+    for _ in range(2):
+        producer.produce(norm, value=b"committed", partition=0)
+    producer.commit_transaction(30)
+    producer.begin_transaction()
+    producer.produce(norm, value=b"aborted", partition=0)
+    producer.flush(30)
+    producer.abort_transaction(30)
+    producer.begin_transaction()
+    producer.produce(norm, value=b"committed", partition=0)
+    producer.commit_transaction(30)
+    count = records_counter(kafka)
+    tp = TP(norm, 0)
+    assert asyncio.run(count(tp, 2, 5)) == 0  # markers and an aborted record: a gap
+    assert asyncio.run(count(tp, 0, 2)) == 2
+    assert asyncio.run(count(tp, 2, 6)) == 1
+
+
+class FetchedRecord:
+    """A record aiokafka hands out (only its offset matters here)."""
+
+    def __init__(self, offset: int) -> None:
+        self.offset = offset
+
+
+class AiokafkaConsumer:
+    """Stands in for aiokafka's consumer in the consumer thread: its fetcher hands out
+    ``batches`` (running ``during`` meanwhile, as a rebalance would), seeks are recorded."""
+
+    def __init__(self, batches: dict[TP, list[int]], assigned: set[TP],
+                 during: Callable[[set[TP]], None] = lambda partitions: None) -> None:
+        self._closed = False
+        self.sought: list[tuple[TP, int]] = []
+        self.asked: list[set[TP]] = []
+        outer = self
+
+        class Subscriptions:
+            def fetch_context(self) -> Any:
+                import contextlib
+                return contextlib.nullcontext()
+
+        class Fetcher:
+            _closed = False
+            _subscriptions = Subscriptions()
+
+            async def fetched_records(self, partitions: set[TP], timeout: float | None = None,
+                                      max_records: int | None = None) -> dict[TP, list[Any]]:
+                outer.asked.append(partitions)
+                during(partitions)
+                return {tp: [FetchedRecord(o) for o in offsets] for tp, offsets in batches.items()
+                        if not partitions or tp in partitions}
+
+        self._fetcher = Fetcher()
+        self._assigned = assigned
+
+    def assignment(self) -> set[TP]:
+        return self._assigned
+
+    def seek(self, tp: TP, offset: int) -> None:
+        self.sought.append((tp, offset))
+
+
+def test_records_fetched_across_a_rebalance_are_put_back_not_dropped() -> None:
+    # A CI run: the worker that kept its partitions through a rebalance had a fetch under
+    # way at the revoke; it resumed with Faust's set of partitions emptied (aiokafka: every
+    # partition), handed out a changelog's records, Faust dropped them, and table recovery
+    # waited 3 minutes for them with every stream partition paused.
+    consumer = _consumer()
+    thread = consumer._thread
+    app = consumer.app
+    changelog = TP(sorted(app.tables.changelog_topics)[0], 0)
+    app.consumer_generation_id = 2
+    consumer.flow_active = True
+    live = {RAW, changelog}
+
+    def rebalance(partitions: set[TP]) -> None:
+        live.clear()  # Faust empties its set at the revoke...
+        app.consumer_generation_id = 3  # ...and the next assignment comes
+
+    aiokafka = AiokafkaConsumer({RAW: [40, 41], changelog: [0, 1, 2], NORM: [7]},
+                                assigned={RAW, changelog}, during=rebalance)
+    assert asyncio.run(thread._fetch_records(aiokafka, live, timeout=0)) == {}
+    # aiokafka was asked for a copy of the set (its emptying did not widen the fetch), and
+    # every partition still assigned is sought back to the first record handed out.
+    assert aiokafka.asked == [{RAW, changelog}]
+    assert sorted(aiokafka.sought) == sorted([(RAW, 40), (changelog, 0)])
+    # The flow stopped while fetching (a revoke under way): put back as well.
+    consumer.flow_active = True
+
+    def stop_flow(partitions: set[TP]) -> None:
+        consumer.flow_active = False
+
+    stopped = AiokafkaConsumer({RAW: [42]}, assigned={RAW}, during=stop_flow)
+    assert asyncio.run(thread._fetch_records(stopped, {RAW}, timeout=0)) == {}
+    assert stopped.sought == [(RAW, 42)]
+    # No partition to fetch: aiokafka is not asked (it would read every partition).
+    consumer.flow_active = True
+    idle = AiokafkaConsumer({RAW: [43]}, assigned={RAW})
+    assert asyncio.run(thread._fetch_records(idle, set(), timeout=0)) == {}
+    assert idle.asked == []
+    # Otherwise the records go to Faust as they came.
+    steady = AiokafkaConsumer({RAW: [43, 44]}, assigned={RAW})
+    fetched = asyncio.run(thread._fetch_records(steady, {RAW}, timeout=0))
+    assert [r.offset for r in fetched[RAW]] == [43, 44] and steady.sought == []
+
+
+def test_a_changelog_recovery_waits_for_is_read_again_once_stranded() -> None:
+    from streams.stall_watch import RECOVERY_STALL_S
+
+    worker = Worker({RAW: 224})
+    app = worker.app
+    changelog = TP(sorted(app.tables.changelog_topics)[0], 0)
+    recovery = app.tables.recovery
+    recovery.active_highwaters[changelog] = 535  # its last offset
+    recovery.active_offsets[changelog] = -1  # nothing read
+    from streams import stall_watch
+    positions = stall_watch.fetch_positions
+    fetch_at = {changelog: 536}
+    stall_watch.fetch_positions = lambda consumer, tps: {tp: fetch_at.get(tp) for tp in tps}  # type: ignore[assignment]
+    try:
+        clock = Clock()
+        watch = StallWatch(clock=clock)
+        asyncio.run(watch_and_unstick(app, watch))
+        clock.now += RECOVERY_STALL_S - 1
+        asyncio.run(watch_and_unstick(app, watch))
+        assert worker.sought == []
+        clock.now += 1
+        asyncio.run(watch_and_unstick(app, watch))
+        assert worker.sought == [{changelog: 0}]
+        # Read as far as 300 since, the fetch position unchanged: a new place, a new clock.
+        recovery.active_offsets[changelog] = 300
+        clock.now += RECOVERY_STALL_S - 1
+        asyncio.run(watch_and_unstick(app, watch))
+        assert worker.sought == [{changelog: 0}]
+        # Fetched up to where recovery read: not stranded.
+        fetch_at[changelog] = 301
+        clock.now += RECOVERY_STALL_S * 2
+        asyncio.run(watch_and_unstick(app, watch))
+        assert worker.sought == [{changelog: 0}]
+    finally:
+        stall_watch.fetch_positions = positions  # type: ignore[assignment]
