@@ -1386,6 +1386,9 @@ def faults_command(
             typer.echo(f"NOTE: these runs ran on {len(codes)} code versions "
                        f"({', '.join(sorted(codes))}): the table adds up trials of different "
                        "code")
+        elif len(merged) > 1 and codes == {describe_code(None)}:
+            typer.echo("NOTE: none of these runs recorded its code version: whether they ran "
+                       "on the same code cannot be told")
         if not results:
             _fail("the merged files hold no trial", 1)
         typer.echo(render_table(summarise(results)))

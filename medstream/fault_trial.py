@@ -77,15 +77,25 @@ def clean_env(data_dir: Path, **extra: str) -> dict[str, str]:
     return env
 
 
+def stat_fields(pid: int | str) -> list[str] | None:
+    """The fields of /proc/<pid>/stat after the command name (state, ppid, ...); None when
+    the process is gone or a zombie."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (OSError, IndexError):
+        return None
+    return None if not fields or fields[0] == "Z" else fields
+
+
 def child_processes(parent: int) -> dict[int, list[str]]:
     """Live child processes of ``parent`` with their command lines (Linux /proc)."""
     children: dict[int, list[str]] = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
+        fields = stat_fields(entry.name)
         try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) != parent or fields[0] == "Z":
+            if fields is None or int(fields[1]) != parent:
                 continue
             command = (entry / "cmdline").read_bytes().split(b"\0")
         except (OSError, IndexError, ValueError):
@@ -150,11 +160,8 @@ def component_pids(up_pid: int, runtime_file: Path) -> dict[str, ChildProcess]:
 def start_time(pid: int) -> int | None:
     """When a process started (clock ticks after boot), None when it is gone: a pid and
     its start time name one process even after the pid is reused."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except (OSError, IndexError):
-        return None
-    return None if fields[0] == "Z" else int(fields[19])
+    fields = stat_fields(pid)
+    return None if fields is None else int(fields[19])
 
 
 def parent_pid(pid: int) -> int | None:

@@ -475,8 +475,9 @@ def describe_code(code: dict[str, Any] | None) -> str:
     """A run's code version for people."""
     if not code or not code.get("commit"):
         return "code unknown"
-    return f"code {code['commit'][:10]}" + (" with uncommitted changes" if code.get("dirty")
-                                            else "")
+    dirty = code.get("dirty")
+    return f"code {code['commit'][:10]}" + (
+        " with uncommitted changes" if dirty else " (changes unknown)" if dirty is None else "")
 
 
 def runnable_kinds(

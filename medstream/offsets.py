@@ -141,8 +141,9 @@ def count_records(
     ends: Mapping[Partition, int],
     timeout_s: float,
 ) -> dict[Partition, int]:
-    """The records (read_committed) at offsets [start, end) of each partition, read to its
-    end; ReadUnfinished when one could not be read in time."""
+    """The records (read_committed) at offsets [start, end) of each partition, read up to
+    ``end`` (a record at or past end - 1, or the partition's end); ReadUnfinished when one
+    could not be read in time."""
     counts = dict.fromkeys(starts, 0)
 
     def seen(message: Message) -> None:
@@ -150,7 +151,8 @@ def count_records(
         if (message.offset() or 0) < ends[partition]:
             counts[partition] += 1
 
-    read_to_end(kafka, starts, "counting records", timeout_s, on_record=seen)
+    read_to_end(kafka, starts, "counting records", timeout_s, on_record=seen,
+                stop_at={partition: end - 1 for partition, end in ends.items()})
     return counts
 
 
@@ -160,9 +162,11 @@ def read_to_end(
     what: str,
     timeout_s: float,
     on_record: Callable[[Message], None] | None = None,
+    stop_at: Mapping[Partition, int] | None = None,
 ) -> dict[Partition, int | None]:
-    """Read each partition from its start until the broker says it is at its end; the last
-    offset read per partition (None: nothing); ``on_record`` sees each record."""
+    """Read each partition from its start until the broker says it is at its end (or a
+    record at or past its ``stop_at`` offset is read); the last offset read per partition
+    (None: nothing); ``on_record`` sees each record."""
     last: dict[Partition, int | None] = dict.fromkeys(starts)
     if not starts:
         return last
@@ -187,6 +191,8 @@ def read_to_end(
                 last[(topic, index)] = max(offset, last[(topic, index)] or -1)
                 if on_record is not None:
                     on_record(message)
+                if stop_at is not None and offset >= stop_at.get((topic, index), offset + 1):
+                    open_partitions.discard((topic, index))
     finally:
         consumer.close()
     if open_partitions:

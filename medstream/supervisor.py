@@ -245,6 +245,11 @@ def scrape(children: list[Child]) -> Snapshot:
     return snapshot
 
 
+def _process_key(child: Child) -> tuple[str, int | None, float | None]:
+    """One process of a component (its pid and start), across its restarts."""
+    return (child.name, child.process.pid if child.process else None, child.restart.started_at)
+
+
 def _is_counter(key: str) -> bool:
     """Counters add up over a component's restarts; gauges (lag, ready) do not."""
     return not key.startswith(("lag:", "ready", "timers_stopped"))
@@ -423,6 +428,9 @@ class Supervisor:
         self._broker_restart = RestartPolicy()
         self._broker_lost_records = False  # a memory-only broker died during this run
         self._running = False  # every component started (a stop then drains first)
+        # Worker processes that confirmed their timers stopped, and those said not to.
+        self._timers_confirmed: set[tuple[str, int | None, float | None]] = set()
+        self._timers_unconfirmed: set[tuple[str, int | None, float | None]] = set()
 
     def request_stop(self, *_: object) -> None:
         """Signal handler: stop at the next tick (draining); a second signal stops at once."""
@@ -1002,7 +1010,7 @@ class Supervisor:
         while True:
             if quiet:
                 self._tell_timers_stopped([c for c in self.children
-                                           if c.name.startswith("streams")])
+                                           if c.name.startswith("streams")], deadline)
             try:
                 backlog: Backlog | None = self._measure_unless_stopped_now(groups)
             except BacklogUnknown as exc:
@@ -1038,48 +1046,58 @@ class Supervisor:
             self._restart_dead()
             self._stop_now.wait(TICK_S)
 
-    def _stop_timers(self, workers: list[Child]) -> bool:
+    def _stop_timers(self, workers: list[Child], deadline: float | None = None) -> bool:
         """See :meth:`_tell_timers_stopped`; from now on a worker started or restarted
         starts with its timers stopped (MEDSTREAM_STREAMS_TIMERS_STOPPED)."""
         if self._env:
             self._env[TIMERS_STOPPED_ENV] = "1"
-        return self._tell_timers_stopped(workers)
+        return self._tell_timers_stopped(workers, deadline)
 
-    def _tell_timers_stopped(self, workers: list[Child]) -> bool:
+    def _tell_timers_stopped(self, workers: list[Child], deadline: float | None = None) -> bool:
         """Ask the running stream workers to stop making timer output (SIGUSR2: device
         silence, escalations, feed watch) until each confirms it (medstream_timers_stopped
         1: stopped, no tick under way; the signal is sent again meanwhile, as one sent
-        before a worker's handler was installed is lost), at most TIMERS_CONFIRM_S, then
-        give what the last ticks published TIMERS_SETTLE_S to reach the broker, so that the
-        drain after it leaves nothing they made for the alert lifecycle unread; False when
-        no worker runs or a second stop request came."""
+        before a worker's handler was installed is lost), at most TIMERS_CONFIRM_S and not
+        past ``deadline``, then give what the last ticks published TIMERS_SETTLE_S to reach
+        the broker, so that the drain after it leaves nothing they made for the alert
+        lifecycle unread. A worker process that confirmed is not asked again; one that did
+        not in time is said once. False when no worker runs or a second stop request came."""
         # Only those scraped since they started: their SIGUSR2 is handled (`medstream
         # streams` ignores it from its start; by default it would end the process).
-        pending = [c for c in workers if c.state() == "running"]
-        if not pending or self._stop_now.is_set():
+        running = [c for c in workers if c.state() == "running"]
+        if not running or self._stop_now.is_set():
             return False
-        deadline = time.monotonic() + TIMERS_CONFIRM_S
-        while True:
+        pending = [c for c in running if _process_key(c) not in self._timers_confirmed]
+        if not pending:
+            return True
+        until = time.monotonic() + TIMERS_CONFIRM_S
+        if deadline is not None:
+            until = min(until, deadline)
+        confirmed = 0
+        while pending:
             for child in pending:
                 assert child.process is not None
                 child.process.send_signal(signal.SIGUSR2)
             if self._stop_now.wait(TIMERS_POLL_S):
                 return False
             scrape(pending)
-            pending = [
-                c for c in pending
-                if c.state() == "running" and c.last_values.get("timers_stopped") != 1.0
-            ]
-            if not pending:
+            for child in pending:
+                if child.last_values.get("timers_stopped") == 1.0:
+                    self._timers_confirmed.add(_process_key(child))
+                    confirmed += 1
+            pending = [c for c in pending if c.state() == "running"
+                       and _process_key(c) not in self._timers_confirmed]
+            if pending and time.monotonic() >= until:
+                unsaid = [c for c in pending if _process_key(c) not in self._timers_unconfirmed]
+                if unsaid:
+                    self.out(
+                        f"{', '.join(c.name for c in unsaid)} did not confirm within "
+                        f"{TIMERS_CONFIRM_S:.0f}s that their timers stopped: what they make from "
+                        "now on may be left for the next run"
+                    )
+                self._timers_unconfirmed.update(_process_key(c) for c in unsaid)
                 break
-            if time.monotonic() >= deadline:
-                self.out(
-                    f"{', '.join(c.name for c in pending)} did not confirm within "
-                    f"{TIMERS_CONFIRM_S:.0f}s that their timers stopped: what they make from "
-                    "now on may be left for the next run"
-                )
-                break
-        return not self._stop_now.wait(TIMERS_SETTLE_S)
+        return not (confirmed and self._stop_now.wait(TIMERS_SETTLE_S))
 
     def _measure_unless_stopped_now(self, groups: list[ConsumerGroup]) -> Backlog:
         """measure_backlog (at most 5 s) in a thread a second stop request does not wait for."""
@@ -1151,7 +1169,7 @@ class Supervisor:
         elif self._running:
             deadline = time.monotonic() + self.runtime.drain_timeout_s
             if self._drain(deadline) and self._stop_timers(
-                [c for c in self.children if stage(c) == 1]
+                [c for c in self.children if stage(c) == 1], deadline
             ):
                 self._drain(deadline, quiet=True)
         killed += self._stop_all([c for c in self.children if stage(c) == 1])

@@ -24,7 +24,7 @@ alerts opened before the restart can still be acknowledged, resolved and escalat
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -139,6 +139,9 @@ class AlertTransition:
     escalation_level: int
     triggering_event_ids: tuple[str, ...]
     explanation: str
+    #: The "opened" transition sent again, as it was (its finding reprocessed while the
+    #: alert is open): stored again, not counted again.
+    resent: bool = False
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -314,9 +317,12 @@ class AlertLifecycle:
             "fingerprints": [fingerprint],
             "opened_by": fingerprint,
         }
+        opened = self._transition(alert, "opened", SYSTEM_ACTOR, None, now_ms, "")
+        alert["opening"] = {**asdict(opened), "triggering_event_ids": list(
+            opened.triggering_event_ids)}
         state.put(_ALERT_PREFIX + alert_id, alert)
         state.put(subject_key, alert_id)
-        return [self._transition(alert, "opened", SYSTEM_ACTOR, None, now_ms, "")]
+        return [opened]
 
     def _new_alert_id(self, finding: Finding, fingerprint: str, state: KeyValueState) -> str | None:
         """A fresh alert id, or None when a remembered alert with that id counted this finding."""
@@ -344,9 +350,13 @@ class AlertLifecycle:
             # opened the alert, the "opened" output may not have reached the broker before a
             # kill (the state did, through the changelog): it is sent again, with the same
             # transition id (collapsed downstream), while the alert is still open.
-            if alert.get("opened_by") == fingerprint and alert["status"] == OPEN:
-                return [self._transition(alert, "opened", SYSTEM_ACTOR, None,
-                                         alert["opened_ms"], "")]
+            opening = alert.get("opening")
+            if alert.get("opened_by") == fingerprint and alert["status"] == OPEN and opening:
+                # As it was sent (the alert has moved on since: occurrences, triggering
+                # events), so the row it may replace downstream stays the same.
+                return [replace(AlertTransition(**{
+                    **opening, "triggering_event_ids": tuple(opening["triggering_event_ids"])
+                }), resent=True)]
             return []
         alert["fingerprints"] = [*alert["fingerprints"], fingerprint][-_MAX_FINGERPRINTS:]
         alert["occurrences"] += 1

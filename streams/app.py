@@ -242,6 +242,23 @@ class StreamsApp(faust.App):
         return KeptOnResumeFlowControl(loop=self.loop)
 
 
+class LivePartitions:
+    """Faust's live set of active partitions as aiokafka's drain filter: membership is
+    asked when aiokafka drains (a partition paused meanwhile is not drained), and it is
+    never empty to aiokafka, which reads an empty set as every partition."""
+
+    __slots__ = ("live",)
+
+    def __init__(self, live: Any) -> None:
+        self.live = live
+
+    def __bool__(self) -> bool:
+        return True
+
+    def __contains__(self, tp: object) -> bool:
+        return tp in self.live
+
+
 class ShortFetchConsumerThread(AIOKafkaConsumerThread):
     """aiokafka consumer with a short fetch wait (Faust hard-codes 1500 ms).
 
@@ -266,15 +283,16 @@ class ShortFetchConsumerThread(AIOKafkaConsumerThread):
         changed) and only stream partitions were sought back. A table recovery that had
         sought its changelogs already then waited for those records until the next
         rebalance (3 minutes of a worker's partitions paused in a CI run: a kept
-        changelog's 1,329 records never read). Here aiokafka gets a copy of the set, none
-        when it is empty, and records fetched across a rebalance or with the flow stopped
-        are sought back to."""
-        wanted = frozenset(active_partitions or ())
-        if not wanted:
+        changelog's 1,329 records never read). Here aiokafka sees the live set as a set
+        that is never "every partition" (a copy would drain partitions paused meanwhile,
+        which Faust drops), nothing is fetched when it is empty, and records fetched across
+        a rebalance or with the flow stopped are sought back to."""
+        if not active_partitions:
             return {}
         generation = self.app.consumer_generation_id
         records = await super()._fetch_records(
-            consumer, set(wanted), timeout=timeout, max_records=max_records
+            consumer, cast(set[TP], LivePartitions(active_partitions)), timeout=timeout,
+            max_records=max_records,
         )
         if records and (self.app.consumer_generation_id != generation
                         or not self.consumer.flow_active):

@@ -588,7 +588,7 @@ class LifecycleStage(GuardedStage):
                 details=json.loads(record["details_json"] or "{}"),
             )
             transitions = machine.on_finding(finding, state, now_ms)
-            if transitions and transitions[0].action == "opened":
+            if transitions and transitions[0].action == "opened" and not transitions[0].resent:
                 # The opening finding's figures and lineage describe the alert.
                 state.put(_context_key(transitions[0].alert_id), _context(record))
         elif kind == INPUT_CLEARED:
@@ -659,9 +659,10 @@ class LifecycleStage(GuardedStage):
         context = state.get(_context_key(transition.alert_id)) or {}
         if transition.status == "resolved":
             state.delete(_context_key(transition.alert_id))
-        ALERT_TRANSITIONS.labels(transition.action).inc()
-        if transition.action == "opened":
-            ALERTS.labels(transition.rule_id).inc()
+        if not transition.resent:
+            ALERT_TRANSITIONS.labels(transition.action).inc()
+            if transition.action == "opened":
+                ALERTS.labels(transition.rule_id).inc()
         alert = {
             "alert_id": transition.alert_id,
             "rule_id": transition.rule_id,

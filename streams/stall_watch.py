@@ -368,16 +368,13 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
     what reading again from the committed offset did not fill."""
     busy = rebalancing(app)
     recovery = app.tables.recovery
-    stranded = stranded_changelogs(app) if recovery.need_recovery() else []
+    # Not under exactly_once: there every changelog ends in a commit marker, so recovery
+    # always looks stranded until Faust's own end-of-recovery check, which a seek here
+    # would put off for good (review 6 H1).
+    stranded = (stranded_changelogs(app)
+                if app.transaction_gate is None and recovery.need_recovery() else [])
     for strand in watch.stranded_for_long(stranded):
-        tp = strand.tp
-        log.warning("table recovery: %s[%d] fetched to %d, past its last offset %d, but read "
-                    "only to %d for %.0fs (its records were handed out and dropped across a "
-                    "rebalance); reading it again from %d", tp.topic, tp.partition,
-                    strand.position, strand.last, strand.read, RECOVERY_STALL_S,
-                    max(strand.read, 0))
-        labelled(STALLED_PARTITIONS, "streams", tp.topic).inc()
-        await app.consumer.seek_wait({tp: max(strand.read, 0)})
+        await read_stranded_again(app, watch, strand)
     stuck_s = watch.stuck_rebalancing(busy)
     if stuck_s is not None:
         log.warning("a rebalance or table recovery has been under way for %.0fs: every "
@@ -455,6 +452,29 @@ def hole_end(consumer: Any, partition: HeldPartition) -> int:
     end = min(acked) if acked else partition.position
     assert end is not None
     return int(end)
+
+
+async def read_stranded_again(app: Any, watch: StallWatch, strand: Stranded) -> None:
+    """Seek a stranded changelog partition to the record after the last one recovery read,
+    if records are left there (a tail of transaction markers of an earlier exactly_once
+    run is not stranded) and no rebalance came meanwhile."""
+    tp, consumer = strand.tp, app.consumer
+    generation = app.consumer_generation_id
+    left = (None if watch.count_records is None
+            else await watch.count_records(tp, strand.read + 1, strand.last + 1))
+    if left == 0:
+        log.debug("%s[%d]: recovery read to %d; offsets to %d hold no record", tp.topic,
+                  tp.partition, strand.read, strand.last)
+        return
+    if app.consumer_generation_id != generation or tp not in consumer.assignment():
+        return  # a rebalance came: its recovery seeks the changelogs itself
+    log.warning("table recovery: %s[%d] fetched to %d, past its last offset %d, but read only "
+                "to %d for %.0fs (%s records left; they were handed out and dropped across a "
+                "rebalance); reading it again from %d", tp.topic, tp.partition, strand.position,
+                strand.last, strand.read, RECOVERY_STALL_S, "unknown" if left is None else left,
+                strand.read + 1)
+    labelled(STALLED_PARTITIONS, "streams", tp.topic).inc()
+    await consumer.seek_wait({tp: strand.read + 1})
 
 
 def accept_gap(consumer: Any, watch: StallWatch, partition: HeldPartition,

@@ -124,8 +124,9 @@ FAILED_LOGS = Path(os.environ.get("MEDSTREAM_FAILED_TEST_LOGS", "/tmp/medstream-
 def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, Any, None]:
-    """After a failed e2e test, its logs (``*.log`` under its tmp_path) are copied to
-    FAILED_LOGS/<test>-<time>/ and the place is added to the report."""
+    """After a failed e2e test, its logs (``*.log`` under its tmp_path, not Kafka's log
+    segments) are copied to FAILED_LOGS/<test>-<time>/ and the place is added to the
+    report."""
     outcome = yield
     report = outcome.get_result()
     if report.when != "call" or not report.failed or item.get_closest_marker("e2e") is None:
@@ -141,6 +142,8 @@ def pytest_runtest_makereport(
     target = FAILED_LOGS / f"{name}-{time.strftime('%Y%m%dT%H%M%S')}"
     copied = 0
     for log in tmp_path.rglob("*.log"):
+        if log.stem.isdigit():
+            continue  # a Kafka log segment, not a component's log
         destination = target / log.relative_to(tmp_path)
         destination.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(log, destination)

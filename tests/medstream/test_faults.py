@@ -338,6 +338,13 @@ def test_merging_adds_up_the_files_and_says_which_stopped_early(tmp_path: Path) 
             in again.stdout), again.stdout
     assert (f"{third}: 1 trials of sink, 500 events at 50.0/s, broker tansu, seed 3, code "
             "unknown") in again.stdout
+    assert "NOTE: these runs ran on 3 code versions" in again.stdout
+    fourth = tmp_path / "fourth.json"
+    write_json(fourth, suite_json([result("sink", number=3)], {
+        "trials": 1, "kinds": ["sink"], "events": 500, "rate": 50.0, "seed": 4}))
+    unknown = merge(third, fourth)
+    assert ("NOTE: none of these runs recorded its code version: whether they ran on the same "
+            "code cannot be told") in unknown.stdout, unknown.stdout + unknown.stderr
     assert "None" not in again.stdout
     remerged = merge(tmp_path / "all.json", second)
     assert remerged.returncode == 2, remerged.stdout + remerged.stderr
@@ -540,3 +547,4 @@ def test_the_code_a_suite_ran_on_is_recorded() -> None:
     assert code["commit"] == head and isinstance(code["dirty"], bool)
     assert describe_code(code).startswith(f"code {head[:10]}")
     assert describe_code(None) == "code unknown"
+    assert describe_code({"commit": "c" * 40, "dirty": None}) == "code cccccccccc (changes unknown)"

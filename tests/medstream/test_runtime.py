@@ -422,10 +422,17 @@ def test_before_its_last_drain_up_stops_the_timers_of_the_workers_that_handle_it
         assert ready.process is not None and ready.process.poll() is None
         assert said == []
         assert supervisor._stop_timers([starting]) is False
-        # One that never confirms is said, and the stop goes on.
+        # One that confirmed is not asked again (the drain asks at every pass).
+        signals = len(list(told.iterdir()))
+        began = time.monotonic()
+        assert supervisor._stop_timers([ready]) is True
+        assert len(list(told.iterdir())) == signals and time.monotonic() - began < 0.5
+        # One that never confirms is said once, and the stop goes on; not past a deadline.
         began = time.monotonic()
         assert supervisor._stop_timers([deaf]) is True
         assert 4.0 <= time.monotonic() - began < 10.0
+        assert supervisor._stop_timers([deaf], deadline=time.monotonic() + 1.0) is True
+        assert time.monotonic() - began < 4.0 + 1.0 + 3.0
         assert said == ["streams-2 did not confirm within 4s that their timers stopped: what "
                         "they make from now on may be left for the next run"]
     finally:

@@ -202,9 +202,10 @@ def test_the_finding_that_opened_an_alert_reprocessed_sends_its_opened_again(
     later = finding("e2", event_time_ms=T0 + 4 * MINUTE)
     assert lifecycle.on_finding(later, state, T0 + 5 * MINUTE) == []
     [again] = lifecycle.on_finding(first, state, T0 + 6 * MINUTE)
-    # The same transition (id, time): collapsed downstream if the first one was stored.
-    assert (again.transition_id, again.action, again.time_ms) == (
-        opened_row.transition_id, "opened", T0)
+    # The same transition as it was sent (not the alert's state since: e2, 2 occurrences),
+    # so the row it may replace downstream stays the same; marked as sent again.
+    assert again == dataclasses.replace(opened_row, resent=True)
+    assert again.triggering_event_ids == ("e1",) and again.occurrences == 1
     assert stored(state, opened_row.alert_id)["occurrences"] == 2  # not counted again
     # Another finding reprocessed is no opening: nothing.
     assert lifecycle.on_finding(later, state, T0 + 7 * MINUTE) == []
@@ -308,7 +309,8 @@ def test_silence_findings_without_events_get_stable_ids(lifecycle: AlertLifecycl
     assert alert_id == lifecycle_alert_id("feed.stopped", "H001|his-db", f"time:{T0 - 5 * MINUTE}")
     # The same silence again (reprocessed): its "opened" sent again with the same id.
     [again] = lifecycle.on_finding(silent, state, T0 + MINUTE)
-    assert (again.action, again.alert_id, again.time_ms) == ("opened", alert_id, T0)
+    assert (again.action, again.alert_id, again.time_ms, again.resent) == (
+        "opened", alert_id, T0, True)
     assert stored(state, alert_id)["occurrences"] == 1
 
 

@@ -135,8 +135,18 @@ def test_lifecycle_opens_once_then_acknowledge_and_resolve(lifecycle: LifecycleS
     # The same finding processed again counts nothing: its "opened" is sent again, the same
     # snapshot (its "opened" may not have reached the broker before a kill); a new one
     # folds into the open alert.
+    from prometheus_client import REGISTRY as METRICS
+
+    def alerts_counted() -> float | None:
+        return METRICS.get_sample_value(
+            "medstream_alerts_total", {"rule_id": "critical_value.potassium"})
+
+    counted = alerts_counted()
     [again] = [decode(o) for o in lifecycle.handle(
         inputs.finding(finding("lab1", T0), T0).value, state, T0 + 20)]
+    assert alerts_counted() == counted  # sent again, not counted again
+    # The opening's lineage stays the opening finding's (not the reprocessed one's).
+    assert (again["source_topic"], again["source_offset"]) == ("t.raw.hl7_lab", 7)
     same = ("transition_id", "alert_id", "action", "status", "occurrences", "updated_time")
     assert {k: again.get(k) for k in same} == {k: snapshot.get(k) for k in same}
     assert lifecycle.handle(inputs.finding(finding("lab2", T0 + 60_000), T0).value, state, T0) == []

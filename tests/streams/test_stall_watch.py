@@ -480,10 +480,10 @@ class AiokafkaConsumer:
     ``batches`` (running ``during`` meanwhile, as a rebalance would), seeks are recorded."""
 
     def __init__(self, batches: dict[TP, list[int]], assigned: set[TP],
-                 during: Callable[[set[TP]], None] = lambda partitions: None) -> None:
+                 during: Callable[[Any], None] = lambda partitions: None) -> None:
         self._closed = False
         self.sought: list[tuple[TP, int]] = []
-        self.asked: list[set[TP]] = []
+        self.asked: list[Any] = []
         outer = self
 
         class Subscriptions:
@@ -495,8 +495,10 @@ class AiokafkaConsumer:
             _closed = False
             _subscriptions = Subscriptions()
 
-            async def fetched_records(self, partitions: set[TP], timeout: float | None = None,
+            async def fetched_records(self, partitions: Any, timeout: float | None = None,
                                       max_records: int | None = None) -> dict[TP, list[Any]]:
+                """As aiokafka's: membership asked when it drains, after the wait (``during``);
+                an empty set means every partition."""
                 outer.asked.append(partitions)
                 during(partitions)
                 return {tp: [FetchedRecord(o) for o in offsets] for tp, offsets in batches.items()
@@ -525,69 +527,102 @@ def test_records_fetched_across_a_rebalance_are_put_back_not_dropped() -> None:
     consumer.flow_active = True
     live = {RAW, changelog}
 
-    def rebalance(partitions: set[TP]) -> None:
+    def rebalance(partitions: Any) -> None:
         live.clear()  # Faust empties its set at the revoke...
         app.consumer_generation_id = 3  # ...and the next assignment comes
 
     aiokafka = AiokafkaConsumer({RAW: [40, 41], changelog: [0, 1, 2], NORM: [7]},
                                 assigned={RAW, changelog}, during=rebalance)
+    # aiokafka asks the live set when it drains: emptied, it is not "every partition".
     assert asyncio.run(thread._fetch_records(aiokafka, live, timeout=0)) == {}
-    # aiokafka was asked for a copy of the set (its emptying did not widen the fetch), and
-    # every partition still assigned is sought back to the first record handed out.
-    assert aiokafka.asked == [{RAW, changelog}]
-    assert sorted(aiokafka.sought) == sorted([(RAW, 40), (changelog, 0)])
-    # The flow stopped while fetching (a revoke under way): put back as well.
-    consumer.flow_active = True
+    assert aiokafka.sought == [] and all(bool(asked) for asked in aiokafka.asked)
+    # A partition paused during the fetch (review 6 M1: a copy of the set drained it, and
+    # Faust dropped its records with the position past them) is not drained.
+    live.update({RAW, NORM})
+    paused = AiokafkaConsumer({RAW: [42], NORM: [8]}, assigned={RAW, NORM},
+                              during=lambda partitions: live.discard(RAW))
+    fetched = asyncio.run(thread._fetch_records(paused, live, timeout=0))
+    assert list(fetched) == [NORM] and paused.sought == []
+    # Records fetched for partitions kept through a rebalance (the generation changed
+    # while fetching): Faust drops them, so they are sought back to their first offset.
+    live.update({RAW, changelog})
 
-    def stop_flow(partitions: set[TP]) -> None:
+    def next_generation(partitions: Any) -> None:
+        app.consumer_generation_id += 1
+
+    kept = AiokafkaConsumer({RAW: [43, 44], changelog: [3]}, assigned={RAW},
+                            during=next_generation)
+    assert asyncio.run(thread._fetch_records(kept, live, timeout=0)) == {}
+    assert kept.sought == [(RAW, 43)]  # the changelog is no longer assigned: not sought
+    # The flow stopped while fetching (a revoke under way): put back as well.
+    def stop_flow(partitions: Any) -> None:
         consumer.flow_active = False
 
-    stopped = AiokafkaConsumer({RAW: [42]}, assigned={RAW}, during=stop_flow)
-    assert asyncio.run(thread._fetch_records(stopped, {RAW}, timeout=0)) == {}
-    assert stopped.sought == [(RAW, 42)]
+    stopped = AiokafkaConsumer({RAW: [45]}, assigned={RAW}, during=stop_flow)
+    assert asyncio.run(thread._fetch_records(stopped, live, timeout=0)) == {}
+    assert stopped.sought == [(RAW, 45)]
     # No partition to fetch: aiokafka is not asked (it would read every partition).
     consumer.flow_active = True
-    idle = AiokafkaConsumer({RAW: [43]}, assigned={RAW})
+    idle = AiokafkaConsumer({RAW: [46]}, assigned={RAW})
     assert asyncio.run(thread._fetch_records(idle, set(), timeout=0)) == {}
     assert idle.asked == []
     # Otherwise the records go to Faust as they came.
-    steady = AiokafkaConsumer({RAW: [43, 44]}, assigned={RAW})
-    fetched = asyncio.run(thread._fetch_records(steady, {RAW}, timeout=0))
-    assert [r.offset for r in fetched[RAW]] == [43, 44] and steady.sought == []
+    steady = AiokafkaConsumer({RAW: [46, 47]}, assigned={RAW})
+    fetched = asyncio.run(thread._fetch_records(steady, live, timeout=0))
+    assert [r.offset for r in fetched[RAW]] == [46, 47] and steady.sought == []
 
 
 def test_a_changelog_recovery_waits_for_is_read_again_once_stranded() -> None:
+    from streams import stall_watch
     from streams.stall_watch import RECOVERY_STALL_S
 
-    worker = Worker({RAW: 224})
-    app = worker.app
-    changelog = TP(sorted(app.tables.changelog_topics)[0], 0)
-    recovery = app.tables.recovery
-    recovery.active_highwaters[changelog] = 535  # its last offset
-    recovery.active_offsets[changelog] = -1  # nothing read
-    from streams import stall_watch
     positions = stall_watch.fetch_positions
-    fetch_at = {changelog: 536}
-    stall_watch.fetch_positions = lambda consumer, tps: {tp: fetch_at.get(tp) for tp in tps}  # type: ignore[assignment]
     try:
-        clock = Clock()
-        watch = StallWatch(clock=clock)
-        asyncio.run(watch_and_unstick(app, watch))
-        clock.now += RECOVERY_STALL_S - 1
-        asyncio.run(watch_and_unstick(app, watch))
-        assert worker.sought == []
-        clock.now += 1
-        asyncio.run(watch_and_unstick(app, watch))
-        assert worker.sought == [{changelog: 0}]
-        # Read as far as 300 since, the fetch position unchanged: a new place, a new clock.
-        recovery.active_offsets[changelog] = 300
-        clock.now += RECOVERY_STALL_S - 1
-        asyncio.run(watch_and_unstick(app, watch))
-        assert worker.sought == [{changelog: 0}]
-        # Fetched up to where recovery read: not stranded.
-        fetch_at[changelog] = 301
-        clock.now += RECOVERY_STALL_S * 2
-        asyncio.run(watch_and_unstick(app, watch))
-        assert worker.sought == [{changelog: 0}]
+        for left, gate, sought in ((536, None, [0]), (None, None, [0]), (0, None, []),
+                                   (536, "exactly_once", [])):
+            worker = Worker({RAW: 224})
+            app = worker.app
+            changelog = TP(sorted(app.tables.changelog_topics)[0], 0)
+            worker.consumer.assignment = lambda changelog=changelog: {RAW, changelog}
+            app.consumer_generation_id = 1
+            app.transaction_gate = gate
+            recovery = app.tables.recovery
+            recovery.active_highwaters[changelog] = 535  # its last offset
+            recovery.active_offsets[changelog] = -1  # nothing read
+            fetch_at = {changelog: 536}
+            stall_watch.fetch_positions = (  # type: ignore[assignment]
+                lambda consumer, tps, fetch_at=fetch_at: {tp: fetch_at.get(tp) for tp in tps})
+            counted: list[tuple[int, int]] = []
+
+            async def count_records(tp: TP, low: int, end: int, left: int | None = left,
+                                    counted: list[tuple[int, int]] = counted) -> int | None:
+                """Stands in for the read of the records recovery has not read."""
+                counted.append((low, end))
+                return left
+
+            clock = Clock()
+            watch = StallWatch(clock=clock, count_records=count_records)
+            asyncio.run(watch_and_unstick(app, watch))
+            clock.now += RECOVERY_STALL_S - 1
+            asyncio.run(watch_and_unstick(app, watch))
+            assert worker.sought == []
+            clock.now += 1
+            asyncio.run(watch_and_unstick(app, watch))
+            # Read again from the record after the last one recovery read, if records are
+            # left there (a tail of markers is not stranded); never under exactly_once,
+            # where every changelog ends in a marker until Faust's own check ends recovery.
+            assert worker.sought == [{changelog: offset} for offset in sought], (left, gate)
+            assert counted == ([] if gate else [(0, 536)])
+            if not sought:
+                continue
+            # Read as far as 300 since, the fetch position unchanged: a new place, a new
+            # clock; once fetched up to where recovery read, not stranded.
+            recovery.active_offsets[changelog] = 300
+            clock.now += RECOVERY_STALL_S - 1
+            asyncio.run(watch_and_unstick(app, watch))
+            fetch_at[changelog] = 301
+            clock.now += RECOVERY_STALL_S * 2
+            asyncio.run(watch_and_unstick(app, watch))
+            assert worker.sought == [{changelog: 0}]
     finally:
         stall_watch.fetch_positions = positions  # type: ignore[assignment]
