@@ -246,7 +246,11 @@ _RESTORE_COLUMNS: Final = (
     "toUnixTimestamp64Milli(ingest_time) AS ingest_time, analyte_code, value, unit, "
     "source_topic, source_partition, source_offset, mapping_version, details_json"
 )
-_TRANSITION_FIELDS: Final = tuple(f.name for f in fields(AlertTransition))
+#: The transition's fields stored in alert_current (``resent`` is a flag of the stream
+#: stage's own outputs, never stored).
+_TRANSITION_FIELDS: Final = tuple(
+    f.name for f in fields(AlertTransition) if f.name != "resent"
+)
 #: Integer columns (64-bit integers may come as JSON strings from a gateway).
 _INTEGERS: Final = (
     "time_ms", "first_event_time_ms", "last_event_time_ms", "occurrences", "escalation_level",

@@ -24,7 +24,8 @@ alerts opened before the restart can still be acknowledged, resolved and escalat
 from __future__ import annotations
 
 import hashlib
-from dataclasses import asdict, dataclass, replace
+import logging
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 from typing import Any, Final
 
@@ -33,6 +34,8 @@ from pydantic import Field, field_validator
 from streams.findings import SEVERITIES, Cleared, Finding, KeyValueState
 from streams.model import NonBlank
 from streams.rules_file import StrictModel, read_rules_document, validate_rules
+
+log = logging.getLogger(__name__)
 
 DEFAULT_ALERT_LIFECYCLE_PATH: Final[Path] = (
     Path(__file__).resolve().parent / "rules" / "alert_lifecycle.yaml"
@@ -253,6 +256,19 @@ def _fingerprint(finding: Finding) -> str:
 _SEVERITY_RANK: Final = {severity: rank for rank, severity in enumerate(SEVERITIES)}
 
 
+def _stored_transition(stored: dict[str, Any]) -> AlertTransition | None:
+    """A transition kept in the alert's state (a JSON changelog round trip), None (logged)
+    when it no longer fits the class (state written by another version)."""
+    known = {f.name for f in fields(AlertTransition)}
+    try:
+        transition = AlertTransition(**{k: v for k, v in stored.items() if k in known})
+    except TypeError as exc:
+        log.warning("an alert's stored opening does not fit this version (%s): not sent "
+                    "again", exc)
+        return None
+    return replace(transition, triggering_event_ids=tuple(transition.triggering_event_ids))
+
+
 def alert_state(state: KeyValueState, alert_id: str) -> dict[str, Any] | None:
     """The lifecycle's state of one alert (status, counts...), or None when it has none."""
     alert: dict[str, Any] | None = state.get(_ALERT_PREFIX + alert_id)
@@ -354,9 +370,8 @@ class AlertLifecycle:
             if alert.get("opened_by") == fingerprint and alert["status"] == OPEN and opening:
                 # As it was sent (the alert has moved on since: occurrences, triggering
                 # events), so the row it may replace downstream stays the same.
-                return [replace(AlertTransition(**{
-                    **opening, "triggering_event_ids": tuple(opening["triggering_event_ids"])
-                }), resent=True)]
+                sent = _stored_transition(opening)
+                return [] if sent is None else [replace(sent, resent=True)]
             return []
         alert["fingerprints"] = [*alert["fingerprints"], fingerprint][-_MAX_FINGERPRINTS:]
         alert["occurrences"] += 1

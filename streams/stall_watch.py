@@ -468,6 +468,8 @@ async def read_stranded_again(app: Any, watch: StallWatch, strand: Stranded) -> 
         return
     if app.consumer_generation_id != generation or tp not in consumer.assignment():
         return  # a rebalance came: its recovery seeks the changelogs itself
+    if app.tables.recovery.active_offsets.get(tp) != strand.read:
+        return  # recovery moved on (or ended) while the records were counted
     log.warning("table recovery: %s[%d] fetched to %d, past its last offset %d, but read only "
                 "to %d for %.0fs (%s records left; they were handed out and dropped across a "
                 "rebalance); reading it again from %d", tp.topic, tp.partition, strand.position,

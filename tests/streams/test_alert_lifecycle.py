@@ -499,3 +499,21 @@ def test_a_restored_acknowledged_alert_names_who_took_it(lifecycle: AlertLifecyc
     [done] = lifecycle.resolve(alert_id, "nurse-8", None, state, T0 + 3 * MINUTE)
     assert (done.alert_id, done.status) == (alert_id, "resolved")
     assert lifecycle.tick(state, T0 + HOUR) == []  # acknowledged, then resolved: no escalation
+
+
+def test_an_opening_stored_by_another_version_is_read_or_skipped_never_a_crash(
+    lifecycle: AlertLifecycle,
+) -> None:
+    # The opening is kept in the alert's state (a JSON changelog): a field added or removed
+    # since must not crash the worker on the record it reprocesses.
+    state = DictState()
+    first = finding("e1")
+    [opened_row] = lifecycle.on_finding(first, state, T0)
+    alert = stored(state, opened_row.alert_id)
+    alert["opening"]["field_of_a_later_version"] = 1
+    state.put(f"alert|id|{opened_row.alert_id}", alert)
+    [again] = lifecycle.on_finding(first, state, T0 + MINUTE)
+    assert again == dataclasses.replace(opened_row, resent=True)
+    del alert["opening"]["explanation"]
+    state.put(f"alert|id|{opened_row.alert_id}", alert)
+    assert lifecycle.on_finding(first, state, T0 + 2 * MINUTE) == []
