@@ -362,10 +362,12 @@ def rebalancing(app: Any) -> bool:
 
 
 async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
-    """One look over the held partitions; each stalled one is reported and, at least once,
-    read again from its committed offset. A hole is accepted as a gap only where it holds
-    no records: on a raw topic only what retention deleted (said as a loss), elsewhere
-    what reading again from the committed offset did not fill."""
+    """One look: a changelog recovery waits for that was fetched past its end is read
+    again; each stalled partition is reported and, at least once, read again from its
+    committed offset (every partition, once per look, where a committed offset is
+    unknown). A hole is accepted as a gap only where it holds no records: what retention
+    deleted (said as a loss), or what a read of its own finds empty after reading again
+    did not fill it."""
     busy = rebalancing(app)
     recovery = app.tables.recovery
     # Not under exactly_once: there every changelog ends in a commit marker, so recovery
@@ -383,6 +385,7 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
                     recovery.active_remaining_total() if recovery.need_recovery() else 0,
                     "".join(f"; {p.tp.topic}[{p.tp.partition}] read to {p.read} of {p.last}, "
                             f"fetched to {p.position}" for p in stranded))
+    sought_all = False
     for stall in watch.stalled(held_partitions(app), busy):
         partition = stall.partition
         tp = partition.tp
@@ -408,9 +411,12 @@ async def watch_and_unstick(app: Any, watch: StallWatch) -> None:
         committed = partition.committed
         if partition.held_back and committed is None:
             # The seek after the assignment did not complete (nothing commits then).
-            log.warning("%s; its committed offset is unknown: every partition is sought "
-                        "to its committed offset again", described)
-            await consumer.perform_seek()
+            log.warning("%s; its committed offset is unknown: %s", described,
+                        "sought with every partition" if sought_all else
+                        "every partition is sought to its committed offset again")
+            if not sought_all:
+                await consumer.perform_seek()
+                sought_all = True
             continue
         if stall.hole and committed is not None:
             start = (await consumer.earliest_offsets(tp)).get(tp)
